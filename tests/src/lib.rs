@@ -1,0 +1,1 @@
+//! Helpers shared by fedflow end-to-end tests.
