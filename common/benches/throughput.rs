@@ -1,0 +1,97 @@
+//! Training throughput of the attention-flow model: sessions per second for full training
+//! steps (forward, backward, AdamW update) at fixed sequence lengths.
+//!
+//! Run: `cargo bench -p fedflow-common --bench throughput` (optionally with
+//! `-- --batch 64 --seq 20,100 --steps 30 --encoder lstm --reference`). Prints one JSON line
+//! per setting; `bench/pytorch_throughput.py` prints the same for PyTorch.
+
+use std::time::Instant;
+
+use candle_core::Device;
+use fedflow_common::data::EncodedSession;
+use fedflow_common::model::{AttentionFlowModel, Batch, EncoderKind, ModelConfig, Mode};
+use fedflow_common::train::{OptimizerKind, TrainConfig, train};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+struct Args {
+    batch: usize,
+    seqs: Vec<usize>,
+    steps: usize,
+    encoder: EncoderKind,
+    reference: bool,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        batch: 64,
+        seqs: vec![20, 100],
+        steps: 30,
+        encoder: EncoderKind::Lstm,
+        reference: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--batch" => a.batch = val().parse().expect("--batch N"),
+            "--seq" => a.seqs = val().split(',').map(|s| s.parse().expect("--seq N[,N]")).collect(),
+            "--steps" => a.steps = val().parse().expect("--steps N"),
+            "--encoder" => a.encoder = val().parse().expect("--encoder lstm|gru|transformer"),
+            "--reference" => a.reference = true,
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+fn main() {
+    let args = parse_args();
+    for &seq in &args.seqs {
+        let cfg = ModelConfig {
+            encoder: args.encoder,
+            max_seq_len: seq,
+            ..ModelConfig::default()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let data: Vec<EncodedSession> = (0..args.batch * args.steps)
+            .map(|_| EncodedSession {
+                events: (0..seq).map(|_| rng.random_range(2..cfg.vocab_size as u32)).collect(),
+                class: rng.random_range(0..5),
+            })
+            .collect();
+        let mut model = AttentionFlowModel::new(&cfg, &Device::Cpu, 0).expect("model");
+        model.set_fused(!args.reference);
+        // Warm-up: one short pass so allocator and thread pool are hot.
+        let warm: Vec<&EncodedSession> = data.iter().take(args.batch).collect();
+        let batch = Batch::new(&warm, &cfg, &Device::Cpu).expect("batch");
+        let (loss, _) = model.loss(&batch, &mut Mode::Eval).expect("forward");
+        loss.backward().expect("backward");
+
+        let tc = TrainConfig {
+            epochs: 1,
+            batch_size: args.batch,
+            optimizer: OptimizerKind::Adamw,
+            patience: 0,
+            length_bucketing: false,
+            ..TrainConfig::default()
+        };
+        let started = Instant::now();
+        train(&model, &data, &[], &tc, &mut |_| {}).expect("train");
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "{{\"impl\":\"fedflow-candle{}\",\"encoder\":\"{:?}\",\"batch\":{},\"seq\":{},\"steps\":{},\"threads\":{},\"samples_per_sec\":{:.1}}}",
+            if args.reference { "-reference" } else { "" },
+            args.encoder,
+            args.batch,
+            seq,
+            args.steps,
+            rayon::current_num_threads(),
+            data.len() as f64 / secs
+        );
+    }
+}

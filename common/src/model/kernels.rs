@@ -1,0 +1,174 @@
+//! CPU kernels for the fused recurrent cells: a safe wrapper over the `gemm` crate and
+//! vectorisable `sigmoid`/`tanh`.
+//!
+//! candle evaluates `sigmoid`/`tanh` with scalar `libm` calls and allocates a tensor per
+//! element-wise op, which dominates the cost of a small LSTM (see `shared/FIELD-NOTES.md`).
+//! These kernels work on slices in place; the exponential is the Cephes `expf` polynomial
+//! (relative error about 2e-7 on the clamped range), written so the compiler vectorises it.
+
+/// `dst = beta_dst * dst + lhs · rhs` for row-major strided matrices of `f32`.
+///
+/// `lhs` is `m × k` with row stride `lhs_rs` (elements), `rhs` is `k × n` given by its row and
+/// column strides, `dst` is `m × n` with row stride `dst_rs` and unit column stride.
+/// When `accumulate` is false `dst` is overwritten.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    pub(crate) data: &'a [f32],
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) row_stride: usize,
+    pub(crate) col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A dense row-major matrix.
+    pub(crate) fn dense(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of this view (no copy).
+    pub(crate) fn t(self) -> Self {
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
+    fn check(&self) {
+        if self.rows > 0 && self.cols > 0 {
+            let last = (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride;
+            assert!(last < self.data.len(), "matrix view out of bounds");
+        }
+    }
+}
+
+/// `dst (m×n, row stride dst_rs) = [dst +] lhs · rhs`, single-threaded.
+///
+/// Panics if a view reaches outside its slice: the callers build views from shapes they
+/// have checked, so an out-of-bounds view is a bug, never bad input.
+pub(crate) fn matmul_into(dst: &mut [f32], dst_rs: usize, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(k, rhs.rows, "inner dimensions differ");
+    lhs.check();
+    rhs.check();
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * dst_rs + n <= dst.len(), "destination view out of bounds");
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: every view was bounds-checked above against its slice; `dst` is borrowed
+    // mutably and cannot alias `lhs`/`rhs`, which are shared borrows.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Cephes-style `exp` for `f32`, vectorisable (no branches, no calls).
+#[inline(always)]
+fn exp_approx(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.3, 88.3);
+    let fx = (x * LOG2E + 0.5).floor();
+    let r = x - fx * C1 - fx * C2;
+    let mut y = 1.987_569_1e-4f32;
+    y = y * r + 1.398_199_9e-3;
+    y = y * r + 8.333_452e-3;
+    y = y * r + 4.166_579_6e-2;
+    y = y * r + 1.666_666_5e-1;
+    y = y * r + 5.000_000_1e-1;
+    y = y * r * r + r + 1.0;
+    let bits = ((fx as i32 + 127) as u32) << 23;
+    y * f32::from_bits(bits)
+}
+
+/// Logistic sigmoid.
+#[inline(always)]
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp_approx(-x))
+}
+
+/// Hyperbolic tangent, as `2·sigmoid(2x) − 1` (absolute error below 1e-7).
+#[inline(always)]
+pub(crate) fn tanh(x: f32) -> f32 {
+    2.0 / (1.0 + exp_approx(-2.0 * x)) - 1.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activations_match_std_within_tolerance() {
+        let mut worst_sig = 0f32;
+        let mut worst_tanh = 0f32;
+        for i in -20_000..=20_000 {
+            let x = i as f32 * 1e-3;
+            worst_sig = worst_sig.max((sigmoid(x) - 1.0 / (1.0 + (-x).exp())).abs());
+            worst_tanh = worst_tanh.max((tanh(x) - x.tanh()).abs());
+        }
+        assert!(worst_sig < 2e-7, "sigmoid error {worst_sig}");
+        assert!(worst_tanh < 4e-7, "tanh error {worst_tanh}");
+        // Saturation without NaN/Inf far outside the clamped range.
+        assert!(sigmoid(-1e6) < 1e-37);
+        assert_eq!(sigmoid(1e6), 1.0);
+        assert_eq!(tanh(1e6), 1.0);
+        assert_eq!(tanh(-1e6), -1.0);
+    }
+
+    #[test]
+    fn matmul_matches_naive_with_strides_and_transpose() {
+        let (m, k, n) = (3, 4, 5);
+        let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.5 - 2.0).collect();
+        // b stored as n×k, used transposed as k×n.
+        let bt: Vec<f32> = (0..n * k).map(|i| (i as f32).sin()).collect();
+        let dst_rs = 7;
+        let mut dst = vec![1.0f32; m * dst_rs];
+        matmul_into(&mut dst, dst_rs, MatRef::dense(&a, m, k), MatRef::dense(&bt, n, k).t(), true);
+        for r in 0..m {
+            for c in 0..n {
+                let want: f32 = 1.0 + (0..k).map(|j| a[r * k + j] * bt[c * k + j]).sum::<f32>();
+                assert!((dst[r * dst_rs + c] - want).abs() < 1e-5);
+            }
+            // Columns past n untouched.
+            assert!(dst[r * dst_rs + n..r * dst_rs + dst_rs].iter().all(|&v| v == 1.0));
+        }
+    }
+}

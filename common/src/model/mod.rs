@@ -1,0 +1,298 @@
+//! The attention-flow model: event embedding → sequence encoder (LSTM, GRU or Transformer)
+//! → dropout → linear classification head.
+//!
+//! Parameters live in a candle [`VarMap`] under PyTorch-compatible names (`embedding.weight`,
+//! `encoder.weight_ih_l0`, ..., `head.weight`), so a safetensors file of the default model
+//! loads into `nn.Embedding` + `nn.LSTM(num_layers=2, batch_first=True)` + `nn.Linear`.
+
+mod batch;
+mod config;
+mod gru;
+mod init;
+mod kernels;
+mod lstm;
+mod transformer;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub use batch::Batch;
+pub use config::{EncoderKind, ModelConfig};
+
+use crate::Result;
+use init::ParamBuilder;
+use transformer::TransformerEncoder;
+
+/// Whether a forward pass trains (dropout on, drawing from the given RNG) or evaluates.
+#[derive(Debug)]
+pub enum Mode<'a> {
+    /// Inference: dropout off, deterministic.
+    Eval,
+    /// Training: dropout masks drawn from this RNG.
+    Train(&'a mut ChaCha8Rng),
+}
+
+/// Inverted dropout with masks from a seeded RNG (candle's own dropout draws from an
+/// unseedable thread RNG, which would make training irreproducible).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dropout {
+    p: f64,
+}
+
+impl Dropout {
+    pub(crate) fn apply(&self, x: &Tensor, mode: &mut Mode<'_>) -> candle_core::Result<Tensor> {
+        let Mode::Train(rng) = mode else {
+            return Ok(x.clone());
+        };
+        if self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        let scale = (1.0 / keep) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
+/// One recurrent layer's parameters (PyTorch layout).
+#[derive(Debug)]
+struct RnnLayer {
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor,
+    b_hh: Tensor,
+}
+
+#[derive(Debug)]
+enum Encoder {
+    Lstm(Vec<RnnLayer>),
+    Gru(Vec<RnnLayer>),
+    Transformer(TransformerEncoder),
+}
+
+/// The attention-flow classifier.
+pub struct AttentionFlowModel {
+    config: ModelConfig,
+    varmap: VarMap,
+    device: Device,
+    dtype: DType,
+    embedding: Tensor,
+    encoder: Encoder,
+    head_w: Tensor,
+    head_b: Tensor,
+    dropout: Dropout,
+    fused: bool,
+}
+
+impl std::fmt::Debug for AttentionFlowModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttentionFlowModel")
+            .field("config", &self.config)
+            .field("device", &self.device)
+            .field("dtype", &self.dtype)
+            .field("parameters", &self.num_parameters())
+            .field("fused", &self.fused)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AttentionFlowModel {
+    /// Builds a model with parameters initialised from `seed` (PyTorch's default schemes:
+    /// N(0, 1) embeddings, U(±1/√H) recurrent weights and biases, U(±1/√in) linear layers).
+    pub fn new(config: &ModelConfig, device: &Device, seed: u64) -> Result<Self> {
+        Self::with_dtype(config, device, DType::F32, seed)
+    }
+
+    /// Like [`AttentionFlowModel::new`] with an explicit floating-point dtype (f64 is used by
+    /// gradient checks; the fused CPU kernels run in f32 only).
+    pub fn with_dtype(config: &ModelConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let varmap = VarMap::new();
+        let mut p = ParamBuilder::new(&varmap, ChaCha8Rng::seed_from_u64(seed), device.clone(), dtype);
+        let embedding = p.normal("embedding.weight", (config.vocab_size, config.embed_dim), 1.0)?;
+        let rnn_layers = |p: &mut ParamBuilder, gates: usize| -> candle_core::Result<Vec<RnnLayer>> {
+            let h = config.hidden_size;
+            let bound = 1.0 / (h as f64).sqrt();
+            (0..config.num_layers)
+                .map(|l| {
+                    let input = if l == 0 { config.embed_dim } else { h };
+                    Ok(RnnLayer {
+                        w_ih: p.uniform(&format!("encoder.weight_ih_l{l}"), (gates * h, input), bound)?,
+                        w_hh: p.uniform(&format!("encoder.weight_hh_l{l}"), (gates * h, h), bound)?,
+                        b_ih: p.uniform(&format!("encoder.bias_ih_l{l}"), gates * h, bound)?,
+                        b_hh: p.uniform(&format!("encoder.bias_hh_l{l}"), gates * h, bound)?,
+                    })
+                })
+                .collect()
+        };
+        let encoder = match config.encoder {
+            EncoderKind::Lstm => Encoder::Lstm(rnn_layers(&mut p, 4)?),
+            EncoderKind::Gru => Encoder::Gru(rnn_layers(&mut p, 3)?),
+            EncoderKind::Transformer => Encoder::Transformer(TransformerEncoder::new(
+                &mut p,
+                config.embed_dim,
+                config.num_layers,
+                config.num_heads,
+                config.ffn_dim,
+                config.max_seq_len,
+            )?),
+        };
+        let s = config.summary_dim();
+        let bound = 1.0 / (s as f64).sqrt();
+        let head_w = p.uniform("head.weight", (config.num_classes, s), bound)?;
+        let head_b = p.uniform("head.bias", config.num_classes, bound)?;
+        Ok(AttentionFlowModel {
+            config: config.clone(),
+            varmap,
+            device: device.clone(),
+            dtype,
+            embedding,
+            encoder,
+            head_w,
+            head_b,
+            dropout: Dropout { p: config.dropout },
+            fused: device.is_cpu() && dtype == DType::F32,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The parameters, by name. Optimisers take their `Var`s from here.
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The parameters' dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Number of scalar parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// Chooses between the fused CPU LSTM kernel and the reference composition of candle ops
+    /// (the default picks fused on CPU in f32). Both compute the same function.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused && self.device.is_cpu() && self.dtype == DType::F32;
+    }
+
+    /// Class logits (B, num_classes) for a batch.
+    pub fn forward(&self, batch: &Batch, mode: &mut Mode<'_>) -> Result<Tensor> {
+        let mask = batch.mask.to_dtype(self.dtype)?;
+        let summary = match &self.encoder {
+            Encoder::Lstm(layers) if self.fused => self.lstm_fused(layers, batch, &mask, mode)?,
+            Encoder::Lstm(layers) => self.rnn_steps(layers, batch, &mask, mode, 4)?,
+            Encoder::Gru(layers) => self.rnn_steps(layers, batch, &mask, mode, 3)?,
+            Encoder::Transformer(enc) => {
+                let (b, t) = (batch.size, batch.steps);
+                let x = self
+                    .embedding
+                    .index_select(&batch.ids.flatten_all()?, 0)?
+                    .reshape((b, t, self.config.embed_dim))?;
+                enc.forward(&x, &batch.positions, &mask, &self.dropout, mode)?
+            }
+        };
+        let summary = self.dropout.apply(&summary, mode)?;
+        Ok(summary.matmul(&self.head_w.t()?)?.broadcast_add(&self.head_b)?)
+    }
+
+    /// Mean cross-entropy loss of a batch and its logits.
+    pub fn loss(&self, batch: &Batch, mode: &mut Mode<'_>) -> Result<(Tensor, Tensor)> {
+        let logits = self.forward(batch, mode)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
+        Ok((loss, logits))
+    }
+
+    /// The first layer's input projection folded into the embedding:
+    /// `embedding · W_ihᵀ + bias` is a (vocab, gates·H) lookup table, so the projection of a
+    /// whole batch is a gather instead of a (B·T, E) × (E, gates·H) matmul.
+    fn input_table(&self, layer: &RnnLayer, with_hh_bias: bool) -> candle_core::Result<Tensor> {
+        let bias = if with_hh_bias { (&layer.b_ih + &layer.b_hh)? } else { layer.b_ih.clone() };
+        self.embedding.matmul(&layer.w_ih.t()?)?.broadcast_add(&bias)
+    }
+
+    fn lstm_fused(&self, layers: &[RnnLayer], batch: &Batch, mask: &Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
+        let (b, t, h) = (batch.size, batch.steps, self.config.hidden_size);
+        let mut hs: Option<Tensor> = None;
+        for (l, layer) in layers.iter().enumerate() {
+            let xproj = match &hs {
+                None => self
+                    .input_table(layer, true)?
+                    .index_select(&batch.ids.flatten_all()?, 0)?
+                    .reshape((b, t, 4 * h))?,
+                Some(prev) => {
+                    let x = self.dropout.apply(prev, mode)?;
+                    let bias = (&layer.b_ih + &layer.b_hh)?;
+                    x.reshape((b * t, h))?
+                        .matmul(&layer.w_ih.t()?)?
+                        .broadcast_add(&bias)?
+                        .reshape((b, t, 4 * h))?
+                }
+            };
+            debug_assert!(l == 0 || hs.is_some());
+            hs = Some(lstm::fused_lstm(&xproj, &layer.w_hh, mask)?);
+        }
+        let hs = hs.expect("at least one layer (validated)");
+        Ok(hs.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    /// LSTM or GRU from per-step candle ops (reference path; any device and dtype).
+    fn rnn_steps(
+        &self,
+        layers: &[RnnLayer],
+        batch: &Batch,
+        mask: &Tensor,
+        mode: &mut Mode<'_>,
+        gates: usize,
+    ) -> Result<Tensor> {
+        let t = batch.steps;
+        let mask_steps = (0..t)
+            .map(|s| mask.narrow(1, s, 1)?.contiguous())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut steps: Vec<Tensor> = Vec::new();
+        for (l, layer) in layers.iter().enumerate() {
+            let lstm = gates == 4;
+            let xproj: Vec<Tensor> = if l == 0 {
+                // Per-step gathers from the folded table: no slicing of a (B, T, *) tensor,
+                // whose backward would cost O(T²).
+                let table = self.input_table(layer, lstm)?;
+                (0..t)
+                    .map(|s| table.index_select(&batch.ids.narrow(1, s, 1)?.squeeze(1)?.contiguous()?, 0))
+                    .collect::<candle_core::Result<_>>()?
+            } else {
+                let w_t = layer.w_ih.t()?;
+                let bias = if lstm { (&layer.b_ih + &layer.b_hh)? } else { layer.b_ih.clone() };
+                steps
+                    .iter()
+                    .map(|x| {
+                        let x = self.dropout.apply(x, mode)?;
+                        x.matmul(&w_t)?.broadcast_add(&bias)
+                    })
+                    .collect::<candle_core::Result<_>>()?
+            };
+            steps = if lstm {
+                lstm::reference_lstm(&xproj, &layer.w_hh, &mask_steps)?
+            } else {
+                gru::gru_steps(&xproj, &layer.w_hh, &layer.b_hh, &mask_steps)?
+            };
+        }
+        Ok(steps.pop().expect("at least one step (batch is non-empty)"))
+    }
+}
+#[cfg(test)]
+mod tests;

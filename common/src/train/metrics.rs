@@ -1,0 +1,101 @@
+//! Classification metrics: loss, accuracy, macro-F1, confusion matrix.
+
+use serde::{Deserialize, Serialize};
+
+/// Metrics of a model on a set of sessions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Number of sessions evaluated.
+    pub examples: usize,
+    /// Mean cross-entropy loss.
+    pub loss: f64,
+    /// Fraction of sessions whose arg-max class equals the label.
+    pub accuracy: f64,
+    /// Unweighted mean over classes of F1; a class with neither labels nor predictions is
+    /// left out of the mean (as scikit-learn's `zero_division` handling would make it 0, we
+    /// say so explicitly: such classes do not count).
+    pub macro_f1: f64,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<u64>>,
+    /// Number of sessions per true class.
+    pub class_counts: Vec<u64>,
+}
+
+/// Accumulates predictions batch by batch.
+#[derive(Debug, Clone)]
+pub struct MetricsAccumulator {
+    confusion: Vec<Vec<u64>>,
+    loss_sum: f64,
+    examples: usize,
+}
+
+impl MetricsAccumulator {
+    /// An empty accumulator for `classes` classes.
+    pub fn new(classes: usize) -> Self {
+        MetricsAccumulator {
+            confusion: vec![vec![0; classes]; classes],
+            loss_sum: 0.0,
+            examples: 0,
+        }
+    }
+
+    /// Adds one batch: its mean loss, true classes and predicted classes.
+    pub fn add(&mut self, mean_loss: f64, truth: &[u32], predicted: &[u32]) {
+        for (&t, &p) in truth.iter().zip(predicted) {
+            self.confusion[t as usize][p as usize] += 1;
+        }
+        self.loss_sum += mean_loss * truth.len() as f64;
+        self.examples += truth.len();
+    }
+
+    /// Final metrics.
+    pub fn finish(self) -> EvalMetrics {
+        let k = self.confusion.len();
+        let n = self.examples;
+        let correct: u64 = (0..k).map(|c| self.confusion[c][c]).sum();
+        let class_counts: Vec<u64> = self.confusion.iter().map(|row| row.iter().sum()).collect();
+        let mut f1s = Vec::with_capacity(k);
+        for c in 0..k {
+            let tp = self.confusion[c][c] as f64;
+            let actual = class_counts[c] as f64;
+            let predicted: f64 = (0..k).map(|r| self.confusion[r][c] as f64).sum();
+            if actual + predicted == 0.0 {
+                continue;
+            }
+            f1s.push(2.0 * tp / (actual + predicted));
+        }
+        EvalMetrics {
+            examples: n,
+            loss: if n > 0 { self.loss_sum / n as f64 } else { f64::NAN },
+            accuracy: if n > 0 { correct as f64 / n as f64 } else { f64::NAN },
+            macro_f1: if f1s.is_empty() { f64::NAN } else { f1s.iter().sum::<f64>() / f1s.len() as f64 },
+            confusion: self.confusion,
+            class_counts,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macro_f1_matches_hand_computed_example() {
+        // truth:     0 0 1 1 2
+        // predicted: 0 1 1 1 0
+        // class 0: tp 1, actual 2, predicted 2 -> F1 0.5
+        // class 1: tp 2, actual 2, predicted 3 -> F1 0.8
+        // class 2: tp 0, actual 1, predicted 0 -> F1 0.0
+        // class 3,4 absent from both -> excluded
+        let mut m = MetricsAccumulator::new(5);
+        m.add(1.0, &[0, 0, 1], &[0, 1, 1]);
+        m.add(2.0, &[1, 2], &[1, 0]);
+        let r = m.finish();
+        assert_eq!(r.examples, 5);
+        assert!((r.accuracy - 0.6).abs() < 1e-12);
+        assert!((r.macro_f1 - (0.5 + 0.8 + 0.0) / 3.0).abs() < 1e-12);
+        assert!((r.loss - (3.0 + 4.0) / 5.0).abs() < 1e-12);
+        assert_eq!(r.class_counts, vec![2, 2, 1, 0, 0]);
+        assert_eq!(r.confusion[2][0], 1);
+    }
+}

@@ -1,0 +1,135 @@
+//! Training tests: overfitting, reproducibility, early stopping.
+
+use candle_core::Device;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::*;
+use crate::model::{EncoderKind, ModelConfig};
+
+fn small_model(encoder: EncoderKind) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 12,
+        embed_dim: 16,
+        encoder,
+        hidden_size: 16,
+        num_layers: 2,
+        dropout: 0.0,
+        max_seq_len: 20,
+        num_heads: 2,
+        ffn_dim: 32,
+        ..ModelConfig::default()
+    }
+}
+
+fn random_sessions(n: usize, seed: u64) -> Vec<EncodedSession> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| EncodedSession {
+            events: (0..rng.random_range(2..10)).map(|_| rng.random_range(2..12)).collect(),
+            class: rng.random_range(0..5),
+        })
+        .collect()
+}
+
+fn params_of(model: &AttentionFlowModel) -> Vec<(String, Vec<f32>)> {
+    let data = model.varmap().data().lock().unwrap();
+    let mut v: Vec<_> = data
+        .iter()
+        .map(|(n, var)| (n.clone(), var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn every_encoder_overfits_a_tiny_batch() {
+    // Random labels: only memorisation reaches 100%, which needs working gradients end to end.
+    let data = random_sessions(16, 1);
+    for encoder in [EncoderKind::Lstm, EncoderKind::Gru, EncoderKind::Transformer] {
+        let model = AttentionFlowModel::new(&small_model(encoder), &Device::Cpu, 2).unwrap();
+        let cfg = TrainConfig {
+            epochs: 150,
+            batch_size: 16,
+            learning_rate: 1e-2,
+            weight_decay: 0.0,
+            patience: 0,
+            ..TrainConfig::default()
+        };
+        train(&model, &data, &[], &cfg, &mut |_| {}).unwrap();
+        let m = evaluate(&model, &data, 16).unwrap();
+        assert_eq!(m.accuracy, 1.0, "{encoder:?} reached only {}", m.accuracy);
+    }
+}
+
+#[test]
+fn sgd_with_momentum_reduces_the_loss() {
+    // A learnable rule (class from the last event), so loss can fall without memorising.
+    let mut data = random_sessions(64, 3);
+    for s in &mut data {
+        s.class = s.events.last().unwrap() % 5;
+    }
+    let model = AttentionFlowModel::new(&small_model(EncoderKind::Lstm), &Device::Cpu, 4).unwrap();
+    let before = evaluate(&model, &data, 32).unwrap().loss;
+    let cfg = TrainConfig {
+        epochs: 30,
+        batch_size: 8,
+        learning_rate: 0.05,
+        optimizer: OptimizerKind::Sgd,
+        patience: 0,
+        ..TrainConfig::default()
+    };
+    train(&model, &data, &[], &cfg, &mut |_| {}).unwrap();
+    let after = evaluate(&model, &data, 32).unwrap().loss;
+    assert!(after < 0.5 * before, "loss {before} -> {after}");
+}
+
+#[test]
+fn training_is_reproducible_with_a_seed() {
+    let data = random_sessions(40, 5);
+    let run = |seed: u64| {
+        let cfg = ModelConfig { dropout: 0.3, ..small_model(EncoderKind::Lstm) };
+        let model = AttentionFlowModel::new(&cfg, &Device::Cpu, 9).unwrap();
+        let tc = TrainConfig { epochs: 2, batch_size: 8, seed, ..TrainConfig::default() };
+        train(&model, &data, &[], &tc, &mut |_| {}).unwrap();
+        params_of(&model)
+    };
+    assert_eq!(run(1), run(1));
+    assert_ne!(run(1), run(2));
+}
+
+#[test]
+fn early_stopping_restores_the_best_epoch() {
+    // Random labels on train and validation: validation loss gets worse as the model
+    // memorises, so training stops early and the restored weights are the best epoch's.
+    let train_data = random_sessions(32, 6);
+    let val = random_sessions(32, 7);
+    let model = AttentionFlowModel::new(&small_model(EncoderKind::Lstm), &Device::Cpu, 1).unwrap();
+    let cfg = TrainConfig {
+        epochs: 60,
+        batch_size: 8,
+        learning_rate: 1e-2,
+        weight_decay: 0.0,
+        patience: 3,
+        ..TrainConfig::default()
+    };
+    let mut seen = Vec::new();
+    let report = train(&model, &train_data, &val, &cfg, &mut |e| seen.push(e.validation.clone().unwrap().loss)).unwrap();
+    assert!(report.stopped_early);
+    assert_eq!(report.epochs.len(), report.best_epoch + 3);
+    let best = seen.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert_eq!(seen[report.best_epoch - 1], best);
+    let now = evaluate(&model, &val, 256).unwrap().loss;
+    assert!((now - best).abs() < 1e-9, "restored loss {now} vs best {best}");
+}
+
+#[test]
+fn bad_train_config_is_rejected() {
+    let model = AttentionFlowModel::new(&small_model(EncoderKind::Lstm), &Device::Cpu, 1).unwrap();
+    let data = random_sessions(4, 1);
+    let cfg = TrainConfig { learning_rate: f64::NAN, ..TrainConfig::default() };
+    let err = train(&model, &data, &[], &cfg, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("train.learning_rate"), "{err}");
+    let err = train(&model, &[], &[], &TrainConfig::default(), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("no training sessions"), "{err}");
+}
