@@ -3,13 +3,17 @@
 //! - [`data`]: partner-site feedback data (formats, vocabulary, validation, split).
 //! - [`model`]: the attention-flow model (embedding → LSTM/GRU/Transformer → head).
 //! - [`train`]: local training, early stopping, evaluation and metrics.
+//! - [`params`]: named parameter sets: safetensors bytes, validation, delta arithmetic, clipping.
+//! - [`fedavg`]: streaming weighted FedAvg over parameter deltas, in f64.
 //! - [`device`]: choosing where training runs (CPU, CUDA, Metal).
 //! - [`error`]: the crate's one error type.
 
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod fedavg;
 pub mod model;
+pub mod params;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -1,0 +1,445 @@
+//! Streaming weighted FedAvg: client deltas are folded into one f64 buffer per tensor as they
+//! arrive, so memory stays at one model's worth however many clients report.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::params::{ParamSet, ParamSpec, with_slice};
+
+/// Accumulates `Σ wᵢ·δᵢ` and `Σ wᵢ` over client deltas and yields the weighted mean
+/// `Σ wᵢ·δᵢ / Σ wᵢ`.
+///
+/// Memory is one f64 per model parameter (twice an f32 model), independent of the number of
+/// clients; [`FedAvgAccumulator::add`] allocates nothing for contiguous f32/f64 CPU tensors
+/// (which is what [`ParamSet`]s normally hold).
+///
+/// # Order independence
+///
+/// Every product `wᵢ·δᵢ` and every running sum is kept in f64, and the mean is rounded to the
+/// spec's dtype once, in [`FedAvgAccumulator::finish`]. Floating-point addition is not
+/// associative, so the arrival order can change the f64 sum, but only slightly: the relative
+/// error of an n-term f64 sum is at most `(n-1)·2⁻⁵³·Σ|terms| / |Σ terms|`. Unless the terms
+/// cancel almost completely that is far below f32 resolution (2⁻²⁴), so after the single
+/// rounding to f32 the result is the same for every arrival order, or at most one ulp apart
+/// when the exact mean lies within that tiny error of a rounding boundary.
+///
+/// # All or nothing
+///
+/// [`FedAvgAccumulator::add`] checks the whole input before touching the buffers, so a rejected
+/// update leaves the accumulator exactly as it was and the round can go on without it.
+#[derive(Debug)]
+pub struct FedAvgAccumulator {
+    spec: ParamSpec,
+    /// One buffer per tensor, in the spec's (name) order, row-major.
+    sums: Vec<Vec<f64>>,
+    total_weight: f64,
+    count: usize,
+}
+
+impl FedAvgAccumulator {
+    /// An empty accumulator for deltas shaped like `spec`.
+    ///
+    /// Fails with [`Error::Aggregation`] if a tensor in `spec` has an integer dtype, which
+    /// cannot be averaged.
+    pub fn new(spec: &ParamSpec) -> Result<Self> {
+        let mut sums = Vec::with_capacity(spec.len());
+        for (name, t) in spec.iter() {
+            if !t.dtype.is_float() {
+                return Err(Error::Aggregation(format!(
+                    "tensor `{name}` has dtype {}; fedavg needs floating-point tensors",
+                    t.dtype.as_str()
+                )));
+            }
+            sums.push(vec![0.0; t.elem_count()]);
+        }
+        Ok(Self {
+            spec: spec.clone(),
+            sums,
+            total_weight: 0.0,
+            count: 0,
+        })
+    }
+
+    /// Adds `weight · delta`.
+    ///
+    /// Checks everything first and changes nothing on error: `weight` must be finite and
+    /// positive ([`Error::Aggregation`]); `delta` must have exactly the spec's names, shapes
+    /// and dtypes ([`Error::ParamMismatch`]) and only finite values ([`Error::NonFinite`]).
+    pub fn add(&mut self, delta: &ParamSet, weight: f64) -> Result<()> {
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(Error::Aggregation(format!(
+                "update weight must be finite and > 0, got {weight}"
+            )));
+        }
+        // Reads every value once to check it; the accumulation below reads it a second time
+        // rather than buffering a copy of the update.
+        delta.validate_against(&self.spec)?;
+        // Same names in the same (sorted) order as the spec, so the zip lines up.
+        for (sum, (_, t)) in self.sums.iter_mut().zip(delta.iter()) {
+            accumulate(sum, t, weight)?;
+        }
+        self.total_weight += weight;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The weighted mean of everything added, rounded once to each tensor's dtype and shaped
+    /// like the spec.
+    ///
+    /// Fails with [`Error::Aggregation`] if nothing was added.
+    pub fn finish(self) -> Result<ParamSet> {
+        if self.count == 0 {
+            return Err(Error::Aggregation(
+                "no updates were added; cannot average an empty round".into(),
+            ));
+        }
+        let total = self.total_weight;
+        let mut tensors = std::collections::BTreeMap::new();
+        for ((name, t), sum) in self.spec.iter().zip(self.sums) {
+            let shape = t.shape.as_slice();
+            let tensor = match t.dtype {
+                DType::F32 => {
+                    let mean: Vec<f32> = sum.iter().map(|&s| (s / total) as f32).collect();
+                    Tensor::from_vec(mean, shape, &Device::Cpu)?
+                }
+                dtype => {
+                    let mean: Vec<f64> = sum.iter().map(|&s| s / total).collect();
+                    Tensor::from_vec(mean, shape, &Device::Cpu)?.to_dtype(dtype)?
+                }
+            };
+            tensors.insert(name.to_string(), tensor);
+        }
+        let mean = ParamSet::from_tensors(tensors)?;
+        // Only reachable with absurd weights (f64 overflow) or f16 ranges; never hand it on.
+        mean.check_finite()?;
+        Ok(mean)
+    }
+
+    /// The spec every update must match.
+    pub fn spec(&self) -> &ParamSpec {
+        &self.spec
+    }
+
+    /// How many updates were accepted.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Sum of the accepted updates' weights.
+    pub fn total_weight(&self) -> f64 {
+        self.total_weight
+    }
+}
+
+/// `sum += weight · t`, element by element, reading `t` in place when it is a contiguous CPU
+/// f32/f64 tensor. The caller has checked that `t` has `sum.len()` elements.
+fn accumulate(sum: &mut [f64], t: &Tensor, weight: f64) -> Result<()> {
+    match t.dtype() {
+        DType::F32 => with_slice::<f32, _>(t, |xs| {
+            for (s, &x) in sum.iter_mut().zip(xs) {
+                *s += weight * f64::from(x);
+            }
+        }),
+        DType::F64 => with_slice::<f64, _>(t, |xs| {
+            for (s, &x) in sum.iter_mut().zip(xs) {
+                *s += weight * x;
+            }
+        }),
+        // Half-precision and f8 widen exactly to f64; this copies once.
+        _ => {
+            let t = t.to_dtype(DType::F64)?;
+            accumulate(sum, &t, weight)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn t(values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn set(entries: Vec<(&str, Tensor)>) -> ParamSet {
+        ParamSet::from_tensors(
+            entries
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect::<BTreeMap<_, _>>(),
+        )
+        .unwrap()
+    }
+
+    fn values(p: &ParamSet, name: &str) -> Vec<f32> {
+        p.get(name)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
+    /// The three client deltas of the NumPy reference below.
+    fn reference_deltas() -> Vec<ParamSet> {
+        vec![
+            set(vec![
+                ("a.w", t(&[0.1, -0.2, 0.3, 1e-3], &[2, 2])),
+                ("b", t(&[1.5, -0.75, 0.01], &[3])),
+            ]),
+            set(vec![
+                ("a.w", t(&[-0.05, 0.25, 0.7, -2e-3], &[2, 2])),
+                ("b", t(&[-2.0, 0.6, 0.02], &[3])),
+            ]),
+            set(vec![
+                ("a.w", t(&[0.3333, -0.125, -1.1, 5e-4], &[2, 2])),
+                ("b", t(&[0.2, 0.1, -0.07], &[3])),
+            ]),
+        ]
+    }
+
+    const REFERENCE_WEIGHTS: [f64; 3] = [10.0, 25.0, 7.0];
+
+    fn run(deltas: &[(ParamSet, f64)]) -> ParamSet {
+        let mut acc = FedAvgAccumulator::new(&deltas[0].0.spec()).unwrap();
+        for (d, w) in deltas {
+            acc.add(d, *w).unwrap();
+        }
+        acc.finish().unwrap()
+    }
+
+    /// Expected values from NumPy 2.4 (`python3 fedavg_ref.py`), which prints
+    /// `a.w 0.049597617, 0.08035714, 0.3047619, -0.00086904765`
+    /// and `b -0.8, 0.19523811, 0.0026190472`:
+    ///
+    /// ```python
+    /// import numpy as np
+    /// w = np.array([10.0, 25.0, 7.0])  # float64 weights (e.g. example counts)
+    /// deltas = {
+    ///     "a.w": np.array([[[0.1, -0.2], [0.3, 1e-3]],
+    ///                      [[-0.05, 0.25], [0.7, -2e-3]],
+    ///                      [[0.3333, -0.125], [-1.1, 5e-4]]], dtype=np.float32),
+    ///     "b": np.array([[1.5, -0.75, 0.01],
+    ///                    [-2.0, 0.6, 0.02],
+    ///                    [0.2, 0.1, -0.07]], dtype=np.float32),
+    /// }
+    /// for name, d in deltas.items():
+    ///     d64 = d.astype(np.float64)  # exact widening, as in Rust
+    ///     avg = (w.reshape(-1, *([1] * (d.ndim - 1))) * d64).sum(axis=0) / w.sum()
+    ///     print(name, ", ".join(str(x) for x in avg.astype(np.float32).ravel()))
+    /// ```
+    ///
+    /// NumPy sums the three products in the same order and rounds to f32 once, as we do, so
+    /// the results agree bit for bit.
+    #[test]
+    fn matches_numpy_reference() {
+        let inputs: Vec<_> = reference_deltas()
+            .into_iter()
+            .zip(REFERENCE_WEIGHTS)
+            .collect();
+        let mut acc = FedAvgAccumulator::new(&inputs[0].0.spec()).unwrap();
+        for (d, w) in &inputs {
+            acc.add(d, *w).unwrap();
+        }
+        assert_eq!(acc.count(), 3);
+        assert_eq!(acc.total_weight(), 42.0);
+        let mean = acc.finish().unwrap();
+        assert_eq!(mean.get("a.w").unwrap().dims(), &[2, 2]);
+        assert_eq!(
+            values(&mean, "a.w"),
+            vec![0.049597617, 0.08035714, 0.3047619, -0.00086904765]
+        );
+        assert_eq!(values(&mean, "b"), vec![-0.8, 0.19523811, 0.0026190472]);
+    }
+
+    #[test]
+    fn single_update_with_any_weight_is_returned_exactly() {
+        let d = &reference_deltas()[2];
+        for w in [1e-300, 0.3, 1.0, 7.0, 1e300] {
+            let mean = run(&[(d.clone(), w)]);
+            assert_eq!(
+                mean.to_safetensors_bytes().unwrap(),
+                d.to_safetensors_bytes().unwrap(),
+                "weight {w}"
+            );
+        }
+    }
+
+    /// Distance in units in the last place between two finite f32 of the same sign.
+    fn ulps(a: f32, b: f32) -> u32 {
+        assert_eq!(a.is_sign_negative(), b.is_sign_negative(), "{a} vs {b}");
+        a.to_bits().abs_diff(b.to_bits())
+    }
+
+    fn permutations(items: &[usize]) -> Vec<Vec<usize>> {
+        if items.len() <= 1 {
+            return vec![items.to_vec()];
+        }
+        let mut out = Vec::new();
+        for i in 0..items.len() {
+            let mut rest = items.to_vec();
+            let first = rest.remove(i);
+            for mut p in permutations(&rest) {
+                p.insert(0, first);
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn result_does_not_depend_on_arrival_order() {
+        // Five clients, values spread over many magnitudes, uneven weights.
+        let n = 1000;
+        let inputs: Vec<(ParamSet, f64)> = (0..5u32)
+            .map(|c| {
+                let v: Vec<f32> = (0..n as u32)
+                    .map(|i| {
+                        let x =
+                            (i.wrapping_mul(2_654_435_761).wrapping_add(c * 97) % 10_007) as f32;
+                        (x / 10_007.0 - 0.5) * 10f32.powi((i % 7) as i32 - 3)
+                    })
+                    .collect();
+                let w = [3.0, 117.0, 0.25, 42.5, 1e4][c as usize];
+                (set(vec![("w", t(&v, &[n]))]), w)
+            })
+            .collect();
+        let first = values(&run(&inputs), "w");
+        let mut worst = 0;
+        for order in permutations(&[0, 1, 2, 3, 4]) {
+            let permuted: Vec<_> = order.iter().map(|&i| inputs[i].clone()).collect();
+            let got = values(&run(&permuted), "w");
+            for (a, b) in first.iter().zip(&got) {
+                if *a != 0.0 || *b != 0.0 {
+                    worst = worst.max(ulps(*a, *b));
+                }
+            }
+        }
+        assert!(worst <= 1, "arrival order changed a result by {worst} ulp");
+    }
+
+    /// Adds a good update, then `bad` (which must be rejected), then the good one again, and
+    /// checks the result equals adding the good update twice.
+    fn check_rejected(bad: &ParamSet, weight: f64) -> Error {
+        let good = &reference_deltas()[0];
+        let mut acc = FedAvgAccumulator::new(&good.spec()).unwrap();
+        acc.add(good, 2.0).unwrap();
+        let err = acc.add(bad, weight).unwrap_err();
+        assert_eq!(acc.count(), 1);
+        assert_eq!(acc.total_weight(), 2.0);
+        acc.add(good, 3.0).unwrap();
+        let got = acc.finish().unwrap();
+        let want = run(&[(good.clone(), 2.0), (good.clone(), 3.0)]);
+        assert_eq!(
+            got.to_safetensors_bytes().unwrap(),
+            want.to_safetensors_bytes().unwrap()
+        );
+        err
+    }
+
+    #[test]
+    fn rejected_updates_leave_the_accumulator_unchanged() {
+        let good = reference_deltas()[1].clone();
+        let b = t(&[1.0, 1.0, 1.0], &[3]);
+        let aw = t(&[1.0; 4], &[2, 2]);
+
+        // Non-finite values, after other tensors that are fine (`a.w` sorts before `b`).
+        for (bad, count) in [
+            (vec![f32::NAN, 0.0, 1.0], 1),
+            (vec![f32::INFINITY, f32::NEG_INFINITY, 1.0], 2),
+        ] {
+            let d = set(vec![("a.w", aw.clone()), ("b", t(&bad, &[3]))]);
+            match check_rejected(&d, 1.0) {
+                Error::NonFinite { name, count: got } => {
+                    assert_eq!(name, "b");
+                    assert_eq!(got, count);
+                }
+                other => panic!("expected non-finite, got {other:?}"),
+            }
+        }
+
+        let structural = [
+            (
+                "wrong shape",
+                set(vec![("a.w", t(&[1.0; 4], &[4])), ("b", b.clone())]),
+            ),
+            ("missing name", set(vec![("a.w", aw.clone())])),
+            (
+                "extra name",
+                set(vec![
+                    ("a.w", aw.clone()),
+                    ("b", b.clone()),
+                    ("c", t(&[0.0], &[1])),
+                ]),
+            ),
+            (
+                "wrong dtype",
+                set(vec![
+                    ("a.w", aw.to_dtype(DType::F64).unwrap()),
+                    ("b", b.clone()),
+                ]),
+            ),
+        ];
+        for (what, bad) in structural {
+            assert!(
+                matches!(check_rejected(&bad, 1.0), Error::ParamMismatch(_)),
+                "{what}"
+            );
+        }
+
+        for w in [0.0, -0.0, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            match check_rejected(&good, w) {
+                Error::Aggregation(msg) => assert!(msg.contains("weight"), "{msg}"),
+                other => panic!("weight {w}: expected an aggregation error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn finish_without_updates_is_an_error() {
+        let acc = FedAvgAccumulator::new(&reference_deltas()[0].spec()).unwrap();
+        match acc.finish() {
+            Err(Error::Aggregation(msg)) => assert!(msg.contains("no updates"), "{msg}"),
+            other => panic!("expected an aggregation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn integer_specs_are_refused() {
+        let ints = set(vec![(
+            "steps",
+            Tensor::new(&[1i64, 2], &Device::Cpu).unwrap(),
+        )]);
+        assert!(matches!(
+            FedAvgAccumulator::new(&ints.spec()),
+            Err(Error::Aggregation(_))
+        ));
+    }
+
+    #[test]
+    fn f64_and_non_contiguous_inputs_are_averaged() {
+        let spec_src = set(vec![
+            ("d", Tensor::new(&[0.0f64, 0.0], &Device::Cpu).unwrap()),
+            ("m", t(&[0.0; 6], &[3, 2])),
+        ]);
+        let mut acc = FedAvgAccumulator::new(&spec_src.spec()).unwrap();
+        let transposed = t(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).t().unwrap();
+        let a = set(vec![
+            ("d", Tensor::new(&[1.0f64, -1.0], &Device::Cpu).unwrap()),
+            ("m", transposed),
+        ]);
+        let b = set(vec![
+            ("d", Tensor::new(&[4.0f64, 2.0], &Device::Cpu).unwrap()),
+            ("m", t(&[0.0; 6], &[3, 2])),
+        ]);
+        acc.add(&a, 1.0).unwrap();
+        acc.add(&b, 3.0).unwrap();
+        let mean = acc.finish().unwrap();
+        assert_eq!(
+            mean.get("d").unwrap().to_vec1::<f64>().unwrap(),
+            vec![3.25, 1.25]
+        );
+        assert_eq!(values(&mean, "m"), vec![0.25, 1.0, 0.5, 1.25, 0.75, 1.5]);
+    }
+}

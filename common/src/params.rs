@@ -1,0 +1,1004 @@
+//! Named parameter sets: a model's weights (or one round's update) as an ordered map from
+//! `VarMap` name to tensor, with safetensors (de)serialisation, validation against a spec, and
+//! the arithmetic that FedAvg and differential privacy need.
+//!
+//! Architecture invariant: every tensor held by a [`ParamSet`] is detached from any autograd
+//! graph and lives on the CPU, so a parameter set can be hashed, sent and stored without
+//! touching an accelerator. Names are kept in a `BTreeMap`, so iteration order, the
+//! safetensors bytes and the content hash are all deterministic.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::{DType, Device, Storage, Tensor, WithDType};
+use candle_nn::VarMap;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// The safetensors header key reserved for free-form metadata; no tensor may use it.
+const METADATA_KEY: &str = "__metadata__";
+
+/// How many names a mismatch message lists per category before summarising the rest.
+const MAX_LISTED: usize = 10;
+
+/// How many times [`ParamSet::clip_to_norm`] nudges its factor down to absorb f32 rounding.
+const MAX_CLIP_RETRIES: usize = 8;
+
+// ------------------------------------------------------------------------------------------------
+// Specs
+// ------------------------------------------------------------------------------------------------
+
+/// The shape and dtype of one named tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// Dimensions, outermost first (empty for a scalar).
+    pub shape: Vec<usize>,
+    /// Element type.
+    pub dtype: DType,
+}
+
+impl TensorSpec {
+    /// The spec of an existing tensor.
+    pub fn of(tensor: &Tensor) -> Self {
+        Self {
+            shape: tensor.dims().to_vec(),
+            dtype: tensor.dtype(),
+        }
+    }
+
+    /// Number of elements (1 for a scalar).
+    pub fn elem_count(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+impl fmt::Display for TensorSpec {
+    /// Formats as `f32[2, 3]`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{:?}", self.dtype.as_str(), self.shape)
+    }
+}
+
+/// The names, shapes and dtypes a parameter set must have (its values are not part of it).
+///
+/// Typically taken from the global model with [`ParamSet::spec`] and used to check every
+/// update a client sends before it is aggregated.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParamSpec {
+    entries: BTreeMap<String, TensorSpec>,
+}
+
+impl ParamSpec {
+    /// A spec from explicit entries.
+    pub fn new(entries: BTreeMap<String, TensorSpec>) -> Self {
+        Self { entries }
+    }
+
+    /// The spec of one tensor.
+    pub fn get(&self, name: &str) -> Option<&TensorSpec> {
+        self.entries.get(name)
+    }
+
+    /// Entries in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &TensorSpec)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Tensor names in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the spec names no tensor at all.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Total number of scalar parameters.
+    pub fn num_elements(&self) -> usize {
+        self.entries.values().map(TensorSpec::elem_count).sum()
+    }
+
+    /// Checks that `params` has exactly these names, shapes and dtypes (values are not read).
+    ///
+    /// Every difference is reported in one [`Error::ParamMismatch`]: names missing from
+    /// `params`, names `params` has but the spec does not, and tensors whose shape or dtype
+    /// differ.
+    pub fn check_structure(&self, params: &ParamSet) -> Result<()> {
+        let mut missing = Vec::new();
+        let mut differing = Vec::new();
+        for (name, want) in &self.entries {
+            match params.tensors.get(name) {
+                None => missing.push(format!("`{name}`")),
+                Some(t) => {
+                    let got = TensorSpec::of(t);
+                    if &got != want {
+                        differing.push(format!("`{name}` is {got}, expected {want}"));
+                    }
+                }
+            }
+        }
+        let unexpected: Vec<String> = params
+            .tensors
+            .keys()
+            .filter(|name| !self.entries.contains_key(*name))
+            .map(|name| format!("`{name}`"))
+            .collect();
+        if missing.is_empty() && unexpected.is_empty() && differing.is_empty() {
+            return Ok(());
+        }
+        let mut parts = Vec::new();
+        if !missing.is_empty() {
+            parts.push(format!(
+                "{} tensor(s) missing: {}",
+                missing.len(),
+                list(&missing)
+            ));
+        }
+        if !unexpected.is_empty() {
+            parts.push(format!(
+                "{} unexpected tensor(s): {}",
+                unexpected.len(),
+                list(&unexpected)
+            ));
+        }
+        if !differing.is_empty() {
+            parts.push(format!(
+                "{} tensor(s) differ: {}",
+                differing.len(),
+                list(&differing)
+            ));
+        }
+        Err(Error::ParamMismatch(parts.join("; ")))
+    }
+}
+
+impl From<&ParamSet> for ParamSpec {
+    fn from(params: &ParamSet) -> Self {
+        params.spec()
+    }
+}
+
+/// Joins at most [`MAX_LISTED`] items, saying how many more were left out.
+fn list(items: &[String]) -> String {
+    let mut out = items
+        .iter()
+        .take(MAX_LISTED)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > MAX_LISTED {
+        out.push_str(&format!(" and {} more", items.len() - MAX_LISTED));
+    }
+    out
+}
+
+// ------------------------------------------------------------------------------------------------
+// Parameter sets
+// ------------------------------------------------------------------------------------------------
+
+/// An ordered map from parameter name (as in a candle `VarMap`, e.g.
+/// `encoder.lstm.weight_ih_l0`) to a detached CPU tensor.
+///
+/// Cloning is cheap: tensors share their storage, which a `ParamSet` never mutates.
+#[derive(Clone, Default)]
+pub struct ParamSet {
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl fmt::Debug for ParamSet {
+    /// Lists names and specs only; values would flood logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Spec(TensorSpec);
+        impl fmt::Debug for Spec {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+        struct Specs<'a>(&'a BTreeMap<String, Tensor>);
+        impl fmt::Debug for Specs<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_map()
+                    .entries(self.0.iter().map(|(k, t)| (k, Spec(TensorSpec::of(t)))))
+                    .finish()
+            }
+        }
+        f.debug_struct("ParamSet")
+            .field("num_elements", &self.num_elements())
+            .field("tensors", &Specs(&self.tensors))
+            .finish()
+    }
+}
+
+impl ParamSet {
+    /// Wraps named tensors, detaching them and moving them to the CPU.
+    ///
+    /// CPU tensors are not copied: do not pass tensors whose storage is later changed in place
+    /// (a `Var`'s tensor, say); [`ParamSet::from_varmap`] copies for that reason.
+    ///
+    /// Fails on an empty name, on the name `__metadata__` (reserved by safetensors) and on the
+    /// sub-byte dtypes (`f4`, `f6e2m3`, `f6e3m2`, `f8e8m0`), which cannot be serialised.
+    pub fn from_tensors(tensors: BTreeMap<String, Tensor>) -> Result<Self> {
+        let mut out = BTreeMap::new();
+        for (name, tensor) in tensors {
+            if name.is_empty() || name == METADATA_KEY {
+                return Err(Error::ParamMismatch(format!(
+                    "invalid tensor name `{name}`: names must be non-empty and not `{METADATA_KEY}`"
+                )));
+            }
+            if !is_supported_dtype(tensor.dtype()) {
+                return Err(Error::ParamMismatch(format!(
+                    "tensor `{name}` has dtype {}, which parameter sets do not support",
+                    tensor.dtype().as_str()
+                )));
+            }
+            let tensor = tensor.detach().to_device(&Device::Cpu)?;
+            out.insert(name, tensor);
+        }
+        Ok(Self { tensors: out })
+    }
+
+    /// Copies every variable of `varmap` (detached, to the CPU), so later training steps do
+    /// not change the copy.
+    pub fn from_varmap(varmap: &VarMap) -> Result<Self> {
+        let vars = varmap
+            .data()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut tensors = BTreeMap::new();
+        for (name, var) in vars.iter() {
+            let t = var.as_tensor().detach();
+            // `to_device` is a shallow clone on the CPU, so copy explicitly there.
+            let t = if t.device().is_cpu() {
+                t.copy()?
+            } else {
+                t.to_device(&Device::Cpu)?
+            };
+            tensors.insert(name.clone(), t);
+        }
+        drop(vars);
+        Self::from_tensors(tensors)
+    }
+
+    /// Sets every variable of `varmap` to the value of the same-named tensor here, moving it to
+    /// the variable's device.
+    ///
+    /// Nothing is changed unless the names, shapes and dtypes match exactly: tensors missing
+    /// here, tensors the `VarMap` does not have, and differing shapes/dtypes are all reported
+    /// (as [`Error::ParamMismatch`]).
+    pub fn load_into_varmap(&self, varmap: &VarMap) -> Result<()> {
+        let vars = varmap
+            .data()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let spec = ParamSpec::new(
+            vars.iter()
+                .map(|(name, var)| (name.clone(), TensorSpec::of(var.as_tensor())))
+                .collect(),
+        );
+        spec.check_structure(self)?;
+        for (name, var) in vars.iter() {
+            let src = self.tensors[name].to_device(var.device())?;
+            var.set(&src)?;
+        }
+        Ok(())
+    }
+
+    /// Tensors in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// The tensor called `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    /// Tensor names in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Total number of scalar parameters.
+    pub fn num_elements(&self) -> usize {
+        self.tensors.values().map(Tensor::elem_count).sum()
+    }
+
+    /// The names, shapes and dtypes of these tensors.
+    pub fn spec(&self) -> ParamSpec {
+        ParamSpec::new(
+            self.tensors
+                .iter()
+                .map(|(k, t)| (k.clone(), TensorSpec::of(t)))
+                .collect(),
+        )
+    }
+
+    /// Gives back the underlying map.
+    pub fn into_tensors(self) -> BTreeMap<String, Tensor> {
+        self.tensors
+    }
+
+    // --- Serialisation ---------------------------------------------------------------------
+
+    /// Serialises to safetensors bytes, without metadata.
+    ///
+    /// Deterministic: the safetensors writer orders tensors by dtype, then name, and the
+    /// header is written in that order, so equal parameter sets give equal bytes.
+    pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
+        safetensors::tensor::serialize(self.tensors.iter().map(|(k, t)| (k.as_str(), t)), None)
+            .map_err(|e| Error::Safetensors(format!("cannot serialise parameters: {e}")))
+    }
+
+    /// Parses safetensors bytes (metadata, if any, is ignored). The values are restored
+    /// bit for bit.
+    ///
+    /// Garbage, truncated or inconsistent input gives [`Error::Safetensors`], never a panic.
+    pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<Self> {
+        Self::parse(bytes, "parameter bytes")
+    }
+
+    /// Writes safetensors bytes to `path` atomically: a temporary file in the same directory
+    /// is written, flushed to disk and renamed over `path`, so readers see either the old file
+    /// or the complete new one.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = self.to_safetensors_bytes()?;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let io = |e| Error::io(path, e);
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".params-")
+            .suffix(".tmp")
+            .tempfile_in(dir)
+            .map_err(io)?;
+        tmp.write_all(&bytes).map_err(io)?;
+        tmp.as_file().sync_all().map_err(io)?;
+        tmp.persist(path).map_err(|e| io(e.error))?;
+        // Make the rename itself durable. Directories cannot be opened this way on Windows.
+        #[cfg(unix)]
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(dir, e))?;
+        Ok(())
+    }
+
+    /// Reads a file written by [`ParamSet::save`] (or any safetensors file).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&bytes, &path.display().to_string())
+    }
+
+    fn parse(bytes: &[u8], origin: &str) -> Result<Self> {
+        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
+            Error::Safetensors(format!(
+                "{origin} ({} bytes) are not a valid safetensors file: {e}",
+                bytes.len()
+            ))
+        })?;
+        Self::from_tensors(tensors.into_iter().collect())
+    }
+
+    /// SHA-256 of [`ParamSet::to_safetensors_bytes`], as 64 lowercase hex digits.
+    pub fn sha256_hex(&self) -> Result<String> {
+        let digest = Sha256::digest(self.to_safetensors_bytes()?);
+        Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    // --- Validation ------------------------------------------------------------------------
+
+    /// Checks names, shapes and dtypes against `spec` (see [`ParamSpec::check_structure`]),
+    /// then that every value is finite.
+    ///
+    /// A non-finite value gives [`Error::NonFinite`] with the first offending tensor (in name
+    /// order) and how many of its values are NaN or infinite.
+    pub fn validate_against(&self, spec: &ParamSpec) -> Result<()> {
+        spec.check_structure(self)?;
+        self.check_finite()
+    }
+
+    /// Fails with [`Error::NonFinite`] on the first tensor (in name order) holding NaN or Inf.
+    pub fn check_finite(&self) -> Result<()> {
+        for (name, t) in &self.tensors {
+            let count = count_non_finite(t)?;
+            if count > 0 {
+                return Err(Error::NonFinite {
+                    name: name.clone(),
+                    count,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    // --- Arithmetic ------------------------------------------------------------------------
+
+    /// `local - global`, tensor by tensor. Both must have the same names, shapes and dtypes
+    /// ("missing" in an error means present in `global` but not in `local`). Values are not
+    /// checked; use [`ParamSet::validate_against`] for that.
+    pub fn delta(local: &ParamSet, global: &ParamSet) -> Result<ParamSet> {
+        global.spec().check_structure(local)?;
+        let tensors = local
+            .tensors
+            .iter()
+            .map(|(name, l)| Ok((name.clone(), l.sub(&global.tensors[name])?)))
+            .collect::<Result<_>>()?;
+        Ok(ParamSet { tensors })
+    }
+
+    /// `global + scale * delta`, tensor by tensor. Both must have the same names, shapes and
+    /// dtypes. Values are not checked.
+    pub fn apply_delta(global: &ParamSet, delta: &ParamSet, scale: f32) -> Result<ParamSet> {
+        global.spec().check_structure(delta)?;
+        let tensors = global
+            .tensors
+            .iter()
+            .map(|(name, g)| {
+                let d = &delta.tensors[name];
+                let sum = if scale == 1.0 {
+                    g.add(d)?
+                } else {
+                    g.add(&d.affine(f64::from(scale), 0.0)?)?
+                };
+                Ok((name.clone(), sum))
+            })
+            .collect::<Result<_>>()?;
+        Ok(ParamSet { tensors })
+    }
+
+    /// Every tensor multiplied by `factor`.
+    pub fn scale(&self, factor: f32) -> Result<ParamSet> {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(name, t)| Ok((name.clone(), t.affine(f64::from(factor), 0.0)?)))
+            .collect::<Result<_>>()?;
+        Ok(ParamSet { tensors })
+    }
+
+    /// The L2 norm of all values taken together, as if the tensors were one flat vector.
+    ///
+    /// Squares are accumulated in f64, which cannot overflow for f32 inputs (at most
+    /// `(2^128)^2 = 2^256` per term). NaN or Inf anywhere makes the result non-finite.
+    pub fn l2_norm(&self) -> Result<f64> {
+        let mut sum = 0.0f64;
+        for t in self.tensors.values() {
+            for_each_value(t, |x| sum += x * x)?;
+        }
+        Ok(sum.sqrt())
+    }
+
+    /// Scales the whole set by `min(1, c / norm)` so its L2 norm is at most `c`, and returns
+    /// the scaled set with the norm it had before.
+    ///
+    /// A set already within the bound (including the all-zero set, whose norm is 0 and where
+    /// Flower's version divides by zero) is returned unchanged, bit for bit. The bound is
+    /// guaranteed after f32 rounding: if rounding pushes the norm just above `c`, the factor is
+    /// nudged down by one ulp at a time until it does not.
+    ///
+    /// Fails when `c` is not finite and positive ([`Error::Aggregation`]) or when a value is
+    /// NaN or infinite ([`Error::NonFinite`]).
+    pub fn clip_to_norm(&self, c: f64) -> Result<(ParamSet, f64)> {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(Error::Aggregation(format!(
+                "clipping norm must be finite and > 0, got {c}"
+            )));
+        }
+        let norm = self.l2_norm()?;
+        if !norm.is_finite() {
+            self.check_finite()?;
+            // Unreachable for finite inputs (see `l2_norm`), but never return a bogus clip.
+            return Err(Error::Aggregation(format!(
+                "l2 norm is not finite ({norm})"
+            )));
+        }
+        if norm <= c {
+            return Ok((self.clone(), norm));
+        }
+        let mut factor = (c / norm) as f32;
+        for _ in 0..MAX_CLIP_RETRIES {
+            let clipped = self.scale(factor)?;
+            if clipped.l2_norm()? <= c {
+                return Ok((clipped, norm));
+            }
+            factor = factor.next_down();
+        }
+        Err(Error::Aggregation(format!(
+            "cannot clip l2 norm {norm} to {c} in f32"
+        )))
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Element access
+// ------------------------------------------------------------------------------------------------
+
+/// Whether a [`ParamSet`] may hold this dtype: everything safetensors and candle can round
+/// trip, which excludes the sub-byte float formats.
+fn is_supported_dtype(dtype: DType) -> bool {
+    matches!(
+        dtype,
+        DType::U8
+            | DType::U32
+            | DType::I16
+            | DType::I32
+            | DType::I64
+            | DType::BF16
+            | DType::F16
+            | DType::F32
+            | DType::F64
+            | DType::F8E4M3
+    )
+}
+
+/// Runs `f` on the tensor's elements as one slice in row-major order.
+///
+/// A contiguous CPU tensor is borrowed in place (no copy, no allocation); anything else is
+/// copied once. `T` must be the tensor's dtype.
+pub(crate) fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            let data = cpu.as_slice::<T>()?;
+            return Ok(f(&data[start..end]));
+        }
+    }
+    let owned = t.flatten_all()?.to_vec1::<T>()?;
+    Ok(f(&owned))
+}
+
+/// Calls `f` with every element as f64 (exact for every supported dtype but large i64).
+///
+/// f32 and f64 tensors are read in place; other dtypes are converted once.
+pub(crate) fn for_each_value(t: &Tensor, mut f: impl FnMut(f64)) -> Result<()> {
+    match t.dtype() {
+        DType::F32 => with_slice::<f32, _>(t, |s| s.iter().for_each(|&x| f(f64::from(x)))),
+        DType::F64 => with_slice::<f64, _>(t, |s| s.iter().for_each(|&x| f(x))),
+        _ => {
+            let t = t.to_dtype(DType::F64)?;
+            with_slice::<f64, _>(&t, |s| s.iter().for_each(|&x| f(x)))
+        }
+    }
+}
+
+/// How many elements are NaN or infinite (always 0 for integer dtypes).
+pub(crate) fn count_non_finite(t: &Tensor) -> Result<usize> {
+    if !t.dtype().is_float() {
+        return Ok(0);
+    }
+    let mut count = 0;
+    for_each_value(t, |x| count += usize::from(!x.is_finite()))?;
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Result;
+    use candle_nn::Init;
+
+    fn t(values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn set(entries: &[(&str, Tensor)]) -> ParamSet {
+        ParamSet::from_tensors(
+            entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    fn sample() -> ParamSet {
+        set(&[
+            (
+                "encoder.lstm.weight_ih_l0",
+                t(&[1.0, -2.0, 3.5, 0.25, -0.0, 7.0], &[2, 3]),
+            ),
+            ("head.bias", t(&[0.5, -1.5], &[2])),
+        ])
+    }
+
+    fn mismatch_message(r: crate::Result<()>) -> String {
+        match r {
+            Err(Error::ParamMismatch(msg)) => msg,
+            other => panic!("expected a parameter mismatch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn safetensors_round_trip_is_bitwise() -> Result<()> {
+        // Awkward values on purpose: signed zero, subnormal, extremes, a NaN with a payload.
+        let awkward = [
+            -0.0,
+            f32::from_bits(1),
+            f32::MIN_POSITIVE,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::from_bits(0x7fc0_1234),
+            0.1,
+        ];
+        let p = set(&[
+            ("a", t(&awkward, &[2, 2, 2])),
+            ("b", Tensor::new(&[1.5f64, -2.25], &Device::Cpu)?),
+            ("c", Tensor::new(3.0f32, &Device::Cpu)?),
+        ]);
+        let bytes = p.to_safetensors_bytes()?;
+        let q = ParamSet::from_safetensors_bytes(&bytes)?;
+        assert_eq!(q.spec(), p.spec());
+        assert_eq!(bits(q.get("a").unwrap()), bits(p.get("a").unwrap()));
+        assert_eq!(q.get("b").unwrap().to_vec1::<f64>()?, vec![1.5f64, -2.25]);
+        assert_eq!(q.get("c").unwrap().dims(), &[] as &[usize]);
+        assert_eq!(q.to_safetensors_bytes()?, bytes);
+        Ok(())
+    }
+
+    #[test]
+    fn serialisation_is_deterministic() -> Result<()> {
+        let p = sample();
+        // Same content built in a different insertion order, from fresh tensors.
+        let q = set(&[
+            ("head.bias", t(&[0.5, -1.5], &[2])),
+            (
+                "encoder.lstm.weight_ih_l0",
+                t(&[1.0, -2.0, 3.5, 0.25, -0.0, 7.0], &[2, 3]),
+            ),
+        ]);
+        assert_eq!(p.to_safetensors_bytes()?, q.to_safetensors_bytes()?);
+        assert_eq!(p.sha256_hex()?, q.sha256_hex()?);
+        let h = p.sha256_hex()?;
+        assert_eq!(h.len(), 64);
+        assert!(
+            h.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        let r = set(&[
+            ("head.bias", t(&[0.5, -1.5], &[2])),
+            (
+                "encoder.lstm.weight_ih_l0",
+                t(&[1.0, -2.0, 3.5, 0.25, 0.0, 7.0], &[2, 3]),
+            ),
+        ]);
+        assert_ne!(
+            p.sha256_hex()?,
+            r.sha256_hex()?,
+            "-0.0 and 0.0 differ in bits"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn non_contiguous_tensors_serialise_in_logical_order() -> Result<()> {
+        let m = t(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).t()?;
+        assert!(!m.is_contiguous());
+        let p = set(&[("m", m)]);
+        let q = ParamSet::from_safetensors_bytes(&p.to_safetensors_bytes()?)?;
+        assert_eq!(q.get("m").unwrap().dims(), &[3, 2]);
+        assert_eq!(
+            values(q.get("m").unwrap()),
+            vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]
+        );
+        assert_eq!(p.l2_norm()?, 91f64.sqrt());
+        Ok(())
+    }
+
+    #[test]
+    fn garbage_and_truncated_bytes_are_errors() -> Result<()> {
+        let good = sample().to_safetensors_bytes()?;
+        let mut cases: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![1, 2, 3],
+            b"definitely not safetensors at all".to_vec(),
+            u64::MAX.to_le_bytes().to_vec(),
+            good[..good.len() - 1].to_vec(),
+            good[..good.len() / 2].to_vec(),
+            good[..8].to_vec(),
+            [good.as_slice(), &[0]].concat(),
+        ];
+        // A header claiming more data than there is.
+        let header = br#"{"x":{"dtype":"F32","shape":[1000000],"data_offsets":[0,4000000]}}"#;
+        let mut lying = (header.len() as u64).to_le_bytes().to_vec();
+        lying.extend_from_slice(header);
+        lying.extend_from_slice(&[0; 16]);
+        cases.push(lying);
+        for bytes in cases {
+            match ParamSet::from_safetensors_bytes(&bytes) {
+                Err(Error::Safetensors(msg)) => {
+                    assert!(msg.contains("not a valid safetensors file"), "{msg}")
+                }
+                other => panic!(
+                    "{} bytes: expected a safetensors error, got {other:?}",
+                    bytes.len()
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn unsupported_names_and_dtypes_are_rejected_without_panic() {
+        let sub_byte = raw_safetensors(
+            r#"{"x":{"dtype":"F4","shape":[2],"data_offsets":[0,1]}}"#,
+            &[0x12],
+        );
+        assert!(ParamSet::from_safetensors_bytes(&sub_byte).is_err());
+        let empty_name = raw_safetensors(
+            r#"{"":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            &[0; 4],
+        );
+        let msg = mismatch_message(ParamSet::from_safetensors_bytes(&empty_name).map(|_| ()));
+        assert!(msg.contains("invalid tensor name"), "{msg}");
+        let reserved = BTreeMap::from([(METADATA_KEY.to_string(), t(&[1.0], &[1]))]);
+        assert!(ParamSet::from_tensors(reserved).is_err());
+    }
+
+    #[test]
+    fn save_and_load_round_trip() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("global.safetensors");
+        let p = sample();
+        p.save(&path)?;
+        // Overwriting goes through a fresh temporary file and leaves none behind.
+        p.scale(2.0)?.save(&path)?;
+        p.save(&path)?;
+        let q = ParamSet::load(&path)?;
+        assert_eq!(q.to_safetensors_bytes()?, p.to_safetensors_bytes()?);
+        let names: Vec<_> = std::fs::read_dir(dir.path())?
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["global.safetensors"]);
+
+        let missing = dir.path().join("nope.safetensors");
+        assert!(matches!(ParamSet::load(&missing), Err(Error::Io { .. })));
+        std::fs::write(&missing, b"junk")?;
+        match ParamSet::load(&missing) {
+            Err(Error::Safetensors(msg)) => assert!(msg.contains("nope.safetensors"), "{msg}"),
+            other => panic!("expected a safetensors error, got {other:?}"),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn varmap_round_trip_copies_and_checks_names() -> Result<()> {
+        let mut vm = VarMap::new();
+        let dev = Device::Cpu;
+        vm.get((2, 3), "enc.w", Init::Const(1.0), DType::F32, &dev)?;
+        vm.get(2, "enc.b", Init::Const(0.0), DType::F32, &dev)?;
+        let p = ParamSet::from_varmap(&vm)?;
+        assert_eq!(p.names().collect::<Vec<_>>(), vec!["enc.b", "enc.w"]);
+        assert_eq!(p.num_elements(), 8);
+
+        // Changing the model afterwards must not change the snapshot.
+        vm.set_one("enc.w", Tensor::zeros((2, 3), DType::F32, &dev)?)?;
+        assert_eq!(values(p.get("enc.w").unwrap()), vec![1.0; 6]);
+
+        p.load_into_varmap(&vm)?;
+        assert_eq!(
+            ParamSet::from_varmap(&vm)?.to_safetensors_bytes()?,
+            p.to_safetensors_bytes()?
+        );
+
+        // Missing, extra and reshaped tensors are all listed, and nothing is changed.
+        let before = ParamSet::from_varmap(&vm)?.to_safetensors_bytes()?;
+        let wrong = set(&[("enc.w", t(&[9.0; 6], &[3, 2])), ("dec.w", t(&[9.0], &[1]))]);
+        let msg = mismatch_message(wrong.load_into_varmap(&vm));
+        assert!(msg.contains("missing: `enc.b`"), "{msg}");
+        assert!(msg.contains("unexpected tensor(s): `dec.w`"), "{msg}");
+        assert!(
+            msg.contains("`enc.w` is f32[3, 2], expected f32[2, 3]"),
+            "{msg}"
+        );
+        assert_eq!(ParamSet::from_varmap(&vm)?.to_safetensors_bytes()?, before);
+
+        let wrong_dtype = set(&[
+            ("enc.w", Tensor::ones((2, 3), DType::F64, &dev)?),
+            ("enc.b", t(&[0.0; 2], &[2])),
+        ]);
+        let msg = mismatch_message(wrong_dtype.load_into_varmap(&vm));
+        assert!(
+            msg.contains("`enc.w` is f64[2, 3], expected f32[2, 3]"),
+            "{msg}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn validate_reports_structure_then_non_finite() {
+        let p = sample();
+        let spec = p.spec();
+        assert!(p.validate_against(&spec).is_ok());
+        assert_eq!(spec.num_elements(), 8);
+
+        let bad = set(&[
+            (
+                "encoder.lstm.weight_ih_l0",
+                t(
+                    &[1.0, f32::NAN, 3.5, f32::INFINITY, 0.0, f32::NEG_INFINITY],
+                    &[2, 3],
+                ),
+            ),
+            ("head.bias", t(&[f32::NAN, 0.0], &[2])),
+        ]);
+        match bad.validate_against(&spec) {
+            Err(Error::NonFinite { name, count }) => {
+                assert_eq!(name, "encoder.lstm.weight_ih_l0");
+                assert_eq!(count, 3);
+            }
+            other => panic!("expected non-finite, got {other:?}"),
+        }
+
+        // Structure problems are reported before values are read.
+        let wrong = set(&[("head.bias", t(&[f32::NAN, 0.0], &[2]))]);
+        let msg = mismatch_message(wrong.validate_against(&spec));
+        assert!(
+            msg.contains("1 tensor(s) missing: `encoder.lstm.weight_ih_l0`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn long_mismatch_lists_are_summarised() {
+        let spec = ParamSpec::new(
+            (0..25)
+                .map(|i| {
+                    let s = TensorSpec {
+                        shape: vec![1],
+                        dtype: DType::F32,
+                    };
+                    (format!("p{i:02}"), s)
+                })
+                .collect(),
+        );
+        let msg = mismatch_message(spec.check_structure(&ParamSet::default()));
+        assert!(
+            msg.starts_with("25 tensor(s) missing: `p00`, `p01`"),
+            "{msg}"
+        );
+        assert!(msg.ends_with("`p09` and 15 more"), "{msg}");
+    }
+
+    #[test]
+    fn delta_and_apply_delta_invert_each_other() -> Result<()> {
+        let global = sample();
+        let local = set(&[
+            (
+                "encoder.lstm.weight_ih_l0",
+                t(&[1.5, -2.0, 3.0, 0.75, 1.0, 7.0], &[2, 3]),
+            ),
+            ("head.bias", t(&[0.0, -1.0], &[2])),
+        ]);
+        let d = ParamSet::delta(&local, &global)?;
+        assert_eq!(
+            values(d.get("encoder.lstm.weight_ih_l0").unwrap()),
+            vec![0.5, 0.0, -0.5, 0.5, 1.0, 0.0]
+        );
+        assert_eq!(values(d.get("head.bias").unwrap()), vec![-0.5, 0.5]);
+        // These values are exact in f32, so the round trip is too.
+        let back = ParamSet::apply_delta(&global, &d, 1.0)?;
+        assert_eq!(back.to_safetensors_bytes()?, local.to_safetensors_bytes()?);
+        let half = ParamSet::apply_delta(&global, &d, 0.5)?;
+        assert_eq!(values(half.get("head.bias").unwrap()), vec![0.25, -1.25]);
+
+        let other = set(&[("head.bias", t(&[0.0, 0.0], &[2]))]);
+        let msg = mismatch_message(ParamSet::delta(&other, &global).map(|_| ()));
+        assert!(
+            msg.contains("missing: `encoder.lstm.weight_ih_l0`"),
+            "{msg}"
+        );
+        let msg = mismatch_message(ParamSet::apply_delta(&global, &other, 1.0).map(|_| ()));
+        assert!(
+            msg.contains("missing: `encoder.lstm.weight_ih_l0`"),
+            "{msg}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn l2_norm_scale_and_clip() -> Result<()> {
+        let p = set(&[("a", t(&[3.0, 0.0], &[2])), ("b", t(&[4.0], &[1]))]);
+        assert_eq!(p.l2_norm()?, 5.0);
+        assert_eq!(values(p.scale(2.0)?.get("a").unwrap()), vec![6.0, 0.0]);
+
+        // Within the bound: unchanged, bit for bit.
+        let (same, norm) = p.clip_to_norm(5.0)?;
+        assert_eq!(norm, 5.0);
+        assert_eq!(same.to_safetensors_bytes()?, p.to_safetensors_bytes()?);
+
+        let (clipped, norm) = p.clip_to_norm(1.0)?;
+        assert_eq!(norm, 5.0);
+        assert!(clipped.l2_norm()? <= 1.0);
+        assert!((clipped.l2_norm()? - 1.0).abs() < 1e-6);
+        assert!((values(clipped.get("a").unwrap())[0] - 0.6).abs() < 1e-7);
+
+        // The zero update has norm 0 and must not divide by it.
+        let zero = set(&[("a", t(&[0.0, -0.0], &[2]))]);
+        let (z, n) = zero.clip_to_norm(1.0)?;
+        assert_eq!(n, 0.0);
+        assert_eq!(z.to_safetensors_bytes()?, zero.to_safetensors_bytes()?);
+
+        // Bad bounds and non-finite values.
+        for c in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(
+                matches!(p.clip_to_norm(c), Err(Error::Aggregation(_))),
+                "c = {c}"
+            );
+        }
+        let nan = set(&[("a", t(&[1.0, f32::NAN], &[2]))]);
+        assert!(matches!(
+            nan.clip_to_norm(1.0),
+            Err(Error::NonFinite { count: 1, .. })
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn clip_bound_holds_after_rounding() -> Result<()> {
+        // Many awkward values and bounds: the clipped norm must never exceed the bound.
+        let vals: Vec<f32> = (0..997)
+            .map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0)
+            .collect();
+        let p = set(&[("w", t(&vals, &[997]))]);
+        for c in [0.1, 0.3, 1.0 / 3.0, 1.7, 2.9, 10.0, 99.9] {
+            let (clipped, norm) = p.clip_to_norm(c)?;
+            assert!(norm > c);
+            let n = clipped.l2_norm()?;
+            assert!(
+                n <= c && n > c * (1.0 - 1e-6),
+                "c = {c}, clipped norm = {n}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn debug_lists_specs_not_values() {
+        let s = format!("{:?}", sample());
+        assert!(s.contains("\"head.bias\": f32[2]"), "{s}");
+        assert!(!s.contains("0.5"), "{s}");
+    }
+}
