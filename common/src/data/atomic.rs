@@ -1,8 +1,8 @@
 //! Crash-safe file replacement: write a temporary file beside the target, fsync, rename.
 
-use std::fs::{self, OpenOptions};
 #[cfg(unix)]
 use std::fs::File;
+use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

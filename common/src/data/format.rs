@@ -275,25 +275,16 @@ struct CsvColumns {
     count: usize,
 }
 
+/// Maps a csv reader error; with flexible field counts and byte records reading from memory,
+/// only malformed input that the reader itself refuses ends up here.
 fn csv_error(err: csv::Error, path: &Path) -> Error {
-    let line = err.position().map(|p| p.line());
-    let message = err.to_string();
-    match (err.into_kind(), line) {
-        (csv::ErrorKind::Io(e), _) => Error::io(path, e),
-        (_, Some(line)) => Error::Data {
-            path: path.to_path_buf(),
-            line,
-            reason: format!("malformed csv: {message}"),
-        },
-        (_, None) => Error::DataFile {
-            path: path.to_path_buf(),
-            reason: format!("malformed csv: {message}"),
-        },
+    Error::DataFile {
+        path: path.to_path_buf(),
+        reason: format!("malformed csv: {err}"),
     }
 }
 
-fn parse_csv_header(header: &csv::ByteRecord, path: &Path) -> Result<CsvColumns> {
-    let line = header.position().map_or(1, |p| p.line());
+fn parse_csv_header(header: &csv::ByteRecord, line: u64, path: &Path) -> Result<CsvColumns> {
     let err = |reason: String| Error::Data {
         path: path.to_path_buf(),
         line,
@@ -335,12 +326,20 @@ fn parse_csv_header(header: &csv::ByteRecord, path: &Path) -> Result<CsvColumns>
     })
 }
 
-fn read_csv(reader: impl Read, path: &Path, sink: &mut RowSink<'_>) -> Result<()> {
+fn read_csv(mut reader: impl Read, path: &Path, sink: &mut RowSink<'_>) -> Result<()> {
+    // The whole file is read first so that line numbers can be computed from byte offsets:
+    // the csv crate's own line numbers are wrong after CRLF line endings and blank lines
+    // (BurntSushi/rust-csv#395). The records end up in memory anyway.
+    let mut bytes = Vec::new();
+    reader
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    let mut lines = LineCounter::new(&bytes);
     let mut csv = csv::ReaderBuilder::new()
         .has_headers(true)
         // Field counts are checked here, so the error can say what was expected.
         .flexible(true)
-        .from_reader(reader);
+        .from_reader(bytes.as_slice());
     let header = csv.byte_headers().map_err(|e| csv_error(e, path))?.clone();
     if header.is_empty() || (header.len() == 1 && header[0].is_empty()) {
         return Err(Error::DataFile {
@@ -351,13 +350,71 @@ fn read_csv(reader: impl Read, path: &Path, sink: &mut RowSink<'_>) -> Result<()
             ),
         });
     }
-    let columns = parse_csv_header(&header, path)?;
+    let header_line = lines.line_at(header.position().map_or(0, |p| p.byte()));
+    let columns = parse_csv_header(&header, header_line, path)?;
     let mut row = csv::ByteRecord::new();
-    while csv.read_byte_record(&mut row).map_err(|e| csv_error(e, path))? {
-        let line = row.position().map_or(0, |p| p.line());
+    while csv
+        .read_byte_record(&mut row)
+        .map_err(|e| csv_error(e, path))?
+    {
+        let line = lines.line_at(row.position().map_or(0, |p| p.byte()));
         sink.push(line, parse_csv_row(&row, &columns))?;
     }
     Ok(())
+}
+
+/// Turns the byte offsets the csv reader reports into 1-based line numbers.
+///
+/// A line break is `\n`, `\r\n` or a lone `\r`, as the csv reader understands them. Offsets must
+/// be asked for in increasing order; the counter only moves forward.
+struct LineCounter<'a> {
+    bytes: &'a [u8],
+    /// Bytes before `pos` have been counted.
+    pos: usize,
+    /// The line `pos` is on.
+    line: u64,
+}
+
+impl<'a> LineCounter<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        // A byte order mark is skipped by the csv reader and is not a line of its own.
+        let pos = if bytes.starts_with(b"\xef\xbb\xbf") {
+            3
+        } else {
+            0
+        };
+        LineCounter {
+            bytes,
+            pos,
+            line: 1,
+        }
+    }
+
+    /// The line of the record the csv reader started parsing at byte `offset`.
+    ///
+    /// The reader reports where it started, which is before any empty lines it skipped (and,
+    /// with CRLF endings, before the `\n` ending the previous record); the record itself
+    /// begins at the first byte after those.
+    fn line_at(&mut self, offset: u64) -> u64 {
+        let mut start = usize::try_from(offset).map_or(self.bytes.len(), |o| o.max(self.pos));
+        while matches!(self.bytes.get(start), Some(b'\r' | b'\n')) {
+            start += 1;
+        }
+        let start = start.min(self.bytes.len());
+        for i in self.pos..start {
+            let is_break = match self.bytes[i] {
+                b'\n' => true,
+                // The `\n` of a CRLF pair does the counting.
+                b'\r' => self.bytes.get(i + 1) != Some(&b'\n'),
+                _ => false,
+            };
+            if is_break {
+                self.line += 1;
+            }
+        }
+        self.pos = start;
+        self.line
+    }
 }
 
 fn parse_csv_row(
@@ -622,8 +679,14 @@ mod tests {
     fn format_from_extension() {
         assert_eq!(FileFormat::from_path("a/b.csv").unwrap(), FileFormat::Csv);
         assert_eq!(FileFormat::from_path("b.CSV").unwrap(), FileFormat::Csv);
-        assert_eq!(FileFormat::from_path("b.jsonl").unwrap(), FileFormat::JsonLines);
-        assert_eq!(FileFormat::from_path("b.ndjson").unwrap(), FileFormat::JsonLines);
+        assert_eq!(
+            FileFormat::from_path("b.jsonl").unwrap(),
+            FileFormat::JsonLines
+        );
+        assert_eq!(
+            FileFormat::from_path("b.ndjson").unwrap(),
+            FileFormat::JsonLines
+        );
         for bad in ["b.json", "b.txt", "b", "csv"] {
             let err = FileFormat::from_path(bad).unwrap_err();
             assert_eq!(
@@ -679,7 +742,11 @@ mod tests {
                 3,
                 "malformed row: expected 3 field(s) as in the header, found 4",
             ),
-            (format!("{h}s1,a\n"), 2, "malformed row: expected 3 field(s) as in the header, found 2"),
+            (
+                format!("{h}s1,a\n"),
+                2,
+                "malformed row: expected 3 field(s) as in the header, found 2",
+            ),
             (format!("{h},a,1\n"), 2, "session_id is empty"),
             (format!("{h}\"  \",a,1\n"), 2, "session_id is empty"),
             (format!("{h}s1,,1\n"), 2, "events is empty"),
@@ -701,7 +768,11 @@ mod tests {
                 "event 1: event name \"a\\tb\" contains whitespace",
             ),
             (format!("{h}s1,a,x\n"), 2, "label \"x\" is not an integer"),
-            (format!("{h}s1,a,3.0\n"), 2, "label \"3.0\" is not an integer"),
+            (
+                format!("{h}s1,a,3.0\n"),
+                2,
+                "label \"3.0\" is not an integer",
+            ),
             (format!("{h}s1,a,\n"), 2, "label \"\" is not an integer"),
             (format!("{h}s1,a,0\n"), 2, "label 0 is outside 1..=5"),
             (format!("{h}s1,a,6\n"), 2, "label 6 is outside 1..=5"),
@@ -735,15 +806,18 @@ mod tests {
             &strict(),
         )
         .unwrap_err();
-        assert_eq!(err.to_string(), "data/site-a.csv:2: label 7 is outside 1..=5");
+        assert_eq!(
+            err.to_string(),
+            "data/site-a.csv:2: label 7 is outside 1..=5"
+        );
     }
 
     #[test]
     fn csv_invalid_utf8_is_a_row_error() {
         let mut bytes = CSV_HEADER.as_bytes().to_vec();
         bytes.extend_from_slice(b"s1,a\xff,1\n");
-        let err = read_sessions_from(bytes.as_slice(), FileFormat::Csv, "x.csv", &strict())
-            .unwrap_err();
+        let err =
+            read_sessions_from(bytes.as_slice(), FileFormat::Csv, "x.csv", &strict()).unwrap_err();
         assert_eq!(err.to_string(), "x.csv:2: events is not valid utf-8");
     }
 
@@ -774,6 +848,42 @@ mod tests {
     }
 
     #[test]
+    fn csv_line_numbers_count_blank_lines_and_crlf() {
+        let text = "session_id,events,label\r\n\r\ns1,a,1\r\n\r\ns2,a,6\r\n";
+        assert_eq!(
+            row_error(text, FileFormat::Csv),
+            (5, "label 6 is outside 1..=5".to_owned())
+        );
+        for (text, line) in [
+            ("session_id,events,label\n\ns1,a,1\n\ns2,a,6\n", 5),
+            ("session_id,events,label\r\ns1,a,1\r\ns2,a,6\r\n", 3),
+            ("session_id,events,label\r\ns1,a,1\r\ns2,a,6", 3),
+            ("\n\nsession_id,events,label\ns1,a,1\ns2,a,6\n", 5),
+            ("session_id,events,label\rs1,a,1\rs2,a,6\r", 3),
+            ("\u{feff}session_id,events,label\r\ns1,a,1\r\ns2,a,6\r\n", 3),
+            (
+                "session_id,events,label\r\n\"s\r\n1\",a,1\r\n\r\ns2,a,6\r\n",
+                5,
+            ),
+            ("session_id,events,label\r\n\"s\n\n1\",a,1\ns2,a,6\r\n", 5),
+        ] {
+            assert_eq!(
+                row_error(text, FileFormat::Csv),
+                (line, "label 6 is outside 1..=5".to_owned()),
+                "for {text:?}"
+            );
+        }
+        assert_eq!(
+            row_error("\r\n\nsession_id,events\r\n", FileFormat::Csv).0,
+            3,
+            "header line"
+        );
+        let ok = "session_id,events,label\r\ns1,a b,1\r\n";
+        let loaded = parse(ok, FileFormat::Csv, &strict()).unwrap();
+        assert_eq!(loaded.records, vec![record("s1", &["a", "b"], 1)]);
+    }
+
+    #[test]
     fn csv_with_byte_order_mark() {
         let text = "\u{feff}session_id,events,label\ns1,a,1\n";
         let loaded = parse(text, FileFormat::Csv, &strict()).unwrap();
@@ -784,16 +894,28 @@ mod tests {
     fn jsonl_row_errors_name_line_and_reason() {
         let ok = r#"{"session_id": "s1", "events": ["a"], "label": 1}"#;
         let cases: &[(&str, &str)] = &[
-            (r#"{"session_id": "s2", "events": ["a"], "label": 1"#, "malformed row: invalid json: "),
-            (r#"["s2"]"#, "malformed row: expected a json object, found an array"),
+            (
+                r#"{"session_id": "s2", "events": ["a"], "label": 1"#,
+                "malformed row: invalid json: ",
+            ),
+            (
+                r#"["s2"]"#,
+                "malformed row: expected a json object, found an array",
+            ),
             (r#"{"events": ["a"], "label": 1}"#, "missing session_id"),
-            (r#"{"session_id": "", "events": ["a"], "label": 1}"#, "session_id is empty"),
+            (
+                r#"{"session_id": "", "events": ["a"], "label": 1}"#,
+                "session_id is empty",
+            ),
             (
                 r#"{"session_id": 7, "events": ["a"], "label": 1}"#,
                 "session_id must be a string, found a number",
             ),
             (r#"{"session_id": "s2", "label": 1}"#, "missing events"),
-            (r#"{"session_id": "s2", "events": [], "label": 1}"#, "events is empty"),
+            (
+                r#"{"session_id": "s2", "events": [], "label": 1}"#,
+                "events is empty",
+            ),
             (
                 r#"{"session_id": "s2", "events": "a b", "label": 1}"#,
                 "events must be an array of strings, found a string",
@@ -872,12 +994,18 @@ mod tests {
     #[test]
     fn empty_files_are_errors() {
         for options in [strict(), lenient()] {
-            assert_eq!(file_error("", FileFormat::JsonLines, &options), "file holds no sessions");
+            assert_eq!(
+                file_error("", FileFormat::JsonLines, &options),
+                "file holds no sessions"
+            );
             assert_eq!(
                 file_error("\n  \n\n", FileFormat::JsonLines, &options),
                 "file holds no sessions"
             );
-            assert_eq!(file_error(CSV_HEADER, FileFormat::Csv, &options), "file holds no sessions");
+            assert_eq!(
+                file_error(CSV_HEADER, FileFormat::Csv, &options),
+                "file holds no sessions"
+            );
             assert_eq!(
                 file_error("", FileFormat::Csv, &options),
                 "file is empty (expected a header line naming the columns, e.g. \
@@ -885,7 +1013,11 @@ mod tests {
             );
         }
         assert_eq!(
-            file_error(&format!("{CSV_HEADER}s1,a,0\ns2,a,9\n"), FileFormat::Csv, &lenient()),
+            file_error(
+                &format!("{CSV_HEADER}s1,a,0\ns2,a,9\n"),
+                FileFormat::Csv,
+                &lenient()
+            ),
             "file holds no valid sessions (2 invalid row(s) skipped, the first on line 2: \
              label 0 is outside 1..=5)"
         );
@@ -988,10 +1120,19 @@ mod tests {
             reason(&[record("a", &["x"], 1), record("a", &["y"], 2)]),
             "record 2: duplicate session_id (same as record 1)"
         );
-        assert_eq!(reason(&[record("a", &["x y"], 1)]), "record 1: event 1: event name \"x y\" contains whitespace");
+        assert_eq!(
+            reason(&[record("a", &["x y"], 1)]),
+            "record 1: event 1: event name \"x y\" contains whitespace"
+        );
         assert_eq!(reason(&[record("a", &[], 1)]), "record 1: events is empty");
-        assert_eq!(reason(&[record("", &["x"], 1)]), "record 1: session_id is empty");
-        assert_eq!(reason(&[record("a", &["x"], 0)]), "record 1: label 0 is outside 1..=5");
+        assert_eq!(
+            reason(&[record("", &["x"], 1)]),
+            "record 1: session_id is empty"
+        );
+        assert_eq!(
+            reason(&[record("a", &["x"], 0)]),
+            "record 1: label 0 is outside 1..=5"
+        );
         let empty_user = SessionRecord {
             user_id: Some(String::new()),
             ..record("a", &["x"], 1)

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 
-use serde::de::{self, MapAccess, Visitor};
+use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -127,10 +127,16 @@ impl Vocab {
             )));
         }
         if file.pad_id != u64::from(PAD_ID) {
-            return Err(err(format!("pad_id must be {PAD_ID}, found {}", file.pad_id)));
+            return Err(err(format!(
+                "pad_id must be {PAD_ID}, found {}",
+                file.pad_id
+            )));
         }
         if file.unk_id != u64::from(UNK_ID) {
-            return Err(err(format!("unk_id must be {UNK_ID}, found {}", file.unk_id)));
+            return Err(err(format!(
+                "unk_id must be {UNK_ID}, found {}",
+                file.unk_id
+            )));
         }
         let n = file.events.0.len();
         if n == 0 {
@@ -246,7 +252,10 @@ impl<'de> Deserialize<'de> for EventsIn {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("an object mapping event names to integer ids")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<EventsIn, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<EventsIn, A::Error> {
                 let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
                 while let Some((name, id)) = map.next_entry::<String, u64>()? {
                     entries.push((name, id));
@@ -290,7 +299,10 @@ mod tests {
         assert_eq!(v.name(UNK_ID), None);
         assert_eq!(v.name(3), Some("searched"));
         assert_eq!(v.name(5), None);
-        assert_eq!(v.event_names(), ["opened_help", "searched", "clicked_answer"]);
+        assert_eq!(
+            v.event_names(),
+            ["opened_help", "searched", "clicked_answer"]
+        );
     }
 
     #[test]
