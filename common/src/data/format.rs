@@ -884,6 +884,25 @@ mod tests {
     }
 
     #[test]
+    fn examples_in_module_docs_parse() {
+        let csv = "session_id,events,label,user_id,timestamp\n\
+                   s-0001,opened_help searched clicked_answer,4,u-17,2026-01-01T00:00:00Z\n\
+                   \"s-0002, retry\",opened_help searched searched,2,,\n";
+        let jsonl = "{\"session_id\": \"s-0001\", \"events\": [\"opened_help\", \"searched\", \
+                     \"clicked_answer\"], \"label\": 4, \"user_id\": \"u-17\", \
+                     \"timestamp\": \"2026-01-01T00:00:00Z\"}\n\
+                     {\"session_id\": \"s-0002\", \"events\": [\"opened_help\"], \"label\": 2}\n";
+        let from_csv = parse(csv, FileFormat::Csv, &strict()).unwrap().records;
+        let from_jsonl = parse(jsonl, FileFormat::JsonLines, &strict())
+            .unwrap()
+            .records;
+        assert_eq!(from_csv[0], from_jsonl[0]);
+        assert_eq!(from_csv[1].session_id, "s-0002, retry");
+        assert_eq!(from_csv[1].user_id, None);
+        assert_eq!(from_jsonl[1], record("s-0002", &["opened_help"], 2));
+    }
+
+    #[test]
     fn csv_with_byte_order_mark() {
         let text = "\u{feff}session_id,events,label\ns1,a,1\n";
         let loaded = parse(text, FileFormat::Csv, &strict()).unwrap();
