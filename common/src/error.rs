@@ -28,6 +28,15 @@ pub enum Error {
         /// What is wrong with the row.
         reason: String,
     },
+    /// A partner-site data file is unusable as a whole (unknown extension, missing header,
+    /// no sessions), or records to be written are invalid.
+    #[error("{path}: {reason}")]
+    DataFile {
+        /// The data file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The event vocabulary file is invalid.
     #[error("vocabulary {path}: {reason}")]
     Vocab {

@@ -1,0 +1,432 @@
+//! The event vocabulary: event names to model input ids, and its JSON file format.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+
+use serde::de::{MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::data::atomic::write_atomic;
+use crate::error::{Error, Result};
+
+/// Id of the padding token; never produced by [`Vocab::encode`].
+pub const PAD_ID: u32 = 0;
+/// Id every event name missing from the vocabulary is mapped to.
+pub const UNK_ID: u32 = 1;
+/// First id given to a real event.
+pub const FIRST_EVENT_ID: u32 = 2;
+/// The `format` tag of the vocabulary's JSON file.
+pub const VOCAB_FORMAT: &str = "fedflow-vocab/1";
+
+/// Path used in errors about vocabularies that did not come from a file.
+const MEMORY: &str = "<memory>";
+
+/// Checks one event name: non-empty and free of whitespace.
+///
+/// Returns the reason the name is invalid; the caller adds where it was found.
+pub(crate) fn check_event_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        Err("event name is empty".to_owned())
+    } else if name.chars().any(char::is_whitespace) {
+        Err(format!("event name {name:?} contains whitespace"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Maps event names to the ids the model consumes.
+///
+/// Id [`PAD_ID`] (0) is padding, [`UNK_ID`] (1) stands for any event not in the vocabulary,
+/// and the vocabulary's events have ids 2, 3, ... in order. All partner sites and the
+/// coordinator must use the same vocabulary, since ids index the model's embedding table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vocab {
+    /// Event names; `names[i]` has id `i + FIRST_EVENT_ID`.
+    names: Vec<String>,
+    /// The inverse of `names`.
+    ids: HashMap<String, u32>,
+}
+
+impl Vocab {
+    /// Builds a vocabulary whose events get ids 2, 3, ... in the order given.
+    ///
+    /// Fails on an empty list, an empty name, a name holding whitespace, or a name given twice.
+    pub fn from_events<I, S>(events: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::build(events.into_iter().map(Into::into), Path::new(MEMORY))
+    }
+
+    fn build(events: impl Iterator<Item = String>, path: &Path) -> Result<Self> {
+        let err = |reason: String| Error::Vocab {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut names = Vec::new();
+        let mut ids = HashMap::new();
+        for name in events {
+            let id = id_for_index(names.len()).ok_or_else(|| err("too many events".to_owned()))?;
+            check_event_name(&name).map_err(|reason| err(format!("id {id}: {reason}")))?;
+            if let Some(first) = ids.insert(name.clone(), id) {
+                return Err(err(format!(
+                    "event {name:?} is listed twice (ids {first} and {id})"
+                )));
+            }
+            names.push(name);
+        }
+        if names.is_empty() {
+            return Err(err("vocabulary has no events".to_owned()));
+        }
+        Ok(Vocab { names, ids })
+    }
+
+    /// Reads and validates a vocabulary file (see the [module docs](crate::data) for the format).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path)
+    }
+
+    /// Writes the vocabulary file, replacing any existing file atomically.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let mut text = self.to_json_string();
+        text.push('\n');
+        write_atomic(path.as_ref(), text.as_bytes())
+    }
+
+    /// The vocabulary in its file format (pretty-printed JSON, events in id order).
+    pub fn to_json_string(&self) -> String {
+        let file = VocabFileOut {
+            format: VOCAB_FORMAT,
+            pad_id: PAD_ID,
+            unk_id: UNK_ID,
+            events: EventsOut(&self.names),
+        };
+        serde_json::to_string_pretty(&file).expect("a vocabulary always serialises")
+    }
+
+    /// Parses and validates a vocabulary in its file format.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        Self::parse(text, Path::new(MEMORY))
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<Self> {
+        let err = |reason: String| Error::Vocab {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let file: VocabFileIn = serde_json::from_str(text).map_err(|e| err(e.to_string()))?;
+        if file.format != VOCAB_FORMAT {
+            return Err(err(format!(
+                "unsupported format {:?} (expected {VOCAB_FORMAT:?})",
+                file.format
+            )));
+        }
+        if file.pad_id != u64::from(PAD_ID) {
+            return Err(err(format!(
+                "pad_id must be {PAD_ID}, found {}",
+                file.pad_id
+            )));
+        }
+        if file.unk_id != u64::from(UNK_ID) {
+            return Err(err(format!(
+                "unk_id must be {UNK_ID}, found {}",
+                file.unk_id
+            )));
+        }
+        let n = file.events.0.len();
+        if n == 0 {
+            return Err(err("vocabulary has no events".to_owned()));
+        }
+        let last = u64::from(FIRST_EVENT_ID) + n as u64 - 1;
+        let mut slots: Vec<Option<String>> = vec![None; n];
+        let mut seen: HashSet<&str> = HashSet::with_capacity(n);
+        for (name, id) in &file.events.0 {
+            check_event_name(name).map_err(|reason| err(format!("id {id}: {reason}")))?;
+            if !seen.insert(name) {
+                return Err(err(format!("event {name:?} is listed twice")));
+            }
+            if *id < u64::from(FIRST_EVENT_ID) {
+                return Err(err(format!(
+                    "event {name:?} has reserved id {id} (0 is padding, 1 is unknown; \
+                     events start at {FIRST_EVENT_ID})"
+                )));
+            }
+            if *id > last {
+                return Err(err(format!(
+                    "event {name:?} has id {id}, but {n} event(s) must have exactly the ids \
+                     {FIRST_EVENT_ID}..={last}"
+                )));
+            }
+            let slot = &mut slots[(*id - u64::from(FIRST_EVENT_ID)) as usize];
+            if let Some(other) = slot {
+                return Err(err(format!("events {other:?} and {name:?} share id {id}")));
+            }
+            *slot = Some(name.clone());
+        }
+        // n names, n distinct ids, all within a range of n: every slot is filled.
+        let names = slots.into_iter().map(|s| s.expect("ids cover the range"));
+        Self::build(names, path)
+    }
+
+    /// The id of a known event.
+    pub fn id(&self, name: &str) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+
+    /// The id of an event, [`UNK_ID`] when it is not in the vocabulary.
+    pub fn encode(&self, name: &str) -> u32 {
+        self.id(name).unwrap_or(UNK_ID)
+    }
+
+    /// The name of a real event's id; `None` for [`PAD_ID`], [`UNK_ID`] and ids out of range.
+    pub fn name(&self, id: u32) -> Option<&str> {
+        let index = id.checked_sub(FIRST_EVENT_ID)?;
+        self.names.get(index as usize).map(String::as_str)
+    }
+
+    /// Total number of ids including padding and unknown: the model's vocabulary size.
+    #[allow(clippy::len_without_is_empty)] // never empty: padding and unknown always exist
+    pub fn len(&self) -> usize {
+        self.names.len() + FIRST_EVENT_ID as usize
+    }
+
+    /// Number of real events (excluding padding and unknown).
+    pub fn num_events(&self) -> usize {
+        self.names.len()
+    }
+
+    /// The real events' names in id order (the first has id [`FIRST_EVENT_ID`]).
+    pub fn event_names(&self) -> &[String] {
+        &self.names
+    }
+}
+
+fn id_for_index(index: usize) -> Option<u32> {
+    u32::try_from(index).ok()?.checked_add(FIRST_EVENT_ID)
+}
+
+/// The file as written: `events` in id order.
+#[derive(Serialize)]
+struct VocabFileOut<'a> {
+    format: &'static str,
+    pad_id: u32,
+    unk_id: u32,
+    events: EventsOut<'a>,
+}
+
+struct EventsOut<'a>(&'a [String]);
+
+impl Serialize for EventsOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (i, name) in self.0.iter().enumerate() {
+            let id = id_for_index(i).expect("vocabulary size fits in u32");
+            map.serialize_entry(name, &id)?;
+        }
+        map.end()
+    }
+}
+
+/// The file as read; duplicate event names survive deserialisation so they can be reported.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VocabFileIn {
+    format: String,
+    pad_id: u64,
+    unk_id: u64,
+    events: EventsIn,
+}
+
+struct EventsIn(Vec<(String, u64)>);
+
+impl<'de> Deserialize<'de> for EventsIn {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct EventsVisitor;
+        impl<'de> Visitor<'de> for EventsVisitor {
+            type Value = EventsIn;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object mapping event names to integer ids")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<EventsIn, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some((name, id)) = map.next_entry::<String, u64>()? {
+                    entries.push((name, id));
+                }
+                Ok(EventsIn(entries))
+            }
+        }
+        deserializer.deserialize_map(EventsVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vocab_err(text: &str) -> String {
+        match Vocab::from_json_str(text) {
+            Err(Error::Vocab { path, reason }) => {
+                assert_eq!(path, Path::new(MEMORY));
+                reason
+            }
+            other => panic!("expected a vocabulary error, got {other:?}"),
+        }
+    }
+
+    fn events_json(events: &str) -> String {
+        format!(r#"{{"format": "fedflow-vocab/1", "pad_id": 0, "unk_id": 1, "events": {events}}}"#)
+    }
+
+    #[test]
+    fn ids_names_and_size() {
+        let v = Vocab::from_events(["opened_help", "searched", "clicked_answer"]).unwrap();
+        assert_eq!(v.len(), 5);
+        assert_eq!(v.num_events(), 3);
+        assert_eq!(v.id("opened_help"), Some(2));
+        assert_eq!(v.id("clicked_answer"), Some(4));
+        assert_eq!(v.id("nope"), None);
+        assert_eq!(v.encode("searched"), 3);
+        assert_eq!(v.encode("nope"), UNK_ID);
+        assert_eq!(v.name(PAD_ID), None);
+        assert_eq!(v.name(UNK_ID), None);
+        assert_eq!(v.name(3), Some("searched"));
+        assert_eq!(v.name(5), None);
+        assert_eq!(
+            v.event_names(),
+            ["opened_help", "searched", "clicked_answer"]
+        );
+    }
+
+    #[test]
+    fn from_events_rejects_bad_names() {
+        let reason = |events: &[&str]| match Vocab::from_events(events.iter().copied()) {
+            Err(Error::Vocab { reason, .. }) => reason,
+            other => panic!("expected a vocabulary error, got {other:?}"),
+        };
+        assert_eq!(
+            reason(&["a", "b", "a"]),
+            r#"event "a" is listed twice (ids 2 and 4)"#
+        );
+        assert_eq!(reason(&["a", ""]), "id 3: event name is empty");
+        assert_eq!(
+            reason(&["a b"]),
+            r#"id 2: event name "a b" contains whitespace"#
+        );
+        assert_eq!(
+            reason(&["tab\there"]),
+            r#"id 2: event name "tab\there" contains whitespace"#
+        );
+        assert_eq!(reason(&[]), "vocabulary has no events");
+    }
+
+    #[test]
+    fn json_round_trip_keeps_id_order() {
+        // Names deliberately not in alphabetical order.
+        let v = Vocab::from_events(["zeta", "alpha", "mu"]).unwrap();
+        let text = v.to_json_string();
+        assert_eq!(
+            text,
+            "{\n  \"format\": \"fedflow-vocab/1\",\n  \"pad_id\": 0,\n  \"unk_id\": 1,\n  \
+             \"events\": {\n    \"zeta\": 2,\n    \"alpha\": 3,\n    \"mu\": 4\n  }\n}"
+        );
+        assert_eq!(Vocab::from_json_str(&text).unwrap(), v);
+    }
+
+    #[test]
+    fn ids_may_be_listed_in_any_order() {
+        let v = Vocab::from_json_str(&events_json(r#"{"b": 3, "a": 2}"#)).unwrap();
+        assert_eq!(v.event_names(), ["a", "b"]);
+    }
+
+    #[test]
+    fn save_and_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vocab.json");
+        let v = Vocab::from_events(["x", "y"]).unwrap();
+        v.save(&path).unwrap();
+        assert_eq!(Vocab::load(&path).unwrap(), v);
+    }
+
+    #[test]
+    fn load_reports_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vocab.json");
+        std::fs::write(&path, events_json(r#"{"a": 5}"#)).unwrap();
+        match Vocab::load(&path) {
+            Err(e @ Error::Vocab { .. }) => {
+                let Error::Vocab { path: p, .. } = &e else {
+                    unreachable!()
+                };
+                assert_eq!(p, &path);
+                assert!(e.to_string().starts_with("vocabulary "), "{e}");
+            }
+            other => panic!("expected a vocabulary error, got {other:?}"),
+        }
+        let missing = dir.path().join("missing.json");
+        assert!(matches!(Vocab::load(&missing), Err(Error::Io { .. })));
+    }
+
+    #[test]
+    fn validation_errors() {
+        let cases: &[(String, &str)] = &[
+            (
+                r#"{"format": "fedflow-vocab/2", "pad_id": 0, "unk_id": 1, "events": {"a": 2}}"#
+                    .to_owned(),
+                r#"unsupported format "fedflow-vocab/2" (expected "fedflow-vocab/1")"#,
+            ),
+            (
+                r#"{"format": "fedflow-vocab/1", "pad_id": 1, "unk_id": 1, "events": {"a": 2}}"#
+                    .to_owned(),
+                "pad_id must be 0, found 1",
+            ),
+            (
+                r#"{"format": "fedflow-vocab/1", "pad_id": 0, "unk_id": 2, "events": {"a": 2}}"#
+                    .to_owned(),
+                "unk_id must be 1, found 2",
+            ),
+            (events_json("{}"), "vocabulary has no events"),
+            (
+                events_json(r#"{"a": 2, "b": 2}"#),
+                r#"events "a" and "b" share id 2"#,
+            ),
+            (
+                events_json(r#"{"a": 2, "a": 3}"#),
+                r#"event "a" is listed twice"#,
+            ),
+            (
+                events_json(r#"{"a": 1}"#),
+                r#"event "a" has reserved id 1 (0 is padding, 1 is unknown; events start at 2)"#,
+            ),
+            (
+                events_json(r#"{"a": 2, "b": 4}"#),
+                r#"event "b" has id 4, but 2 event(s) must have exactly the ids 2..=3"#,
+            ),
+            (events_json(r#"{"": 2}"#), "id 2: event name is empty"),
+            (
+                events_json(r#"{"a b": 2}"#),
+                r#"id 2: event name "a b" contains whitespace"#,
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(vocab_err(text), *expected, "for {text}");
+        }
+    }
+
+    #[test]
+    fn malformed_json_is_reported() {
+        assert!(vocab_err("{").contains("EOF"));
+        assert!(vocab_err(&events_json(r#"{"a": -1}"#)).contains("invalid value"));
+        assert!(vocab_err(&events_json(r#"{"a": "2"}"#)).contains("invalid type"));
+        assert!(vocab_err(r#"{"format": "fedflow-vocab/1"}"#).contains("missing field"));
+        let extra = r#"{"format": "fedflow-vocab/1", "pad_id": 0, "unk_id": 1, "events": {"a": 2}, "x": 1}"#;
+        assert!(vocab_err(extra).contains("unknown field `x`"));
+    }
+}
