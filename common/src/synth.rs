@@ -1,0 +1,964 @@
+//! Synthetic partner-site data with a known, order-dependent label function and an exact
+//! Bayes-optimal accuracy.
+//!
+//! # The process
+//!
+//! A federation of [`SynthConfig::sites`] partner sites shares one latent process:
+//!
+//! 1. **Site sizes** follow a power law: site ranks are a random permutation and a site of rank
+//!    `r` gets a share proportional to `r^-size_skew` of the sessions left after every site has
+//!    received [`SynthConfig::min_site_sessions`]. Sizes sum exactly to
+//!    [`SynthConfig::total_sessions`].
+//! 2. **Label mix**: each site draws a mix over five *journey types* from a Dirichlet
+//!    distribution (concentration [`SynthConfig::label_alpha`] per type, around a slightly
+//!    satisfied base mix). The journey type `y*` of a session says how hard the user's problem is:
+//!    how likely a search or chat attempt succeeds and how likely an agent resolves it.
+//! 3. **Site habits**: each site has its own event habits: preference for chat over search,
+//!    how much users browse (and which browsing events they use), technical error rate,
+//!    patience, whether frustrated users escalate to an agent or give up, how often they ask a
+//!    second question after a resolution, whether they log in, close the help centre or leave
+//!    feedback.
+//! 4. **Events**: a Markov-like process with a *hidden frustration* state produces the event
+//!    sequence from the [`EVENT_NAMES`] vocabulary. Each attempt (search, chat, agent) succeeds
+//!    or fails; a failure raises frustration, but is only sometimes visible as a failure event
+//!    (a user may read an unhelpful article and move on silently). When frustration reaches the
+//!    user's patience, the user escalates or quits. Sessions shorter than
+//!    [`SynthConfig::min_len`] get neutral browsing events prepended; longer ones than
+//!    [`SynthConfig::max_len`] are cut.
+//! 5. **Label**: the satisfaction label is drawn from `p(label | events)` ([`label_probs`]),
+//!    a function of the *observed* event sequence only, the same at every site.
+//!
+//! # The label function
+//!
+//! Events fall into four kinds ([`EventKind`]): failures (`search_no_results`,
+//! `rated_article_down`, `bot_misunderstood`, `error_page`, `page_timeout`), progress
+//! (`clicked_answer`, `bot_reply`, `agent_reply`), resolutions (`copied_solution`,
+//! `rated_article_up`, `agent_resolved`), the escalation (`escalated_to_agent`), and neutral
+//! events. [`FlowFeatures`] reads the sequence in order and tracks the current *failure streak*
+//! (failures since the last progress or resolution event; neutral events do not break it). Its
+//! features are order-dependent: the longest and the final failure streak, whether the session
+//! *ends* resolved (a resolution after the last failure), whether a failure followed a
+//! resolution (a relapse), whether the user escalated after three or more consecutive failures
+//! (late, very bad) or earlier (fine), and whether the session was long. A satisfaction score
+//! `s` is linear in these features ([`FlowFeatures::score`]), and
+//!
+//! ```text
+//! p(label = k + 1 | events) = (1 - noise) * softmax_k(-KAPPA * (s - k)^2) + noise / 5
+//! ```
+//!
+//! an ordinal softmax centred on `s`, mixed with uniform label noise
+//! ([`SynthConfig::label_noise`]).
+//!
+//! # Why the ceiling is exact
+//!
+//! The label depends on the session only through its observed events, by a known function that
+//! is the same at all sites, so `p(label | events)` is known exactly and no model can beat the
+//! Bayes classifier `argmax_k p(k | events)`. Its expected accuracy is `E[max_k p(k | events)]`,
+//! which [`generate`] reports as the mean over the generated sessions
+//! ([`SynthFederation::bayes_accuracy`], and per site). The hidden journey type and frustration
+//! only shape which sequences occur; they carry no extra information about the label.
+//!
+//! Because `-KAPPA (s - k)^2 = -KAPPA s^2 + 2 KAPPA k s - KAPPA k^2` and the first term is shared
+//! by all classes, the Bayes decision is a multinomial logistic regression on
+//! [`FlowFeatures::oracle_vector`]; a bag-of-events model, which cannot see order, falls short.
+
+use std::collections::HashMap;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Dirichlet, Distribution, Gamma};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{NUM_LABELS, SessionRecord};
+use crate::{Error, Result};
+
+/// Kind of an event, as the label function sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Neither helps nor hurts by itself (browsing, waiting, opening, closing, ...).
+    Neutral,
+    /// Something went wrong for the user; extends the failure streak.
+    Failure,
+    /// A step forward that is not yet a solution; ends the failure streak.
+    Progress,
+    /// The user's problem was solved; ends the failure streak.
+    Resolution,
+    /// The user asked for a human agent.
+    Escalation,
+}
+
+/// The synthetic event vocabulary, with each event's kind, in id order.
+const EVENTS: [(&str, EventKind); 34] = [
+    ("opened_help", EventKind::Neutral),
+    ("reopened_help", EventKind::Neutral),
+    ("logged_in", EventKind::Neutral),
+    ("closed_help", EventKind::Neutral),
+    ("searched", EventKind::Neutral),
+    ("search_refined", EventKind::Neutral),
+    ("search_no_results", EventKind::Failure),
+    ("viewed_article", EventKind::Neutral),
+    ("scrolled_article", EventKind::Neutral),
+    ("clicked_answer", EventKind::Progress),
+    ("copied_solution", EventKind::Resolution),
+    ("rated_article_up", EventKind::Resolution),
+    ("rated_article_down", EventKind::Failure),
+    ("browsed_category", EventKind::Neutral),
+    ("viewed_faq", EventKind::Neutral),
+    ("viewed_related", EventKind::Neutral),
+    ("watched_video", EventKind::Neutral),
+    ("viewed_status_page", EventKind::Neutral),
+    ("downloaded_attachment", EventKind::Neutral),
+    ("opened_chat", EventKind::Neutral),
+    ("typed_message", EventKind::Neutral),
+    ("bot_reply", EventKind::Progress),
+    ("bot_misunderstood", EventKind::Failure),
+    ("escalated_to_agent", EventKind::Escalation),
+    ("waited_in_queue", EventKind::Neutral),
+    ("agent_reply", EventKind::Progress),
+    ("agent_transfer", EventKind::Neutral),
+    ("agent_resolved", EventKind::Resolution),
+    ("error_page", EventKind::Failure),
+    ("page_timeout", EventKind::Failure),
+    ("retried", EventKind::Neutral),
+    ("gave_feedback", EventKind::Neutral),
+    ("submitted_ticket", EventKind::Neutral),
+    ("ticket_auto_reply", EventKind::Neutral),
+];
+
+/// The synthetic event vocabulary in id order (the order of [`SynthFederation::event_names`]).
+pub const EVENT_NAMES: [&str; 34] = {
+    let mut names = [""; 34];
+    let mut i = 0;
+    while i < EVENTS.len() {
+        names[i] = EVENTS[i].0;
+        i += 1;
+    }
+    names
+};
+
+// Event indices into `EVENTS`, for the generator.
+const OPENED_HELP: u8 = 0;
+const REOPENED_HELP: u8 = 1;
+const LOGGED_IN: u8 = 2;
+const CLOSED_HELP: u8 = 3;
+const SEARCHED: u8 = 4;
+const SEARCH_REFINED: u8 = 5;
+const SEARCH_NO_RESULTS: u8 = 6;
+const VIEWED_ARTICLE: u8 = 7;
+const SCROLLED_ARTICLE: u8 = 8;
+const CLICKED_ANSWER: u8 = 9;
+const COPIED_SOLUTION: u8 = 10;
+const RATED_ARTICLE_UP: u8 = 11;
+const RATED_ARTICLE_DOWN: u8 = 12;
+const OPENED_CHAT: u8 = 19;
+const TYPED_MESSAGE: u8 = 20;
+const BOT_REPLY: u8 = 21;
+const BOT_MISUNDERSTOOD: u8 = 22;
+const ESCALATED_TO_AGENT: u8 = 23;
+const WAITED_IN_QUEUE: u8 = 24;
+const AGENT_REPLY: u8 = 25;
+const AGENT_TRANSFER: u8 = 26;
+const AGENT_RESOLVED: u8 = 27;
+const ERROR_PAGE: u8 = 28;
+const PAGE_TIMEOUT: u8 = 29;
+const RETRIED: u8 = 30;
+const GAVE_FEEDBACK: u8 = 31;
+const SUBMITTED_TICKET: u8 = 32;
+const TICKET_AUTO_REPLY: u8 = 33;
+/// Browsing events a site's habits choose among (`browsed_category` .. `downloaded_attachment`,
+/// plus `scrolled_article`).
+const BROWSE_EVENTS: [u8; 7] = [13, 14, 15, 16, 17, 18, SCROLLED_ARTICLE];
+
+/// Sharpness of the ordinal softmax around the satisfaction score.
+pub const KAPPA: f64 = 2.5;
+/// A longest failure streak of at least this counts as prolonged frustration.
+pub const LONG_STREAK: u32 = 3;
+/// A final failure streak of at least this means the user left frustrated.
+pub const FINAL_STREAK: u32 = 2;
+/// Sessions with more events than this are "long" and score lower.
+pub const LONG_SESSION: usize = 30;
+/// Escalating with a current failure streak of at least this is a *late* escalation.
+pub const LATE_ESCALATION_STREAK: u32 = 3;
+/// Length of [`FlowFeatures::oracle_vector`].
+pub const ORACLE_DIM: usize = 8;
+
+/// Weights of the satisfaction score on [`FlowFeatures::oracle_vector`] (the last entry is the
+/// intercept). They are integers, so that most scores sit on a class and the label is fairly
+/// predictable from the events.
+const SCORE_WEIGHTS: [f64; ORACLE_DIM] = [
+    2.0,  // ends resolved
+    1.0,  // smooth: no failure at all
+    -1.0, // prolonged frustration: longest failure streak >= LONG_STREAK
+    -1.0, // left frustrated: final failure streak >= FINAL_STREAK
+    -2.0, // late escalation
+    -1.0, // relapse: a failure after a resolution
+    -1.0, // long session
+    1.0,  // intercept
+];
+
+/// Kind of an event name; names outside [`EVENT_NAMES`] are neutral.
+pub fn event_kind(name: &str) -> EventKind {
+    EVENTS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or(EventKind::Neutral, |(_, k)| *k)
+}
+
+/// The order-dependent features of an event sequence that the label function reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowFeatures {
+    /// Number of events.
+    pub len: usize,
+    /// Longest run of failures not interrupted by a progress or resolution event.
+    pub max_fail_streak: u32,
+    /// Failures since the last progress or resolution event, at the end of the session.
+    pub final_fail_streak: u32,
+    /// The session contains a resolution and no failure after the last one.
+    pub ends_resolved: bool,
+    /// A failure occurred after a resolution (resolved, then failed again).
+    pub relapsed: bool,
+    /// The user escalated with a current failure streak of at least
+    /// [`LATE_ESCALATION_STREAK`].
+    pub late_escalation: bool,
+    /// The user escalated with a shorter current failure streak (no penalty: asking for help
+    /// early is fine).
+    pub early_escalation: bool,
+}
+
+impl FlowFeatures {
+    /// Reads the features from a sequence of event kinds, in order.
+    pub fn from_kinds(kinds: impl IntoIterator<Item = EventKind>) -> Self {
+        let mut f = FlowFeatures::default();
+        let mut streak = 0u32;
+        let mut seen_resolution = false;
+        let mut failure_since_resolution = false;
+        for kind in kinds {
+            f.len += 1;
+            match kind {
+                EventKind::Neutral => {}
+                EventKind::Failure => {
+                    streak += 1;
+                    f.max_fail_streak = f.max_fail_streak.max(streak);
+                    if seen_resolution {
+                        f.relapsed = true;
+                    }
+                    failure_since_resolution = true;
+                }
+                EventKind::Progress => streak = 0,
+                EventKind::Resolution => {
+                    streak = 0;
+                    seen_resolution = true;
+                    failure_since_resolution = false;
+                }
+                EventKind::Escalation => {
+                    if streak >= LATE_ESCALATION_STREAK {
+                        f.late_escalation = true;
+                    } else {
+                        f.early_escalation = true;
+                    }
+                }
+            }
+        }
+        f.final_fail_streak = streak;
+        f.ends_resolved = seen_resolution && !failure_since_resolution;
+        f
+    }
+
+    /// Reads the features from event names (unknown names are neutral).
+    pub fn from_events<S: AsRef<str>>(events: &[S]) -> Self {
+        Self::from_kinds(events.iter().map(|e| event_kind(e.as_ref())))
+    }
+
+    /// The terms the satisfaction score is linear in; the last entry is a constant 1.
+    ///
+    /// A multinomial logistic regression on this vector can represent the Bayes decision.
+    pub fn oracle_vector(&self) -> [f64; ORACLE_DIM] {
+        let b = |x: bool| if x { 1.0 } else { 0.0 };
+        [
+            b(self.ends_resolved),
+            b(self.max_fail_streak == 0),
+            b(self.max_fail_streak >= LONG_STREAK),
+            b(self.final_fail_streak >= FINAL_STREAK),
+            b(self.late_escalation),
+            b(self.relapsed),
+            b(self.len > LONG_SESSION),
+            1.0,
+        ]
+    }
+
+    /// The satisfaction score `s` (roughly 0 = very unhappy .. 4 = very happy).
+    pub fn score(&self) -> f64 {
+        self.oracle_vector()
+            .iter()
+            .zip(SCORE_WEIGHTS)
+            .map(|(x, w)| x * w)
+            .sum()
+    }
+
+    /// `p(label = k + 1)` for `k` in 0..5, given these features and the label noise.
+    pub fn label_probs(&self, label_noise: f64) -> [f64; NUM_LABELS] {
+        let s = self.score();
+        let mut logits = [0.0; NUM_LABELS];
+        for (k, l) in logits.iter_mut().enumerate() {
+            let d = s - k as f64;
+            *l = -KAPPA * d * d;
+        }
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let mut total = 0.0;
+        for l in &mut logits {
+            *l = (*l - max).exp();
+            total += *l;
+        }
+        logits.map(|e| (1.0 - label_noise) * e / total + label_noise / NUM_LABELS as f64)
+    }
+}
+
+/// `p(label = k + 1 | events)` for `k` in 0..5: the exact label distribution of the generator,
+/// shared by all sites (see the module documentation).
+pub fn label_probs<S: AsRef<str>>(events: &[S], label_noise: f64) -> [f64; NUM_LABELS] {
+    FlowFeatures::from_events(events).label_probs(label_noise)
+}
+
+/// Index of the largest probability (the Bayes decision; ties go to the lower class).
+pub fn argmax(p: &[f64; NUM_LABELS]) -> usize {
+    let mut best = 0;
+    for k in 1..NUM_LABELS {
+        if p[k] > p[best] {
+            best = k;
+        }
+    }
+    best
+}
+
+/// Settings of the synthetic federation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SynthConfig {
+    /// Number of partner sites.
+    pub sites: usize,
+    /// Total number of sessions over all sites.
+    pub total_sessions: usize,
+    /// Power-law exponent of site sizes: the site of rank `r` gets a share `∝ r^-size_skew` of
+    /// the sessions beyond the minimum (0 = equal sizes).
+    pub size_skew: f64,
+    /// Sessions every site gets at least.
+    pub min_site_sessions: usize,
+    /// Dirichlet concentration per journey type of each site's label mix (small = sites with
+    /// very different label distributions, large = similar sites).
+    pub label_alpha: f64,
+    /// Probability that a label is replaced by a uniformly random one.
+    pub label_noise: f64,
+    /// Minimum number of events in a session (shorter ones get browsing events prepended).
+    pub min_len: usize,
+    /// Maximum number of events in a session (longer ones are cut).
+    pub max_len: usize,
+    /// Whether records carry user ids (each user has 1 to 5 sessions at a site).
+    pub with_user_ids: bool,
+    /// Whether records carry synthetic RFC 3339 timestamps (increasing within a site).
+    pub with_timestamps: bool,
+    /// Seed of all randomness: the same config gives the same federation.
+    pub seed: u64,
+}
+
+impl Default for SynthConfig {
+    fn default() -> Self {
+        SynthConfig {
+            sites: 20,
+            total_sessions: 40_000,
+            size_skew: 1.0,
+            min_site_sessions: 100,
+            label_alpha: 1.0,
+            label_noise: 0.1,
+            min_len: 3,
+            max_len: 60,
+            with_user_ids: true,
+            with_timestamps: true,
+            seed: 42,
+        }
+    }
+}
+
+impl SynthConfig {
+    /// Checks the settings, saying which one is wrong.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if self.sites == 0 {
+            return bad("synth: sites must be at least 1".into());
+        }
+        if self.min_site_sessions == 0 {
+            return bad("synth: min_site_sessions must be at least 1".into());
+        }
+        if self.total_sessions < self.sites.saturating_mul(self.min_site_sessions) {
+            return bad(format!(
+                "synth: total_sessions {} is below sites x min_site_sessions = {} x {}; \
+                 raise total_sessions or lower min_site_sessions",
+                self.total_sessions, self.sites, self.min_site_sessions
+            ));
+        }
+        if !(self.size_skew.is_finite() && self.size_skew >= 0.0) {
+            return bad(format!(
+                "synth: size_skew must be finite and >= 0, got {}",
+                self.size_skew
+            ));
+        }
+        if !(self.label_alpha.is_finite() && self.label_alpha > 0.0) {
+            return bad(format!(
+                "synth: label_alpha must be finite and > 0, got {}",
+                self.label_alpha
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.label_noise) {
+            return bad(format!(
+                "synth: label_noise must be in [0, 1], got {}",
+                self.label_noise
+            ));
+        }
+        if self.min_len == 0 || self.min_len > self.max_len {
+            return bad(format!(
+                "synth: need 1 <= min_len <= max_len, got {}..{}",
+                self.min_len, self.max_len
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One synthetic partner site.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SynthSite {
+    /// Site name, `site-000`, `site-001`, ...
+    pub name: String,
+    /// The site's sessions; session ids are unique within (and across) sites.
+    pub records: Vec<SessionRecord>,
+    /// The true `p(label | events)` of each record (index `k` is label `k + 1`).
+    pub label_probs: Vec<[f64; NUM_LABELS]>,
+    /// The site's Dirichlet draw over journey types (worst first).
+    pub label_mix: [f64; NUM_LABELS],
+    /// Mean of `max_k p(k | events)` over the site's records: the site's Bayes accuracy.
+    pub bayes_accuracy: f64,
+}
+
+/// A generated federation: the vocabulary, the sites and the accuracy ceiling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SynthFederation {
+    /// The shared event vocabulary, in id order (same as [`EVENT_NAMES`]).
+    pub event_names: Vec<String>,
+    /// The sites, in name order.
+    pub sites: Vec<SynthSite>,
+    /// Mean of `max_k p(k | events)` over all sessions: the Bayes-optimal accuracy, the
+    /// ceiling a model that sees only the events can reach in expectation.
+    pub bayes_accuracy: f64,
+    /// The label noise the labels were drawn with.
+    pub label_noise: f64,
+}
+
+impl SynthFederation {
+    /// Total number of sessions over all sites.
+    pub fn total_sessions(&self) -> usize {
+        self.sites.iter().map(|s| s.records.len()).sum()
+    }
+}
+
+/// A site's event habits, drawn once per site.
+#[derive(Debug, Clone)]
+struct Habits {
+    chat_pref: f64,
+    browse_rate: f64,
+    browse_mix: [f64; BROWSE_EVENTS.len()],
+    error_rate: f64,
+    hidden_failure: f64,
+    patience_mean: f64,
+    escalate_when_frustrated: f64,
+    escalate_early: f64,
+    more_questions: f64,
+    login_rate: f64,
+    reopen_rate: f64,
+    close_rate: f64,
+    feedback_rate: f64,
+    queue_mean: f64,
+}
+
+impl Habits {
+    fn draw(rng: &mut ChaCha8Rng) -> Result<Self> {
+        let browse_mix = Dirichlet::new([1.0; BROWSE_EVENTS.len()])
+            .map_err(|e| Error::Config(format!("synth: browse mix: {e}")))?
+            .sample(rng);
+        Ok(Habits {
+            chat_pref: rng.random_range(0.05..0.6),
+            browse_rate: rng.random_range(0.1..0.45),
+            browse_mix,
+            error_rate: rng.random_range(0.01..0.06),
+            hidden_failure: rng.random_range(0.15..0.4),
+            patience_mean: rng.random_range(2.0..5.0),
+            escalate_when_frustrated: rng.random_range(0.3..0.9),
+            escalate_early: rng.random_range(0.02..0.15),
+            more_questions: rng.random_range(0.15..0.45),
+            login_rate: rng.random_range(0.0..0.5),
+            reopen_rate: rng.random_range(0.0..0.15),
+            close_rate: rng.random_range(0.4..0.9),
+            feedback_rate: rng.random_range(0.05..0.3),
+            queue_mean: rng.random_range(1.0..3.0),
+        })
+    }
+}
+
+/// Probability that one search or chat attempt solves the problem, per journey type.
+const P_SUCCESS: [f64; NUM_LABELS] = [0.10, 0.22, 0.38, 0.55, 0.75];
+/// Probability that a human agent solves the problem, per journey type.
+const P_AGENT: [f64; NUM_LABELS] = [0.15, 0.35, 0.55, 0.75, 0.9];
+/// Base mix of journey types the site Dirichlet is centred on (worst first).
+const BASE_MIX: [f64; NUM_LABELS] = [0.16, 0.16, 0.2, 0.24, 0.24];
+/// Cap on attempts per session, so that the process always ends.
+const MAX_ATTEMPTS: usize = 30;
+
+/// Result of one attempt at the problem.
+#[derive(Clone, Copy, PartialEq)]
+enum Outcome {
+    Solved,
+    Failed,
+}
+
+/// Simulates one session of journey type `journey` at a site with `habits`.
+fn simulate(rng: &mut ChaCha8Rng, habits: &Habits, journey: usize, out: &mut Vec<u8>) {
+    out.clear();
+    if rng.random_bool(habits.login_rate) {
+        out.push(LOGGED_IN);
+    }
+    out.push(if rng.random_bool(habits.reopen_rate) {
+        REOPENED_HELP
+    } else {
+        OPENED_HELP
+    });
+    let patience = 1.0
+        + Gamma::new(3.0, habits.patience_mean / 3.0)
+            .map(|g| g.sample(rng))
+            .unwrap_or(habits.patience_mean)
+            .round();
+    let p_success = P_SUCCESS[journey];
+    let mut frustration = 0.0;
+    let mut escalated = false;
+    let mut chat_open = false;
+    for attempt in 0..MAX_ATTEMPTS {
+        while rng.random_bool(habits.browse_rate) {
+            let i = pick(rng, &habits.browse_mix);
+            out.push(BROWSE_EVENTS[i]);
+        }
+        if rng.random_bool(habits.error_rate) {
+            out.push(if rng.random_bool(0.6) {
+                ERROR_PAGE
+            } else {
+                PAGE_TIMEOUT
+            });
+            frustration += 1.0;
+            if rng.random_bool(0.7) {
+                out.push(RETRIED);
+            } else {
+                continue;
+            }
+        }
+        let outcome = if escalated {
+            // With an agent: wait, talk, and the agent solves it or transfers.
+            let waits = 1 + (rng.random::<f64>() * habits.queue_mean) as usize;
+            out.extend(std::iter::repeat_n(WAITED_IN_QUEUE, waits));
+            out.push(AGENT_REPLY);
+            if rng.random_bool(P_AGENT[journey]) {
+                out.push(AGENT_RESOLVED);
+                Outcome::Solved
+            } else {
+                out.push(AGENT_TRANSFER);
+                escalated = rng.random_bool(0.5);
+                Outcome::Failed
+            }
+        } else if (attempt == 0 && rng.random_bool(habits.escalate_early))
+            || (frustration >= patience && rng.random_bool(habits.escalate_when_frustrated))
+        {
+            out.push(ESCALATED_TO_AGENT);
+            escalated = true;
+            frustration = 0.0;
+            continue;
+        } else if frustration >= patience {
+            // Gives up: sometimes files a ticket on the way out.
+            if rng.random_bool(0.3) {
+                out.push(SUBMITTED_TICKET);
+                out.push(TICKET_AUTO_REPLY);
+            }
+            break;
+        } else if rng.random_bool(habits.chat_pref) {
+            if !chat_open {
+                out.push(OPENED_CHAT);
+                chat_open = true;
+            }
+            out.push(TYPED_MESSAGE);
+            if rng.random_bool(p_success) {
+                out.push(BOT_REPLY);
+                out.push(if rng.random_bool(0.7) {
+                    COPIED_SOLUTION
+                } else {
+                    RATED_ARTICLE_UP
+                });
+                Outcome::Solved
+            } else if rng.random_bool(habits.hidden_failure) {
+                out.push(BOT_REPLY);
+                Outcome::Failed
+            } else {
+                out.push(BOT_MISUNDERSTOOD);
+                Outcome::Failed
+            }
+        } else {
+            out.push(if frustration > 0.0 && rng.random_bool(0.5) {
+                SEARCH_REFINED
+            } else {
+                SEARCHED
+            });
+            if rng.random_bool(p_success) {
+                out.push(CLICKED_ANSWER);
+                out.push(VIEWED_ARTICLE);
+                out.push(if rng.random_bool(0.6) {
+                    COPIED_SOLUTION
+                } else {
+                    RATED_ARTICLE_UP
+                });
+                Outcome::Solved
+            } else if rng.random_bool(0.5) {
+                out.push(SEARCH_NO_RESULTS);
+                Outcome::Failed
+            } else {
+                out.push(CLICKED_ANSWER);
+                out.push(VIEWED_ARTICLE);
+                if !rng.random_bool(habits.hidden_failure) {
+                    out.push(RATED_ARTICLE_DOWN);
+                }
+                Outcome::Failed
+            }
+        };
+        match outcome {
+            Outcome::Solved => {
+                if !rng.random_bool(habits.more_questions) {
+                    break;
+                }
+                frustration = 0.0;
+            }
+            Outcome::Failed => frustration += 1.0,
+        }
+    }
+    if rng.random_bool(habits.feedback_rate) {
+        out.push(GAVE_FEEDBACK);
+    }
+    if rng.random_bool(habits.close_rate) {
+        out.push(CLOSED_HELP);
+    }
+}
+
+/// Index drawn with probabilities `p` (which sum to 1).
+fn pick(rng: &mut ChaCha8Rng, p: &[f64]) -> usize {
+    let u: f64 = rng.random();
+    let mut acc = 0.0;
+    for (i, &pi) in p.iter().enumerate() {
+        acc += pi;
+        if u < acc {
+            return i;
+        }
+    }
+    p.len() - 1
+}
+
+/// Splits `total` sessions over sites: `min` each, the rest by a power law over a random
+/// ranking, rounded by largest remainder so that the sizes sum exactly to `total`.
+fn site_sizes(cfg: &SynthConfig, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    let n = cfg.sites;
+    let mut ranks: Vec<usize> = (1..=n).collect();
+    ranks.shuffle(rng);
+    let weights: Vec<f64> = ranks
+        .iter()
+        .map(|&r| (r as f64).powf(-cfg.size_skew))
+        .collect();
+    let sum: f64 = weights.iter().sum();
+    let extra = cfg.total_sessions - n * cfg.min_site_sessions;
+    let quotas: Vec<f64> = weights.iter().map(|w| extra as f64 * w / sum).collect();
+    let mut sizes: Vec<usize> = quotas.iter().map(|q| q.floor() as usize).collect();
+    let left = extra - sizes.iter().sum::<usize>();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| {
+        let fa = quotas[a] - quotas[a].floor();
+        let fb = quotas[b] - quotas[b].floor();
+        fb.total_cmp(&fa).then(a.cmp(&b))
+    });
+    for &i in order.iter().take(left) {
+        sizes[i] += 1;
+    }
+    sizes.iter().map(|s| s + cfg.min_site_sessions).collect()
+}
+
+/// Formats seconds since the Unix epoch as an RFC 3339 UTC timestamp.
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// 2026-01-01T00:00:00Z, where synthetic timestamps start.
+const EPOCH_2026: u64 = 1_767_225_600;
+
+/// Generates one site.
+fn generate_site(
+    cfg: &SynthConfig,
+    index: usize,
+    size: usize,
+    label_mix: [f64; NUM_LABELS],
+) -> Result<SynthSite> {
+    let name = format!("site-{index:03}");
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    // Each site has its own stream, so a site's data does not depend on the other sites'.
+    rng.set_stream(index as u64 + 1);
+    let habits = Habits::draw(&mut rng)?;
+    let mut records = Vec::with_capacity(size);
+    let mut label_probs = Vec::with_capacity(size);
+    let mut kinds = Vec::new();
+    let mut bayes = 0.0;
+    let mut user = 0usize;
+    let mut user_left = 0usize;
+    let mut clock = EPOCH_2026 + rng.random_range(0..86_400);
+    for i in 0..size {
+        let journey = pick(&mut rng, &label_mix);
+        simulate(&mut rng, &habits, journey, &mut kinds);
+        if kinds.len() < cfg.min_len {
+            let missing = cfg.min_len - kinds.len();
+            let prefix: Vec<u8> = (0..missing)
+                .map(|_| BROWSE_EVENTS[pick(&mut rng, &habits.browse_mix)])
+                .collect();
+            kinds.splice(0..0, prefix);
+        }
+        kinds.truncate(cfg.max_len);
+        let p = FlowFeatures::from_kinds(kinds.iter().map(|&e| EVENTS[e as usize].1))
+            .label_probs(cfg.label_noise);
+        let label = pick(&mut rng, &p) as u8 + 1;
+        bayes += p[argmax(&p)];
+        let user_id = if cfg.with_user_ids {
+            if user_left == 0 {
+                user += 1;
+                user_left = rng.random_range(1..=5);
+            }
+            user_left -= 1;
+            Some(format!("{name}-user-{user:05}"))
+        } else {
+            None
+        };
+        let timestamp = if cfg.with_timestamps {
+            clock += rng.random_range(1..1_200);
+            Some(rfc3339(clock))
+        } else {
+            None
+        };
+        records.push(SessionRecord {
+            session_id: format!("{name}-session-{i:06}"),
+            events: kinds
+                .iter()
+                .map(|&e| EVENT_NAMES[e as usize].to_string())
+                .collect(),
+            label,
+            user_id,
+            timestamp,
+        });
+        label_probs.push(p);
+    }
+    Ok(SynthSite {
+        name,
+        records,
+        label_probs,
+        label_mix,
+        bayes_accuracy: if size == 0 { 0.0 } else { bayes / size as f64 },
+    })
+}
+
+/// Generates a synthetic federation from `cfg` (deterministic given `cfg.seed`).
+pub fn generate(cfg: &SynthConfig) -> Result<SynthFederation> {
+    cfg.validate()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let sizes = site_sizes(cfg, &mut rng);
+    let dirichlet = Dirichlet::new(BASE_MIX.map(|b| cfg.label_alpha * NUM_LABELS as f64 * b))
+        .map_err(|e| Error::Config(format!("synth: label_alpha {}: {e}", cfg.label_alpha)))?;
+    let mut sites = Vec::with_capacity(cfg.sites);
+    for (index, &size) in sizes.iter().enumerate() {
+        let mix = dirichlet.sample(&mut rng);
+        sites.push(generate_site(cfg, index, size, mix)?);
+    }
+    let total: usize = sizes.iter().sum();
+    let bayes = sites
+        .iter()
+        .map(|s| s.bayes_accuracy * s.records.len() as f64)
+        .sum::<f64>()
+        / total as f64;
+    Ok(SynthFederation {
+        event_names: EVENT_NAMES.iter().map(|s| s.to_string()).collect(),
+        sites,
+        bayes_accuracy: bayes,
+        label_noise: cfg.label_noise,
+    })
+}
+
+/// Map from event name to id in [`EVENT_NAMES`] order, offset by `first_id` (e.g. 2 when ids
+/// 0 and 1 are reserved for padding and unknown events).
+pub fn event_ids(first_id: u32) -> HashMap<&'static str, u32> {
+    EVENT_NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (n, first_id + i as u32))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::baseline::{BagOfEvents, BaselineConfig, Softmax};
+    use crate::data::EncodedSession;
+
+    /// A small federation for the fast tests.
+    fn small(seed: u64) -> SynthConfig {
+        SynthConfig {
+            sites: 6,
+            total_sessions: 3_000,
+            seed,
+            ..SynthConfig::default()
+        }
+    }
+
+    /// Encodes records with ids 2.. in `event_names` order (0 = padding, 1 = unknown).
+    fn encode(fed: &SynthFederation) -> Vec<EncodedSession> {
+        let ids = event_ids(2);
+        fed.sites
+            .iter()
+            .flat_map(|s| &s.records)
+            .map(|r| EncodedSession {
+                events: r
+                    .events
+                    .iter()
+                    .map(|e| ids.get(e.as_str()).copied().unwrap_or(1))
+                    .collect(),
+                class: u32::from(r.label - 1),
+            })
+            .collect()
+    }
+
+    /// Held-out accuracies (bayes on test, bag-of-events, oracle) with every 4th session held out.
+    fn accuracies(fed: &SynthFederation) -> (f64, f64, f64) {
+        let encoded = encode(fed);
+        let records: Vec<&SessionRecord> = fed.sites.iter().flat_map(|s| &s.records).collect();
+        let probs: Vec<&[f64; NUM_LABELS]> =
+            fed.sites.iter().flat_map(|s| &s.label_probs).collect();
+        let is_test = |i: usize| i % 4 == 0;
+        let train: Vec<EncodedSession> = encoded
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !is_test(*i))
+            .map(|(_, s)| s.clone())
+            .collect();
+        let test: Vec<EncodedSession> = encoded
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| is_test(*i))
+            .map(|(_, s)| s.clone())
+            .collect();
+        let cfg = BaselineConfig::default();
+        let bag = BagOfEvents::fit(&train, fed.event_names.len() + 2, &cfg).unwrap();
+        let bag_acc = bag.accuracy(&test);
+
+        let oracle_rows = |test_side: bool| -> (Vec<f64>, Vec<u32>) {
+            let mut rows = Vec::new();
+            let mut classes = Vec::new();
+            for (i, r) in records
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| is_test(*i) == test_side)
+            {
+                let _ = i;
+                rows.extend(FlowFeatures::from_events(&r.events).oracle_vector());
+                classes.push(u32::from(r.label - 1));
+            }
+            (rows, classes)
+        };
+        let (tr_rows, tr_classes) = oracle_rows(false);
+        let oracle = Softmax::fit(&tr_rows, ORACLE_DIM, &tr_classes, &cfg).unwrap();
+        let (te_rows, te_classes) = oracle_rows(true);
+        let oracle_acc = te_rows
+            .chunks_exact(ORACLE_DIM)
+            .zip(&te_classes)
+            .filter(|(row, c)| oracle.predict(row) == **c)
+            .count() as f64
+            / te_classes.len() as f64;
+        let bayes_test = probs
+            .iter()
+            .zip(&records)
+            .enumerate()
+            .filter(|(i, _)| is_test(*i))
+            .filter(|(_, (p, r))| argmax(p) + 1 == r.label as usize)
+            .count() as f64
+            / te_classes.len() as f64;
+        (bayes_test, bag_acc, oracle_acc)
+    }
+
+    #[test]
+    fn tuning_report() {
+        let fed = generate(&SynthConfig::default()).unwrap();
+        let lens: Vec<usize> = fed
+            .sites
+            .iter()
+            .flat_map(|s| s.records.iter().map(|r| r.events.len()))
+            .collect();
+        let mut sorted = lens.clone();
+        sorted.sort();
+        let q = |f: f64| sorted[((sorted.len() - 1) as f64 * f) as usize];
+        eprintln!(
+            "len quantiles 5/25/50/75/95/99/max: {} {} {} {} {} {} {}",
+            q(0.05),
+            q(0.25),
+            q(0.5),
+            q(0.75),
+            q(0.95),
+            q(0.99),
+            q(1.0)
+        );
+        eprintln!(
+            "sizes: {:?}",
+            fed.sites
+                .iter()
+                .map(|s| s.records.len())
+                .collect::<Vec<_>>()
+        );
+        eprintln!(
+            "site bayes: {:?}",
+            fed.sites
+                .iter()
+                .map(|s| (s.bayes_accuracy * 1000.0).round() / 1000.0)
+                .collect::<Vec<_>>()
+        );
+        let mut hist = [0usize; 5];
+        for s in &fed.sites {
+            for r in &s.records {
+                hist[r.label as usize - 1] += 1;
+            }
+        }
+        eprintln!("label hist {hist:?}");
+        let (b, bag, oracle) = accuracies(&fed);
+        eprintln!(
+            "bayes(mean max p) {:.4} bayes(test) {b:.4} bag {bag:.4} oracle {oracle:.4}",
+            fed.bayes_accuracy
+        );
+        eprintln!("example: {:?}", fed.sites[0].records[0]);
+    }
+}
