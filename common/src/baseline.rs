@@ -4,10 +4,14 @@
 //! the synthetic data of [`crate::synth`] it stays clearly below the Bayes ceiling; a sequence
 //! model should beat it. It is plain Rust (no candle), deterministic, and fits in well under a
 //! second on tens of thousands of sessions.
+//!
+//! [`FlowOracle`] is the order-aware counterpart for synthetic data: the same regression on the
+//! generator's own order-dependent features, which gets within sampling error of the ceiling.
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::{EncodedSession, NUM_LABELS};
+use crate::data::{EncodedSession, NUM_LABELS, SessionRecord};
+use crate::synth::{FlowFeatures, ORACLE_DIM};
 use crate::{Error, Result};
 
 /// Settings of the full-batch Adam fit.
@@ -56,23 +60,60 @@ impl BaselineConfig {
     }
 }
 
-/// A multinomial logistic regression on dense feature rows, with per-feature standardisation.
+/// Feature rows in compressed sparse row form: row `i` is the pairs
+/// `(indices[k], values[k])` for `k` in `starts[i]..starts[i + 1]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct SparseRows {
+    starts: Vec<usize>,
+    indices: Vec<u32>,
+    values: Vec<f64>,
+}
+
+impl SparseRows {
+    /// No rows yet.
+    pub(crate) fn new() -> Self {
+        SparseRows {
+            starts: vec![0],
+            ..SparseRows::default()
+        }
+    }
+
+    /// Appends one row given as `(feature, value)` pairs (each feature at most once).
+    pub(crate) fn push(&mut self, row: impl IntoIterator<Item = (usize, f64)>) {
+        for (j, v) in row {
+            self.indices.push(j as u32);
+            self.values.push(v);
+        }
+        self.starts.push(self.indices.len());
+    }
+
+    /// Number of rows.
+    pub(crate) fn len(&self) -> usize {
+        self.starts.len() - 1
+    }
+}
+
+/// A multinomial logistic regression on sparse feature rows.
 ///
-/// The last feature of each row is expected to be a constant 1 (the intercept); it is neither
+/// Training standardises every feature (zero mean, unit standard deviation) so that one
+/// learning rate and one L2 penalty suit all, but never materialises the centred rows, which
+/// would be dense: centring only shifts each class score by a constant, which is subtracted
+/// once per step. The fitted weights are mapped back to raw features.
+///
+/// Feature `dim - 1` is the intercept: every row should hold it with value 1; it is neither
 /// standardised nor penalised.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Softmax {
     dim: usize,
-    mean: Vec<f64>,
-    scale: Vec<f64>,
-    /// `NUM_LABELS x dim`, row-major, on standardised features.
+    /// `dim x NUM_LABELS`, row-major (the class scores of a feature are contiguous), on raw
+    /// features.
     weights: Vec<f64>,
 }
 
 impl Softmax {
-    /// Fits on `rows` (`n x dim`, row-major) with classes `classes` (each `< NUM_LABELS`).
+    /// Fits on `rows` (features `< dim`) with classes `classes` (each `< NUM_LABELS`).
     pub(crate) fn fit(
-        rows: &[f64],
+        rows: &SparseRows,
         dim: usize,
         classes: &[u32],
         cfg: &BaselineConfig,
@@ -82,10 +123,15 @@ impl Softmax {
         if n == 0 {
             return Err(Error::Training("baseline: no training sessions".into()));
         }
-        if dim == 0 || rows.len() != n * dim {
+        if dim == 0 || rows.len() != n {
             return Err(Error::Training(format!(
-                "baseline: {} feature values for {n} rows of {dim}",
+                "baseline: {} feature rows for {n} classes",
                 rows.len()
+            )));
+        }
+        if let Some(j) = rows.indices.iter().find(|&&j| j as usize >= dim) {
+            return Err(Error::Training(format!(
+                "baseline: feature {j} out of range 0..{dim}"
             )));
         }
         if let Some(c) = classes.iter().find(|&&c| c as usize >= NUM_LABELS) {
@@ -93,54 +139,61 @@ impl Softmax {
                 "baseline: class {c} out of range 0..{NUM_LABELS}"
             )));
         }
-        // Standardise every feature but the intercept, so one learning rate suits all.
-        let mut mean = vec![0.0; dim];
+        let (mut sum, mut sum_sq) = (vec![0.0; dim], vec![0.0; dim]);
+        for (&j, &v) in rows.indices.iter().zip(&rows.values) {
+            sum[j as usize] += v;
+            sum_sq[j as usize] += v * v;
+        }
+        // Per feature: scale to unit standard deviation, and the mean after scaling.
         let mut scale = vec![1.0; dim];
-        for row in rows.chunks_exact(dim) {
-            for (m, x) in mean.iter_mut().zip(row) {
-                *m += x;
+        let mut mean = vec![0.0; dim];
+        for j in 0..dim - 1 {
+            let m = sum[j] / n as f64;
+            let sd = (sum_sq[j] / n as f64 - m * m).max(0.0).sqrt();
+            if sd > 1e-12 {
+                scale[j] = 1.0 / sd;
+                mean[j] = m / sd;
+            } else {
+                scale[j] = 0.0;
             }
         }
-        mean.iter_mut().for_each(|m| *m /= n as f64);
-        let mut var = vec![0.0; dim];
-        for row in rows.chunks_exact(dim) {
-            for ((v, x), m) in var.iter_mut().zip(row).zip(&mean) {
-                *v += (x - m) * (x - m);
-            }
-        }
-        for (s, v) in scale.iter_mut().zip(&var) {
-            let sd = (v / n as f64).sqrt();
-            *s = if sd > 1e-12 { 1.0 / sd } else { 0.0 };
-        }
-        mean[dim - 1] = 0.0;
-        scale[dim - 1] = 1.0;
         let x: Vec<f64> = rows
-            .chunks_exact(dim)
-            .flat_map(|row| {
-                row.iter()
-                    .zip(&mean)
-                    .zip(&scale)
-                    .map(|((x, m), s)| (x - m) * s)
-            })
+            .indices
+            .iter()
+            .zip(&rows.values)
+            .map(|(&j, v)| v * scale[j as usize])
             .collect();
 
         let k = NUM_LABELS;
-        let mut w = vec![0.0; k * dim];
-        let mut grad = vec![0.0; k * dim];
-        let mut m1 = vec![0.0; k * dim];
-        let mut m2 = vec![0.0; k * dim];
+        let mut w = vec![0.0; dim * k];
+        let mut grad = vec![0.0; dim * k];
+        let mut m1 = vec![0.0; dim * k];
+        let mut m2 = vec![0.0; dim * k];
         let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8);
-        let mut p = [0.0; NUM_LABELS];
         for step in 1..=cfg.iterations {
+            // Shift of each class score caused by centring.
+            let shift = centring_shift(&w, &mean);
             grad.iter_mut().for_each(|g| *g = 0.0);
-            for (row, &c) in x.chunks_exact(dim).zip(classes) {
-                logits_into(&w, row, &mut p);
+            let mut total = [0.0; NUM_LABELS];
+            for (i, &c) in classes.iter().enumerate() {
+                let r = rows.starts[i]..rows.starts[i + 1];
+                let (idx, val) = (&rows.indices[r.clone()], &x[r]);
+                let mut p = shift.map(|s| -s);
+                for (&j, &v) in idx.iter().zip(val) {
+                    let wj = &w[j as usize * k..(j as usize + 1) * k];
+                    for (pc, wc) in p.iter_mut().zip(wj) {
+                        *pc += wc * v;
+                    }
+                }
                 softmax_in_place(&mut p);
                 p[c as usize] -= 1.0;
-                for (j, &pj) in p.iter().enumerate() {
-                    let g = &mut grad[j * dim..(j + 1) * dim];
-                    for (gi, xi) in g.iter_mut().zip(row) {
-                        *gi += pj * xi;
+                for (t, pc) in total.iter_mut().zip(&p) {
+                    *t += pc;
+                }
+                for (&j, &v) in idx.iter().zip(val) {
+                    let gj = &mut grad[j as usize * k..(j as usize + 1) * k];
+                    for (gc, pc) in gj.iter_mut().zip(&p) {
+                        *gc += pc * v;
                     }
                 }
             }
@@ -152,12 +205,9 @@ impl Softmax {
                 .zip(m1.iter_mut().zip(m2.iter_mut()))
                 .enumerate()
             {
-                let penalty = if i % dim == dim - 1 {
-                    0.0
-                } else {
-                    cfg.l2 * *wi
-                };
-                let g = gi / n as f64 + penalty;
+                let (j, c) = (i / k, i % k);
+                let penalty = if j == dim - 1 { 0.0 } else { cfg.l2 * *wi };
+                let g = (gi - mean[j] * total[c]) / n as f64 + penalty;
                 *a = beta1 * *a + (1.0 - beta1) * g;
                 *b = beta2 * *b + (1.0 - beta2) * g * g;
                 *wi -= cfg.learning_rate * (*a / t1) / ((*b / t2).sqrt() + eps);
@@ -168,46 +218,48 @@ impl Softmax {
                 "baseline: weights diverged ({bad}); lower the learning rate"
             )));
         }
-        Ok(Softmax {
-            dim,
-            mean,
-            scale,
-            weights: w,
-        })
+        // Back to raw features: w' = w * scale, and the centring shift moves into the intercept.
+        let shift = centring_shift(&w, &mean);
+        for (i, wi) in w.iter_mut().enumerate() {
+            *wi *= scale[i / k];
+        }
+        for (wc, s) in w[(dim - 1) * k..].iter_mut().zip(shift) {
+            *wc -= s;
+        }
+        Ok(Softmax { dim, weights: w })
     }
 
-    /// Class with the highest score for one raw (unstandardised) feature row.
-    pub(crate) fn predict(&self, row: &[f64]) -> u32 {
+    /// Class with the highest score for one row of `(feature, value)` pairs;
+    /// features not below `dim` are ignored. Ties go to the lower class.
+    pub(crate) fn predict(&self, row: impl IntoIterator<Item = (usize, f64)>) -> u32 {
+        let k = NUM_LABELS;
         let mut p = [0.0; NUM_LABELS];
-        for (j, pj) in p.iter_mut().enumerate() {
-            let w = &self.weights[j * self.dim..(j + 1) * self.dim];
-            *pj = row
-                .iter()
-                .zip(&self.mean)
-                .zip(&self.scale)
-                .zip(w)
-                .map(|(((x, m), s), wi)| (x - m) * s * wi)
-                .sum();
+        for (j, v) in row {
+            if j < self.dim {
+                for (pc, wc) in p.iter_mut().zip(&self.weights[j * k..(j + 1) * k]) {
+                    *pc += wc * v;
+                }
+            }
         }
         let mut best = 0;
-        for j in 1..NUM_LABELS {
-            if p[j] > p[best] {
-                best = j;
+        for c in 1..NUM_LABELS {
+            if p[c] > p[best] {
+                best = c;
             }
         }
         best as u32
     }
 }
 
-fn logits_into(w: &[f64], row: &[f64], out: &mut [f64; NUM_LABELS]) {
-    let dim = row.len();
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = w[j * dim..(j + 1) * dim]
-            .iter()
-            .zip(row)
-            .map(|(a, b)| a * b)
-            .sum();
+/// `sum_j w[j][c] * mean[j]` for each class `c`.
+fn centring_shift(w: &[f64], mean: &[f64]) -> [f64; NUM_LABELS] {
+    let mut shift = [0.0; NUM_LABELS];
+    for (wj, m) in w.chunks_exact(NUM_LABELS).zip(mean) {
+        for (s, wc) in shift.iter_mut().zip(wj) {
+            *s += wc * m;
+        }
     }
+    shift
 }
 
 fn softmax_in_place(p: &mut [f64; NUM_LABELS]) {
@@ -253,13 +305,14 @@ impl BagOfEvents {
                 "baseline: event id {id} is not below vocab_size {vocab_size}"
             )));
         }
-        let dim = vocab_size + 2;
-        let mut rows = vec![0.0; train.len() * dim];
-        for (s, row) in train.iter().zip(rows.chunks_exact_mut(dim)) {
-            features_into(&s.events, row);
+        let mut rows = SparseRows::new();
+        let mut counts = vec![0u32; vocab_size];
+        let mut seen = Vec::new();
+        for s in train {
+            rows.push(bag_features(&s.events, &mut counts, &mut seen));
         }
         let classes: Vec<u32> = train.iter().map(|s| s.class).collect();
-        let model = Softmax::fit(&rows, dim, &classes, cfg)?;
+        let model = Softmax::fit(&rows, vocab_size + 2, &classes, cfg)?;
         Ok(BagOfEvents { vocab_size, model })
     }
 
@@ -271,9 +324,9 @@ impl BagOfEvents {
     /// Most likely class (0..5) of a session; ids not below the vocabulary size are ignored
     /// (they count only towards the length).
     pub fn predict(&self, events: &[u32]) -> u32 {
-        let mut row = vec![0.0; self.vocab_size + 2];
-        features_into(events, &mut row);
-        self.model.predict(&row)
+        let mut counts = vec![0u32; self.vocab_size];
+        self.model
+            .predict(bag_features(events, &mut counts, &mut Vec::new()))
     }
 
     /// Fraction of `data` whose class is predicted correctly (0 for empty data).
@@ -281,30 +334,113 @@ impl BagOfEvents {
         if data.is_empty() {
             return 0.0;
         }
-        let mut row = vec![0.0; self.vocab_size + 2];
+        let mut counts = vec![0u32; self.vocab_size];
+        let mut seen = Vec::new();
         let correct = data
             .iter()
             .filter(|s| {
-                row.iter_mut().for_each(|v| *v = 0.0);
-                features_into(&s.events, &mut row);
-                self.model.predict(&row) == s.class
+                self.model
+                    .predict(bag_features(&s.events, &mut counts, &mut seen))
+                    == s.class
             })
             .count();
         correct as f64 / data.len() as f64
     }
 }
 
-/// Writes the features of `events` into a zeroed `row` of length `vocab + 2`.
-fn features_into(events: &[u32], row: &mut [f64]) {
-    let vocab = row.len() - 2;
+/// Order-aware reference classifier for synthetic data: multinomial logistic regression on the
+/// generator's own order-dependent features ([`FlowFeatures::oracle_vector`]) plus a one-hot
+/// encoding of the satisfaction score they imply ([`FlowFeatures::score`]).
+///
+/// The label distribution depends on the events only through that score, so this regression
+/// can represent `p(label | events)` exactly and its held-out accuracy approaches the Bayes
+/// ceiling up to estimation error. (On the raw features alone, a linear model is slightly
+/// misspecified because of the uniform label noise mixture, and loses about two points.)
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowOracle {
+    model: Softmax,
+}
+
+/// Lowest score with its own one-hot bin in [`FlowOracle`]'s features (lower ones share it).
+const ORACLE_MIN_SCORE: i32 = -6;
+/// Number of one-hot score bins, `ORACLE_MIN_SCORE..=4`.
+const ORACLE_SCORE_BINS: usize = 11;
+/// Dimension of [`FlowOracle`]'s features: the raw terms (without their intercept), the score
+/// bins and the intercept.
+const ORACLE_FEATURES: usize = ORACLE_DIM - 1 + ORACLE_SCORE_BINS + 1;
+
+impl FlowOracle {
+    /// Fits on `train` (labels 1..=5).
+    pub fn fit(train: &[SessionRecord], cfg: &BaselineConfig) -> Result<Self> {
+        if let Some(r) = train.iter().find(|r| !(1..=5).contains(&r.label)) {
+            return Err(Error::Training(format!(
+                "oracle: label {} out of range 1..=5",
+                r.label
+            )));
+        }
+        let mut rows = SparseRows::new();
+        for r in train {
+            rows.push(oracle_row(&r.events));
+        }
+        let classes: Vec<u32> = train.iter().map(|r| u32::from(r.label) - 1).collect();
+        Ok(FlowOracle {
+            model: Softmax::fit(&rows, ORACLE_FEATURES, &classes, cfg)?,
+        })
+    }
+
+    /// Most likely class (0..5) of a session's events.
+    pub fn predict<S: AsRef<str>>(&self, events: &[S]) -> u32 {
+        self.model.predict(oracle_row(events))
+    }
+
+    /// Fraction of `data` whose label is predicted correctly (0 for empty data).
+    pub fn accuracy(&self, data: &[SessionRecord]) -> f64 {
+        if data.is_empty() {
+            return 0.0;
+        }
+        let correct = data
+            .iter()
+            .filter(|r| self.predict(&r.events) + 1 == u32::from(r.label))
+            .count();
+        correct as f64 / data.len() as f64
+    }
+}
+
+fn oracle_row<S: AsRef<str>>(events: &[S]) -> impl Iterator<Item = (usize, f64)> {
+    let f = FlowFeatures::from_events(events);
+    let raw = f.oracle_vector();
+    let bin = (f.score().round() as i32).clamp(ORACLE_MIN_SCORE, 4) - ORACLE_MIN_SCORE;
+    raw.into_iter().take(ORACLE_DIM - 1).enumerate().chain([
+        (ORACLE_DIM - 1 + bin as usize, 1.0),
+        (ORACLE_FEATURES - 1, 1.0),
+    ])
+}
+
+/// The sparse features of `events` over a vocabulary of `counts.len()` ids: each present id's
+/// count divided by the length, then the log length (feature `V`) and the intercept (`V + 1`).
+///
+/// `counts` must be all zero and is left all zero; `seen` is scratch space.
+fn bag_features(events: &[u32], counts: &mut [u32], seen: &mut Vec<usize>) -> Vec<(usize, f64)> {
+    let vocab = counts.len();
     let len = events.len().max(1) as f64;
+    seen.clear();
     for &id in events {
-        if (id as usize) < vocab {
-            row[id as usize] += 1.0 / len;
+        let id = id as usize;
+        if id < vocab {
+            if counts[id] == 0 {
+                seen.push(id);
+            }
+            counts[id] += 1;
         }
     }
-    row[vocab] = len.ln();
-    row[vocab + 1] = 1.0;
+    seen.sort_unstable();
+    let mut row: Vec<(usize, f64)> = seen
+        .iter()
+        .map(|&id| (id, f64::from(std::mem::take(&mut counts[id])) / len))
+        .collect();
+    row.push((vocab, len.ln()));
+    row.push((vocab + 1, 1.0));
+    row
 }
 
 #[cfg(test)]
