@@ -22,15 +22,15 @@
 //!    sequence from the [`EVENT_NAMES`] vocabulary. Each attempt (search, chat, agent) succeeds
 //!    or fails; a failure raises frustration, but is only sometimes visible as a failure event
 //!    (a user may read an unhelpful article and move on silently). When frustration reaches the
-//!    user's patience, the user escalates or quits. Sessions shorter than
-//!    [`SynthConfig::min_len`] get neutral browsing events prepended; longer ones than
-//!    [`SynthConfig::max_len`] are cut.
+//!    user's patience, the user escalates (at most once per session) or quits. Sessions
+//!    shorter than [`SynthConfig::min_len`] get neutral browsing events prepended; longer ones
+//!    than [`SynthConfig::max_len`] are cut.
 //! 5. **Label**: the satisfaction label is drawn from `p(label | events)` ([`label_probs`]),
 //!    a function of the *observed* event sequence only, the same at every site.
 //!
 //! # The label function
 //!
-//! Events fall into four kinds ([`EventKind`]): failures (`search_no_results`,
+//! Events fall into five kinds ([`EventKind`]): failures (`search_no_results`,
 //! `rated_article_down`, `bot_misunderstood`, `error_page`, `page_timeout`), progress
 //! (`clicked_answer`, `bot_reply`, `agent_reply`), resolutions (`copied_solution`,
 //! `rated_article_up`, `agent_resolved`), the escalation (`escalated_to_agent`), and neutral
@@ -59,8 +59,20 @@
 //! only shape which sequences occur; they carry no extra information about the label.
 //!
 //! Because `-KAPPA (s - k)^2 = -KAPPA s^2 + 2 KAPPA k s - KAPPA k^2` and the first term is shared
-//! by all classes, the Bayes decision is a multinomial logistic regression on
-//! [`FlowFeatures::oracle_vector`]; a bag-of-events model, which cannot see order, falls short.
+//! by all classes (and mixing in uniform noise does not move the argmax), the Bayes decision is
+//! a multinomial logistic regression on [`FlowFeatures::oracle_vector`].
+//! [`crate::baseline::FlowOracle`] fits such a regression (with a one-hot of the score, since
+//! the noise mixture makes a purely linear fit slightly misspecified) and reaches the ceiling on
+//! held-out data; [`crate::baseline::BagOfEvents`], which cannot see order, stays about twelve
+//! points below it with the default settings.
+//!
+//! # Measured with the default settings
+//!
+//! 40 000 sessions over 20 sites (628 to 10 662 per site); lengths: median 12 events, 5 % at
+//! most 6, 95 % at most 38, 0.7 % cut at 60. Bayes accuracy 0.781 (0.77 to 0.79 per site);
+//! held out (every fourth session): Bayes classifier 0.780, [`crate::baseline::FlowOracle`]
+//! 0.780, [`crate::baseline::BagOfEvents`] 0.662. Shuffling a session's events changes
+//! `p(label | events)` by more than 0.1 in total variation for about a third of the sessions.
 
 use std::collections::HashMap;
 
@@ -345,7 +357,9 @@ pub struct SynthConfig {
     /// Sessions every site gets at least.
     pub min_site_sessions: usize,
     /// Dirichlet concentration per journey type of each site's label mix (small = sites with
-    /// very different label distributions, large = similar sites).
+    /// very different label distributions, large = similar sites). The Dirichlet parameters
+    /// are `label_alpha * 5 * base share`, around a slightly satisfied base mix, so this is
+    /// their mean.
     pub label_alpha: f64,
     /// Probability that a label is replaced by a uniformly random one.
     pub label_noise: f64,
@@ -1222,6 +1236,6 @@ mod tests {
             fed.bayes_accuracy
         );
         assert!(bag < bayes - 0.05, "bag {bag} vs bayes {bayes}");
-        assert!(oracle > bayes - 0.025, "oracle {oracle} vs bayes {bayes}");
+        assert!(oracle > bayes - 0.015, "oracle {oracle} vs bayes {bayes}");
     }
 }
