@@ -1,6 +1,8 @@
 //! `fedflow-common`: the shared core of fedflow.
 //!
 //! - [`data`]: partner-site feedback data (formats, vocabulary, validation, split).
+//! - [`synth`]: a generator of realistic partner-site data with a known Bayes ceiling.
+//! - [`baseline`]: a bag-of-events logistic regression (and an order-aware oracle).
 //! - [`model`]: the attention-flow model (embedding → LSTM/GRU/Transformer → head).
 //! - [`train`]: local training, early stopping, evaluation and metrics.
 //! - [`params`]: named parameter sets: safetensors bytes, validation, delta arithmetic, clipping.
@@ -8,12 +10,14 @@
 //! - [`device`]: choosing where training runs (CPU, CUDA, Metal).
 //! - [`error`]: the crate's one error type.
 
+pub mod baseline;
 pub mod data;
 pub mod device;
 pub mod error;
 pub mod fedavg;
 pub mod model;
 pub mod params;
+pub mod synth;
 pub mod train;
 
 pub use error::{Error, Result};
