@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use fedflow_common::data::EncodedSession;
-use fedflow_common::model::{AttentionFlowModel, Batch, EncoderKind, ModelConfig, Mode};
+use fedflow_common::model::{AttentionFlowModel, Batch, EncoderKind, Mode, ModelConfig};
 use fedflow_common::train::{OptimizerKind, TrainConfig, train};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -38,7 +38,12 @@ fn parse_args() -> Args {
         let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--batch" => a.batch = val().parse().expect("--batch N"),
-            "--seq" => a.seqs = val().split(',').map(|s| s.parse().expect("--seq N[,N]")).collect(),
+            "--seq" => {
+                a.seqs = val()
+                    .split(',')
+                    .map(|s| s.parse().expect("--seq N[,N]"))
+                    .collect()
+            }
             "--steps" => a.steps = val().parse().expect("--steps N"),
             "--encoder" => a.encoder = val().parse().expect("--encoder lstm|gru|transformer"),
             "--reference" => a.reference = true,
@@ -60,7 +65,9 @@ fn main() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let data: Vec<EncodedSession> = (0..args.batch * args.steps)
             .map(|_| EncodedSession {
-                events: (0..seq).map(|_| rng.random_range(2..cfg.vocab_size as u32)).collect(),
+                events: (0..seq)
+                    .map(|_| rng.random_range(2..cfg.vocab_size as u32))
+                    .collect(),
                 class: rng.random_range(0..5),
             })
             .collect();
@@ -84,13 +91,14 @@ fn main() {
         train(&model, &data, &[], &tc, &mut |_| {}).expect("train");
         let secs = started.elapsed().as_secs_f64();
         println!(
-            "{{\"impl\":\"fedflow-candle{}\",\"encoder\":\"{:?}\",\"batch\":{},\"seq\":{},\"steps\":{},\"threads\":{},\"samples_per_sec\":{:.1}}}",
+            "{{\"impl\":\"fedflow-candle{}\",\"encoder\":\"{:?}\",\"batch\":{},\"seq\":{},\"steps\":{},\"threads\":{},\"kernel_threads\":{},\"samples_per_sec\":{:.1}}}",
             if args.reference { "-reference" } else { "" },
             args.encoder,
             args.batch,
             seq,
             args.steps,
             rayon::current_num_threads(),
+            fedflow_common::model::kernel_threads(),
             data.len() as f64 / secs
         );
     }

@@ -117,7 +117,10 @@ mod tests {
             assert_eq!(s.parse::<DeviceChoice>().unwrap(), d);
             assert_eq!(d.to_string(), s);
         }
-        assert_eq!("cuda".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(0));
+        assert_eq!(
+            "cuda".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Cuda(0)
+        );
         let err = "gpu".parse::<DeviceChoice>().unwrap_err().to_string();
         assert!(err.contains("unknown device `gpu`"), "{err}");
         assert!("cuda:x".parse::<DeviceChoice>().is_err());

@@ -33,7 +33,11 @@ impl Batch {
     ///
     /// Fails if the batch is empty, a session has no events, or an id or class is outside the
     /// model's vocabulary or classes.
-    pub fn new(sessions: &[&EncodedSession], config: &ModelConfig, device: &Device) -> Result<Self> {
+    pub fn new(
+        sessions: &[&EncodedSession],
+        config: &ModelConfig,
+        device: &Device,
+    ) -> Result<Self> {
         if sessions.is_empty() {
             return Err(Error::Training("empty batch".into()));
         }
@@ -43,7 +47,9 @@ impl Batch {
             .max()
             .unwrap_or(0);
         if steps == 0 {
-            return Err(Error::Training("a session in the batch has no events".into()));
+            return Err(Error::Training(
+                "a session in the batch has no events".into(),
+            ));
         }
         let b = sessions.len();
         let mut ids = vec![0u32; b * steps];
@@ -52,7 +58,9 @@ impl Batch {
         let mut labels = Vec::with_capacity(b);
         for (r, s) in sessions.iter().enumerate() {
             if s.events.is_empty() {
-                return Err(Error::Training("a session in the batch has no events".into()));
+                return Err(Error::Training(
+                    "a session in the batch has no events".into(),
+                ));
             }
             if s.class as usize >= config.num_classes {
                 return Err(Error::Training(format!(

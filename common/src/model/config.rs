@@ -84,7 +84,13 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, why: String| Err(Error::Config(format!("model.{field}: {why}")));
         if self.vocab_size < 3 {
-            return bad("vocab_size", format!("{} is too small: padding and unknown take ids 0 and 1", self.vocab_size));
+            return bad(
+                "vocab_size",
+                format!(
+                    "{} is too small: padding and unknown take ids 0 and 1",
+                    self.vocab_size
+                ),
+            );
         }
         for (field, v) in [
             ("embed_dim", self.embed_dim),
@@ -97,16 +103,22 @@ impl ModelConfig {
             }
         }
         if self.num_classes < 2 {
-            return bad("num_classes", format!("{} is too small: need at least 2", self.num_classes));
+            return bad(
+                "num_classes",
+                format!("{} is too small: need at least 2", self.num_classes),
+            );
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return bad("dropout", format!("{} is outside [0, 1)", self.dropout));
         }
         if self.encoder == EncoderKind::Transformer {
-            if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
+            if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
                 return bad(
                     "num_heads",
-                    format!("{} must be at least 1 and divide embed_dim {}", self.num_heads, self.embed_dim),
+                    format!(
+                        "{} must be at least 1 and divide embed_dim {}",
+                        self.num_heads, self.embed_dim
+                    ),
                 );
             }
             if self.ffn_dim == 0 {

@@ -16,7 +16,11 @@ pub(crate) fn gru_steps(
     mask_steps: &[Tensor],
 ) -> candle_core::Result<Vec<Tensor>> {
     let h = w_hh.dim(1)?;
-    let b = xproj_steps.first().map(|x| x.dim(0)).transpose()?.unwrap_or(0);
+    let b = xproj_steps
+        .first()
+        .map(|x| x.dim(0))
+        .transpose()?
+        .unwrap_or(0);
     let mut hs = Tensor::zeros((b, h), w_hh.dtype(), w_hh.device())?;
     let w_t = w_hh.t()?;
     let mut out = Vec::with_capacity(xproj_steps.len());

@@ -20,7 +20,10 @@ pub(crate) struct ParamBuilder<'a> {
 
 impl std::fmt::Debug for ParamBuilder<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ParamBuilder").field("device", &self.device).field("dtype", &self.dtype).finish_non_exhaustive()
+        f.debug_struct("ParamBuilder")
+            .field("device", &self.device)
+            .field("dtype", &self.dtype)
+            .finish_non_exhaustive()
     }
 }
 
@@ -34,7 +37,12 @@ impl<'a> ParamBuilder<'a> {
         }
     }
 
-    fn register(&mut self, name: &str, values: Vec<f64>, shape: Shape) -> candle_core::Result<Tensor> {
+    fn register(
+        &mut self,
+        name: &str,
+        values: Vec<f64>,
+        shape: Shape,
+    ) -> candle_core::Result<Tensor> {
         let t = Tensor::from_vec(values, shape, &Device::Cpu)?
             .to_dtype(self.dtype)?
             .to_device(&self.device)?;
@@ -48,7 +56,12 @@ impl<'a> ParamBuilder<'a> {
     }
 
     /// Uniform in `[-bound, bound]` (PyTorch's default for LSTM/GRU and linear layers).
-    pub(crate) fn uniform(&mut self, name: &str, shape: impl Into<Shape>, bound: f64) -> candle_core::Result<Tensor> {
+    pub(crate) fn uniform(
+        &mut self,
+        name: &str,
+        shape: impl Into<Shape>,
+        bound: f64,
+    ) -> candle_core::Result<Tensor> {
         let shape = shape.into();
         let values = (0..shape.elem_count())
             .map(|_| self.rng.random_range(-bound..=bound))
@@ -57,22 +70,37 @@ impl<'a> ParamBuilder<'a> {
     }
 
     /// Normal with mean 0 and the given standard deviation.
-    pub(crate) fn normal(&mut self, name: &str, shape: impl Into<Shape>, std: f64) -> candle_core::Result<Tensor> {
+    pub(crate) fn normal(
+        &mut self,
+        name: &str,
+        shape: impl Into<Shape>,
+        std: f64,
+    ) -> candle_core::Result<Tensor> {
         let shape = shape.into();
         let values = (0..shape.elem_count())
-            .map(|_| std * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, &mut self.rng))
+            .map(|_| {
+                std * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, &mut self.rng)
+            })
             .collect();
         self.register(name, values, shape)
     }
 
     /// All zeros.
-    pub(crate) fn zeros(&mut self, name: &str, shape: impl Into<Shape>) -> candle_core::Result<Tensor> {
+    pub(crate) fn zeros(
+        &mut self,
+        name: &str,
+        shape: impl Into<Shape>,
+    ) -> candle_core::Result<Tensor> {
         let shape = shape.into();
         self.register(name, vec![0.0; shape.elem_count()], shape)
     }
 
     /// All ones.
-    pub(crate) fn ones(&mut self, name: &str, shape: impl Into<Shape>) -> candle_core::Result<Tensor> {
+    pub(crate) fn ones(
+        &mut self,
+        name: &str,
+        shape: impl Into<Shape>,
+    ) -> candle_core::Result<Tensor> {
         let shape = shape.into();
         self.register(name, vec![1.0; shape.elem_count()], shape)
     }

@@ -55,7 +55,13 @@ impl<'a> MatRef<'a> {
 ///
 /// Panics if a view reaches outside its slice: the callers build views from shapes they
 /// have checked, so an out-of-bounds view is a bug, never bad input.
-pub(crate) fn matmul_into(dst: &mut [f32], dst_rs: usize, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool) {
+pub(crate) fn matmul_into(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    accumulate: bool,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(k, rhs.rows, "inner dimensions differ");
     lhs.check();
@@ -63,7 +69,10 @@ pub(crate) fn matmul_into(dst: &mut [f32], dst_rs: usize, lhs: MatRef<'_>, rhs: 
     if m == 0 || n == 0 {
         return;
     }
-    assert!((m - 1) * dst_rs + n <= dst.len(), "destination view out of bounds");
+    assert!(
+        (m - 1) * dst_rs + n <= dst.len(),
+        "destination view out of bounds"
+    );
     if k == 0 {
         if !accumulate {
             for r in 0..m {
@@ -100,22 +109,30 @@ pub(crate) fn matmul_into(dst: &mut [f32], dst_rs: usize, lhs: MatRef<'_>, rhs: 
 }
 
 /// Cephes-style `exp` for `f32`, vectorisable (no branches, no calls).
+///
+/// Rounding to the nearest integer uses the 1.5·2²³ trick rather than `floor`, which is a
+/// library call on baseline x86-64 and would stop the loop from vectorising.
 #[inline(always)]
 fn exp_approx(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
     let x = x.clamp(-87.3, 88.3);
-    let fx = (x * LOG2E + 0.5).floor();
+    let shifted = x * LOG2E + ROUND;
+    let fx = shifted - ROUND;
+    // The integer n = fx sits in the low mantissa bits of `shifted`: read it with integer ops
+    // (an `as i32` cast is saturating and keeps the loop scalar).
+    let n = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
     let r = x - fx * C1 - fx * C2;
     let mut y = 1.987_569_1e-4f32;
     y = y * r + 1.398_199_9e-3;
     y = y * r + 8.333_452e-3;
     y = y * r + 4.166_579_6e-2;
     y = y * r + 1.666_666_5e-1;
-    y = y * r + 5.000_000_1e-1;
+    y = y * r + 0.5;
     y = y * r * r + r + 1.0;
-    let bits = ((fx as i32 + 127) as u32) << 23;
+    let bits = ((n + 127) as u32) << 23;
     y * f32::from_bits(bits)
 }
 
@@ -161,14 +178,24 @@ mod tests {
         let bt: Vec<f32> = (0..n * k).map(|i| (i as f32).sin()).collect();
         let dst_rs = 7;
         let mut dst = vec![1.0f32; m * dst_rs];
-        matmul_into(&mut dst, dst_rs, MatRef::dense(&a, m, k), MatRef::dense(&bt, n, k).t(), true);
+        matmul_into(
+            &mut dst,
+            dst_rs,
+            MatRef::dense(&a, m, k),
+            MatRef::dense(&bt, n, k).t(),
+            true,
+        );
         for r in 0..m {
             for c in 0..n {
                 let want: f32 = 1.0 + (0..k).map(|j| a[r * k + j] * bt[c * k + j]).sum::<f32>();
                 assert!((dst[r * dst_rs + c] - want).abs() < 1e-5);
             }
             // Columns past n untouched.
-            assert!(dst[r * dst_rs + n..r * dst_rs + dst_rs].iter().all(|&v| v == 1.0));
+            assert!(
+                dst[r * dst_rs + n..r * dst_rs + dst_rs]
+                    .iter()
+                    .all(|&v| v == 1.0)
+            );
         }
     }
 }

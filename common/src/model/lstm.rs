@@ -7,7 +7,7 @@
 //! state. Padding is handled with a mask: at a padded step the state is carried unchanged,
 //! so a left-padded sequence ends in exactly the state of its real events.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, bail};
 use rayon::prelude::*;
@@ -16,9 +16,10 @@ use super::kernels::{MatRef, matmul_into, sigmoid, tanh};
 
 /// Fused LSTM recurrence over a whole (left-padded) batch.
 ///
-/// Inputs: `xproj` (B, T, 4H) = x·W_ihᵀ + b_ih + b_hh precomputed for every step, `w_hh`
-/// (4H, H), `mask` (B, T) with 1 for real steps and 0 for padding. Output: hidden states
-/// (B, T, H). The forward pass caches gate activations and cell states inside the op, so the
+/// Inputs: `xproj` (B, T, 4H) = x·W_ihᵀ precomputed for every step; `w_ext` (4H, H+1), which
+/// is W_hh with the summed bias b_ih + b_hh as an extra column (so the bias gradient comes out
+/// of the same matmul as ∂W_hh, instead of a slow strided reduction in candle's backward);
+/// `mask` (B, T) with 1 for real steps and 0 for padding. Output: hidden states (B, T, H). The forward pass caches gate activations and cell states inside the op, so the
 /// backward pass is one reverse sweep plus one large matmul for ∂W_hh.
 ///
 /// Work is split across rayon threads by batch rows (rows are independent in the
@@ -56,10 +57,38 @@ fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result
     }
 }
 
-/// Rows per parallel chunk: enough rows that each thread's matmuls stay efficient.
+/// The kernels' own thread pool, one thread per available core.
+///
+/// It is separate from rayon's global pool on purpose: candle runs every small element-wise
+/// op and matmul on the global pool, where waking threads costs more than the work for a
+/// model this size (binaries run it with one thread, see `fedflow_common::runtime`). The
+/// recurrence, which is most of the work, splits cleanly by batch rows and uses this pool.
+fn kernel_pool() -> &'static rayon::ThreadPool {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::env::var("FEDFLOW_KERNEL_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("fedflow-kernel-{i}"))
+            .build()
+            .expect("cannot start the kernel thread pool")
+    })
+}
+
+/// Number of threads the fused kernels use (`FEDFLOW_KERNEL_THREADS`, default: all cores).
+pub fn kernel_threads() -> usize {
+    kernel_pool().current_num_threads()
+}
+
+/// Rows per parallel chunk: the batch split evenly over the kernel pool's threads.
 fn chunk_rows(batch: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    batch.div_ceil(threads).max(1)
+    batch
+        .div_ceil(kernel_pool().current_num_threads().max(1))
+        .max(1)
 }
 
 impl CustomOp3 for FusedLstm {
@@ -78,30 +107,39 @@ impl CustomOp3 for FusedLstm {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let h = self.hidden;
         let (b, t, g4) = l1.shape().dims3()?;
-        if g4 != 4 * h || l2.shape().dims() != [4 * h, h] || l3.shape().dims() != [b, t] {
+        if g4 != 4 * h || l2.shape().dims() != [4 * h, h + 1] || l3.shape().dims() != [b, t] {
             bail!(
-                "fused lstm: shapes xproj {:?}, w_hh {:?}, mask {:?} do not fit hidden size {h}",
+                "fused lstm: shapes xproj {:?}, w_ext {:?}, mask {:?} do not fit hidden size {h}",
                 l1.shape(),
                 l2.shape(),
                 l3.shape()
             );
         }
         let xproj = cpu_f32(s1, l1, "xproj")?;
-        let w_hh = cpu_f32(s2, l2, "w_hh")?;
+        let w_ext = cpu_f32(s2, l2, "w_ext")?;
         let mask = cpu_f32(s3, l3, "mask")?;
 
+        // gates start as xproj + bias (the bias is w_ext's last column).
         let mut gates = xproj.to_vec();
+        let bias: Vec<f32> = (0..4 * h).map(|k| w_ext[k * (h + 1) + h]).collect();
+        for row in gates.chunks_exact_mut(4 * h) {
+            for (g, b) in row.iter_mut().zip(&bias) {
+                *g += b;
+            }
+        }
         let mut cells = vec![0f32; b * t * h];
         let mut hs = vec![0f32; b * t * h];
         let rows = chunk_rows(b);
-        gates
-            .par_chunks_mut(rows * t * 4 * h)
-            .zip(cells.par_chunks_mut(rows * t * h))
-            .zip(hs.par_chunks_mut(rows * t * h))
-            .zip(mask.par_chunks(rows * t))
-            .for_each(|(((gates, cells), hs), mask)| {
-                forward_rows(gates, cells, hs, mask, w_hh, t, h);
-            });
+        kernel_pool().install(|| {
+            gates
+                .par_chunks_mut(rows * t * 4 * h)
+                .zip(cells.par_chunks_mut(rows * t * h))
+                .zip(hs.par_chunks_mut(rows * t * h))
+                .zip(mask.par_chunks(rows * t))
+                .for_each(|(((gates, cells), hs), mask)| {
+                    forward_rows(gates, cells, hs, mask, w_ext, t, h);
+                })
+        });
         *self.cache.lock().expect("fused lstm cache poisoned") = Some(Cache { gates, cells });
         Ok((CpuStorage::F32(hs), Shape::from((b, t, h))))
     }
@@ -109,7 +147,7 @@ impl CustomOp3 for FusedLstm {
     fn bwd(
         &self,
         _xproj: &Tensor,
-        w_hh: &Tensor,
+        w_ext: &Tensor,
         mask: &Tensor,
         res: &Tensor,
         grad_res: &Tensor,
@@ -120,47 +158,107 @@ impl CustomOp3 for FusedLstm {
         let Some(cache) = cache.as_ref() else {
             bail!("fused lstm: backward called before forward")
         };
-        let w = w_hh.flatten_all()?.to_vec1::<f32>()?;
+        let w = w_ext.flatten_all()?.to_vec1::<f32>()?;
         let mask_v = mask.flatten_all()?.to_vec1::<f32>()?;
         let hs = res.flatten_all()?.to_vec1::<f32>()?;
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
 
         let mut dgates = vec![0f32; b * t * 4 * h];
         let rows = chunk_rows(b);
-        dgates
-            .par_chunks_mut(rows * t * 4 * h)
-            .zip(cache.gates.par_chunks(rows * t * 4 * h))
-            .zip(cache.cells.par_chunks(rows * t * h))
-            .zip(grad.par_chunks(rows * t * h))
-            .zip(mask_v.par_chunks(rows * t))
-            .for_each(|((((dgates, gates), cells), grad), mask)| {
-                backward_rows(dgates, gates, cells, grad, mask, &w, t, h);
-            });
+        kernel_pool().install(|| {
+            dgates
+                .par_chunks_mut(rows * t * 4 * h)
+                .zip(cache.gates.par_chunks(rows * t * 4 * h))
+                .zip(cache.cells.par_chunks(rows * t * h))
+                .zip(grad.par_chunks(rows * t * h))
+                .zip(mask_v.par_chunks(rows * t))
+                .for_each(|((((dgates, gates), cells), grad), mask)| {
+                    backward_rows(dgates, gates, cells, grad, mask, &w, t, h);
+                })
+        });
 
-        // ∂W_hh = Σ_{b,t} dgates[b,t]ᵀ · h[b,t-1]: one matmul over all (b, t) pairs with the
-        // hidden states shifted by one step (zero before the first step).
-        let mut h_prev = vec![0f32; b * t * h];
+        // ∂[W_hh | bias] = Σ_{b,t} dgates[b,t]ᵀ · [h[b,t-1] | 1]: one matmul over all (b, t)
+        // pairs, with the hidden states shifted by one step (zero before the first step) and
+        // a column of ones that turns the bias gradient into part of the same product.
+        let he = h + 1;
+        let mut h_prev = vec![0f32; b * t * he];
         for r in 0..b {
-            let base = r * t * h;
-            h_prev[base + h..base + t * h].copy_from_slice(&hs[base..base + (t - 1) * h]);
+            for s in 0..t {
+                let row = &mut h_prev[(r * t + s) * he..(r * t + s + 1) * he];
+                if s > 0 {
+                    row[..h].copy_from_slice(&hs[(r * t + s - 1) * h..(r * t + s) * h]);
+                }
+                row[h] = 1.0;
+            }
         }
-        let mut dw = vec![0f32; 4 * h * h];
+        let mut dw = vec![0f32; 4 * h * he];
         let dg = MatRef::dense(&dgates, b * t, 4 * h);
-        let hp = MatRef::dense(&h_prev, b * t, h);
-        matmul_into(&mut dw, h, dg.t(), hp, false);
+        let hp = MatRef::dense(&h_prev, b * t, he);
+        matmul_into(&mut dw, he, dg.t(), hp, false);
 
         let dev = res.device();
         let dxproj = Tensor::from_vec(dgates, (b, t, 4 * h), dev)?;
-        let dw = Tensor::from_vec(dw, (4 * h, h), dev)?;
+        let dw = Tensor::from_vec(dw, (4 * h, he), dev)?;
         Ok((Some(dxproj), Some(dw), None))
+    }
+}
+
+/// Runs `$body` compiled for AVX2+FMA when the CPU has them (the element-wise loops then
+/// vectorise 8-wide), or for the baseline target otherwise.
+macro_rules! multiversion {
+    ($name:ident, $generic:ident, ($($arg:ident: $ty:ty),* $(,)?)) => {
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the running CPU supports the enabled features.
+                    unsafe { avx2($($arg),*) };
+                    return;
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+
+multiversion!(forward_rows, forward_rows_generic, (
+    gates: &mut [f32], cells: &mut [f32], hs: &mut [f32], mask: &[f32], w_ext: &[f32], t: usize, h: usize,
+));
+multiversion!(backward_rows, backward_rows_generic, (
+    dgates: &mut [f32], gates: &[f32], cells: &[f32], grad: &[f32], mask: &[f32], w_ext: &[f32], t: usize, h: usize,
+));
+
+/// The (4H, H) W_hh part of the (4H, H+1) `[W_hh | bias]` matrix.
+fn w_hh_view(w_ext: &[f32], h: usize) -> MatRef<'_> {
+    MatRef {
+        data: w_ext,
+        rows: 4 * h,
+        cols: h,
+        row_stride: h + 1,
+        col_stride: 1,
     }
 }
 
 /// Forward recurrence for a block of rows; `gates` holds x-projections on entry and
 /// activated gates on exit.
-fn forward_rows(gates: &mut [f32], cells: &mut [f32], hs: &mut [f32], mask: &[f32], w_hh: &[f32], t: usize, h: usize) {
+#[inline(always)]
+fn forward_rows_generic(
+    gates: &mut [f32],
+    cells: &mut [f32],
+    hs: &mut [f32],
+    mask: &[f32],
+    w_ext: &[f32],
+    t: usize,
+    h: usize,
+) {
     let rows = mask.len() / t;
-    let w_t = MatRef::dense(w_hh, 4 * h, h).t();
+    let w_t = w_hh_view(w_ext, h).t();
     for step in 0..t {
         if step > 0 {
             // gates[:, step] += h[:, step-1] · W_hhᵀ
@@ -174,9 +272,10 @@ fn forward_rows(gates: &mut [f32], cells: &mut [f32], hs: &mut [f32], mask: &[f3
             matmul_into(&mut gates[step * 4 * h..], t * 4 * h, prev, w_t, true);
         }
         for r in 0..rows {
-            let g = &mut gates[(r * t + step) * 4 * h..(r * t + step + 1) * 4 * h];
-            let idx = (r * t + step) * h;
-            if mask[r * t + step] == 0.0 {
+            let at = r * t + step;
+            let g = &mut gates[at * 4 * h..(at + 1) * 4 * h];
+            let idx = at * h;
+            if mask[at] == 0.0 {
                 // Padding: carry the state, record zero gates (they get no gradient).
                 g.fill(0.0);
                 if step > 0 {
@@ -185,24 +284,37 @@ fn forward_rows(gates: &mut [f32], cells: &mut [f32], hs: &mut [f32], mask: &[f3
                 }
                 continue;
             }
-            let (gi, rest) = g.split_at_mut(h);
-            let (gf, rest) = rest.split_at_mut(h);
-            let (gg, go) = rest.split_at_mut(h);
-            for v in gi.iter_mut().chain(gf.iter_mut()).chain(go.iter_mut()) {
+            let (ifg, go) = g.split_at_mut(3 * h);
+            let (i_f, gg) = ifg.split_at_mut(2 * h);
+            for v in i_f.iter_mut() {
+                *v = sigmoid(*v);
+            }
+            for v in go.iter_mut() {
                 *v = sigmoid(*v);
             }
             for v in gg.iter_mut() {
                 *v = tanh(*v);
             }
+            let (gi, gf) = i_f.split_at(h);
             let (cells_before, cells_now) = cells.split_at_mut(idx);
-            let c_prev: &[f32] = if step > 0 { &cells_before[idx - h..] } else { &[] };
             let c_now = &mut cells_now[..h];
-            let h_now = &mut hs[idx..idx + h];
-            for j in 0..h {
-                let cp = if step > 0 { c_prev[j] } else { 0.0 };
-                let c = gf[j] * cp + gi[j] * gg[j];
-                c_now[j] = c;
-                h_now[j] = go[j] * tanh(c);
+            if step > 0 {
+                let c_prev = &cells_before[idx - h..];
+                for (((c, &cp), (&f, &i)), &g) in c_now
+                    .iter_mut()
+                    .zip(c_prev)
+                    .zip(gf.iter().zip(gi))
+                    .zip(gg.iter())
+                {
+                    *c = f * cp + i * g;
+                }
+            } else {
+                for ((c, &i), &g) in c_now.iter_mut().zip(gi).zip(gg.iter()) {
+                    *c = i * g;
+                }
+            }
+            for ((hv, &c), &o) in hs[idx..idx + h].iter_mut().zip(c_now.iter()).zip(go.iter()) {
+                *hv = o * tanh(c);
             }
         }
     }
@@ -210,47 +322,68 @@ fn forward_rows(gates: &mut [f32], cells: &mut [f32], hs: &mut [f32], mask: &[f3
 
 /// Backward sweep for a block of rows: fills `dgates` with ∂loss/∂(pre-activation gates),
 /// which is also ∂loss/∂xproj.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn backward_rows(
+fn backward_rows_generic(
     dgates: &mut [f32],
     gates: &[f32],
     cells: &[f32],
     grad: &[f32],
     mask: &[f32],
-    w_hh: &[f32],
+    w_ext: &[f32],
     t: usize,
     h: usize,
 ) {
     let rows = mask.len() / t;
-    let w = MatRef::dense(w_hh, 4 * h, h);
+    let w = w_hh_view(w_ext, h);
     let mut dh_next = vec![0f32; rows * h];
     let mut dc_next = vec![0f32; rows * h];
     let mut dh = vec![0f32; rows * h];
+    let zeros = vec![0f32; h];
     for step in (0..t).rev() {
         for r in 0..rows {
-            let idx = (r * t + step) * h;
+            let at = r * t + step;
+            let idx = at * h;
             let dh_r = &mut dh[r * h..(r + 1) * h];
-            for j in 0..h {
-                dh_r[j] = grad[idx + j] + dh_next[r * h + j];
+            for ((d, &g), &n) in dh_r
+                .iter_mut()
+                .zip(&grad[idx..idx + h])
+                .zip(&dh_next[r * h..(r + 1) * h])
+            {
+                *d = g + n;
             }
-            if mask[r * t + step] == 0.0 {
+            if mask[at] == 0.0 {
                 // Carried state: gradients flow straight to the previous step.
                 continue;
             }
-            let g = &gates[(r * t + step) * 4 * h..(r * t + step + 1) * 4 * h];
-            let d = &mut dgates[(r * t + step) * 4 * h..(r * t + step + 1) * 4 * h];
+            let g = &gates[at * 4 * h..(at + 1) * 4 * h];
+            let (gi, rest) = g.split_at(h);
+            let (gf, rest) = rest.split_at(h);
+            let (gg, go) = rest.split_at(h);
+            let go = &go[..h];
+            let d = &mut dgates[at * 4 * h..(at + 1) * 4 * h];
+            let (di, rest) = d.split_at_mut(h);
+            let (df, rest) = rest.split_at_mut(h);
+            let (dg, dout) = rest.split_at_mut(h);
+            let dout = &mut dout[..h];
+            // Every slice below has length exactly h, so the loop runs without bounds checks.
+            let c_now = &cells[idx..idx + h];
+            let c_prev = if step > 0 {
+                &cells[idx - h..idx]
+            } else {
+                &zeros[..h]
+            };
             let dc_r = &mut dc_next[r * h..(r + 1) * h];
+            let dh_r = &dh_r[..h];
             for j in 0..h {
-                let (i, f, gg, o) = (g[j], g[h + j], g[2 * h + j], g[3 * h + j]);
-                let c = cells[idx + j];
-                let c_prev = if step > 0 { cells[idx - h + j] } else { 0.0 };
-                let tc = tanh(c);
+                let (i, f, g, o) = (gi[j], gf[j], gg[j], go[j]);
+                let tc = tanh(c_now[j]);
                 let dho = dh_r[j];
                 let dc = dc_r[j] + dho * o * (1.0 - tc * tc);
-                d[j] = dc * gg * i * (1.0 - i);
-                d[h + j] = dc * c_prev * f * (1.0 - f);
-                d[2 * h + j] = dc * i * (1.0 - gg * gg);
-                d[3 * h + j] = dho * tc * o * (1.0 - o);
+                di[j] = dc * g * i * (1.0 - i);
+                df[j] = dc * c_prev[j] * f * (1.0 - f);
+                dg[j] = dc * i * (1.0 - g * g);
+                dout[j] = dho * tc * o * (1.0 - o);
                 dc_r[j] = dc * f;
             }
         }
@@ -271,15 +404,22 @@ fn backward_rows(
     }
 }
 
-/// Runs the fused recurrence: `xproj` (B, T, 4H), `w_hh` (4H, H), `mask` (B, T) → (B, T, H).
-pub(crate) fn fused_lstm(xproj: &Tensor, w_hh: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+/// Runs the fused recurrence: `xproj` (B, T, 4H) without bias, `w_hh` (4H, H), `bias`
+/// (4H) = b_ih + b_hh, `mask` (B, T) → hidden states (B, T, H).
+pub(crate) fn fused_lstm(
+    xproj: &Tensor,
+    w_hh: &Tensor,
+    bias: &Tensor,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
     let h = w_hh.dim(1)?;
     if xproj.dtype() != DType::F32 {
         bail!("fused lstm runs in f32 only, got {:?}", xproj.dtype());
     }
+    let w_ext = Tensor::cat(&[w_hh, &bias.unsqueeze(1)?], 1)?;
     xproj
         .contiguous()?
-        .apply_op3(&w_hh.contiguous()?, &mask.contiguous()?, FusedLstm::new(h))
+        .apply_op3(&w_ext, &mask.contiguous()?, FusedLstm::new(h))
 }
 
 /// Reference LSTM recurrence from ordinary candle ops, one step at a time.
@@ -293,7 +433,11 @@ pub(crate) fn reference_lstm(
     mask_steps: &[Tensor],
 ) -> candle_core::Result<Vec<Tensor>> {
     let h = w_hh.dim(1)?;
-    let b = xproj_steps.first().map(|x| x.dim(0)).transpose()?.unwrap_or(0);
+    let b = xproj_steps
+        .first()
+        .map(|x| x.dim(0))
+        .transpose()?
+        .unwrap_or(0);
     let dev = w_hh.device();
     let mut hs = Tensor::zeros((b, h), w_hh.dtype(), dev)?;
     let mut cs = hs.clone();

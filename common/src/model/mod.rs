@@ -20,6 +20,7 @@ use rand_chacha::ChaCha8Rng;
 
 pub use batch::Batch;
 pub use config::{EncoderKind, ModelConfig};
+pub use lstm::kernel_threads;
 
 use crate::Result;
 use init::ParamBuilder;
@@ -52,7 +53,13 @@ impl Dropout {
         let keep = 1.0 - self.p;
         let scale = (1.0 / keep) as f32;
         let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 })
+            .map(|_| {
+                if rng.random::<f64>() < keep {
+                    scale
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x * mask
@@ -110,26 +117,49 @@ impl AttentionFlowModel {
 
     /// Like [`AttentionFlowModel::new`] with an explicit floating-point dtype (f64 is used by
     /// gradient checks; the fused CPU kernels run in f32 only).
-    pub fn with_dtype(config: &ModelConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+    pub fn with_dtype(
+        config: &ModelConfig,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+    ) -> Result<Self> {
         config.validate()?;
         let varmap = VarMap::new();
-        let mut p = ParamBuilder::new(&varmap, ChaCha8Rng::seed_from_u64(seed), device.clone(), dtype);
-        let embedding = p.normal("embedding.weight", (config.vocab_size, config.embed_dim), 1.0)?;
-        let rnn_layers = |p: &mut ParamBuilder, gates: usize| -> candle_core::Result<Vec<RnnLayer>> {
-            let h = config.hidden_size;
-            let bound = 1.0 / (h as f64).sqrt();
-            (0..config.num_layers)
-                .map(|l| {
-                    let input = if l == 0 { config.embed_dim } else { h };
-                    Ok(RnnLayer {
-                        w_ih: p.uniform(&format!("encoder.weight_ih_l{l}"), (gates * h, input), bound)?,
-                        w_hh: p.uniform(&format!("encoder.weight_hh_l{l}"), (gates * h, h), bound)?,
-                        b_ih: p.uniform(&format!("encoder.bias_ih_l{l}"), gates * h, bound)?,
-                        b_hh: p.uniform(&format!("encoder.bias_hh_l{l}"), gates * h, bound)?,
+        let mut p = ParamBuilder::new(
+            &varmap,
+            ChaCha8Rng::seed_from_u64(seed),
+            device.clone(),
+            dtype,
+        );
+        let embedding = p.normal(
+            "embedding.weight",
+            (config.vocab_size, config.embed_dim),
+            1.0,
+        )?;
+        let rnn_layers =
+            |p: &mut ParamBuilder, gates: usize| -> candle_core::Result<Vec<RnnLayer>> {
+                let h = config.hidden_size;
+                let bound = 1.0 / (h as f64).sqrt();
+                (0..config.num_layers)
+                    .map(|l| {
+                        let input = if l == 0 { config.embed_dim } else { h };
+                        Ok(RnnLayer {
+                            w_ih: p.uniform(
+                                &format!("encoder.weight_ih_l{l}"),
+                                (gates * h, input),
+                                bound,
+                            )?,
+                            w_hh: p.uniform(
+                                &format!("encoder.weight_hh_l{l}"),
+                                (gates * h, h),
+                                bound,
+                            )?,
+                            b_ih: p.uniform(&format!("encoder.bias_ih_l{l}"), gates * h, bound)?,
+                            b_hh: p.uniform(&format!("encoder.bias_hh_l{l}"), gates * h, bound)?,
+                        })
                     })
-                })
-                .collect()
-        };
+                    .collect()
+            };
         let encoder = match config.encoder {
             EncoderKind::Lstm => Encoder::Lstm(rnn_layers(&mut p, 4)?),
             EncoderKind::Gru => Encoder::Gru(rnn_layers(&mut p, 3)?),
@@ -208,7 +238,9 @@ impl AttentionFlowModel {
             }
         };
         let summary = self.dropout.apply(&summary, mode)?;
-        Ok(summary.matmul(&self.head_w.t()?)?.broadcast_add(&self.head_b)?)
+        Ok(summary
+            .matmul(&self.head_w.t()?)?
+            .broadcast_add(&self.head_b)?)
     }
 
     /// Mean cross-entropy loss of a batch and its logits.
@@ -222,30 +254,42 @@ impl AttentionFlowModel {
     /// `embedding · W_ihᵀ + bias` is a (vocab, gates·H) lookup table, so the projection of a
     /// whole batch is a gather instead of a (B·T, E) × (E, gates·H) matmul.
     fn input_table(&self, layer: &RnnLayer, with_hh_bias: bool) -> candle_core::Result<Tensor> {
-        let bias = if with_hh_bias { (&layer.b_ih + &layer.b_hh)? } else { layer.b_ih.clone() };
-        self.embedding.matmul(&layer.w_ih.t()?)?.broadcast_add(&bias)
+        let bias = if with_hh_bias {
+            (&layer.b_ih + &layer.b_hh)?
+        } else {
+            layer.b_ih.clone()
+        };
+        self.embedding
+            .matmul(&layer.w_ih.t()?)?
+            .broadcast_add(&bias)
     }
 
-    fn lstm_fused(&self, layers: &[RnnLayer], batch: &Batch, mask: &Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
+    fn lstm_fused(
+        &self,
+        layers: &[RnnLayer],
+        batch: &Batch,
+        mask: &Tensor,
+        mode: &mut Mode<'_>,
+    ) -> Result<Tensor> {
         let (b, t, h) = (batch.size, batch.steps, self.config.hidden_size);
         let mut hs: Option<Tensor> = None;
-        for (l, layer) in layers.iter().enumerate() {
+        for layer in layers {
+            // Biases are added inside the fused op (see `lstm::FusedLstm`).
             let xproj = match &hs {
                 None => self
-                    .input_table(layer, true)?
+                    .embedding
+                    .matmul(&layer.w_ih.t()?)?
                     .index_select(&batch.ids.flatten_all()?, 0)?
                     .reshape((b, t, 4 * h))?,
-                Some(prev) => {
-                    let x = self.dropout.apply(prev, mode)?;
-                    let bias = (&layer.b_ih + &layer.b_hh)?;
-                    x.reshape((b * t, h))?
-                        .matmul(&layer.w_ih.t()?)?
-                        .broadcast_add(&bias)?
-                        .reshape((b, t, 4 * h))?
-                }
+                Some(prev) => self
+                    .dropout
+                    .apply(prev, mode)?
+                    .reshape((b * t, h))?
+                    .matmul(&layer.w_ih.t()?)?
+                    .reshape((b, t, 4 * h))?,
             };
-            debug_assert!(l == 0 || hs.is_some());
-            hs = Some(lstm::fused_lstm(&xproj, &layer.w_hh, mask)?);
+            let bias = (&layer.b_ih + &layer.b_hh)?;
+            hs = Some(lstm::fused_lstm(&xproj, &layer.w_hh, &bias, mask)?);
         }
         let hs = hs.expect("at least one layer (validated)");
         Ok(hs.narrow(1, t - 1, 1)?.squeeze(1)?)
@@ -272,11 +316,17 @@ impl AttentionFlowModel {
                 // whose backward would cost O(T²).
                 let table = self.input_table(layer, lstm)?;
                 (0..t)
-                    .map(|s| table.index_select(&batch.ids.narrow(1, s, 1)?.squeeze(1)?.contiguous()?, 0))
+                    .map(|s| {
+                        table.index_select(&batch.ids.narrow(1, s, 1)?.squeeze(1)?.contiguous()?, 0)
+                    })
                     .collect::<candle_core::Result<_>>()?
             } else {
                 let w_t = layer.w_ih.t()?;
-                let bias = if lstm { (&layer.b_ih + &layer.b_hh)? } else { layer.b_ih.clone() };
+                let bias = if lstm {
+                    (&layer.b_ih + &layer.b_hh)?
+                } else {
+                    layer.b_ih.clone()
+                };
                 steps
                     .iter()
                     .map(|x| {

@@ -14,7 +14,9 @@ fn sessions(n: usize, vocab: usize, max_len: usize, seed: u64) -> Vec<EncodedSes
         .map(|_| {
             let len = rng.random_range(1..=max_len);
             EncodedSession {
-                events: (0..len).map(|_| rng.random_range(1..vocab as u32)).collect(),
+                events: (0..len)
+                    .map(|_| rng.random_range(1..vocab as u32))
+                    .collect(),
                 class: rng.random_range(0..5),
             }
         })
@@ -70,7 +72,15 @@ fn fused_lstm_matches_reference_forward_and_gradients() {
             .lock()
             .unwrap()
             .iter()
-            .map(|(n, v)| (n.clone(), grads.get(v).expect("every parameter gets a gradient").clone()))
+            .map(|(n, v)| {
+                (
+                    n.clone(),
+                    grads
+                        .get(v)
+                        .expect("every parameter gets a gradient")
+                        .clone(),
+                )
+            })
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         (logits, named)
@@ -79,10 +89,21 @@ fn fused_lstm_matches_reference_forward_and_gradients() {
     let (logits_r, grads_r) = run(false);
     assert!(max_abs_diff(&logits_f, &logits_r) < 1e-5);
     for ((name, gf), (_, gr)) in grads_f.iter().zip(&grads_r) {
-        let scale = gr.abs().unwrap().max_keepdim(0).unwrap().flatten_all().unwrap().max(0).unwrap();
+        let scale = gr
+            .abs()
+            .unwrap()
+            .max_keepdim(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
         let scale = scale.to_scalar::<f32>().unwrap().max(1e-3) as f64;
         let diff = max_abs_diff(gf, gr);
-        assert!(diff < 1e-4 * scale.max(1.0), "{name}: fused vs reference gradient differ by {diff}");
+        assert!(
+            diff < 1e-4 * scale.max(1.0),
+            "{name}: fused vs reference gradient differ by {diff}"
+        );
     }
 }
 
@@ -98,20 +119,26 @@ fn fused_lstm_matches_candle_builtin_lstm() {
     let states = candle_nn::RNN::seq(&lstm, &x).unwrap();
     let want = Tensor::stack(&states.iter().map(|s| s.h().clone()).collect::<Vec<_>>(), 1).unwrap();
 
-    let get = |n: &str| varmap.data().lock().unwrap()[&format!("enc.{n}")].as_tensor().clone();
+    let get = |n: &str| {
+        varmap.data().lock().unwrap()[&format!("enc.{n}")]
+            .as_tensor()
+            .clone()
+    };
     let bias = (get("bias_ih_l0") + get("bias_hh_l0")).unwrap();
     let xproj = x
         .reshape((b * t, input))
         .unwrap()
         .matmul(&get("weight_ih_l0").t().unwrap())
         .unwrap()
-        .broadcast_add(&bias)
-        .unwrap()
         .reshape((b, t, 4 * h))
         .unwrap();
     let mask = Tensor::ones((b, t), DType::F32, &Device::Cpu).unwrap();
-    let got = lstm::fused_lstm(&xproj, &get("weight_hh_l0"), &mask).unwrap();
-    assert!(max_abs_diff(&got, &want) < 1e-5, "diff {}", max_abs_diff(&got, &want));
+    let got = lstm::fused_lstm(&xproj, &get("weight_hh_l0"), &bias, &mask).unwrap();
+    assert!(
+        max_abs_diff(&got, &want) < 1e-5,
+        "diff {}",
+        max_abs_diff(&got, &want)
+    );
 }
 
 /// Central finite differences in f64 on a handful of coordinates of every parameter.
@@ -126,24 +153,45 @@ fn gradient_check(encoder: EncoderKind) {
     };
     let (loss, _) = model.loss(&batch, &mut Mode::Eval).unwrap();
     let grads = loss.backward().unwrap();
-    let vars: Vec<(String, Var)> = model.varmap().data().lock().unwrap().iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    let vars: Vec<(String, Var)> = model
+        .varmap()
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let eps = 1e-6;
     let mut checked = 0;
     for (name, var) in vars {
-        let analytic = grads.get(&var).unwrap_or_else(|| panic!("{name} has no gradient")).flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let original = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let analytic = grads
+            .get(&var)
+            .unwrap_or_else(|| panic!("{name} has no gradient"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let original = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         for _ in 0..3 {
             let i = rng.random_range(0..original.len());
             let mut plus = original.clone();
             plus[i] += eps;
-            var.set(&Tensor::from_vec(plus, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(plus, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let lp = loss_of();
             let mut minus = original.clone();
             minus[i] -= eps;
-            var.set(&Tensor::from_vec(minus, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(minus, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let lm = loss_of();
-            var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let numeric = (lp - lm) / (2.0 * eps);
             let err = (numeric - analytic[i]).abs();
             assert!(
@@ -183,50 +231,115 @@ fn fused_lstm_gradient_matches_finite_differences_in_f32() {
     let var = model.varmap().data().lock().unwrap()["encoder.weight_hh_l0"].clone();
     let (loss, _) = model.loss(&batch, &mut Mode::Eval).unwrap();
     let analytic = model_grad(&loss, &var);
-    let original = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let original = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let eps = 1e-2f32;
     for i in [0, 7, 19, original.len() - 1] {
         let eval_at = |delta: f32| {
             let mut v = original.clone();
             v[i] += delta;
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
-            model.loss(&batch, &mut Mode::Eval).unwrap().0.to_scalar::<f32>().unwrap()
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            model
+                .loss(&batch, &mut Mode::Eval)
+                .unwrap()
+                .0
+                .to_scalar::<f32>()
+                .unwrap()
         };
         let numeric = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps);
-        var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
-        assert!((numeric - analytic[i]).abs() < 2e-3 + 2e-2 * numeric.abs(), "[{i}] {} vs {numeric}", analytic[i]);
+        var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+        assert!(
+            (numeric - analytic[i]).abs() < 2e-3 + 2e-2 * numeric.abs(),
+            "[{i}] {} vs {numeric}",
+            analytic[i]
+        );
     }
 }
 
 fn model_grad(loss: &Tensor, var: &Var) -> Vec<f32> {
-    loss.backward().unwrap().get(var).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    loss.backward()
+        .unwrap()
+        .get(var)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
 }
 
 #[test]
 fn padding_does_not_change_the_output() {
-    for encoder in [EncoderKind::Lstm, EncoderKind::Gru, EncoderKind::Transformer] {
+    for encoder in [
+        EncoderKind::Lstm,
+        EncoderKind::Gru,
+        EncoderKind::Transformer,
+    ] {
         for fused in [true, false] {
             let cfg = tiny(encoder);
             let mut model = AttentionFlowModel::new(&cfg, &Device::Cpu, 11).unwrap();
             model.set_fused(fused);
-            let short = EncodedSession { events: vec![3, 4, 5], class: 1 };
-            let long = EncodedSession { events: vec![2, 9, 8, 7, 6, 5, 4, 3, 2], class: 2 };
-            let alone = model.forward(&Batch::new(&[&short], &cfg, &Device::Cpu).unwrap(), &mut Mode::Eval).unwrap();
-            let padded = model.forward(&Batch::new(&[&long, &short], &cfg, &Device::Cpu).unwrap(), &mut Mode::Eval).unwrap();
+            let short = EncodedSession {
+                events: vec![3, 4, 5],
+                class: 1,
+            };
+            let long = EncodedSession {
+                events: vec![2, 9, 8, 7, 6, 5, 4, 3, 2],
+                class: 2,
+            };
+            let alone = model
+                .forward(
+                    &Batch::new(&[&short], &cfg, &Device::Cpu).unwrap(),
+                    &mut Mode::Eval,
+                )
+                .unwrap();
+            let padded = model
+                .forward(
+                    &Batch::new(&[&long, &short], &cfg, &Device::Cpu).unwrap(),
+                    &mut Mode::Eval,
+                )
+                .unwrap();
             let diff = max_abs_diff(&alone.get(0).unwrap(), &padded.get(1).unwrap());
-            assert!(diff < 1e-5, "{encoder:?} fused={fused}: padding changed logits by {diff}");
+            assert!(
+                diff < 1e-5,
+                "{encoder:?} fused={fused}: padding changed logits by {diff}"
+            );
         }
     }
 }
 
 #[test]
 fn long_sessions_keep_their_most_recent_events() {
-    let cfg = ModelConfig { max_seq_len: 4, ..tiny(EncoderKind::Lstm) };
+    let cfg = ModelConfig {
+        max_seq_len: 4,
+        ..tiny(EncoderKind::Lstm)
+    };
     let model = AttentionFlowModel::new(&cfg, &Device::Cpu, 1).unwrap();
-    let long = EncodedSession { events: vec![9, 9, 9, 2, 3, 4, 5], class: 0 };
-    let tail = EncodedSession { events: vec![2, 3, 4, 5], class: 0 };
-    let head = EncodedSession { events: vec![9, 9, 9, 2], class: 0 };
-    let f = |s: &EncodedSession| model.forward(&Batch::new(&[s], &cfg, &Device::Cpu).unwrap(), &mut Mode::Eval).unwrap();
+    let long = EncodedSession {
+        events: vec![9, 9, 9, 2, 3, 4, 5],
+        class: 0,
+    };
+    let tail = EncodedSession {
+        events: vec![2, 3, 4, 5],
+        class: 0,
+    };
+    let head = EncodedSession {
+        events: vec![9, 9, 9, 2],
+        class: 0,
+    };
+    let f = |s: &EncodedSession| {
+        model
+            .forward(
+                &Batch::new(&[s], &cfg, &Device::Cpu).unwrap(),
+                &mut Mode::Eval,
+            )
+            .unwrap()
+    };
     assert_eq!(Batch::new(&[&long], &cfg, &Device::Cpu).unwrap().steps, 4);
     assert!(max_abs_diff(&f(&long), &f(&tail)) < 1e-6);
     assert!(max_abs_diff(&f(&long), &f(&head)) > 1e-4);
@@ -235,24 +348,59 @@ fn long_sessions_keep_their_most_recent_events() {
 #[test]
 fn batches_reject_ids_outside_the_vocabulary() {
     let cfg = tiny(EncoderKind::Lstm);
-    let bad = EncodedSession { events: vec![3, 11], class: 0 };
-    let err = Batch::new(&[&bad], &cfg, &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("event id 11 is outside the vocabulary"), "{err}");
-    let bad_class = EncodedSession { events: vec![3], class: 5 };
+    let bad = EncodedSession {
+        events: vec![3, 11],
+        class: 0,
+    };
+    let err = Batch::new(&[&bad], &cfg, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("event id 11 is outside the vocabulary"),
+        "{err}"
+    );
+    let bad_class = EncodedSession {
+        events: vec![3],
+        class: 5,
+    };
     assert!(Batch::new(&[&bad_class], &cfg, &Device::Cpu).is_err());
 }
 
 #[test]
 fn invalid_configs_are_rejected_with_the_field_name() {
     let check = |cfg: ModelConfig, field: &str| {
-        let err = AttentionFlowModel::new(&cfg, &Device::Cpu, 0).unwrap_err().to_string();
+        let err = AttentionFlowModel::new(&cfg, &Device::Cpu, 0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(field), "{err} should name {field}");
     };
-    check(ModelConfig { vocab_size: 2, ..ModelConfig::default() }, "vocab_size");
-    check(ModelConfig { dropout: 1.0, ..ModelConfig::default() }, "dropout");
-    check(ModelConfig { hidden_size: 0, ..ModelConfig::default() }, "hidden_size");
     check(
-        ModelConfig { encoder: EncoderKind::Transformer, num_heads: 5, ..ModelConfig::default() },
+        ModelConfig {
+            vocab_size: 2,
+            ..ModelConfig::default()
+        },
+        "vocab_size",
+    );
+    check(
+        ModelConfig {
+            dropout: 1.0,
+            ..ModelConfig::default()
+        },
+        "dropout",
+    );
+    check(
+        ModelConfig {
+            hidden_size: 0,
+            ..ModelConfig::default()
+        },
+        "hidden_size",
+    );
+    check(
+        ModelConfig {
+            encoder: EncoderKind::Transformer,
+            num_heads: 5,
+            ..ModelConfig::default()
+        },
         "num_heads",
     );
 }

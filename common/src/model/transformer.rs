@@ -65,19 +65,44 @@ impl TransformerEncoder {
         for l in 0..layers {
             let n = |s: &str| format!("encoder.layers.{l}.{s}");
             blocks.push(Block {
-                ln1: (p.ones(&n("ln1.weight"), dim)?, p.zeros(&n("ln1.bias"), dim)?),
-                in_proj_w: p.uniform(&n("attn.in_proj_weight"), (3 * dim, dim), (1.0 / dim as f64).sqrt())?,
+                ln1: (
+                    p.ones(&n("ln1.weight"), dim)?,
+                    p.zeros(&n("ln1.bias"), dim)?,
+                ),
+                in_proj_w: p.uniform(
+                    &n("attn.in_proj_weight"),
+                    (3 * dim, dim),
+                    (1.0 / dim as f64).sqrt(),
+                )?,
                 in_proj_b: p.zeros(&n("attn.in_proj_bias"), 3 * dim)?,
-                out_proj_w: p.uniform(&n("attn.out_proj.weight"), (dim, dim), (1.0 / dim as f64).sqrt())?,
+                out_proj_w: p.uniform(
+                    &n("attn.out_proj.weight"),
+                    (dim, dim),
+                    (1.0 / dim as f64).sqrt(),
+                )?,
                 out_proj_b: p.zeros(&n("attn.out_proj.bias"), dim)?,
-                ln2: (p.ones(&n("ln2.weight"), dim)?, p.zeros(&n("ln2.bias"), dim)?),
-                ffn1_w: p.uniform(&n("ffn.0.weight"), (ffn_dim, dim), (1.0 / dim as f64).sqrt())?,
+                ln2: (
+                    p.ones(&n("ln2.weight"), dim)?,
+                    p.zeros(&n("ln2.bias"), dim)?,
+                ),
+                ffn1_w: p.uniform(
+                    &n("ffn.0.weight"),
+                    (ffn_dim, dim),
+                    (1.0 / dim as f64).sqrt(),
+                )?,
                 ffn1_b: p.uniform(&n("ffn.0.bias"), ffn_dim, (1.0 / dim as f64).sqrt())?,
-                ffn2_w: p.uniform(&n("ffn.1.weight"), (dim, ffn_dim), (1.0 / ffn_dim as f64).sqrt())?,
+                ffn2_w: p.uniform(
+                    &n("ffn.1.weight"),
+                    (dim, ffn_dim),
+                    (1.0 / ffn_dim as f64).sqrt(),
+                )?,
                 ffn2_b: p.uniform(&n("ffn.1.bias"), dim, (1.0 / ffn_dim as f64).sqrt())?,
             });
         }
-        let final_ln = (p.ones("encoder.final_ln.weight", dim)?, p.zeros("encoder.final_ln.bias", dim)?);
+        let final_ln = (
+            p.ones("encoder.final_ln.weight", dim)?,
+            p.zeros("encoder.final_ln.bias", dim)?,
+        );
         Ok(TransformerEncoder {
             pos,
             blocks,
@@ -97,7 +122,10 @@ impl TransformerEncoder {
         mode: &mut Mode<'_>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        let pos = self.pos.index_select(&positions.flatten_all()?, 0)?.reshape((b, t, d))?;
+        let pos = self
+            .pos
+            .index_select(&positions.flatten_all()?, 0)?
+            .reshape((b, t, d))?;
         let mut x = (x + pos)?;
         // (B, 1, 1, T): 0 for real keys, MASKED for padding.
         let key_bias = ((1.0 - mask)? * MASKED)?.reshape((b, 1, 1, t))?;

@@ -55,9 +55,9 @@ impl MetricsAccumulator {
         let correct: u64 = (0..k).map(|c| self.confusion[c][c]).sum();
         let class_counts: Vec<u64> = self.confusion.iter().map(|row| row.iter().sum()).collect();
         let mut f1s = Vec::with_capacity(k);
-        for c in 0..k {
+        for (c, &actual) in class_counts.iter().enumerate() {
             let tp = self.confusion[c][c] as f64;
-            let actual = class_counts[c] as f64;
+            let actual = actual as f64;
             let predicted: f64 = (0..k).map(|r| self.confusion[r][c] as f64).sum();
             if actual + predicted == 0.0 {
                 continue;
@@ -66,9 +66,21 @@ impl MetricsAccumulator {
         }
         EvalMetrics {
             examples: n,
-            loss: if n > 0 { self.loss_sum / n as f64 } else { f64::NAN },
-            accuracy: if n > 0 { correct as f64 / n as f64 } else { f64::NAN },
-            macro_f1: if f1s.is_empty() { f64::NAN } else { f1s.iter().sum::<f64>() / f1s.len() as f64 },
+            loss: if n > 0 {
+                self.loss_sum / n as f64
+            } else {
+                f64::NAN
+            },
+            accuracy: if n > 0 {
+                correct as f64 / n as f64
+            } else {
+                f64::NAN
+            },
+            macro_f1: if f1s.is_empty() {
+                f64::NAN
+            } else {
+                f1s.iter().sum::<f64>() / f1s.len() as f64
+            },
             confusion: self.confusion,
             class_counts,
         }

@@ -77,13 +77,19 @@ impl TrainConfig {
             return bad("batch_size", "must be at least 1".into());
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return bad("learning_rate", format!("{} must be a positive number", self.learning_rate));
+            return bad(
+                "learning_rate",
+                format!("{} must be a positive number", self.learning_rate),
+            );
         }
         if !(0.0..1.0).contains(&self.momentum) {
             return bad("momentum", format!("{} is outside [0, 1)", self.momentum));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return bad("weight_decay", format!("{} must be >= 0", self.weight_decay));
+            return bad(
+                "weight_decay",
+                format!("{} must be >= 0", self.weight_decay),
+            );
         }
         if !(self.min_delta.is_finite() && self.min_delta >= 0.0) {
             return bad("min_delta", format!("{} must be >= 0", self.min_delta));
@@ -128,7 +134,11 @@ pub struct TrainReport {
 
 /// Splits `data` into batches of indices; with bucketing, sessions of similar length share
 /// a batch (sorted inside windows of 50 batches, then the batch order is shuffled).
-fn make_batches(data: &[EncodedSession], cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
+fn make_batches(
+    data: &[EncodedSession],
+    cfg: &TrainConfig,
+    rng: &mut ChaCha8Rng,
+) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..data.len()).collect();
     order.shuffle(rng);
     if cfg.length_bucketing {
@@ -212,8 +222,15 @@ pub fn train(
             (None, _) => false,
         };
         if improved {
-            let snapshot = vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
-            best = Some((val.as_ref().map(|v| v.loss).unwrap_or(f64::NAN), epoch, snapshot));
+            let snapshot = vars
+                .iter()
+                .map(|v| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?;
+            best = Some((
+                val.as_ref().map(|v| v.loss).unwrap_or(f64::NAN),
+                epoch,
+                snapshot,
+            ));
         }
         let report = EpochReport {
             epoch,
@@ -254,7 +271,11 @@ pub fn train(
 }
 
 /// Evaluates `model` (dropout off) on `data` in batches of `batch_size`.
-pub fn evaluate(model: &AttentionFlowModel, data: &[EncodedSession], batch_size: usize) -> Result<EvalMetrics> {
+pub fn evaluate(
+    model: &AttentionFlowModel,
+    data: &[EncodedSession],
+    batch_size: usize,
+) -> Result<EvalMetrics> {
     if data.is_empty() {
         return Err(Error::Training("no sessions to evaluate".into()));
     }

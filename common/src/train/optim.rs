@@ -25,7 +25,9 @@ impl std::str::FromStr for OptimizerKind {
         match s {
             "adamw" => Ok(OptimizerKind::Adamw),
             "sgd" => Ok(OptimizerKind::Sgd),
-            other => Err(crate::Error::Config(format!("unknown optimizer `{other}`: expected adamw or sgd"))),
+            other => Err(crate::Error::Config(format!(
+                "unknown optimizer `{other}`: expected adamw or sgd"
+            ))),
         }
     }
 }
@@ -69,7 +71,13 @@ pub(crate) enum Optimizer {
 }
 
 impl Optimizer {
-    pub(crate) fn new(kind: OptimizerKind, vars: Vec<Var>, lr: f64, momentum: f64, weight_decay: f64) -> Result<Self> {
+    pub(crate) fn new(
+        kind: OptimizerKind,
+        vars: Vec<Var>,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+    ) -> Result<Self> {
         Ok(match kind {
             OptimizerKind::Adamw => Optimizer::Adamw(AdamW::new(
                 vars,

@@ -26,7 +26,9 @@ fn random_sessions(n: usize, seed: u64) -> Vec<EncodedSession> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..n)
         .map(|_| EncodedSession {
-            events: (0..rng.random_range(2..10)).map(|_| rng.random_range(2..12)).collect(),
+            events: (0..rng.random_range(2..10))
+                .map(|_| rng.random_range(2..12))
+                .collect(),
             class: rng.random_range(0..5),
         })
         .collect()
@@ -36,7 +38,16 @@ fn params_of(model: &AttentionFlowModel) -> Vec<(String, Vec<f32>)> {
     let data = model.varmap().data().lock().unwrap();
     let mut v: Vec<_> = data
         .iter()
-        .map(|(n, var)| (n.clone(), var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .map(|(n, var)| {
+            (
+                n.clone(),
+                var.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
@@ -46,7 +57,11 @@ fn params_of(model: &AttentionFlowModel) -> Vec<(String, Vec<f32>)> {
 fn every_encoder_overfits_a_tiny_batch() {
     // Random labels: only memorisation reaches 100%, which needs working gradients end to end.
     let data = random_sessions(16, 1);
-    for encoder in [EncoderKind::Lstm, EncoderKind::Gru, EncoderKind::Transformer] {
+    for encoder in [
+        EncoderKind::Lstm,
+        EncoderKind::Gru,
+        EncoderKind::Transformer,
+    ] {
         let model = AttentionFlowModel::new(&small_model(encoder), &Device::Cpu, 2).unwrap();
         let cfg = TrainConfig {
             epochs: 150,
@@ -88,9 +103,17 @@ fn sgd_with_momentum_reduces_the_loss() {
 fn training_is_reproducible_with_a_seed() {
     let data = random_sessions(40, 5);
     let run = |seed: u64| {
-        let cfg = ModelConfig { dropout: 0.3, ..small_model(EncoderKind::Lstm) };
+        let cfg = ModelConfig {
+            dropout: 0.3,
+            ..small_model(EncoderKind::Lstm)
+        };
         let model = AttentionFlowModel::new(&cfg, &Device::Cpu, 9).unwrap();
-        let tc = TrainConfig { epochs: 2, batch_size: 8, seed, ..TrainConfig::default() };
+        let tc = TrainConfig {
+            epochs: 2,
+            batch_size: 8,
+            seed,
+            ..TrainConfig::default()
+        };
         train(&model, &data, &[], &tc, &mut |_| {}).unwrap();
         params_of(&model)
     };
@@ -114,22 +137,35 @@ fn early_stopping_restores_the_best_epoch() {
         ..TrainConfig::default()
     };
     let mut seen = Vec::new();
-    let report = train(&model, &train_data, &val, &cfg, &mut |e| seen.push(e.validation.clone().unwrap().loss)).unwrap();
+    let report = train(&model, &train_data, &val, &cfg, &mut |e| {
+        seen.push(e.validation.clone().unwrap().loss)
+    })
+    .unwrap();
     assert!(report.stopped_early);
     assert_eq!(report.epochs.len(), report.best_epoch + 3);
     let best = seen.iter().cloned().fold(f64::INFINITY, f64::min);
     assert_eq!(seen[report.best_epoch - 1], best);
     let now = evaluate(&model, &val, 256).unwrap().loss;
-    assert!((now - best).abs() < 1e-9, "restored loss {now} vs best {best}");
+    assert!(
+        (now - best).abs() < 1e-9,
+        "restored loss {now} vs best {best}"
+    );
 }
 
 #[test]
 fn bad_train_config_is_rejected() {
     let model = AttentionFlowModel::new(&small_model(EncoderKind::Lstm), &Device::Cpu, 1).unwrap();
     let data = random_sessions(4, 1);
-    let cfg = TrainConfig { learning_rate: f64::NAN, ..TrainConfig::default() };
-    let err = train(&model, &data, &[], &cfg, &mut |_| {}).unwrap_err().to_string();
+    let cfg = TrainConfig {
+        learning_rate: f64::NAN,
+        ..TrainConfig::default()
+    };
+    let err = train(&model, &data, &[], &cfg, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("train.learning_rate"), "{err}");
-    let err = train(&model, &[], &[], &TrainConfig::default(), &mut |_| {}).unwrap_err().to_string();
+    let err = train(&model, &[], &[], &TrainConfig::default(), &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no training sessions"), "{err}");
 }
