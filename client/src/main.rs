@@ -1,1 +1,377 @@
-fn main() {}
+//! `fedflow-client`: the partner-site command line (thin layer over `fedflow_client`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fedflow_client::local::{self, DataFormat, EvalSplit, TrainFile, TrainOptions};
+use fedflow_common::data::{LoadOptions, Vocab};
+use fedflow_common::device::DeviceChoice;
+use fedflow_common::model::EncoderKind;
+use fedflow_common::synth::SynthConfig;
+use fedflow_common::train::{EpochReport, EvalMetrics, OptimizerKind};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// fedflow partner-site client: data tools and local training.
+#[derive(Debug, Parser)]
+#[command(name = "fedflow-client", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Partner-site data: generate a synthetic federation, validate files.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Train the model locally on one site's data, or on several sites pooled.
+    Train(TrainArgs),
+    /// Evaluate a saved model on data files.
+    Evaluate(EvaluateArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Generate realistic partner data for N sites (with its Bayes-optimal accuracy).
+    Generate(GenerateArgs),
+    /// Validate data files against a vocabulary: every row, with line numbers.
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, Args)]
+struct GenerateArgs {
+    /// Output directory (vocab.json, sites/, manifest.json).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of partner sites.
+    #[arg(long, default_value_t = 20)]
+    sites: usize,
+    /// Total sessions over all sites (sizes follow a power law).
+    #[arg(long, default_value_t = 40_000)]
+    sessions: usize,
+    /// Dirichlet concentration of per-site label mixes (smaller = more skew).
+    #[arg(long, default_value_t = 1.0)]
+    label_alpha: f64,
+    /// Probability that a label is replaced by a uniformly random one.
+    #[arg(long, default_value_t = 0.1)]
+    label_noise: f64,
+    /// Random seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// File format of the site files.
+    #[arg(long, value_enum, default_value_t = FormatArg::Csv)]
+    format: FormatArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Csv,
+    Jsonl,
+}
+
+#[derive(Debug, Args)]
+struct ValidateArgs {
+    /// Data files (.csv, .jsonl).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// The federation's event vocabulary.
+    #[arg(long)]
+    vocab: PathBuf,
+    /// Skip and count invalid rows instead of failing at the first.
+    #[arg(long)]
+    skip_invalid: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// Data files; several are pooled (the centralised baseline).
+    #[arg(long = "data", required = true, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// The federation's event vocabulary.
+    #[arg(long)]
+    vocab: PathBuf,
+    /// Output directory: model.safetensors, model.json, vocab.json, metrics.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// TOML file with [model] and [train] tables; flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Sequence encoder.
+    #[arg(long)]
+    encoder: Option<EncoderKind>,
+    /// Passes over the data.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Sessions per step.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Learning rate.
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// Optimiser: adamw or sgd (with momentum).
+    #[arg(long)]
+    optimizer: Option<OptimizerKind>,
+    /// Weight decay.
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Early-stopping patience in epochs (0 disables).
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Dropout probability.
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Seed for initialisation, shuffling and dropout.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Fraction of sessions held out for validation (by hashed session id).
+    #[arg(long, default_value_t = local::DEFAULT_VAL_FRACTION)]
+    val_fraction: f64,
+    /// Where to train: auto, cpu, cuda[:N], metal.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Skip and count invalid rows instead of failing.
+    #[arg(long)]
+    skip_invalid: bool,
+    /// Also fit the bag-of-events baseline on the same split.
+    #[arg(long)]
+    baseline: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct EvaluateArgs {
+    /// Model directory written by `train`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Data files.
+    #[arg(long = "data", required = true, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Evaluate only the validation split of the files (the part training held out).
+    #[arg(long)]
+    validation_only: bool,
+    /// Validation fraction used at training time (with --validation-only).
+    #[arg(long, default_value_t = local::DEFAULT_VAL_FRACTION)]
+    val_fraction: f64,
+    /// Where to run: auto, cpu, cuda[:N], metal.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Skip and count invalid rows instead of failing.
+    #[arg(long)]
+    skip_invalid: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn print_metrics(m: &EvalMetrics) {
+    println!(
+        "sessions {}  loss {:.4}  accuracy {:.4}  macro-F1 {:.4}",
+        m.examples, m.loss, m.accuracy, m.macro_f1
+    );
+    println!("confusion (rows: true label 1-5, columns: predicted):");
+    for (i, row) in m.confusion.iter().enumerate() {
+        let cells: Vec<String> = row.iter().map(|c| format!("{c:>6}")).collect();
+        println!("  {} |{}", i + 1, cells.join(""));
+    }
+}
+
+fn print_epoch(e: &EpochReport) {
+    let val = e
+        .validation
+        .as_ref()
+        .map(|v| {
+            format!(
+                " | val loss {:.4} acc {:.4} F1 {:.4}",
+                v.loss, v.accuracy, v.macro_f1
+            )
+        })
+        .unwrap_or_default();
+    println!(
+        "epoch {:>3}: loss {:.4} acc {:.4}{val}{} | {:.1}s, {:.0} sessions/s",
+        e.epoch,
+        e.train_loss,
+        e.train_accuracy,
+        if e.improved { " *" } else { "" },
+        e.seconds,
+        e.samples_per_sec
+    );
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Data(DataCommand::Generate(a)) => {
+            let cfg = SynthConfig {
+                sites: a.sites,
+                total_sessions: a.sessions,
+                label_alpha: a.label_alpha,
+                label_noise: a.label_noise,
+                seed: a.seed,
+                ..SynthConfig::default()
+            };
+            let format = match a.format {
+                FormatArg::Csv => DataFormat::Csv,
+                FormatArg::Jsonl => DataFormat::Jsonl,
+            };
+            let m = local::generate(&a.out, &cfg, format)?;
+            println!(
+                "generated {} sessions for {} sites in {} (Bayes-optimal accuracy {:.4})",
+                m.sessions,
+                m.sites.len(),
+                a.out.display(),
+                m.bayes_accuracy
+            );
+        }
+        Command::Data(DataCommand::Validate(a)) => {
+            let vocab = Vocab::load(&a.vocab)?;
+            let options = LoadOptions {
+                skip_invalid: a.skip_invalid,
+            };
+            for f in &a.files {
+                let r = local::validate(f, &vocab, &options)?;
+                if a.json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    let s = &r.stats;
+                    println!(
+                        "{}: ok, {} sessions ({} train / {} validation), {} events ({} unknown), mean length {:.1}, max {}, labels 1-5 {:?}, {} rows skipped",
+                        f.display(),
+                        s.sessions,
+                        s.train,
+                        s.validation,
+                        s.events_total,
+                        s.unknown_events,
+                        s.mean_len,
+                        s.max_len,
+                        s.class_counts,
+                        r.skipped.len()
+                    );
+                    for (line, reason) in &r.skipped {
+                        println!("  skipped line {line}: {reason}");
+                    }
+                }
+            }
+        }
+        Command::Train(a) => {
+            let mut file = match &a.config {
+                Some(p) => TrainFile::load(p)?,
+                None => TrainFile::default(),
+            };
+            let t = &mut file.train;
+            if let Some(v) = a.epochs {
+                t.epochs = v;
+            }
+            if let Some(v) = a.batch_size {
+                t.batch_size = v;
+            }
+            if let Some(v) = a.learning_rate {
+                t.learning_rate = v;
+            }
+            if let Some(v) = a.optimizer {
+                t.optimizer = v;
+            }
+            if let Some(v) = a.weight_decay {
+                t.weight_decay = v;
+            }
+            if let Some(v) = a.patience {
+                t.patience = v;
+            }
+            if let Some(v) = a.seed {
+                t.seed = v;
+            }
+            if let Some(v) = a.encoder {
+                file.model.encoder = v;
+            }
+            if let Some(v) = a.dropout {
+                file.model.dropout = v;
+            }
+            let opts = TrainOptions {
+                data: a.data,
+                vocab: a.vocab,
+                out: a.out.clone(),
+                model: file.model,
+                train: file.train,
+                val_fraction: a.val_fraction,
+                device: a.device,
+                skip_invalid: a.skip_invalid,
+                baseline: a.baseline,
+            };
+            let json = a.json;
+            let summary = local::train_local(&opts, &mut |e| {
+                if !json {
+                    print_epoch(e)
+                }
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!(
+                    "trained on {} sessions ({} validation) on {} in {:.1}s; kept epoch {}{}",
+                    summary.train_sessions,
+                    summary.validation_sessions,
+                    summary.device,
+                    summary.train_seconds,
+                    summary.best_epoch,
+                    if summary.stopped_early {
+                        " (stopped early)"
+                    } else {
+                        ""
+                    }
+                );
+                if let Some(v) = &summary.validation {
+                    print_metrics(v);
+                }
+                if let Some(b) = summary.baseline_accuracy {
+                    println!(
+                        "bag-of-events baseline accuracy on the same validation sessions: {b:.4}"
+                    );
+                }
+                println!("model saved to {}", a.out.display());
+            }
+        }
+        Command::Evaluate(a) => {
+            let split = if a.validation_only {
+                EvalSplit::Validation
+            } else {
+                EvalSplit::All
+            };
+            let m = local::evaluate(
+                &a.model,
+                &a.data,
+                split,
+                a.val_fraction,
+                a.device,
+                a.skip_invalid,
+            )
+            .with_context(|| format!("evaluating {}", a.model.display()))?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                print_metrics(&m);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

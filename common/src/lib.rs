@@ -7,6 +7,7 @@
 //! - [`train`]: local training, early stopping, evaluation and metrics.
 //! - [`params`]: named parameter sets: safetensors bytes, validation, delta arithmetic, clipping.
 //! - [`fedavg`]: streaming weighted FedAvg over parameter deltas, in f64.
+//! - [`fsio`]: crash-safe file writes (temporary file, fsync, rename).
 //! - [`device`]: choosing where training runs (CPU, CUDA, Metal).
 //! - [`error`]: the crate's one error type.
 
@@ -15,6 +16,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod fedavg;
+pub mod fsio;
 pub mod model;
 pub mod params;
 pub mod synth;

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Write;
 use std::path::Path;
 
 use candle_core::{DType, Device, Storage, Tensor, WithDType};
@@ -360,27 +359,7 @@ impl ParamSet {
     /// is written, flushed to disk and renamed over `path`, so readers see either the old file
     /// or the complete new one.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let bytes = self.to_safetensors_bytes()?;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let io = |e| Error::io(path, e);
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".params-")
-            .suffix(".tmp")
-            .tempfile_in(dir)
-            .map_err(io)?;
-        tmp.write_all(&bytes).map_err(io)?;
-        tmp.as_file().sync_all().map_err(io)?;
-        tmp.persist(path).map_err(|e| io(e.error))?;
-        // Make the rename itself durable. Directories cannot be opened this way on Windows.
-        #[cfg(unix)]
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(dir, e))?;
-        Ok(())
+        crate::fsio::write_atomic(path.as_ref(), &self.to_safetensors_bytes()?)
     }
 
     /// Reads a file written by [`ParamSet::save`] (or any safetensors file).

@@ -11,9 +11,9 @@ use serde_json::{Map, Value};
 
 use crate::data::NUM_LABELS;
 use crate::data::SessionRecord;
-use crate::data::atomic::write_atomic;
 use crate::data::vocab::check_event_name;
 use crate::error::{Error, Result};
+use crate::fsio::write_atomic;
 
 /// Every column (CSV) or field (JSON Lines) a session file may have, in canonical order.
 pub const ALLOWED_COLUMNS: [&str; 5] = ["session_id", "events", "label", "user_id", "timestamp"];

@@ -95,7 +95,6 @@
 //! 2^64, are below the validation fraction; otherwise in training. The split depends only on
 //! the session id, so it is stable across runs, platforms and file order.
 
-mod atomic;
 mod dataset;
 mod format;
 mod records;

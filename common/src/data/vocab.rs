@@ -8,8 +8,8 @@ use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::data::atomic::write_atomic;
 use crate::error::{Error, Result};
+use crate::fsio::write_atomic;
 
 /// Id of the padding token; never produced by [`Vocab::encode`].
 pub const PAD_ID: u32 = 0;

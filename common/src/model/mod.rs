@@ -5,6 +5,7 @@
 //! `encoder.weight_ih_l0`, ..., `head.weight`), so a safetensors file of the default model
 //! loads into `nn.Embedding` + `nn.LSTM(num_layers=2, batch_first=True)` + `nn.Linear`.
 
+mod artifact;
 mod batch;
 mod config;
 mod gru;
@@ -18,6 +19,10 @@ use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+pub use artifact::{
+    CARD_FILE, MODEL_FORMAT, ModelCard, PARAMS_FILE, VOCAB_FILE, load_model, save_model,
+    vocab_sha256,
+};
 pub use batch::Batch;
 pub use config::{EncoderKind, ModelConfig};
 pub use lstm::kernel_threads;

@@ -18,7 +18,7 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// The bytes go to a temporary file in the same directory (a rename is only atomic within one
 /// file system), which is flushed to disk before it is renamed over `path`; on Unix the
 /// directory is then synced so the rename itself survives a crash.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let file_name = path.file_name().ok_or_else(|| Error::DataFile {
         path: path.to_path_buf(),
         reason: "path does not name a file".to_owned(),
