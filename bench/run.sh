@@ -6,9 +6,9 @@ cd "$(dirname "$0")/.."
 args=("$@")
 if [ ! -x bench/.venv/bin/python ]; then
   python3 -m venv bench/.venv
-  # --no-deps: the CPU is all we measure, so skip the multi-gigabyte CUDA wheels torch lists.
-  bench/.venv/bin/pip install -q --no-deps torch==2.15.0
-  bench/.venv/bin/pip install -q numpy filelock typing-extensions sympy networkx jinja2 fsspec
+  # PyPI's Linux wheel loads its CUDA libraries at import even on CPU, so they come too
+  # (several GB, once); only the CPU is measured.
+  bench/.venv/bin/pip install -q torch==2.15.0 numpy
 fi
 echo "# fedflow (candle, fused LSTM kernel)"
 cargo bench -q -p fedflow-common --bench throughput -- "${args[@]}"

@@ -290,6 +290,15 @@ pub enum EvalSplit {
     Validation,
 }
 
+/// Result of [`evaluate`].
+#[derive(Debug, Clone, Serialize)]
+pub struct EvaluateReport {
+    /// Metrics over the evaluated sessions.
+    pub metrics: EvalMetrics,
+    /// Invalid rows left out (only with `skip_invalid`): the metrics do not cover them.
+    pub skipped_rows: usize,
+}
+
 /// Evaluates the model saved in `model_dir` on data files, using the model's own vocabulary.
 pub fn evaluate(
     model_dir: &Path,
@@ -298,16 +307,23 @@ pub fn evaluate(
     val_fraction: f64,
     device: DeviceChoice,
     skip_invalid: bool,
-) -> Result<EvalMetrics> {
-    let device = device.open()?;
-    let (model, vocab, _card) = load_model(model_dir, &device)?;
+) -> Result<EvaluateReport> {
     if data.is_empty() {
         return Err(Error::Usage("no data files given".into()));
     }
+    if !(0.0..=1.0).contains(&val_fraction) {
+        return Err(Error::Usage(format!(
+            "--val-fraction {val_fraction} is outside [0, 1]"
+        )));
+    }
+    let device = device.open()?;
+    let (model, vocab, _card) = load_model(model_dir, &device)?;
     let options = LoadOptions { skip_invalid };
     let mut sessions: Vec<EncodedSession> = Vec::new();
+    let mut skipped_rows = 0;
     for f in data {
         let loaded = read_sessions(f, &options)?;
+        skipped_rows += loaded.skipped.len();
         for r in &loaded.records {
             if split == EvalSplit::All || split_of(&r.session_id, val_fraction) == Split::Validation
             {
@@ -320,7 +336,10 @@ pub fn evaluate(
             "no sessions to evaluate in the selected split".into(),
         ));
     }
-    Ok(eval_model(&model, &sessions, 256)?)
+    Ok(EvaluateReport {
+        metrics: eval_model(&model, &sessions, 256)?,
+        skipped_rows,
+    })
 }
 
 /// What the demo did (`demo.json` in its directory).

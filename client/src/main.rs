@@ -225,6 +225,13 @@ fn print_epoch(e: &EpochReport) {
     );
 }
 
+/// Replaces `slot` with `value` when the flag was given.
+fn overlay<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Data(DataCommand::Generate(a)) => {
@@ -284,34 +291,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(p) => TrainFile::load(p)?,
                 None => TrainFile::default(),
             };
+            // Flags override the file, which overrides the defaults.
             let t = &mut file.train;
-            if let Some(v) = a.epochs {
-                t.epochs = v;
-            }
-            if let Some(v) = a.batch_size {
-                t.batch_size = v;
-            }
-            if let Some(v) = a.learning_rate {
-                t.learning_rate = v;
-            }
-            if let Some(v) = a.optimizer {
-                t.optimizer = v;
-            }
-            if let Some(v) = a.weight_decay {
-                t.weight_decay = v;
-            }
-            if let Some(v) = a.patience {
-                t.patience = v;
-            }
-            if let Some(v) = a.seed {
-                t.seed = v;
-            }
-            if let Some(v) = a.encoder {
-                file.model.encoder = v;
-            }
-            if let Some(v) = a.dropout {
-                file.model.dropout = v;
-            }
+            overlay(&mut t.epochs, a.epochs);
+            overlay(&mut t.batch_size, a.batch_size);
+            overlay(&mut t.learning_rate, a.learning_rate);
+            overlay(&mut t.optimizer, a.optimizer);
+            overlay(&mut t.weight_decay, a.weight_decay);
+            overlay(&mut t.patience, a.patience);
+            overlay(&mut t.seed, a.seed);
+            overlay(&mut file.model.encoder, a.encoder);
+            overlay(&mut file.model.dropout, a.dropout);
             let opts = TrainOptions {
                 data: a.data,
                 vocab: a.vocab,
@@ -403,7 +393,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 EvalSplit::All
             };
-            let m = local::evaluate(
+            let r = local::evaluate(
                 &a.model,
                 &a.data,
                 split,
@@ -413,9 +403,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .with_context(|| format!("evaluating {}", a.model.display()))?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&m)?);
+                println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                print_metrics(&m);
+                print_metrics(&r.metrics);
+                if r.skipped_rows > 0 {
+                    println!(
+                        "{} invalid rows were skipped and are not covered",
+                        r.skipped_rows
+                    );
+                }
             }
         }
     }

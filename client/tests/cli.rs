@@ -108,8 +108,9 @@ fn generate_validate_train_evaluate_round_trip() {
     ];
     args.extend(sites.iter().map(String::as_str));
     let eval: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
-    assert_eq!(eval["examples"], summary["validation_sessions"]);
-    assert!((eval["accuracy"].as_f64().unwrap() - trained_acc).abs() < 1e-12);
+    assert_eq!(eval["metrics"]["examples"], summary["validation_sessions"]);
+    assert_eq!(eval["skipped_rows"], 0);
+    assert!((eval["metrics"]["accuracy"].as_f64().unwrap() - trained_acc).abs() < 1e-12);
 }
 
 #[test]

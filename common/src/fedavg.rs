@@ -62,13 +62,13 @@ impl FedAvgAccumulator {
 
     /// Adds `weight · delta`.
     ///
-    /// Checks everything first and changes nothing on error: `weight` must be finite and
-    /// positive ([`Error::Aggregation`]); `delta` must have exactly the spec's names, shapes
+    /// Checks everything first and changes nothing on error: `weight` must be finite, positive
+    /// and at most [`MAX_WEIGHT`] ([`Error::Aggregation`]); `delta` must have exactly the spec's names, shapes
     /// and dtypes ([`Error::ParamMismatch`]) and only finite values ([`Error::NonFinite`]).
     pub fn add(&mut self, delta: &ParamSet, weight: f64) -> Result<()> {
-        if !(weight.is_finite() && weight > 0.0) {
+        if !(weight.is_finite() && weight > 0.0 && weight <= MAX_WEIGHT) {
             return Err(Error::Aggregation(format!(
-                "update weight must be finite and > 0, got {weight}"
+                "update weight must be finite, > 0 and <= {MAX_WEIGHT:e}, got {weight}"
             )));
         }
         // Reads every value once to check it; the accumulation below reads it a second time
@@ -130,6 +130,13 @@ impl FedAvgAccumulator {
         self.total_weight
     }
 }
+
+/// Largest accepted update weight (weights are example counts in practice).
+///
+/// The cap keeps every sum finite: |weight · x| ≤ 1e12 · 3.4e38 for f32 values, so even 10^200
+/// updates cannot overflow f64. Without it, one update with weight 1e300 would pass
+/// validation and then turn the whole round's average into infinities.
+pub const MAX_WEIGHT: f64 = 1e12;
 
 /// `sum += weight · t`, element by element, reading `t` in place when it is a contiguous CPU
 /// f32/f64 tensor. The caller has checked that `t` has `sum.len()` elements.
@@ -254,9 +261,9 @@ mod tests {
     }
 
     #[test]
-    fn single_update_with_any_weight_is_returned_exactly() {
+    fn single_update_with_any_accepted_weight_is_returned_exactly() {
         let d = &reference_deltas()[2];
-        for w in [1e-300, 0.3, 1.0, 7.0, 1e300] {
+        for w in [1e-300, 0.3, 1.0, 7.0, MAX_WEIGHT] {
             let mean = run(&[(d.clone(), w)]);
             assert_eq!(
                 mean.to_safetensors_bytes().unwrap(),
@@ -388,7 +395,16 @@ mod tests {
             );
         }
 
-        for w in [0.0, -0.0, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        for w in [
+            0.0,
+            -0.0,
+            -1.0,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            1e300,
+            MAX_WEIGHT * 2.0,
+        ] {
             match check_rejected(&good, w) {
                 Error::Aggregation(msg) => assert!(msg.contains("weight"), "{msg}"),
                 other => panic!("weight {w}: expected an aggregation error, got {other:?}"),

@@ -189,13 +189,7 @@ mod tests {
     use super::*;
 
     fn record(id: &str, events: &[&str], label: u8) -> SessionRecord {
-        SessionRecord {
-            session_id: id.to_owned(),
-            events: events.iter().map(|e| (*e).to_owned()).collect(),
-            label,
-            user_id: None,
-            timestamp: None,
-        }
+        SessionRecord::new(id, events, label)
     }
 
     fn vocab() -> Vocab {

@@ -454,7 +454,7 @@ fn parse_csv_row(
     let label_text = field(columns.label, "label")?;
     let label = label_text
         .parse::<i64>()
-        .map_err(|_| format!("label {label_text:?} is not an integer"))?;
+        .map_err(|_| format!("label {} is not an integer", describe_cell(label_text)))?;
     let label = check_label(label)?;
     Ok(SessionRecord {
         session_id: session_id.to_owned(),
@@ -628,6 +628,17 @@ fn json_kind(value: &Value) -> &'static str {
     }
 }
 
+/// Shows a short cell verbatim (`"3.0"`) but only the length of a longer one: a misaligned
+/// row can put an identifier in the label column, and identifiers must not reach error
+/// messages.
+fn describe_cell(text: &str) -> String {
+    if text.chars().count() <= 6 {
+        format!("{text:?}")
+    } else {
+        format!("(a {}-character text)", text.chars().count())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -664,13 +675,7 @@ mod tests {
     }
 
     fn record(id: &str, events: &[&str], label: u8) -> SessionRecord {
-        SessionRecord {
-            session_id: id.to_owned(),
-            events: events.iter().map(|e| (*e).to_owned()).collect(),
-            label,
-            user_id: None,
-            timestamp: None,
-        }
+        SessionRecord::new(id, events, label)
     }
 
     const CSV_HEADER: &str = "session_id,events,label\n";
@@ -774,6 +779,11 @@ mod tests {
                 "label \"3.0\" is not an integer",
             ),
             (format!("{h}s1,a,\n"), 2, "label \"\" is not an integer"),
+            (
+                format!("{h}s1,a,user-4711\n"),
+                2,
+                "label (a 9-character text) is not an integer",
+            ),
             (format!("{h}s1,a,0\n"), 2, "label 0 is outside 1..=5"),
             (format!("{h}s1,a,6\n"), 2, "label 6 is outside 1..=5"),
             (format!("{h}s1,a,-1\n"), 2, "label -1 is outside 1..=5"),

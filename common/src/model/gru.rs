@@ -1,6 +1,6 @@
 //! GRU layers composed of candle ops, following PyTorch's `nn.GRU` (gate order `r, z, n`,
 //! names `weight_ih_l{k}` ...). candle's own `GRU` concatenates its outputs on the wrong axis
-//! and hard-codes `_l0` names (see `shared/FIELD-NOTES.md`), so fedflow has its own.
+//! and hard-codes `_l0` names (candle 0.11), so fedflow has its own.
 
 use candle_core::Tensor;
 

@@ -59,10 +59,10 @@ fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result
 
 /// The kernels' own thread pool, one thread per available core.
 ///
-/// It is separate from rayon's global pool on purpose: candle runs every small element-wise
-/// op and matmul on the global pool, where waking threads costs more than the work for a
-/// model this size (binaries run it with one thread, see `fedflow_common::runtime`). The
-/// recurrence, which is most of the work, splits cleanly by batch rows and uses this pool.
+/// It is separate from rayon's global pool on purpose: candle runs its small element-wise ops
+/// and matmuls on the global pool, and sharing that pool with the recurrence measured about
+/// 2x slower on 2 cores than giving the recurrence (most of the work, split cleanly by batch
+/// rows) a pool of its own (see BENCHMARKS.md).
 fn kernel_pool() -> &'static rayon::ThreadPool {
     static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
     POOL.get_or_init(|| {
@@ -84,12 +84,10 @@ pub fn kernel_threads() -> usize {
     kernel_pool().current_num_threads()
 }
 
-/// Rows per parallel chunk: the batch split evenly over the kernel pool's threads.
-fn chunk_rows(batch: usize) -> usize {
-    batch
-        .div_ceil(kernel_pool().current_num_threads().max(1))
-        .max(1)
-}
+/// Batch rows per parallel work item. Fixed, not derived from the thread count: the matmul
+/// kernels sum in an order that depends on the number of rows they get, so a fixed chunking
+/// keeps results bit-identical on machines with different core counts.
+const ROWS_PER_CHUNK: usize = 16;
 
 impl CustomOp3 for FusedLstm {
     fn name(&self) -> &'static str {
@@ -129,7 +127,7 @@ impl CustomOp3 for FusedLstm {
         }
         let mut cells = vec![0f32; b * t * h];
         let mut hs = vec![0f32; b * t * h];
-        let rows = chunk_rows(b);
+        let rows = ROWS_PER_CHUNK;
         kernel_pool().install(|| {
             gates
                 .par_chunks_mut(rows * t * 4 * h)
@@ -164,7 +162,7 @@ impl CustomOp3 for FusedLstm {
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
 
         let mut dgates = vec![0f32; b * t * 4 * h];
-        let rows = chunk_rows(b);
+        let rows = ROWS_PER_CHUNK;
         kernel_pool().install(|| {
             dgates
                 .par_chunks_mut(rows * t * 4 * h)

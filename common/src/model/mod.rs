@@ -48,16 +48,24 @@ pub(crate) struct Dropout {
 }
 
 impl Dropout {
-    pub(crate) fn apply(&self, x: &Tensor, mode: &mut Mode<'_>) -> candle_core::Result<Tensor> {
+    /// The scaled keep-mask for a tensor of `shape` (values 0 or 1/(1-p)), or `None` when
+    /// dropout is inactive. Values are drawn in row-major order, so slicing one mask gives
+    /// the same values whichever way a layer is computed.
+    pub(crate) fn mask(
+        &self,
+        shape: &candle_core::Shape,
+        like: &Tensor,
+        mode: &mut Mode<'_>,
+    ) -> candle_core::Result<Option<Tensor>> {
         let Mode::Train(rng) = mode else {
-            return Ok(x.clone());
+            return Ok(None);
         };
         if self.p == 0.0 {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let keep = 1.0 - self.p;
         let scale = (1.0 / keep) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
+        let mask: Vec<f32> = (0..shape.elem_count())
             .map(|_| {
                 if rng.random::<f64>() < keep {
                     scale
@@ -66,8 +74,16 @@ impl Dropout {
                 }
             })
             .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x * mask
+        Ok(Some(
+            Tensor::from_vec(mask, shape, like.device())?.to_dtype(like.dtype())?,
+        ))
+    }
+
+    pub(crate) fn apply(&self, x: &Tensor, mode: &mut Mode<'_>) -> candle_core::Result<Tensor> {
+        match self.mask(x.shape(), x, mode)? {
+            Some(mask) => x * mask,
+            None => Ok(x.clone()),
+        }
     }
 }
 
@@ -332,10 +348,17 @@ impl AttentionFlowModel {
                 } else {
                     layer.b_ih.clone()
                 };
+                // One (B, T, H) mask, sliced per step: the same values the fused path draws.
+                let shape = candle_core::Shape::from((batch.size, t, self.config.hidden_size));
+                let mask = self.dropout.mask(&shape, &steps[0], mode)?;
                 steps
                     .iter()
-                    .map(|x| {
-                        let x = self.dropout.apply(x, mode)?;
+                    .enumerate()
+                    .map(|(s, x)| {
+                        let x = match &mask {
+                            Some(m) => (x * m.narrow(1, s, 1)?.squeeze(1)?)?,
+                            None => x.clone(),
+                        };
                         x.matmul(&w_t)?.broadcast_add(&bias)
                     })
                     .collect::<candle_core::Result<_>>()?

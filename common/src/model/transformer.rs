@@ -2,6 +2,11 @@
 //! key padding mask) and a feed-forward network, learned positional embeddings counted from
 //! each session's first real event, and masked mean pooling.
 //!
+//! Parameter names follow PyTorch's `nn.TransformerEncoder` of
+//! `nn.TransformerEncoderLayer(norm_first=True, activation="gelu")` (`layers.{i}.self_attn.*`,
+//! `linear1`, `linear2`, `norm1`, `norm2`, final `norm`), plus a learned `pos_embedding`;
+//! dropout sits on the attention weights and on both residual branches.
+//!
 //! Padding never influences real positions: padded keys get a large negative attention bias
 //! (their softmax weight underflows to exactly zero), positions are relative to the first
 //! real event, and pooling averages real positions only.
@@ -66,42 +71,42 @@ impl TransformerEncoder {
             let n = |s: &str| format!("encoder.layers.{l}.{s}");
             blocks.push(Block {
                 ln1: (
-                    p.ones(&n("ln1.weight"), dim)?,
-                    p.zeros(&n("ln1.bias"), dim)?,
+                    p.ones(&n("norm1.weight"), dim)?,
+                    p.zeros(&n("norm1.bias"), dim)?,
                 ),
                 in_proj_w: p.uniform(
-                    &n("attn.in_proj_weight"),
+                    &n("self_attn.in_proj_weight"),
                     (3 * dim, dim),
                     (1.0 / dim as f64).sqrt(),
                 )?,
-                in_proj_b: p.zeros(&n("attn.in_proj_bias"), 3 * dim)?,
+                in_proj_b: p.zeros(&n("self_attn.in_proj_bias"), 3 * dim)?,
                 out_proj_w: p.uniform(
-                    &n("attn.out_proj.weight"),
+                    &n("self_attn.out_proj.weight"),
                     (dim, dim),
                     (1.0 / dim as f64).sqrt(),
                 )?,
-                out_proj_b: p.zeros(&n("attn.out_proj.bias"), dim)?,
+                out_proj_b: p.zeros(&n("self_attn.out_proj.bias"), dim)?,
                 ln2: (
-                    p.ones(&n("ln2.weight"), dim)?,
-                    p.zeros(&n("ln2.bias"), dim)?,
+                    p.ones(&n("norm2.weight"), dim)?,
+                    p.zeros(&n("norm2.bias"), dim)?,
                 ),
                 ffn1_w: p.uniform(
-                    &n("ffn.0.weight"),
+                    &n("linear1.weight"),
                     (ffn_dim, dim),
                     (1.0 / dim as f64).sqrt(),
                 )?,
-                ffn1_b: p.uniform(&n("ffn.0.bias"), ffn_dim, (1.0 / dim as f64).sqrt())?,
+                ffn1_b: p.uniform(&n("linear1.bias"), ffn_dim, (1.0 / dim as f64).sqrt())?,
                 ffn2_w: p.uniform(
-                    &n("ffn.1.weight"),
+                    &n("linear2.weight"),
                     (dim, ffn_dim),
                     (1.0 / ffn_dim as f64).sqrt(),
                 )?,
-                ffn2_b: p.uniform(&n("ffn.1.bias"), dim, (1.0 / ffn_dim as f64).sqrt())?,
+                ffn2_b: p.uniform(&n("linear2.bias"), dim, (1.0 / ffn_dim as f64).sqrt())?,
             });
         }
         let final_ln = (
-            p.ones("encoder.final_ln.weight", dim)?,
-            p.zeros("encoder.final_ln.bias", dim)?,
+            p.ones("encoder.norm.weight", dim)?,
+            p.zeros("encoder.norm.bias", dim)?,
         );
         Ok(TransformerEncoder {
             pos,
@@ -147,7 +152,7 @@ impl TransformerEncoder {
             let attn = linear(&attn, &blk.out_proj_w, &blk.out_proj_b)?;
             x = (x + dropout.apply(&attn, mode)?)?;
             let y = layer_norm(&x, &blk.ln2)?;
-            let y = linear(&y, &blk.ffn1_w, &blk.ffn1_b)?.gelu()?;
+            let y = linear(&y, &blk.ffn1_w, &blk.ffn1_b)?.gelu_erf()?;
             let y = linear(&y, &blk.ffn2_w, &blk.ffn2_b)?;
             x = (x + dropout.apply(&y, mode)?)?;
         }

@@ -11,9 +11,8 @@ pub struct EvalMetrics {
     pub loss: f64,
     /// Fraction of sessions whose arg-max class equals the label.
     pub accuracy: f64,
-    /// Unweighted mean over classes of F1; a class with neither labels nor predictions is
-    /// left out of the mean (as scikit-learn's `zero_division` handling would make it 0, we
-    /// say so explicitly: such classes do not count).
+    /// Unweighted mean of per-class F1 over the classes present in the labels or the
+    /// predictions: scikit-learn's `f1_score(average="macro")` with default `labels`.
     pub macro_f1: f64,
     /// `confusion[true][predicted]` counts.
     pub confusion: Vec<Vec<u64>>,

@@ -184,7 +184,8 @@ pub fn train(
         cfg.momentum,
         cfg.weight_decay,
     )?;
-    let mut shuffle_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    // Streams separate from each other and from parameter initialisation (which uses `seed`).
+    let mut shuffle_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed_5bff_1e00_0001);
     let mut dropout_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed_d20b_0000_0001);
     let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
     let mut reports = Vec::new();
