@@ -51,7 +51,9 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// `dst (m×n, row stride dst_rs) = [dst +] lhs · rhs`, single-threaded.
+/// `dst (m×n, row stride dst_rs) = [dst +] lhs · rhs`, on `threads` threads of the current
+/// rayon pool (1 = the calling thread only). gemm splits the output, never the inner
+/// dimension, so the result does not depend on `threads`.
 ///
 /// Panics if a view reaches outside its slice: the callers build views from shapes they
 /// have checked, so an out-of-bounds view is a bug, never bad input.
@@ -61,6 +63,7 @@ pub(crate) fn matmul_into(
     lhs: MatRef<'_>,
     rhs: MatRef<'_>,
     accumulate: bool,
+    threads: usize,
 ) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(k, rhs.rows, "inner dimensions differ");
@@ -103,7 +106,11 @@ pub(crate) fn matmul_into(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
         );
     }
 }
@@ -184,6 +191,7 @@ mod tests {
             MatRef::dense(&a, m, k),
             MatRef::dense(&bt, n, k).t(),
             true,
+            1,
         );
         for r in 0..m {
             for c in 0..n {

@@ -36,6 +36,8 @@ struct Cache {
     gates: Vec<f32>,
     /// Cell states (B, T, H).
     cells: Vec<f32>,
+    /// tanh of the cell states (B, T, H), so the backward pass need not recompute it.
+    tanh_cells: Vec<f32>,
 }
 
 impl FusedLstm {
@@ -126,19 +128,25 @@ impl CustomOp3 for FusedLstm {
             }
         }
         let mut cells = vec![0f32; b * t * h];
+        let mut tanh_cells = vec![0f32; b * t * h];
         let mut hs = vec![0f32; b * t * h];
         let rows = ROWS_PER_CHUNK;
         kernel_pool().install(|| {
             gates
                 .par_chunks_mut(rows * t * 4 * h)
                 .zip(cells.par_chunks_mut(rows * t * h))
+                .zip(tanh_cells.par_chunks_mut(rows * t * h))
                 .zip(hs.par_chunks_mut(rows * t * h))
                 .zip(mask.par_chunks(rows * t))
-                .for_each(|(((gates, cells), hs), mask)| {
-                    forward_rows(gates, cells, hs, mask, w_ext, t, h);
+                .for_each(|((((gates, cells), tanh_cells), hs), mask)| {
+                    forward_rows(gates, cells, tanh_cells, hs, mask, w_ext, t, h);
                 })
         });
-        *self.cache.lock().expect("fused lstm cache poisoned") = Some(Cache { gates, cells });
+        *self.cache.lock().expect("fused lstm cache poisoned") = Some(Cache {
+            gates,
+            cells,
+            tanh_cells,
+        });
         Ok((CpuStorage::F32(hs), Shape::from((b, t, h))))
     }
 
@@ -168,10 +176,11 @@ impl CustomOp3 for FusedLstm {
                 .par_chunks_mut(rows * t * 4 * h)
                 .zip(cache.gates.par_chunks(rows * t * 4 * h))
                 .zip(cache.cells.par_chunks(rows * t * h))
+                .zip(cache.tanh_cells.par_chunks(rows * t * h))
                 .zip(grad.par_chunks(rows * t * h))
                 .zip(mask_v.par_chunks(rows * t))
-                .for_each(|((((dgates, gates), cells), grad), mask)| {
-                    backward_rows(dgates, gates, cells, grad, mask, &w, t, h);
+                .for_each(|(((((dgates, gates), cells), tanh_cells), grad), mask)| {
+                    backward_rows(dgates, gates, cells, tanh_cells, grad, mask, &w, t, h);
                 })
         });
 
@@ -192,7 +201,8 @@ impl CustomOp3 for FusedLstm {
         let mut dw = vec![0f32; 4 * h * he];
         let dg = MatRef::dense(&dgates, b * t, 4 * h);
         let hp = MatRef::dense(&h_prev, b * t, he);
-        matmul_into(&mut dw, he, dg.t(), hp, false);
+        let pool = kernel_pool();
+        pool.install(|| matmul_into(&mut dw, he, dg.t(), hp, false, pool.current_num_threads()));
 
         let dev = res.device();
         let dxproj = Tensor::from_vec(dgates, (b, t, 4 * h), dev)?;
@@ -226,10 +236,12 @@ macro_rules! multiversion {
 }
 
 multiversion!(forward_rows, forward_rows_generic, (
-    gates: &mut [f32], cells: &mut [f32], hs: &mut [f32], mask: &[f32], w_ext: &[f32], t: usize, h: usize,
+    gates: &mut [f32], cells: &mut [f32], tanh_cells: &mut [f32], hs: &mut [f32],
+    mask: &[f32], w_ext: &[f32], t: usize, h: usize,
 ));
 multiversion!(backward_rows, backward_rows_generic, (
-    dgates: &mut [f32], gates: &[f32], cells: &[f32], grad: &[f32], mask: &[f32], w_ext: &[f32], t: usize, h: usize,
+    dgates: &mut [f32], gates: &[f32], cells: &[f32], tanh_cells: &[f32], grad: &[f32],
+    mask: &[f32], w_ext: &[f32], t: usize, h: usize,
 ));
 
 /// The (4H, H) W_hh part of the (4H, H+1) `[W_hh | bias]` matrix.
@@ -246,9 +258,11 @@ fn w_hh_view(w_ext: &[f32], h: usize) -> MatRef<'_> {
 /// Forward recurrence for a block of rows; `gates` holds x-projections on entry and
 /// activated gates on exit.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn forward_rows_generic(
     gates: &mut [f32],
     cells: &mut [f32],
+    tanh_cells: &mut [f32],
     hs: &mut [f32],
     mask: &[f32],
     w_ext: &[f32],
@@ -267,7 +281,7 @@ fn forward_rows_generic(
                 row_stride: t * h,
                 col_stride: 1,
             };
-            matmul_into(&mut gates[step * 4 * h..], t * 4 * h, prev, w_t, true);
+            matmul_into(&mut gates[step * 4 * h..], t * 4 * h, prev, w_t, true, 1);
         }
         for r in 0..rows {
             let at = r * t + step;
@@ -311,8 +325,16 @@ fn forward_rows_generic(
                     *c = i * g;
                 }
             }
-            for ((hv, &c), &o) in hs[idx..idx + h].iter_mut().zip(c_now.iter()).zip(go.iter()) {
-                *hv = o * tanh(c);
+            let tc_now = &mut tanh_cells[idx..idx + h];
+            for (tc, &c) in tc_now.iter_mut().zip(c_now.iter()) {
+                *tc = tanh(c);
+            }
+            for ((hv, &tc), &o) in hs[idx..idx + h]
+                .iter_mut()
+                .zip(tc_now.iter())
+                .zip(go.iter())
+            {
+                *hv = o * tc;
             }
         }
     }
@@ -326,6 +348,7 @@ fn backward_rows_generic(
     dgates: &mut [f32],
     gates: &[f32],
     cells: &[f32],
+    tanh_cells: &[f32],
     grad: &[f32],
     mask: &[f32],
     w_ext: &[f32],
@@ -365,7 +388,7 @@ fn backward_rows_generic(
             let (dg, dout) = rest.split_at_mut(h);
             let dout = &mut dout[..h];
             // Every slice below has length exactly h, so the loop runs without bounds checks.
-            let c_now = &cells[idx..idx + h];
+            let tc_now = &tanh_cells[idx..idx + h];
             let c_prev = if step > 0 {
                 &cells[idx - h..idx]
             } else {
@@ -375,7 +398,7 @@ fn backward_rows_generic(
             let dh_r = &dh_r[..h];
             for j in 0..h {
                 let (i, f, g, o) = (gi[j], gf[j], gg[j], go[j]);
-                let tc = tanh(c_now[j]);
+                let tc = tc_now[j];
                 let dho = dh_r[j];
                 let dc = dc_r[j] + dho * o * (1.0 - tc * tc);
                 di[j] = dc * g * i * (1.0 - i);
@@ -393,7 +416,7 @@ fn backward_rows_generic(
             row_stride: t * 4 * h,
             col_stride: 1,
         };
-        matmul_into(&mut dh_next, h, dg, w, false);
+        matmul_into(&mut dh_next, h, dg, w, false, 1);
         for r in 0..rows {
             if mask[r * t + step] == 0.0 {
                 dh_next[r * h..(r + 1) * h].copy_from_slice(&dh[r * h..(r + 1) * h]);
