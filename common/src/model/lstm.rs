@@ -16,17 +16,21 @@ use super::kernels::{MatRef, matmul_into, sigmoid, tanh};
 
 /// Fused LSTM recurrence over a whole (left-padded) batch.
 ///
-/// Inputs: `xproj` (B, T, 4H) = x·W_ihᵀ precomputed for every step; `w_ext` (4H, H+1), which
-/// is W_hh with the summed bias b_ih + b_hh as an extra column (so the bias gradient comes out
-/// of the same matmul as ∂W_hh, instead of a slow strided reduction in candle's backward);
-/// `mask` (B, T) with 1 for real steps and 0 for padding. Output: hidden states (B, T, H). The forward pass caches gate activations and cell states inside the op, so the
-/// backward pass is one reverse sweep plus one large matmul for ∂W_hh.
+/// Arguments: `x` (B, T, I) — the layer's input — or, when `input == 0`, `xproj` (B, T, 4H),
+/// the input already projected (the first layer gathers it from a folded embedding table);
+/// `w_all` (4H, I+H+1) = `[W_ih | W_hh | b_ih + b_hh]`, one matrix so that the gradients of
+/// all three come out of a single matmul (instead of separate products and a slow strided
+/// reduction for the bias in candle's backward); `mask` (B, T) with 1 for real steps and 0
+/// for padding. Output: hidden states (B, T, H).
 ///
-/// Work is split across rayon threads by batch rows (rows are independent in the
-/// recurrence); each thread runs single-threaded matmuls on its rows.
+/// The forward pass caches gate activations and cell states inside the op, so the backward
+/// pass is one reverse sweep plus one large matmul for ∂w_all. Work is split by batch rows
+/// (independent in the recurrence) into fixed chunks run on the kernel pool; each chunk does
+/// its own input projection, recurrence and input gradient with single-threaded matmuls.
 #[derive(Debug)]
 pub(crate) struct FusedLstm {
     hidden: usize,
+    input: usize,
     cache: Mutex<Option<Cache>>,
 }
 
@@ -41,10 +45,25 @@ struct Cache {
 }
 
 impl FusedLstm {
-    pub(crate) fn new(hidden: usize) -> Self {
+    fn new(hidden: usize, input: usize) -> Self {
         FusedLstm {
             hidden,
+            input,
             cache: Mutex::new(None),
+        }
+    }
+
+    /// Row width of `w_all`.
+    fn width(&self) -> usize {
+        self.input + self.hidden + 1
+    }
+
+    /// Width of the first argument's rows.
+    fn arg_width(&self) -> usize {
+        if self.input == 0 {
+            4 * self.hidden
+        } else {
+            self.input
         }
     }
 }
@@ -105,28 +124,26 @@ impl CustomOp3 for FusedLstm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let h = self.hidden;
-        let (b, t, g4) = l1.shape().dims3()?;
-        if g4 != 4 * h || l2.shape().dims() != [4 * h, h + 1] || l3.shape().dims() != [b, t] {
+        let (h, input, wd, d) = (self.hidden, self.input, self.width(), self.arg_width());
+        let (b, t, d_got) = l1.shape().dims3()?;
+        if d_got != d || l2.shape().dims() != [4 * h, wd] || l3.shape().dims() != [b, t] {
             bail!(
-                "fused lstm: shapes xproj {:?}, w_ext {:?}, mask {:?} do not fit hidden size {h}",
+                "fused lstm: shapes input {:?}, w_all {:?}, mask {:?} do not fit input {input}, hidden {h}",
                 l1.shape(),
                 l2.shape(),
                 l3.shape()
             );
         }
-        let xproj = cpu_f32(s1, l1, "xproj")?;
-        let w_ext = cpu_f32(s2, l2, "w_ext")?;
+        let x = cpu_f32(s1, l1, "input")?;
+        let w = cpu_f32(s2, l2, "w_all")?;
         let mask = cpu_f32(s3, l3, "mask")?;
+        let bias: Vec<f32> = (0..4 * h).map(|k| w[k * wd + input + h]).collect();
 
-        // gates start as xproj + bias (the bias is w_ext's last column).
-        let mut gates = xproj.to_vec();
-        let bias: Vec<f32> = (0..4 * h).map(|k| w_ext[k * (h + 1) + h]).collect();
-        for row in gates.chunks_exact_mut(4 * h) {
-            for (g, b) in row.iter_mut().zip(&bias) {
-                *g += b;
-            }
-        }
+        let mut gates = if input == 0 {
+            x.to_vec()
+        } else {
+            vec![0f32; b * t * 4 * h]
+        };
         let mut cells = vec![0f32; b * t * h];
         let mut tanh_cells = vec![0f32; b * t * h];
         let mut hs = vec![0f32; b * t * h];
@@ -134,12 +151,23 @@ impl CustomOp3 for FusedLstm {
         kernel_pool().install(|| {
             gates
                 .par_chunks_mut(rows * t * 4 * h)
+                .zip(x.par_chunks(rows * t * d))
                 .zip(cells.par_chunks_mut(rows * t * h))
                 .zip(tanh_cells.par_chunks_mut(rows * t * h))
                 .zip(hs.par_chunks_mut(rows * t * h))
                 .zip(mask.par_chunks(rows * t))
-                .for_each(|((((gates, cells), tanh_cells), hs), mask)| {
-                    forward_rows(gates, cells, tanh_cells, hs, mask, w_ext, t, h);
+                .for_each(|(((((gates, x), cells), tanh_cells), hs), mask)| {
+                    if input > 0 {
+                        // gates = x · W_ihᵀ for every (row, step) of the chunk at once.
+                        let xm = MatRef::dense(x, mask.len(), input);
+                        matmul_into(gates, 4 * h, xm, w_ih_view(w, input, h).t(), false, 1);
+                    }
+                    for row in gates.chunks_exact_mut(4 * h) {
+                        for (g, b) in row.iter_mut().zip(&bias) {
+                            *g += b;
+                        }
+                    }
+                    forward_rows(gates, cells, tanh_cells, hs, mask, w, input, t, h);
                 })
         });
         *self.cache.lock().expect("fused lstm cache poisoned") = Some(Cache {
@@ -152,62 +180,87 @@ impl CustomOp3 for FusedLstm {
 
     fn bwd(
         &self,
-        _xproj: &Tensor,
-        w_ext: &Tensor,
+        x: &Tensor,
+        w_all: &Tensor,
         mask: &Tensor,
         res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let h = self.hidden;
+        let (h, input, wd, d) = (self.hidden, self.input, self.width(), self.arg_width());
         let (b, t, _) = res.dims3()?;
         let cache = self.cache.lock().expect("fused lstm cache poisoned");
         let Some(cache) = cache.as_ref() else {
             bail!("fused lstm: backward called before forward")
         };
-        let w = w_ext.flatten_all()?.to_vec1::<f32>()?;
+        let w = w_all.flatten_all()?.to_vec1::<f32>()?;
         let mask_v = mask.flatten_all()?.to_vec1::<f32>()?;
         let hs = res.flatten_all()?.to_vec1::<f32>()?;
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
 
         let mut dgates = vec![0f32; b * t * 4 * h];
+        // With input == 0 there is no ∂x to compute, but `dx` still needs one chunk per row
+        // chunk (a zipped iterator stops at its shortest part), so it gets one unused float
+        // per (row, step).
+        let dx_width = input.max(1);
+        let mut dx = vec![0f32; b * t * dx_width];
         let rows = ROWS_PER_CHUNK;
         kernel_pool().install(|| {
             dgates
                 .par_chunks_mut(rows * t * 4 * h)
+                .zip(dx.par_chunks_mut(rows * t * dx_width))
                 .zip(cache.gates.par_chunks(rows * t * 4 * h))
                 .zip(cache.cells.par_chunks(rows * t * h))
                 .zip(cache.tanh_cells.par_chunks(rows * t * h))
                 .zip(grad.par_chunks(rows * t * h))
                 .zip(mask_v.par_chunks(rows * t))
-                .for_each(|(((((dgates, gates), cells), tanh_cells), grad), mask)| {
-                    backward_rows(dgates, gates, cells, tanh_cells, grad, mask, &w, t, h);
-                })
+                .for_each(
+                    |((((((dgates, dx), gates), cells), tanh_cells), grad), mask)| {
+                        backward_rows(
+                            dgates, gates, cells, tanh_cells, grad, mask, &w, input, t, h,
+                        );
+                        if input > 0 {
+                            // ∂x = ∂gates · W_ih for the chunk's (row, step) pairs at once.
+                            let dg = MatRef::dense(dgates, mask.len(), 4 * h);
+                            matmul_into(dx, input, dg, w_ih_view(&w, input, h), false, 1);
+                        }
+                    },
+                )
         });
 
-        // ∂[W_hh | bias] = Σ_{b,t} dgates[b,t]ᵀ · [h[b,t-1] | 1]: one matmul over all (b, t)
+        // ∂w_all = Σ_{b,t} dgates[b,t]ᵀ · [x[b,t] | h[b,t-1] | 1]: one matmul over all (b, t)
         // pairs, with the hidden states shifted by one step (zero before the first step) and
         // a column of ones that turns the bias gradient into part of the same product.
-        let he = h + 1;
-        let mut h_prev = vec![0f32; b * t * he];
+        let xs = if input > 0 {
+            x.flatten_all()?.to_vec1::<f32>()?
+        } else {
+            Vec::new()
+        };
+        let mut z = vec![0f32; b * t * wd];
         for r in 0..b {
             for s in 0..t {
-                let row = &mut h_prev[(r * t + s) * he..(r * t + s + 1) * he];
+                let at = r * t + s;
+                let row = &mut z[at * wd..(at + 1) * wd];
+                row[..input].copy_from_slice(&xs[at * input..(at + 1) * input]);
                 if s > 0 {
-                    row[..h].copy_from_slice(&hs[(r * t + s - 1) * h..(r * t + s) * h]);
+                    row[input..input + h].copy_from_slice(&hs[(at - 1) * h..at * h]);
                 }
-                row[h] = 1.0;
+                row[input + h] = 1.0;
             }
         }
-        let mut dw = vec![0f32; 4 * h * he];
+        let mut dw = vec![0f32; 4 * h * wd];
         let dg = MatRef::dense(&dgates, b * t, 4 * h);
-        let hp = MatRef::dense(&h_prev, b * t, he);
+        let zm = MatRef::dense(&z, b * t, wd);
         let pool = kernel_pool();
-        pool.install(|| matmul_into(&mut dw, he, dg.t(), hp, false, pool.current_num_threads()));
+        pool.install(|| matmul_into(&mut dw, wd, dg.t(), zm, false, pool.current_num_threads()));
 
         let dev = res.device();
-        let dxproj = Tensor::from_vec(dgates, (b, t, 4 * h), dev)?;
-        let dw = Tensor::from_vec(dw, (4 * h, he), dev)?;
-        Ok((Some(dxproj), Some(dw), None))
+        let dinput = if input > 0 {
+            Tensor::from_vec(dx, (b, t, d), dev)?
+        } else {
+            Tensor::from_vec(dgates, (b, t, d), dev)?
+        };
+        let dw = Tensor::from_vec(dw, (4 * h, wd), dev)?;
+        Ok((Some(dinput), Some(dw), None))
     }
 }
 
@@ -237,20 +290,31 @@ macro_rules! multiversion {
 
 multiversion!(forward_rows, forward_rows_generic, (
     gates: &mut [f32], cells: &mut [f32], tanh_cells: &mut [f32], hs: &mut [f32],
-    mask: &[f32], w_ext: &[f32], t: usize, h: usize,
+    mask: &[f32], w_all: &[f32], input: usize, t: usize, h: usize,
 ));
 multiversion!(backward_rows, backward_rows_generic, (
     dgates: &mut [f32], gates: &[f32], cells: &[f32], tanh_cells: &[f32], grad: &[f32],
-    mask: &[f32], w_ext: &[f32], t: usize, h: usize,
+    mask: &[f32], w_all: &[f32], input: usize, t: usize, h: usize,
 ));
 
-/// The (4H, H) W_hh part of the (4H, H+1) `[W_hh | bias]` matrix.
-fn w_hh_view(w_ext: &[f32], h: usize) -> MatRef<'_> {
+/// The (4H, I) W_ih part of the (4H, I+H+1) `[W_ih | W_hh | bias]` matrix.
+fn w_ih_view(w_all: &[f32], input: usize, h: usize) -> MatRef<'_> {
     MatRef {
-        data: w_ext,
+        data: w_all,
+        rows: 4 * h,
+        cols: input,
+        row_stride: input + h + 1,
+        col_stride: 1,
+    }
+}
+
+/// The (4H, H) W_hh part of the (4H, I+H+1) `[W_ih | W_hh | bias]` matrix.
+fn w_hh_view(w_all: &[f32], input: usize, h: usize) -> MatRef<'_> {
+    MatRef {
+        data: &w_all[input..],
         rows: 4 * h,
         cols: h,
-        row_stride: h + 1,
+        row_stride: input + h + 1,
         col_stride: 1,
     }
 }
@@ -265,12 +329,13 @@ fn forward_rows_generic(
     tanh_cells: &mut [f32],
     hs: &mut [f32],
     mask: &[f32],
-    w_ext: &[f32],
+    w_all: &[f32],
+    input: usize,
     t: usize,
     h: usize,
 ) {
     let rows = mask.len() / t;
-    let w_t = w_hh_view(w_ext, h).t();
+    let w_t = w_hh_view(w_all, input, h).t();
     for step in 0..t {
         if step > 0 {
             // gates[:, step] += h[:, step-1] · W_hhᵀ
@@ -351,12 +416,13 @@ fn backward_rows_generic(
     tanh_cells: &[f32],
     grad: &[f32],
     mask: &[f32],
-    w_ext: &[f32],
+    w_all: &[f32],
+    input: usize,
     t: usize,
     h: usize,
 ) {
     let rows = mask.len() / t;
-    let w = w_hh_view(w_ext, h);
+    let w = w_hh_view(w_all, input, h);
     let mut dh_next = vec![0f32; rows * h];
     let mut dc_next = vec![0f32; rows * h];
     let mut dh = vec![0f32; rows * h];
@@ -425,22 +491,44 @@ fn backward_rows_generic(
     }
 }
 
-/// Runs the fused recurrence: `xproj` (B, T, 4H) without bias, `w_hh` (4H, H), `bias`
-/// (4H) = b_ih + b_hh, `mask` (B, T) → hidden states (B, T, H).
-pub(crate) fn fused_lstm(
+/// Runs the fused LSTM on an already projected input: `xproj` (B, T, 4H) without bias,
+/// `w_hh` (4H, H), `bias` (4H) = b_ih + b_hh, `mask` (B, T) → hidden states (B, T, H).
+pub(crate) fn fused_lstm_projected(
     xproj: &Tensor,
     w_hh: &Tensor,
     bias: &Tensor,
     mask: &Tensor,
 ) -> candle_core::Result<Tensor> {
     let h = w_hh.dim(1)?;
-    if xproj.dtype() != DType::F32 {
-        bail!("fused lstm runs in f32 only, got {:?}", xproj.dtype());
+    let w_all = Tensor::cat(&[w_hh, &bias.unsqueeze(1)?], 1)?;
+    run_fused(xproj, &w_all, mask, FusedLstm::new(h, 0))
+}
+
+/// Runs the fused LSTM on a layer input `x` (B, T, I), projecting it inside the op:
+/// `w_ih` (4H, I), `w_hh` (4H, H), `bias` (4H), `mask` (B, T) → hidden states (B, T, H).
+pub(crate) fn fused_lstm(
+    x: &Tensor,
+    w_ih: &Tensor,
+    w_hh: &Tensor,
+    bias: &Tensor,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let h = w_hh.dim(1)?;
+    let w_all = Tensor::cat(&[w_ih, w_hh, &bias.unsqueeze(1)?], 1)?;
+    run_fused(x, &w_all, mask, FusedLstm::new(h, w_ih.dim(1)?))
+}
+
+fn run_fused(
+    x: &Tensor,
+    w_all: &Tensor,
+    mask: &Tensor,
+    op: FusedLstm,
+) -> candle_core::Result<Tensor> {
+    if x.dtype() != DType::F32 {
+        bail!("fused lstm runs in f32 only, got {:?}", x.dtype());
     }
-    let w_ext = Tensor::cat(&[w_hh, &bias.unsqueeze(1)?], 1)?;
-    xproj
-        .contiguous()?
-        .apply_op3(&w_ext, &mask.contiguous()?, FusedLstm::new(h))
+    x.contiguous()?
+        .apply_op3(&w_all.contiguous()?, &mask.contiguous()?, op)
 }
 
 /// Reference LSTM recurrence from ordinary candle ops, one step at a time.

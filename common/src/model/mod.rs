@@ -295,22 +295,23 @@ impl AttentionFlowModel {
         let (b, t, h) = (batch.size, batch.steps, self.config.hidden_size);
         let mut hs: Option<Tensor> = None;
         for layer in layers {
-            // Biases are added inside the fused op (see `lstm::FusedLstm`).
-            let xproj = match &hs {
-                None => self
-                    .embedding
-                    .matmul(&layer.w_ih.t()?)?
-                    .index_select(&batch.ids.flatten_all()?, 0)?
-                    .reshape((b, t, 4 * h))?,
-                Some(prev) => self
-                    .dropout
-                    .apply(prev, mode)?
-                    .reshape((b * t, h))?
-                    .matmul(&layer.w_ih.t()?)?
-                    .reshape((b, t, 4 * h))?,
-            };
             let bias = (&layer.b_ih + &layer.b_hh)?;
-            hs = Some(lstm::fused_lstm(&xproj, &layer.w_hh, &bias, mask)?);
+            hs = Some(match &hs {
+                // First layer: the input projection is a gather from the folded table.
+                None => {
+                    let xproj = self
+                        .embedding
+                        .matmul(&layer.w_ih.t()?)?
+                        .index_select(&batch.ids.flatten_all()?, 0)?
+                        .reshape((b, t, 4 * h))?;
+                    lstm::fused_lstm_projected(&xproj, &layer.w_hh, &bias, mask)?
+                }
+                // Later layers project their (dropped-out) input inside the fused op.
+                Some(prev) => {
+                    let x = self.dropout.apply(prev, mode)?;
+                    lstm::fused_lstm(&x, &layer.w_ih, &layer.w_hh, &bias, mask)?
+                }
+            });
         }
         let hs = hs.expect("at least one layer (validated)");
         Ok(hs.narrow(1, t - 1, 1)?.squeeze(1)?)
