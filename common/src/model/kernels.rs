@@ -115,6 +115,108 @@ pub(crate) fn matmul_into(
     }
 }
 
+/// Columns per register block of [`small_matmul`]: 4 AVX vectors.
+const NB: usize = 32;
+
+/// `dst[r][..n] (+)= Σ_k a[r][k] · b[k][..n]` for `m` rows, with `a` rows `a_rs` apart, `dst`
+/// rows `dst_rs` apart and `b` packed row-major (k × n).
+///
+/// Written for the LSTM's per-step products (16 rows × 64 × 256): a general gemm packs its
+/// operands on every call, which costs as much as the arithmetic at this size, while here
+/// the weight matrix is packed once per pass and each 2-row × 32-column block of the result
+/// stays in registers for the whole k loop. `FMA` selects fused multiply-adds, for callers
+/// compiled with the `fma` target feature (without it `mul_add` is a slow library call).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn small_matmul<const FMA: bool>(
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: &[f32],
+    a_rs: usize,
+    m: usize,
+    k: usize,
+    b: &[f32],
+    n: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(b.len() >= k * n, "packed matrix too short");
+    assert!((m - 1) * a_rs + k <= a.len(), "lhs view out of bounds");
+    assert!(
+        (m - 1) * dst_rs + n <= dst.len(),
+        "destination view out of bounds"
+    );
+    #[inline(always)]
+    fn madd<const FMA: bool>(x: f32, w: f32, acc: f32) -> f32 {
+        if FMA { x.mul_add(w, acc) } else { x * w + acc }
+    }
+    #[inline(always)]
+    fn store(dst: &mut [f32], acc: &[f32], accumulate: bool) {
+        if accumulate {
+            for (d, v) in dst.iter_mut().zip(acc) {
+                *d += v;
+            }
+        } else {
+            dst.copy_from_slice(acc);
+        }
+    }
+    let mut r = 0;
+    while r < m {
+        let two = r + 1 < m;
+        let a0 = &a[r * a_rs..r * a_rs + k];
+        let a1 = if two {
+            &a[(r + 1) * a_rs..(r + 1) * a_rs + k]
+        } else {
+            a0
+        };
+        let mut c = 0;
+        while c + NB <= n {
+            let mut acc0 = [0f32; NB];
+            let mut acc1 = [0f32; NB];
+            for kk in 0..k {
+                let w: &[f32; NB] = b[kk * n + c..kk * n + c + NB]
+                    .try_into()
+                    .expect("block of NB");
+                let (x0, x1) = (a0[kk], a1[kk]);
+                for j in 0..NB {
+                    acc0[j] = madd::<FMA>(x0, w[j], acc0[j]);
+                    acc1[j] = madd::<FMA>(x1, w[j], acc1[j]);
+                }
+            }
+            store(
+                &mut dst[r * dst_rs + c..r * dst_rs + c + NB],
+                &acc0,
+                accumulate,
+            );
+            if two {
+                store(
+                    &mut dst[(r + 1) * dst_rs + c..(r + 1) * dst_rs + c + NB],
+                    &acc1,
+                    accumulate,
+                );
+            }
+            c += NB;
+        }
+        // Columns past the last full block (hidden sizes that are not multiples of 8).
+        for cc in c..n {
+            for (row, x) in [(r, a0), (r + 1, a1)]
+                .into_iter()
+                .take(if two { 2 } else { 1 })
+            {
+                let mut acc = 0f32;
+                for kk in 0..k {
+                    acc = madd::<FMA>(x[kk], b[kk * n + cc], acc);
+                }
+                let d = &mut dst[row * dst_rs + cc];
+                *d = if accumulate { *d + acc } else { acc };
+            }
+        }
+        r += 2;
+    }
+}
+
 /// Cephes-style `exp` for `f32`, vectorisable (no branches, no calls).
 ///
 /// Rounding to the nearest integer uses the 1.5·2²³ trick rather than `floor`, which is a
@@ -175,6 +277,46 @@ mod tests {
         assert_eq!(sigmoid(1e6), 1.0);
         assert_eq!(tanh(1e6), 1.0);
         assert_eq!(tanh(-1e6), -1.0);
+    }
+
+    #[test]
+    fn small_matmul_matches_naive_for_odd_sizes_and_both_modes() {
+        for (m, k, n) in [(1, 3, 5), (3, 7, 40), (16, 64, 256), (5, 2, 33)] {
+            let a_rs = k + 2;
+            let dst_rs = n + 3;
+            let a: Vec<f32> = (0..m * a_rs)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.2)
+                .collect();
+            for accumulate in [false, true] {
+                for fma in [false, true] {
+                    let mut dst = vec![0.5f32; m * dst_rs];
+                    if fma {
+                        small_matmul::<true>(&mut dst, dst_rs, &a, a_rs, m, k, &b, n, accumulate);
+                    } else {
+                        small_matmul::<false>(&mut dst, dst_rs, &a, a_rs, m, k, &b, n, accumulate);
+                    }
+                    for r in 0..m {
+                        for c in 0..n {
+                            let dot: f32 = (0..k).map(|j| a[r * a_rs + j] * b[j * n + c]).sum();
+                            let want = if accumulate { 0.5 + dot } else { dot };
+                            let got = dst[r * dst_rs + c];
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "{m}x{k}x{n} [{r},{c}]: {got} vs {want}"
+                            );
+                        }
+                        assert!(
+                            dst[r * dst_rs + n..r * dst_rs + dst_rs]
+                                .iter()
+                                .all(|&v| v == 0.5)
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::{Mutex, OnceLock};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::kernels::{MatRef, matmul_into, sigmoid, tanh};
+use super::kernels::{MatRef, matmul_into, sigmoid, small_matmul, tanh};
 
 /// Fused LSTM recurrence over a whole (left-padded) batch.
 ///
@@ -138,6 +138,13 @@ impl CustomOp3 for FusedLstm {
         let w = cpu_f32(s2, l2, "w_all")?;
         let mask = cpu_f32(s3, l3, "mask")?;
         let bias: Vec<f32> = (0..4 * h).map(|k| w[k * wd + input + h]).collect();
+        // W_hhᵀ packed (H × 4H) once for all steps' products.
+        let mut w_hh_t = vec![0f32; h * 4 * h];
+        for g in 0..4 * h {
+            for j in 0..h {
+                w_hh_t[j * 4 * h + g] = w[g * wd + input + j];
+            }
+        }
 
         let mut gates = if input == 0 {
             x.to_vec()
@@ -167,7 +174,7 @@ impl CustomOp3 for FusedLstm {
                             *g += b;
                         }
                     }
-                    forward_rows(gates, cells, tanh_cells, hs, mask, w, input, t, h);
+                    forward_rows(gates, cells, tanh_cells, hs, mask, &w_hh_t, t, h);
                 })
         });
         *self.cache.lock().expect("fused lstm cache poisoned") = Some(Cache {
@@ -196,6 +203,10 @@ impl CustomOp3 for FusedLstm {
         let mask_v = mask.flatten_all()?.to_vec1::<f32>()?;
         let hs = res.flatten_all()?.to_vec1::<f32>()?;
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        // W_hh packed (4H × H) once for all steps' products.
+        let w_hh: Vec<f32> = (0..4 * h)
+            .flat_map(|g| w[g * wd + input..g * wd + input + h].iter().copied())
+            .collect();
 
         let mut dgates = vec![0f32; b * t * 4 * h];
         // With input == 0 there is no ∂x to compute, but `dx` still needs one chunk per row
@@ -215,9 +226,7 @@ impl CustomOp3 for FusedLstm {
                 .zip(mask_v.par_chunks(rows * t))
                 .for_each(
                     |((((((dgates, dx), gates), cells), tanh_cells), grad), mask)| {
-                        backward_rows(
-                            dgates, gates, cells, tanh_cells, grad, mask, &w, input, t, h,
-                        );
+                        backward_rows(dgates, gates, cells, tanh_cells, grad, mask, &w_hh, t, h);
                         if input > 0 {
                             // ∂x = ∂gates · W_ih for the chunk's (row, step) pairs at once.
                             let dg = MatRef::dense(dgates, mask.len(), 4 * h);
@@ -275,7 +284,7 @@ macro_rules! multiversion {
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) {
-                    $generic($($arg),*)
+                    $generic::<true>($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                     // SAFETY: the running CPU supports the enabled features.
@@ -283,18 +292,18 @@ macro_rules! multiversion {
                     return;
                 }
             }
-            $generic($($arg),*)
+            $generic::<false>($($arg),*)
         }
     };
 }
 
 multiversion!(forward_rows, forward_rows_generic, (
     gates: &mut [f32], cells: &mut [f32], tanh_cells: &mut [f32], hs: &mut [f32],
-    mask: &[f32], w_all: &[f32], input: usize, t: usize, h: usize,
+    mask: &[f32], w_hh_t: &[f32], t: usize, h: usize,
 ));
 multiversion!(backward_rows, backward_rows_generic, (
     dgates: &mut [f32], gates: &[f32], cells: &[f32], tanh_cells: &[f32], grad: &[f32],
-    mask: &[f32], w_all: &[f32], input: usize, t: usize, h: usize,
+    mask: &[f32], w_hh: &[f32], t: usize, h: usize,
 ));
 
 /// The (4H, I) W_ih part of the (4H, I+H+1) `[W_ih | W_hh | bias]` matrix.
@@ -308,45 +317,35 @@ fn w_ih_view(w_all: &[f32], input: usize, h: usize) -> MatRef<'_> {
     }
 }
 
-/// The (4H, H) W_hh part of the (4H, I+H+1) `[W_ih | W_hh | bias]` matrix.
-fn w_hh_view(w_all: &[f32], input: usize, h: usize) -> MatRef<'_> {
-    MatRef {
-        data: &w_all[input..],
-        rows: 4 * h,
-        cols: h,
-        row_stride: input + h + 1,
-        col_stride: 1,
-    }
-}
-
 /// Forward recurrence for a block of rows; `gates` holds x-projections on entry and
 /// activated gates on exit.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn forward_rows_generic(
+fn forward_rows_generic<const FMA: bool>(
     gates: &mut [f32],
     cells: &mut [f32],
     tanh_cells: &mut [f32],
     hs: &mut [f32],
     mask: &[f32],
-    w_all: &[f32],
-    input: usize,
+    w_hh_t: &[f32],
     t: usize,
     h: usize,
 ) {
     let rows = mask.len() / t;
-    let w_t = w_hh_view(w_all, input, h).t();
     for step in 0..t {
         if step > 0 {
             // gates[:, step] += h[:, step-1] · W_hhᵀ
-            let prev = MatRef {
-                data: &hs[(step - 1) * h..],
+            small_matmul::<FMA>(
+                &mut gates[step * 4 * h..],
+                t * 4 * h,
+                &hs[(step - 1) * h..],
+                t * h,
                 rows,
-                cols: h,
-                row_stride: t * h,
-                col_stride: 1,
-            };
-            matmul_into(&mut gates[step * 4 * h..], t * 4 * h, prev, w_t, true, 1);
+                h,
+                w_hh_t,
+                4 * h,
+                true,
+            );
         }
         for r in 0..rows {
             let at = r * t + step;
@@ -409,20 +408,18 @@ fn forward_rows_generic(
 /// which is also ∂loss/∂xproj.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn backward_rows_generic(
+fn backward_rows_generic<const FMA: bool>(
     dgates: &mut [f32],
     gates: &[f32],
     cells: &[f32],
     tanh_cells: &[f32],
     grad: &[f32],
     mask: &[f32],
-    w_all: &[f32],
-    input: usize,
+    w_hh: &[f32],
     t: usize,
     h: usize,
 ) {
     let rows = mask.len() / t;
-    let w = w_hh_view(w_all, input, h);
     let mut dh_next = vec![0f32; rows * h];
     let mut dc_next = vec![0f32; rows * h];
     let mut dh = vec![0f32; rows * h];
@@ -475,14 +472,17 @@ fn backward_rows_generic(
             }
         }
         // dh_next = dgates[:, step] · W_hh for real rows; padded rows pass dh through.
-        let dg = MatRef {
-            data: &dgates[step * 4 * h..],
+        small_matmul::<FMA>(
+            &mut dh_next,
+            h,
+            &dgates[step * 4 * h..],
+            t * 4 * h,
             rows,
-            cols: 4 * h,
-            row_stride: t * 4 * h,
-            col_stride: 1,
-        };
-        matmul_into(&mut dh_next, h, dg, w, false, 1);
+            4 * h,
+            w_hh,
+            h,
+            false,
+        );
         for r in 0..rows {
             if mask[r * t + step] == 0.0 {
                 dh_next[r * h..(r + 1) * h].copy_from_slice(&dh[r * h..(r + 1) * h]);
