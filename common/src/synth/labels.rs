@@ -56,7 +56,7 @@ pub(super) const EVENTS: [(&str, EventKind); 34] = [
     ("ticket_auto_reply", EventKind::Neutral),
 ];
 
-/// The synthetic event vocabulary in id order (the order of [`SynthFederation::event_names`]).
+/// The synthetic event vocabulary in id order (the order of [`SynthFederation::event_names`](super::SynthFederation::event_names)).
 pub const EVENT_NAMES: [&str; 34] = {
     let mut names = [""; 34];
     let mut i = 0;
