@@ -383,3 +383,42 @@ pub fn demo(
     fedflow_common::fsio::write_atomic(&out.join("demo.json"), json.as_bytes())?;
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_file_reads_both_tables_and_names_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train.toml");
+        std::fs::write(&path, "[model]\nencoder = \"gru\"\nhidden_size = 32\n\n[train]\nepochs = 3\noptimizer = \"sgd\"\n").unwrap();
+        let f = TrainFile::load(&path).unwrap();
+        assert_eq!(f.model.encoder, fedflow_common::model::EncoderKind::Gru);
+        assert_eq!(f.model.hidden_size, 32);
+        assert_eq!(f.model.embed_dim, ModelConfig::default().embed_dim);
+        assert_eq!(f.train.epochs, 3);
+
+        std::fs::write(&path, "[train]\nepohcs = 3\n").unwrap();
+        let err = TrainFile::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("train.toml") && err.contains("epohcs"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn evaluate_rejects_an_impossible_validation_fraction() {
+        let err = evaluate(
+            Path::new("nowhere"),
+            &[PathBuf::from("x.csv")],
+            EvalSplit::Validation,
+            2.0,
+            DeviceChoice::Cpu,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--val-fraction 2"), "{err}");
+    }
+}
