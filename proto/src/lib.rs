@@ -1,0 +1,25 @@
+//! `fedflow-proto`: the one crate that knows fedflow's wire protocol.
+//!
+//! - [`v1`]: code generated from `proto/fedflow/v1/*.proto` (messages, clients, servers).
+//! - [`transfer`]: chunked transfers of models and updates, with size limits and SHA-256
+//!   verification on the receiving side.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+//!
+//! Other crates convert between these wire types and their own at the boundary; nothing
+//! outside the coordinator's and client's gRPC layers should touch [`v1`] types.
+
+pub mod transfer;
+
+/// Generated fedflow.v1 protocol code.
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all
+)]
+pub mod v1 {
+    tonic::include_proto!("fedflow.v1");
+}
+
+/// Encoded `FileDescriptorSet` of fedflow.v1, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("fedflow_v1_descriptor");
