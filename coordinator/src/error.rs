@@ -1,0 +1,25 @@
+//! The one error type of `fedflow-coordinator`.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the coordinator library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An error from the shared core (parameters, aggregation, files).
+    #[error(transparent)]
+    Common(#[from] fedflow_common::Error),
+    /// The run configuration is invalid; the message names the field.
+    #[error("run config {path}: {reason}")]
+    Config {
+        /// The configuration file (or `<memory>`).
+        path: PathBuf,
+        /// What is wrong, naming the field.
+        reason: String,
+    },
+    /// The strategy could not act (e.g. nothing to aggregate).
+    #[error("strategy: {0}")]
+    Strategy(String),
+}
+
+/// Result alias for `fedflow-coordinator`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
