@@ -47,6 +47,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Group sessions of similar length into batches (less padding, same data per epoch).
     pub length_bucketing: bool,
+    /// FedProx proximal weight μ (Li et al. 2020, "Federated Optimization in Heterogeneous
+    /// Networks"): adds `μ/2 · ‖w − w₀‖²` to every step's loss, where `w₀` are the weights
+    /// training started from (the global model, in a federated round). 0 disables it.
+    pub fedprox_mu: f64,
 }
 
 impl Default for TrainConfig {
@@ -62,6 +66,7 @@ impl Default for TrainConfig {
             min_delta: 0.0,
             seed: 0,
             length_bucketing: true,
+            fedprox_mu: 0.0,
         }
     }
 }
@@ -90,6 +95,9 @@ impl TrainConfig {
                 "weight_decay",
                 format!("{} must be >= 0", self.weight_decay),
             );
+        }
+        if !(self.fedprox_mu.is_finite() && self.fedprox_mu >= 0.0) {
+            return bad("fedprox_mu", format!("{} must be >= 0", self.fedprox_mu));
         }
         if !(self.min_delta.is_finite() && self.min_delta >= 0.0) {
             return bad("min_delta", format!("{} must be >= 0", self.min_delta));
@@ -177,6 +185,15 @@ pub fn train(
         return Err(Error::Training("no training sessions".into()));
     }
     let vars = model.varmap().all_vars();
+    // FedProx anchor: the starting weights. `copy()` alone would stay in the autograd graph
+    // (its gradient would cancel the proximal term exactly), hence `detach()`.
+    let anchor: Vec<Tensor> = if cfg.fedprox_mu > 0.0 {
+        vars.iter()
+            .map(|v| Ok(v.as_tensor().copy()?.detach()))
+            .collect::<candle_core::Result<_>>()?
+    } else {
+        Vec::new()
+    };
     let mut optimizer = optim::Optimizer::new(
         cfg.optimizer,
         vars.clone(),
@@ -197,7 +214,14 @@ pub fn train(
         for idx in make_batches(train, cfg, &mut shuffle_rng) {
             let sessions: Vec<&EncodedSession> = idx.iter().map(|&i| &train[i]).collect();
             let batch = Batch::new(&sessions, model.config(), model.device())?;
-            let (loss, logits) = model.loss(&batch, &mut Mode::Train(&mut dropout_rng))?;
+            let (mut loss, logits) = model.loss(&batch, &mut Mode::Train(&mut dropout_rng))?;
+            if !anchor.is_empty() {
+                let mut prox = Tensor::zeros((), loss.dtype(), loss.device())?;
+                for (v, a) in vars.iter().zip(&anchor) {
+                    prox = (prox + (v.as_tensor() - a)?.sqr()?.sum_all()?)?;
+                }
+                loss = (loss + (prox * (cfg.fedprox_mu / 2.0))?)?;
+            }
             let loss_value = scalar(&loss)?;
             if !loss_value.is_finite() {
                 return Err(Error::Training(format!(
@@ -225,7 +249,7 @@ pub fn train(
         if improved {
             let snapshot = vars
                 .iter()
-                .map(|v| v.as_tensor().copy())
+                .map(|v| Ok(v.as_tensor().copy()?.detach()))
                 .collect::<candle_core::Result<_>>()?;
             best = Some((
                 val.as_ref().map(|v| v.loss).unwrap_or(f64::NAN),

@@ -169,3 +169,43 @@ fn bad_train_config_is_rejected() {
         .to_string();
     assert!(err.contains("no training sessions"), "{err}");
 }
+
+#[test]
+fn fedprox_keeps_weights_near_the_starting_point() {
+    let data = random_sessions(32, 9);
+    let distance = |mu: f64| {
+        let model =
+            AttentionFlowModel::new(&small_model(EncoderKind::Lstm), &Device::Cpu, 3).unwrap();
+        let start = params_of(&model);
+        let cfg = TrainConfig {
+            epochs: 5,
+            batch_size: 8,
+            learning_rate: 1e-2,
+            fedprox_mu: mu,
+            ..TrainConfig::default()
+        };
+        train(&model, &data, &[], &cfg, &mut |_| {}).unwrap();
+        params_of(&model)
+            .iter()
+            .zip(&start)
+            .flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let free = distance(0.0);
+    let proximal = distance(10.0);
+    assert!(
+        proximal < 0.5 * free,
+        "FedProx distance {proximal} vs plain {free}"
+    );
+    let bad = TrainConfig {
+        fedprox_mu: -1.0,
+        ..TrainConfig::default()
+    };
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("fedprox_mu")
+    );
+}
