@@ -19,6 +19,13 @@ pub enum Error {
     /// The strategy could not act (e.g. nothing to aggregate).
     #[error("strategy: {0}")]
     Strategy(String),
+    /// The durable store refused an operation (unknown run, round out of order, ...) or
+    /// found its files inconsistent; the message names the run, round or file.
+    #[error("store: {0}")]
+    Store(String),
+    /// The store's SQLite database failed.
+    #[error("store database: {0}")]
+    Database(#[from] rusqlite::Error),
 }
 
 /// Result alias for `fedflow-coordinator`.

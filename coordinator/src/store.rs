@@ -1,0 +1,1509 @@
+//! The coordinator's durable state: runs, rounds, per-site outcomes and model checkpoints,
+//! kept so that a crash (even `kill -9`) at any moment resumes at the last committed round
+//! with the identical global model.
+//!
+//! # Layout
+//!
+//! ```text
+//! <dir>/fedflow.sqlite                                          the database (WAL mode)
+//! <dir>/checkpoints/<run_id>/round-<NNNNNN>.safetensors          global model after a round
+//! <dir>/checkpoints/<run_id>/round-<NNNNNN>.strategy.safetensors strategy state (optional)
+//! ```
+//!
+//! # Crash safety
+//!
+//! A round is committed in two steps, in this order:
+//!
+//! 1. the checkpoint file(s) are written with [`write_atomic`] (temporary file, fsync,
+//!    rename, directory fsync), so they are complete and durable;
+//! 2. one SQL transaction marks the round committed with the model's SHA-256 and records a
+//!    row per checkpoint file.
+//!
+//! A crash before step 2 leaves a file no committed row points to: it is ignored, and
+//! [`Store::open`] deletes it. A crash during step 2 is undone by SQLite. A round that was
+//! begun but not committed stays `open`; beginning it again discards its site rows, so it is
+//! re-run from scratch and never half-applied. [`Store::resume_point`] verifies the
+//! checkpoint's bytes against the recorded hash before it hands the model out.
+//!
+//! The database runs in WAL mode with `synchronous=FULL` (a commit is on disk when it
+//! returns) and foreign keys on. It is opened with `locking_mode=EXCLUSIVE`, so a second
+//! coordinator on the same directory is refused instead of racing the first (its orphan
+//! cleanup could otherwise delete a checkpoint the first has written but not yet committed).
+//!
+//! # Schema (version 1, in `PRAGMA user_version`)
+//!
+//! Times are Unix milliseconds (`INTEGER`); `*_json` columns hold JSON text.
+//!
+//! - `runs(run_id PK, created_at, config_json, strategy, status, status_reason)`;
+//!   `status` is one of `running`, `paused`, `finished`, `stopped`.
+//! - `rounds(run_id, round, status, started_at, committed_at, model_sha256,
+//!   strategy_sha256, failure_reason, metrics_json)`, keyed by `(run_id, round)`; `status`
+//!   is `open`, `committed` or `failed`. Round 0 is the initial model, committed by
+//!   [`Store::create_run`].
+//! - `round_sites(run_id, round, site_id, task_id, state, reason, train_examples, weight,
+//!   metrics_json, delta_sha256, updated_at)`, keyed by `(run_id, round, site_id)`; `state`
+//!   is `selected`, `uploaded`, `late`, `dropped` or `rejected`.
+//! - `sites(site_id PK, first_seen, last_seen)`.
+//! - `checkpoints(run_id, round, kind, path, sha256, size_bytes, created_at)`, keyed by
+//!   `(run_id, round, kind)`; `kind` is `model` or `strategy`, `path` is relative to the
+//!   data directory.
+//!
+//! A database with a newer `user_version` than this build knows is refused.
+//!
+//! The API is synchronous (rusqlite blocks): async callers run it in `spawn_blocking`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use fedflow_common::fsio::write_atomic;
+use fedflow_common::params::ParamSet;
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+/// The schema version this build writes and understands.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The database's file name inside the data directory.
+pub const DB_FILE: &str = "fedflow.sqlite";
+
+/// The checkpoint folder's name inside the data directory.
+pub const CHECKPOINT_DIR: &str = "checkpoints";
+
+const SCHEMA_V1: &str = "
+CREATE TABLE runs (
+    run_id        TEXT PRIMARY KEY NOT NULL,
+    created_at    INTEGER NOT NULL,
+    config_json   TEXT NOT NULL,
+    strategy      TEXT NOT NULL,
+    status        TEXT NOT NULL
+                  CHECK (status IN ('running', 'paused', 'finished', 'stopped')),
+    status_reason TEXT
+);
+CREATE TABLE rounds (
+    run_id          TEXT NOT NULL REFERENCES runs(run_id),
+    round           INTEGER NOT NULL CHECK (round >= 0),
+    status          TEXT NOT NULL CHECK (status IN ('open', 'committed', 'failed')),
+    started_at      INTEGER NOT NULL,
+    committed_at    INTEGER,
+    model_sha256    TEXT,
+    strategy_sha256 TEXT,
+    failure_reason  TEXT,
+    metrics_json    TEXT,
+    PRIMARY KEY (run_id, round),
+    CHECK (status <> 'committed' OR (model_sha256 IS NOT NULL AND committed_at IS NOT NULL))
+);
+CREATE TABLE round_sites (
+    run_id         TEXT NOT NULL,
+    round          INTEGER NOT NULL,
+    site_id        TEXT NOT NULL,
+    task_id        TEXT,
+    state          TEXT NOT NULL
+                   CHECK (state IN ('selected', 'uploaded', 'late', 'dropped', 'rejected')),
+    reason         TEXT,
+    train_examples INTEGER,
+    weight         REAL,
+    metrics_json   TEXT,
+    delta_sha256   TEXT,
+    updated_at     INTEGER NOT NULL,
+    PRIMARY KEY (run_id, round, site_id),
+    FOREIGN KEY (run_id, round) REFERENCES rounds(run_id, round) ON DELETE CASCADE
+);
+CREATE TABLE sites (
+    site_id    TEXT PRIMARY KEY NOT NULL,
+    first_seen INTEGER NOT NULL,
+    last_seen  INTEGER NOT NULL
+);
+CREATE TABLE checkpoints (
+    run_id     TEXT NOT NULL,
+    round      INTEGER NOT NULL,
+    kind       TEXT NOT NULL CHECK (kind IN ('model', 'strategy')),
+    path       TEXT NOT NULL UNIQUE,
+    sha256     TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (run_id, round, kind),
+    FOREIGN KEY (run_id, round) REFERENCES rounds(run_id, round) ON DELETE CASCADE
+);
+";
+
+// --- Status enums ---------------------------------------------------------------------------
+
+/// Defines a closed set of states stored as lowercase text.
+macro_rules! text_enum {
+    ($(#[$doc:meta])* $name:ident, $what:literal { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            /// The lowercase name stored in the database.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+
+            fn from_str(s: &str) -> Result<Self> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(Error::Store(format!(
+                        concat!("unknown ", $what, " {:?} in the database"),
+                        other
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+text_enum! {
+    /// Where a run stands.
+    RunStatus, "run status" {
+        /// Rounds are being run.
+        Running => "running",
+        /// Held by an operator; resumable.
+        Paused => "paused",
+        /// Reached its last round.
+        Finished => "finished",
+        /// Ended early (by an operator or an unrecoverable error); see the reason.
+        Stopped => "stopped",
+    }
+}
+
+text_enum! {
+    /// Where a round stands.
+    RoundStatus, "round status" {
+        /// Begun, not committed: re-run from scratch after a crash.
+        Open => "open",
+        /// Its global model is checkpointed and recorded.
+        Committed => "committed",
+        /// Abandoned (e.g. too few updates); may be begun again.
+        Failed => "failed",
+    }
+}
+
+text_enum! {
+    /// What became of a site in a round.
+    SiteState, "site state" {
+        /// Chosen and sent a task; nothing heard back yet.
+        Selected => "selected",
+        /// Its update arrived and was accepted into the aggregate.
+        Uploaded => "uploaded",
+        /// Its update arrived after the round's deadline and was not used.
+        Late => "late",
+        /// It went away (missed heartbeats, disconnected) before uploading.
+        Dropped => "dropped",
+        /// Its update was refused (wrong shape, non-finite, bad hash); see the reason.
+        Rejected => "rejected",
+    }
+}
+
+// --- Rows -----------------------------------------------------------------------------------
+
+/// A run as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunRecord {
+    /// The run's identifier.
+    pub run_id: String,
+    /// When it was created (Unix milliseconds).
+    pub created_at_ms: i64,
+    /// Its configuration as JSON.
+    pub config_json: String,
+    /// The strategy's name.
+    pub strategy: String,
+    /// Where it stands.
+    pub status: RunStatus,
+    /// Why it has that status, if anyone said.
+    pub status_reason: Option<String>,
+}
+
+/// A round as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundRecord {
+    /// The round number (0 is the initial model).
+    pub round: u64,
+    /// Where it stands.
+    pub status: RoundStatus,
+    /// When it was (last) begun (Unix milliseconds).
+    pub started_at_ms: i64,
+    /// When it was committed (Unix milliseconds).
+    pub committed_at_ms: Option<i64>,
+    /// SHA-256 of the resulting global model's safetensors bytes, once committed.
+    pub model_sha256: Option<String>,
+    /// SHA-256 of the strategy state saved with it, if any.
+    pub strategy_sha256: Option<String>,
+    /// Why it failed.
+    pub failure_reason: Option<String>,
+    /// Aggregated metrics as JSON.
+    pub metrics_json: Option<String>,
+}
+
+/// One site's part in one round, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundSiteRecord {
+    /// The site.
+    pub site_id: String,
+    /// The task it was sent, if it was selected.
+    pub task_id: Option<String>,
+    /// What became of it.
+    pub state: SiteState,
+    /// Why (for `rejected`, `dropped`, `late`).
+    pub reason: Option<String>,
+    /// Training examples it reported.
+    pub train_examples: Option<u64>,
+    /// The weight its update got in the aggregate.
+    pub weight: Option<f64>,
+    /// Its reported metrics as JSON.
+    pub metrics_json: Option<String>,
+    /// SHA-256 of its uploaded delta.
+    pub delta_sha256: Option<String>,
+    /// When this row last changed (Unix milliseconds).
+    pub updated_at_ms: i64,
+}
+
+/// A site ever seen by the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SiteRecord {
+    /// The site.
+    pub site_id: String,
+    /// First contact (Unix milliseconds).
+    pub first_seen_ms: i64,
+    /// Latest contact (Unix milliseconds).
+    pub last_seen_ms: i64,
+}
+
+/// An outcome to record for a site in an open round (see [`Store::record_site`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SiteOutcome {
+    /// The site.
+    pub site_id: String,
+    /// What became of it.
+    pub state: SiteState,
+    /// Why, for `rejected`, `dropped` or `late`.
+    pub reason: Option<String>,
+    /// Training examples it reported.
+    pub train_examples: Option<u64>,
+    /// The weight its update got in the aggregate.
+    pub weight: Option<f64>,
+    /// Its reported metrics as JSON (checked to parse).
+    pub metrics_json: Option<String>,
+    /// SHA-256 of its uploaded delta.
+    pub delta_sha256: Option<String>,
+}
+
+impl SiteOutcome {
+    /// An outcome with only a state and an optional reason.
+    pub fn new(site_id: impl Into<String>, state: SiteState, reason: Option<String>) -> Self {
+        SiteOutcome {
+            site_id: site_id.into(),
+            state,
+            reason,
+            train_examples: None,
+            weight: None,
+            metrics_json: None,
+            delta_sha256: None,
+        }
+    }
+}
+
+/// Where a run resumes: its last committed round and the verified global model.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    /// The last committed round (0 if only the initial model exists).
+    pub round: u64,
+    /// The global model after that round.
+    pub model: ParamSet,
+    /// Its SHA-256, as recorded and verified.
+    pub model_sha256: String,
+    /// The strategy state committed with that round, if any.
+    pub strategy_state: Option<ParamSet>,
+    /// A round begun after it but never committed (to be re-run), if any.
+    pub open_round: Option<u64>,
+}
+
+// --- The store ------------------------------------------------------------------------------
+
+/// The coordinator's durable state in one data directory (see the module docs).
+///
+/// Holds the directory's only connection; it is `Send`, not `Sync`: share it behind a mutex.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`: creates the schema on first open,
+    /// refuses a newer schema, refuses a directory another process holds open, and deletes
+    /// checkpoint files that no committed round points to (leftovers of a crash).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(dir.join(CHECKPOINT_DIR)).map_err(|e| {
+            Error::Store(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let db_path = dir.join(DB_FILE);
+        let in_use = |e: rusqlite::Error| match e {
+            rusqlite::Error::SqliteFailure(f, _)
+                if f.code == rusqlite::ErrorCode::DatabaseBusy
+                    || f.code == rusqlite::ErrorCode::DatabaseLocked =>
+            {
+                Error::Store(format!(
+                    "{} is in use by another process; stop the other coordinator or use another data directory",
+                    db_path.display()
+                ))
+            }
+            e => e.into(),
+        };
+        let mut conn = Connection::open(&db_path)?;
+        // Nobody else may hold the lock legitimately, so waiting for it would only hide a
+        // second coordinator: fail at once.
+        conn.busy_timeout(std::time::Duration::ZERO)?;
+        // Exclusive locking before the first WAL access: the lock is taken by the first
+        // access below and held until the connection closes, and no shared memory is used.
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(in_use)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Store(format!(
+                "{}: cannot switch to WAL journal mode (got {mode})",
+                db_path.display()
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Exclusive)
+            .map_err(in_use)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::Store(format!(
+                "{} has schema version {version}, newer than the {SCHEMA_VERSION} this coordinator knows; use a newer fedflow",
+                db_path.display()
+            )));
+        }
+        if version == 0 {
+            tx.execute_batch(SCHEMA_V1)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        tx.commit()?;
+
+        let store = Store { dir, conn };
+        let removed = store.remove_orphans()?;
+        if removed > 0 {
+            tracing::warn!(
+                removed,
+                dir = %store.dir.display(),
+                "removed checkpoint files left by an interrupted commit"
+            );
+        }
+        Ok(store)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates a run with its initial model as committed round 0.
+    ///
+    /// The checkpoint is written durably first, then the run, round 0 and the checkpoint
+    /// row are recorded in one transaction. Fails if the run already exists.
+    pub fn create_run(
+        &mut self,
+        run_id: &str,
+        config_json: &str,
+        strategy_name: &str,
+        initial_model: &ParamSet,
+    ) -> Result<()> {
+        check_run_id(run_id)?;
+        check_json("config_json", config_json)?;
+        if self.run(run_id)?.is_some() {
+            return Err(Error::Store(format!(
+                "run {run_id} already exists; pick another run id or resume it"
+            )));
+        }
+        let model = self.write_checkpoint(run_id, 0, CheckpointKind::Model, initial_model)?;
+        let now = now_ms();
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO runs (run_id, created_at, config_json, strategy, status)
+             VALUES (?1, ?2, ?3, ?4, 'running')",
+            params![run_id, now, config_json, strategy_name],
+        )?;
+        tx.execute(
+            "INSERT INTO rounds (run_id, round, status, started_at, committed_at, model_sha256)
+             VALUES (?1, 0, 'committed', ?2, ?2, ?3)",
+            params![run_id, now, model.sha256],
+        )?;
+        insert_checkpoint(&tx, run_id, 0, &model, now)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Begins (or re-begins) `round` with the selected `(site_id, task_id)` pairs.
+    ///
+    /// `round` must follow the last committed round. An open or failed row for it (a round
+    /// interrupted by a crash, or abandoned) is reset: its site rows are discarded, so the
+    /// round is re-run cleanly. Fails on a finished or stopped run and on duplicate sites.
+    pub fn begin_round(
+        &mut self,
+        run_id: &str,
+        round: u64,
+        selected: &[(String, String)],
+    ) -> Result<()> {
+        let run = self.require_run(run_id)?;
+        if matches!(run.status, RunStatus::Finished | RunStatus::Stopped) {
+            return Err(Error::Store(format!(
+                "run {run_id} is {}; start a new run instead of beginning round {round}",
+                run.status
+            )));
+        }
+        let last = self.last_committed(run_id)?;
+        if round != last + 1 {
+            return Err(Error::Store(format!(
+                "run {run_id}: cannot begin round {round}, the last committed round is {last} so the next is {}",
+                last + 1
+            )));
+        }
+        let mut seen = HashSet::new();
+        for (site, _) in selected {
+            if !seen.insert(site.as_str()) {
+                return Err(Error::Store(format!(
+                    "run {run_id} round {round}: site {site} is selected twice"
+                )));
+            }
+        }
+        let r = to_i64(round)?;
+        let now = now_ms();
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "DELETE FROM round_sites WHERE run_id = ?1 AND round = ?2",
+            params![run_id, r],
+        )?;
+        tx.execute(
+            "INSERT INTO rounds (run_id, round, status, started_at) VALUES (?1, ?2, 'open', ?3)
+             ON CONFLICT (run_id, round) DO UPDATE SET
+                 status = 'open', started_at = excluded.started_at, committed_at = NULL,
+                 model_sha256 = NULL, strategy_sha256 = NULL, failure_reason = NULL,
+                 metrics_json = NULL",
+            params![run_id, r, now],
+        )?;
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO round_sites (run_id, round, site_id, task_id, state, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, 'selected', ?5)",
+            )?;
+            for (site, task) in selected {
+                insert.execute(params![run_id, r, site, task, now])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records what became of a site in an open round (arrival, lateness, drop, rejection).
+    ///
+    /// Replaces the site's earlier outcome in that round, keeping its task id; a site that
+    /// was not selected (e.g. a rejected stranger) gets a row without a task id.
+    pub fn record_site(&mut self, run_id: &str, round: u64, outcome: &SiteOutcome) -> Result<()> {
+        self.require_open(run_id, round)?;
+        if let Some(m) = &outcome.metrics_json {
+            check_json("metrics_json", m)?;
+        }
+        let examples = outcome.train_examples.map(to_i64).transpose()?;
+        self.conn.execute(
+            "INSERT INTO round_sites (run_id, round, site_id, state, reason, train_examples,
+                                      weight, metrics_json, delta_sha256, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT (run_id, round, site_id) DO UPDATE SET
+                 state = excluded.state, reason = excluded.reason,
+                 train_examples = excluded.train_examples, weight = excluded.weight,
+                 metrics_json = excluded.metrics_json, delta_sha256 = excluded.delta_sha256,
+                 updated_at = excluded.updated_at",
+            params![
+                run_id,
+                to_i64(round)?,
+                outcome.site_id,
+                outcome.state.as_str(),
+                outcome.reason,
+                examples,
+                outcome.weight,
+                outcome.metrics_json,
+                outcome.delta_sha256,
+                now_ms()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Marks an open round failed (it may be begun again later).
+    pub fn fail_round(&mut self, run_id: &str, round: u64, reason: &str) -> Result<()> {
+        self.require_open(run_id, round)?;
+        self.conn.execute(
+            "UPDATE rounds SET status = 'failed', failure_reason = ?3
+             WHERE run_id = ?1 AND round = ?2 AND status = 'open'",
+            params![run_id, to_i64(round)?, reason],
+        )?;
+        Ok(())
+    }
+
+    /// Commits an open round: writes the new global model (and the strategy state, if any)
+    /// as checkpoint files durably first, then marks the round committed with the model's
+    /// hash in one transaction. Returns the model's SHA-256.
+    ///
+    /// Fails if the round was never begun, is already committed, or failed.
+    pub fn commit_round(
+        &mut self,
+        run_id: &str,
+        round: u64,
+        new_global: &ParamSet,
+        strategy_state: Option<&ParamSet>,
+        metrics_json: Option<&str>,
+    ) -> Result<String> {
+        self.require_open(run_id, round)?;
+        if let Some(m) = metrics_json {
+            check_json("metrics_json", m)?;
+        }
+        let model = self.write_checkpoint(run_id, round, CheckpointKind::Model, new_global)?;
+        let strategy = strategy_state
+            .map(|s| self.write_checkpoint(run_id, round, CheckpointKind::Strategy, s))
+            .transpose()?;
+        #[cfg(test)]
+        tests::crash_point("commit_after_files");
+        let now = now_ms();
+        let r = to_i64(round)?;
+        let tx = self.conn.transaction()?;
+        let updated = tx.execute(
+            "UPDATE rounds SET status = 'committed', committed_at = ?3, model_sha256 = ?4,
+                               strategy_sha256 = ?5, metrics_json = ?6
+             WHERE run_id = ?1 AND round = ?2 AND status = 'open'",
+            params![
+                run_id,
+                r,
+                now,
+                model.sha256,
+                strategy.as_ref().map(|s| &s.sha256),
+                metrics_json
+            ],
+        )?;
+        if updated != 1 {
+            // Unreachable while this connection holds the exclusive lock; kept as a guard.
+            return Err(Error::Store(format!(
+                "run {run_id} round {round} changed while it was being committed"
+            )));
+        }
+        // A strategy checkpoint left from an earlier attempt at this round must not
+        // survive a commit without one.
+        tx.execute(
+            "DELETE FROM checkpoints WHERE run_id = ?1 AND round = ?2",
+            params![run_id, r],
+        )?;
+        insert_checkpoint(&tx, run_id, round, &model, now)?;
+        if let Some(s) = &strategy {
+            insert_checkpoint(&tx, run_id, round, s, now)?;
+        }
+        tx.commit()?;
+        Ok(model.sha256)
+    }
+
+    /// The last committed round of a run with its verified global model and strategy state.
+    ///
+    /// The checkpoint files are read and their SHA-256 compared with the database; a
+    /// missing or altered file is an error naming it.
+    pub fn resume_point(&self, run_id: &str) -> Result<Resume> {
+        self.require_run(run_id)?;
+        let round = self.last_committed(run_id)?;
+        let r = to_i64(round)?;
+        let (model_sha256, strategy_sha256): (String, Option<String>) = self.conn.query_row(
+            "SELECT model_sha256, strategy_sha256 FROM rounds WHERE run_id = ?1 AND round = ?2",
+            params![run_id, r],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        let model = self.load_checkpoint(run_id, round, CheckpointKind::Model, &model_sha256)?;
+        let strategy_state = strategy_sha256
+            .map(|h| self.load_checkpoint(run_id, round, CheckpointKind::Strategy, &h))
+            .transpose()?;
+        let open_round = self
+            .conn
+            .query_row(
+                "SELECT round FROM rounds WHERE run_id = ?1 AND round > ?2 AND status = 'open'
+                 ORDER BY round LIMIT 1",
+                params![run_id, r],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(|r| r as u64);
+        Ok(Resume {
+            round,
+            model,
+            model_sha256,
+            strategy_state,
+            open_round,
+        })
+    }
+
+    /// Sets a run's status and the reason for it.
+    pub fn set_run_status(
+        &mut self,
+        run_id: &str,
+        status: RunStatus,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE runs SET status = ?2, status_reason = ?3 WHERE run_id = ?1",
+            params![run_id, status.as_str(), reason],
+        )?;
+        if n == 0 {
+            return Err(unknown_run(run_id));
+        }
+        Ok(())
+    }
+
+    /// Records contact with a site at `now_ms` (Unix milliseconds); `last_seen` never moves
+    /// backwards.
+    pub fn touch_site(&mut self, site_id: &str, now_ms: i64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO sites (site_id, first_seen, last_seen) VALUES (?1, ?2, ?2)
+             ON CONFLICT (site_id) DO UPDATE SET
+                 last_seen = max(last_seen, excluded.last_seen),
+                 first_seen = min(first_seen, excluded.first_seen)",
+            params![site_id, now_ms],
+        )?;
+        Ok(())
+    }
+
+    // --- Reads ------------------------------------------------------------------------------
+
+    /// One run, if it exists.
+    pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>> {
+        self.conn
+            .query_row(
+                &format!("{RUN_SELECT} WHERE run_id = ?1"),
+                [run_id],
+                run_row,
+            )
+            .optional()?
+            .transpose()
+    }
+
+    /// All runs, oldest first.
+    pub fn runs(&self) -> Result<Vec<RunRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("{RUN_SELECT} ORDER BY created_at, run_id"))?;
+        let rows = stmt.query_map([], run_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    /// A run's rounds in order (an error for an unknown run).
+    pub fn rounds(&self, run_id: &str) -> Result<Vec<RoundRecord>> {
+        self.require_run(run_id)?;
+        let mut stmt = self.conn.prepare(
+            "SELECT round, status, started_at, committed_at, model_sha256, strategy_sha256,
+                    failure_reason, metrics_json
+             FROM rounds WHERE run_id = ?1 ORDER BY round",
+        )?;
+        let rows = stmt.query_map([run_id], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, String>(1)?,
+                RoundRecord {
+                    round: 0,
+                    status: RoundStatus::Open,
+                    started_at_ms: row.get(2)?,
+                    committed_at_ms: row.get(3)?,
+                    model_sha256: row.get(4)?,
+                    strategy_sha256: row.get(5)?,
+                    failure_reason: row.get(6)?,
+                    metrics_json: row.get(7)?,
+                },
+            ))
+        })?;
+        rows.map(|r| {
+            let (round, status, rec) = r?;
+            Ok(RoundRecord {
+                round: round as u64,
+                status: status.parse()?,
+                ..rec
+            })
+        })
+        .collect()
+    }
+
+    /// The sites of one round, by site id (an error for an unknown run).
+    pub fn round_sites(&self, run_id: &str, round: u64) -> Result<Vec<RoundSiteRecord>> {
+        self.require_run(run_id)?;
+        let mut stmt = self.conn.prepare(
+            "SELECT site_id, task_id, state, reason, train_examples, weight, metrics_json,
+                    delta_sha256, updated_at
+             FROM round_sites WHERE run_id = ?1 AND round = ?2 ORDER BY site_id",
+        )?;
+        let rows = stmt.query_map(params![run_id, to_i64(round)?], |row| {
+            Ok((
+                row.get::<_, String>(2)?,
+                row.get::<_, Option<i64>>(4)?,
+                RoundSiteRecord {
+                    site_id: row.get(0)?,
+                    task_id: row.get(1)?,
+                    state: SiteState::Selected,
+                    reason: row.get(3)?,
+                    train_examples: None,
+                    weight: row.get(5)?,
+                    metrics_json: row.get(6)?,
+                    delta_sha256: row.get(7)?,
+                    updated_at_ms: row.get(8)?,
+                },
+            ))
+        })?;
+        rows.map(|r| {
+            let (state, examples, rec) = r?;
+            Ok(RoundSiteRecord {
+                state: state.parse()?,
+                train_examples: examples.map(|e| e as u64),
+                ..rec
+            })
+        })
+        .collect()
+    }
+
+    /// All sites ever seen, by site id.
+    pub fn sites(&self) -> Result<Vec<SiteRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT site_id, first_seen, last_seen FROM sites ORDER BY site_id")?;
+        let rows = stmt.query_map([], |row| {
+            Ok(SiteRecord {
+                site_id: row.get(0)?,
+                first_seen_ms: row.get(1)?,
+                last_seen_ms: row.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // --- Internals --------------------------------------------------------------------------
+
+    fn require_run(&self, run_id: &str) -> Result<RunRecord> {
+        self.run(run_id)?.ok_or_else(|| unknown_run(run_id))
+    }
+
+    fn last_committed(&self, run_id: &str) -> Result<u64> {
+        let last: Option<i64> = self.conn.query_row(
+            "SELECT max(round) FROM rounds WHERE run_id = ?1 AND status = 'committed'",
+            [run_id],
+            |r| r.get(0),
+        )?;
+        last.map(|l| l as u64).ok_or_else(|| {
+            Error::Store(format!(
+                "run {run_id} has no committed round; the database is inconsistent"
+            ))
+        })
+    }
+
+    fn require_open(&self, run_id: &str, round: u64) -> Result<()> {
+        self.require_run(run_id)?;
+        let status: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT status FROM rounds WHERE run_id = ?1 AND round = ?2",
+                params![run_id, to_i64(round)?],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match status.as_deref().map(str::parse).transpose()? {
+            Some(RoundStatus::Open) => Ok(()),
+            Some(other) => Err(Error::Store(format!(
+                "run {run_id} round {round} is {other}, not open; begin it first"
+            ))),
+            None => Err(Error::Store(format!(
+                "run {run_id} round {round} was never begun; call begin_round first"
+            ))),
+        }
+    }
+
+    fn checkpoint_rel(run_id: &str, round: u64, kind: CheckpointKind) -> String {
+        format!(
+            "{CHECKPOINT_DIR}/{run_id}/round-{round:06}{}",
+            kind.suffix()
+        )
+    }
+
+    fn write_checkpoint(
+        &self,
+        run_id: &str,
+        round: u64,
+        kind: CheckpointKind,
+        params: &ParamSet,
+    ) -> Result<WrittenCheckpoint> {
+        let rel = Self::checkpoint_rel(run_id, round, kind);
+        let path = self.dir.join(&rel);
+        let run_dir = self.dir.join(CHECKPOINT_DIR).join(run_id);
+        std::fs::create_dir_all(&run_dir).map_err(|e| {
+            Error::Store(format!(
+                "cannot create checkpoint directory {}: {e}",
+                run_dir.display()
+            ))
+        })?;
+        let bytes = params.to_safetensors_bytes()?;
+        write_atomic(&path, &bytes)?;
+        Ok(WrittenCheckpoint {
+            kind,
+            rel,
+            sha256: sha256_hex(&bytes),
+            size: bytes.len() as u64,
+        })
+    }
+
+    fn load_checkpoint(
+        &self,
+        run_id: &str,
+        round: u64,
+        kind: CheckpointKind,
+        expected: &str,
+    ) -> Result<ParamSet> {
+        let rel: Option<(String, i64)> = self
+            .conn
+            .query_row(
+                "SELECT path, size_bytes FROM checkpoints
+                 WHERE run_id = ?1 AND round = ?2 AND kind = ?3",
+                params![run_id, to_i64(round)?, kind.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let (rel, size) = rel.ok_or_else(|| {
+            Error::Store(format!(
+                "run {run_id} round {round} has no {} checkpoint recorded; the database is inconsistent",
+                kind.as_str()
+            ))
+        })?;
+        let path = self.dir.join(&rel);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            Error::Store(format!(
+                "checkpoint {} of run {run_id} round {round} cannot be read: {e}; restore it from a backup",
+                path.display()
+            ))
+        })?;
+        let actual = sha256_hex(&bytes);
+        if actual != expected || bytes.len() as i64 != size {
+            return Err(Error::Store(format!(
+                "checkpoint {} of run {run_id} round {round} is corrupt: {} bytes with sha256 {actual}, \
+                 expected {size} bytes with sha256 {expected}; restore it from a backup",
+                path.display(),
+                bytes.len()
+            )));
+        }
+        Ok(ParamSet::from_safetensors_bytes(&bytes)?)
+    }
+
+    /// Deletes checkpoint files (and write_atomic temporaries) no checkpoint row points to;
+    /// returns how many were removed. Files that are not fedflow's are left alone.
+    fn remove_orphans(&self) -> Result<usize> {
+        let known: HashSet<String> = {
+            let mut stmt = self.conn.prepare("SELECT path FROM checkpoints")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let root = self.dir.join(CHECKPOINT_DIR);
+        let io = |p: &Path, e: std::io::Error| {
+            Error::Store(format!("cannot clean up {}: {e}", p.display()))
+        };
+        let mut removed = 0;
+        for run_dir in std::fs::read_dir(&root).map_err(|e| io(&root, e))? {
+            let run_dir = run_dir.map_err(|e| io(&root, e))?;
+            if !run_dir
+                .file_type()
+                .map_err(|e| io(&run_dir.path(), e))?
+                .is_dir()
+            {
+                continue;
+            }
+            let Some(run_name) = run_dir.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let mut left = 0;
+            for entry in std::fs::read_dir(run_dir.path()).map_err(|e| io(&run_dir.path(), e))? {
+                let entry = entry.map_err(|e| io(&run_dir.path(), e))?;
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else {
+                    left += 1;
+                    continue;
+                };
+                let rel = format!("{CHECKPOINT_DIR}/{run_name}/{name}");
+                let ours = name.starts_with("round-") || name.starts_with(".round-");
+                if known.contains(&rel) || !ours {
+                    left += 1;
+                    continue;
+                }
+                std::fs::remove_file(entry.path()).map_err(|e| io(&entry.path(), e))?;
+                removed += 1;
+            }
+            if left == 0 {
+                // Only the directory of a run whose creation never committed gets here;
+                // failing to remove it is harmless.
+                let _ = std::fs::remove_dir(run_dir.path());
+            }
+        }
+        Ok(removed)
+    }
+}
+
+const RUN_SELECT: &str =
+    "SELECT run_id, created_at, config_json, strategy, status, status_reason FROM runs";
+
+fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<RunRecord>> {
+    let status: String = row.get(4)?;
+    let rec = RunRecord {
+        run_id: row.get(0)?,
+        created_at_ms: row.get(1)?,
+        config_json: row.get(2)?,
+        strategy: row.get(3)?,
+        status: RunStatus::Running,
+        status_reason: row.get(5)?,
+    };
+    Ok(status.parse().map(|status| RunRecord { status, ..rec }))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CheckpointKind {
+    Model,
+    Strategy,
+}
+
+impl CheckpointKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            CheckpointKind::Model => "model",
+            CheckpointKind::Strategy => "strategy",
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            CheckpointKind::Model => ".safetensors",
+            CheckpointKind::Strategy => ".strategy.safetensors",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct WrittenCheckpoint {
+    kind: CheckpointKind,
+    rel: String,
+    sha256: String,
+    size: u64,
+}
+
+fn insert_checkpoint(
+    tx: &Transaction<'_>,
+    run_id: &str,
+    round: u64,
+    c: &WrittenCheckpoint,
+    now: i64,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO checkpoints (run_id, round, kind, path, sha256, size_bytes, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            run_id,
+            to_i64(round)?,
+            c.kind.as_str(),
+            c.rel,
+            c.sha256,
+            to_i64(c.size)?,
+            now
+        ],
+    )?;
+    Ok(())
+}
+
+/// Run ids become directory names, so they are restricted to a safe alphabet.
+fn check_run_id(run_id: &str) -> Result<()> {
+    let ok = !run_id.is_empty()
+        && run_id.len() <= 128
+        && !run_id.starts_with('.')
+        && run_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Store(format!(
+            "run id {run_id:?} is invalid; use 1-128 ASCII letters, digits, '-', '_' or '.', not starting with '.'"
+        )))
+    }
+}
+
+fn check_json(field: &str, text: &str) -> Result<()> {
+    serde_json::from_str::<serde_json::Value>(text)
+        .map(|_| ())
+        .map_err(|e| Error::Store(format!("{field} is not valid JSON: {e}")))
+}
+
+fn unknown_run(run_id: &str) -> Error {
+    Error::Store(format!("unknown run {run_id}"))
+}
+
+fn to_i64(v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::Store(format!("{v} does not fit the database's integers")))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::process::Command;
+
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    const CRASH_ENV: &str = "FEDFLOW_STORE_TEST_CRASH_AT";
+    const CRASH_DIR_ENV: &str = "FEDFLOW_STORE_TEST_CRASH_DIR";
+
+    /// Aborts the process (as `kill -9` would, without unwinding or flushing) when the
+    /// crash test's child asked to die at `name`.
+    pub(super) fn crash_point(name: &str) {
+        if std::env::var(CRASH_ENV).as_deref() == Ok(name) {
+            std::process::abort();
+        }
+    }
+
+    fn model(seed: f32) -> ParamSet {
+        let mut m = BTreeMap::new();
+        let w: Vec<f32> = (0..12).map(|i| seed + i as f32 * 0.25).collect();
+        m.insert(
+            "head.weight".to_string(),
+            Tensor::from_vec(w, (3, 4), &Device::Cpu).unwrap(),
+        );
+        m.insert(
+            "head.bias".to_string(),
+            Tensor::new(&[seed, -seed, 0.5], &Device::Cpu).unwrap(),
+        );
+        ParamSet::from_tensors(m).unwrap()
+    }
+
+    fn sel(sites: &[&str]) -> Vec<(String, String)> {
+        sites
+            .iter()
+            .map(|s| (s.to_string(), format!("task-{s}")))
+            .collect()
+    }
+
+    fn files(dir: &Path, run_id: &str) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join(CHECKPOINT_DIR).join(run_id))
+            .map(|rd| {
+                rd.map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    fn err_text<T: fmt::Debug>(r: Result<T>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn fresh_open_creates_schema_and_reopen_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let version: i64 = store
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let mode: String = store
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let fk: i64 = store
+            .conn
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(fk, 1);
+        let sync: i64 = store
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous=FULL");
+        assert!(store.runs().unwrap().is_empty());
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.runs().unwrap().is_empty());
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(conn);
+        let msg = err_text(Store::open(dir.path()));
+        assert!(msg.contains("schema version 2"), "{msg}");
+        assert!(msg.contains("newer"), "{msg}");
+    }
+
+    #[test]
+    fn second_open_of_the_same_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let msg = err_text(Store::open(dir.path()));
+        assert!(msg.contains("in use by another process"), "{msg}");
+    }
+
+    #[test]
+    fn full_cycle_survives_reopen_with_identical_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let initial = model(1.0);
+        let next = model(2.0);
+        let velocity = model(-0.5);
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            store
+                .create_run("run-1", r#"{"rounds":3}"#, "fedavgm", &initial)
+                .unwrap();
+            let r0 = store.resume_point("run-1").unwrap();
+            assert_eq!(r0.round, 0);
+            assert_eq!(r0.model_sha256, initial.sha256_hex().unwrap());
+            assert!(r0.strategy_state.is_none());
+
+            store
+                .begin_round("run-1", 1, &sel(&["a", "b", "c"]))
+                .unwrap();
+            store.touch_site("a", 10).unwrap();
+            store.touch_site("a", 5).unwrap();
+            store
+                .record_site(
+                    "run-1",
+                    1,
+                    &SiteOutcome {
+                        train_examples: Some(120),
+                        weight: Some(120.0),
+                        metrics_json: Some(r#"{"loss":0.5}"#.into()),
+                        delta_sha256: Some("ab".repeat(32)),
+                        ..SiteOutcome::new("a", SiteState::Uploaded, None)
+                    },
+                )
+                .unwrap();
+            store
+                .record_site(
+                    "run-1",
+                    1,
+                    &SiteOutcome::new("b", SiteState::Rejected, Some("non-finite".into())),
+                )
+                .unwrap();
+            let hash = store
+                .commit_round("run-1", 1, &next, Some(&velocity), Some(r#"{"loss":0.5}"#))
+                .unwrap();
+            assert_eq!(hash, next.sha256_hex().unwrap());
+        }
+        let mut store = Store::open(dir.path()).unwrap();
+        let resume = store.resume_point("run-1").unwrap();
+        assert_eq!(resume.round, 1);
+        assert_eq!(resume.open_round, None);
+        assert_eq!(resume.model_sha256, next.sha256_hex().unwrap());
+        assert_eq!(
+            resume.model.to_safetensors_bytes().unwrap(),
+            next.to_safetensors_bytes().unwrap()
+        );
+        assert_eq!(
+            resume.strategy_state.unwrap().sha256_hex().unwrap(),
+            velocity.sha256_hex().unwrap()
+        );
+        assert_eq!(
+            files(dir.path(), "run-1"),
+            [
+                "round-000000.safetensors",
+                "round-000001.safetensors",
+                "round-000001.strategy.safetensors"
+            ]
+        );
+
+        let runs = store.runs().unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].status, RunStatus::Running);
+        assert_eq!(runs[0].strategy, "fedavgm");
+        let rounds = store.rounds("run-1").unwrap();
+        assert_eq!(rounds.len(), 2);
+        assert!(rounds.iter().all(|r| r.status == RoundStatus::Committed));
+        assert_eq!(rounds[1].metrics_json.as_deref(), Some(r#"{"loss":0.5}"#));
+        let sites = store.round_sites("run-1", 1).unwrap();
+        let states: Vec<_> = sites
+            .iter()
+            .map(|s| (s.site_id.as_str(), s.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("a", SiteState::Uploaded),
+                ("b", SiteState::Rejected),
+                ("c", SiteState::Selected)
+            ]
+        );
+        assert_eq!(sites[0].task_id.as_deref(), Some("task-a"));
+        assert_eq!(sites[0].train_examples, Some(120));
+        assert_eq!(sites[1].reason.as_deref(), Some("non-finite"));
+        let seen = store.sites().unwrap();
+        assert_eq!((seen[0].first_seen_ms, seen[0].last_seen_ms), (5, 10));
+        let json = serde_json::to_string(&sites[0]).unwrap();
+        assert!(json.contains(r#""state":"uploaded""#), "{json}");
+
+        store
+            .set_run_status("run-1", RunStatus::Finished, Some("all rounds done"))
+            .unwrap();
+        let run = store.run("run-1").unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Finished);
+        assert_eq!(run.status_reason.as_deref(), Some("all rounds done"));
+        let msg = err_text(store.begin_round("run-1", 2, &sel(&["a"])));
+        assert!(msg.contains("finished"), "{msg}");
+    }
+
+    #[test]
+    fn uncommitted_round_is_not_committed_after_reopen_and_reruns_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let initial = model(1.0);
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            store.create_run("r", "{}", "fedavg", &initial).unwrap();
+            store.begin_round("r", 1, &sel(&["a", "b"])).unwrap();
+            store
+                .record_site("r", 1, &SiteOutcome::new("a", SiteState::Uploaded, None))
+                .unwrap();
+        }
+        let mut store = Store::open(dir.path()).unwrap();
+        let resume = store.resume_point("r").unwrap();
+        assert_eq!(resume.round, 0);
+        assert_eq!(resume.open_round, Some(1));
+        assert_eq!(resume.model_sha256, initial.sha256_hex().unwrap());
+        assert_eq!(store.rounds("r").unwrap()[1].status, RoundStatus::Open);
+
+        store.begin_round("r", 1, &sel(&["c"])).unwrap();
+        let sites = store.round_sites("r", 1).unwrap();
+        assert_eq!(sites.len(), 1);
+        assert_eq!(sites[0].site_id, "c");
+        assert_eq!(sites[0].state, SiteState::Selected);
+        store.commit_round("r", 1, &model(3.0), None, None).unwrap();
+        assert_eq!(store.resume_point("r").unwrap().round, 1);
+    }
+
+    #[test]
+    fn failed_round_can_be_begun_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.create_run("r", "{}", "fedavg", &model(1.0)).unwrap();
+        store.begin_round("r", 1, &sel(&["a"])).unwrap();
+        store.fail_round("r", 1, "too few updates").unwrap();
+        let round = &store.rounds("r").unwrap()[1];
+        assert_eq!(round.status, RoundStatus::Failed);
+        assert_eq!(round.failure_reason.as_deref(), Some("too few updates"));
+        let msg = err_text(store.commit_round("r", 1, &model(2.0), None, None));
+        assert!(msg.contains("is failed, not open"), "{msg}");
+        store.begin_round("r", 1, &sel(&["a"])).unwrap();
+        assert_eq!(store.rounds("r").unwrap()[1].failure_reason, None);
+        store.commit_round("r", 1, &model(2.0), None, None).unwrap();
+    }
+
+    #[test]
+    fn orphan_checkpoint_is_ignored_and_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let initial = model(1.0);
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            store.create_run("r", "{}", "fedavg", &initial).unwrap();
+            store.begin_round("r", 1, &sel(&["a"])).unwrap();
+        }
+        // A commit that wrote its file and died before the transaction, plus a temporary of
+        // a write that died before its rename, and a run directory whose creation never
+        // committed.
+        let run_dir = dir.path().join(CHECKPOINT_DIR).join("r");
+        model(9.0)
+            .save(run_dir.join("round-000001.safetensors"))
+            .unwrap();
+        std::fs::write(run_dir.join(".round-000001.safetensors.tmp-1-0"), b"half").unwrap();
+        std::fs::write(run_dir.join("NOTES.txt"), b"operator's file").unwrap();
+        let ghost = dir.path().join(CHECKPOINT_DIR).join("ghost");
+        std::fs::create_dir_all(&ghost).unwrap();
+        model(7.0)
+            .save(ghost.join("round-000000.safetensors"))
+            .unwrap();
+
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            files(dir.path(), "r"),
+            ["NOTES.txt", "round-000000.safetensors"]
+        );
+        assert!(!ghost.exists());
+        let resume = store.resume_point("r").unwrap();
+        assert_eq!(resume.round, 0);
+        assert_eq!(resume.model_sha256, initial.sha256_hex().unwrap());
+        store.begin_round("r", 1, &sel(&["a"])).unwrap();
+        store.commit_round("r", 1, &model(2.0), None, None).unwrap();
+        assert_eq!(
+            store.resume_point("r").unwrap().model_sha256,
+            model(2.0).sha256_hex().unwrap()
+        );
+    }
+
+    #[test]
+    fn tampered_checkpoint_fails_resume_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.create_run("r", "{}", "fedavg", &model(1.0)).unwrap();
+        store.begin_round("r", 1, &sel(&["a"])).unwrap();
+        store.commit_round("r", 1, &model(2.0), None, None).unwrap();
+        let path = dir
+            .path()
+            .join(CHECKPOINT_DIR)
+            .join("r")
+            .join("round-000001.safetensors");
+        // Same size, still valid safetensors, different values: only the hash can tell.
+        model(5.0).save(&path).unwrap();
+        let msg = err_text(store.resume_point("r"));
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("corrupt"), "{msg}");
+
+        std::fs::remove_file(&path).unwrap();
+        let msg = err_text(store.resume_point("r"));
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn commit_twice_never_begun_and_out_of_order_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.create_run("r", "{}", "fedavg", &model(1.0)).unwrap();
+
+        let msg = err_text(store.commit_round("r", 1, &model(2.0), None, None));
+        assert!(msg.contains("never begun"), "{msg}");
+        let msg =
+            err_text(store.record_site("r", 1, &SiteOutcome::new("a", SiteState::Uploaded, None)));
+        assert!(msg.contains("never begun"), "{msg}");
+        assert_eq!(files(dir.path(), "r"), ["round-000000.safetensors"]);
+
+        let msg = err_text(store.begin_round("r", 2, &sel(&["a"])));
+        assert!(msg.contains("next is 1"), "{msg}");
+        let msg = err_text(store.begin_round("r", 1, &sel(&["a", "a"])));
+        assert!(msg.contains("selected twice"), "{msg}");
+
+        store.begin_round("r", 1, &sel(&["a"])).unwrap();
+        store.commit_round("r", 1, &model(2.0), None, None).unwrap();
+        let msg = err_text(store.commit_round("r", 1, &model(3.0), None, None));
+        assert!(msg.contains("is committed, not open"), "{msg}");
+        // The committed checkpoint was not overwritten by the refused commit.
+        assert_eq!(
+            store.resume_point("r").unwrap().model_sha256,
+            model(2.0).sha256_hex().unwrap()
+        );
+        let msg = err_text(store.begin_round("r", 1, &sel(&["a"])));
+        assert!(msg.contains("next is 2"), "{msg}");
+        let msg = err_text(store.create_run("r", "{}", "fedavg", &model(1.0)));
+        assert!(msg.contains("already exists"), "{msg}");
+        let msg = err_text(store.resume_point("nope"));
+        assert!(msg.contains("unknown run nope"), "{msg}");
+    }
+
+    #[test]
+    fn bad_run_ids_and_json_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        for bad in ["", "../x", "a/b", ".hidden", "white space"] {
+            let msg = err_text(store.create_run(bad, "{}", "fedavg", &model(1.0)));
+            assert!(msg.contains("run id"), "{bad}: {msg}");
+        }
+        let msg = err_text(store.create_run("r", "{nope", "fedavg", &model(1.0)));
+        assert!(msg.contains("config_json is not valid JSON"), "{msg}");
+        assert!(store.runs().unwrap().is_empty());
+    }
+
+    /// The child half of [`crash_mid_commit_resumes_at_last_committed_round`]: does nothing
+    /// unless the parent set the environment, then dies inside a commit.
+    #[test]
+    fn crash_child() {
+        let Ok(dir) = std::env::var(CRASH_DIR_ENV) else {
+            return;
+        };
+        let mut store = Store::open(&dir).unwrap();
+        store
+            .create_run("crash", "{}", "fedavg", &model(1.0))
+            .unwrap();
+        store.begin_round("crash", 1, &sel(&["a", "b"])).unwrap();
+        store
+            .commit_round("crash", 1, &model(2.0), None, None)
+            .unwrap_or_else(|_| {
+                // Unreachable unless the crash point fails to fire; the parent reports it.
+                std::process::exit(3)
+            });
+    }
+
+    #[test]
+    fn crash_mid_commit_resumes_at_last_committed_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args(["store::tests::crash_child", "--exact", "--test-threads=1"])
+            .env(CRASH_DIR_ENV, dir.path())
+            .env(CRASH_ENV, "commit_after_files")
+            .output()
+            .unwrap();
+        assert!(
+            !status.status.success(),
+            "the child should have aborted: {status:?}"
+        );
+        // The child died after writing round 1's checkpoint, before recording it.
+        assert_eq!(
+            files(dir.path(), "crash"),
+            ["round-000000.safetensors", "round-000001.safetensors"]
+        );
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(files(dir.path(), "crash"), ["round-000000.safetensors"]);
+        let resume = store.resume_point("crash").unwrap();
+        assert_eq!(resume.round, 0);
+        assert_eq!(resume.open_round, Some(1));
+        assert_eq!(resume.model_sha256, model(1.0).sha256_hex().unwrap());
+        store.begin_round("crash", 1, &sel(&["b"])).unwrap();
+        store
+            .commit_round("crash", 1, &model(2.0), None, None)
+            .unwrap();
+        assert_eq!(store.resume_point("crash").unwrap().round, 1);
+    }
+}
