@@ -749,7 +749,8 @@ mod tests {
     }
 
     /// Lets a test append keys to `[run]` or `[model]` by repeating the header: moves the
-    /// keys after a repeated header into the first one, so the TOML stays valid.
+    /// keys after a repeated header into the first one (a repeated key replaces the earlier
+    /// value), so the TOML stays valid.
     fn merge_tables(text: &str) -> String {
         let mut tables: Vec<(String, Vec<String>)> = Vec::new();
         for line in text.lines() {
@@ -761,7 +762,11 @@ mod tests {
                 let t = tables.remove(i);
                 tables.push(t);
             } else if !line.trim().is_empty() {
-                tables.last_mut().unwrap().1.push(line.to_owned());
+                // A repeated key replaces the earlier one.
+                let key = |l: &str| l.split('=').next().unwrap().trim().to_owned();
+                let lines = &mut tables.last_mut().unwrap().1;
+                lines.retain(|l| key(l) != key(line));
+                lines.push(line.to_owned());
             }
         }
         tables
