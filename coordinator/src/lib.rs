@@ -1,11 +1,13 @@
 //! `fedflow-coordinator`: the organisation's side of a federation.
 //!
-//! Built so far: [`strategy`] (how sites are chosen and updates combined, in the spirit of
+//! Built so far: [`config`] (the run configuration file, `RunConfig`, validated before a run
+//! starts), [`strategy`] (how sites are chosen and updates combined, in the spirit of
 //! Flower's `configure_train` / `aggregate_train`) and [`store`] (the durable state: runs,
 //! rounds, per-site outcomes and checkpoints in SQLite plus safetensors files, so a crash
 //! resumes at the last committed round). The round state machine and the gRPC server follow
 //! (issue 3).
 
+pub mod config;
 pub mod error;
 pub mod store;
 pub mod strategy;

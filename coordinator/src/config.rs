@@ -1,0 +1,1111 @@
+//! The run configuration: one TOML file describing a federated run, and its validation.
+//!
+//! A run is described by a TOML file with the tables `[run]`, `[model]`, `[train]`,
+//! `[sampling]`, `[rounds]`, `[evaluation]` and `[transport]`. The types below mirror the
+//! file one to one, so their docs are the reference of every key. Only `run.name` and
+//! `model.vocab` are required; everything else has a default, so this is a complete file:
+//!
+//! ```toml
+//! [run]
+//! name = "pilot-1"
+//!
+//! [model]
+//! vocab = "vocab.json"
+//! ```
+//!
+//! `coordinator/examples/run.toml` is a commented example listing every key (it is also the
+//! configuration of the one-command demo, see [`RunConfig::demo`]).
+//!
+//! Every table rejects unknown keys, naming the key and its line. [`RunConfig::load`] and
+//! [`RunConfig::from_toml_str`] resolve the vocabulary path, read the vocabulary (which fixes
+//! `model.vocab_size`) and check every value and every combination of values before the
+//! coordinator starts, so a bad value fails at once with a message naming its field, e.g.
+//! `run config run.toml: rounds.deadline_secs: 0 must be at least 1`.
+
+use std::path::{Path, PathBuf};
+
+use fedflow_common::data::Vocab;
+use fedflow_common::model::{EncoderKind, ModelConfig};
+use fedflow_common::train::{OptimizerKind, TrainConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::strategy::{FedAvg, FedAvgM, SamplingConfig, Strategy};
+use crate::{Error, Result};
+
+/// The path named in errors about configurations that did not come from a file.
+const MEMORY: &str = "<memory>";
+
+/// The commented example configuration, which is also the demo's configuration.
+const EXAMPLE_TOML: &str = include_str!("../examples/run.toml");
+
+/// Longest accepted `run.name`.
+pub const MAX_NAME_LEN: usize = 64;
+/// Smallest accepted `transport.chunk_bytes` (4 KiB).
+pub const MIN_CHUNK_BYTES: usize = 4 << 10;
+/// Largest accepted `transport.chunk_bytes` (1 MiB): the gRPC layers accept messages of one
+/// full chunk plus headers (`fedflow_proto::transfer::MAX_MESSAGE_BYTES`), no more.
+pub const MAX_CHUNK_BYTES: usize = 1 << 20;
+/// Default `transport.chunk_bytes` (1 MiB).
+pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+/// Default `transport.max_model_bytes` (1 GiB).
+pub const DEFAULT_MAX_MODEL_BYTES: u64 = 1 << 30;
+
+/// A whole federated run, as read from its TOML file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// `[run]`: identity, seed, length and server-side strategy of the run (required).
+    pub run: RunSection,
+    /// `[model]`: the vocabulary and the architecture of the global model (required, for
+    /// `vocab`).
+    pub model: ModelSection,
+    /// `[train]`: what every selected site does locally in a round.
+    #[serde(default)]
+    pub train: TrainSection,
+    /// `[sampling]`: how many of the available sites a round selects (see
+    /// [`SamplingConfig`]: `fraction`, `count`, `min_selected`, `min_available`).
+    #[serde(default)]
+    pub sampling: SamplingConfig,
+    /// `[rounds]`: deadlines, quorum and what happens when a round misses its quorum.
+    #[serde(default)]
+    pub rounds: RoundsSection,
+    /// `[evaluation]`: when the global model is evaluated by the sites.
+    #[serde(default)]
+    pub evaluation: EvaluationSection,
+    /// `[transport]`: sizes of model transfers.
+    #[serde(default)]
+    pub transport: TransportSection,
+}
+
+/// The server-side aggregation strategy (`run.strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StrategyKind {
+    /// `"fedavg"`: the weighted mean delta is added to the global model as it is.
+    #[default]
+    Fedavg,
+    /// `"fedavgm"`: FedAvg with server momentum (`run.server_learning_rate`,
+    /// `run.server_momentum`).
+    Fedavgm,
+}
+
+/// `[run]`: identity, seed, length and strategy of the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// Name of the run, used in ids, logs and directory names (required): 1 to 64 characters
+    /// from `A-Z a-z 0-9 . _ -`, and not `.` or `..`.
+    pub name: String,
+    /// Seed of everything random on the coordinator (site sampling) and, through
+    /// `train.seed_policy`, of the sites' local training. At most 2^63 - 1, because TOML
+    /// integers are signed 64-bit. Default 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// Number of federated rounds, at least 1. Default 10.
+    #[serde(default = "default_rounds")]
+    pub rounds: u64,
+    /// Aggregation strategy: `"fedavg"` (default) or `"fedavgm"`.
+    #[serde(default)]
+    pub strategy: StrategyKind,
+    /// FedAvgM's server learning rate η (`w ← w + η·v`), > 0; only allowed with
+    /// `strategy = "fedavgm"`. Default 1.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_learning_rate: Option<f64>,
+    /// FedAvgM's server momentum β (`v ← β·v + Δ̄`), in [0, 1); only allowed with
+    /// `strategy = "fedavgm"`. Default 0.9.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_momentum: Option<f64>,
+}
+
+fn default_rounds() -> u64 {
+    10
+}
+
+impl RunSection {
+    /// The effective server learning rate (1.0 unless FedAvgM sets another).
+    pub fn server_learning_rate(&self) -> f64 {
+        self.server_learning_rate.unwrap_or(1.0)
+    }
+
+    /// The effective server momentum (0 for FedAvg, 0.9 for FedAvgM unless set).
+    pub fn server_momentum(&self) -> f64 {
+        match self.strategy {
+            StrategyKind::Fedavg => 0.0,
+            StrategyKind::Fedavgm => self.server_momentum.unwrap_or(0.9),
+        }
+    }
+}
+
+/// `[model]`: the vocabulary and the architecture of the global model.
+///
+/// The architecture keys are those of [`ModelConfig`], written directly in `[model]` (the
+/// table is flat: `encoder = "gru"`, not `[model.config]`), with the same defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Path of the federation's vocabulary JSON file (required). A relative path is resolved
+    /// against the directory of the configuration file; after loading this holds the
+    /// resolved, absolute path.
+    pub vocab: PathBuf,
+    /// Number of event ids, including padding and unknown. Taken from the vocabulary; leave it
+    /// out. If given it must equal the vocabulary's size (it is written out by
+    /// [`RunConfig::to_toml_string`] as a record of the model's shape).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
+    /// Width of the event embedding (also the Transformer's model width). Default 64.
+    #[serde(default = "d_embed_dim")]
+    pub embed_dim: usize,
+    /// Sequence encoder: `"lstm"` (default), `"gru"` or `"transformer"`.
+    #[serde(default)]
+    pub encoder: EncoderKind,
+    /// Hidden size of each recurrent layer (ignored by the Transformer). Default 64.
+    #[serde(default = "d_hidden_size")]
+    pub hidden_size: usize,
+    /// Number of stacked encoder layers. Default 2.
+    #[serde(default = "d_num_layers")]
+    pub num_layers: usize,
+    /// Dropout probability in [0, 1), in local training only. Default 0.2.
+    #[serde(default = "d_dropout")]
+    pub dropout: f64,
+    /// Number of output classes. Default 5 (the satisfaction levels).
+    #[serde(default = "d_num_classes")]
+    pub num_classes: usize,
+    /// Longest sequence the model reads; longer sessions keep their most recent events.
+    /// Default 100.
+    #[serde(default = "d_max_seq_len")]
+    pub max_seq_len: usize,
+    /// Attention heads (Transformer only); must divide `embed_dim`. Default 4.
+    #[serde(default = "d_num_heads")]
+    pub num_heads: usize,
+    /// Feed-forward width (Transformer only). Default 128.
+    #[serde(default = "d_ffn_dim")]
+    pub ffn_dim: usize,
+}
+
+fn d_embed_dim() -> usize {
+    ModelConfig::default().embed_dim
+}
+fn d_hidden_size() -> usize {
+    ModelConfig::default().hidden_size
+}
+fn d_num_layers() -> usize {
+    ModelConfig::default().num_layers
+}
+fn d_dropout() -> f64 {
+    ModelConfig::default().dropout
+}
+fn d_num_classes() -> usize {
+    ModelConfig::default().num_classes
+}
+fn d_max_seq_len() -> usize {
+    ModelConfig::default().max_seq_len
+}
+fn d_num_heads() -> usize {
+    ModelConfig::default().num_heads
+}
+fn d_ffn_dim() -> usize {
+    ModelConfig::default().ffn_dim
+}
+
+impl ModelSection {
+    /// A section with the default architecture and the given vocabulary path.
+    pub fn new(vocab: impl Into<PathBuf>) -> Self {
+        let d = ModelConfig::default();
+        ModelSection {
+            vocab: vocab.into(),
+            vocab_size: None,
+            embed_dim: d.embed_dim,
+            encoder: d.encoder,
+            hidden_size: d.hidden_size,
+            num_layers: d.num_layers,
+            dropout: d.dropout,
+            num_classes: d.num_classes,
+            max_seq_len: d.max_seq_len,
+            num_heads: d.num_heads,
+            ffn_dim: d.ffn_dim,
+        }
+    }
+
+    /// The model's configuration. Errs while `vocab_size` is unknown (before the vocabulary
+    /// was read by [`RunConfig::load`] or [`RunConfig::from_toml_str`]).
+    pub fn model_config(&self) -> std::result::Result<ModelConfig, String> {
+        let vocab_size = self.vocab_size.ok_or_else(|| {
+            "model.vocab_size: unknown until the vocabulary is read; load the configuration \
+             with RunConfig::load"
+                .to_owned()
+        })?;
+        Ok(ModelConfig {
+            vocab_size,
+            embed_dim: self.embed_dim,
+            encoder: self.encoder,
+            hidden_size: self.hidden_size,
+            num_layers: self.num_layers,
+            dropout: self.dropout,
+            num_classes: self.num_classes,
+            max_seq_len: self.max_seq_len,
+            num_heads: self.num_heads,
+            ffn_dim: self.ffn_dim,
+        })
+    }
+}
+
+/// How each site's local-training seed is derived (`train.seed_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SeedPolicy {
+    /// `"per_site_round"` (default): from `run.seed`, the round and the site id, so every
+    /// site shuffles and drops out differently in every round, reproducibly.
+    #[default]
+    PerSiteRound,
+    /// `"per_round"`: from `run.seed` and the round; all sites of a round share it.
+    PerRound,
+    /// `"fixed"`: `run.seed` itself, for every site and round (for debugging).
+    Fixed,
+}
+
+/// `[train]`: what every selected site does locally in a round.
+///
+/// These become a [`TrainConfig`] for the site ([`RunConfig::local_train_config`]), with the
+/// seed derived by `seed_policy`. Early stopping is off by default (`patience = 0`): a site's
+/// validation split is small and local, and stopping early would make sites train for
+/// different lengths; the federated evaluation is the run's measure of progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    /// Local passes over the site's training data per round, at least 1. Default 1.
+    pub epochs: usize,
+    /// Sessions per optimisation step, at least 1. Default 64.
+    pub batch_size: usize,
+    /// Local learning rate, > 0. Default 0.002.
+    pub learning_rate: f64,
+    /// Local optimiser: `"adamw"` (default) or `"sgd"`.
+    pub optimizer: OptimizerKind,
+    /// Momentum in [0, 1) (SGD only). Default 0.9.
+    pub momentum: f64,
+    /// Weight decay, >= 0: decoupled for AdamW, L2 for SGD. Default 0.01.
+    pub weight_decay: f64,
+    /// Site-local early stopping after this many epochs without validation improvement;
+    /// 0 (default) disables it.
+    pub patience: usize,
+    /// Minimum decrease of validation loss that counts as an improvement, >= 0. Default 0.
+    pub min_delta: f64,
+    /// Batch sessions of similar length together (less padding). Default true.
+    pub length_bucketing: bool,
+    /// FedProx proximal term μ (`μ/2·‖w − w_global‖²` added to the local loss), >= 0; absent
+    /// (default) means plain FedAvg local training.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fedprox_mu: Option<f64>,
+    /// How the sites' training seeds are derived: `"per_site_round"` (default),
+    /// `"per_round"` or `"fixed"`; see [`SeedPolicy`].
+    pub seed_policy: SeedPolicy,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        let d = TrainConfig::default();
+        TrainSection {
+            epochs: 1,
+            batch_size: d.batch_size,
+            learning_rate: d.learning_rate,
+            optimizer: d.optimizer,
+            momentum: d.momentum,
+            weight_decay: d.weight_decay,
+            patience: 0,
+            min_delta: d.min_delta,
+            length_bucketing: d.length_bucketing,
+            fedprox_mu: None,
+            seed_policy: SeedPolicy::PerSiteRound,
+        }
+    }
+}
+
+impl TrainSection {
+    /// The local training configuration with the given seed.
+    pub fn train_config(&self, seed: u64) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            optimizer: self.optimizer,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            patience: self.patience,
+            min_delta: self.min_delta,
+            seed,
+            length_bucketing: self.length_bucketing,
+            fedprox_mu: self.fedprox_mu.unwrap_or(0.0),
+        }
+    }
+}
+
+/// What happens when a round ends without its quorum (`rounds.on_quorum_failure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum QuorumFailure {
+    /// `"retry"` (default): the round is run again with a fresh sample, up to
+    /// `rounds.max_retries` times in a row; then the run pauses.
+    #[default]
+    Retry,
+    /// `"pause"`: the run pauses at once and waits for an operator.
+    Pause,
+}
+
+/// `[rounds]`: deadlines, quorum and what happens when a round misses its quorum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoundsSection {
+    /// Seconds a round waits for updates after it starts, at least 1. Default 600.
+    pub deadline_secs: u64,
+    /// Quorum: the round completes with the valid updates that arrived by the deadline (or
+    /// as soon as every selected site replied) if there are at least this many. At least 1,
+    /// and at most `sampling.min_selected` and `sampling.count`, or the quorum could never be
+    /// met. Default 1.
+    pub min_completed: usize,
+    /// What to do when a round misses its quorum: `"retry"` (default) or `"pause"`.
+    pub on_quorum_failure: QuorumFailure,
+    /// With `retry`: how many times in a row a round is retried before the run pauses.
+    /// Default 3.
+    pub max_retries: u32,
+    /// A selected site silent for longer than this many seconds is considered gone (its
+    /// update is no longer awaited). At least 1 and less than `deadline_secs`. Default 60.
+    pub heartbeat_timeout_secs: u64,
+}
+
+impl Default for RoundsSection {
+    fn default() -> Self {
+        RoundsSection {
+            deadline_secs: 600,
+            min_completed: 1,
+            on_quorum_failure: QuorumFailure::Retry,
+            max_retries: 3,
+            heartbeat_timeout_secs: 60,
+        }
+    }
+}
+
+/// `[evaluation]`: when the sites evaluate the global model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvaluationSection {
+    /// Evaluate after every `every`-th round (rounds `every`, `2·every`, ...), at least 1.
+    /// Default 1.
+    pub every: u64,
+    /// Also evaluate after the last round even when it is not a multiple of `every`.
+    /// Default true.
+    pub final_round: bool,
+}
+
+impl Default for EvaluationSection {
+    fn default() -> Self {
+        EvaluationSection {
+            every: 1,
+            final_round: true,
+        }
+    }
+}
+
+/// `[transport]`: sizes of model transfers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportSection {
+    /// Payload bytes per transfer chunk, 4096 (4 KiB) to 1048576 (1 MiB). Default 1048576
+    /// (1 MiB). Both ends' gRPC message limits must admit a chunk plus its headers.
+    pub chunk_bytes: usize,
+    /// Largest model or update (safetensors bytes) accepted, at least `chunk_bytes`.
+    /// Default 1073741824 (1 GiB).
+    pub max_model_bytes: u64,
+}
+
+impl Default for TransportSection {
+    fn default() -> Self {
+        TransportSection {
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            max_model_bytes: DEFAULT_MAX_MODEL_BYTES,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Reads a run configuration file: parses it (rejecting unknown keys), resolves the
+    /// vocabulary path against the file's directory, reads the vocabulary to set
+    /// `model.vocab_size`, and validates everything. Errors name the file and the field.
+    pub fn load(path: impl AsRef<Path>) -> Result<RunConfig> {
+        let path = path.as_ref();
+        let err = |reason: String| Error::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let base = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        Self::parse(&text).and_then(|c| c.finish(base)).map_err(err)
+    }
+
+    /// Like [`RunConfig::load`] for a configuration held in memory; relative paths resolve
+    /// against `base_dir`. Errors name the file as `<memory>`.
+    pub fn from_toml_str(text: &str, base_dir: impl AsRef<Path>) -> Result<RunConfig> {
+        Self::parse(text)
+            .and_then(|c| c.finish(base_dir.as_ref()))
+            .map_err(memory_err)
+    }
+
+    /// The configuration of the one-command demo (the file `coordinator/examples/run.toml`:
+    /// 20 sites, 10 rounds, every available site trains 2 local epochs per round), with the
+    /// vocabulary at `vocab_path` (relative to the working directory if relative).
+    pub fn demo(vocab_path: impl AsRef<Path>) -> Result<RunConfig> {
+        let mut config = Self::parse(EXAMPLE_TOML).map_err(memory_err)?;
+        config.model.vocab = vocab_path.as_ref().to_path_buf();
+        config.model.vocab_size = None;
+        config.finish(Path::new(".")).map_err(memory_err)
+    }
+
+    /// The configuration as TOML; [`RunConfig::from_toml_str`] reads it back to an equal
+    /// value (the vocabulary path is absolute after loading, so any base directory works).
+    pub fn to_toml_string(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| memory_err(format!("cannot write as TOML: {e}")))
+    }
+
+    /// Parses TOML without touching the file system or validating.
+    fn parse(text: &str) -> std::result::Result<RunConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Resolves the vocabulary path, reads the vocabulary and validates.
+    fn finish(mut self, base_dir: &Path) -> std::result::Result<RunConfig, String> {
+        if self.model.vocab.as_os_str().is_empty() {
+            return Err("model.vocab: is empty; give the path of the vocabulary JSON".into());
+        }
+        let joined = base_dir.join(&self.model.vocab);
+        self.model.vocab = std::path::absolute(&joined)
+            .map_err(|e| format!("model.vocab: cannot resolve {}: {e}", joined.display()))?;
+        let vocab = Vocab::load(&self.model.vocab).map_err(|e| format!("model.vocab: {e}"))?;
+        match self.model.vocab_size {
+            Some(n) if n != vocab.len() => {
+                return Err(format!(
+                    "model.vocab_size: {n} conflicts with the vocabulary {}, which has {} ids \
+                     ({} events plus padding and unknown); remove model.vocab_size, it is \
+                     taken from the vocabulary",
+                    self.model.vocab.display(),
+                    vocab.len(),
+                    vocab.num_events()
+                ));
+            }
+            _ => self.model.vocab_size = Some(vocab.len()),
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks every field and every combination of fields, naming the first bad one
+    /// (`section.key: what is wrong`). [`RunConfig::load`] calls it; call it again after
+    /// changing a loaded configuration.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.validate_run()?;
+        let model = self.model.model_config()?;
+        model.validate().map_err(common_reason)?;
+        self.train
+            .train_config(0)
+            .validate()
+            .map_err(common_reason)?;
+        if let Some(mu) = self.train.fedprox_mu
+            && !(mu.is_finite() && mu >= 0.0)
+        {
+            return Err(format!("train.fedprox_mu: {mu} must be >= 0"));
+        }
+        self.sampling.validate()?;
+        self.validate_rounds()?;
+        self.validate_evaluation()?;
+        self.validate_transport()
+    }
+
+    fn validate_run(&self) -> std::result::Result<(), String> {
+        let run = &self.run;
+        let name = &run.name;
+        if name.is_empty() || name.len() > MAX_NAME_LEN {
+            return Err(format!(
+                "run.name: {name:?} must be 1 to {MAX_NAME_LEN} characters long"
+            ));
+        }
+        if let Some(c) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(format!(
+                "run.name: {name:?} contains {c:?}; use only A-Z a-z 0-9 . _ -"
+            ));
+        }
+        if name == "." || name == ".." {
+            return Err(format!("run.name: {name:?} is not a usable name"));
+        }
+        if run.seed > i64::MAX as u64 {
+            return Err(format!(
+                "run.seed: {} exceeds 2^63 - 1, the largest TOML integer",
+                run.seed
+            ));
+        }
+        if run.rounds == 0 {
+            return Err("run.rounds: 0 must be at least 1".into());
+        }
+        match run.strategy {
+            StrategyKind::Fedavg => {
+                for (field, value) in [
+                    ("server_learning_rate", run.server_learning_rate),
+                    ("server_momentum", run.server_momentum),
+                ] {
+                    if value.is_some() {
+                        return Err(format!(
+                            "run.{field}: only used by strategy \"fedavgm\"; remove it or set \
+                             run.strategy = \"fedavgm\""
+                        ));
+                    }
+                }
+            }
+            StrategyKind::Fedavgm => {
+                // The strategy computes in f32: check the values it will actually see.
+                let lr = run.server_learning_rate();
+                if !((lr as f32).is_finite() && lr as f32 > 0.0) {
+                    return Err(format!("run.server_learning_rate: {lr} must be > 0"));
+                }
+                let m = run.server_momentum();
+                if !(0.0..1.0).contains(&(m as f32)) {
+                    return Err(format!("run.server_momentum: {m} is outside [0, 1)"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_rounds(&self) -> std::result::Result<(), String> {
+        let r = &self.rounds;
+        if r.deadline_secs == 0 {
+            return Err("rounds.deadline_secs: 0 must be at least 1".into());
+        }
+        if r.heartbeat_timeout_secs == 0 {
+            return Err("rounds.heartbeat_timeout_secs: 0 must be at least 1".into());
+        }
+        if r.heartbeat_timeout_secs >= r.deadline_secs {
+            return Err(format!(
+                "rounds.heartbeat_timeout_secs: {} must be less than rounds.deadline_secs {}",
+                r.heartbeat_timeout_secs, r.deadline_secs
+            ));
+        }
+        if r.min_completed == 0 {
+            return Err("rounds.min_completed: 0 must be at least 1".into());
+        }
+        if r.min_completed > self.sampling.min_selected {
+            return Err(format!(
+                "rounds.min_completed: {} exceeds sampling.min_selected {}: a round may select \
+                 only {} site(s), so its quorum could never be met; lower min_completed or \
+                 raise min_selected",
+                r.min_completed, self.sampling.min_selected, self.sampling.min_selected
+            ));
+        }
+        if let Some(count) = self.sampling.count
+            && r.min_completed > count
+        {
+            return Err(format!(
+                "rounds.min_completed: {} exceeds sampling.count {count}: a round selects \
+                 {count} site(s), so its quorum could never be met",
+                r.min_completed
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_evaluation(&self) -> std::result::Result<(), String> {
+        let e = &self.evaluation;
+        if e.every == 0 {
+            return Err("evaluation.every: 0 must be at least 1".into());
+        }
+        if e.every > self.run.rounds && !e.final_round {
+            return Err(format!(
+                "evaluation.every: {} exceeds run.rounds {} and evaluation.final_round is \
+                 false, so the run would never evaluate",
+                e.every, self.run.rounds
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_transport(&self) -> std::result::Result<(), String> {
+        let t = &self.transport;
+        if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&t.chunk_bytes) {
+            return Err(format!(
+                "transport.chunk_bytes: {} is outside {MIN_CHUNK_BYTES}..={MAX_CHUNK_BYTES} \
+                 (4 KiB to 1 MiB)",
+                t.chunk_bytes
+            ));
+        }
+        if t.max_model_bytes < t.chunk_bytes as u64 {
+            return Err(format!(
+                "transport.max_model_bytes: {} is below transport.chunk_bytes {}",
+                t.max_model_bytes, t.chunk_bytes
+            ));
+        }
+        if t.max_model_bytes > i64::MAX as u64 {
+            return Err(format!(
+                "transport.max_model_bytes: {} exceeds 2^63 - 1, the largest TOML integer",
+                t.max_model_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// The strategy the run uses, built from `run` and `sampling`.
+    pub fn build_strategy(&self) -> Result<Box<dyn Strategy>> {
+        Ok(match self.run.strategy {
+            StrategyKind::Fedavg => Box::new(FedAvg::new(self.sampling.clone())),
+            StrategyKind::Fedavgm => Box::new(FedAvgM::new(
+                self.sampling.clone(),
+                self.run.server_learning_rate() as f32,
+                self.run.server_momentum() as f32,
+            )?),
+        })
+    }
+
+    /// The model's configuration (`vocab_size` from the vocabulary).
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        self.model.model_config().map_err(memory_err)
+    }
+
+    /// The local training configuration `site` uses in `round`, its seed derived from
+    /// `run.seed` by `train.seed_policy`. The derivation is fixed (FNV-1a of the site id,
+    /// mixed with SplitMix64), so it is the same on every platform and release.
+    pub fn local_train_config(&self, round: u64, site: &str) -> TrainConfig {
+        let seed = match self.train.seed_policy {
+            SeedPolicy::Fixed => self.run.seed,
+            SeedPolicy::PerRound => splitmix64(self.run.seed ^ splitmix64(round)),
+            SeedPolicy::PerSiteRound => {
+                splitmix64(self.run.seed ^ splitmix64(round) ^ splitmix64(fnv1a(site)))
+            }
+        };
+        self.train.train_config(seed)
+    }
+
+    /// Whether the sites evaluate the global model after `round` (1-based).
+    pub fn evaluates_after(&self, round: u64) -> bool {
+        let e = &self.evaluation;
+        (e.every > 0 && round.is_multiple_of(e.every))
+            || (e.final_round && round == self.run.rounds)
+    }
+}
+
+fn memory_err(reason: String) -> Error {
+    Error::Config {
+        path: PathBuf::from(MEMORY),
+        reason,
+    }
+}
+
+/// The reason inside a `fedflow_common` config error (which already names the field).
+fn common_reason(e: fedflow_common::Error) -> String {
+    match e {
+        fedflow_common::Error::Config(reason) => reason,
+        other => other.to_string(),
+    }
+}
+
+/// SplitMix64's finaliser: a fixed, well-mixing bijection of 64-bit values.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// 64-bit FNV-1a of a string.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A temporary directory holding `vocab.json` with 3 events (vocab_size 5).
+    fn dir_with_vocab() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        Vocab::from_events(["view", "click", "buy"])
+            .unwrap()
+            .save(dir.path().join("vocab.json"))
+            .unwrap();
+        dir
+    }
+
+    const MINIMAL: &str = "[run]\nname = \"pilot-1\"\n\n[model]\nvocab = \"vocab.json\"\n";
+
+    /// Parses `MINIMAL` plus `extra` and returns the error message, which must name `field`.
+    fn check_rejected(extra: &str, field: &str) {
+        let dir = dir_with_vocab();
+        let text = format!("{MINIMAL}{extra}");
+        let text = merge_tables(&text);
+        let err = RunConfig::from_toml_str(&text, dir.path())
+            .expect_err(&format!("accepted:\n{text}"))
+            .to_string();
+        assert!(err.contains(field), "{field:?} not named in: {err}");
+        assert!(err.starts_with("run config <memory>: "), "{err}");
+    }
+
+    /// Lets a test append keys to `[run]` or `[model]` by repeating the header: moves the
+    /// keys after a repeated header into the first one (a repeated key replaces the earlier
+    /// value), so the TOML stays valid.
+    fn merge_tables(text: &str) -> String {
+        let mut tables: Vec<(String, Vec<String>)> = Vec::new();
+        for line in text.lines() {
+            if line.starts_with('[') {
+                if !tables.iter().any(|(h, _)| h == line) {
+                    tables.push((line.to_owned(), Vec::new()));
+                }
+                let i = tables.iter().position(|(h, _)| h == line).unwrap();
+                let t = tables.remove(i);
+                tables.push(t);
+            } else if !line.trim().is_empty() {
+                // A repeated key replaces the earlier one.
+                let key = |l: &str| l.split('=').next().unwrap().trim().to_owned();
+                let lines = &mut tables.last_mut().unwrap().1;
+                lines.retain(|l| key(l) != key(line));
+                lines.push(line.to_owned());
+            }
+        }
+        tables
+            .into_iter()
+            .map(|(h, lines)| format!("{h}\n{}\n", lines.join("\n")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn example_file_parses_and_validates() {
+        let dir = dir_with_vocab();
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/run.toml");
+        let copy = dir.path().join("run.toml");
+        std::fs::copy(&example, &copy).unwrap();
+        let c = RunConfig::load(&copy).unwrap();
+        assert_eq!(c.run.name, "demo");
+        assert_eq!(c.run.rounds, 10);
+        assert_eq!(c.train.epochs, 2);
+        assert_eq!(c.sampling.fraction, 1.0);
+        assert_eq!(c.sampling.min_available, 20);
+        assert_eq!(c.model.vocab_size, Some(5));
+        assert_eq!(c.model_config().unwrap().vocab_size, 5);
+        assert_eq!(c.build_strategy().unwrap().name(), "fedavg");
+        // Every key the example sets is its default except the demo's choices.
+        assert_eq!(
+            c.model.model_config().unwrap(),
+            ModelConfig {
+                vocab_size: 5,
+                ..ModelConfig::default()
+            }
+        );
+        assert_eq!(
+            c.rounds,
+            RoundsSection {
+                min_completed: 16,
+                ..RoundsSection::default()
+            }
+        );
+        assert_eq!(c.evaluation, EvaluationSection::default());
+        assert_eq!(c.transport, TransportSection::default());
+    }
+
+    #[test]
+    fn demo_is_the_example_with_the_given_vocabulary() {
+        let dir = dir_with_vocab();
+        let vocab = dir.path().join("vocab.json");
+        let demo = RunConfig::demo(&vocab).unwrap();
+        let copy = dir.path().join("run.toml");
+        std::fs::write(&copy, EXAMPLE_TOML).unwrap();
+        assert_eq!(demo, RunConfig::load(&copy).unwrap());
+        assert!(demo.model.vocab.is_absolute());
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let dir = dir_with_vocab();
+        let c = RunConfig::from_toml_str(MINIMAL, dir.path()).unwrap();
+        assert_eq!(c.run.seed, 0);
+        assert_eq!(c.run.rounds, 10);
+        assert_eq!(c.run.strategy, StrategyKind::Fedavg);
+        assert_eq!(c.run.server_learning_rate(), 1.0);
+        assert_eq!(c.run.server_momentum(), 0.0);
+        assert_eq!(c.model.vocab_size, Some(5));
+        assert_eq!(
+            ModelSection {
+                vocab_size: None,
+                vocab: PathBuf::new(),
+                ..c.model.clone()
+            },
+            ModelSection::new("")
+        );
+        assert_eq!(c.train, TrainSection::default());
+        assert_eq!(c.train.epochs, 1);
+        assert_eq!(c.train.patience, 0, "early stopping defaults off");
+        assert_eq!(c.sampling, SamplingConfig::default());
+        assert_eq!(c.rounds, RoundsSection::default());
+        assert_eq!(c.evaluation, EvaluationSection::default());
+        assert_eq!(c.transport.chunk_bytes, 1 << 20);
+        assert_eq!(c.transport.max_model_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        for (extra, field) in [
+            (
+                "[rounds]\ndeadline_secs = 0",
+                "rounds.deadline_secs: 0 must be at least 1",
+            ),
+            ("[run]\nrounds = 0", "run.rounds"),
+            ("[run]\nname = \"a b\"", "run.name"),
+            ("[run]\nname = \"..\"", "run.name"),
+            ("[run]\nname = \"\"", "run.name"),
+            (&format!("[run]\nname = \"{}\"", "x".repeat(65)), "run.name"),
+            ("[run]\nserver_momentum = 0.5", "run.server_momentum"),
+            (
+                "[run]\nstrategy = \"fedavgm\"\nserver_momentum = 1.0",
+                "run.server_momentum",
+            ),
+            (
+                "[run]\nstrategy = \"fedavgm\"\nserver_learning_rate = 0.0",
+                "run.server_learning_rate",
+            ),
+            ("[run]\nstrategy = \"fedprox\"", "fedprox"),
+            ("[model]\ndropout = 1.5", "model.dropout"),
+            (
+                "[model]\nencoder = \"transformer\"\nnum_heads = 5",
+                "model.num_heads",
+            ),
+            ("[train]\nepochs = 0", "train.epochs"),
+            ("[train]\nlearning_rate = -1.0", "train.learning_rate"),
+            ("[train]\nfedprox_mu = -0.1", "train.fedprox_mu"),
+            ("[train]\noptimizer = \"adam\"", "adam"),
+            ("[sampling]\nfraction = 0.0", "sampling.fraction"),
+            ("[sampling]\ncount = 0", "sampling.count"),
+            (
+                "[rounds]\nheartbeat_timeout_secs = 600",
+                "rounds.heartbeat_timeout_secs",
+            ),
+            ("[rounds]\nmin_completed = 0", "rounds.min_completed"),
+            (
+                "[rounds]\nmin_completed = 3\n[sampling]\nmin_selected = 2\nmin_available = 4",
+                "rounds.min_completed: 3 exceeds sampling.min_selected 2",
+            ),
+            (
+                "[rounds]\nmin_completed = 3\n[sampling]\ncount = 2\nmin_selected = 3\n\
+                 min_available = 4",
+                "sampling.count",
+            ),
+            ("[rounds]\non_quorum_failure = \"wait\"", "wait"),
+            ("[evaluation]\nevery = 0", "evaluation.every"),
+            (
+                "[evaluation]\nevery = 11\nfinal_round = false",
+                "evaluation.every",
+            ),
+            ("[transport]\nchunk_bytes = 1024", "transport.chunk_bytes"),
+            (
+                "[transport]\nchunk_bytes = 8388608",
+                "transport.chunk_bytes",
+            ),
+            (
+                "[transport]\nmax_model_bytes = 4096",
+                "transport.max_model_bytes",
+            ),
+        ] {
+            check_rejected(&format!("\n{extra}\n"), field);
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        for (extra, key) in [
+            ("[rounds]\ndeadline = 5", "deadline"),
+            ("[model]\nhiden_size = 32", "hiden_size"),
+            ("[train]\nepohcs = 3", "epohcs"),
+            ("[sampling]\nfracton = 0.5", "fracton"),
+            ("[telemetry]\nenabled = true", "telemetry"),
+        ] {
+            let dir = dir_with_vocab();
+            let text = merge_tables(&format!("{MINIMAL}\n{extra}\n"));
+            let err = RunConfig::from_toml_str(&text, dir.path())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("unknown field `{key}`")), "{err}");
+            assert!(err.contains("line"), "no location in: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_required_keys_are_named() {
+        let dir = dir_with_vocab();
+        let err = RunConfig::from_toml_str("[model]\nvocab = \"vocab.json\"\n", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("run"), "{err}");
+        let err = RunConfig::from_toml_str("[run]\nname = \"x\"\n[model]\n", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vocab"), "{err}");
+    }
+
+    #[test]
+    fn relative_vocab_path_resolves_against_the_config_directory() {
+        let dir = dir_with_vocab();
+        let sub = dir.path().join("configs");
+        std::fs::create_dir(&sub).unwrap();
+        let text = "[run]\nname = \"r\"\n[model]\nvocab = \"../vocab.json\"\n";
+        std::fs::write(sub.join("run.toml"), text).unwrap();
+        let c = RunConfig::load(sub.join("run.toml")).unwrap();
+        assert!(c.model.vocab.is_absolute());
+        assert_eq!(
+            std::fs::canonicalize(&c.model.vocab).unwrap(),
+            std::fs::canonicalize(dir.path().join("vocab.json")).unwrap()
+        );
+        // Resolved against the file's directory, not the working directory.
+        let err = RunConfig::from_toml_str(text, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.vocab"), "{err}");
+        // An absolute path is kept.
+        let abs = dir.path().join("vocab.json");
+        let text = format!("[run]\nname = \"r\"\n[model]\nvocab = {:?}\n", abs);
+        let c = RunConfig::from_toml_str(&text, "/nonexistent").unwrap();
+        assert_eq!(c.model.vocab, std::path::absolute(&abs).unwrap());
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = dir_with_vocab();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, format!("{MINIMAL}[rounds]\ndeadline_secs = 0\n")).unwrap();
+        let err = RunConfig::load(&path).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "run config {}: rounds.deadline_secs: 0 must be at least 1",
+                path.display()
+            )
+        );
+        let err = RunConfig::load(dir.path().join("absent.toml")).unwrap_err();
+        assert!(err.to_string().contains("absent.toml"), "{err}");
+    }
+
+    #[test]
+    fn vocab_size_comes_from_the_vocabulary() {
+        let dir = dir_with_vocab();
+        let ok = merge_tables(&format!("{MINIMAL}[model]\nvocab_size = 5\n"));
+        assert_eq!(
+            RunConfig::from_toml_str(&ok, dir.path())
+                .unwrap()
+                .model
+                .vocab_size,
+            Some(5)
+        );
+        let bad = merge_tables(&format!("{MINIMAL}[model]\nvocab_size = 100\n"));
+        let err = RunConfig::from_toml_str(&bad, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.vocab_size: 100 conflicts with the vocabulary"),
+            "{err}"
+        );
+        assert!(err.contains("5 ids"), "{err}");
+    }
+
+    #[test]
+    fn toml_round_trip() {
+        let dir = dir_with_vocab();
+        let text = merge_tables(&format!(
+            "{MINIMAL}[run]\nseed = 7\nstrategy = \"fedavgm\"\nserver_momentum = 0.5\n\
+             [train]\nfedprox_mu = 0.01\nlearning_rate = 0.1\noptimizer = \"sgd\"\n\
+             seed_policy = \"per_round\"\n[sampling]\ncount = 3\nfraction = 0.3\n\
+             [rounds]\non_quorum_failure = \"pause\"\n[model]\nencoder = \"gru\"\n"
+        ));
+        let c = RunConfig::from_toml_str(&text, dir.path()).unwrap();
+        let written = c.to_toml_string().unwrap();
+        let back = RunConfig::from_toml_str(&written, "/elsewhere").unwrap();
+        assert_eq!(back, c, "{written}");
+        assert_eq!(back.to_toml_string().unwrap(), written);
+        assert_eq!(back.build_strategy().unwrap().name(), "fedavgm");
+
+        let demo = RunConfig::demo(dir.path().join("vocab.json")).unwrap();
+        let back = RunConfig::from_toml_str(&demo.to_toml_string().unwrap(), "/").unwrap();
+        assert_eq!(back, demo);
+    }
+
+    #[test]
+    fn model_section_covers_every_model_config_key() {
+        // Fails when ModelConfig gains a field that [model] does not accept.
+        let mut table = toml::Table::try_from(ModelConfig::default()).unwrap();
+        table.insert("vocab".into(), "v.json".into());
+        let section: ModelSection = table.try_into().unwrap();
+        assert_eq!(
+            section.model_config().unwrap(),
+            ModelConfig::default(),
+            "defaults differ"
+        );
+    }
+
+    #[test]
+    fn train_section_maps_to_train_config() {
+        let s = TrainSection::default();
+        let t = s.train_config(9);
+        let d = TrainConfig::default();
+        assert_eq!(
+            t,
+            TrainConfig {
+                epochs: 1,
+                patience: 0,
+                seed: 9,
+                ..d
+            }
+        );
+    }
+
+    #[test]
+    fn local_seeds_follow_the_policy() {
+        let dir = dir_with_vocab();
+        let mut c = RunConfig::from_toml_str(MINIMAL, dir.path()).unwrap();
+        c.run.seed = 11;
+        let seed = |c: &RunConfig, r, s| c.local_train_config(r, s).seed;
+        assert_ne!(seed(&c, 1, "a"), seed(&c, 1, "b"));
+        assert_ne!(seed(&c, 1, "a"), seed(&c, 2, "a"));
+        assert_eq!(seed(&c, 3, "a"), seed(&c, 3, "a"));
+        // Fixed values: the derivation must never change between releases.
+        assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(splitmix64(0), 0xe220_a839_7b1d_cdaf);
+        c.train.seed_policy = SeedPolicy::PerRound;
+        assert_eq!(seed(&c, 1, "a"), seed(&c, 1, "b"));
+        assert_ne!(seed(&c, 1, "a"), seed(&c, 2, "a"));
+        c.train.seed_policy = SeedPolicy::Fixed;
+        assert_eq!(seed(&c, 1, "a"), 11);
+        assert_eq!(seed(&c, 2, "b"), 11);
+    }
+
+    #[test]
+    fn evaluation_schedule() {
+        let dir = dir_with_vocab();
+        let mut c = RunConfig::from_toml_str(MINIMAL, dir.path()).unwrap();
+        c.evaluation.every = 3;
+        let rounds: Vec<u64> = (1..=10).filter(|&r| c.evaluates_after(r)).collect();
+        assert_eq!(rounds, [3, 6, 9, 10]);
+        c.evaluation.final_round = false;
+        let rounds: Vec<u64> = (1..=10).filter(|&r| c.evaluates_after(r)).collect();
+        assert_eq!(rounds, [3, 6, 9]);
+    }
+
+    #[test]
+    fn validate_catches_changes_after_loading() {
+        let dir = dir_with_vocab();
+        let mut c = RunConfig::from_toml_str(MINIMAL, dir.path()).unwrap();
+        assert_eq!(c.validate(), Ok(()));
+        c.run.seed = u64::MAX;
+        assert!(c.validate().unwrap_err().starts_with("run.seed:"));
+        c.run.seed = 0;
+        c.model.vocab_size = None;
+        assert!(c.validate().unwrap_err().starts_with("model.vocab_size:"));
+    }
+}
