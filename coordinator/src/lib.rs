@@ -4,11 +4,13 @@
 //! starts), [`strategy`] (how sites are chosen and updates combined, in the spirit of
 //! Flower's `configure_train` / `aggregate_train`) and [`store`] (the durable state: runs,
 //! rounds, per-site outcomes and checkpoints in SQLite plus safetensors files, so a crash
-//! resumes at the last committed round). The round state machine and the gRPC server follow
-//! (issue 3).
+//! resumes at the last committed round) and [`round`] (the round engine: the run's state
+//! machine, driven by explicit events and times). The task that owns the engine and the gRPC
+//! server follow (issue 3).
 
 pub mod config;
 pub mod error;
+pub mod round;
 pub mod store;
 pub mod strategy;
 

@@ -1,0 +1,530 @@
+//! The round engine: the state machine of a federated run, driven by explicit events and
+//! explicit times so that it can be owned by one task and tested without clocks.
+//!
+//! A run goes round by round: *select* sites (the strategy samples the available ones) →
+//! hand out *tasks* (a task id and a random nonce per selected site) → *collect* updates, each
+//! validated and folded into a streaming [`FedAvgAccumulator`] as it arrives → *close* the
+//! round when every selected site has answered or been dropped, or at the deadline → if the
+//! quorum (`rounds.min_completed`) is met, *aggregate* (the strategy turns the mean delta into
+//! the next global model) and *commit* (checkpoint file, then database row); otherwise retry
+//! the round or pause the run, as configured, recording why.
+//!
+//! Every state change that matters after a crash goes through the [`Store`] first, and the
+//! engine can be rebuilt from it: [`RoundEngine::open`] resumes at the last committed round
+//! with the identical global model, and a round that was open at the crash is run again.
+//! The engine is synchronous; its owner calls it from a blocking context (aggregation and
+//! commits do real work).
+
+use std::collections::BTreeMap;
+
+use fedflow_common::fedavg::FedAvgAccumulator;
+use fedflow_common::params::{ParamSet, ParamSpec};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::{QuorumFailure, RunConfig};
+use crate::store::{RunStatus, SiteOutcome, SiteState, Store};
+use crate::strategy::{Strategy, UpdateReport};
+use crate::{Error, Result};
+
+/// Where the run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for enough sites to start the next round.
+    Waiting,
+    /// A round is open: tasks handed out, updates being collected.
+    Training,
+    /// Paused (quorum failures or an operator); no new round starts.
+    Paused,
+    /// All rounds committed.
+    Finished,
+}
+
+/// A task handed to a site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskTicket {
+    /// The task's id.
+    pub task_id: String,
+    /// The round it belongs to.
+    pub round: u64,
+    /// The nonce the update must echo.
+    pub nonce: Vec<u8>,
+    /// SHA-256 of the global model to train from.
+    pub model_sha256: String,
+    /// When updates stop being accepted (Unix ms).
+    pub deadline_ms: i64,
+}
+
+/// Why an update was refused. Each maps to one gRPC status in the server.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// No round is open (between rounds, paused or finished).
+    #[error("no round is open")]
+    NoOpenRound,
+    /// The update names another round than the open one.
+    #[error("update for round {got}, but round {open} is open")]
+    WrongRound {
+        /// The open round.
+        open: u64,
+        /// The round the update names.
+        got: u64,
+    },
+    /// The site was not selected for the open round.
+    #[error("site was not selected for round {0}")]
+    NotSelected(u64),
+    /// Task id or nonce do not match the task handed out.
+    #[error("task id or nonce does not match the task for this round")]
+    WrongTask,
+    /// The round's deadline has passed.
+    #[error("the deadline of round {0} has passed")]
+    Late(u64),
+    /// The site already delivered a different update for this task.
+    #[error("a different update was already accepted for this task")]
+    Conflicting,
+    /// The site was marked dropped (silent past the heartbeat timeout) and its task withdrawn.
+    #[error("the task was withdrawn: the site was silent past the heartbeat timeout")]
+    Withdrawn,
+    /// The delta was computed against another global model.
+    #[error("the update was computed against model {got}, not the round's model {want}")]
+    WrongBase {
+        /// The round's global model.
+        want: String,
+        /// What the update names.
+        got: String,
+    },
+    /// The update itself is invalid (names, shapes, values, weight).
+    #[error("invalid update: {0}")]
+    Invalid(String),
+}
+
+/// An accepted update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Folded into the round.
+    New,
+    /// The same update had already been accepted (a resend after a network error).
+    Duplicate,
+}
+
+/// What a site sent, as the engine needs it.
+#[derive(Debug, Clone)]
+pub struct Submission<'a> {
+    /// The sending site.
+    pub site_id: &'a str,
+    /// The round the update is for.
+    pub round: u64,
+    /// Task id from the ticket.
+    pub task_id: &'a str,
+    /// Nonce from the ticket.
+    pub nonce: &'a [u8],
+    /// SHA-256 of the model the delta was computed against.
+    pub base_model_sha256: &'a str,
+    /// The delta.
+    pub delta: &'a ParamSet,
+    /// SHA-256 of the delta's bytes.
+    pub delta_sha256: &'a str,
+    /// Example count and claimed weight.
+    pub report: UpdateReport,
+    /// The site's metrics, as JSON.
+    pub metrics_json: Option<String>,
+}
+
+#[derive(Debug)]
+enum TaskState {
+    Pending,
+    Uploaded { delta_sha256: String },
+    Dropped,
+}
+
+#[derive(Debug)]
+struct Task {
+    task_id: String,
+    nonce: Vec<u8>,
+    state: TaskState,
+}
+
+#[derive(Debug)]
+struct OpenRound {
+    round: u64,
+    deadline_ms: i64,
+    tasks: BTreeMap<String, Task>,
+    acc: FedAvgAccumulator,
+    completed: usize,
+}
+
+/// The state machine of one run.
+#[derive(Debug)]
+pub struct RoundEngine {
+    run_id: String,
+    cfg: RunConfig,
+    store: Store,
+    strategy: Box<dyn Strategy>,
+    rng: ChaCha8Rng,
+    global: ParamSet,
+    global_sha256: String,
+    spec: ParamSpec,
+    /// Last committed round.
+    committed: u64,
+    phase: Phase,
+    open: Option<OpenRound>,
+    /// Consecutive quorum failures of the next round.
+    failures: u32,
+    /// Sites seen, with the time they were last heard from.
+    last_seen: BTreeMap<String, i64>,
+}
+
+impl RoundEngine {
+    /// Opens the run `cfg.run.name` in `store`: creates it with `initial` as round 0, or
+    /// resumes it at its last committed round (ignoring `initial`).
+    pub fn open(mut store: Store, cfg: RunConfig, initial: ParamSet) -> Result<Self> {
+        let run_id = cfg.run.name.clone();
+        let mut strategy = cfg.build_strategy()?;
+        if store.run(&run_id)?.is_none() {
+            let config_json =
+                serde_json::to_string(&cfg).map_err(|e| Error::Strategy(e.to_string()))?;
+            store.create_run(&run_id, &config_json, strategy.name(), &initial)?;
+        }
+        let resume = store.resume_point(&run_id)?;
+        strategy.restore_state(resume.strategy_state);
+        let status = store.run(&run_id)?.map(|r| r.status);
+        let phase = match status {
+            Some(RunStatus::Paused) | Some(RunStatus::Stopped) => Phase::Paused,
+            Some(RunStatus::Finished) => Phase::Finished,
+            _ if resume.round >= cfg.run.rounds => Phase::Finished,
+            _ => Phase::Waiting,
+        };
+        if let Some(r) = resume.open_round {
+            tracing::info!(run = %run_id, round = r, "round {r} was open at shutdown: it will be run again");
+        }
+        // Seeded from the run seed and the round, so a resumed run samples like a fresh one.
+        let rng = ChaCha8Rng::seed_from_u64(
+            cfg.run.seed ^ resume.round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        Ok(RoundEngine {
+            spec: resume.model.spec(),
+            run_id,
+            cfg,
+            store,
+            strategy,
+            rng,
+            global_sha256: resume.model_sha256,
+            global: resume.model,
+            committed: resume.round,
+            phase,
+            open: None,
+            failures: 0,
+            last_seen: BTreeMap::new(),
+        })
+    }
+
+    /// The run's id.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// Where the run stands.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The last committed round (0 before the first).
+    pub fn committed_round(&self) -> u64 {
+        self.committed
+    }
+
+    /// The open round, if any.
+    pub fn open_round(&self) -> Option<u64> {
+        self.open.as_ref().map(|o| o.round)
+    }
+
+    /// The current global model and its SHA-256.
+    pub fn global(&self) -> (&ParamSet, &str) {
+        (&self.global, &self.global_sha256)
+    }
+
+    /// The store (read access for status views).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Records that `site` was heard from (enrolment, poll, heartbeat).
+    pub fn site_seen(&mut self, site: &str, now_ms: i64) -> Result<()> {
+        self.last_seen.insert(site.to_string(), now_ms);
+        self.store.touch_site(site, now_ms)
+    }
+
+    /// The task for `site`, if it is selected in the open round and has not answered yet.
+    /// Starts a round first when none is open and enough sites have been seen recently.
+    pub fn poll_task(&mut self, site: &str, now_ms: i64) -> Result<Option<TaskTicket>> {
+        self.site_seen(site, now_ms)?;
+        if self.open.is_none() && self.phase == Phase::Waiting {
+            self.try_start_round(now_ms)?;
+        }
+        let Some(open) = &self.open else {
+            return Ok(None);
+        };
+        Ok(open.tasks.get(site).and_then(|t| match t.state {
+            TaskState::Pending => Some(TaskTicket {
+                task_id: t.task_id.clone(),
+                round: open.round,
+                nonce: t.nonce.clone(),
+                model_sha256: self.global_sha256.clone(),
+                deadline_ms: open.deadline_ms,
+            }),
+            _ => None,
+        }))
+    }
+
+    fn available(&self, now_ms: i64) -> Vec<String> {
+        let horizon = now_ms - (self.cfg.rounds.heartbeat_timeout_secs as i64) * 1000;
+        self.last_seen
+            .iter()
+            .filter(|(_, t)| **t >= horizon)
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
+
+    fn try_start_round(&mut self, now_ms: i64) -> Result<()> {
+        let available = self.available(now_ms);
+        if available.len() < self.cfg.sampling.min_available {
+            return Ok(());
+        }
+        let round = self.committed + 1;
+        let selected = self
+            .strategy
+            .configure_train(round, &available, &mut self.rng)?;
+        let mut tasks = BTreeMap::new();
+        for site in &selected {
+            let mut nonce = vec![0u8; 16];
+            self.rng.fill_bytes(&mut nonce);
+            let task_id = format!("{}-r{round}-{site}-{}", self.run_id, self.failures);
+            tasks.insert(
+                site.clone(),
+                Task {
+                    task_id,
+                    nonce,
+                    state: TaskState::Pending,
+                },
+            );
+        }
+        let pairs: Vec<(String, String)> = tasks
+            .iter()
+            .map(|(s, t)| (s.clone(), t.task_id.clone()))
+            .collect();
+        self.store.begin_round(&self.run_id, round, &pairs)?;
+        tracing::info!(run = %self.run_id, round, selected = selected.len(), "round {round} started");
+        self.open = Some(OpenRound {
+            round,
+            deadline_ms: now_ms + (self.cfg.rounds.deadline_secs as i64) * 1000,
+            tasks,
+            acc: FedAvgAccumulator::new(&self.spec)?,
+            completed: 0,
+        });
+        self.phase = Phase::Training;
+        Ok(())
+    }
+
+    /// Validates an update and folds it into the open round. Nothing changes on rejection.
+    /// The round closes (and may commit) as soon as every selected site has answered.
+    pub fn submit(
+        &mut self,
+        s: Submission<'_>,
+        now_ms: i64,
+    ) -> Result<std::result::Result<Accepted, Rejection>> {
+        self.last_seen.insert(s.site_id.to_string(), now_ms);
+        let verdict = self.check_and_add(&s, now_ms)?;
+        if let Ok(Accepted::New) = &verdict {
+            self.close_if_complete(now_ms)?;
+        }
+        Ok(verdict)
+    }
+
+    fn check_and_add(
+        &mut self,
+        s: &Submission<'_>,
+        now_ms: i64,
+    ) -> Result<std::result::Result<Accepted, Rejection>> {
+        let Some(open) = self.open.as_mut() else {
+            return Ok(Err(Rejection::NoOpenRound));
+        };
+        if s.round != open.round {
+            return Ok(Err(Rejection::WrongRound {
+                open: open.round,
+                got: s.round,
+            }));
+        }
+        let Some(task) = open.tasks.get_mut(s.site_id) else {
+            return Ok(Err(Rejection::NotSelected(open.round)));
+        };
+        if task.task_id != s.task_id || task.nonce != s.nonce {
+            return Ok(Err(Rejection::WrongTask));
+        }
+        match &task.state {
+            TaskState::Uploaded { delta_sha256 } if delta_sha256 == s.delta_sha256 => {
+                return Ok(Ok(Accepted::Duplicate));
+            }
+            TaskState::Uploaded { .. } => return Ok(Err(Rejection::Conflicting)),
+            TaskState::Dropped => return Ok(Err(Rejection::Withdrawn)),
+            TaskState::Pending => {}
+        }
+        if now_ms > open.deadline_ms {
+            return Ok(Err(Rejection::Late(open.round)));
+        }
+        if s.base_model_sha256 != self.global_sha256 {
+            return Ok(Err(Rejection::WrongBase {
+                want: self.global_sha256.clone(),
+                got: s.base_model_sha256.to_string(),
+            }));
+        }
+        let weight = match self.strategy.update_weight(&s.report) {
+            Ok(w) => w,
+            Err(e) => return Ok(Err(Rejection::Invalid(e.to_string()))),
+        };
+        // The accumulator validates names, shapes, dtype, finiteness and the weight before it
+        // changes anything.
+        if let Err(e) = open.acc.add(s.delta, weight) {
+            return Ok(Err(Rejection::Invalid(e.to_string())));
+        }
+        task.state = TaskState::Uploaded {
+            delta_sha256: s.delta_sha256.to_string(),
+        };
+        open.completed += 1;
+        let outcome = SiteOutcome {
+            train_examples: Some(s.report.train_examples),
+            weight: Some(weight),
+            metrics_json: s.metrics_json.clone(),
+            delta_sha256: Some(s.delta_sha256.to_string()),
+            ..SiteOutcome::new(s.site_id, SiteState::Uploaded, None)
+        };
+        let round = open.round;
+        self.store.record_site(&self.run_id, round, &outcome)?;
+        Ok(Ok(Accepted::New))
+    }
+
+    /// Advances time: drops sites silent past the heartbeat timeout, and closes the round at
+    /// its deadline (or earlier, once nobody is left to wait for).
+    pub fn tick(&mut self, now_ms: i64) -> Result<()> {
+        let timeout = (self.cfg.rounds.heartbeat_timeout_secs as i64) * 1000;
+        let Some(open) = self.open.as_mut() else {
+            if self.phase == Phase::Waiting {
+                self.try_start_round(now_ms)?;
+            }
+            return Ok(());
+        };
+        let mut dropped = Vec::new();
+        for (site, task) in open.tasks.iter_mut() {
+            let silent = self
+                .last_seen
+                .get(site)
+                .is_none_or(|&t| now_ms - t > timeout);
+            if matches!(task.state, TaskState::Pending) && silent {
+                task.state = TaskState::Dropped;
+                dropped.push(site.clone());
+            }
+        }
+        let round = open.round;
+        let deadline = open.deadline_ms;
+        for site in dropped {
+            tracing::warn!(run = %self.run_id, round, "a site went silent and was dropped from round {round}");
+            let reason = Some(format!(
+                "no heartbeat for more than {}s",
+                self.cfg.rounds.heartbeat_timeout_secs
+            ));
+            self.store.record_site(
+                &self.run_id,
+                round,
+                &SiteOutcome::new(site, SiteState::Dropped, reason),
+            )?;
+        }
+        if now_ms > deadline {
+            self.close_round(now_ms, "deadline passed")?;
+        } else {
+            self.close_if_complete(now_ms)?;
+        }
+        Ok(())
+    }
+
+    fn close_if_complete(&mut self, now_ms: i64) -> Result<()> {
+        let Some(open) = &self.open else {
+            return Ok(());
+        };
+        if open
+            .tasks
+            .values()
+            .all(|t| !matches!(t.state, TaskState::Pending))
+        {
+            self.close_round(now_ms, "every selected site answered")?;
+        }
+        Ok(())
+    }
+
+    fn close_round(&mut self, _now_ms: i64, why: &str) -> Result<()> {
+        let Some(open) = self.open.take() else {
+            return Ok(());
+        };
+        let round = open.round;
+        for (site, task) in &open.tasks {
+            if matches!(task.state, TaskState::Pending) {
+                let reason = Some("no update before the deadline".to_string());
+                self.store.record_site(
+                    &self.run_id,
+                    round,
+                    &SiteOutcome::new(site.clone(), SiteState::Late, reason),
+                )?;
+            }
+        }
+        let quorum = self.cfg.rounds.min_completed;
+        if open.completed < quorum {
+            let reason = format!(
+                "{} of the {quorum} updates needed arrived ({why})",
+                open.completed
+            );
+            self.store.fail_round(&self.run_id, round, &reason)?;
+            self.failures += 1;
+            let pause = match self.cfg.rounds.on_quorum_failure {
+                QuorumFailure::Pause => true,
+                QuorumFailure::Retry => self.failures > self.cfg.rounds.max_retries,
+            };
+            tracing::warn!(run = %self.run_id, round, "round {round} failed: {reason}");
+            if pause {
+                self.store.set_run_status(
+                    &self.run_id,
+                    RunStatus::Paused,
+                    Some(&format!("round {round}: {reason}")),
+                )?;
+                self.phase = Phase::Paused;
+            } else {
+                self.phase = Phase::Waiting;
+            }
+            return Ok(());
+        }
+        let completed = open.completed;
+        let mean = open.acc.finish()?;
+        let next = self.strategy.aggregate_train(round, &self.global, &mean)?;
+        let metrics =
+            serde_json::json!({ "completed": completed, "closed_because": why }).to_string();
+        let sha = self.store.commit_round(
+            &self.run_id,
+            round,
+            &next,
+            self.strategy.state(),
+            Some(&metrics),
+        )?;
+        tracing::info!(run = %self.run_id, round, completed, "round {round} committed");
+        self.global = next;
+        self.global_sha256 = sha;
+        self.committed = round;
+        self.failures = 0;
+        if round >= self.cfg.run.rounds {
+            self.store
+                .set_run_status(&self.run_id, RunStatus::Finished, None)?;
+            self.phase = Phase::Finished;
+        } else {
+            self.phase = Phase::Waiting;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
