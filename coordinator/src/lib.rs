@@ -11,6 +11,7 @@
 pub mod config;
 pub mod error;
 pub mod round;
+pub mod service;
 pub mod store;
 pub mod strategy;
 

@@ -1,0 +1,425 @@
+//! The coordinator's gRPC face: the `fedflow.v1.Federation` service over a [`RoundEngine`]
+//! owned by one thread.
+//!
+//! gRPC handlers are cheap clones of a [`Coordinator`] handle holding a channel sender; the
+//! engine lives on its own thread (it does blocking work: SQLite, fsync, aggregation), takes
+//! one command at a time, and ticks the clock when idle. Its loop must never panic or exit
+//! while handles exist: engine errors are logged and returned to the caller as `internal`.
+//! Wire types are converted here and nowhere else.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fedflow_common::params::ParamSet;
+use fedflow_proto::transfer::{Assembler, TransferError, model_chunks};
+use fedflow_proto::v1::federation_server::Federation;
+use fedflow_proto::v1::{
+    DownloadModelRequest, EnrolRequest, EnrolResponse, HeartbeatRequest, HeartbeatResponse,
+    ModelChunk, ModelRef, NextTaskRequest, NextTaskResponse, NoTask, Task, TaskKind,
+    TrainInstructions, UpdateChunk, UploadUpdateResponse, next_task_response, update_chunk,
+};
+use prost::bytes::Bytes;
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::RunConfig;
+use crate::round::{Accepted, Phase, Rejection, RoundEngine, Submission, TaskTicket};
+use crate::strategy::UpdateReport;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+/// A sent update, owned, on its way to the engine thread.
+struct OwnedSubmission {
+    site_id: String,
+    round: u64,
+    task_id: String,
+    nonce: Vec<u8>,
+    base_model_sha256: String,
+    delta: ParamSet,
+    delta_sha256: String,
+    report: UpdateReport,
+    metrics_json: Option<String>,
+}
+
+enum Command {
+    Seen(String),
+    Poll(String, Reply<(Option<TaskTicket>, Phase)>),
+    Model(String, Reply<Option<(u64, Bytes)>>),
+    Submit(Box<OwnedSubmission>, Reply<Result<Accepted, Rejection>>),
+}
+
+/// Handle to the engine thread; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    tx: mpsc::Sender<Command>,
+    cfg: Arc<RunConfig>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Seen(_) => "Seen",
+            Command::Poll(..) => "Poll",
+            Command::Model(..) => "Model",
+            Command::Submit(..) => "Submit",
+        })
+    }
+}
+
+/// How often the engine thread ticks when no command arrives.
+const TICK: Duration = Duration::from_millis(200);
+
+impl Coordinator {
+    /// Starts the engine thread. The thread ends when every handle is dropped.
+    pub fn spawn(engine: RoundEngine, cfg: RunConfig) -> Coordinator {
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("fedflow-rounds".into())
+            .spawn(move || engine_loop(engine, rx))
+            .expect("cannot start the round engine thread");
+        Coordinator {
+            tx,
+            cfg: Arc::new(cfg),
+        }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?
+            .map_err(|e| Status::internal(format!("coordinator error: {e}")))
+    }
+}
+
+fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
+    let mut model_cache: Option<(String, u64, Bytes)> = None;
+    loop {
+        let cmd = match rx.recv_timeout(TICK) {
+            Ok(cmd) => Some(cmd),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let now = now_ms();
+        match cmd {
+            None => {}
+            Some(Command::Seen(site)) => {
+                if let Err(e) = engine.site_seen(&site, now) {
+                    tracing::error!(run = %engine.run_id(), "recording a site failed: {e}");
+                }
+            }
+            Some(Command::Poll(site, reply)) => {
+                let r = engine
+                    .poll_task(&site, now)
+                    .map(|t| (t, engine.phase()))
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Some(Command::Model(sha, reply)) => {
+                let (global, global_sha) = engine.global();
+                let r = if sha != global_sha {
+                    Ok(None)
+                } else {
+                    match &model_cache {
+                        Some((s, round, bytes)) if *s == sha => Ok(Some((*round, bytes.clone()))),
+                        _ => global
+                            .to_safetensors_bytes()
+                            .map_err(|e| e.to_string())
+                            .map(|b| {
+                                let bytes = Bytes::from(b);
+                                let round = engine.committed_round();
+                                model_cache = Some((sha.clone(), round, bytes.clone()));
+                                Some((round, bytes))
+                            }),
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Some(Command::Submit(s, reply)) => {
+                let r = engine
+                    .submit(
+                        Submission {
+                            site_id: &s.site_id,
+                            round: s.round,
+                            task_id: &s.task_id,
+                            nonce: &s.nonce,
+                            base_model_sha256: &s.base_model_sha256,
+                            delta: &s.delta,
+                            delta_sha256: &s.delta_sha256,
+                            report: s.report.clone(),
+                            metrics_json: s.metrics_json.clone(),
+                        },
+                        now,
+                    )
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+        }
+        if let Err(e) = engine.tick(now_ms()) {
+            tracing::error!(run = %engine.run_id(), "round engine tick failed: {e}");
+        }
+    }
+}
+
+/// The status a rejection travels as.
+fn rejection_status(r: &Rejection) -> Status {
+    let msg = r.to_string();
+    match r {
+        Rejection::Late(_) => Status::deadline_exceeded(msg),
+        Rejection::NotSelected(_) | Rejection::WrongTask => Status::permission_denied(msg),
+        Rejection::Conflicting => Status::already_exists(msg),
+        Rejection::Invalid(_) => Status::invalid_argument(msg),
+        Rejection::NoOpenRound
+        | Rejection::WrongRound { .. }
+        | Rejection::Withdrawn
+        | Rejection::WrongBase { .. } => Status::failed_precondition(msg),
+    }
+}
+
+fn transfer_status(e: TransferError) -> Status {
+    match e {
+        TransferError::TooLarge { .. } | TransferError::ChunkTooLarge { .. } => {
+            Status::resource_exhausted(e.to_string())
+        }
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+fn check_site_id(site: &str) -> Result<(), Status> {
+    let ok = !site.is_empty()
+        && site.len() <= 128
+        && site
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(
+            "site_id must be 1-128 characters of [A-Za-z0-9._-]",
+        ))
+    }
+}
+
+/// Longest a `NextTask` call is held open.
+const MAX_POLL: Duration = Duration::from_secs(30);
+/// How often a held `NextTask` call asks the engine again.
+const POLL_EVERY: Duration = Duration::from_millis(100);
+
+#[tonic::async_trait]
+impl Federation for Coordinator {
+    async fn enrol(&self, req: Request<EnrolRequest>) -> Result<Response<EnrolResponse>, Status> {
+        let req = req.into_inner();
+        check_site_id(&req.site_id)?;
+        let _ = self.tx.send(Command::Seen(req.site_id));
+        Ok(Response::new(EnrolResponse {
+            coordinator_version: env!("CARGO_PKG_VERSION").into(),
+            heartbeat_interval_ms: (self.cfg.rounds.heartbeat_timeout_secs * 1000 / 3).max(100)
+                as u32,
+            max_chunk_bytes: self.cfg.transport.chunk_bytes as u64,
+        }))
+    }
+
+    async fn next_task(
+        &self,
+        req: Request<NextTaskRequest>,
+    ) -> Result<Response<NextTaskResponse>, Status> {
+        let req = req.into_inner();
+        check_site_id(&req.site_id)?;
+        let until =
+            tokio::time::Instant::now() + Duration::from_millis(req.wait_ms as u64).min(MAX_POLL);
+        loop {
+            let site = req.site_id.clone();
+            let (ticket, phase) = self.ask(|r| Command::Poll(site, r)).await?;
+            if let Some(t) = ticket {
+                return Ok(Response::new(NextTaskResponse {
+                    outcome: Some(next_task_response::Outcome::Task(
+                        self.task_message(&req.site_id, t)?,
+                    )),
+                }));
+            }
+            let finished = phase == Phase::Finished;
+            if finished || tokio::time::Instant::now() >= until {
+                let reason = match phase {
+                    Phase::Finished => "the run is finished",
+                    Phase::Paused => "the run is paused",
+                    Phase::Waiting => "waiting for enough sites to start the next round",
+                    Phase::Training => "this site is not in the current round",
+                };
+                return Ok(Response::new(NextTaskResponse {
+                    outcome: Some(next_task_response::Outcome::NoTask(NoTask {
+                        reason: reason.into(),
+                        retry_after_ms: 500,
+                        run_finished: finished,
+                    })),
+                }));
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+
+    type DownloadModelStream = tokio_stream::Iter<std::vec::IntoIter<Result<ModelChunk, Status>>>;
+
+    async fn download_model(
+        &self,
+        req: Request<DownloadModelRequest>,
+    ) -> Result<Response<Self::DownloadModelStream>, Status> {
+        let req = req.into_inner();
+        check_site_id(&req.site_id)?;
+        let sha = req.sha256.clone();
+        let Some((round, bytes)) = self.ask(|r| Command::Model(sha, r)).await? else {
+            return Err(Status::not_found(
+                "no current model with that hash: the round has moved on, ask for a new task",
+            ));
+        };
+        if req.offset > bytes.len() as u64 {
+            return Err(Status::out_of_range("offset past the end of the model"));
+        }
+        let chunks = model_chunks(
+            &self.cfg.run.name,
+            round,
+            &req.sha256,
+            &bytes,
+            req.offset,
+            self.cfg.transport.chunk_bytes,
+        );
+        Ok(Response::new(tokio_stream::iter(
+            chunks.into_iter().map(Ok).collect::<Vec<_>>(),
+        )))
+    }
+
+    async fn upload_update(
+        &self,
+        req: Request<Streaming<UpdateChunk>>,
+    ) -> Result<Response<UploadUpdateResponse>, Status> {
+        let mut stream = req.into_inner();
+        let Some(UpdateChunk {
+            part: Some(update_chunk::Part::Header(h)),
+        }) = stream.message().await?
+        else {
+            return Err(Status::invalid_argument(
+                "the first message of an upload must be its header",
+            ));
+        };
+        check_site_id(&h.site_id)?;
+        let mut asm = Assembler::new(
+            Vec::new(),
+            &h.delta_sha256,
+            h.total_bytes,
+            self.cfg.transport.max_model_bytes,
+            self.cfg.transport.chunk_bytes,
+        )
+        .map_err(transfer_status)?;
+        while let Some(msg) = stream.message().await? {
+            match msg.part {
+                Some(update_chunk::Part::Data(d)) => asm.push_next(&d).map_err(transfer_status)?,
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "only data chunks may follow the header",
+                    ));
+                }
+            }
+        }
+        let bytes = asm.finish().map_err(transfer_status)?;
+        let delta = ParamSet::from_safetensors_bytes(&bytes)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let metrics = h.metrics.unwrap_or_default();
+        let metrics_json = serde_json::json!({
+            "train_examples": metrics.train_examples,
+            "validation_examples": metrics.validation_examples,
+            "train_loss": metrics.train_loss,
+            "validation_loss": metrics.validation_loss,
+            "validation_accuracy": metrics.validation_accuracy,
+            "validation_macro_f1": metrics.validation_macro_f1,
+            "epochs_run": metrics.epochs_run,
+            "train_seconds": metrics.train_seconds,
+        })
+        .to_string();
+        let submission = OwnedSubmission {
+            site_id: h.site_id,
+            round: h.round,
+            task_id: h.task_id,
+            nonce: h.nonce.to_vec(),
+            base_model_sha256: h.base_model_sha256,
+            delta,
+            delta_sha256: h.delta_sha256.clone(),
+            report: UpdateReport {
+                train_examples: metrics.train_examples,
+                claimed_weight: h.weight,
+            },
+            metrics_json: Some(metrics_json),
+        };
+        match self
+            .ask(|r| Command::Submit(Box::new(submission), r))
+            .await?
+        {
+            Ok(accepted) => Ok(Response::new(UploadUpdateResponse {
+                delta_sha256: h.delta_sha256,
+                duplicate: accepted == Accepted::Duplicate,
+            })),
+            Err(rejection) => Err(rejection_status(&rejection)),
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        check_site_id(&req.site_id)?;
+        let _ = self.tx.send(Command::Seen(req.site_id));
+        Ok(Response::new(HeartbeatResponse {
+            cancel_task: false,
+            next_heartbeat_ms: (self.cfg.rounds.heartbeat_timeout_secs * 1000 / 3).max(100) as u32,
+        }))
+    }
+}
+
+impl Coordinator {
+    fn task_message(&self, site: &str, t: TaskTicket) -> Result<Task, Status> {
+        let cfg = &self.cfg;
+        let model = cfg
+            .model_config()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let train = cfg.local_train_config(t.round, site);
+        let vocab = fedflow_common::data::Vocab::load(&cfg.model.vocab)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Task {
+            task_id: t.task_id,
+            run_id: cfg.run.name.clone(),
+            round: t.round,
+            kind: TaskKind::Train as i32,
+            model: Some(ModelRef {
+                sha256: t.model_sha256,
+                size_bytes: 0,
+                model_config_json: serde_json::to_string(&model)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+                vocab_sha256: fedflow_common::model::vocab_sha256(&vocab),
+            }),
+            train: Some(TrainInstructions {
+                local_epochs: train.epochs as u32,
+                batch_size: train.batch_size as u32,
+                learning_rate: train.learning_rate,
+                optimizer: match train.optimizer {
+                    fedflow_common::train::OptimizerKind::Adamw => "adamw".into(),
+                    fedflow_common::train::OptimizerKind::Sgd => "sgd".into(),
+                },
+                weight_decay: train.weight_decay,
+                momentum: train.momentum,
+                fedprox_mu: train.fedprox_mu,
+                seed: train.seed,
+            }),
+            deadline_unix_ms: t.deadline_ms,
+            nonce: Bytes::from(t.nonce),
+        })
+    }
+}
