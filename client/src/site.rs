@@ -371,7 +371,14 @@ mod tests {
         let model = AttentionFlowModel::new(&f.task.model, &Device::Cpu, 123).unwrap();
         f.global.load_into_varmap(model.varmap()).unwrap();
         let ds = f.site.dataset();
-        train(&model, &ds.train, &ds.validation, &f.task.train, &mut |_| {}).unwrap();
+        train(
+            &model,
+            &ds.train,
+            &ds.validation,
+            &f.task.train,
+            &mut |_| {},
+        )
+        .unwrap();
         let local = ParamSet::from_varmap(model.varmap()).unwrap();
 
         let rebuilt = ParamSet::apply_delta(&f.global, &out.delta, 1.0).unwrap();
@@ -478,10 +485,7 @@ mod tests {
         task.model.hidden_size = 12;
         let err = run(&f, &task).unwrap_err();
         assert!(
-            matches!(
-                err,
-                Error::Common(fedflow_common::Error::ParamMismatch(_))
-            ),
+            matches!(err, Error::Common(fedflow_common::Error::ParamMismatch(_))),
             "{err}"
         );
     }
