@@ -19,6 +19,23 @@ pub enum Error {
     /// The request itself is inconsistent (e.g. no data files).
     #[error("{0}")]
     Usage(String),
+    /// A federated task this site refuses to run: it does not fit the site's vocabulary or
+    /// data (the message says why and what to do).
+    #[error("task refused: {0}")]
+    Task(String),
+    /// Received bytes do not hash to the SHA-256 they were announced with.
+    #[error(
+        "{what} hash mismatch: the bytes hash to {actual} but {expected} was expected; \
+         the transfer is corrupt or the task is stale, fetch it again"
+    )]
+    HashMismatch {
+        /// What was hashed (e.g. `global model`).
+        what: &'static str,
+        /// The announced SHA-256 (hex).
+        expected: String,
+        /// The SHA-256 (hex) of the bytes received.
+        actual: String,
+    },
 }
 
 /// Result alias for `fedflow-client`.

@@ -4,8 +4,14 @@
 //! validate a data file against the federation's vocabulary, train the attention-flow model on
 //! one site's data or on several sites pooled (the centralised baseline), and evaluate a saved
 //! model. The binary `fedflow-client` is a thin command-line layer over these functions.
+//!
+//! For federation: what a partner site does with one federated task ([`site`]) — verify the
+//! global model, check it fits the site's vocabulary, train locally (optionally with FedProx)
+//! and produce the serialised weight delta with its hash and metrics, or only evaluate. The
+//! networking client loop calls into it.
 
 pub mod error;
 pub mod local;
+pub mod site;
 
 pub use error::{Error, Result};

@@ -1,0 +1,537 @@
+//! What a partner site does with one federated task, without any networking.
+//!
+//! A [`SiteTrainer`] holds the site's encoded data, the hash and size of the vocabulary it was
+//! encoded with, and the device to train on. Given a [`TaskSpec`] and the global model's
+//! safetensors bytes it
+//!
+//! 1. checks the bytes hash to the announced SHA-256 ([`Error::HashMismatch`] otherwise),
+//! 2. refuses tasks built for another vocabulary or class count ([`Error::Task`], naming both
+//!    sides and what to do),
+//! 3. builds the model, loads the global parameters (names, shapes and dtypes validated),
+//! 4. trains on the training split with early stopping on the validation split, and
+//! 5. returns `delta = local - global`, checked finite, as safetensors bytes with their
+//!    SHA-256, plus [`SiteMetrics`].
+//!
+//! Evaluation-only tasks ([`SiteTrainer::evaluate_task`]) do steps 1-3 and report validation
+//! metrics. The gRPC client loop calls these functions; everything here is pure and seeded,
+//! so the same task on the same data gives the same delta bytes on the CPU.
+
+use std::time::Instant;
+
+use candle_core::Device;
+use fedflow_common::data::{NUM_LABELS, SiteDataset, Vocab};
+use fedflow_common::model::{AttentionFlowModel, ModelConfig, vocab_sha256};
+use fedflow_common::params::ParamSet;
+use fedflow_common::train::{EpochReport, TrainConfig, evaluate, train};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+/// Sessions per forward pass when computing metrics (no gradients, so larger than training).
+const EVAL_BATCH: usize = 256;
+
+/// One federated task as the site receives it (after the wire types are converted).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// The federated run this task belongs to.
+    pub run_id: String,
+    /// The round number within the run.
+    pub round: u64,
+    /// Architecture of the global model (its `vocab_size` must equal the site vocabulary's).
+    pub model: ModelConfig,
+    /// SHA-256 (hex) of the vocabulary the federation uses (see [`vocab_sha256`]).
+    pub vocab_sha256: String,
+    /// SHA-256 (hex) of the global model's safetensors bytes.
+    pub expected_model_sha256: String,
+    /// Local training hyper-parameters (seed, epochs, FedProx μ, ...).
+    pub train: TrainConfig,
+}
+
+/// Metrics a site reports for one task. Counts are sessions of the site's own splits.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SiteMetrics {
+    /// Sessions in the site's training split.
+    pub train_examples: usize,
+    /// Sessions in the site's validation split.
+    pub validation_examples: usize,
+    /// Mean training loss (dropout active) of the epoch whose weights were kept; `None` for
+    /// evaluation-only tasks.
+    pub train_loss: Option<f64>,
+    /// Validation loss of the final weights; `None` without validation sessions.
+    pub validation_loss: Option<f64>,
+    /// Validation accuracy of the final weights; `None` without validation sessions.
+    pub validation_accuracy: Option<f64>,
+    /// Validation macro-F1 of the final weights; `None` without validation sessions.
+    pub validation_macro_f1: Option<f64>,
+    /// Epochs trained (fewer than configured when early stopping ended training; 0 for
+    /// evaluation-only tasks).
+    pub epochs_run: usize,
+    /// The epoch whose weights were kept (1-based; 0 for evaluation-only tasks).
+    pub best_epoch: usize,
+    /// Wall-clock seconds of local training (0 for evaluation-only tasks).
+    pub train_seconds: f64,
+}
+
+/// What a training task produced: the update to send and the metrics to report.
+#[derive(Debug, Clone)]
+pub struct TaskOutcome {
+    /// `local - global`, tensor by tensor; every value finite.
+    pub delta: ParamSet,
+    /// [`ParamSet::to_safetensors_bytes`] of `delta`: what goes on the wire.
+    pub delta_bytes: Vec<u8>,
+    /// SHA-256 (hex) of `delta_bytes`.
+    pub delta_sha256: String,
+    /// Training and validation metrics.
+    pub metrics: SiteMetrics,
+}
+
+/// A partner site's data and device, ready to run federated tasks.
+#[derive(Debug)]
+pub struct SiteTrainer {
+    dataset: SiteDataset,
+    vocab_sha256: String,
+    vocab_size: usize,
+    device: Device,
+}
+
+impl SiteTrainer {
+    /// A site whose `dataset` was encoded with `vocab`, training on `device`.
+    pub fn new(dataset: SiteDataset, vocab: &Vocab, device: Device) -> Self {
+        Self {
+            dataset,
+            vocab_sha256: vocab_sha256(vocab),
+            vocab_size: vocab.len(),
+            device,
+        }
+    }
+
+    /// The site's data.
+    pub fn dataset(&self) -> &SiteDataset {
+        &self.dataset
+    }
+
+    /// SHA-256 (hex) of the site's vocabulary.
+    pub fn vocab_sha256(&self) -> &str {
+        &self.vocab_sha256
+    }
+
+    /// Number of ids in the site's vocabulary (padding and unknown included).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// The device training runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs a training task: verify, load the global model, train locally, return the delta.
+    ///
+    /// `on_epoch` is called after every local epoch (progress, heartbeats).
+    pub fn train_task(
+        &self,
+        task: &TaskSpec,
+        global_bytes: &[u8],
+        on_epoch: &mut dyn FnMut(&EpochReport),
+    ) -> Result<TaskOutcome> {
+        let (model, global) = self.prepare(task, global_bytes)?;
+        if self.dataset.train.is_empty() {
+            return Err(Error::Task(format!(
+                "run {} round {}: this site has no training sessions ({} validation); \
+                 add data or lower the validation fraction, or leave this site out of training",
+                task.run_id,
+                task.round,
+                self.dataset.validation.len()
+            )));
+        }
+        let started = Instant::now();
+        let report = train(
+            &model,
+            &self.dataset.train,
+            &self.dataset.validation,
+            &task.train,
+            on_epoch,
+        )?;
+        let train_seconds = started.elapsed().as_secs_f64();
+        let local = ParamSet::from_varmap(model.varmap())?;
+        let delta = ParamSet::delta(&local, &global)?;
+        delta.check_finite()?;
+        let delta_bytes = delta.to_safetensors_bytes()?;
+        let delta_sha256 = sha256_hex(&delta_bytes);
+        let mut metrics = self.validation_metrics(&model)?;
+        metrics.train_loss = report
+            .epochs
+            .get(report.best_epoch.saturating_sub(1))
+            .map(|e| e.train_loss);
+        metrics.epochs_run = report.epochs.len();
+        metrics.best_epoch = report.best_epoch;
+        metrics.train_seconds = train_seconds;
+        Ok(TaskOutcome {
+            delta,
+            delta_bytes,
+            delta_sha256,
+            metrics,
+        })
+    }
+
+    /// Runs an evaluation-only task: verify and load the global model, then report its
+    /// metrics on the site's validation split. Fails when that split is empty.
+    pub fn evaluate_task(&self, task: &TaskSpec, global_bytes: &[u8]) -> Result<SiteMetrics> {
+        let (model, _global) = self.prepare(task, global_bytes)?;
+        if self.dataset.validation.is_empty() {
+            return Err(Error::Task(format!(
+                "run {} round {}: this site has no validation sessions to evaluate on; \
+                 raise the validation fraction or leave this site out of evaluation",
+                task.run_id, task.round
+            )));
+        }
+        self.validation_metrics(&model)
+    }
+
+    /// Steps shared by both task kinds: hash check, compatibility checks, model with the
+    /// global parameters loaded. Returns the model and the parsed global parameters.
+    fn prepare(
+        &self,
+        task: &TaskSpec,
+        global_bytes: &[u8],
+    ) -> Result<(AttentionFlowModel, ParamSet)> {
+        let actual = sha256_hex(global_bytes);
+        if !actual.eq_ignore_ascii_case(&task.expected_model_sha256) {
+            return Err(Error::HashMismatch {
+                what: "global model",
+                expected: task.expected_model_sha256.clone(),
+                actual,
+            });
+        }
+        self.check_compatible(task)?;
+        let global = ParamSet::from_safetensors_bytes(global_bytes)?;
+        let model = AttentionFlowModel::new(&task.model, &self.device, task.train.seed)?;
+        global.load_into_varmap(model.varmap())?;
+        Ok((model, global))
+    }
+
+    /// Refuses tasks whose vocabulary or label space differs from the site's.
+    fn check_compatible(&self, task: &TaskSpec) -> Result<()> {
+        if !task.vocab_sha256.eq_ignore_ascii_case(&self.vocab_sha256) {
+            return Err(Error::Task(format!(
+                "run {} uses vocabulary sha256 {} but this site's data is encoded with \
+                 vocabulary sha256 {}; fetch the federation's vocab.json and re-encode the \
+                 site's data with it",
+                task.run_id, task.vocab_sha256, self.vocab_sha256
+            )));
+        }
+        if task.model.vocab_size != self.vocab_size {
+            return Err(Error::Task(format!(
+                "run {} model has vocab_size {} but this site's vocabulary has {} ids; \
+                 the run's model.vocab_size must equal the federation vocabulary's size, \
+                 fix the run configuration",
+                task.run_id, task.model.vocab_size, self.vocab_size
+            )));
+        }
+        if task.model.num_classes != NUM_LABELS {
+            return Err(Error::Task(format!(
+                "run {} model has {} classes but site labels take {NUM_LABELS} values; \
+                 set model.num_classes = {NUM_LABELS} in the run configuration",
+                task.run_id, task.model.num_classes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Split sizes and validation metrics of `model`; training fields left empty.
+    fn validation_metrics(&self, model: &AttentionFlowModel) -> Result<SiteMetrics> {
+        let validation = if self.dataset.validation.is_empty() {
+            None
+        } else {
+            Some(evaluate(model, &self.dataset.validation, EVAL_BATCH)?)
+        };
+        Ok(SiteMetrics {
+            train_examples: self.dataset.train.len(),
+            validation_examples: self.dataset.validation.len(),
+            train_loss: None,
+            validation_loss: validation.as_ref().map(|m| m.loss),
+            validation_accuracy: validation.as_ref().map(|m| m.accuracy),
+            validation_macro_f1: validation.as_ref().map(|m| m.macro_f1),
+            epochs_run: 0,
+            best_epoch: 0,
+            train_seconds: 0.0,
+        })
+    }
+}
+
+/// SHA-256 of `bytes` as 64 lowercase hex digits.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedflow_common::synth::{SynthConfig, generate};
+    use fedflow_common::train::OptimizerKind;
+
+    struct Fixture {
+        site: SiteTrainer,
+        task: TaskSpec,
+        global: ParamSet,
+        global_bytes: Vec<u8>,
+        vocab: Vocab,
+    }
+
+    fn model_config(vocab_size: usize) -> ModelConfig {
+        ModelConfig {
+            vocab_size,
+            embed_dim: 8,
+            hidden_size: 16,
+            num_layers: 1,
+            dropout: 0.1,
+            max_seq_len: 24,
+            ..ModelConfig::default()
+        }
+    }
+
+    fn fixture() -> Fixture {
+        let fed = generate(&SynthConfig {
+            sites: 1,
+            total_sessions: 300,
+            min_site_sessions: 300,
+            max_len: 20,
+            with_user_ids: false,
+            with_timestamps: false,
+            seed: 11,
+            ..SynthConfig::default()
+        })
+        .unwrap();
+        let vocab = Vocab::from_events(fed.event_names.iter().cloned()).unwrap();
+        let dataset = SiteDataset::from_records(&fed.sites[0].records, &vocab, 0.2).unwrap();
+        let cfg = model_config(vocab.len());
+        let global_model = AttentionFlowModel::new(&cfg, &Device::Cpu, 5).unwrap();
+        let global = ParamSet::from_varmap(global_model.varmap()).unwrap();
+        let global_bytes = global.to_safetensors_bytes().unwrap();
+        let task = TaskSpec {
+            run_id: "run-test".into(),
+            round: 3,
+            model: cfg,
+            vocab_sha256: vocab_sha256(&vocab),
+            expected_model_sha256: sha256_hex(&global_bytes),
+            train: TrainConfig {
+                epochs: 2,
+                batch_size: 32,
+                patience: 1,
+                seed: 9,
+                ..TrainConfig::default()
+            },
+        };
+        Fixture {
+            site: SiteTrainer::new(dataset, &vocab, Device::Cpu),
+            task,
+            global,
+            global_bytes,
+            vocab,
+        }
+    }
+
+    fn run(f: &Fixture, task: &TaskSpec) -> Result<TaskOutcome> {
+        f.site.train_task(task, &f.global_bytes, &mut |_| {})
+    }
+
+    fn max_abs_diff(a: &ParamSet, b: &ParamSet) -> f32 {
+        a.iter()
+            .map(|(name, t)| {
+                let u = b.get(name).unwrap();
+                t.sub(u)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn delta_reproduces_local_weights_and_hash_matches_bytes() {
+        let f = fixture();
+        let mut epochs = 0;
+        let out = f
+            .site
+            .train_task(&f.task, &f.global_bytes, &mut |_| epochs += 1)
+            .unwrap();
+        assert_eq!(epochs, out.metrics.epochs_run);
+
+        // The same training done by hand gives the local weights.
+        let model = AttentionFlowModel::new(&f.task.model, &Device::Cpu, 123).unwrap();
+        f.global.load_into_varmap(model.varmap()).unwrap();
+        let ds = f.site.dataset();
+        train(
+            &model,
+            &ds.train,
+            &ds.validation,
+            &f.task.train,
+            &mut |_| {},
+        )
+        .unwrap();
+        let local = ParamSet::from_varmap(model.varmap()).unwrap();
+
+        let rebuilt = ParamSet::apply_delta(&f.global, &out.delta, 1.0).unwrap();
+        let diff = max_abs_diff(&rebuilt, &local);
+        assert!(diff <= 1e-6, "global + delta differs from local by {diff}");
+        assert!(out.delta.l2_norm().unwrap() > 0.0);
+
+        assert_eq!(out.delta_sha256, sha256_hex(&out.delta_bytes));
+        assert_eq!(out.delta_sha256, out.delta.sha256_hex().unwrap());
+        let parsed = ParamSet::from_safetensors_bytes(&out.delta_bytes).unwrap();
+        assert_eq!(max_abs_diff(&parsed, &out.delta), 0.0);
+    }
+
+    #[test]
+    fn metrics_count_the_site_splits() {
+        let f = fixture();
+        let out = run(&f, &f.task).unwrap();
+        let m = &out.metrics;
+        let ds = f.site.dataset();
+        assert_eq!(m.train_examples, ds.train.len());
+        assert_eq!(m.validation_examples, ds.validation.len());
+        assert_eq!(m.train_examples + m.validation_examples, 300);
+        assert!(m.epochs_run >= 1 && m.epochs_run <= f.task.train.epochs);
+        assert!((1..=m.epochs_run).contains(&m.best_epoch));
+        assert!(m.train_loss.unwrap().is_finite());
+        assert!((0.0..=1.0).contains(&m.validation_accuracy.unwrap()));
+        assert!(m.validation_loss.unwrap().is_finite());
+        assert!(m.validation_macro_f1.is_some());
+        serde_json::to_string(m).unwrap();
+
+        let eval = f.site.evaluate_task(&f.task, &f.global_bytes).unwrap();
+        assert_eq!(eval.train_examples, ds.train.len());
+        assert_eq!(eval.validation_examples, ds.validation.len());
+        assert_eq!((eval.epochs_run, eval.train_loss), (0, None));
+        // Evaluation-only metrics are those of the untouched global model.
+        let model = AttentionFlowModel::new(&f.task.model, &Device::Cpu, 0).unwrap();
+        f.global.load_into_varmap(model.varmap()).unwrap();
+        let expected = evaluate(&model, &ds.validation, EVAL_BATCH).unwrap();
+        assert_eq!(eval.validation_loss, Some(expected.loss));
+        assert_eq!(eval.validation_accuracy, Some(expected.accuracy));
+    }
+
+    #[test]
+    fn wrong_global_hash_is_refused() {
+        let f = fixture();
+        let mut task = f.task.clone();
+        task.expected_model_sha256 = "ab".repeat(32);
+        let err = run(&f, &task).unwrap_err();
+        assert!(matches!(err, Error::HashMismatch { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&"ab".repeat(32)) && msg.contains(&f.task.expected_model_sha256),
+            "{msg}"
+        );
+
+        // Bytes altered in transit are caught the same way.
+        let mut bytes = f.global_bytes.clone();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let err = f.site.evaluate_task(&f.task, &bytes).unwrap_err();
+        assert!(matches!(err, Error::HashMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn wrong_vocabulary_hash_is_refused() {
+        let f = fixture();
+        let mut task = f.task.clone();
+        task.vocab_sha256 = "0".repeat(64);
+        let msg = run(&f, &task).unwrap_err().to_string();
+        assert!(
+            msg.contains("vocabulary")
+                && msg.contains(&"0".repeat(64))
+                && msg.contains(f.site.vocab_sha256())
+                && msg.contains("re-encode"),
+            "{msg}"
+        );
+        let msg = f
+            .site
+            .evaluate_task(&task, &f.global_bytes)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("vocabulary sha256"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_vocab_size_is_refused() {
+        let f = fixture();
+        let mut task = f.task.clone();
+        task.model.vocab_size += 7;
+        let msg = run(&f, &task).unwrap_err().to_string();
+        let (theirs, ours) = (task.model.vocab_size, f.site.vocab_size());
+        assert!(
+            msg.contains(&format!("vocab_size {theirs}"))
+                && msg.contains(&format!("{ours} ids"))
+                && msg.contains("fix the run configuration"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn parameters_of_another_architecture_are_refused() {
+        let f = fixture();
+        let mut task = f.task.clone();
+        task.model.hidden_size = 12;
+        let err = run(&f, &task).unwrap_err();
+        assert!(
+            matches!(err, Error::Common(fedflow_common::Error::ParamMismatch(_))),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn empty_training_split_is_refused() {
+        let f = fixture();
+        let mut dataset = f.site.dataset().clone();
+        dataset.train.clear();
+        let site = SiteTrainer::new(dataset, &f.vocab, Device::Cpu);
+        let msg = site
+            .train_task(&f.task, &f.global_bytes, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("no training sessions"), "{msg}");
+    }
+
+    #[test]
+    fn same_task_gives_identical_delta_bytes() {
+        let f = fixture();
+        let a = run(&f, &f.task).unwrap();
+        let b = run(&f, &f.task).unwrap();
+        assert_eq!(a.delta_sha256, b.delta_sha256);
+        assert!(a.delta_bytes == b.delta_bytes);
+        let mut other = f.task.clone();
+        other.train.seed += 1;
+        assert_ne!(run(&f, &other).unwrap().delta_sha256, a.delta_sha256);
+    }
+
+    #[test]
+    fn fedprox_shrinks_the_update() {
+        let f = fixture();
+        let mut task = f.task.clone();
+        task.train = TrainConfig {
+            optimizer: OptimizerKind::Sgd,
+            learning_rate: 0.05,
+            momentum: 0.0,
+            patience: 0,
+            ..task.train
+        };
+        let plain = run(&f, &task).unwrap().delta.l2_norm().unwrap();
+        task.train.fedprox_mu = 10.0;
+        let prox = run(&f, &task).unwrap().delta.l2_norm().unwrap();
+        assert!(
+            prox < 0.5 * plain,
+            "fedprox delta norm {prox} is not well below plain {plain}"
+        );
+    }
+}
