@@ -11,6 +11,7 @@
 //! networking client loop calls into it.
 
 pub mod error;
+pub mod federation;
 pub mod local;
 pub mod site;
 

@@ -49,8 +49,24 @@ struct OwnedSubmission {
     metrics_json: Option<String>,
 }
 
+/// A consistent view of the run, for status displays and tests.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Where the run stands.
+    pub phase: Phase,
+    /// Last committed round.
+    pub committed_round: u64,
+    /// The open round, if any.
+    pub open_round: Option<u64>,
+    /// The current global model.
+    pub global: ParamSet,
+    /// Its SHA-256.
+    pub global_sha256: String,
+}
+
 enum Command {
     Seen(String),
+    Snapshot(Reply<Snapshot>),
     Poll(String, Reply<(Option<TaskTicket>, Phase)>),
     Model(String, Reply<Option<(u64, Bytes)>>),
     Submit(Box<OwnedSubmission>, Reply<Result<Accepted, Rejection>>),
@@ -67,6 +83,7 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Command::Seen(_) => "Seen",
+            Command::Snapshot(_) => "Snapshot",
             Command::Poll(..) => "Poll",
             Command::Model(..) => "Model",
             Command::Submit(..) => "Submit",
@@ -89,6 +106,11 @@ impl Coordinator {
             tx,
             cfg: Arc::new(cfg),
         }
+    }
+
+    /// The run's current state.
+    pub async fn snapshot(&self) -> Result<Snapshot, Status> {
+        self.ask(Command::Snapshot).await
     }
 
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Status> {
@@ -117,6 +139,16 @@ fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
                 if let Err(e) = engine.site_seen(&site, now) {
                     tracing::error!(run = %engine.run_id(), "recording a site failed: {e}");
                 }
+            }
+            Some(Command::Snapshot(reply)) => {
+                let (global, sha) = engine.global();
+                let _ = reply.send(Ok(Snapshot {
+                    phase: engine.phase(),
+                    committed_round: engine.committed_round(),
+                    open_round: engine.open_round(),
+                    global: global.clone(),
+                    global_sha256: sha.to_string(),
+                }));
             }
             Some(Command::Poll(site, reply)) => {
                 let r = engine

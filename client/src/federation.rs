@@ -1,0 +1,303 @@
+//! The federation client: a partner site's loop against the coordinator.
+//!
+//! Enrol → long-poll for a task → download the global model in chunks (verified) → train
+//! locally ([`SiteTrainer`], on a blocking thread, with heartbeats meanwhile) → upload the
+//! delta in chunks → repeat until the coordinator says the run is finished. When the
+//! coordinator is unreachable the site waits with exponential backoff and jitter and carries
+//! on without operator action. Wire types are converted here and nowhere else in the client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedflow_common::model::ModelConfig;
+use fedflow_common::train::{OptimizerKind, TrainConfig};
+use fedflow_proto::transfer::{Assembler, MAX_MESSAGE_BYTES, update_chunks};
+use fedflow_proto::v1::federation_client::FederationClient;
+use fedflow_proto::v1::{
+    DownloadModelRequest, EnrolRequest, HeartbeatRequest, Metrics, NextTaskRequest, SiteState,
+    Task, UpdateHeader, next_task_response,
+};
+use prost::bytes::Bytes;
+use rand::Rng;
+use tonic::transport::Channel;
+
+use crate::site::{SiteTrainer, TaskSpec};
+use crate::{Error, Result};
+
+/// How a site connects and behaves.
+#[derive(Debug, Clone)]
+pub struct SiteOptions {
+    /// Coordinator address, e.g. `http://127.0.0.1:50051`.
+    pub endpoint: String,
+    /// This site's id.
+    pub site_id: String,
+    /// How long each task poll may be held by the coordinator.
+    pub poll_wait: Duration,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+impl SiteOptions {
+    /// Options with defaults for a site id and endpoint.
+    pub fn new(endpoint: impl Into<String>, site_id: impl Into<String>) -> Self {
+        SiteOptions {
+            endpoint: endpoint.into(),
+            site_id: site_id.into(),
+            poll_wait: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a site did over a run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SiteSummary {
+    /// Rounds this site trained and uploaded for.
+    pub rounds_contributed: Vec<u64>,
+    /// Uploads the coordinator refused, with its reason.
+    pub rejected: Vec<(u64, String)>,
+    /// Reconnections after the coordinator was unreachable.
+    pub reconnects: u32,
+}
+
+fn status_err(s: tonic::Status) -> Error {
+    Error::Usage(format!("coordinator: {} ({:?})", s.message(), s.code()))
+}
+
+/// Whether an error means "try again later" (coordinator away) rather than "this failed".
+fn transient(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
+async fn connect(opts: &SiteOptions, summary: &mut SiteSummary) -> FederationClient<Channel> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match FederationClient::connect(opts.endpoint.clone()).await {
+            Ok(c) => {
+                return c
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            }
+            Err(e) => {
+                let jitter = rand::rng().random_range(0.5..1.5);
+                let wait = backoff.mul_f64(jitter);
+                tracing::warn!(site = %opts.site_id, "cannot reach the coordinator at {}: {e}; retrying in {wait:?}", opts.endpoint);
+                tokio::time::sleep(wait).await;
+                backoff = (backoff * 2).min(opts.max_backoff);
+                summary.reconnects += 1;
+            }
+        }
+    }
+}
+
+fn task_spec(task: &Task) -> Result<TaskSpec> {
+    let model = task
+        .model
+        .as_ref()
+        .ok_or_else(|| Error::Task("the task names no model".into()))?;
+    let t = task.train.clone().unwrap_or_default();
+    let model_config: ModelConfig = serde_json::from_str(&model.model_config_json)
+        .map_err(|e| Error::Task(format!("the task's model config is not valid: {e}")))?;
+    let optimizer: OptimizerKind = t
+        .optimizer
+        .parse()
+        .map_err(|e| Error::Task(format!("{e}")))?;
+    Ok(TaskSpec {
+        run_id: task.run_id.clone(),
+        round: task.round,
+        model: model_config,
+        vocab_sha256: model.vocab_sha256.clone(),
+        expected_model_sha256: model.sha256.clone(),
+        train: TrainConfig {
+            epochs: t.local_epochs as usize,
+            batch_size: t.batch_size as usize,
+            learning_rate: t.learning_rate,
+            optimizer,
+            momentum: t.momentum,
+            weight_decay: t.weight_decay,
+            patience: 0,
+            fedprox_mu: t.fedprox_mu,
+            seed: t.seed,
+            ..TrainConfig::default()
+        },
+    })
+}
+
+async fn download(
+    client: &mut FederationClient<Channel>,
+    opts: &SiteOptions,
+    task: &Task,
+    sha: &str,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = client
+        .download_model(DownloadModelRequest {
+            site_id: opts.site_id.clone(),
+            task_id: task.task_id.clone(),
+            run_id: task.run_id.clone(),
+            round: task.round,
+            sha256: sha.to_string(),
+            offset: 0,
+        })
+        .await?
+        .into_inner();
+    let mut asm: Option<Assembler<Vec<u8>>> = None;
+    while let Some(chunk) = stream.message().await? {
+        let a = match &mut asm {
+            Some(a) => a,
+            None => asm.insert(
+                Assembler::new(
+                    Vec::new(),
+                    sha,
+                    chunk.total_bytes,
+                    u64::MAX,
+                    MAX_MESSAGE_BYTES,
+                )
+                .map_err(|e| tonic::Status::internal(e.to_string()))?,
+            ),
+        };
+        a.push(chunk.offset, &chunk.data)
+            .map_err(|e| tonic::Status::data_loss(e.to_string()))?;
+    }
+    asm.ok_or_else(|| tonic::Status::data_loss("empty model stream"))?
+        .finish()
+        .map_err(|e| tonic::Status::data_loss(e.to_string()))
+}
+
+/// Runs one site until the coordinator reports the run finished.
+pub async fn run_site(opts: SiteOptions, trainer: Arc<SiteTrainer>) -> Result<SiteSummary> {
+    let mut summary = SiteSummary::default();
+    let mut client = connect(&opts, &mut summary).await;
+    let mut enrolled = false;
+    loop {
+        if !enrolled {
+            match client
+                .enrol(EnrolRequest {
+                    site_id: opts.site_id.clone(),
+                    client_version: env!("CARGO_PKG_VERSION").into(),
+                    vocab_sha256: trainer.vocab_sha256().to_string(),
+                })
+                .await
+            {
+                Ok(_) => enrolled = true,
+                Err(s) if transient(&s) => {
+                    client = connect(&opts, &mut summary).await;
+                    continue;
+                }
+                Err(s) => return Err(status_err(s)),
+            }
+        }
+        let reply = client
+            .next_task(NextTaskRequest {
+                site_id: opts.site_id.clone(),
+                wait_ms: opts.poll_wait.as_millis() as u32,
+            })
+            .await;
+        let outcome = match reply {
+            Ok(r) => r.into_inner().outcome,
+            Err(s) if transient(&s) => {
+                enrolled = false;
+                client = connect(&opts, &mut summary).await;
+                continue;
+            }
+            Err(s) => return Err(status_err(s)),
+        };
+        let task = match outcome {
+            Some(next_task_response::Outcome::Task(t)) => t,
+            Some(next_task_response::Outcome::NoTask(n)) if n.run_finished => return Ok(summary),
+            _ => continue,
+        };
+        match run_task(&mut client, &opts, &trainer, &task).await {
+            Ok(()) => summary.rounds_contributed.push(task.round),
+            Err(TaskError::Refused(msg)) => {
+                tracing::warn!(site = %opts.site_id, round = task.round, "update refused: {msg}");
+                summary.rejected.push((task.round, msg));
+            }
+            Err(TaskError::Transport(s)) if transient(&s) => {
+                enrolled = false;
+                client = connect(&opts, &mut summary).await;
+            }
+            Err(TaskError::Transport(s)) => {
+                tracing::warn!(site = %opts.site_id, round = task.round, "task failed: {}", s.message());
+                summary.rejected.push((task.round, s.message().to_string()));
+            }
+            Err(TaskError::Local(e)) => {
+                tracing::error!(site = %opts.site_id, round = task.round, "cannot do the task: {e}");
+                summary.rejected.push((task.round, e.to_string()));
+            }
+        }
+    }
+}
+
+enum TaskError {
+    Refused(String),
+    Transport(tonic::Status),
+    Local(Error),
+}
+
+async fn run_task(
+    client: &mut FederationClient<Channel>,
+    opts: &SiteOptions,
+    trainer: &Arc<SiteTrainer>,
+    task: &Task,
+) -> Result<(), TaskError> {
+    let spec = task_spec(task).map_err(TaskError::Local)?;
+    let global = download(client, opts, task, &spec.expected_model_sha256)
+        .await
+        .map_err(TaskError::Transport)?;
+
+    // Train on a blocking thread; heartbeat while it runs.
+    let t = trainer.clone();
+    let spec2 = spec.clone();
+    let mut training =
+        tokio::task::spawn_blocking(move || t.train_task(&spec2, &global, &mut |_| {}));
+    let mut beat = tokio::time::interval(Duration::from_secs(2));
+    let outcome = loop {
+        tokio::select! {
+            r = &mut training => break r.map_err(|e| TaskError::Local(Error::Usage(format!("training panicked: {e}"))))?.map_err(TaskError::Local)?,
+            _ = beat.tick() => {
+                let _ = client.heartbeat(HeartbeatRequest {
+                    site_id: opts.site_id.clone(),
+                    task_id: task.task_id.clone(),
+                    state: SiteState::Training as i32,
+                    ..Default::default()
+                }).await;
+            }
+        }
+    };
+    let m = &outcome.metrics;
+    let header = UpdateHeader {
+        site_id: opts.site_id.clone(),
+        task_id: task.task_id.clone(),
+        run_id: task.run_id.clone(),
+        round: task.round,
+        nonce: task.nonce.clone(),
+        base_model_sha256: spec.expected_model_sha256.clone(),
+        delta_sha256: outcome.delta_sha256.clone(),
+        total_bytes: outcome.delta_bytes.len() as u64,
+        weight: m.train_examples as f64,
+        metrics: Some(Metrics {
+            train_examples: m.train_examples as u64,
+            validation_examples: m.validation_examples as u64,
+            train_loss: m.train_loss.unwrap_or(f64::NAN),
+            validation_loss: m.validation_loss.unwrap_or(f64::NAN),
+            validation_accuracy: m.validation_accuracy.unwrap_or(f64::NAN),
+            validation_macro_f1: m.validation_macro_f1.unwrap_or(f64::NAN),
+            epochs_run: m.epochs_run as u32,
+            train_seconds: m.train_seconds,
+        }),
+    };
+    let chunk = MAX_MESSAGE_BYTES - 64 * 1024;
+    let msgs = update_chunks(header, &Bytes::from(outcome.delta_bytes), chunk);
+    match client.upload_update(tokio_stream::iter(msgs)).await {
+        Ok(_) => Ok(()),
+        Err(s) if transient(&s) => Err(TaskError::Transport(s)),
+        Err(s) => Err(TaskError::Refused(format!(
+            "{} ({:?})",
+            s.message(),
+            s.code()
+        ))),
+    }
+}
