@@ -12,12 +12,12 @@ use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedflow_common::params::ParamSet;
-use fedflow_proto::transfer::{Assembler, TransferError, model_chunks};
+use fedflow_proto::transfer::{model_chunks, receive_update};
 use fedflow_proto::v1::federation_server::Federation;
 use fedflow_proto::v1::{
     DownloadModelRequest, EnrolRequest, EnrolResponse, HeartbeatRequest, HeartbeatResponse,
     ModelChunk, ModelRef, NextTaskRequest, NextTaskResponse, NoTask, Task, TaskKind,
-    TrainInstructions, UpdateChunk, UploadUpdateResponse, next_task_response, update_chunk,
+    TrainInstructions, UpdateChunk, UploadUpdateResponse, next_task_response,
 };
 use prost::bytes::Bytes;
 use tokio::sync::oneshot;
@@ -218,15 +218,6 @@ fn rejection_status(r: &Rejection) -> Status {
     }
 }
 
-fn transfer_status(e: TransferError) -> Status {
-    match e {
-        TransferError::TooLarge { .. } | TransferError::ChunkTooLarge { .. } => {
-            Status::resource_exhausted(e.to_string())
-        }
-        _ => Status::invalid_argument(e.to_string()),
-    }
-}
-
 fn check_site_id(site: &str) -> Result<(), Status> {
     let ok = !site.is_empty()
         && site.len() <= 128
@@ -334,34 +325,13 @@ impl Federation for Coordinator {
         req: Request<Streaming<UpdateChunk>>,
     ) -> Result<Response<UploadUpdateResponse>, Status> {
         let mut stream = req.into_inner();
-        let Some(UpdateChunk {
-            part: Some(update_chunk::Part::Header(h)),
-        }) = stream.message().await?
-        else {
-            return Err(Status::invalid_argument(
-                "the first message of an upload must be its header",
-            ));
-        };
-        check_site_id(&h.site_id)?;
-        let mut asm = Assembler::new(
-            Vec::new(),
-            &h.delta_sha256,
-            h.total_bytes,
+        let (h, bytes) = receive_update(
+            &mut stream,
             self.cfg.transport.max_model_bytes,
             self.cfg.transport.chunk_bytes,
         )
-        .map_err(transfer_status)?;
-        while let Some(msg) = stream.message().await? {
-            match msg.part {
-                Some(update_chunk::Part::Data(d)) => asm.push_next(&d).map_err(transfer_status)?,
-                _ => {
-                    return Err(Status::invalid_argument(
-                        "only data chunks may follow the header",
-                    ));
-                }
-            }
-        }
-        let bytes = asm.finish().map_err(transfer_status)?;
+        .await?;
+        check_site_id(&h.site_id)?;
         let delta = ParamSet::from_safetensors_bytes(&bytes)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let metrics = h.metrics.unwrap_or_default();

@@ -238,6 +238,57 @@ impl<W: Write> Assembler<W> {
     }
 }
 
+impl TransferError {
+    /// The gRPC status a refused transfer travels as: `RESOURCE_EXHAUSTED` for size limits,
+    /// `INVALID_ARGUMENT` for everything else.
+    pub fn to_status(&self) -> tonic::Status {
+        match self {
+            TransferError::TooLarge { .. } | TransferError::ChunkTooLarge { .. } => {
+                tonic::Status::resource_exhausted(self.to_string())
+            }
+            _ => tonic::Status::invalid_argument(self.to_string()),
+        }
+    }
+}
+
+/// Receives an `UploadUpdate` stream: the header, then the data chunks, assembled in memory
+/// with every check of [`Assembler`]. Returns the header and the payload once its SHA-256
+/// matched; `limit` caps the announced size, `chunk_limit` each chunk.
+pub async fn receive_update(
+    stream: &mut tonic::Streaming<UpdateChunk>,
+    limit: u64,
+    chunk_limit: usize,
+) -> Result<(UpdateHeader, Vec<u8>), tonic::Status> {
+    let Some(UpdateChunk {
+        part: Some(update_chunk::Part::Header(header)),
+    }) = stream.message().await?
+    else {
+        return Err(tonic::Status::invalid_argument(
+            "the first message of an upload must be its header",
+        ));
+    };
+    let mut asm = Assembler::new(
+        Vec::new(),
+        &header.delta_sha256,
+        header.total_bytes,
+        limit,
+        chunk_limit,
+    )
+    .map_err(|e| e.to_status())?;
+    while let Some(msg) = stream.message().await? {
+        match msg.part {
+            Some(update_chunk::Part::Data(d)) => asm.push_next(&d).map_err(|e| e.to_status())?,
+            _ => {
+                return Err(tonic::Status::invalid_argument(
+                    "only data chunks may follow the header",
+                ));
+            }
+        }
+    }
+    let payload = asm.finish().map_err(|e| e.to_status())?;
+    Ok((header, payload))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,14 +7,13 @@
 use std::net::SocketAddr;
 
 use fedflow_proto::transfer::{
-    Assembler, MAX_MESSAGE_BYTES, model_chunks, sha256_hex, update_chunks,
+    Assembler, MAX_MESSAGE_BYTES, model_chunks, receive_update, sha256_hex, update_chunks,
 };
 use fedflow_proto::v1::federation_client::FederationClient;
 use fedflow_proto::v1::federation_server::{Federation, FederationServer};
 use fedflow_proto::v1::{
     DownloadModelRequest, EnrolRequest, EnrolResponse, HeartbeatRequest, HeartbeatResponse,
     ModelChunk, NextTaskRequest, NextTaskResponse, UpdateChunk, UpdateHeader, UploadUpdateResponse,
-    update_chunk,
 };
 use prost::bytes::Bytes;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -69,33 +68,7 @@ impl Federation for TestServer {
         req: Request<Streaming<UpdateChunk>>,
     ) -> Result<Response<UploadUpdateResponse>, Status> {
         let mut stream = req.into_inner();
-        let Some(UpdateChunk {
-            part: Some(update_chunk::Part::Header(header)),
-        }) = stream.message().await?
-        else {
-            return Err(Status::invalid_argument(
-                "the first message must be the update header",
-            ));
-        };
-        let mut asm = Assembler::new(
-            Vec::new(),
-            &header.delta_sha256,
-            header.total_bytes,
-            64 << 20,
-            1 << 20,
-        )
-        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        while let Some(msg) = stream.message().await? {
-            match msg.part {
-                Some(update_chunk::Part::Data(d)) => asm
-                    .push_next(&d)
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
-                _ => return Err(Status::invalid_argument("only data may follow the header")),
-            }
-        }
-        let bytes = asm
-            .finish()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (_header, bytes) = receive_update(&mut stream, 64 << 20, 1 << 20).await?;
         Ok(Response::new(UploadUpdateResponse {
             delta_sha256: sha256_hex(&bytes),
             duplicate: false,
