@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use fedflow_client::federation::{SiteOptions, run_site};
 use fedflow_client::local::{self, DataFormat, EvalSplit, TrainFile, TrainOptions};
+use fedflow_client::site::SiteTrainer;
 use fedflow_common::data::{LoadOptions, Vocab};
 use fedflow_common::device::DeviceChoice;
 use fedflow_common::model::EncoderKind;
@@ -32,9 +34,36 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate a saved model on data files.
     Evaluate(EvaluateArgs),
+    /// Join a federation: train for the coordinator at ADDR until its run finishes.
+    Join(JoinArgs),
     /// The demo: generate a 20-site federation, train the pooled model, compare it with the
     /// bag-of-events baseline and the Bayes-optimal ceiling.
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct JoinArgs {
+    /// Coordinator address, e.g. http://127.0.0.1:50051.
+    #[arg(long)]
+    coordinator: String,
+    /// This site's id.
+    #[arg(long)]
+    site_id: String,
+    /// This site's data file.
+    #[arg(long)]
+    data: PathBuf,
+    /// The federation's event vocabulary.
+    #[arg(long)]
+    vocab: PathBuf,
+    /// Fraction of sessions held out for validation metrics.
+    #[arg(long, default_value_t = local::DEFAULT_VAL_FRACTION)]
+    val_fraction: f64,
+    /// Where to train: auto, cpu, cuda[:N], metal.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Skip and count invalid rows instead of failing.
+    #[arg(long)]
+    skip_invalid: bool,
 }
 
 #[derive(Debug, Args)]
@@ -386,6 +415,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 a.out.join("model").display(),
                 a.out.join("demo.json").display()
             );
+        }
+        Command::Join(a) => {
+            let vocab = Vocab::load(&a.vocab)?;
+            let options = LoadOptions {
+                skip_invalid: a.skip_invalid,
+            };
+            let dataset =
+                fedflow_common::data::SiteDataset::load(&a.data, &vocab, &options, a.val_fraction)?;
+            println!(
+                "site {}: {} training and {} validation sessions; joining {}",
+                a.site_id,
+                dataset.train.len(),
+                dataset.validation.len(),
+                a.coordinator
+            );
+            let trainer = std::sync::Arc::new(SiteTrainer::new(dataset, &vocab, a.device.open()?));
+            let opts = SiteOptions::new(a.coordinator, a.site_id);
+            let summary = tokio::runtime::Runtime::new()?.block_on(run_site(opts, trainer))?;
+            println!(
+                "run finished: contributed to rounds {:?}; {} update(s) refused; {} reconnect(s)",
+                summary.rounds_contributed,
+                summary.rejected.len(),
+                summary.reconnects
+            );
+            for (round, why) in &summary.rejected {
+                println!("  round {round}: {why}");
+            }
         }
         Command::Evaluate(a) => {
             let split = if a.validation_only {

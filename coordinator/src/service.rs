@@ -425,3 +425,35 @@ impl Coordinator {
         })
     }
 }
+
+/// Serves the coordinator on `listener` until `shutdown` resolves: the `Federation` service
+/// with fedflow's message limits, standard gRPC health checking (`grpc.health.v1`, serving
+/// once the engine is running) and server reflection (so grpcurl and friends work).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    coordinator: Coordinator,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    use fedflow_proto::transfer::MAX_MESSAGE_BYTES;
+    use fedflow_proto::v1::federation_server::FederationServer;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<FederationServer<Coordinator>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(fedflow_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("fedflow's descriptors are valid (they are generated at build time)");
+    let federation = FederationServer::new(coordinator)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(federation)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}
