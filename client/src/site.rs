@@ -20,11 +20,11 @@ use std::time::Instant;
 
 use candle_core::Device;
 use fedflow_common::data::{NUM_LABELS, SiteDataset, Vocab};
+pub use fedflow_common::hash::sha256_hex;
 use fedflow_common::model::{AttentionFlowModel, ModelConfig, vocab_sha256};
 use fedflow_common::params::ParamSet;
 use fedflow_common::train::{EpochReport, TrainConfig, evaluate, train};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
@@ -258,14 +258,6 @@ impl SiteTrainer {
             train_seconds: 0.0,
         })
     }
-}
-
-/// SHA-256 of `bytes` as 64 lowercase hex digits.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[cfg(test)]

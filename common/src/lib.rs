@@ -8,6 +8,7 @@
 //! - [`params`]: named parameter sets: safetensors bytes, validation, delta arithmetic, clipping.
 //! - [`fedavg`]: streaming weighted FedAvg over parameter deltas, in f64.
 //! - [`fsio`]: crash-safe file writes (temporary file, fsync, rename).
+//! - [`hash`]: lowercase hex SHA-256, the one content-hash form.
 //! - [`device`]: choosing where training runs (CPU, CUDA, Metal).
 //! - [`error`]: the crate's one error type.
 
@@ -17,6 +18,7 @@ pub mod device;
 pub mod error;
 pub mod fedavg;
 pub mod fsio;
+pub mod hash;
 pub mod model;
 pub mod params;
 pub mod synth;

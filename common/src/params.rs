@@ -13,7 +13,6 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Storage, Tensor, WithDType};
 use candle_nn::VarMap;
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
@@ -381,8 +380,7 @@ impl ParamSet {
 
     /// SHA-256 of [`ParamSet::to_safetensors_bytes`], as 64 lowercase hex digits.
     pub fn sha256_hex(&self) -> Result<String> {
-        let digest = Sha256::digest(self.to_safetensors_bytes()?);
-        Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+        Ok(crate::hash::sha256_hex(&self.to_safetensors_bytes()?))
     }
 
     // --- Validation ------------------------------------------------------------------------

@@ -59,10 +59,10 @@ use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fedflow_common::fsio::write_atomic;
+use fedflow_common::hash::sha256_hex;
 use fedflow_common::params::ParamSet;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
@@ -1069,13 +1069,6 @@ fn unknown_run(run_id: &str) -> Error {
 
 fn to_i64(v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::Store(format!("{v} does not fit the database's integers")))
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn now_ms() -> i64 {

@@ -63,7 +63,7 @@ pub fn hashed_id(id: &str) -> String {
         .chain_update(ID_DOMAIN)
         .chain_update(id.as_bytes())
         .finalize();
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    crate::hash::hex(&digest[..8])
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::{AttentionFlowModel, ModelConfig};
 use crate::data::Vocab;
@@ -40,11 +39,7 @@ pub struct ModelCard {
 
 /// SHA-256 (hex) of a vocabulary's canonical JSON form.
 pub fn vocab_sha256(vocab: &Vocab) -> String {
-    hex(&Sha256::digest(vocab.to_json_string().as_bytes()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hash::sha256_hex(vocab.to_json_string().as_bytes())
 }
 
 /// Writes `model` and `vocab` into `dir` (created if missing); each file is replaced
