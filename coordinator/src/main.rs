@@ -84,7 +84,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 engine.committed_round(),
                 cfg.run.rounds
             );
-            let coordinator = Coordinator::spawn(engine, cfg);
+            let coordinator = Coordinator::spawn(engine, cfg)?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;

@@ -76,7 +76,16 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct Coordinator {
     tx: mpsc::Sender<Command>,
-    cfg: Arc<RunConfig>,
+    shared: Arc<Shared>,
+}
+
+/// What every task message repeats, worked out once at start rather than per task.
+#[derive(Debug)]
+struct Shared {
+    cfg: RunConfig,
+    model_config_json: String,
+    vocab_sha256: String,
+    heartbeat_interval_ms: u32,
 }
 
 impl std::fmt::Debug for Command {
@@ -95,17 +104,27 @@ impl std::fmt::Debug for Command {
 const TICK: Duration = Duration::from_millis(200);
 
 impl Coordinator {
-    /// Starts the engine thread. The thread ends when every handle is dropped.
-    pub fn spawn(engine: RoundEngine, cfg: RunConfig) -> Coordinator {
+    /// Starts the engine thread. The thread ends when every handle is dropped. Fails if the
+    /// run's model config or vocabulary cannot be read.
+    pub fn spawn(engine: RoundEngine, cfg: RunConfig) -> crate::Result<Coordinator> {
+        let model_config_json = serde_json::to_string(&cfg.model_config()?)
+            .map_err(|e| crate::Error::Strategy(e.to_string()))?;
+        let vocab = fedflow_common::data::Vocab::load(&cfg.model.vocab)?;
+        let shared = Shared {
+            model_config_json,
+            vocab_sha256: fedflow_common::model::vocab_sha256(&vocab),
+            heartbeat_interval_ms: (cfg.rounds.heartbeat_timeout_secs * 1000 / 3).max(100) as u32,
+            cfg,
+        };
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("fedflow-rounds".into())
             .spawn(move || engine_loop(engine, rx))
             .expect("cannot start the round engine thread");
-        Coordinator {
+        Ok(Coordinator {
             tx,
-            cfg: Arc::new(cfg),
-        }
+            shared: Arc::new(shared),
+        })
     }
 
     /// The run's current state.
@@ -246,9 +265,8 @@ impl Federation for Coordinator {
         let _ = self.tx.send(Command::Seen(req.site_id));
         Ok(Response::new(EnrolResponse {
             coordinator_version: env!("CARGO_PKG_VERSION").into(),
-            heartbeat_interval_ms: (self.cfg.rounds.heartbeat_timeout_secs * 1000 / 3).max(100)
-                as u32,
-            max_chunk_bytes: self.cfg.transport.chunk_bytes as u64,
+            heartbeat_interval_ms: self.shared.heartbeat_interval_ms,
+            max_chunk_bytes: self.shared.cfg.transport.chunk_bytes as u64,
         }))
     }
 
@@ -266,7 +284,7 @@ impl Federation for Coordinator {
             if let Some(t) = ticket {
                 return Ok(Response::new(NextTaskResponse {
                     outcome: Some(next_task_response::Outcome::Task(
-                        self.task_message(&req.site_id, t)?,
+                        self.task_message(&req.site_id, t),
                     )),
                 }));
             }
@@ -308,12 +326,12 @@ impl Federation for Coordinator {
             return Err(Status::out_of_range("offset past the end of the model"));
         }
         let chunks = model_chunks(
-            &self.cfg.run.name,
+            &self.shared.cfg.run.name,
             round,
             &req.sha256,
             &bytes,
             req.offset,
-            self.cfg.transport.chunk_bytes,
+            self.shared.cfg.transport.chunk_bytes,
         );
         Ok(Response::new(tokio_stream::iter(
             chunks.into_iter().map(Ok).collect::<Vec<_>>(),
@@ -327,8 +345,8 @@ impl Federation for Coordinator {
         let mut stream = req.into_inner();
         let (h, bytes) = receive_update(
             &mut stream,
-            self.cfg.transport.max_model_bytes,
-            self.cfg.transport.chunk_bytes,
+            self.shared.cfg.transport.max_model_bytes,
+            self.shared.cfg.transport.chunk_bytes,
         )
         .await?;
         check_site_id(&h.site_id)?;
@@ -381,21 +399,16 @@ impl Federation for Coordinator {
         let _ = self.tx.send(Command::Seen(req.site_id));
         Ok(Response::new(HeartbeatResponse {
             cancel_task: false,
-            next_heartbeat_ms: (self.cfg.rounds.heartbeat_timeout_secs * 1000 / 3).max(100) as u32,
+            next_heartbeat_ms: self.shared.heartbeat_interval_ms,
         }))
     }
 }
 
 impl Coordinator {
-    fn task_message(&self, site: &str, t: TaskTicket) -> Result<Task, Status> {
-        let cfg = &self.cfg;
-        let model = cfg
-            .model_config()
-            .map_err(|e| Status::internal(e.to_string()))?;
+    fn task_message(&self, site: &str, t: TaskTicket) -> Task {
+        let cfg = &self.shared.cfg;
         let train = cfg.local_train_config(t.round, site);
-        let vocab = fedflow_common::data::Vocab::load(&cfg.model.vocab)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Task {
+        Task {
             task_id: t.task_id,
             run_id: cfg.run.name.clone(),
             round: t.round,
@@ -403,9 +416,8 @@ impl Coordinator {
             model: Some(ModelRef {
                 sha256: t.model_sha256,
                 size_bytes: 0,
-                model_config_json: serde_json::to_string(&model)
-                    .map_err(|e| Status::internal(e.to_string()))?,
-                vocab_sha256: fedflow_common::model::vocab_sha256(&vocab),
+                model_config_json: self.shared.model_config_json.clone(),
+                vocab_sha256: self.shared.vocab_sha256.clone(),
             }),
             train: Some(TrainInstructions {
                 local_epochs: train.epochs as u32,
@@ -422,7 +434,7 @@ impl Coordinator {
             }),
             deadline_unix_ms: t.deadline_ms,
             nonce: Bytes::from(t.nonce),
-        })
+        }
     }
 }
 
