@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Payload chunks as `bytes::Bytes`: slicing a model into chunks copies nothing.
         .bytes(".fedflow.v1")
         .file_descriptor_set_path(out.join("fedflow_v1_descriptor.bin"))
-        .compile_protos(&["fedflow/v1/federation.proto"], &["."])?;
+        .compile_protos(
+            &["fedflow/v1/federation.proto", "fedflow/v1/admin.proto"],
+            &["."],
+        )?;
     Ok(())
 }

@@ -1,8 +1,10 @@
 //! The federation client: a partner site's loop against the coordinator.
 //!
 //! Enrol → long-poll for a task → download the global model in chunks (verified) → train
-//! locally ([`SiteTrainer`], on a blocking thread, with heartbeats meanwhile) → upload the
-//! delta in chunks → repeat until the coordinator says the run is finished. When the
+//! locally ([`SiteTrainer`], on a blocking thread, with heartbeats carrying the epoch
+//! meanwhile) → upload the delta in chunks → repeat until the coordinator says the run is
+//! finished. Evaluation tasks download the model, evaluate it on the validation split and
+//! report the metrics. A heartbeat answered with `cancel_task` abandons the task. When the
 //! coordinator is unreachable the site waits with exponential backoff and jitter and carries
 //! on without operator action. Wire types are converted here and nowhere else in the client.
 
@@ -14,14 +16,14 @@ use fedflow_common::train::{OptimizerKind, TrainConfig};
 use fedflow_proto::transfer::{Assembler, MAX_MESSAGE_BYTES, update_chunks};
 use fedflow_proto::v1::federation_client::FederationClient;
 use fedflow_proto::v1::{
-    DownloadModelRequest, EnrolRequest, HeartbeatRequest, Metrics, NextTaskRequest, SiteState,
-    Task, UpdateHeader, next_task_response,
+    DownloadModelRequest, EnrolRequest, EvaluationReport, HeartbeatRequest, Metrics,
+    NextTaskRequest, SiteState, Task, TaskKind, UpdateHeader, next_task_response,
 };
 use prost::bytes::Bytes;
 use rand::Rng;
 use tonic::transport::Channel;
 
-use crate::site::{SiteTrainer, TaskSpec};
+use crate::site::{SiteMetrics, SiteTrainer, TaskSpec};
 use crate::{Error, Result};
 
 /// How a site connects and behaves.
@@ -54,10 +56,48 @@ impl SiteOptions {
 pub struct SiteSummary {
     /// Rounds this site trained and uploaded for.
     pub rounds_contributed: Vec<u64>,
+    /// Rounds whose global model this site evaluated.
+    pub rounds_evaluated: Vec<u64>,
     /// Uploads the coordinator refused, with its reason.
     pub rejected: Vec<(u64, String)>,
     /// Reconnections after the coordinator was unreachable.
     pub reconnects: u32,
+}
+
+/// What the coordinator told the site at enrolment.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    heartbeat: Duration,
+    chunk_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            heartbeat: Duration::from_secs(2),
+            chunk_bytes: 1 << 20,
+        }
+    }
+}
+
+impl Limits {
+    fn from_enrolment(r: &fedflow_proto::v1::EnrolResponse) -> Self {
+        let d = Limits::default();
+        // Never above what either side's message limit allows, never absurdly small.
+        let max_chunk = MAX_MESSAGE_BYTES - 64 * 1024;
+        Limits {
+            heartbeat: if r.heartbeat_interval_ms == 0 {
+                d.heartbeat
+            } else {
+                Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 60_000) as u64)
+            },
+            chunk_bytes: if r.max_chunk_bytes == 0 {
+                d.chunk_bytes
+            } else {
+                (r.max_chunk_bytes as usize).clamp(4096, max_chunk)
+            },
+        }
+    }
 }
 
 fn status_err(s: tonic::Status) -> Error {
@@ -171,6 +211,7 @@ pub async fn run_site(opts: SiteOptions, trainer: Arc<SiteTrainer>) -> Result<Si
     let mut summary = SiteSummary::default();
     let mut client = connect(&opts, &mut summary).await;
     let mut enrolled = false;
+    let mut limits = Limits::default();
     loop {
         if !enrolled {
             match client
@@ -181,7 +222,10 @@ pub async fn run_site(opts: SiteOptions, trainer: Arc<SiteTrainer>) -> Result<Si
                 })
                 .await
             {
-                Ok(_) => enrolled = true,
+                Ok(r) => {
+                    limits = Limits::from_enrolment(&r.into_inner());
+                    enrolled = true;
+                }
                 Err(s) if transient(&s) => {
                     client = connect(&opts, &mut summary).await;
                     continue;
@@ -209,7 +253,10 @@ pub async fn run_site(opts: SiteOptions, trainer: Arc<SiteTrainer>) -> Result<Si
             Some(next_task_response::Outcome::NoTask(n)) if n.run_finished => return Ok(summary),
             _ => continue,
         };
-        match run_task(&mut client, &opts, &trainer, &task).await {
+        match run_task(&mut client, &opts, &limits, &trainer, &task).await {
+            Ok(()) if task.kind == TaskKind::Evaluate as i32 => {
+                summary.rounds_evaluated.push(task.round)
+            }
             Ok(()) => summary.rounds_contributed.push(task.round),
             Err(TaskError::Refused(msg)) => {
                 tracing::warn!(site = %opts.site_id, round = task.round, "update refused: {msg}");
@@ -237,67 +284,177 @@ enum TaskError {
     Local(Error),
 }
 
+/// What the site is doing, shared between the worker and the heartbeat loop.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    state: SiteState,
+    epoch: u32,
+    epochs: u32,
+    bytes_done: u64,
+}
+
+/// Runs `work` on a blocking thread while sending heartbeats with the current progress every
+/// `every`. Ends early with [`TaskError::Refused`] when the coordinator withdraws the task
+/// (the blocking work then finishes in the background and its result is dropped).
+async fn with_heartbeats<T: Send + 'static>(
+    client: &mut FederationClient<Channel>,
+    opts: &SiteOptions,
+    task: &Task,
+    every: Duration,
+    progress: &Arc<std::sync::Mutex<Progress>>,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T, TaskError> {
+    let mut handle = tokio::task::spawn_blocking(work);
+    let mut beat = tokio::time::interval(every);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            r = &mut handle => {
+                return r
+                    .map_err(|e| TaskError::Local(Error::Usage(format!("local work panicked: {e}"))))?
+                    .map_err(TaskError::Local);
+            }
+            _ = beat.tick() => {
+                let p = *progress.lock().expect("progress lock");
+                let reply = client.heartbeat(HeartbeatRequest {
+                    site_id: opts.site_id.clone(),
+                    task_id: task.task_id.clone(),
+                    state: p.state as i32,
+                    epoch: p.epoch,
+                    epochs: p.epochs,
+                    bytes_done: p.bytes_done,
+                }).await;
+                if let Ok(r) = reply
+                    && r.into_inner().cancel_task
+                {
+                    return Err(TaskError::Refused(
+                        "the coordinator withdrew the task (round closed or site dropped)".into(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
 async fn run_task(
     client: &mut FederationClient<Channel>,
     opts: &SiteOptions,
+    limits: &Limits,
     trainer: &Arc<SiteTrainer>,
     task: &Task,
 ) -> Result<(), TaskError> {
     let spec = task_spec(task).map_err(TaskError::Local)?;
+    let round = task.round;
+    let evaluate = task.kind == TaskKind::Evaluate as i32;
+    tracing::info!(site = %opts.site_id, round, "round {round}: downloading the global model");
     let global = download(client, opts, task, &spec.expected_model_sha256)
         .await
         .map_err(TaskError::Transport)?;
+    let progress = Arc::new(std::sync::Mutex::new(Progress {
+        state: if evaluate {
+            SiteState::Evaluating
+        } else {
+            SiteState::Training
+        },
+        epochs: spec.train.epochs as u32,
+        ..Progress::default()
+    }));
+    if evaluate {
+        tracing::info!(site = %opts.site_id, round, "round {round}: evaluating the global model");
+        let t = trainer.clone();
+        let spec2 = spec.clone();
+        let m = with_heartbeats(client, opts, task, limits.heartbeat, &progress, move || {
+            t.evaluate_task(&spec2, &global)
+        })
+        .await?;
+        let report = EvaluationReport {
+            site_id: opts.site_id.clone(),
+            task_id: task.task_id.clone(),
+            run_id: task.run_id.clone(),
+            round,
+            nonce: task.nonce.clone(),
+            model_sha256: spec.expected_model_sha256.clone(),
+            metrics: Some(wire_metrics(&m)),
+        };
+        return match client.report_evaluation(report).await {
+            Ok(_) => {
+                tracing::info!(
+                    site = %opts.site_id,
+                    round,
+                    "round {round}: evaluation reported (accuracy {:.4})",
+                    m.validation_accuracy.unwrap_or(f64::NAN)
+                );
+                Ok(())
+            }
+            Err(s) if transient(&s) => Err(TaskError::Transport(s)),
+            Err(s) => Err(TaskError::Refused(format!(
+                "{} ({:?})",
+                s.message(),
+                s.code()
+            ))),
+        };
+    }
 
-    // Train on a blocking thread; heartbeat while it runs.
     let t = trainer.clone();
     let spec2 = spec.clone();
-    let mut training =
-        tokio::task::spawn_blocking(move || t.train_task(&spec2, &global, &mut |_| {}));
-    let mut beat = tokio::time::interval(Duration::from_secs(2));
-    let outcome = loop {
-        tokio::select! {
-            r = &mut training => break r.map_err(|e| TaskError::Local(Error::Usage(format!("training panicked: {e}"))))?.map_err(TaskError::Local)?,
-            _ = beat.tick() => {
-                let _ = client.heartbeat(HeartbeatRequest {
-                    site_id: opts.site_id.clone(),
-                    task_id: task.task_id.clone(),
-                    state: SiteState::Training as i32,
-                    ..Default::default()
-                }).await;
-            }
-        }
-    };
+    let p = progress.clone();
+    let site = opts.site_id.clone();
+    let epochs = spec.train.epochs;
+    let outcome = with_heartbeats(client, opts, task, limits.heartbeat, &progress, move || {
+        t.train_task(&spec2, &global, &mut |e| {
+            p.lock().expect("progress lock").epoch = e.epoch as u32;
+            tracing::info!(
+                site = %site,
+                round,
+                "round {round}: training epoch {}/{epochs} (loss {:.4})",
+                e.epoch,
+                e.train_loss
+            );
+        })
+    })
+    .await?;
     let m = &outcome.metrics;
     let header = UpdateHeader {
         site_id: opts.site_id.clone(),
         task_id: task.task_id.clone(),
         run_id: task.run_id.clone(),
-        round: task.round,
+        round,
         nonce: task.nonce.clone(),
         base_model_sha256: spec.expected_model_sha256.clone(),
         delta_sha256: outcome.delta_sha256.clone(),
         total_bytes: outcome.delta_bytes.len() as u64,
         weight: m.train_examples as f64,
-        metrics: Some(Metrics {
-            train_examples: m.train_examples as u64,
-            validation_examples: m.validation_examples as u64,
-            train_loss: m.train_loss.unwrap_or(f64::NAN),
-            validation_loss: m.validation_loss.unwrap_or(f64::NAN),
-            validation_accuracy: m.validation_accuracy.unwrap_or(f64::NAN),
-            validation_macro_f1: m.validation_macro_f1.unwrap_or(f64::NAN),
-            epochs_run: m.epochs_run as u32,
-            train_seconds: m.train_seconds,
-        }),
+        metrics: Some(wire_metrics(m)),
     };
-    let chunk = MAX_MESSAGE_BYTES - 64 * 1024;
-    let msgs = update_chunks(header, &Bytes::from(outcome.delta_bytes), chunk);
+    tracing::info!(site = %opts.site_id, round, "round {round}: uploading {} bytes", outcome.delta_bytes.len());
+    let msgs = update_chunks(
+        header,
+        &Bytes::from(outcome.delta_bytes),
+        limits.chunk_bytes,
+    );
     match client.upload_update(tokio_stream::iter(msgs)).await {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            tracing::info!(site = %opts.site_id, round, "round {round}: update accepted");
+            Ok(())
+        }
         Err(s) if transient(&s) => Err(TaskError::Transport(s)),
         Err(s) => Err(TaskError::Refused(format!(
             "{} ({:?})",
             s.message(),
             s.code()
         ))),
+    }
+}
+
+fn wire_metrics(m: &SiteMetrics) -> Metrics {
+    Metrics {
+        train_examples: m.train_examples as u64,
+        validation_examples: m.validation_examples as u64,
+        train_loss: m.train_loss.unwrap_or(f64::NAN),
+        validation_loss: m.validation_loss.unwrap_or(f64::NAN),
+        validation_accuracy: m.validation_accuracy.unwrap_or(f64::NAN),
+        validation_macro_f1: m.validation_macro_f1.unwrap_or(f64::NAN),
+        epochs_run: m.epochs_run as u32,
+        train_seconds: m.train_seconds,
     }
 }

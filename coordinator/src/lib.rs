@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod round;
 pub mod service;
 pub mod store;

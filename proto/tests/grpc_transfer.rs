@@ -81,6 +81,13 @@ impl Federation for TestServer {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         Err(Status::unimplemented("not part of this test"))
     }
+
+    async fn report_evaluation(
+        &self,
+        _: Request<fedflow_proto::v1::EvaluationReport>,
+    ) -> Result<Response<fedflow_proto::v1::EvaluationReportResponse>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
 }
 
 async fn serve(model: Bytes, chunk_bytes: usize) -> (SocketAddr, String) {

@@ -13,11 +13,10 @@ use fedflow_common::synth::{SynthConfig, generate};
 use fedflow_common::train::evaluate;
 use fedflow_coordinator::config::RunConfig;
 use fedflow_coordinator::round::{Phase, RoundEngine};
-use fedflow_coordinator::service::Coordinator;
+use fedflow_coordinator::service::{Coordinator, serve};
 use fedflow_coordinator::store::Store;
-use fedflow_proto::transfer::MAX_MESSAGE_BYTES;
-use fedflow_proto::v1::federation_server::FederationServer;
-use tokio_stream::wrappers::TcpListenerStream;
+use fedflow_proto::v1::admin_client::AdminClient;
+use fedflow_proto::v1::{GetStatusRequest, ListRoundsRequest, RunPhase};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sites_train_a_better_global_model_over_real_grpc() {
@@ -48,14 +47,7 @@ async fn three_sites_train_a_better_global_model_over_real_grpc() {
     let handle = coordinator.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = FederationServer::new(coordinator)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    tokio::spawn(serve(listener, coordinator, std::future::pending()));
 
     let datasets: Vec<SiteDataset> = fed
         .sites
@@ -78,8 +70,48 @@ async fn three_sites_train_a_better_global_model_over_real_grpc() {
     for s in sites {
         let summary = s.await.unwrap().unwrap();
         assert_eq!(summary.rounds_contributed, vec![1, 2, 3], "{summary:?}");
+        assert_eq!(summary.rounds_evaluated, vec![1, 2, 3], "{summary:?}");
         assert!(summary.rejected.is_empty(), "{summary:?}");
     }
+
+    // The admin service tells the same story: finished, three rounds with their federated
+    // evaluations, every site contributing to each.
+    let mut admin = AdminClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let status = admin
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.phase, RunPhase::Finished as i32);
+    assert_eq!((status.committed_round, status.total_rounds), (3, 3));
+    let latest = status.latest.unwrap();
+    assert_eq!(
+        (latest.round, latest.updates, latest.evaluated_sites),
+        (3, 3, 3)
+    );
+    let rounds = admin
+        .list_rounds(ListRoundsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .rounds;
+    assert_eq!(rounds.len(), 4, "round 0 (initial model) and three rounds");
+    let evaluated: Vec<f64> = rounds[1..]
+        .iter()
+        .map(|r| {
+            assert_eq!(
+                (r.status.as_str(), r.selected, r.uploaded),
+                ("committed", 3, 3)
+            );
+            r.metrics.as_ref().unwrap().evaluation_accuracy
+        })
+        .collect();
+    assert!(
+        evaluated.iter().all(|a| (0.0..=1.0).contains(a)),
+        "{evaluated:?}"
+    );
 
     // The run is finished after three committed rounds, and the global model is better than
     // the one it started from.

@@ -5,6 +5,7 @@ use fedflow_common::data::Vocab;
 use fedflow_common::model::AttentionFlowModel;
 
 use super::*;
+use crate::metrics::SiteReport;
 
 const T0: i64 = 1_000_000;
 const SEC: i64 = 1000;
@@ -93,7 +94,7 @@ fn submit(
                 train_examples: examples,
                 claimed_weight: examples as f64,
             },
-            metrics_json: None,
+            metrics: SiteReport::default(),
         },
         now,
     )
@@ -175,7 +176,7 @@ fn every_bad_update_is_rejected_and_changes_nothing() {
                     train_examples: 5,
                     claimed_weight: 5.0,
                 },
-                metrics_json: None,
+                metrics: SiteReport::default(),
             },
             now,
         )
@@ -380,27 +381,311 @@ fn a_round_open_at_a_crash_is_run_again_from_the_committed_model() {
     assert_eq!(e.committed_round(), 1);
 }
 
+fn report(val_examples: u64, accuracy: f64) -> SiteReport {
+    SiteReport {
+        train_examples: 10,
+        validation_examples: val_examples,
+        train_loss: Some(1.5),
+        validation_loss: Some(1.0 - accuracy),
+        validation_accuracy: Some(accuracy),
+        validation_macro_f1: Some(accuracy / 2.0),
+        epochs_run: 1,
+        train_seconds: 0.1,
+    }
+}
+
+fn evaluate(
+    e: &mut RoundEngine,
+    site: &str,
+    t: &TaskTicket,
+    metrics: SiteReport,
+    now: i64,
+) -> std::result::Result<Accepted, Rejection> {
+    let sha = e.global().1.to_string();
+    e.submit_evaluation(
+        EvaluationSubmission {
+            site_id: site,
+            round: t.round,
+            task_id: &t.task_id,
+            nonce: &t.nonce,
+            model_sha256: &sha,
+            metrics,
+        },
+        now,
+    )
+    .unwrap()
+}
+
+/// Every site polls at `now`; returns the tickets.
+fn poll_all(e: &mut RoundEngine, now: i64) -> BTreeMap<String, TaskTicket> {
+    for s in SITES {
+        e.site_seen(s, now).unwrap();
+    }
+    SITES
+        .iter()
+        .map(|s| (s.to_string(), e.poll_task(s, now).unwrap().expect("a task")))
+        .collect()
+}
+
 #[test]
-fn the_run_finishes_after_its_last_round() {
-    let f = fixture("");
+fn the_run_finishes_after_its_last_round_and_its_evaluation() {
+    // Evaluate after round 2 only (the last round).
+    let f = fixture("[evaluation]\nevery = 5\nfinal_round = true\n");
     let mut e = engine(&f);
     for round in 1..=2 {
         let now = T0 + round as i64 * 100 * SEC;
-        for s in SITES {
-            e.site_seen(s, now).unwrap();
-        }
-        let tickets: BTreeMap<String, TaskTicket> = SITES
-            .iter()
-            .map(|s| (s.to_string(), e.poll_task(s, now).unwrap().unwrap()))
-            .collect();
+        let tickets = poll_all(&mut e, now);
+        assert!(tickets.values().all(|t| t.kind == TaskKind::Train));
         for site in SITES {
             submit(&mut e, site, &tickets[site], &update(&f, 0.01), 10, now).unwrap();
         }
+    }
+    assert_eq!(e.committed_round(), 2);
+    assert_eq!(e.phase(), Phase::Evaluating, "the last round is evaluated");
+    assert_eq!(
+        e.store().run("t").unwrap().unwrap().status,
+        RunStatus::Running
+    );
+    let now = T0 + 210 * SEC;
+    let tickets = poll_all(&mut e, now);
+    for (i, site) in SITES.iter().enumerate() {
+        let t = &tickets[*site];
+        assert_eq!((t.kind, t.round), (TaskKind::Evaluate, 2));
+        evaluate(&mut e, site, t, report(10, 0.5 + 0.1 * i as f64), now).unwrap();
     }
     assert_eq!(e.phase(), Phase::Finished);
     assert_eq!(e.poll_task("site-a", T0 + 400 * SEC).unwrap(), None);
     assert_eq!(
         e.store().run("t").unwrap().unwrap().status,
         RunStatus::Finished
+    );
+    let last = e.store().rounds("t").unwrap().pop().unwrap();
+    let summary: crate::metrics::EvaluationSummary =
+        serde_json::from_str(last.evaluation_json.as_deref().unwrap()).unwrap();
+    assert_eq!((summary.sites, summary.examples), (3, 30));
+    assert!((summary.accuracy.unwrap() - 0.6).abs() < 1e-12);
+}
+
+#[test]
+fn rounds_record_weighted_training_metrics_and_evaluations_follow_the_schedule() {
+    let f = fixture("");
+    let mut e = engine(&f);
+    let tickets = start(&mut e);
+    let base = e.global().1.to_string();
+    for (site, n, acc) in [
+        ("site-a", 10, 0.2),
+        ("site-b", 30, 0.6),
+        ("site-c", 60, 0.9),
+    ] {
+        let mut m = report(n, acc);
+        m.train_examples = n;
+        e.submit(
+            Submission {
+                site_id: site,
+                round: 1,
+                task_id: &tickets[site].task_id,
+                nonce: &tickets[site].nonce,
+                base_model_sha256: &base,
+                delta: &update(&f, 0.1).delta,
+                delta_sha256: &update(&f, 0.1).sha,
+                report: UpdateReport {
+                    train_examples: n,
+                    claimed_weight: n as f64,
+                },
+                metrics: m,
+            },
+            T0 + SEC,
+        )
+        .unwrap()
+        .unwrap();
+    }
+    let r1 = &e.store().rounds("t").unwrap()[1];
+    let train: crate::metrics::TrainingSummary =
+        serde_json::from_str(r1.metrics_json.as_deref().unwrap()).unwrap();
+    assert_eq!((train.updates, train.train_examples), (3, 100));
+    let want = (0.2 * 10.0 + 0.6 * 30.0 + 0.9 * 60.0) / 100.0;
+    assert!((train.local_validation_accuracy.unwrap() - want).abs() < 1e-12);
+    assert_eq!(train.closed_because, "every selected site answered");
+
+    // evaluation.every = 1: the model of round 1 is evaluated before round 2 starts, and a
+    // site that went silent is dropped from it without blocking it.
+    assert_eq!(e.phase(), Phase::Evaluating);
+    let now = T0 + 2 * SEC;
+    let ta = e.poll_task("site-a", now).unwrap().unwrap();
+    let tb = e.poll_task("site-b", now).unwrap().unwrap();
+    assert_eq!(ta.kind, TaskKind::Evaluate);
+    evaluate(&mut e, "site-a", &ta, report(10, 0.4), now).unwrap();
+    evaluate(&mut e, "site-b", &tb, report(30, 0.8), now).unwrap();
+    assert_eq!(e.phase(), Phase::Evaluating, "site-c has not answered");
+    e.tick(now + 31 * SEC).unwrap();
+    assert_eq!(
+        e.phase(),
+        Phase::Waiting,
+        "site-c dropped, evaluation closed"
+    );
+    let view = e.view(now + 31 * SEC);
+    let c = view.sites.iter().find(|s| s.site_id == "site-c").unwrap();
+    assert_eq!(c.state, LiveState::Dropped);
+    let evals = e.store().evaluations("t", 1).unwrap();
+    assert_eq!(evals.len(), 2);
+    let r1 = &e.store().rounds("t").unwrap()[1];
+    let eval: crate::metrics::EvaluationSummary =
+        serde_json::from_str(r1.evaluation_json.as_deref().unwrap()).unwrap();
+    assert_eq!((eval.sites, eval.examples), (2, 40));
+    assert!((eval.accuracy.unwrap() - (0.4 * 10.0 + 0.8 * 30.0) / 40.0).abs() < 1e-12);
+}
+
+#[test]
+fn bad_evaluation_reports_are_rejected_and_change_nothing() {
+    let f = fixture("");
+    let mut e = engine(&f);
+    let tickets = start(&mut e);
+    for site in SITES {
+        submit(&mut e, site, &tickets[site], &update(&f, 0.1), 10, T0).unwrap();
+    }
+    let now = T0 + SEC;
+    let t = poll_all(&mut e, now);
+    let ta = &t["site-a"];
+    let sha = e.global().1.to_string();
+    let try_eval = |e: &mut RoundEngine, nonce: &[u8], model: &str, m: SiteReport, now| {
+        e.submit_evaluation(
+            EvaluationSubmission {
+                site_id: "site-a",
+                round: 1,
+                task_id: &ta.task_id,
+                nonce,
+                model_sha256: model,
+                metrics: m,
+            },
+            now,
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        try_eval(&mut e, b"forged", &sha, report(5, 0.5), now),
+        Err(Rejection::WrongTask)
+    );
+    assert!(matches!(
+        try_eval(&mut e, &ta.nonce, "00", report(5, 0.5), now),
+        Err(Rejection::WrongBase { .. })
+    ));
+    assert!(matches!(
+        try_eval(&mut e, &ta.nonce, &sha, report(5, 1.5), now),
+        Err(Rejection::Invalid(_))
+    ));
+    assert!(e.store().evaluations("t", 1).unwrap().is_empty());
+    let view = e.view(now);
+    let a = view.sites.iter().find(|s| s.site_id == "site-a").unwrap();
+    assert_eq!(a.state, LiveState::Rejected, "{a:?}");
+    // A training update while an evaluation is open is refused.
+    assert_eq!(
+        submit(
+            &mut e,
+            "site-a",
+            &tickets["site-a"],
+            &update(&f, 0.1),
+            10,
+            now
+        ),
+        Err(Rejection::NoOpenRound)
+    );
+    // A valid report is accepted once; a resend is a duplicate, a different one a conflict.
+    assert_eq!(
+        try_eval(&mut e, &ta.nonce, &sha, report(5, 0.5), now),
+        Ok(Accepted::New)
+    );
+    assert_eq!(
+        try_eval(&mut e, &ta.nonce, &sha, report(5, 0.5), now),
+        Ok(Accepted::Duplicate)
+    );
+    assert_eq!(
+        try_eval(&mut e, &ta.nonce, &sha, report(5, 0.7), now),
+        Err(Rejection::Conflicting)
+    );
+    assert_eq!(
+        try_eval(&mut e, &ta.nonce, &sha, report(5, 0.5), now + 61 * SEC),
+        Ok(Accepted::Duplicate),
+        "the resend of an accepted report stays a duplicate"
+    );
+    let tb = &t["site-b"];
+    assert_eq!(
+        evaluate(&mut e, "site-b", tb, report(5, 0.5), now + 61 * SEC),
+        Err(Rejection::Late(1))
+    );
+}
+
+#[test]
+fn an_evaluation_interrupted_by_a_crash_is_run_again() {
+    let f = fixture("");
+    let mut e = engine(&f);
+    let tickets = start(&mut e);
+    for site in SITES {
+        submit(&mut e, site, &tickets[site], &update(&f, 0.1), 10, T0).unwrap();
+    }
+    let t = poll_all(&mut e, T0 + SEC);
+    evaluate(&mut e, "site-a", &t["site-a"], report(5, 0.5), T0 + SEC).unwrap();
+    let sha = e.global().1.to_string();
+    drop(e); // crash during the evaluation
+
+    let mut e = engine(&f);
+    assert_eq!((e.committed_round(), e.global().1), (1, sha.as_str()));
+    assert_eq!(e.phase(), Phase::Evaluating);
+    let t = poll_all(&mut e, T0 + 10 * SEC);
+    assert!(
+        e.store().evaluations("t", 1).unwrap().is_empty(),
+        "the interrupted attempt was forgotten"
+    );
+    for site in SITES {
+        evaluate(&mut e, site, &t[site], report(5, 0.5), T0 + 10 * SEC).unwrap();
+    }
+    assert_eq!(e.phase(), Phase::Waiting);
+    assert!(!e.store().evaluation_pending("t", 1).unwrap());
+}
+
+#[test]
+fn heartbeats_report_progress_and_cancel_stale_tasks() {
+    let f = fixture("");
+    let mut e = engine(&f);
+    let tickets = start(&mut e);
+    fn hb(task: &str, work: WorkState) -> Heartbeat<'_> {
+        Heartbeat {
+            site_id: "site-a",
+            task_id: task,
+            work,
+            epoch: 2,
+            epochs: 5,
+            bytes_done: 0,
+        }
+    }
+    let ta = tickets["site-a"].task_id.clone();
+    assert!(!e.heartbeat(hb(&ta, WorkState::Training), T0 + SEC).unwrap());
+    let view = e.view(T0 + SEC);
+    assert_eq!(view.current_round, Some(1));
+    assert_eq!(view.sites_connected, 3);
+    let a = &view.sites[0];
+    assert_eq!((a.state, a.epoch, a.epochs), (LiveState::Training, 2, 5));
+    assert_eq!(view.sites[1].state, LiveState::Selected);
+    // An idle heartbeat (no task) never cancels; an unknown task is cancelled.
+    assert!(!e.heartbeat(hb("", WorkState::Idle), T0 + SEC).unwrap());
+    assert!(
+        e.heartbeat(hb("t-r9-x", WorkState::Training), T0 + SEC)
+            .unwrap()
+    );
+    // Heartbeats keep a long-training site in the round past the timeout...
+    e.heartbeat(hb(&ta, WorkState::Training), T0 + 25 * SEC)
+        .unwrap();
+    e.site_seen("site-b", T0 + 25 * SEC).unwrap();
+    e.tick(T0 + 40 * SEC).unwrap();
+    let view = e.view(T0 + 40 * SEC);
+    let states: Vec<LiveState> = view.sites.iter().map(|s| s.state).collect();
+    assert_eq!(
+        states,
+        [LiveState::Training, LiveState::Selected, LiveState::Dropped]
+    );
+    // ...and once the task is withdrawn, its next heartbeat is told to cancel.
+    e.tick(T0 + 61 * SEC).unwrap();
+    assert!(
+        e.heartbeat(hb(&ta, WorkState::Training), T0 + 62 * SEC)
+            .unwrap()
     );
 }

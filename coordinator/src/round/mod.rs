@@ -7,7 +7,9 @@
 //! round when every selected site has answered or been dropped, or at the deadline → if the
 //! quorum (`rounds.min_completed`) is met, *aggregate* (the strategy turns the mean delta into
 //! the next global model) and *commit* (checkpoint file, then database row); otherwise retry
-//! the round or pause the run, as configured, recording why.
+//! the round or pause the run, as configured, recording why. After a commit that the
+//! evaluation schedule names, the available sites *evaluate* the new global model on their
+//! validation splits ([`evaluation`]) before the next round starts.
 //!
 //! Every state change that matters after a crash goes through the [`Store`] first, and the
 //! engine can be rebuilt from it: [`RoundEngine::open`] resumes at the last committed round
@@ -23,9 +25,16 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{QuorumFailure, RunConfig};
+use crate::metrics::{SiteReport, TrainingMeans};
 use crate::store::{RunStatus, SiteOutcome, SiteState, Store};
 use crate::strategy::{Strategy, UpdateReport};
 use crate::{Error, Result};
+
+mod evaluation;
+mod view;
+
+pub use evaluation::EvaluationSubmission;
+pub use view::{Heartbeat, LiveState, RunView, SiteView, WorkState};
 
 /// Where the run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,10 +43,21 @@ pub enum Phase {
     Waiting,
     /// A round is open: tasks handed out, updates being collected.
     Training,
+    /// The latest committed model is being (or is about to be) evaluated by the sites.
+    Evaluating,
     /// Paused (quorum failures or an operator); no new round starts.
     Paused,
     /// All rounds committed.
     Finished,
+}
+
+/// What a task asks of a site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskKind {
+    /// Train from the global model and upload the delta.
+    Train,
+    /// Evaluate the global model on the validation split and report metrics.
+    Evaluate,
 }
 
 /// A task handed to a site.
@@ -45,8 +65,10 @@ pub enum Phase {
 pub struct TaskTicket {
     /// The task's id.
     pub task_id: String,
-    /// The round it belongs to.
+    /// The round it belongs to (for an evaluation: the round whose model is evaluated).
     pub round: u64,
+    /// Train or evaluate.
+    pub kind: TaskKind,
     /// The nonce the update must echo.
     pub nonce: Vec<u8>,
     /// SHA-256 of the global model to train from.
@@ -61,6 +83,9 @@ pub enum Rejection {
     /// No round is open (between rounds, paused or finished).
     #[error("no round is open")]
     NoOpenRound,
+    /// No evaluation is open.
+    #[error("no evaluation is open")]
+    NoOpenEvaluation,
     /// The update names another round than the open one.
     #[error("update for round {got}, but round {open} is open")]
     WrongRound {
@@ -125,15 +150,19 @@ pub struct Submission<'a> {
     pub delta_sha256: &'a str,
     /// Example count and claimed weight.
     pub report: UpdateReport,
-    /// The site's metrics, as JSON.
-    pub metrics_json: Option<String>,
+    /// The site's metrics.
+    pub metrics: SiteReport,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 enum TaskState {
     Pending,
-    Uploaded { delta_sha256: String },
+    /// Answered; `fingerprint` tells a resend (same) from a conflicting answer.
+    Uploaded {
+        fingerprint: String,
+    },
     Dropped,
+    Late,
 }
 
 #[derive(Debug)]
@@ -143,13 +172,56 @@ struct Task {
     state: TaskState,
 }
 
+/// One task per site, with a fresh nonce each.
+fn new_tasks(
+    sites: &[String],
+    task_id: impl Fn(&str) -> String,
+    rng: &mut ChaCha8Rng,
+) -> BTreeMap<String, Task> {
+    sites
+        .iter()
+        .map(|site| {
+            let mut nonce = vec![0u8; 16];
+            rng.fill_bytes(&mut nonce);
+            let task = Task {
+                task_id: task_id(site),
+                nonce,
+                state: TaskState::Pending,
+            };
+            (site.clone(), task)
+        })
+        .collect()
+}
+
+/// Marks pending tasks of sites silent for longer than `timeout_ms` dropped; returns them.
+fn drop_silent(
+    tasks: &mut BTreeMap<String, Task>,
+    last_seen: &BTreeMap<String, i64>,
+    now_ms: i64,
+    timeout_ms: i64,
+) -> Vec<String> {
+    let mut dropped = Vec::new();
+    for (site, task) in tasks.iter_mut() {
+        let silent = last_seen.get(site).is_none_or(|&t| now_ms - t > timeout_ms);
+        if task.state == TaskState::Pending && silent {
+            task.state = TaskState::Dropped;
+            dropped.push(site.clone());
+        }
+    }
+    dropped
+}
+
+fn all_answered(tasks: &BTreeMap<String, Task>) -> bool {
+    tasks.values().all(|t| t.state != TaskState::Pending)
+}
+
 #[derive(Debug)]
 struct OpenRound {
     round: u64,
     deadline_ms: i64,
     tasks: BTreeMap<String, Task>,
     acc: FedAvgAccumulator,
-    completed: usize,
+    means: TrainingMeans,
 }
 
 /// The state machine of one run.
@@ -167,10 +239,16 @@ pub struct RoundEngine {
     committed: u64,
     phase: Phase,
     open: Option<OpenRound>,
+    /// The evaluation in progress, if any.
+    eval: Option<evaluation::OpenEvaluation>,
+    /// A committed round whose model must be evaluated before the run goes on.
+    eval_due: Option<u64>,
     /// Consecutive quorum failures of the next round.
     failures: u32,
     /// Sites seen, with the time they were last heard from.
     last_seen: BTreeMap<String, i64>,
+    /// Live progress and notes for status views (not persisted).
+    live: view::Live,
 }
 
 impl RoundEngine {
@@ -187,9 +265,15 @@ impl RoundEngine {
         let resume = store.resume_point(&run_id)?;
         strategy.restore_state(resume.strategy_state);
         let status = store.run(&run_id)?.map(|r| r.status);
+        // A committed round whose scheduled evaluation never completed is evaluated first.
+        let eval_due = (resume.round > 0
+            && cfg.evaluates_after(resume.round)
+            && store.evaluation_pending(&run_id, resume.round)?)
+        .then_some(resume.round);
         let phase = match status {
             Some(RunStatus::Paused) | Some(RunStatus::Stopped) => Phase::Paused,
             Some(RunStatus::Finished) => Phase::Finished,
+            _ if eval_due.is_some() => Phase::Evaluating,
             _ if resume.round >= cfg.run.rounds => Phase::Finished,
             _ => Phase::Waiting,
         };
@@ -212,8 +296,11 @@ impl RoundEngine {
             committed: resume.round,
             phase,
             open: None,
+            eval: None,
+            eval_due,
             failures: 0,
             last_seen: BTreeMap::new(),
+            live: view::Live::default(),
         })
     }
 
@@ -237,6 +324,11 @@ impl RoundEngine {
         self.open.as_ref().map(|o| o.round)
     }
 
+    /// The run's configuration.
+    pub fn config(&self) -> &RunConfig {
+        &self.cfg
+    }
+
     /// The current global model and its SHA-256.
     pub fn global(&self) -> (&ParamSet, &str) {
         (&self.global, &self.global_sha256)
@@ -257,22 +349,42 @@ impl RoundEngine {
     /// Starts a round first when none is open and enough sites have been seen recently.
     pub fn poll_task(&mut self, site: &str, now_ms: i64) -> Result<Option<TaskTicket>> {
         self.site_seen(site, now_ms)?;
-        if self.open.is_none() && self.phase == Phase::Waiting {
-            self.try_start_round(now_ms)?;
-        }
-        let Some(open) = &self.open else {
+        self.start_due_work(now_ms)?;
+        let (tasks, round, deadline_ms, kind) = if let Some(open) = &self.open {
+            (&open.tasks, open.round, open.deadline_ms, TaskKind::Train)
+        } else if let Some(eval) = &self.eval {
+            (
+                &eval.tasks,
+                eval.round,
+                eval.deadline_ms,
+                TaskKind::Evaluate,
+            )
+        } else {
             return Ok(None);
         };
-        Ok(open.tasks.get(site).and_then(|t| match t.state {
+        Ok(tasks.get(site).and_then(|t| match t.state {
             TaskState::Pending => Some(TaskTicket {
                 task_id: t.task_id.clone(),
-                round: open.round,
+                round,
+                kind,
                 nonce: t.nonce.clone(),
                 model_sha256: self.global_sha256.clone(),
-                deadline_ms: open.deadline_ms,
+                deadline_ms,
             }),
             _ => None,
         }))
+    }
+
+    /// Starts the due evaluation, or the next round, when enough sites are available.
+    fn start_due_work(&mut self, now_ms: i64) -> Result<()> {
+        if self.open.is_some() || self.eval.is_some() {
+            return Ok(());
+        }
+        match self.phase {
+            Phase::Evaluating => self.try_start_evaluation(now_ms),
+            Phase::Waiting => self.try_start_round(now_ms),
+            _ => Ok(()),
+        }
     }
 
     fn available(&self, now_ms: i64) -> Vec<String> {
@@ -293,20 +405,13 @@ impl RoundEngine {
         let selected = self
             .strategy
             .configure_train(round, &available, &mut self.rng)?;
-        let mut tasks = BTreeMap::new();
-        for site in &selected {
-            let mut nonce = vec![0u8; 16];
-            self.rng.fill_bytes(&mut nonce);
-            let task_id = format!("{}-r{round}-{site}-{}", self.run_id, self.failures);
-            tasks.insert(
-                site.clone(),
-                Task {
-                    task_id,
-                    nonce,
-                    state: TaskState::Pending,
-                },
-            );
-        }
+        let attempt = self.failures;
+        let run_id = &self.run_id;
+        let tasks = new_tasks(
+            &selected,
+            |site| format!("{run_id}-r{round}-{site}-{attempt}"),
+            &mut self.rng,
+        );
         let pairs: Vec<(String, String)> = tasks
             .iter()
             .map(|(s, t)| (s.clone(), t.task_id.clone()))
@@ -318,8 +423,9 @@ impl RoundEngine {
             deadline_ms: now_ms + (self.cfg.rounds.deadline_secs as i64) * 1000,
             tasks,
             acc: FedAvgAccumulator::new(&self.spec)?,
-            completed: 0,
+            means: TrainingMeans::default(),
         });
+        self.live.round_started();
         self.phase = Phase::Training;
         Ok(())
     }
@@ -333,8 +439,10 @@ impl RoundEngine {
     ) -> Result<std::result::Result<Accepted, Rejection>> {
         self.last_seen.insert(s.site_id.to_string(), now_ms);
         let verdict = self.check_and_add(&s, now_ms)?;
-        if let Ok(Accepted::New) = &verdict {
-            self.close_if_complete(now_ms)?;
+        match &verdict {
+            Ok(Accepted::New) => self.close_if_complete(now_ms)?,
+            Ok(Accepted::Duplicate) => {}
+            Err(r) => self.live.rejected(s.site_id, r),
         }
         Ok(verdict)
     }
@@ -360,11 +468,12 @@ impl RoundEngine {
             return Ok(Err(Rejection::WrongTask));
         }
         match &task.state {
-            TaskState::Uploaded { delta_sha256 } if delta_sha256 == s.delta_sha256 => {
+            TaskState::Uploaded { fingerprint } if fingerprint == s.delta_sha256 => {
                 return Ok(Ok(Accepted::Duplicate));
             }
             TaskState::Uploaded { .. } => return Ok(Err(Rejection::Conflicting)),
             TaskState::Dropped => return Ok(Err(Rejection::Withdrawn)),
+            TaskState::Late => return Ok(Err(Rejection::Late(open.round))),
             TaskState::Pending => {}
         }
         if now_ms > open.deadline_ms {
@@ -386,13 +495,13 @@ impl RoundEngine {
             return Ok(Err(Rejection::Invalid(e.to_string())));
         }
         task.state = TaskState::Uploaded {
-            delta_sha256: s.delta_sha256.to_string(),
+            fingerprint: s.delta_sha256.to_string(),
         };
-        open.completed += 1;
+        open.means.add(&s.metrics);
         let outcome = SiteOutcome {
             train_examples: Some(s.report.train_examples),
             weight: Some(weight),
-            metrics_json: s.metrics_json.clone(),
+            metrics_json: Some(s.metrics.to_json()),
             delta_sha256: Some(s.delta_sha256.to_string()),
             ..SiteOutcome::new(s.site_id, SiteState::Uploaded, None)
         };
@@ -404,24 +513,14 @@ impl RoundEngine {
     /// Advances time: drops sites silent past the heartbeat timeout, and closes the round at
     /// its deadline (or earlier, once nobody is left to wait for).
     pub fn tick(&mut self, now_ms: i64) -> Result<()> {
-        let timeout = (self.cfg.rounds.heartbeat_timeout_secs as i64) * 1000;
-        let Some(open) = self.open.as_mut() else {
-            if self.phase == Phase::Waiting {
-                self.try_start_round(now_ms)?;
-            }
-            return Ok(());
-        };
-        let mut dropped = Vec::new();
-        for (site, task) in open.tasks.iter_mut() {
-            let silent = self
-                .last_seen
-                .get(site)
-                .is_none_or(|&t| now_ms - t > timeout);
-            if matches!(task.state, TaskState::Pending) && silent {
-                task.state = TaskState::Dropped;
-                dropped.push(site.clone());
-            }
+        if self.eval.is_some() {
+            return self.tick_evaluation(now_ms);
         }
+        let timeout = self.heartbeat_timeout_ms();
+        let Some(open) = self.open.as_mut() else {
+            return self.start_due_work(now_ms);
+        };
+        let dropped = drop_silent(&mut open.tasks, &self.last_seen, now_ms, timeout);
         let round = open.round;
         let deadline = open.deadline_ms;
         for site in dropped {
@@ -444,27 +543,28 @@ impl RoundEngine {
         Ok(())
     }
 
+    fn heartbeat_timeout_ms(&self) -> i64 {
+        (self.cfg.rounds.heartbeat_timeout_secs as i64) * 1000
+    }
+
     fn close_if_complete(&mut self, now_ms: i64) -> Result<()> {
         let Some(open) = &self.open else {
             return Ok(());
         };
-        if open
-            .tasks
-            .values()
-            .all(|t| !matches!(t.state, TaskState::Pending))
-        {
+        if all_answered(&open.tasks) {
             self.close_round(now_ms, "every selected site answered")?;
         }
         Ok(())
     }
 
-    fn close_round(&mut self, _now_ms: i64, why: &str) -> Result<()> {
-        let Some(open) = self.open.take() else {
+    fn close_round(&mut self, now_ms: i64, why: &str) -> Result<()> {
+        let Some(mut open) = self.open.take() else {
             return Ok(());
         };
         let round = open.round;
-        for (site, task) in &open.tasks {
-            if matches!(task.state, TaskState::Pending) {
+        for (site, task) in open.tasks.iter_mut() {
+            if task.state == TaskState::Pending {
+                task.state = TaskState::Late;
                 let reason = Some("no update before the deadline".to_string());
                 self.store.record_site(
                     &self.run_id,
@@ -473,12 +573,11 @@ impl RoundEngine {
                 )?;
             }
         }
+        self.live.round_closed(round, &open.tasks, &self.last_seen);
         let quorum = self.cfg.rounds.min_completed;
-        if open.completed < quorum {
-            let reason = format!(
-                "{} of the {quorum} updates needed arrived ({why})",
-                open.completed
-            );
+        let completed = open.acc.count();
+        if completed < quorum {
+            let reason = format!("{completed} of the {quorum} updates needed arrived ({why})");
             self.store.fail_round(&self.run_id, round, &reason)?;
             self.failures += 1;
             let pause = match self.cfg.rounds.on_quorum_failure {
@@ -498,11 +597,10 @@ impl RoundEngine {
             }
             return Ok(());
         }
-        let completed = open.completed;
         let mean = open.acc.finish()?;
         let next = self.strategy.aggregate_train(round, &self.global, &mean)?;
-        let metrics =
-            serde_json::json!({ "completed": completed, "closed_because": why }).to_string();
+        let metrics = serde_json::to_string(&open.means.summary(why))
+            .map_err(|e| Error::Store(e.to_string()))?;
         let sha = self.store.commit_round(
             &self.run_id,
             round,
@@ -515,7 +613,18 @@ impl RoundEngine {
         self.global_sha256 = sha;
         self.committed = round;
         self.failures = 0;
-        if round >= self.cfg.run.rounds {
+        if self.cfg.evaluates_after(round) {
+            self.eval_due = Some(round);
+            self.phase = Phase::Evaluating;
+            self.try_start_evaluation(now_ms)
+        } else {
+            self.after_round_done()
+        }
+    }
+
+    /// The committed round needs nothing more: finish the run or wait for the next round.
+    fn after_round_done(&mut self) -> Result<()> {
+        if self.committed >= self.cfg.run.rounds {
             self.store
                 .set_run_status(&self.run_id, RunStatus::Finished, None)?;
             self.phase = Phase::Finished;

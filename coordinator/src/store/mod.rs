@@ -37,9 +37,14 @@
 //! - `runs(run_id PK, created_at, config_json, strategy, status, status_reason)`;
 //!   `status` is one of `running`, `paused`, `finished`, `stopped`.
 //! - `rounds(run_id, round, status, started_at, committed_at, model_sha256,
-//!   strategy_sha256, failure_reason, metrics_json)`, keyed by `(run_id, round)`; `status`
-//!   is `open`, `committed` or `failed`. Round 0 is the initial model, committed by
-//!   [`Store::create_run`].
+//!   strategy_sha256, failure_reason, metrics_json, evaluation_json)`, keyed by
+//!   `(run_id, round)`; `status` is `open`, `committed` or `failed`. Round 0 is the initial
+//!   model, committed by [`Store::create_run`]. `metrics_json` holds the training metrics
+//!   recorded at commit, `evaluation_json` the federated evaluation of the committed model
+//!   once it is complete (`NULL` while none has completed).
+//! - `evaluations(run_id, round, site_id, task_id, validation_examples, metrics_json,
+//!   updated_at)`, keyed by `(run_id, round, site_id)`: each site's evaluation of a
+//!   committed round's global model.
 //! - `round_sites(run_id, round, site_id, task_id, state, reason, train_examples, weight,
 //!   metrics_json, delta_sha256, updated_at)`, keyed by `(run_id, round, site_id)`; `state`
 //!   is `selected`, `uploaded`, `late`, `dropped` or `rejected`.
@@ -65,6 +70,10 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use serde::Serialize;
 
 use crate::{Error, Result};
+
+mod evaluation;
+
+pub use evaluation::EvaluationRecord;
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = 1;
@@ -95,6 +104,7 @@ CREATE TABLE rounds (
     strategy_sha256 TEXT,
     failure_reason  TEXT,
     metrics_json    TEXT,
+    evaluation_json TEXT,
     PRIMARY KEY (run_id, round),
     CHECK (status <> 'committed' OR (model_sha256 IS NOT NULL AND committed_at IS NOT NULL))
 );
@@ -111,6 +121,17 @@ CREATE TABLE round_sites (
     metrics_json   TEXT,
     delta_sha256   TEXT,
     updated_at     INTEGER NOT NULL,
+    PRIMARY KEY (run_id, round, site_id),
+    FOREIGN KEY (run_id, round) REFERENCES rounds(run_id, round) ON DELETE CASCADE
+);
+CREATE TABLE evaluations (
+    run_id              TEXT NOT NULL,
+    round               INTEGER NOT NULL,
+    site_id             TEXT NOT NULL,
+    task_id             TEXT NOT NULL,
+    validation_examples INTEGER NOT NULL,
+    metrics_json        TEXT NOT NULL,
+    updated_at          INTEGER NOT NULL,
     PRIMARY KEY (run_id, round, site_id),
     FOREIGN KEY (run_id, round) REFERENCES rounds(run_id, round) ON DELETE CASCADE
 );
@@ -253,8 +274,10 @@ pub struct RoundRecord {
     pub strategy_sha256: Option<String>,
     /// Why it failed.
     pub failure_reason: Option<String>,
-    /// Aggregated metrics as JSON.
+    /// Aggregated training metrics as JSON.
     pub metrics_json: Option<String>,
+    /// The federated evaluation of the committed model as JSON, once complete.
+    pub evaluation_json: Option<String>,
 }
 
 /// One site's part in one round, as stored.
@@ -289,6 +312,21 @@ pub struct SiteRecord {
     pub first_seen_ms: i64,
     /// Latest contact (Unix milliseconds).
     pub last_seen_ms: i64,
+}
+
+/// How many rounds ended in each state for one site (see [`Store::site_outcome_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SiteCounts {
+    /// Still `selected` (a round in progress, or abandoned by a crash or a failed round).
+    pub selected: u32,
+    /// Its update was part of the aggregate.
+    pub uploaded: u32,
+    /// It missed the deadline.
+    pub late: u32,
+    /// It went silent.
+    pub dropped: u32,
+    /// Its update was refused.
+    pub rejected: u32,
 }
 
 /// An outcome to record for a site in an open round (see [`Store::record_site`]).
@@ -509,7 +547,7 @@ impl Store {
              ON CONFLICT (run_id, round) DO UPDATE SET
                  status = 'open', started_at = excluded.started_at, committed_at = NULL,
                  model_sha256 = NULL, strategy_sha256 = NULL, failure_reason = NULL,
-                 metrics_json = NULL",
+                 metrics_json = NULL, evaluation_json = NULL",
             params![run_id, r, now],
         )?;
         {
@@ -724,7 +762,7 @@ impl Store {
         self.require_run(run_id)?;
         let mut stmt = self.conn.prepare(
             "SELECT round, status, started_at, committed_at, model_sha256, strategy_sha256,
-                    failure_reason, metrics_json
+                    failure_reason, metrics_json, evaluation_json
              FROM rounds WHERE run_id = ?1 ORDER BY round",
         )?;
         let rows = stmt.query_map([run_id], |row| {
@@ -740,6 +778,7 @@ impl Store {
                     strategy_sha256: row.get(5)?,
                     failure_reason: row.get(6)?,
                     metrics_json: row.get(7)?,
+                    evaluation_json: row.get(8)?,
                 },
             ))
         })?;
@@ -803,6 +842,34 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// For every site, how many rounds ended in each state for it (across all runs).
+    pub fn site_outcome_counts(&self) -> Result<std::collections::BTreeMap<String, SiteCounts>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT site_id, state, count(*) FROM round_sites GROUP BY site_id, state")?;
+        let rows = stmt.query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut out = std::collections::BTreeMap::<String, SiteCounts>::new();
+        for r in rows {
+            let (site, state, n) = r?;
+            let c = out.entry(site).or_default();
+            let n = n as u32;
+            match state.parse::<SiteState>()? {
+                SiteState::Selected => c.selected += n,
+                SiteState::Uploaded => c.uploaded += n,
+                SiteState::Late => c.late += n,
+                SiteState::Dropped => c.dropped += n,
+                SiteState::Rejected => c.rejected += n,
+            }
+        }
+        Ok(out)
     }
 
     // --- Internals --------------------------------------------------------------------------

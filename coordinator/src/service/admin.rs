@@ -1,0 +1,250 @@
+//! `fedflow.v1.Admin`: read-only views for operators and the round-status CLI. Every answer
+//! is computed on the engine thread, so it is consistent with the round state at one
+//! instant. (Authorisation by operator certificate arrives with TLS identities.)
+
+use fedflow_proto::v1 as wire;
+use fedflow_proto::v1::admin_server::Admin;
+use tonic::{Request, Response, Status};
+
+use super::Coordinator;
+use crate::metrics::{EvaluationSummary, TrainingSummary};
+use crate::round::{LiveState, Phase, RoundEngine, RunView};
+use crate::store::{RoundRecord, RunRecord, SiteState};
+
+fn nan(v: Option<f64>) -> f64 {
+    v.unwrap_or(f64::NAN)
+}
+
+fn phase(p: Phase) -> wire::RunPhase {
+    match p {
+        Phase::Waiting => wire::RunPhase::Waiting,
+        Phase::Training => wire::RunPhase::Training,
+        Phase::Evaluating => wire::RunPhase::Evaluating,
+        Phase::Paused => wire::RunPhase::Paused,
+        Phase::Finished => wire::RunPhase::Finished,
+    }
+}
+
+fn live_state(s: LiveState) -> wire::SiteRoundState {
+    match s {
+        LiveState::Selected => wire::SiteRoundState::Selected,
+        LiveState::Downloading => wire::SiteRoundState::Downloading,
+        LiveState::Training => wire::SiteRoundState::Training,
+        LiveState::Uploading => wire::SiteRoundState::Uploading,
+        LiveState::Evaluating => wire::SiteRoundState::Evaluating,
+        LiveState::Uploaded => wire::SiteRoundState::Uploaded,
+        LiveState::Late => wire::SiteRoundState::Late,
+        LiveState::Dropped => wire::SiteRoundState::Dropped,
+        LiveState::Rejected => wire::SiteRoundState::Rejected,
+    }
+}
+
+/// A round's stored training and evaluation summaries as wire metrics.
+fn round_metrics(r: &RoundRecord) -> wire::RoundMetrics {
+    let train: TrainingSummary = r
+        .metrics_json
+        .as_deref()
+        .and_then(|j| serde_json::from_str(j).ok())
+        .unwrap_or_default();
+    let eval: Option<EvaluationSummary> = r
+        .evaluation_json
+        .as_deref()
+        .and_then(|j| serde_json::from_str(j).ok());
+    let e = eval.clone().unwrap_or_default();
+    wire::RoundMetrics {
+        round: r.round,
+        updates: train.updates,
+        train_examples: train.train_examples,
+        train_loss: nan(train.train_loss),
+        local_validation_loss: nan(train.local_validation_loss),
+        local_validation_accuracy: nan(train.local_validation_accuracy),
+        local_validation_macro_f1: nan(train.local_validation_macro_f1),
+        evaluated_sites: e.sites,
+        evaluation_examples: e.examples,
+        evaluation_loss: nan(e.loss),
+        evaluation_accuracy: nan(e.accuracy),
+        evaluation_macro_f1: nan(e.macro_f1),
+    }
+}
+
+fn status(engine: &RoundEngine, now_ms: i64) -> crate::Result<wire::RunStatus> {
+    let view: RunView = engine.view(now_ms);
+    let store = engine.store();
+    let run = store.run(&view.run_id)?;
+    let rounds = store.rounds(&view.run_id)?;
+    let latest = rounds
+        .iter()
+        .rev()
+        .find(|r| r.round > 0 && r.metrics_json.is_some())
+        .map(round_metrics);
+    Ok(wire::RunStatus {
+        run_id: view.run_id,
+        phase: phase(view.phase) as i32,
+        status_reason: run.and_then(|r| r.status_reason).unwrap_or_default(),
+        total_rounds: view.total_rounds,
+        committed_round: view.committed_round,
+        current_round: view.current_round.unwrap_or(0),
+        deadline_unix_ms: view.deadline_ms.unwrap_or(0),
+        global_model_sha256: view.global_sha256,
+        sites: view
+            .sites
+            .into_iter()
+            .map(|s| wire::SiteProgress {
+                site_id: s.site_id,
+                state: live_state(s.state) as i32,
+                reason: s.reason.unwrap_or_default(),
+                epoch: s.epoch,
+                epochs: s.epochs,
+                bytes_done: s.bytes_done,
+                last_seen_unix_ms: s.last_seen_ms.unwrap_or(0),
+            })
+            .collect(),
+        latest,
+        sites_connected: view.sites_connected as u32,
+        now_unix_ms: now_ms,
+    })
+}
+
+/// Total rounds from a run's stored configuration (0 if it cannot be read).
+fn total_rounds(run: &RunRecord) -> u64 {
+    serde_json::from_str::<serde_json::Value>(&run.config_json)
+        .ok()
+        .and_then(|v| v["run"]["rounds"].as_u64())
+        .unwrap_or(0)
+}
+
+fn run_summary(engine: &RoundEngine, run: RunRecord) -> crate::Result<wire::RunSummary> {
+    let committed = engine
+        .store()
+        .rounds(&run.run_id)?
+        .iter()
+        .filter(|r| r.status == crate::store::RoundStatus::Committed)
+        .map(|r| r.round)
+        .max()
+        .unwrap_or(0);
+    Ok(wire::RunSummary {
+        total_rounds: total_rounds(&run),
+        committed_round: committed,
+        status: run.status.to_string(),
+        status_reason: run.status_reason.unwrap_or_default(),
+        strategy: run.strategy,
+        created_unix_ms: run.created_at_ms,
+        run_id: run.run_id,
+    })
+}
+
+fn rounds(engine: &RoundEngine, run_id: &str) -> crate::Result<wire::ListRoundsResponse> {
+    let store = engine.store();
+    let mut out = Vec::new();
+    for r in store.rounds(run_id)? {
+        let mut s = wire::RoundSummary {
+            round: r.round,
+            status: r.status.to_string(),
+            started_unix_ms: r.started_at_ms,
+            committed_unix_ms: r.committed_at_ms.unwrap_or(0),
+            model_sha256: r.model_sha256.clone().unwrap_or_default(),
+            failure_reason: r.failure_reason.clone().unwrap_or_default(),
+            metrics: Some(round_metrics(&r)),
+            ..Default::default()
+        };
+        for site in store.round_sites(run_id, r.round)? {
+            s.selected += u32::from(site.task_id.is_some());
+            match site.state {
+                SiteState::Selected => {}
+                SiteState::Uploaded => s.uploaded += 1,
+                SiteState::Late => s.late += 1,
+                SiteState::Dropped => s.dropped += 1,
+                SiteState::Rejected => s.rejected += 1,
+            }
+        }
+        out.push(s);
+    }
+    Ok(wire::ListRoundsResponse {
+        run_id: run_id.to_string(),
+        rounds: out,
+    })
+}
+
+fn sites(engine: &RoundEngine) -> crate::Result<wire::ListSitesResponse> {
+    let store = engine.store();
+    let counts = store.site_outcome_counts()?;
+    let sites = store
+        .sites()?
+        .into_iter()
+        .map(|s| {
+            let c = counts.get(&s.site_id).copied().unwrap_or_default();
+            wire::SiteSummary {
+                site_id: s.site_id,
+                first_seen_unix_ms: s.first_seen_ms,
+                last_seen_unix_ms: s.last_seen_ms,
+                rounds_contributed: c.uploaded,
+                rejected: c.rejected,
+                late: c.late,
+                dropped: c.dropped,
+            }
+        })
+        .collect();
+    Ok(wire::ListSitesResponse { sites })
+}
+
+#[tonic::async_trait]
+impl Admin for Coordinator {
+    async fn get_status(
+        &self,
+        _req: Request<wire::GetStatusRequest>,
+    ) -> Result<Response<wire::RunStatus>, Status> {
+        let s = self
+            .inspect(|e, now| status(e, now).map_err(|e| e.to_string()))
+            .await?;
+        Ok(Response::new(s))
+    }
+
+    async fn list_runs(
+        &self,
+        _req: Request<wire::ListRunsRequest>,
+    ) -> Result<Response<wire::ListRunsResponse>, Status> {
+        let runs = self
+            .inspect(|e, _| {
+                let runs = e.store().runs().map_err(|e| e.to_string())?;
+                runs.into_iter()
+                    .map(|r| run_summary(e, r).map_err(|e| e.to_string()))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        Ok(Response::new(wire::ListRunsResponse { runs }))
+    }
+
+    async fn list_rounds(
+        &self,
+        req: Request<wire::ListRoundsRequest>,
+    ) -> Result<Response<wire::ListRoundsResponse>, Status> {
+        let run_id = req.into_inner().run_id;
+        let known = self
+            .inspect(move |e, _| {
+                let id = if run_id.is_empty() {
+                    e.run_id().to_string()
+                } else {
+                    run_id
+                };
+                match e.store().run(&id).map_err(|e| e.to_string())? {
+                    None => Ok(Err(id)),
+                    Some(_) => rounds(e, &id).map(Ok).map_err(|e| e.to_string()),
+                }
+            })
+            .await?;
+        match known {
+            Ok(r) => Ok(Response::new(r)),
+            Err(id) => Err(Status::not_found(format!("no run named {id:?}"))),
+        }
+    }
+
+    async fn list_sites(
+        &self,
+        _req: Request<wire::ListSitesRequest>,
+    ) -> Result<Response<wire::ListSitesResponse>, Status> {
+        let s = self
+            .inspect(|e, _| sites(e).map_err(|e| e.to_string()))
+            .await?;
+        Ok(Response::new(s))
+    }
+}

@@ -1,0 +1,282 @@
+//! `fedflow.v1.Federation`: what partner sites call. Converts wire types to the engine's and
+//! back, and maps every [`Rejection`] to one gRPC status.
+
+use std::time::Duration;
+
+use fedflow_common::params::ParamSet;
+use fedflow_proto::transfer::{model_chunks, receive_update};
+use fedflow_proto::v1::federation_server::Federation;
+use fedflow_proto::v1::{
+    DownloadModelRequest, EnrolRequest, EnrolResponse, EvaluationReport, EvaluationReportResponse,
+    HeartbeatRequest, HeartbeatResponse, Metrics, ModelChunk, ModelRef, NextTaskRequest,
+    NextTaskResponse, NoTask, SiteState, Task, TaskKind as WireKind, TrainInstructions,
+    UpdateChunk, UploadUpdateResponse, next_task_response,
+};
+use prost::bytes::Bytes;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Command, Coordinator, OwnedEvaluation, OwnedHeartbeat, OwnedSubmission};
+use crate::metrics::{SiteReport, finite};
+use crate::round::{Accepted, Phase, Rejection, TaskKind, TaskTicket, WorkState};
+use crate::strategy::UpdateReport;
+
+/// The status a rejection travels as.
+fn rejection_status(r: &Rejection) -> Status {
+    let msg = r.to_string();
+    match r {
+        Rejection::Late(_) => Status::deadline_exceeded(msg),
+        Rejection::NotSelected(_) | Rejection::WrongTask => Status::permission_denied(msg),
+        Rejection::Conflicting => Status::already_exists(msg),
+        Rejection::Invalid(_) => Status::invalid_argument(msg),
+        Rejection::NoOpenRound
+        | Rejection::NoOpenEvaluation
+        | Rejection::WrongRound { .. }
+        | Rejection::Withdrawn
+        | Rejection::WrongBase { .. } => Status::failed_precondition(msg),
+    }
+}
+
+fn check_site_id(site: &str) -> Result<(), Status> {
+    let ok = !site.is_empty()
+        && site.len() <= 128
+        && site
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(
+            "site_id must be 1-128 characters of [A-Za-z0-9._-]",
+        ))
+    }
+}
+
+/// Longest a `NextTask` call is held open.
+const MAX_POLL: Duration = Duration::from_secs(30);
+/// How often a held `NextTask` call asks the engine again.
+const POLL_EVERY: Duration = Duration::from_millis(100);
+
+#[tonic::async_trait]
+impl Federation for Coordinator {
+    async fn enrol(&self, req: Request<EnrolRequest>) -> Result<Response<EnrolResponse>, Status> {
+        let req = req.into_inner();
+        check_site_id(&req.site_id)?;
+        let _ = self.tx.send(Command::Seen(req.site_id));
+        Ok(Response::new(EnrolResponse {
+            coordinator_version: env!("CARGO_PKG_VERSION").into(),
+            heartbeat_interval_ms: self.shared.heartbeat_interval_ms,
+            max_chunk_bytes: self.shared.cfg.transport.chunk_bytes as u64,
+        }))
+    }
+
+    async fn next_task(
+        &self,
+        req: Request<NextTaskRequest>,
+    ) -> Result<Response<NextTaskResponse>, Status> {
+        let req = req.into_inner();
+        check_site_id(&req.site_id)?;
+        let until =
+            tokio::time::Instant::now() + Duration::from_millis(req.wait_ms as u64).min(MAX_POLL);
+        loop {
+            let site = req.site_id.clone();
+            let (ticket, phase) = self.ask(|r| Command::Poll(site, r)).await?;
+            if let Some(t) = ticket {
+                return Ok(Response::new(NextTaskResponse {
+                    outcome: Some(next_task_response::Outcome::Task(
+                        self.task_message(&req.site_id, t),
+                    )),
+                }));
+            }
+            let finished = phase == Phase::Finished;
+            if finished || tokio::time::Instant::now() >= until {
+                let reason = match phase {
+                    Phase::Finished => "the run is finished",
+                    Phase::Paused => "the run is paused",
+                    Phase::Waiting => "waiting for enough sites to start the next round",
+                    Phase::Training => "this site is not in the current round",
+                    Phase::Evaluating => "this site is not in the current evaluation",
+                };
+                return Ok(Response::new(NextTaskResponse {
+                    outcome: Some(next_task_response::Outcome::NoTask(NoTask {
+                        reason: reason.into(),
+                        retry_after_ms: 500,
+                        run_finished: finished,
+                    })),
+                }));
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+
+    type DownloadModelStream = tokio_stream::Iter<std::vec::IntoIter<Result<ModelChunk, Status>>>;
+
+    async fn download_model(
+        &self,
+        req: Request<DownloadModelRequest>,
+    ) -> Result<Response<Self::DownloadModelStream>, Status> {
+        let req = req.into_inner();
+        check_site_id(&req.site_id)?;
+        let sha = req.sha256.clone();
+        let Some((round, bytes)) = self.ask(|r| Command::Model(sha, r)).await? else {
+            return Err(Status::not_found(
+                "no current model with that hash: the round has moved on, ask for a new task",
+            ));
+        };
+        if req.offset > bytes.len() as u64 {
+            return Err(Status::out_of_range("offset past the end of the model"));
+        }
+        let chunks = model_chunks(
+            &self.shared.cfg.run.name,
+            round,
+            &req.sha256,
+            &bytes,
+            req.offset,
+            self.shared.cfg.transport.chunk_bytes,
+        );
+        Ok(Response::new(tokio_stream::iter(
+            chunks.into_iter().map(Ok).collect::<Vec<_>>(),
+        )))
+    }
+
+    async fn upload_update(
+        &self,
+        req: Request<Streaming<UpdateChunk>>,
+    ) -> Result<Response<UploadUpdateResponse>, Status> {
+        let mut stream = req.into_inner();
+        let (h, bytes) = receive_update(
+            &mut stream,
+            self.shared.cfg.transport.max_model_bytes,
+            self.shared.cfg.transport.chunk_bytes,
+        )
+        .await?;
+        check_site_id(&h.site_id)?;
+        let delta = ParamSet::from_safetensors_bytes(&bytes)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let metrics = site_report(h.metrics.unwrap_or_default());
+        let submission = OwnedSubmission {
+            site_id: h.site_id,
+            round: h.round,
+            task_id: h.task_id,
+            nonce: h.nonce.to_vec(),
+            base_model_sha256: h.base_model_sha256,
+            delta,
+            delta_sha256: h.delta_sha256.clone(),
+            report: UpdateReport {
+                train_examples: metrics.train_examples,
+                claimed_weight: h.weight,
+            },
+            metrics,
+        };
+        match self
+            .ask(|r| Command::Submit(Box::new(submission), r))
+            .await?
+        {
+            Ok(accepted) => Ok(Response::new(UploadUpdateResponse {
+                delta_sha256: h.delta_sha256,
+                duplicate: accepted == Accepted::Duplicate,
+            })),
+            Err(rejection) => Err(rejection_status(&rejection)),
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        check_site_id(&req.site_id)?;
+        let work = match SiteState::try_from(req.state).unwrap_or(SiteState::Unspecified) {
+            SiteState::Unspecified | SiteState::Idle => WorkState::Idle,
+            SiteState::Downloading => WorkState::Downloading,
+            SiteState::Training => WorkState::Training,
+            SiteState::Uploading => WorkState::Uploading,
+            SiteState::Evaluating => WorkState::Evaluating,
+        };
+        let hb = OwnedHeartbeat {
+            site_id: req.site_id,
+            task_id: req.task_id,
+            work,
+            epoch: req.epoch,
+            epochs: req.epochs,
+            bytes_done: req.bytes_done,
+        };
+        let cancel_task = self.ask(|r| Command::Heartbeat(hb, r)).await?;
+        Ok(Response::new(HeartbeatResponse {
+            cancel_task,
+            next_heartbeat_ms: self.shared.heartbeat_interval_ms,
+        }))
+    }
+
+    async fn report_evaluation(
+        &self,
+        req: Request<EvaluationReport>,
+    ) -> Result<Response<EvaluationReportResponse>, Status> {
+        let req = req.into_inner();
+        check_site_id(&req.site_id)?;
+        let eval = OwnedEvaluation {
+            site_id: req.site_id,
+            round: req.round,
+            task_id: req.task_id,
+            nonce: req.nonce.to_vec(),
+            model_sha256: req.model_sha256,
+            metrics: site_report(req.metrics.unwrap_or_default()),
+        };
+        match self.ask(|r| Command::Evaluation(Box::new(eval), r)).await? {
+            Ok(accepted) => Ok(Response::new(EvaluationReportResponse {
+                duplicate: accepted == Accepted::Duplicate,
+            })),
+            Err(rejection) => Err(rejection_status(&rejection)),
+        }
+    }
+}
+
+/// Wire metrics to the engine's; NaN (not measured) becomes `None`.
+fn site_report(m: Metrics) -> SiteReport {
+    SiteReport {
+        train_examples: m.train_examples,
+        validation_examples: m.validation_examples,
+        train_loss: finite(m.train_loss),
+        validation_loss: finite(m.validation_loss),
+        validation_accuracy: finite(m.validation_accuracy),
+        validation_macro_f1: finite(m.validation_macro_f1),
+        epochs_run: m.epochs_run,
+        train_seconds: finite(m.train_seconds).unwrap_or(0.0),
+    }
+}
+
+impl Coordinator {
+    fn task_message(&self, site: &str, t: TaskTicket) -> Task {
+        let cfg = &self.shared.cfg;
+        let train = cfg.local_train_config(t.round, site);
+        Task {
+            task_id: t.task_id,
+            run_id: cfg.run.name.clone(),
+            round: t.round,
+            kind: match t.kind {
+                TaskKind::Train => WireKind::Train,
+                TaskKind::Evaluate => WireKind::Evaluate,
+            } as i32,
+            model: Some(ModelRef {
+                sha256: t.model_sha256,
+                size_bytes: 0,
+                model_config_json: self.shared.model_config_json.clone(),
+                vocab_sha256: self.shared.vocab_sha256.clone(),
+            }),
+            train: Some(TrainInstructions {
+                local_epochs: train.epochs as u32,
+                batch_size: train.batch_size as u32,
+                learning_rate: train.learning_rate,
+                optimizer: match train.optimizer {
+                    fedflow_common::train::OptimizerKind::Adamw => "adamw".into(),
+                    fedflow_common::train::OptimizerKind::Sgd => "sgd".into(),
+                },
+                weight_decay: train.weight_decay,
+                momentum: train.momentum,
+                fedprox_mu: train.fedprox_mu,
+                seed: train.seed,
+            }),
+            deadline_unix_ms: t.deadline_ms,
+            nonce: Bytes::from(t.nonce),
+        }
+    }
+}

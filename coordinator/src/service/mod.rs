@@ -1,0 +1,334 @@
+//! The coordinator's gRPC face: the `fedflow.v1.Federation` service (what partner sites
+//! call, in [`federation`]) and the `fedflow.v1.Admin` service (what operators call, in
+//! [`admin`]) over a [`RoundEngine`] owned by one thread.
+//!
+//! gRPC handlers are cheap clones of a [`Coordinator`] handle holding a channel sender; the
+//! engine lives on its own thread (it does blocking work: SQLite, fsync, aggregation), takes
+//! one command at a time, and ticks the clock when idle. Its loop must never panic or exit
+//! while handles exist: engine errors are logged and returned to the caller as `internal`.
+//! Wire types are converted in the two service modules and nowhere else.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fedflow_common::params::ParamSet;
+use prost::bytes::Bytes;
+use tokio::sync::oneshot;
+use tonic::Status;
+
+use crate::config::RunConfig;
+use crate::metrics::SiteReport;
+use crate::round::{
+    Accepted, EvaluationSubmission, Heartbeat, Phase, Rejection, RoundEngine, Submission,
+    TaskTicket, WorkState,
+};
+use crate::strategy::UpdateReport;
+
+pub mod admin;
+pub mod federation;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+/// A sent update, owned, on its way to the engine thread.
+struct OwnedSubmission {
+    site_id: String,
+    round: u64,
+    task_id: String,
+    nonce: Vec<u8>,
+    base_model_sha256: String,
+    delta: ParamSet,
+    delta_sha256: String,
+    report: UpdateReport,
+    metrics: SiteReport,
+}
+
+/// A sent evaluation report, owned.
+struct OwnedEvaluation {
+    site_id: String,
+    round: u64,
+    task_id: String,
+    nonce: Vec<u8>,
+    model_sha256: String,
+    metrics: SiteReport,
+}
+
+/// A heartbeat, owned.
+struct OwnedHeartbeat {
+    site_id: String,
+    task_id: String,
+    work: WorkState,
+    epoch: u32,
+    epochs: u32,
+    bytes_done: u64,
+}
+
+/// A consistent view of the run, for tests and embedders.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Where the run stands.
+    pub phase: Phase,
+    /// Last committed round.
+    pub committed_round: u64,
+    /// The open round, if any.
+    pub open_round: Option<u64>,
+    /// The current global model.
+    pub global: ParamSet,
+    /// Its SHA-256.
+    pub global_sha256: String,
+}
+
+/// Read-only work run on the engine thread (status views, database reads).
+type Inspection = Box<dyn FnOnce(&RoundEngine, i64) + Send>;
+
+enum Command {
+    Seen(String),
+    Heartbeat(OwnedHeartbeat, Reply<bool>),
+    Inspect(Inspection),
+    Poll(String, Reply<(Option<TaskTicket>, Phase)>),
+    Model(String, Reply<Option<(u64, Bytes)>>),
+    Submit(Box<OwnedSubmission>, Reply<Result<Accepted, Rejection>>),
+    Evaluation(Box<OwnedEvaluation>, Reply<Result<Accepted, Rejection>>),
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Seen(_) => "Seen",
+            Command::Heartbeat(..) => "Heartbeat",
+            Command::Inspect(_) => "Inspect",
+            Command::Poll(..) => "Poll",
+            Command::Model(..) => "Model",
+            Command::Submit(..) => "Submit",
+            Command::Evaluation(..) => "Evaluation",
+        })
+    }
+}
+
+/// Handle to the engine thread; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+/// What every task message repeats, worked out once at start rather than per task.
+#[derive(Debug)]
+struct Shared {
+    cfg: RunConfig,
+    model_config_json: String,
+    vocab_sha256: String,
+    heartbeat_interval_ms: u32,
+}
+
+/// How often the engine thread ticks when no command arrives.
+const TICK: Duration = Duration::from_millis(200);
+
+impl Coordinator {
+    /// Starts the engine thread. The thread ends when every handle is dropped. Fails if the
+    /// run's model config or vocabulary cannot be read.
+    pub fn spawn(engine: RoundEngine, cfg: RunConfig) -> crate::Result<Coordinator> {
+        let model_config_json = serde_json::to_string(&cfg.model_config()?)
+            .map_err(|e| crate::Error::Strategy(e.to_string()))?;
+        let vocab = fedflow_common::data::Vocab::load(&cfg.model.vocab)?;
+        let shared = Shared {
+            model_config_json,
+            vocab_sha256: fedflow_common::model::vocab_sha256(&vocab),
+            heartbeat_interval_ms: (cfg.rounds.heartbeat_timeout_secs * 1000 / 3).max(100) as u32,
+            cfg,
+        };
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("fedflow-rounds".into())
+            .spawn(move || engine_loop(engine, rx))
+            .expect("cannot start the round engine thread");
+        Ok(Coordinator {
+            tx,
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The run's current state.
+    pub async fn snapshot(&self) -> Result<Snapshot, Status> {
+        self.inspect(|engine, _| {
+            let (global, sha) = engine.global();
+            Ok(Snapshot {
+                phase: engine.phase(),
+                committed_round: engine.committed_round(),
+                open_round: engine.open_round(),
+                global: global.clone(),
+                global_sha256: sha.to_string(),
+            })
+        })
+        .await
+    }
+
+    /// Runs `f` on the engine thread with read access to the engine and the current time.
+    async fn inspect<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&RoundEngine, i64) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, Status> {
+        self.ask(|reply| {
+            Command::Inspect(Box::new(move |engine, now| {
+                let _ = reply.send(f(engine, now));
+            }))
+        })
+        .await
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?
+            .map_err(|e| Status::internal(format!("coordinator error: {e}")))
+    }
+}
+
+fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
+    let mut model_cache: Option<(String, u64, Bytes)> = None;
+    loop {
+        let cmd = match rx.recv_timeout(TICK) {
+            Ok(cmd) => Some(cmd),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let now = now_ms();
+        match cmd {
+            None => {}
+            Some(Command::Seen(site)) => {
+                if let Err(e) = engine.site_seen(&site, now) {
+                    tracing::error!(run = %engine.run_id(), "recording a site failed: {e}");
+                }
+            }
+            Some(Command::Heartbeat(hb, reply)) => {
+                let r = engine
+                    .heartbeat(
+                        Heartbeat {
+                            site_id: &hb.site_id,
+                            task_id: &hb.task_id,
+                            work: hb.work,
+                            epoch: hb.epoch,
+                            epochs: hb.epochs,
+                            bytes_done: hb.bytes_done,
+                        },
+                        now,
+                    )
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Some(Command::Inspect(f)) => f(&engine, now),
+            Some(Command::Poll(site, reply)) => {
+                let r = engine
+                    .poll_task(&site, now)
+                    .map(|t| (t, engine.phase()))
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Some(Command::Model(sha, reply)) => {
+                let (global, global_sha) = engine.global();
+                let r = if sha != global_sha {
+                    Ok(None)
+                } else {
+                    match &model_cache {
+                        Some((s, round, bytes)) if *s == sha => Ok(Some((*round, bytes.clone()))),
+                        _ => global
+                            .to_safetensors_bytes()
+                            .map_err(|e| e.to_string())
+                            .map(|b| {
+                                let bytes = Bytes::from(b);
+                                let round = engine.committed_round();
+                                model_cache = Some((sha.clone(), round, bytes.clone()));
+                                Some((round, bytes))
+                            }),
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Some(Command::Submit(s, reply)) => {
+                let r = engine
+                    .submit(
+                        Submission {
+                            site_id: &s.site_id,
+                            round: s.round,
+                            task_id: &s.task_id,
+                            nonce: &s.nonce,
+                            base_model_sha256: &s.base_model_sha256,
+                            delta: &s.delta,
+                            delta_sha256: &s.delta_sha256,
+                            report: s.report.clone(),
+                            metrics: s.metrics,
+                        },
+                        now,
+                    )
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Some(Command::Evaluation(s, reply)) => {
+                let r = engine
+                    .submit_evaluation(
+                        EvaluationSubmission {
+                            site_id: &s.site_id,
+                            round: s.round,
+                            task_id: &s.task_id,
+                            nonce: &s.nonce,
+                            model_sha256: &s.model_sha256,
+                            metrics: s.metrics,
+                        },
+                        now,
+                    )
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+        }
+        if let Err(e) = engine.tick(now_ms()) {
+            tracing::error!(run = %engine.run_id(), "round engine tick failed: {e}");
+        }
+    }
+}
+
+/// Serves the coordinator on `listener` until `shutdown` resolves: the `Federation` and
+/// `Admin` services with fedflow's message limits, standard gRPC health checking
+/// (`grpc.health.v1`, serving once the engine is running) and server reflection (so grpcurl
+/// and friends work).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    coordinator: Coordinator,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    use fedflow_proto::transfer::MAX_MESSAGE_BYTES;
+    use fedflow_proto::v1::admin_server::AdminServer;
+    use fedflow_proto::v1::federation_server::FederationServer;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<FederationServer<Coordinator>>().await;
+    health.set_serving::<AdminServer<Coordinator>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(fedflow_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("fedflow's descriptors are valid (they are generated at build time)");
+    let admin = AdminServer::new(coordinator.clone());
+    let federation = FederationServer::new(coordinator)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(admin)
+        .add_service(federation)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}
