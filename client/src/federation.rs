@@ -37,6 +37,10 @@ pub struct SiteOptions {
     pub poll_wait: Duration,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// When set, local training and evaluation first take a permit from this semaphore
+    /// (heartbeats go on while waiting). Simulations of many sites on one machine share one,
+    /// so sites take turns instead of all training at once.
+    pub work_permits: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl SiteOptions {
@@ -47,6 +51,7 @@ impl SiteOptions {
             site_id: site_id.into(),
             poll_wait: Duration::from_secs(10),
             max_backoff: Duration::from_secs(30),
+            work_permits: None,
         }
     }
 }
@@ -304,9 +309,26 @@ async fn with_heartbeats<T: Send + 'static>(
     progress: &Arc<std::sync::Mutex<Progress>>,
     work: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T, TaskError> {
-    let mut handle = tokio::task::spawn_blocking(work);
     let mut beat = tokio::time::interval(every);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let _permit = match &opts.work_permits {
+        None => None,
+        Some(permits) => {
+            let acquire = permits.clone().acquire_owned();
+            tokio::pin!(acquire);
+            loop {
+                tokio::select! {
+                    p = &mut acquire => break Some(p.map_err(|_| TaskError::Local(Error::Usage("the work permits were closed".into())))?),
+                    _ = beat.tick() => {
+                        if beat_once(client, opts, task, progress).await {
+                            return Err(withdrawn());
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let mut handle = tokio::task::spawn_blocking(work);
     loop {
         tokio::select! {
             r = &mut handle => {
@@ -315,25 +337,38 @@ async fn with_heartbeats<T: Send + 'static>(
                     .map_err(TaskError::Local);
             }
             _ = beat.tick() => {
-                let p = *progress.lock().expect("progress lock");
-                let reply = client.heartbeat(HeartbeatRequest {
-                    site_id: opts.site_id.clone(),
-                    task_id: task.task_id.clone(),
-                    state: p.state as i32,
-                    epoch: p.epoch,
-                    epochs: p.epochs,
-                    bytes_done: p.bytes_done,
-                }).await;
-                if let Ok(r) = reply
-                    && r.into_inner().cancel_task
-                {
-                    return Err(TaskError::Refused(
-                        "the coordinator withdrew the task (round closed or site dropped)".into(),
-                    ));
+                if beat_once(client, opts, task, progress).await {
+                    return Err(withdrawn());
                 }
             }
         }
     }
+}
+
+fn withdrawn() -> TaskError {
+    TaskError::Refused("the coordinator withdrew the task (round closed or site dropped)".into())
+}
+
+/// Sends one heartbeat with the current progress; returns whether the task was withdrawn.
+/// A failed heartbeat is not fatal (the upload will tell).
+async fn beat_once(
+    client: &mut FederationClient<Channel>,
+    opts: &SiteOptions,
+    task: &Task,
+    progress: &Arc<std::sync::Mutex<Progress>>,
+) -> bool {
+    let p = *progress.lock().expect("progress lock");
+    let reply = client
+        .heartbeat(HeartbeatRequest {
+            site_id: opts.site_id.clone(),
+            task_id: task.task_id.clone(),
+            state: p.state as i32,
+            epoch: p.epoch,
+            epochs: p.epochs,
+            bytes_done: p.bytes_done,
+        })
+        .await;
+    matches!(reply, Ok(r) if r.get_ref().cancel_task)
 }
 
 async fn run_task(

@@ -47,6 +47,29 @@ impl MetricsAccumulator {
         self.examples += truth.len();
     }
 
+    /// Adds metrics computed elsewhere (e.g. another site's split): their confusion matrix
+    /// and loss sum, so [`MetricsAccumulator::finish`] gives the metrics of the pooled
+    /// predictions. Fails if the class counts differ.
+    pub fn merge(&mut self, m: &EvalMetrics) -> crate::Result<()> {
+        if m.confusion.len() != self.confusion.len() {
+            return Err(crate::Error::Training(format!(
+                "cannot merge metrics over {} classes into {} classes",
+                m.confusion.len(),
+                self.confusion.len()
+            )));
+        }
+        for (row, other) in self.confusion.iter_mut().zip(&m.confusion) {
+            for (c, o) in row.iter_mut().zip(other) {
+                *c += o;
+            }
+        }
+        if m.examples > 0 {
+            self.loss_sum += m.loss * m.examples as f64;
+        }
+        self.examples += m.examples;
+        Ok(())
+    }
+
     /// Final metrics.
     pub fn finish(self) -> EvalMetrics {
         let k = self.confusion.len();
@@ -89,6 +112,28 @@ impl MetricsAccumulator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merged_metrics_equal_those_of_the_pooled_predictions() {
+        let mut a = MetricsAccumulator::new(3);
+        a.add(0.5, &[0, 1, 2], &[0, 1, 1]);
+        let mut b = MetricsAccumulator::new(3);
+        b.add(1.5, &[2, 2], &[2, 0]);
+        let mut pooled = MetricsAccumulator::new(3);
+        pooled.add(0.5, &[0, 1, 2], &[0, 1, 1]);
+        pooled.add(1.5, &[2, 2], &[2, 0]);
+        let mut merged = MetricsAccumulator::new(3);
+        merged.merge(&a.finish()).unwrap();
+        merged.merge(&b.finish()).unwrap();
+        let (m, p) = (merged.finish(), pooled.finish());
+        assert_eq!(m.confusion, p.confusion);
+        assert_eq!(
+            (m.examples, m.accuracy, m.macro_f1),
+            (p.examples, p.accuracy, p.macro_f1)
+        );
+        assert!((m.loss - p.loss).abs() < 1e-12);
+        assert!(MetricsAccumulator::new(2).merge(&p).is_err());
+    }
 
     #[test]
     fn macro_f1_matches_hand_computed_example() {

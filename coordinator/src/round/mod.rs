@@ -243,6 +243,8 @@ pub struct RoundEngine {
     eval: Option<evaluation::OpenEvaluation>,
     /// A committed round whose model must be evaluated before the run goes on.
     eval_due: Option<u64>,
+    /// The round closed last (its late updates are told they are late).
+    last_closed: Option<u64>,
     /// Consecutive quorum failures of the next round.
     failures: u32,
     /// Sites seen, with the time they were last heard from.
@@ -298,6 +300,7 @@ impl RoundEngine {
             open: None,
             eval: None,
             eval_due,
+            last_closed: None,
             failures: 0,
             last_seen: BTreeMap::new(),
             live: view::Live::default(),
@@ -452,6 +455,13 @@ impl RoundEngine {
         s: &Submission<'_>,
         now_ms: i64,
     ) -> Result<std::result::Result<Accepted, Rejection>> {
+        // An update for the round that just closed missed its deadline (or the round ended
+        // without it): say so rather than "no round is open".
+        if self.last_closed == Some(s.round)
+            && self.open.as_ref().is_none_or(|o| o.round != s.round)
+        {
+            return Ok(Err(Rejection::Late(s.round)));
+        }
         let Some(open) = self.open.as_mut() else {
             return Ok(Err(Rejection::NoOpenRound));
         };
@@ -562,6 +572,7 @@ impl RoundEngine {
             return Ok(());
         };
         let round = open.round;
+        self.last_closed = Some(round);
         for (site, task) in open.tasks.iter_mut() {
             if task.state == TaskState::Pending {
                 task.state = TaskState::Late;

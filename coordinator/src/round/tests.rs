@@ -297,7 +297,7 @@ fn a_silent_site_is_dropped_and_the_quorum_commits_without_it() {
         10,
         T0 + 32 * SEC,
     );
-    assert!(late.is_err());
+    assert_eq!(late, Err(Rejection::Late(1)));
 }
 
 #[test]

@@ -20,7 +20,7 @@ use tonic::Status;
 use crate::config::RunConfig;
 use crate::metrics::SiteReport;
 use crate::round::{
-    Accepted, EvaluationSubmission, Heartbeat, Phase, Rejection, RoundEngine, Submission,
+    Accepted, EvaluationSubmission, Heartbeat, Phase, Rejection, RoundEngine, RunView, Submission,
     TaskTicket, WorkState,
 };
 use crate::strategy::UpdateReport;
@@ -170,8 +170,15 @@ impl Coordinator {
         .await
     }
 
-    /// Runs `f` on the engine thread with read access to the engine and the current time.
-    async fn inspect<T: Send + 'static>(
+    /// Where the run stands, with each site's progress in the current round.
+    pub async fn view(&self) -> Result<RunView, Status> {
+        self.inspect(|engine, now| Ok(engine.view(now))).await
+    }
+
+    /// Runs `f` on the engine thread with read access to the engine (and through it the
+    /// store) and the current time, and returns its answer. `f` must be quick: the engine
+    /// does nothing else meanwhile.
+    pub async fn inspect<T: Send + 'static>(
         &self,
         f: impl FnOnce(&RoundEngine, i64) -> Result<T, String> + Send + 'static,
     ) -> Result<T, Status> {

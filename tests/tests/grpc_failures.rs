@@ -1,0 +1,353 @@
+//! What goes wrong, over real gRPC on loopback: bad updates are refused with a specific
+//! status and change nothing on disk, and a site killed mid-round does not stop the round
+//! when the quorum is met. Waits are on observable state (admin status), never on sleeps.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use fedflow_client::federation::{SiteOptions, run_site};
+use fedflow_client::site::SiteTrainer;
+use fedflow_common::data::{SiteDataset, Vocab};
+use fedflow_common::hash::sha256_hex;
+use fedflow_common::model::AttentionFlowModel;
+use fedflow_common::params::ParamSet;
+use fedflow_common::synth::{SynthConfig, generate};
+use fedflow_coordinator::config::RunConfig;
+use fedflow_coordinator::round::RoundEngine;
+use fedflow_coordinator::service::{Coordinator, serve};
+use fedflow_coordinator::store::Store;
+use fedflow_proto::transfer::{MAX_MESSAGE_BYTES, update_chunks};
+use fedflow_proto::v1::admin_client::AdminClient;
+use fedflow_proto::v1::federation_client::FederationClient;
+use fedflow_proto::v1::{
+    DownloadModelRequest, EnrolRequest, ListRoundsRequest, Metrics, NextTaskRequest, RoundSummary,
+    Task, UpdateHeader, next_task_response,
+};
+use prost::bytes::Bytes;
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Running {
+    addr: SocketAddr,
+    data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A coordinator serving on 127.0.0.1:0 with a tiny model; `extra` is appended to its TOML.
+async fn coordinator(vocab: &Vocab, extra: &str) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    vocab.save(dir.path().join("vocab.json")).unwrap();
+    let toml = format!(
+        "[run]\nname = \"t\"\nseed = 3\n\
+         [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\ndropout = 0.0\n\
+         [train]\nepochs = 1\nlearning_rate = 0.01\n{extra}"
+    );
+    let cfg = RunConfig::from_toml_str(&toml, dir.path()).unwrap();
+    let model = AttentionFlowModel::new(&cfg.model_config().unwrap(), &Device::Cpu, 1).unwrap();
+    let initial = ParamSet::from_varmap(model.varmap()).unwrap();
+    let data = dir.path().join("coordinator");
+    let engine = RoundEngine::open(Store::open(&data).unwrap(), cfg.clone(), initial).unwrap();
+    let coordinator = Coordinator::spawn(engine, cfg).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, coordinator, std::future::pending()));
+    Running {
+        addr,
+        data,
+        _dir: dir,
+    }
+}
+
+async fn federation_client(addr: SocketAddr) -> FederationClient<Channel> {
+    FederationClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Enrols `site` and long-polls until it gets a task.
+async fn task_for(c: &mut FederationClient<Channel>, site: &str) -> Task {
+    c.enrol(EnrolRequest {
+        site_id: site.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    loop {
+        let r = c
+            .next_task(NextTaskRequest {
+                site_id: site.into(),
+                wait_ms: 5_000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(next_task_response::Outcome::Task(t)) = r.outcome {
+            return t;
+        }
+    }
+}
+
+async fn download(c: &mut FederationClient<Channel>, site: &str, t: &Task) -> ParamSet {
+    let sha = t.model.as_ref().unwrap().sha256.clone();
+    let mut stream = c
+        .download_model(DownloadModelRequest {
+            site_id: site.into(),
+            task_id: t.task_id.clone(),
+            run_id: t.run_id.clone(),
+            round: t.round,
+            sha256: sha.clone(),
+            offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        bytes.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(sha256_hex(&bytes), sha);
+    ParamSet::from_safetensors_bytes(&bytes).unwrap()
+}
+
+/// Uploads `delta` for task `t`; `edit` may tamper with the header first.
+async fn upload(
+    c: &mut FederationClient<Channel>,
+    site: &str,
+    t: &Task,
+    delta: &ParamSet,
+    edit: impl FnOnce(&mut UpdateHeader),
+) -> Result<(), tonic::Status> {
+    let bytes = Bytes::from(delta.to_safetensors_bytes().unwrap());
+    let mut header = UpdateHeader {
+        site_id: site.into(),
+        task_id: t.task_id.clone(),
+        run_id: t.run_id.clone(),
+        round: t.round,
+        nonce: t.nonce.clone(),
+        base_model_sha256: t.model.as_ref().unwrap().sha256.clone(),
+        delta_sha256: sha256_hex(&bytes),
+        total_bytes: bytes.len() as u64,
+        weight: 10.0,
+        metrics: Some(Metrics {
+            train_examples: 10,
+            validation_examples: 2,
+            train_loss: 1.0,
+            validation_loss: 1.0,
+            validation_accuracy: 0.5,
+            validation_macro_f1: 0.4,
+            epochs_run: 1,
+            train_seconds: 0.1,
+        }),
+    };
+    edit(&mut header);
+    c.upload_update(tokio_stream::iter(update_chunks(header, &bytes, 64 * 1024)))
+        .await
+        .map(|_| ())
+}
+
+async fn round(addr: SocketAddr, n: u64) -> Option<RoundSummary> {
+    let mut admin = AdminClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    admin
+        .list_rounds(ListRoundsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .rounds
+        .into_iter()
+        .find(|r| r.round == n)
+}
+
+/// Polls the admin service until round `n` satisfies `done` (the state under test, not a
+/// timer, decides when the test goes on). Panics after a generous limit.
+async fn wait_for_round(addr: SocketAddr, n: u64, done: impl Fn(&RoundSummary) -> bool) {
+    for _ in 0..600 {
+        if round(addr, n).await.is_some_and(|r| done(&r)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("round {n} never reached the expected state");
+}
+
+fn checkpoint_files(data: &Path) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(data.join("checkpoints/t"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    files
+}
+
+fn tiny_vocab() -> Vocab {
+    Vocab::from_events(["open", "search", "click", "escalate"]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_updates_are_refused_with_specific_statuses_and_change_nothing() {
+    let vocab = tiny_vocab();
+    let c = coordinator(
+        &vocab,
+        "[sampling]\nmin_selected = 2\nmin_available = 2\n\
+         [rounds]\ndeadline_secs = 300\nmin_completed = 2\nheartbeat_timeout_secs = 120\n",
+    )
+    .await;
+    let mut a = federation_client(c.addr).await;
+    let mut b = federation_client(c.addr).await;
+    let (ta, tb) = tokio::join!(task_for(&mut a, "site-a"), task_for(&mut b, "site-b"));
+    let global = download(&mut a, "site-a", &ta).await;
+    let good = global.scale(0.01).unwrap();
+    let files_before = checkpoint_files(&c.data);
+
+    // Wrong tensor shape.
+    let mut tensors = good.clone().into_tensors();
+    tensors.insert(
+        "head.bias".into(),
+        Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let wrong_shape = ParamSet::from_tensors(tensors).unwrap();
+    let s = upload(&mut a, "site-a", &ta, &wrong_shape, |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("head.bias"), "{}", s.message());
+
+    // Non-finite values.
+    let mut tensors = good.clone().into_tensors();
+    tensors.insert(
+        "head.bias".into(),
+        Tensor::new(&[f32::NAN, 0.0, 0.0, 0.0, 0.0], &Device::Cpu).unwrap(),
+    );
+    let nan = ParamSet::from_tensors(tensors).unwrap();
+    let s = upload(&mut a, "site-a", &ta, &nan, |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+
+    // The bytes do not hash to what the header announces.
+    let s = upload(&mut a, "site-a", &ta, &good, |h| {
+        h.delta_sha256 = "0".repeat(64)
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(
+        s.message().contains("SHA-256") || s.message().contains("sha256"),
+        "{}",
+        s.message()
+    );
+
+    // The wrong round, a forged nonce, another site's task.
+    let s = upload(&mut a, "site-a", &ta, &good, |h| h.round = 7)
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(s.message().contains("round 7"), "{}", s.message());
+    let s = upload(&mut a, "site-a", &ta, &good, |h| {
+        h.nonce = Bytes::from_static(b"forged")
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    let s = upload(&mut a, "site-a", &tb, &good, |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+
+    // Nothing changed: no site uploaded, no checkpoint written.
+    let r1 = round(c.addr, 1).await.unwrap();
+    assert_eq!((r1.status.as_str(), r1.uploaded), ("open", 0));
+    assert_eq!(checkpoint_files(&c.data), files_before);
+
+    // The valid updates still go through, once each; a resend is a duplicate, a different
+    // update for the same task a conflict.
+    upload(&mut a, "site-a", &ta, &good, |_| {}).await.unwrap();
+    upload(&mut a, "site-a", &ta, &good, |_| {}).await.unwrap();
+    let other = global.scale(0.02).unwrap();
+    let s = upload(&mut a, "site-a", &ta, &other, |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::AlreadyExists, "{s:?}");
+    upload(&mut b, "site-b", &tb, &good, |_| {}).await.unwrap();
+    wait_for_round(c.addr, 1, |r| r.status == "committed").await;
+    let r1 = round(c.addr, 1).await.unwrap();
+    assert_eq!(r1.uploaded, 2);
+    assert_eq!(checkpoint_files(&c.data).len(), files_before.len() + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_after_the_deadline_is_refused_as_late() {
+    let vocab = tiny_vocab();
+    let c = coordinator(
+        &vocab,
+        "[sampling]\nmin_selected = 1\nmin_available = 1\n\
+         [rounds]\ndeadline_secs = 1\nmin_completed = 1\nheartbeat_timeout_secs = 60\n\
+         on_quorum_failure = \"pause\"\n",
+    )
+    .await;
+    let mut a = federation_client(c.addr).await;
+    let ta = task_for(&mut a, "site-a").await;
+    let global = download(&mut a, "site-a", &ta).await;
+    wait_for_round(c.addr, 1, |r| r.status == "failed").await;
+    let s = upload(&mut a, "site-a", &ta, &global.scale(0.01).unwrap(), |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
+    assert!(s.message().contains("deadline"), "{}", s.message());
+    let r1 = round(c.addr, 1).await.unwrap();
+    assert_eq!((r1.uploaded, r1.late), (0, 1));
+    assert_eq!(checkpoint_files(&c.data).len(), 1, "only the initial model");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_killed_mid_round_does_not_stop_the_round_when_the_quorum_is_met() {
+    let fed = generate(&SynthConfig {
+        sites: 3,
+        total_sessions: 600,
+        min_site_sessions: 150,
+        seed: 9,
+        ..SynthConfig::default()
+    })
+    .unwrap();
+    let vocab = Vocab::from_events(fed.event_names.iter().cloned()).unwrap();
+    let c = coordinator(
+        &vocab,
+        "[run]\nrounds = 1\n\
+         [sampling]\nmin_selected = 3\nmin_available = 3\n\
+         [rounds]\ndeadline_secs = 300\nmin_completed = 2\nheartbeat_timeout_secs = 2\n",
+    )
+    .await;
+    let mut handles = Vec::new();
+    for (i, s) in fed.sites.iter().enumerate() {
+        let ds = SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap();
+        let trainer = Arc::new(SiteTrainer::new(ds, &vocab, Device::Cpu));
+        let mut o = SiteOptions::new(format!("http://{}", c.addr), format!("site-{i}"));
+        o.poll_wait = Duration::from_secs(1);
+        if i == 2 {
+            // This site never gets to train: it waits for a permit (heartbeating) until it
+            // is killed below, mid-round.
+            o.work_permits = Some(Arc::new(tokio::sync::Semaphore::new(0)));
+        }
+        handles.push(tokio::spawn(run_site(o, trainer)));
+    }
+    // Once the other two have uploaded, kill site-2 (its task is pending).
+    wait_for_round(c.addr, 1, |r| r.uploaded == 2).await;
+    let r1 = round(c.addr, 1).await.unwrap();
+    assert_eq!(r1.status, "open", "site-2 still holds the round open");
+    handles.pop().unwrap().abort();
+
+    // Its heartbeats stop; the coordinator drops it and commits with the quorum of two.
+    wait_for_round(c.addr, 1, |r| r.status == "committed").await;
+    let r1 = round(c.addr, 1).await.unwrap();
+    assert_eq!((r1.selected, r1.uploaded, r1.dropped), (3, 2, 1));
+    for h in handles {
+        let summary = h.await.unwrap().unwrap();
+        assert_eq!(summary.rounds_contributed, [1]);
+    }
+}
