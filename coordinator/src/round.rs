@@ -120,13 +120,29 @@ pub struct Submission<'a> {
     /// SHA-256 of the model the delta was computed against.
     pub base_model_sha256: &'a str,
     /// The delta.
-    pub delta: &'a ParamSet,
+    pub delta: DeltaSource<'a>,
     /// SHA-256 of the delta's bytes.
     pub delta_sha256: &'a str,
     /// Example count and claimed weight.
     pub report: UpdateReport,
     /// The site's metrics, as JSON.
     pub metrics_json: Option<String>,
+}
+
+/// Where a submitted delta is.
+#[derive(Debug, Clone, Copy)]
+pub enum DeltaSource<'a> {
+    /// Parsed, in memory.
+    Params(&'a ParamSet),
+    /// A safetensors file (an upload spilled to disk), folded in tensor by tensor without
+    /// loading it whole.
+    File(&'a std::path::Path),
+}
+
+impl<'a> From<&'a ParamSet> for DeltaSource<'a> {
+    fn from(p: &'a ParamSet) -> Self {
+        DeltaSource::Params(p)
+    }
 }
 
 #[derive(Debug)]
@@ -382,7 +398,11 @@ impl RoundEngine {
         };
         // The accumulator validates names, shapes, dtype, finiteness and the weight before it
         // changes anything.
-        if let Err(e) = open.acc.add(s.delta, weight) {
+        let added = match s.delta {
+            DeltaSource::Params(p) => open.acc.add(p, weight),
+            DeltaSource::File(path) => open.acc.add_safetensors_file(path, weight),
+        };
+        if let Err(e) = added {
             return Ok(Err(Rejection::Invalid(e.to_string())));
         }
         task.state = TaskState::Uploaded {
@@ -501,6 +521,8 @@ impl RoundEngine {
         let completed = open.completed;
         let mean = open.acc.finish()?;
         let next = self.strategy.aggregate_train(round, &self.global, &mean)?;
+        // Not needed any more: free it before the commit serialises `next`.
+        drop(mean);
         let metrics =
             serde_json::json!({ "completed": completed, "closed_because": why }).to_string();
         let sha = self.store.commit_round(

@@ -7,12 +7,14 @@
 //! while handles exist: engine errors are logged and returned to the caller as `internal`.
 //! Wire types are converted here and nowhere else.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedflow_common::params::ParamSet;
-use fedflow_proto::transfer::{model_chunks, receive_update};
+use fedflow_proto::transfer::receive_update_into;
 use fedflow_proto::v1::federation_server::Federation;
 use fedflow_proto::v1::{
     DownloadModelRequest, EnrolRequest, EnrolResponse, HeartbeatRequest, HeartbeatResponse,
@@ -20,11 +22,13 @@ use fedflow_proto::v1::{
     TrainInstructions, UpdateChunk, UploadUpdateResponse, next_task_response,
 };
 use prost::bytes::Bytes;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::RunConfig;
-use crate::round::{Accepted, Phase, Rejection, RoundEngine, Submission, TaskTicket};
+use crate::round::{
+    Accepted, DeltaSource, Phase, Rejection, RoundEngine, Submission, TaskTicket,
+};
 use crate::strategy::UpdateReport;
 
 /// Milliseconds since the Unix epoch.
@@ -43,7 +47,8 @@ struct OwnedSubmission {
     task_id: String,
     nonce: Vec<u8>,
     base_model_sha256: String,
-    delta: ParamSet,
+    /// The spilled upload; the handler removes it once the engine has answered.
+    delta_path: PathBuf,
     delta_sha256: String,
     report: UpdateReport,
     metrics_json: Option<String>,
@@ -68,7 +73,7 @@ enum Command {
     Seen(String),
     Snapshot(Reply<Snapshot>),
     Poll(String, Reply<(Option<TaskTicket>, Phase)>),
-    Model(String, Reply<Option<(u64, Bytes)>>),
+    Model(String, Reply<Option<(u64, PathBuf)>>),
     Submit(Box<OwnedSubmission>, Reply<Result<Accepted, Rejection>>),
 }
 
@@ -86,6 +91,64 @@ struct Shared {
     model_config_json: String,
     vocab_sha256: String,
     heartbeat_interval_ms: u32,
+    /// Where uploads spill while they arrive (`<data>/incoming`).
+    incoming: PathBuf,
+    /// Model downloads streaming at once.
+    downloads: Arc<Semaphore>,
+    /// Uploads being received at once.
+    uploads: Semaphore,
+}
+
+/// How many model downloads, and separately how many uploads, are in flight at once. Each
+/// holds a few chunks in transport buffers, so this bounds the coordinator's transfer memory
+/// whatever the number of sites; the others wait their turn (a few fast transfers saturate
+/// a machine's cores and disk anyway).
+pub const TRANSFER_SLOTS: usize = 8;
+
+/// Distinguishes spill files within a process.
+static SPILL_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// An upload's spill file in `<data>/incoming`, removed when dropped: after the engine has
+/// answered, and on every error path.
+#[derive(Debug)]
+struct SpillFile {
+    path: PathBuf,
+}
+
+impl SpillFile {
+    fn create(dir: &Path) -> std::io::Result<(SpillFile, std::fs::File)> {
+        let n = SPILL_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("upload-{n}.part"));
+        let file = std::fs::File::create_new(&path)?;
+        Ok((SpillFile { path }, file))
+    }
+}
+
+impl Drop for SpillFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("cannot remove spill file {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Empties (or creates) the spill directory: files there are uploads a previous process was
+/// receiving when it stopped, never accepted.
+fn reset_incoming(dir: &Path) -> crate::Result<()> {
+    let fail = |e: std::io::Error| {
+        crate::Error::Store(format!(
+            "cannot prepare the upload spill directory {}: {e}",
+            dir.display()
+        ))
+    };
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e)),
+    }
+    std::fs::create_dir_all(dir).map_err(fail)
 }
 
 impl std::fmt::Debug for Command {
@@ -100,6 +163,9 @@ impl std::fmt::Debug for Command {
     }
 }
 
+/// The data directory's spill folder for uploads being received.
+pub const INCOMING_DIR: &str = "incoming";
+
 /// How often the engine thread ticks when no command arrives.
 const TICK: Duration = Duration::from_millis(200);
 
@@ -110,7 +176,12 @@ impl Coordinator {
         let model_config_json = serde_json::to_string(&cfg.model_config()?)
             .map_err(|e| crate::Error::Strategy(e.to_string()))?;
         let vocab = fedflow_common::data::Vocab::load(&cfg.model.vocab)?;
+        let incoming = engine.store().dir().join(INCOMING_DIR);
+        reset_incoming(&incoming)?;
         let shared = Shared {
+            incoming,
+            downloads: Arc::new(Semaphore::new(TRANSFER_SLOTS)),
+            uploads: Semaphore::new(TRANSFER_SLOTS),
             model_config_json,
             vocab_sha256: fedflow_common::model::vocab_sha256(&vocab),
             heartbeat_interval_ms: (cfg.rounds.heartbeat_timeout_secs * 1000 / 3).max(100) as u32,
@@ -144,7 +215,6 @@ impl Coordinator {
 }
 
 fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
-    let mut model_cache: Option<(String, u64, Bytes)> = None;
     loop {
         let cmd = match rx.recv_timeout(TICK) {
             Ok(cmd) => Some(cmd),
@@ -177,24 +247,16 @@ fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
                 let _ = reply.send(r);
             }
             Some(Command::Model(sha, reply)) => {
-                let (global, global_sha) = engine.global();
-                let r = if sha != global_sha {
-                    Ok(None)
-                } else {
-                    match &model_cache {
-                        Some((s, round, bytes)) if *s == sha => Ok(Some((*round, bytes.clone()))),
-                        _ => global
-                            .to_safetensors_bytes()
-                            .map_err(|e| e.to_string())
-                            .map(|b| {
-                                let bytes = Bytes::from(b);
-                                let round = engine.committed_round();
-                                model_cache = Some((sha.clone(), round, bytes.clone()));
-                                Some((round, bytes))
-                            }),
-                    }
-                };
-                let _ = reply.send(r);
+                // The committed checkpoint file holds exactly the bytes the model hash is
+                // taken of, so it is served as is.
+                let r = (sha == engine.global().1).then(|| {
+                    let round = engine.committed_round();
+                    (
+                        round,
+                        engine.store().model_checkpoint_path(engine.run_id(), round),
+                    )
+                });
+                let _ = reply.send(Ok(r));
             }
             Some(Command::Submit(s, reply)) => {
                 let r = engine
@@ -205,7 +267,7 @@ fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
                             task_id: &s.task_id,
                             nonce: &s.nonce,
                             base_model_sha256: &s.base_model_sha256,
-                            delta: &s.delta,
+                            delta: DeltaSource::File(&s.delta_path),
                             delta_sha256: &s.delta_sha256,
                             report: s.report.clone(),
                             metrics_json: s.metrics_json.clone(),
@@ -218,6 +280,61 @@ fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
         }
         if let Err(e) = engine.tick(now_ms()) {
             tracing::error!(run = %engine.run_id(), "round engine tick failed: {e}");
+        }
+    }
+}
+
+/// Streams a model file as `DownloadModel` chunks (laid out like `header`, starting at its
+/// offset) into `tx`, one chunk read at a time, once one of the download slots is free.
+/// Gives up when the receiver goes away or stops reading for `stall`.
+async fn stream_model(
+    file: std::fs::File,
+    header: ModelChunk,
+    chunk_bytes: usize,
+    slots: Arc<Semaphore>,
+    stall: Duration,
+    tx: tokio::sync::mpsc::Sender<Result<ModelChunk, Status>>,
+) {
+    let Ok(_slot) = slots.acquire_owned().await else {
+        return;
+    };
+    let total = header.total_bytes;
+    let mut offset = header.offset;
+    let mut file = Some(file);
+    loop {
+        let n = (chunk_bytes.max(1) as u64).min(total - offset) as usize;
+        let Some(f) = file.take() else { return };
+        let read = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = f;
+            let mut buf = vec![0u8; n];
+            let r = f
+                .seek(SeekFrom::Start(offset))
+                .and_then(|_| f.read_exact(&mut buf));
+            (f, r.map(|()| buf))
+        })
+        .await;
+        let msg = match read {
+            Ok((f, Ok(buf))) => {
+                file = Some(f);
+                Ok(ModelChunk {
+                    offset,
+                    data: Bytes::from(buf),
+                    ..header.clone()
+                })
+            }
+            Ok((_, Err(e))) => Err(Status::internal(format!("cannot read the model: {e}"))),
+            Err(e) => Err(Status::internal(format!("cannot read the model: {e}"))),
+        };
+        let failed = msg.is_err();
+        match tokio::time::timeout(stall, tx.send(msg)).await {
+            Ok(Ok(())) => {}
+            // The site went away, or stopped reading: free the slot.
+            Ok(Err(_)) | Err(_) => return,
+        }
+        offset += n as u64;
+        if failed || offset >= total {
+            return;
         }
     }
 }
@@ -308,7 +425,7 @@ impl Federation for Coordinator {
         }
     }
 
-    type DownloadModelStream = tokio_stream::Iter<std::vec::IntoIter<Result<ModelChunk, Status>>>;
+    type DownloadModelStream = tokio_stream::wrappers::ReceiverStream<Result<ModelChunk, Status>>;
 
     async fn download_model(
         &self,
@@ -317,24 +434,40 @@ impl Federation for Coordinator {
         let req = req.into_inner();
         check_site_id(&req.site_id)?;
         let sha = req.sha256.clone();
-        let Some((round, bytes)) = self.ask(|r| Command::Model(sha, r)).await? else {
+        let Some((round, path)) = self.ask(|r| Command::Model(sha, r)).await? else {
             return Err(Status::not_found(
                 "no current model with that hash: the round has moved on, ask for a new task",
             ));
         };
-        if req.offset > bytes.len() as u64 {
+        let file = std::fs::File::open(&path).map_err(|e| {
+            Status::internal(format!("cannot open the model checkpoint {}: {e}", path.display()))
+        })?;
+        let total = file
+            .metadata()
+            .map_err(|e| Status::internal(format!("cannot read {}: {e}", path.display())))?
+            .len();
+        if req.offset > total {
             return Err(Status::out_of_range("offset past the end of the model"));
         }
-        let chunks = model_chunks(
-            &self.shared.cfg.run.name,
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let header = ModelChunk {
+            run_id: self.shared.cfg.run.name.clone(),
             round,
-            &req.sha256,
-            &bytes,
-            req.offset,
+            sha256: req.sha256,
+            total_bytes: total,
+            offset: req.offset,
+            data: Bytes::new(),
+        };
+        tokio::spawn(stream_model(
+            file,
+            header,
             self.shared.cfg.transport.chunk_bytes,
-        );
-        Ok(Response::new(tokio_stream::iter(
-            chunks.into_iter().map(Ok).collect::<Vec<_>>(),
+            self.shared.downloads.clone(),
+            Duration::from_secs(self.shared.cfg.rounds.heartbeat_timeout_secs),
+            tx,
+        ));
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
         )))
     }
 
@@ -343,15 +476,36 @@ impl Federation for Coordinator {
         req: Request<Streaming<UpdateChunk>>,
     ) -> Result<Response<UploadUpdateResponse>, Status> {
         let mut stream = req.into_inner();
-        let (h, bytes) = receive_update(
-            &mut stream,
-            self.shared.cfg.transport.max_model_bytes,
-            self.shared.cfg.transport.chunk_bytes,
+        let _slot = self
+            .shared
+            .uploads
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        let (spill, file) = SpillFile::create(&self.shared.incoming).map_err(|e| {
+            Status::internal(format!(
+                "cannot spill the upload to {}: {e}",
+                self.shared.incoming.display()
+            ))
+        })?;
+        // The update goes to disk as it arrives (hashed and size-checked on the way) and the
+        // engine folds it in from there, so no upload is ever held in memory whole. An upload
+        // still arriving after the round's deadline is useless: stop waiting for it then.
+        let limit = Duration::from_secs(self.shared.cfg.rounds.deadline_secs);
+        let received = tokio::time::timeout(
+            limit,
+            receive_update_into(
+                &mut stream,
+                file,
+                self.shared.cfg.transport.max_model_bytes,
+                self.shared.cfg.transport.chunk_bytes,
+            ),
         )
-        .await?;
+        .await
+        .map_err(|_| Status::deadline_exceeded("the upload took longer than the round deadline"))?;
+        let (h, file) = received?;
+        drop(file);
         check_site_id(&h.site_id)?;
-        let delta = ParamSet::from_safetensors_bytes(&bytes)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let metrics = h.metrics.unwrap_or_default();
         let metrics_json = serde_json::json!({
             "train_examples": metrics.train_examples,
@@ -370,7 +524,7 @@ impl Federation for Coordinator {
             task_id: h.task_id,
             nonce: h.nonce.to_vec(),
             base_model_sha256: h.base_model_sha256,
-            delta,
+            delta_path: spill.path.clone(),
             delta_sha256: h.delta_sha256.clone(),
             report: UpdateReport {
                 train_examples: metrics.train_examples,

@@ -87,7 +87,7 @@ fn submit(
             task_id: &t.task_id,
             nonce: &t.nonce,
             base_model_sha256: &base,
-            delta: &u.delta,
+            delta: (&u.delta).into(),
             delta_sha256: &u.sha,
             report: UpdateReport {
                 train_examples: examples,
@@ -169,7 +169,7 @@ fn every_bad_update_is_rejected_and_changes_nothing() {
                 task_id: task,
                 nonce,
                 base_model_sha256: base,
-                delta: &u.delta,
+                delta: (&u.delta).into(),
                 delta_sha256: &u.sha,
                 report: UpdateReport {
                     train_examples: 5,
