@@ -27,6 +27,9 @@ use crate::store::{RunStatus, SiteOutcome, SiteState, Store};
 use crate::strategy::{Strategy, UpdateReport};
 use crate::{Error, Result};
 
+/// How stale a site's `last_seen` in the database may be (milliseconds).
+const SEEN_PERSIST_MS: i64 = 5_000;
+
 /// Where the run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -200,6 +203,8 @@ impl RoundEngine {
                 serde_json::to_string(&cfg).map_err(|e| Error::Strategy(e.to_string()))?;
             store.create_run(&run_id, &config_json, strategy.name(), &initial)?;
         }
+        // The model is read back from its checkpoint below; don't hold two copies.
+        drop(initial);
         let resume = store.resume_point(&run_id)?;
         strategy.restore_state(resume.strategy_state);
         let status = store.run(&run_id)?.map(|r| r.status);
@@ -265,7 +270,13 @@ impl RoundEngine {
 
     /// Records that `site` was heard from (enrolment, poll, heartbeat).
     pub fn site_seen(&mut self, site: &str, now_ms: i64) -> Result<()> {
-        self.last_seen.insert(site.to_string(), now_ms);
+        let previous = self.last_seen.insert(site.to_string(), now_ms);
+        // Liveness uses the in-memory map; the database copy is for status displays. Writing
+        // it on every poll would cost one durable transaction per poll (ten a second per
+        // waiting site), so it is refreshed once per SEEN_PERSIST_MS window at most.
+        if previous.is_some_and(|p| p / SEEN_PERSIST_MS == now_ms / SEEN_PERSIST_MS) {
+            return Ok(());
+        }
         self.store.touch_site(site, now_ms)
     }
 
