@@ -360,8 +360,7 @@ async fn run_task<W: SiteWork>(
     // Train on a blocking thread; heartbeat while it runs.
     let t = trainer.clone();
     let spec2 = spec.clone();
-    let mut training =
-        tokio::task::spawn_blocking(move || t.train(&spec2, global));
+    let mut training = tokio::task::spawn_blocking(move || t.train(&spec2, global));
     let mut beat = tokio::time::interval(Duration::from_secs(2));
     let outcome = loop {
         tokio::select! {

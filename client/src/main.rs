@@ -434,10 +434,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Join(a) if a.trainer == TrainerKind::Noop => {
-            println!("site {}: no-op trainer; joining {}", a.site_id, a.coordinator);
-            let trainer = std::sync::Arc::new(fedflow_client::noop::NoopTrainer::new(
-                a.noop_examples,
-            ));
+            println!(
+                "site {}: no-op trainer; joining {}",
+                a.site_id, a.coordinator
+            );
+            let trainer =
+                std::sync::Arc::new(fedflow_client::noop::NoopTrainer::new(a.noop_examples));
             let opts = SiteOptions::new(a.coordinator, a.site_id);
             let summary = tokio::runtime::Runtime::new()?.block_on(run_site(opts, trainer))?;
             println!(

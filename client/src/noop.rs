@@ -34,7 +34,13 @@ pub fn noop_delta(spec: &ParamSpec) -> Result<ParamSet> {
             .map(|i| NOOP_DELTA_SCALE * ((i % 13) as f32 - 6.0) / 6.0)
             .collect();
         let tensor = Tensor::from_vec(values, t.shape.as_slice(), &Device::Cpu)
-            .and_then(|x| if t.dtype == DType::F32 { Ok(x) } else { x.to_dtype(t.dtype) })
+            .and_then(|x| {
+                if t.dtype == DType::F32 {
+                    Ok(x)
+                } else {
+                    x.to_dtype(t.dtype)
+                }
+            })
             .map_err(fedflow_common::Error::from)?;
         tensors.insert(name.to_string(), tensor);
     }

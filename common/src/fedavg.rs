@@ -679,7 +679,11 @@ mod tests {
         std::fs::write(&garbage, b"not a safetensors file at all").unwrap();
         for bad in [&truncated, &padded, &garbage] {
             let err = acc.add_safetensors_file(bad, 1.0).unwrap_err();
-            assert!(matches!(err, Error::Safetensors(_)), "{}: {err}", bad.display());
+            assert!(
+                matches!(err, Error::Safetensors(_)),
+                "{}: {err}",
+                bad.display()
+            );
         }
 
         let good = saved(&dir, "good2.safetensors", &deltas[1]);

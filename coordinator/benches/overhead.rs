@@ -215,10 +215,7 @@ fn run_case(
         })
         .collect();
     if round_seconds.len() != rounds {
-        bail!(
-            "{} of {rounds} rounds were committed",
-            round_seconds.len()
-        );
+        bail!("{} of {rounds} rounds were committed", round_seconds.len());
     }
     let checkpoint = store.model_checkpoint_path("bench", 0);
     let model_bytes = std::fs::metadata(&checkpoint)?.len();
@@ -244,7 +241,11 @@ where
     T::Err: std::fmt::Display,
 {
     s.split(',')
-        .map(|x| x.trim().parse::<T>().map_err(|e| anyhow::anyhow!("`{x}`: {e}")))
+        .map(|x| {
+            x.trim()
+                .parse::<T>()
+                .map_err(|e| anyhow::anyhow!("`{x}`: {e}"))
+        })
         .collect()
 }
 
@@ -278,7 +279,11 @@ fn main() -> Result<()> {
                 .with_context(|| format!("case {n} sites, model {model}"))?;
             if !json {
                 let mb = |b: u64| b as f64 / 1e6;
-                let min = r.round_seconds.iter().copied().fold(f64::INFINITY, f64::min);
+                let min = r
+                    .round_seconds
+                    .iter()
+                    .copied()
+                    .fold(f64::INFINITY, f64::min);
                 let max = r.round_seconds.iter().copied().fold(0.0, f64::max);
                 println!(
                     "| {} | {} | {} | {:.1} | {} | {:.2} | {:.2}–{:.2} | {:.0} ({:.0}) | {:.0} | {:.2} |",

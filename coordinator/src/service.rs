@@ -26,9 +26,7 @@ use tokio::sync::{Semaphore, oneshot};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::RunConfig;
-use crate::round::{
-    Accepted, DeltaSource, Phase, Rejection, RoundEngine, Submission, TaskTicket,
-};
+use crate::round::{Accepted, DeltaSource, Phase, Rejection, RoundEngine, Submission, TaskTicket};
 use crate::strategy::UpdateReport;
 
 /// Milliseconds since the Unix epoch.
@@ -440,7 +438,10 @@ impl Federation for Coordinator {
             ));
         };
         let file = std::fs::File::open(&path).map_err(|e| {
-            Status::internal(format!("cannot open the model checkpoint {}: {e}", path.display()))
+            Status::internal(format!(
+                "cannot open the model checkpoint {}: {e}",
+                path.display()
+            ))
         })?;
         let total = file
             .metadata()
