@@ -87,7 +87,7 @@ impl FedAvgAccumulator {
     }
 
     /// Adds `weight · delta` where `delta` is the safetensors file at `path`, streaming it
-    /// tensor by tensor through one reusable buffer of [`READ_BLOCK`] bytes instead of
+    /// tensor by tensor through one reusable buffer (1 MiB) instead of
     /// loading it, so an update never exists in memory as a whole.
     ///
     /// Same checks and same result as [`FedAvgAccumulator::add`] of the parsed file (bit for
