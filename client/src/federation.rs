@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedflow_common::model::ModelConfig;
-use fedflow_common::train::{OptimizerKind, TrainConfig};
+use fedflow_common::train::{EpochReport, OptimizerKind, TrainConfig};
 use fedflow_proto::transfer::{Assembler, MAX_MESSAGE_BYTES, update_chunks};
 use fedflow_proto::v1::federation_client::FederationClient;
 use fedflow_proto::v1::{
@@ -25,6 +25,126 @@ use tonic::transport::Channel;
 
 use crate::site::{SiteMetrics, SiteTrainer, TaskSpec};
 use crate::{Error, Result};
+
+/// What a site does with a training task, as [`run_site`] needs it: the real
+/// [`SiteTrainer`], or the [`NoopTrainer`](crate::noop::NoopTrainer) that measures the
+/// coordinator apart from training.
+pub trait SiteWork: Send + Sync + 'static {
+    /// SHA-256 of the vocabulary the site's data is encoded with (sent at enrolment).
+    fn vocab_sha256(&self) -> &str;
+
+    /// Where the downloaded global model goes (it is hashed against the task's SHA-256
+    /// either way): kept whole by default.
+    fn model_buffer(&self) -> ModelBuffer {
+        ModelBuffer::Whole(Vec::new())
+    }
+
+    /// Runs a training task on the verified global model, calling `on_epoch` after each
+    /// local epoch. Called on a blocking thread.
+    fn train(
+        &self,
+        task: &TaskSpec,
+        model: ModelBuffer,
+        on_epoch: &mut dyn FnMut(&EpochReport),
+    ) -> Result<Update>;
+
+    /// Evaluates the verified global model on the site's validation split. Called on a
+    /// blocking thread.
+    fn evaluate(&self, task: &TaskSpec, model: ModelBuffer) -> Result<SiteMetrics>;
+}
+
+/// The update a [`SiteWork`] returns for upload.
+#[derive(Debug, Clone)]
+pub struct Update {
+    /// The delta's safetensors bytes.
+    pub bytes: Bytes,
+    /// Their SHA-256 (hex).
+    pub sha256: String,
+    /// The metrics to report.
+    pub metrics: SiteMetrics,
+}
+
+impl SiteWork for SiteTrainer {
+    fn vocab_sha256(&self) -> &str {
+        SiteTrainer::vocab_sha256(self)
+    }
+
+    fn train(
+        &self,
+        task: &TaskSpec,
+        model: ModelBuffer,
+        on_epoch: &mut dyn FnMut(&EpochReport),
+    ) -> Result<Update> {
+        let outcome = self.train_task(task, model.bytes(), on_epoch)?;
+        Ok(Update {
+            bytes: Bytes::from(outcome.delta_bytes),
+            sha256: outcome.delta_sha256,
+            metrics: outcome.metrics,
+        })
+    }
+
+    fn evaluate(&self, task: &TaskSpec, model: ModelBuffer) -> Result<SiteMetrics> {
+        self.evaluate_task(task, model.bytes())
+    }
+}
+
+/// Largest safetensors header [`ModelBuffer::HeaderOnly`] keeps.
+const MAX_KEPT_HEADER: u64 = 100_000_000;
+
+/// A downloaded global model as a site keeps it.
+#[derive(Debug)]
+pub enum ModelBuffer {
+    /// All of its bytes.
+    Whole(Vec<u8>),
+    /// Only the safetensors length prefix and JSON header (names, shapes, dtypes); the
+    /// tensor data is dropped as it arrives.
+    HeaderOnly(Vec<u8>),
+}
+
+impl ModelBuffer {
+    /// A buffer keeping only the safetensors header.
+    pub fn header_only() -> Self {
+        ModelBuffer::HeaderOnly(Vec::new())
+    }
+
+    /// The bytes kept.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            ModelBuffer::Whole(b) | ModelBuffer::HeaderOnly(b) => b,
+        }
+    }
+}
+
+impl std::io::Write for ModelBuffer {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        match self {
+            ModelBuffer::Whole(b) => b.extend_from_slice(data),
+            ModelBuffer::HeaderOnly(b) => {
+                let mut rest = data;
+                loop {
+                    let wanted = match b.get(..8) {
+                        None => 8,
+                        Some(prefix) => {
+                            let n = u64::from_le_bytes(prefix.try_into().expect("8 bytes"));
+                            8 + n.min(MAX_KEPT_HEADER) as usize
+                        }
+                    };
+                    let take = wanted.saturating_sub(b.len()).min(rest.len());
+                    if take == 0 {
+                        break;
+                    }
+                    b.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                }
+            }
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// How a site connects and behaves.
 #[derive(Debug, Clone)]
@@ -176,7 +296,8 @@ async fn download(
     opts: &SiteOptions,
     task: &Task,
     sha: &str,
-) -> Result<Vec<u8>, tonic::Status> {
+    sink: ModelBuffer,
+) -> Result<ModelBuffer, tonic::Status> {
     let mut stream = client
         .download_model(DownloadModelRequest {
             site_id: opts.site_id.clone(),
@@ -188,13 +309,14 @@ async fn download(
         })
         .await?
         .into_inner();
-    let mut asm: Option<Assembler<Vec<u8>>> = None;
+    let mut asm: Option<Assembler<ModelBuffer>> = None;
+    let mut sink = Some(sink);
     while let Some(chunk) = stream.message().await? {
         let a = match &mut asm {
             Some(a) => a,
             None => asm.insert(
                 Assembler::new(
-                    Vec::new(),
+                    sink.take().expect("the assembler is made once"),
                     sha,
                     chunk.total_bytes,
                     u64::MAX,
@@ -212,7 +334,7 @@ async fn download(
 }
 
 /// Runs one site until the coordinator reports the run finished.
-pub async fn run_site(opts: SiteOptions, trainer: Arc<SiteTrainer>) -> Result<SiteSummary> {
+pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result<SiteSummary> {
     let mut summary = SiteSummary::default();
     let mut client = connect(&opts, &mut summary).await;
     let mut enrolled = false;
@@ -371,20 +493,26 @@ async fn beat_once(
     matches!(reply, Ok(r) if r.get_ref().cancel_task)
 }
 
-async fn run_task(
+async fn run_task<W: SiteWork>(
     client: &mut FederationClient<Channel>,
     opts: &SiteOptions,
     limits: &Limits,
-    trainer: &Arc<SiteTrainer>,
+    trainer: &Arc<W>,
     task: &Task,
 ) -> Result<(), TaskError> {
     let spec = task_spec(task).map_err(TaskError::Local)?;
     let round = task.round;
     let evaluate = task.kind == TaskKind::Evaluate as i32;
     tracing::info!(site = %opts.site_id, round, "round {round}: downloading the global model");
-    let global = download(client, opts, task, &spec.expected_model_sha256)
-        .await
-        .map_err(TaskError::Transport)?;
+    let global = download(
+        client,
+        opts,
+        task,
+        &spec.expected_model_sha256,
+        trainer.model_buffer(),
+    )
+    .await
+    .map_err(TaskError::Transport)?;
     let progress = Arc::new(std::sync::Mutex::new(Progress {
         state: if evaluate {
             SiteState::Evaluating
@@ -399,7 +527,7 @@ async fn run_task(
         let t = trainer.clone();
         let spec2 = spec.clone();
         let m = with_heartbeats(client, opts, task, limits.heartbeat, &progress, move || {
-            t.evaluate_task(&spec2, &global)
+            t.evaluate(&spec2, global)
         })
         .await?;
         let report = EvaluationReport {
@@ -436,7 +564,7 @@ async fn run_task(
     let site = opts.site_id.clone();
     let epochs = spec.train.epochs;
     let outcome = with_heartbeats(client, opts, task, limits.heartbeat, &progress, move || {
-        t.train_task(&spec2, &global, &mut |e| {
+        t.train(&spec2, global, &mut |e| {
             p.lock().expect("progress lock").epoch = e.epoch as u32;
             tracing::info!(
                 site = %site,
@@ -456,17 +584,13 @@ async fn run_task(
         round,
         nonce: task.nonce.clone(),
         base_model_sha256: spec.expected_model_sha256.clone(),
-        delta_sha256: outcome.delta_sha256.clone(),
-        total_bytes: outcome.delta_bytes.len() as u64,
+        delta_sha256: outcome.sha256.clone(),
+        total_bytes: outcome.bytes.len() as u64,
         weight: m.train_examples as f64,
         metrics: Some(wire_metrics(m)),
     };
-    tracing::info!(site = %opts.site_id, round, "round {round}: uploading {} bytes", outcome.delta_bytes.len());
-    let msgs = update_chunks(
-        header,
-        &Bytes::from(outcome.delta_bytes),
-        limits.chunk_bytes,
-    );
+    tracing::info!(site = %opts.site_id, round, "round {round}: uploading {} bytes", outcome.bytes.len());
+    let msgs = update_chunks(header, &outcome.bytes, limits.chunk_bytes);
     match client.upload_update(tokio_stream::iter(msgs)).await {
         Ok(_) => {
             tracing::info!(site = %opts.site_id, round, "round {round}: update accepted");

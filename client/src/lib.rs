@@ -8,11 +8,13 @@
 //! For federation: what a partner site does with one federated task ([`site`]) — verify the
 //! global model, check it fits the site's vocabulary, train locally (optionally with FedProx)
 //! and produce the serialised weight delta with its hash and metrics, or only evaluate. The
-//! networking client loop calls into it.
+//! networking client loop calls into it. [`noop`] is a site that answers without training,
+//! for measuring the coordinator's own overhead.
 
 pub mod error;
 pub mod federation;
 pub mod local;
+pub mod noop;
 pub mod site;
 
 pub use error::{Error, Result};

@@ -41,6 +41,15 @@ enum Command {
     Demo(DemoArgs),
 }
 
+/// What a joining site does with training tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TrainerKind {
+    /// Train on the site's data.
+    Local,
+    /// Answer without training (overhead measurements).
+    Noop,
+}
+
 #[derive(Debug, Args)]
 struct JoinArgs {
     /// Coordinator address, e.g. http://127.0.0.1:50051.
@@ -49,12 +58,20 @@ struct JoinArgs {
     /// This site's id.
     #[arg(long)]
     site_id: String,
-    /// This site's data file.
-    #[arg(long)]
-    data: PathBuf,
-    /// The federation's event vocabulary.
-    #[arg(long)]
-    vocab: PathBuf,
+    /// This site's data file (required by the local trainer).
+    #[arg(long, required_if_eq("trainer", "local"))]
+    data: Option<PathBuf>,
+    /// The federation's event vocabulary (required by the local trainer).
+    #[arg(long, required_if_eq("trainer", "local"))]
+    vocab: Option<PathBuf>,
+    /// What to do with training tasks: `local` trains on the site's data; `noop` returns a
+    /// small deterministic delta without training or data (to measure the coordinator's own
+    /// overhead).
+    #[arg(long, value_enum, default_value = "local")]
+    trainer: TrainerKind,
+    /// Training examples a `noop` site reports (its FedAvg weight).
+    #[arg(long, default_value_t = 100)]
+    noop_examples: usize,
     /// Fraction of sessions held out for validation metrics.
     #[arg(long, default_value_t = local::DEFAULT_VAL_FRACTION)]
     val_fraction: f64,
@@ -416,13 +433,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 a.out.join("demo.json").display()
             );
         }
+        Command::Join(a) if a.trainer == TrainerKind::Noop => {
+            println!(
+                "site {}: no-op trainer; joining {}",
+                a.site_id, a.coordinator
+            );
+            let trainer =
+                std::sync::Arc::new(fedflow_client::noop::NoopTrainer::new(a.noop_examples));
+            let opts = SiteOptions::new(a.coordinator, a.site_id);
+            let summary = tokio::runtime::Runtime::new()?.block_on(run_site(opts, trainer))?;
+            println!(
+                "run finished: contributed to rounds {:?}; {} update(s) refused; {} reconnect(s)",
+                summary.rounds_contributed,
+                summary.rejected.len(),
+                summary.reconnects
+            );
+        }
         Command::Join(a) => {
-            let vocab = Vocab::load(&a.vocab)?;
+            let (Some(vocab_path), Some(data)) = (&a.vocab, &a.data) else {
+                anyhow::bail!("the local trainer needs --data and --vocab");
+            };
+            let vocab = Vocab::load(vocab_path)?;
             let options = LoadOptions {
                 skip_invalid: a.skip_invalid,
             };
             let dataset =
-                fedflow_common::data::SiteDataset::load(&a.data, &vocab, &options, a.val_fraction)?;
+                fedflow_common::data::SiteDataset::load(data, &vocab, &options, a.val_fraction)?;
             println!(
                 "site {}: {} training and {} validation sessions; joining {}",
                 a.site_id,

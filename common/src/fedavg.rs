@@ -1,10 +1,17 @@
 //! Streaming weighted FedAvg: client deltas are folded into one f64 buffer per tensor as they
 //! arrive, so memory stays at one model's worth however many clients report.
 
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::params::{ParamSet, ParamSpec, with_slice};
+use crate::params::{ParamSet, ParamSpec, SafetensorsLayout, with_slice};
+
+/// Bytes read at a time by [`FedAvgAccumulator::add_safetensors_file`] (a multiple of every
+/// element size).
+const READ_BLOCK: usize = 1 << 20;
 
 /// Accumulates `Σ wᵢ·δᵢ` and `Σ wᵢ` over client deltas and yields the weighted mean
 /// `Σ wᵢ·δᵢ / Σ wᵢ`.
@@ -66,17 +73,76 @@ impl FedAvgAccumulator {
     /// and at most [`MAX_WEIGHT`] ([`Error::Aggregation`]); `delta` must have exactly the spec's names, shapes
     /// and dtypes ([`Error::ParamMismatch`]) and only finite values ([`Error::NonFinite`]).
     pub fn add(&mut self, delta: &ParamSet, weight: f64) -> Result<()> {
-        if !(weight.is_finite() && weight > 0.0 && weight <= MAX_WEIGHT) {
-            return Err(Error::Aggregation(format!(
-                "update weight must be finite, > 0 and <= {MAX_WEIGHT:e}, got {weight}"
-            )));
-        }
+        check_weight(weight)?;
         // Reads every value once to check it; the accumulation below reads it a second time
         // rather than buffering a copy of the update.
         delta.validate_against(&self.spec)?;
         // Same names in the same (sorted) order as the spec, so the zip lines up.
         for (sum, (_, t)) in self.sums.iter_mut().zip(delta.iter()) {
             accumulate(sum, t, weight)?;
+        }
+        self.total_weight += weight;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Adds `weight · delta` where `delta` is the safetensors file at `path`, streaming it
+    /// tensor by tensor through one reusable buffer (1 MiB) instead of
+    /// loading it, so an update never exists in memory as a whole.
+    ///
+    /// Same checks and same result as [`FedAvgAccumulator::add`] of the parsed file (bit for
+    /// bit), and likewise all or nothing: a first pass reads the header (names, shapes,
+    /// dtypes, offsets, file size) and every value (finiteness) and changes nothing on error;
+    /// only then does a second pass add. Errors: the weight ([`Error::Aggregation`]), the
+    /// structure ([`Error::ParamMismatch`]), non-finite values ([`Error::NonFinite`]), a
+    /// malformed or truncated file ([`Error::Safetensors`]) or reading it ([`Error::Io`]).
+    pub fn add_safetensors_file(&mut self, path: &Path, weight: f64) -> Result<()> {
+        check_weight(weight)?;
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let actual_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let layout = SafetensorsLayout::read(&mut file)?;
+        if layout.file_len != actual_len {
+            return Err(Error::Safetensors(format!(
+                "{} is {actual_len} bytes but its header describes {} bytes",
+                path.display(),
+                layout.file_len
+            )));
+        }
+        self.spec.check_matches(&layout.spec)?;
+        if self
+            .spec
+            .iter()
+            .any(|(_, t)| !matches!(t.dtype, DType::F32 | DType::F64))
+        {
+            // Half-precision models are not streamed (they never occur in fedflow today).
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            return self.add(&ParamSet::from_safetensors_bytes(&bytes)?, weight);
+        }
+        let mut buf = vec![0u8; READ_BLOCK];
+        // Pass 1: every value must be finite.
+        for (name, t) in self.spec.iter() {
+            let range = layout.ranges[name].clone();
+            let mut non_finite = 0usize;
+            stream_values(&mut file, path, range, t.dtype, &mut buf, |_, xs| {
+                non_finite += xs.iter().filter(|x| !x.is_finite()).count();
+            })?;
+            if non_finite > 0 {
+                return Err(Error::NonFinite {
+                    name: name.to_string(),
+                    count: non_finite,
+                });
+            }
+        }
+        // Pass 2: add. A read error here (the file changed under us) would leave a partial
+        // sum; spill files are private to the coordinator, so this is an I/O failure of the
+        // machine, reported as such.
+        for ((name, t), sum) in self.spec.iter().zip(self.sums.iter_mut()) {
+            let range = layout.ranges[name].clone();
+            stream_values(&mut file, path, range, t.dtype, &mut buf, |at, xs| {
+                for (s, &x) in sum[at..].iter_mut().zip(xs) {
+                    *s += weight * x;
+                }
+            })?;
         }
         self.total_weight += weight;
         self.count += 1;
@@ -137,6 +203,59 @@ impl FedAvgAccumulator {
 /// updates cannot overflow f64. Without it, one update with weight 1e300 would pass
 /// validation and then turn the whole round's average into infinities.
 pub const MAX_WEIGHT: f64 = 1e12;
+
+fn check_weight(weight: f64) -> Result<()> {
+    if weight.is_finite() && weight > 0.0 && weight <= MAX_WEIGHT {
+        Ok(())
+    } else {
+        Err(Error::Aggregation(format!(
+            "update weight must be finite, > 0 and <= {MAX_WEIGHT:e}, got {weight}"
+        )))
+    }
+}
+
+/// Reads the little-endian f32 or f64 values in `range` of `file` block by block through
+/// `buf`, widening them to f64 in a small stack buffer, and calls `f(index, values)` with the
+/// index of the first value of each run.
+fn stream_values(
+    file: &mut std::fs::File,
+    path: &Path,
+    range: std::ops::Range<u64>,
+    dtype: DType,
+    buf: &mut [u8],
+    mut f: impl FnMut(usize, &[f64]),
+) -> Result<()> {
+    let size = dtype.size_in_bytes();
+    file.seek(SeekFrom::Start(range.start))
+        .map_err(|e| Error::io(path, e))?;
+    let mut left = range.end - range.start;
+    let mut index = 0usize;
+    let mut wide = [0f64; 256];
+    while left > 0 {
+        let n = (buf.len() as u64).min(left) as usize;
+        let block = &mut buf[..n];
+        file.read_exact(block).map_err(|e| Error::io(path, e))?;
+        left -= n as u64;
+        for run in block.chunks(wide.len() * size) {
+            let count = run.len() / size;
+            match dtype {
+                DType::F32 => {
+                    for (w, b) in wide.iter_mut().zip(run.chunks_exact(4)) {
+                        *w = f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                    }
+                }
+                _ => {
+                    for (w, b) in wide.iter_mut().zip(run.chunks_exact(8)) {
+                        *w = f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                    }
+                }
+            }
+            f(index, &wide[..count]);
+            index += count;
+        }
+    }
+    Ok(())
+}
 
 /// `sum += weight · t`, element by element, reading `t` in place when it is a contiguous CPU
 /// f32/f64 tensor. The caller has checked that `t` has `sum.len()` elements.
@@ -457,5 +576,125 @@ mod tests {
             vec![3.25, 1.25]
         );
         assert_eq!(values(&mean, "m"), vec![0.25, 1.0, 0.5, 1.25, 0.75, 1.5]);
+    }
+
+    /// Saves `p` to a file in `dir` and returns its path.
+    fn saved(dir: &tempfile::TempDir, file: &str, p: &ParamSet) -> std::path::PathBuf {
+        let path = dir.path().join(file);
+        p.save(&path).unwrap();
+        path
+    }
+
+    fn sums_of(acc: &FedAvgAccumulator) -> (Vec<Vec<u64>>, f64, usize) {
+        let bits = acc
+            .sums
+            .iter()
+            .map(|s| s.iter().map(|x| x.to_bits()).collect())
+            .collect();
+        (bits, acc.total_weight, acc.count)
+    }
+
+    #[test]
+    fn streaming_a_file_equals_adding_the_parsed_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let deltas = reference_deltas();
+        let mut in_memory = FedAvgAccumulator::new(&deltas[0].spec()).unwrap();
+        let mut streamed = FedAvgAccumulator::new(&deltas[0].spec()).unwrap();
+        for (i, (d, w)) in deltas.iter().zip(REFERENCE_WEIGHTS).enumerate() {
+            in_memory.add(d, w).unwrap();
+            let path = saved(&dir, &format!("d{i}.safetensors"), d);
+            streamed.add_safetensors_file(&path, w).unwrap();
+        }
+        assert_eq!(sums_of(&streamed), sums_of(&in_memory));
+        assert_eq!(
+            streamed.finish().unwrap().to_safetensors_bytes().unwrap(),
+            in_memory.finish().unwrap().to_safetensors_bytes().unwrap()
+        );
+    }
+
+    #[test]
+    fn streaming_handles_tensors_larger_than_the_read_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = READ_BLOCK / 4 * 2 + 77; // f32 values spanning three blocks
+        let big: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 1e-3 - 0.5).collect();
+        let small = Tensor::new(&[1.0f64, 2.0, 3.0], &Device::Cpu).unwrap();
+        let d = set(vec![("big", t(&big, &[n])), ("small", small)]);
+        let mut in_memory = FedAvgAccumulator::new(&d.spec()).unwrap();
+        let mut streamed = FedAvgAccumulator::new(&d.spec()).unwrap();
+        in_memory.add(&d, 3.0).unwrap();
+        streamed
+            .add_safetensors_file(&saved(&dir, "d.safetensors", &d), 3.0)
+            .unwrap();
+        assert_eq!(sums_of(&streamed), sums_of(&in_memory));
+    }
+
+    #[test]
+    fn a_rejected_file_leaves_the_accumulator_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let deltas = reference_deltas();
+        let mut acc = FedAvgAccumulator::new(&deltas[0].spec()).unwrap();
+        acc.add_safetensors_file(&saved(&dir, "good.safetensors", &deltas[0]), 2.0)
+            .unwrap();
+        let before = sums_of(&acc);
+
+        // NaN in the second tensor (by name): the first pass finds it before adding anything.
+        let nan = set(vec![
+            ("a.w", t(&[0.1, 0.2, 0.3, 0.4], &[2, 2])),
+            ("b", t(&[1.0, f32::NAN, f32::INFINITY], &[3])),
+        ]);
+        let err = acc
+            .add_safetensors_file(&saved(&dir, "nan.safetensors", &nan), 1.0)
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::NonFinite { name, count: 2 } if name == "b"),
+            "{err}"
+        );
+
+        let wrong_shape = set(vec![
+            ("a.w", t(&[0.1, 0.2, 0.3, 0.4], &[4])),
+            ("b", t(&[1.0, 2.0, 3.0], &[3])),
+        ]);
+        let err = acc
+            .add_safetensors_file(&saved(&dir, "shape.safetensors", &wrong_shape), 1.0)
+            .unwrap_err();
+        assert!(matches!(err, Error::ParamMismatch(_)), "{err}");
+
+        let extra = set(vec![
+            ("a.w", t(&[0.1, 0.2, 0.3, 0.4], &[2, 2])),
+            ("b", t(&[1.0, 2.0, 3.0], &[3])),
+            ("c", t(&[1.0], &[1])),
+        ]);
+        let err = acc
+            .add_safetensors_file(&saved(&dir, "extra.safetensors", &extra), 1.0)
+            .unwrap_err();
+        assert!(matches!(err, Error::ParamMismatch(_)), "{err}");
+
+        // Truncated, padded and garbage files.
+        let bytes = deltas[1].to_safetensors_bytes().unwrap();
+        let truncated = dir.path().join("truncated.safetensors");
+        std::fs::write(&truncated, &bytes[..bytes.len() - 1]).unwrap();
+        let padded = dir.path().join("padded.safetensors");
+        std::fs::write(&padded, [&bytes[..], &[0u8]].concat()).unwrap();
+        let garbage = dir.path().join("garbage.safetensors");
+        std::fs::write(&garbage, b"not a safetensors file at all").unwrap();
+        for bad in [&truncated, &padded, &garbage] {
+            let err = acc.add_safetensors_file(bad, 1.0).unwrap_err();
+            assert!(
+                matches!(err, Error::Safetensors(_)),
+                "{}: {err}",
+                bad.display()
+            );
+        }
+
+        let good = saved(&dir, "good2.safetensors", &deltas[1]);
+        assert!(matches!(
+            acc.add_safetensors_file(&good, f64::NAN),
+            Err(Error::Aggregation(_))
+        ));
+        assert!(matches!(
+            acc.add_safetensors_file(&dir.path().join("missing"), 1.0),
+            Err(Error::Io { .. })
+        ));
+        assert_eq!(sums_of(&acc), before, "rejected files must change nothing");
     }
 }

@@ -111,21 +111,26 @@ impl ParamSpec {
     /// `params`, names `params` has but the spec does not, and tensors whose shape or dtype
     /// differ.
     pub fn check_structure(&self, params: &ParamSet) -> Result<()> {
+        self.check_matches(&params.spec())
+    }
+
+    /// Checks that `got` has exactly these names, shapes and dtypes, reporting every
+    /// difference in one [`Error::ParamMismatch`] as [`ParamSpec::check_structure`] does.
+    pub fn check_matches(&self, got: &ParamSpec) -> Result<()> {
         let mut missing = Vec::new();
         let mut differing = Vec::new();
         for (name, want) in &self.entries {
-            match params.tensors.get(name) {
+            match got.entries.get(name) {
                 None => missing.push(format!("`{name}`")),
-                Some(t) => {
-                    let got = TensorSpec::of(t);
-                    if &got != want {
+                Some(got) => {
+                    if got != want {
                         differing.push(format!("`{name}` is {got}, expected {want}"));
                     }
                 }
             }
         }
-        let unexpected: Vec<String> = params
-            .tensors
+        let unexpected: Vec<String> = got
+            .entries
             .keys()
             .filter(|name| !self.entries.contains_key(*name))
             .map(|name| format!("`{name}`"))
@@ -527,6 +532,98 @@ fn is_supported_dtype(dtype: DType) -> bool {
             | DType::F64
             | DType::F8E4M3
     )
+}
+
+// ------------------------------------------------------------------------------------------------
+// Safetensors headers
+// ------------------------------------------------------------------------------------------------
+
+/// The layout of a safetensors file, read from its header alone: where each tensor's bytes
+/// are, so a large file can be processed tensor by tensor without loading it whole.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SafetensorsLayout {
+    /// Names, shapes and dtypes of the tensors in the file.
+    pub spec: ParamSpec,
+    /// Each tensor's byte range, absolute within the file, keyed by name.
+    pub ranges: BTreeMap<String, std::ops::Range<u64>>,
+    /// Size of the whole file: the 8-byte length prefix, the JSON header and the data.
+    pub file_len: u64,
+}
+
+impl SafetensorsLayout {
+    /// Reads the 8-byte length prefix and the JSON header from `r` (positioned at the start
+    /// of the file) and checks them with the `safetensors` crate (offsets contiguous and
+    /// consistent with shapes and dtypes). Leaves `r` just after the header. The tensor data
+    /// is not read, so `file_len` is the header's claim; compare it with the real size.
+    ///
+    /// Garbage or inconsistent headers give [`Error::Safetensors`]; dtypes candle cannot hold
+    /// give [`Error::ParamMismatch`].
+    pub fn read(r: &mut impl std::io::Read) -> Result<Self> {
+        let bad = |why: String| Error::Safetensors(format!("invalid safetensors header: {why}"));
+        let mut prefix = [0u8; 8];
+        r.read_exact(&mut prefix)
+            .map_err(|e| bad(format!("cannot read the length prefix: {e}")))?;
+        let n = u64::from_le_bytes(prefix);
+        if n > MAX_HEADER_BYTES {
+            return Err(bad(format!(
+                "header of {n} bytes exceeds the limit of {MAX_HEADER_BYTES}"
+            )));
+        }
+        let mut header = vec![0u8; n as usize];
+        r.read_exact(&mut header)
+            .map_err(|e| bad(format!("cannot read the {n}-byte header: {e}")))?;
+        // `Metadata`'s deserialiser sorts by offset and validates offsets against shapes and
+        // dtypes (what `SafeTensors::read_metadata` does, minus its whole-buffer check).
+        let metadata: safetensors::tensor::Metadata =
+            serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+        let data_start = 8 + n;
+        let mut entries = BTreeMap::new();
+        let mut ranges = BTreeMap::new();
+        for (name, info) in metadata.tensors() {
+            let dtype = dtype_from_safetensors(info.dtype).ok_or_else(|| {
+                Error::ParamMismatch(format!(
+                    "tensor `{name}` has unsupported dtype {:?}",
+                    info.dtype
+                ))
+            })?;
+            let (start, end) = info.data_offsets;
+            ranges.insert(
+                name.clone(),
+                data_start + start as u64..data_start + end as u64,
+            );
+            entries.insert(
+                name,
+                TensorSpec {
+                    shape: info.shape.clone(),
+                    dtype,
+                },
+            );
+        }
+        Ok(SafetensorsLayout {
+            spec: ParamSpec::new(entries),
+            ranges,
+            file_len: data_start + metadata.data_len() as u64,
+        })
+    }
+}
+
+/// Largest safetensors JSON header accepted (the `safetensors` crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+fn dtype_from_safetensors(d: safetensors::Dtype) -> Option<DType> {
+    use safetensors::Dtype as S;
+    Some(match d {
+        S::F64 => DType::F64,
+        S::F32 => DType::F32,
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::U8 => DType::U8,
+        S::U32 => DType::U32,
+        S::I16 => DType::I16,
+        S::I32 => DType::I32,
+        S::I64 => DType::I64,
+        _ => return None,
+    })
 }
 
 /// Runs `f` on the tensor's elements as one slice in row-major order.

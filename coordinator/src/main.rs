@@ -69,25 +69,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("refusing plaintext on {listen}: it is not a loopback address");
             }
             let cfg = RunConfig::load(&config)?;
-            let model = AttentionFlowModel::new(
-                &cfg.model_config()?,
-                &candle_core::Device::Cpu,
-                cfg.run.seed,
-            )?;
-            let initial = ParamSet::from_varmap(model.varmap())?;
+            let initial = {
+                let model = AttentionFlowModel::new(
+                    &cfg.model_config()?,
+                    &candle_core::Device::Cpu,
+                    cfg.run.seed,
+                )?;
+                ParamSet::from_varmap(model.varmap())?
+            };
             let store = Store::open(&data)
                 .with_context(|| format!("opening the data directory {}", data.display()))?;
             let engine = RoundEngine::open(store, cfg.clone(), initial)?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            // The bound address, so that `--listen 127.0.0.1:0` tells which port it got.
+            let bound = listener.local_addr().unwrap_or(listen);
             println!(
-                "run `{}`: {} of {} rounds committed; serving on {listen}",
+                "run `{}`: {} of {} rounds committed; serving on {bound}",
                 engine.run_id(),
                 engine.committed_round(),
                 cfg.run.rounds
             );
             let coordinator = Coordinator::spawn(engine, cfg)?;
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
             };

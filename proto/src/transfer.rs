@@ -259,6 +259,18 @@ pub async fn receive_update(
     limit: u64,
     chunk_limit: usize,
 ) -> Result<(UpdateHeader, Vec<u8>), tonic::Status> {
+    receive_update_into(stream, Vec::new(), limit, chunk_limit).await
+}
+
+/// [`receive_update`] into any sink, e.g. a spill file, so that an upload never has to be
+/// held in memory whole. Returns the header and the (flushed) sink once the payload's
+/// SHA-256 matched; on error the sink holds a partial payload the caller must discard.
+pub async fn receive_update_into<W: Write>(
+    stream: &mut tonic::Streaming<UpdateChunk>,
+    sink: W,
+    limit: u64,
+    chunk_limit: usize,
+) -> Result<(UpdateHeader, W), tonic::Status> {
     let Some(UpdateChunk {
         part: Some(update_chunk::Part::Header(header)),
     }) = stream.message().await?
@@ -268,7 +280,7 @@ pub async fn receive_update(
         ));
     };
     let mut asm = Assembler::new(
-        Vec::new(),
+        sink,
         &header.delta_sha256,
         header.total_bytes,
         limit,

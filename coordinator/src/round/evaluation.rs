@@ -65,8 +65,9 @@ fn check_metrics(m: &SiteReport) -> std::result::Result<(), String> {
 }
 
 impl RoundEngine {
-    /// Opens the due evaluation once enough sites are available (the same
-    /// `sampling.min_available` a round needs); every available site gets a task.
+    /// Opens the due evaluation once enough sites are available: a quorum's worth
+    /// (`rounds.min_completed`, or `sampling.min_available` if lower), so that a site lost
+    /// in the round just committed cannot stall the run; every available site gets a task.
     pub(super) fn try_start_evaluation(&mut self, now_ms: i64) -> Result<()> {
         let Some(round) = self.eval_due else {
             return Ok(());
@@ -75,7 +76,13 @@ impl RoundEngine {
             return Ok(());
         }
         let available = self.available(now_ms);
-        if available.len() < self.cfg.sampling.min_available.max(1) {
+        let needed = self
+            .cfg
+            .sampling
+            .min_available
+            .min(self.cfg.rounds.min_completed)
+            .max(1);
+        if available.len() < needed {
             return Ok(());
         }
         self.store.begin_evaluation(&self.run_id, round)?;

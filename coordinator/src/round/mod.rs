@@ -36,6 +36,9 @@ mod view;
 pub use evaluation::EvaluationSubmission;
 pub use view::{Heartbeat, LiveState, RunView, SiteView, WorkState};
 
+/// How stale a site's `last_seen` in the database may be (milliseconds).
+const SEEN_PERSIST_MS: i64 = 5_000;
+
 /// Where the run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -145,13 +148,29 @@ pub struct Submission<'a> {
     /// SHA-256 of the model the delta was computed against.
     pub base_model_sha256: &'a str,
     /// The delta.
-    pub delta: &'a ParamSet,
+    pub delta: DeltaSource<'a>,
     /// SHA-256 of the delta's bytes.
     pub delta_sha256: &'a str,
     /// Example count and claimed weight.
     pub report: UpdateReport,
     /// The site's metrics.
     pub metrics: SiteReport,
+}
+
+/// Where a submitted delta is.
+#[derive(Debug, Clone, Copy)]
+pub enum DeltaSource<'a> {
+    /// Parsed, in memory.
+    Params(&'a ParamSet),
+    /// A safetensors file (an upload spilled to disk), folded in tensor by tensor without
+    /// loading it whole.
+    File(&'a std::path::Path),
+}
+
+impl<'a> From<&'a ParamSet> for DeltaSource<'a> {
+    fn from(p: &'a ParamSet) -> Self {
+        DeltaSource::Params(p)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -264,6 +283,8 @@ impl RoundEngine {
                 serde_json::to_string(&cfg).map_err(|e| Error::Strategy(e.to_string()))?;
             store.create_run(&run_id, &config_json, strategy.name(), &initial)?;
         }
+        // The model is read back from its checkpoint below; don't hold two copies.
+        drop(initial);
         let resume = store.resume_point(&run_id)?;
         strategy.restore_state(resume.strategy_state);
         let status = store.run(&run_id)?.map(|r| r.status);
@@ -344,7 +365,13 @@ impl RoundEngine {
 
     /// Records that `site` was heard from (enrolment, poll, heartbeat).
     pub fn site_seen(&mut self, site: &str, now_ms: i64) -> Result<()> {
-        self.last_seen.insert(site.to_string(), now_ms);
+        let previous = self.last_seen.insert(site.to_string(), now_ms);
+        // Liveness uses the in-memory map; the database copy is for status displays. Writing
+        // it on every poll would cost one durable transaction per poll (ten a second per
+        // waiting site), so it is refreshed once per SEEN_PERSIST_MS window at most.
+        if previous.is_some_and(|p| p / SEEN_PERSIST_MS == now_ms / SEEN_PERSIST_MS) {
+            return Ok(());
+        }
         self.store.touch_site(site, now_ms)
     }
 
@@ -501,7 +528,11 @@ impl RoundEngine {
         };
         // The accumulator validates names, shapes, dtype, finiteness and the weight before it
         // changes anything.
-        if let Err(e) = open.acc.add(s.delta, weight) {
+        let added = match s.delta {
+            DeltaSource::Params(p) => open.acc.add(p, weight),
+            DeltaSource::File(path) => open.acc.add_safetensors_file(path, weight),
+        };
+        if let Err(e) = added {
             return Ok(Err(Rejection::Invalid(e.to_string())));
         }
         task.state = TaskState::Uploaded {
@@ -610,6 +641,8 @@ impl RoundEngine {
         }
         let mean = open.acc.finish()?;
         let next = self.strategy.aggregate_train(round, &self.global, &mean)?;
+        // Not needed any more: free it before the commit serialises `next`.
+        drop(mean);
         let metrics = serde_json::to_string(&open.means.summary(why))
             .map_err(|e| Error::Store(e.to_string()))?;
         let sha = self.store.commit_round(

@@ -88,7 +88,7 @@ fn submit(
             task_id: &t.task_id,
             nonce: &t.nonce,
             base_model_sha256: &base,
-            delta: &u.delta,
+            delta: (&u.delta).into(),
             delta_sha256: &u.sha,
             report: UpdateReport {
                 train_examples: examples,
@@ -170,7 +170,7 @@ fn every_bad_update_is_rejected_and_changes_nothing() {
                 task_id: task,
                 nonce,
                 base_model_sha256: base,
-                delta: &u.delta,
+                delta: (&u.delta).into(),
                 delta_sha256: &u.sha,
                 report: UpdateReport {
                     train_examples: 5,
@@ -486,7 +486,7 @@ fn rounds_record_weighted_training_metrics_and_evaluations_follow_the_schedule()
                 task_id: &tickets[site].task_id,
                 nonce: &tickets[site].nonce,
                 base_model_sha256: &base,
-                delta: &update(&f, 0.1).delta,
+                delta: (&update(&f, 0.1).delta).into(),
                 delta_sha256: &update(&f, 0.1).sha,
                 report: UpdateReport {
                     train_examples: n,
@@ -577,7 +577,7 @@ fn bad_evaluation_reports_are_rejected_and_change_nothing() {
     let view = e.view(now);
     let a = view.sites.iter().find(|s| s.site_id == "site-a").unwrap();
     assert_eq!(a.state, LiveState::Rejected, "{a:?}");
-    // A training update while an evaluation is open is refused.
+    // A training update for the round that closed is refused as late, even during its evaluation.
     assert_eq!(
         submit(
             &mut e,
@@ -587,7 +587,7 @@ fn bad_evaluation_reports_are_rejected_and_change_nothing() {
             10,
             now
         ),
-        Err(Rejection::NoOpenRound)
+        Err(Rejection::Late(1))
     );
     // A valid report is accepted once; a resend is a duplicate, a different one a conflict.
     assert_eq!(

@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use fedflow_common::params::ParamSet;
-use fedflow_proto::transfer::{model_chunks, receive_update};
+use fedflow_proto::transfer::receive_update_into;
 use fedflow_proto::v1::federation_server::Federation;
 use fedflow_proto::v1::{
     DownloadModelRequest, EnrolRequest, EnrolResponse, EvaluationReport, EvaluationReportResponse,
@@ -108,7 +107,7 @@ impl Federation for Coordinator {
         }
     }
 
-    type DownloadModelStream = tokio_stream::Iter<std::vec::IntoIter<Result<ModelChunk, Status>>>;
+    type DownloadModelStream = tokio_stream::wrappers::ReceiverStream<Result<ModelChunk, Status>>;
 
     async fn download_model(
         &self,
@@ -117,24 +116,43 @@ impl Federation for Coordinator {
         let req = req.into_inner();
         check_site_id(&req.site_id)?;
         let sha = req.sha256.clone();
-        let Some((round, bytes)) = self.ask(|r| Command::Model(sha, r)).await? else {
+        let Some((round, path)) = self.ask(|r| Command::Model(sha, r)).await? else {
             return Err(Status::not_found(
                 "no current model with that hash: the round has moved on, ask for a new task",
             ));
         };
-        if req.offset > bytes.len() as u64 {
+        let file = std::fs::File::open(&path).map_err(|e| {
+            Status::internal(format!(
+                "cannot open the model checkpoint {}: {e}",
+                path.display()
+            ))
+        })?;
+        let total = file
+            .metadata()
+            .map_err(|e| Status::internal(format!("cannot read {}: {e}", path.display())))?
+            .len();
+        if req.offset > total {
             return Err(Status::out_of_range("offset past the end of the model"));
         }
-        let chunks = model_chunks(
-            &self.shared.cfg.run.name,
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let header = ModelChunk {
+            run_id: self.shared.cfg.run.name.clone(),
             round,
-            &req.sha256,
-            &bytes,
-            req.offset,
+            sha256: req.sha256,
+            total_bytes: total,
+            offset: req.offset,
+            data: Bytes::new(),
+        };
+        tokio::spawn(super::transfer::stream_model(
+            file,
+            header,
             self.shared.cfg.transport.chunk_bytes,
-        );
-        Ok(Response::new(tokio_stream::iter(
-            chunks.into_iter().map(Ok).collect::<Vec<_>>(),
+            self.shared.downloads.clone(),
+            Duration::from_secs(self.shared.cfg.rounds.heartbeat_timeout_secs),
+            tx,
+        ));
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
         )))
     }
 
@@ -143,15 +161,37 @@ impl Federation for Coordinator {
         req: Request<Streaming<UpdateChunk>>,
     ) -> Result<Response<UploadUpdateResponse>, Status> {
         let mut stream = req.into_inner();
-        let (h, bytes) = receive_update(
-            &mut stream,
-            self.shared.cfg.transport.max_model_bytes,
-            self.shared.cfg.transport.chunk_bytes,
+        let _slot = self
+            .shared
+            .uploads
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        let (spill, file) =
+            super::transfer::SpillFile::create(&self.shared.incoming).map_err(|e| {
+                Status::internal(format!(
+                    "cannot spill the upload to {}: {e}",
+                    self.shared.incoming.display()
+                ))
+            })?;
+        // The update goes to disk as it arrives (hashed and size-checked on the way) and the
+        // engine folds it in from there, so no upload is ever held in memory whole. An upload
+        // still arriving after the round's deadline is useless: stop waiting for it then.
+        let limit = Duration::from_secs(self.shared.cfg.rounds.deadline_secs);
+        let received = tokio::time::timeout(
+            limit,
+            receive_update_into(
+                &mut stream,
+                file,
+                self.shared.cfg.transport.max_model_bytes,
+                self.shared.cfg.transport.chunk_bytes,
+            ),
         )
-        .await?;
+        .await
+        .map_err(|_| Status::deadline_exceeded("the upload took longer than the round deadline"))?;
+        let (h, file) = received?;
+        drop(file);
         check_site_id(&h.site_id)?;
-        let delta = ParamSet::from_safetensors_bytes(&bytes)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let metrics = site_report(h.metrics.unwrap_or_default());
         let submission = OwnedSubmission {
             site_id: h.site_id,
@@ -159,7 +199,7 @@ impl Federation for Coordinator {
             task_id: h.task_id,
             nonce: h.nonce.to_vec(),
             base_model_sha256: h.base_model_sha256,
-            delta,
+            delta_path: spill.path.clone(),
             delta_sha256: h.delta_sha256.clone(),
             report: UpdateReport {
                 train_examples: metrics.train_examples,

@@ -13,20 +13,22 @@ use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedflow_common::params::ParamSet;
-use prost::bytes::Bytes;
 use tokio::sync::oneshot;
 use tonic::Status;
 
 use crate::config::RunConfig;
 use crate::metrics::SiteReport;
 use crate::round::{
-    Accepted, EvaluationSubmission, Heartbeat, Phase, Rejection, RoundEngine, RunView, Submission,
-    TaskTicket, WorkState,
+    Accepted, DeltaSource, EvaluationSubmission, Heartbeat, Phase, Rejection, RoundEngine, RunView,
+    Submission, TaskTicket, WorkState,
 };
 use crate::strategy::UpdateReport;
 
 pub mod admin;
 pub mod federation;
+mod transfer;
+
+pub use transfer::{INCOMING_DIR, TRANSFER_SLOTS};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -44,7 +46,8 @@ struct OwnedSubmission {
     task_id: String,
     nonce: Vec<u8>,
     base_model_sha256: String,
-    delta: ParamSet,
+    /// The spilled upload; the handler removes it once the engine has answered.
+    delta_path: std::path::PathBuf,
     delta_sha256: String,
     report: UpdateReport,
     metrics: SiteReport,
@@ -93,7 +96,7 @@ enum Command {
     Heartbeat(OwnedHeartbeat, Reply<bool>),
     Inspect(Inspection),
     Poll(String, Reply<(Option<TaskTicket>, Phase)>),
-    Model(String, Reply<Option<(u64, Bytes)>>),
+    Model(String, Reply<Option<(u64, std::path::PathBuf)>>),
     Submit(Box<OwnedSubmission>, Reply<Result<Accepted, Rejection>>),
     Evaluation(Box<OwnedEvaluation>, Reply<Result<Accepted, Rejection>>),
 }
@@ -126,6 +129,12 @@ struct Shared {
     model_config_json: String,
     vocab_sha256: String,
     heartbeat_interval_ms: u32,
+    /// Where uploads spill while they arrive (`<data>/incoming`).
+    incoming: std::path::PathBuf,
+    /// Model downloads streaming at once.
+    downloads: Arc<tokio::sync::Semaphore>,
+    /// Uploads being received at once.
+    uploads: tokio::sync::Semaphore,
 }
 
 /// How often the engine thread ticks when no command arrives.
@@ -138,7 +147,12 @@ impl Coordinator {
         let model_config_json = serde_json::to_string(&cfg.model_config()?)
             .map_err(|e| crate::Error::Strategy(e.to_string()))?;
         let vocab = fedflow_common::data::Vocab::load(&cfg.model.vocab)?;
+        let incoming = engine.store().dir().join(INCOMING_DIR);
+        transfer::reset_incoming(&incoming)?;
         let shared = Shared {
+            incoming,
+            downloads: Arc::new(tokio::sync::Semaphore::new(TRANSFER_SLOTS)),
+            uploads: tokio::sync::Semaphore::new(TRANSFER_SLOTS),
             model_config_json,
             vocab_sha256: fedflow_common::model::vocab_sha256(&vocab),
             heartbeat_interval_ms: (cfg.rounds.heartbeat_timeout_secs * 1000 / 3).max(100) as u32,
@@ -202,7 +216,6 @@ impl Coordinator {
 }
 
 fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
-    let mut model_cache: Option<(String, u64, Bytes)> = None;
     loop {
         let cmd = match rx.recv_timeout(TICK) {
             Ok(cmd) => Some(cmd),
@@ -242,24 +255,16 @@ fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
                 let _ = reply.send(r);
             }
             Some(Command::Model(sha, reply)) => {
-                let (global, global_sha) = engine.global();
-                let r = if sha != global_sha {
-                    Ok(None)
-                } else {
-                    match &model_cache {
-                        Some((s, round, bytes)) if *s == sha => Ok(Some((*round, bytes.clone()))),
-                        _ => global
-                            .to_safetensors_bytes()
-                            .map_err(|e| e.to_string())
-                            .map(|b| {
-                                let bytes = Bytes::from(b);
-                                let round = engine.committed_round();
-                                model_cache = Some((sha.clone(), round, bytes.clone()));
-                                Some((round, bytes))
-                            }),
-                    }
-                };
-                let _ = reply.send(r);
+                // The committed checkpoint file holds exactly the bytes the model hash is
+                // taken of, so it is served as is.
+                let r = (sha == engine.global().1).then(|| {
+                    let round = engine.committed_round();
+                    (
+                        round,
+                        engine.store().model_checkpoint_path(engine.run_id(), round),
+                    )
+                });
+                let _ = reply.send(Ok(r));
             }
             Some(Command::Submit(s, reply)) => {
                 let r = engine
@@ -270,7 +275,7 @@ fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
                             task_id: &s.task_id,
                             nonce: &s.nonce,
                             base_model_sha256: &s.base_model_sha256,
-                            delta: &s.delta,
+                            delta: DeltaSource::File(&s.delta_path),
                             delta_sha256: &s.delta_sha256,
                             report: s.report.clone(),
                             metrics: s.metrics,

@@ -466,6 +466,14 @@ impl Store {
         &self.dir
     }
 
+    /// Where the global model of a committed `round` is stored: the model's canonical
+    /// safetensors bytes, whose SHA-256 is the model hash. Serving it from the file spares
+    /// holding a serialised copy of the model in memory.
+    pub fn model_checkpoint_path(&self, run_id: &str, round: u64) -> PathBuf {
+        self.dir
+            .join(Self::checkpoint_rel(run_id, round, CheckpointKind::Model))
+    }
+
     /// Creates a run with its initial model as committed round 0.
     ///
     /// The checkpoint is written durably first, then the run, round 0 and the checkpoint

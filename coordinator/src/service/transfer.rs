@@ -1,0 +1,123 @@
+//! Bulk transfers on the coordinator's side: uploads spill to files as they arrive, models
+//! stream from their checkpoint files, and a fixed number of transfer slots bounds the
+//! memory in flight whatever the number of sites.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use fedflow_proto::v1::ModelChunk;
+use prost::bytes::Bytes;
+use tokio::sync::Semaphore;
+use tonic::Status;
+
+/// The data directory's spill folder for uploads being received.
+pub const INCOMING_DIR: &str = "incoming";
+
+/// How many model downloads, and separately how many uploads, are in flight at once. Each
+/// holds a few chunks in transport buffers, so this bounds the coordinator's transfer memory
+/// whatever the number of sites; the others wait their turn (a few fast transfers saturate
+/// a machine's cores and disk anyway).
+pub const TRANSFER_SLOTS: usize = 8;
+
+/// Distinguishes spill files within a process.
+static SPILL_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// An upload's spill file in `<data>/incoming`, removed when dropped: after the engine has
+/// answered, and on every error path.
+#[derive(Debug)]
+pub(super) struct SpillFile {
+    pub(super) path: PathBuf,
+}
+
+impl SpillFile {
+    pub(super) fn create(dir: &Path) -> std::io::Result<(SpillFile, std::fs::File)> {
+        let n = SPILL_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("upload-{n}.part"));
+        let file = std::fs::File::create_new(&path)?;
+        Ok((SpillFile { path }, file))
+    }
+}
+
+impl Drop for SpillFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("cannot remove spill file {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Empties (or creates) the spill directory: files there are uploads a previous process was
+/// receiving when it stopped, never accepted.
+pub(super) fn reset_incoming(dir: &Path) -> crate::Result<()> {
+    let fail = |e: std::io::Error| {
+        crate::Error::Store(format!(
+            "cannot prepare the upload spill directory {}: {e}",
+            dir.display()
+        ))
+    };
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e)),
+    }
+    std::fs::create_dir_all(dir).map_err(fail)
+}
+
+/// Streams a model file as `DownloadModel` chunks (laid out like `header`, starting at its
+/// offset) into `tx`, one chunk read at a time, once one of the download slots is free.
+/// Gives up when the receiver goes away or stops reading for `stall`.
+pub(super) async fn stream_model(
+    file: std::fs::File,
+    header: ModelChunk,
+    chunk_bytes: usize,
+    slots: Arc<Semaphore>,
+    stall: Duration,
+    tx: tokio::sync::mpsc::Sender<Result<ModelChunk, Status>>,
+) {
+    let Ok(_slot) = slots.acquire_owned().await else {
+        return;
+    };
+    let total = header.total_bytes;
+    let mut offset = header.offset;
+    let mut file = Some(file);
+    loop {
+        let n = (chunk_bytes.max(1) as u64).min(total - offset) as usize;
+        let Some(f) = file.take() else { return };
+        let read = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = f;
+            let mut buf = vec![0u8; n];
+            let r = f
+                .seek(SeekFrom::Start(offset))
+                .and_then(|_| f.read_exact(&mut buf));
+            (f, r.map(|()| buf))
+        })
+        .await;
+        let msg = match read {
+            Ok((f, Ok(buf))) => {
+                file = Some(f);
+                Ok(ModelChunk {
+                    offset,
+                    data: Bytes::from(buf),
+                    ..header.clone()
+                })
+            }
+            Ok((_, Err(e))) => Err(Status::internal(format!("cannot read the model: {e}"))),
+            Err(e) => Err(Status::internal(format!("cannot read the model: {e}"))),
+        };
+        let failed = msg.is_err();
+        match tokio::time::timeout(stall, tx.send(msg)).await {
+            Ok(Ok(())) => {}
+            // The site went away, or stopped reading: free the slot.
+            Ok(Err(_)) | Err(_) => return,
+        }
+        offset += n as u64;
+        if failed || offset >= total {
+            return;
+        }
+    }
+}
