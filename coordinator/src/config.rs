@@ -455,7 +455,13 @@ impl RunConfig {
     /// 20 sites, 10 rounds, every available site trains 2 local epochs per round), with the
     /// vocabulary at `vocab_path` (relative to the working directory if relative).
     pub fn demo(vocab_path: impl AsRef<Path>) -> Result<RunConfig> {
-        let mut config = Self::parse(EXAMPLE_TOML).map_err(memory_err)?;
+        Self::with_vocab(EXAMPLE_TOML, vocab_path)
+    }
+
+    /// A configuration from TOML text whose `model.vocab` is replaced by `vocab_path` (and
+    /// `model.vocab_size` taken from it): for runs on generated data, like the demo's.
+    pub fn with_vocab(text: &str, vocab_path: impl AsRef<Path>) -> Result<RunConfig> {
+        let mut config = Self::parse(text).map_err(memory_err)?;
         config.model.vocab = vocab_path.as_ref().to_path_buf();
         config.model.vocab_size = None;
         config.finish(Path::new(".")).map_err(memory_err)

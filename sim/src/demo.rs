@@ -55,6 +55,9 @@ pub struct DemoConfig {
     pub val_fraction: f64,
     /// Sites that may train at the same time.
     pub concurrent_work: usize,
+    /// A run configuration (TOML text) to use instead of the embedded one; its
+    /// `model.vocab` is replaced by the generated vocabulary.
+    pub run_config: Option<String>,
 }
 
 impl Default for DemoConfig {
@@ -70,6 +73,7 @@ impl Default for DemoConfig {
             patience: 3,
             val_fraction: 0.2,
             concurrent_work: 1,
+            run_config: None,
         }
     }
 }
@@ -347,7 +351,10 @@ pub async fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoRepo
         });
     }
 
-    let mut run_cfg = RunConfig::demo(&vocab_path)?;
+    let mut run_cfg = match &cfg.run_config {
+        Some(text) => RunConfig::with_vocab(text, &vocab_path)?,
+        None => RunConfig::demo(&vocab_path)?,
+    };
     run_cfg.run.seed = cfg.seed;
     if let Some(r) = cfg.rounds {
         run_cfg.run.rounds = r;

@@ -52,6 +52,10 @@ struct DemoArgs {
     /// Sites that may train at the same time.
     #[arg(long, default_value_t = 1)]
     concurrent: usize,
+    /// A run configuration to use instead of the embedded coordinator/examples/run.toml (its
+    /// model.vocab is replaced by the generated vocabulary).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 fn print_table(r: &DemoReport) {
@@ -130,6 +134,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 local_epochs: a.local_epochs,
                 baseline_epochs: a.baseline_epochs,
                 concurrent_work: a.concurrent,
+                run_config: a
+                    .config
+                    .map(|p| {
+                        std::fs::read_to_string(&p)
+                            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+                    })
+                    .transpose()?,
                 ..DemoConfig::default()
             };
             let report = demo::run(&cfg, &mut |line| eprintln!("{line}")).await?;

@@ -1,0 +1,171 @@
+//! `kill -9` of the real coordinator binary in the middle of a run: restarted on the same
+//! data directory, it resumes at its last committed round with the identical global model
+//! (same SHA-256), the sites reconnect on their own, and the run finishes.
+//!
+//! Waits are on observable state (the admin service), never on sleeps.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use fedflow_client::federation::{SiteOptions, run_site};
+use fedflow_client::site::SiteTrainer;
+use fedflow_common::data::{SiteDataset, Vocab};
+use fedflow_common::synth::{SynthConfig, generate};
+use fedflow_proto::v1::admin_client::AdminClient;
+use fedflow_proto::v1::{GetStatusRequest, ListRoundsRequest, RoundSummary, RunPhase, RunStatus};
+
+/// Starts `fedflow-coordinator serve` and returns it with the address it is serving on.
+fn start(config: &Path, data: &Path, listen: &str) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fedflow-coordinator"))
+        .args(["serve", "--insecure-plaintext", "--listen", listen])
+        .arg("--config")
+        .arg(config)
+        .arg("--data")
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start fedflow-coordinator");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines
+        .next()
+        .expect("the coordinator prints where it serves")
+        .unwrap();
+    let addr = first
+        .split("serving on ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+        .trim()
+        .to_string();
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+async fn status(addr: &str) -> Option<(RunStatus, Vec<RoundSummary>)> {
+    let mut admin = AdminClient::connect(format!("http://{addr}")).await.ok()?;
+    let status = admin
+        .get_status(GetStatusRequest {})
+        .await
+        .ok()?
+        .into_inner();
+    let rounds = admin
+        .list_rounds(ListRoundsRequest::default())
+        .await
+        .ok()?
+        .into_inner()
+        .rounds;
+    Some((status, rounds))
+}
+
+/// Polls the admin service until `done`; panics after a generous limit.
+async fn wait_until(
+    addr: &str,
+    what: &str,
+    done: impl Fn(&RunStatus, &[RoundSummary]) -> bool,
+) -> (RunStatus, Vec<RoundSummary>) {
+    for _ in 0..1200 {
+        if let Some((s, r)) = status(addr).await
+            && done(&s, &r)
+        {
+            return (s, r);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the coordinator at {addr} never reached: {what}");
+}
+
+fn committed(rounds: &[RoundSummary]) -> Vec<(u64, String)> {
+    rounds
+        .iter()
+        .filter(|r| r.status == "committed")
+        .map(|r| (r.round, r.model_sha256.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_run_resumes_with_the_identical_model_and_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fed = generate(&SynthConfig {
+        sites: 3,
+        total_sessions: 900,
+        min_site_sessions: 200,
+        seed: 11,
+        ..SynthConfig::default()
+    })
+    .unwrap();
+    let vocab = Vocab::from_events(fed.event_names.iter().cloned()).unwrap();
+    vocab.save(dir.path().join("vocab.json")).unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        "[run]\nname = \"resume\"\nseed = 5\nrounds = 3\n\
+         [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\ndropout = 0.0\n\
+         [train]\nepochs = 1\nlearning_rate = 0.01\n\
+         [sampling]\nmin_selected = 3\nmin_available = 3\n\
+         [rounds]\ndeadline_secs = 300\nmin_completed = 3\nheartbeat_timeout_secs = 30\n",
+    )
+    .unwrap();
+    let data = dir.path().join("coordinator");
+
+    let (mut first, addr) = start(&config, &data, "127.0.0.1:0");
+    let sites: Vec<_> = fed
+        .sites
+        .iter()
+        .map(|s| {
+            let ds = SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap();
+            let trainer = Arc::new(SiteTrainer::new(ds, &vocab, Device::Cpu));
+            let mut o = SiteOptions::new(format!("http://{addr}"), s.name.clone());
+            o.poll_wait = Duration::from_secs(1);
+            o.max_backoff = Duration::from_millis(500);
+            tokio::spawn(run_site(o, trainer))
+        })
+        .collect();
+
+    // Let round 1 commit, then kill -9 (SIGKILL: no shutdown code runs).
+    let (_, before) = wait_until(&addr, "round 1 committed", |_, r| {
+        committed(r).iter().any(|(n, _)| *n == 1)
+    })
+    .await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let before = committed(&before);
+
+    // Restarted on the same directory and port, it resumes where the database says.
+    let (mut second, addr2) = start(&config, &data, &addr);
+    assert_eq!(addr2, addr);
+    let (status, after) = wait_until(&addr, "the restarted coordinator answers", |_, _| true).await;
+    let after = committed(&after);
+    for (round, sha) in &before {
+        let again = after.iter().find(|(r, _)| r == round).map(|(_, s)| s);
+        assert_eq!(again, Some(sha), "round {round} changed across the crash");
+    }
+    let (last_round, last_sha) = after.last().unwrap().clone();
+    assert!(last_round >= 1);
+    assert_eq!(status.committed_round, last_round);
+    assert_eq!(
+        status.global_model_sha256, last_sha,
+        "the resumed global model is the last committed one"
+    );
+
+    // The sites reconnect on their own and the run finishes.
+    let (status, rounds) = wait_until(&addr, "the run finished", |s, _| {
+        s.phase == RunPhase::Finished as i32
+    })
+    .await;
+    assert_eq!(status.committed_round, 3);
+    assert_eq!(committed(&rounds).len(), 4, "rounds 0 to 3");
+    // Every site ends cleanly (an update computed for a task the crash abandoned is refused,
+    // which the site records and moves on from).
+    for s in sites {
+        let summary = s.await.unwrap().unwrap();
+        assert!(summary.rounds_contributed.contains(&3), "{summary:?}");
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
