@@ -16,8 +16,8 @@ use fedflow_common::train::{EpochReport, OptimizerKind, TrainConfig};
 use fedflow_proto::transfer::{Assembler, MAX_MESSAGE_BYTES, update_chunks};
 use fedflow_proto::v1::federation_client::FederationClient;
 use fedflow_proto::v1::{
-    DownloadModelRequest, EnrolRequest, EvaluationReport, HeartbeatRequest, Metrics,
-    NextTaskRequest, SiteState, Task, TaskKind, UpdateHeader, next_task_response,
+    DeclineTaskRequest, DownloadModelRequest, EnrolRequest, EvaluationReport, HeartbeatRequest,
+    Metrics, NextTaskRequest, SiteState, Task, TaskKind, UpdateHeader, next_task_response,
 };
 use prost::bytes::Bytes;
 use rand::Rng;
@@ -183,6 +183,8 @@ pub struct SiteSummary {
     pub rounds_contributed: Vec<u64>,
     /// Rounds whose global model this site evaluated.
     pub rounds_evaluated: Vec<u64>,
+    /// Tasks this site declined (it could not do them), with the reason it gave.
+    pub declined: Vec<(u64, String)>,
     /// Uploads the coordinator refused, with its reason.
     pub rejected: Vec<(u64, String)>,
     /// Reconnections after the coordinator was unreachable.
@@ -398,8 +400,23 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
                 summary.rejected.push((task.round, s.message().to_string()));
             }
             Err(TaskError::Local(e)) => {
-                tracing::error!(site = %opts.site_id, round = task.round, "cannot do the task: {e}");
-                summary.rejected.push((task.round, e.to_string()));
+                // Tell the coordinator, so it stops waiting and the operators see why;
+                // otherwise the same task would come back at the next poll.
+                tracing::error!(site = %opts.site_id, round = task.round, "cannot do the task, declining it: {e}");
+                let declined = client
+                    .decline_task(DeclineTaskRequest {
+                        site_id: opts.site_id.clone(),
+                        task_id: task.task_id.clone(),
+                        run_id: task.run_id.clone(),
+                        round: task.round,
+                        nonce: task.nonce.clone(),
+                        reason: e.to_string(),
+                    })
+                    .await;
+                if let Err(s) = declined {
+                    tracing::warn!(site = %opts.site_id, round = task.round, "declining the task failed: {}", s.message());
+                }
+                summary.declined.push((task.round, e.to_string()));
             }
         }
     }

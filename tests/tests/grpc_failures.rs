@@ -356,3 +356,63 @@ async fn a_site_killed_mid_round_does_not_stop_the_round_when_the_quorum_is_met(
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_with_another_vocabulary_is_refused_and_a_declined_task_is_recorded() {
+    let vocab = tiny_vocab();
+    let c = coordinator(
+        &vocab,
+        1,
+        "[sampling]\nmin_selected = 2\nmin_available = 2\n\
+         [rounds]\ndeadline_secs = 300\nmin_completed = 1\nheartbeat_timeout_secs = 120\n",
+    )
+    .await;
+    // A real client whose data uses another vocabulary is refused at enrolment, and says why.
+    let other = Vocab::from_events(["open", "search", "chat"]).unwrap();
+    let records = [fedflow_common::data::SessionRecord::new(
+        "s1",
+        &["open", "chat"],
+        3,
+    )];
+    let ds = SiteDataset::from_records(&records, &other, 0.0).unwrap();
+    let trainer = Arc::new(SiteTrainer::new(ds, &other, Device::Cpu));
+    let err = run_site(
+        SiteOptions::new(format!("http://{}", c.addr), "site-x"),
+        trainer,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("another vocabulary"), "{err}");
+
+    // A site that cannot do its task declines it; the round goes on without it.
+    let mut a = federation_client(c.addr).await;
+    let mut b = federation_client(c.addr).await;
+    let (ta, tb) = tokio::join!(task_for(&mut a, "site-a"), task_for(&mut b, "site-b"));
+    b.decline_task(fedflow_proto::v1::DeclineTaskRequest {
+        site_id: "site-b".into(),
+        task_id: tb.task_id.clone(),
+        run_id: tb.run_id.clone(),
+        round: tb.round,
+        nonce: tb.nonce.clone(),
+        reason: "the model does not fit this site's data".into(),
+    })
+    .await
+    .unwrap();
+    let global = download(&mut a, "site-a", &ta).await;
+    upload(&mut a, "site-a", &ta, &global.scale(0.01).unwrap(), |_| {})
+        .await
+        .unwrap();
+    wait_for_round(c.addr, 1, |r| r.status == "committed").await;
+    let r1 = round(c.addr, 1).await.unwrap();
+    assert_eq!((r1.uploaded, r1.declined), (1, 1));
+    // Its update for the declined task is refused.
+    let s = upload(&mut b, "site-b", &tb, &global.scale(0.01).unwrap(), |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(
+        s.code(),
+        Code::DeadlineExceeded,
+        "the round has closed: {s:?}"
+    );
+}

@@ -153,6 +153,7 @@ impl RoundEngine {
             TaskState::Uploaded { .. } => return Ok(Err(Rejection::Conflicting)),
             TaskState::Dropped => return Ok(Err(Rejection::Withdrawn)),
             TaskState::Late => return Ok(Err(Rejection::Late(ev.round))),
+            TaskState::Declined { .. } => return Ok(Err(Rejection::Declined)),
             TaskState::Pending => {}
         }
         if now_ms > ev.deadline_ms {

@@ -112,6 +112,9 @@ pub enum Rejection {
     /// The site was marked dropped (silent past the heartbeat timeout) and its task withdrawn.
     #[error("the task was withdrawn: the site was silent past the heartbeat timeout")]
     Withdrawn,
+    /// The site declined this task earlier.
+    #[error("the site declined this task")]
+    Declined,
     /// The delta was computed against another global model.
     #[error("the update was computed against model {got}, not the round's model {want}")]
     WrongBase {
@@ -182,6 +185,10 @@ enum TaskState {
     },
     Dropped,
     Late,
+    /// The site said it cannot do the task.
+    Declined {
+        reason: String,
+    },
 }
 
 #[derive(Debug)]
@@ -511,6 +518,7 @@ impl RoundEngine {
             TaskState::Uploaded { .. } => return Ok(Err(Rejection::Conflicting)),
             TaskState::Dropped => return Ok(Err(Rejection::Withdrawn)),
             TaskState::Late => return Ok(Err(Rejection::Late(open.round))),
+            TaskState::Declined { .. } => return Ok(Err(Rejection::Declined)),
             TaskState::Pending => {}
         }
         if now_ms > open.deadline_ms {
@@ -549,6 +557,52 @@ impl RoundEngine {
         let round = open.round;
         self.store.record_site(&self.run_id, round, &outcome)?;
         Ok(Ok(Accepted::New))
+    }
+
+    /// Records that a site declined its task in the open round or evaluation (e.g. its data
+    /// does not fit the model), with its reason; the round stops waiting for it.
+    pub fn decline(
+        &mut self,
+        site: &str,
+        round: u64,
+        task_id: &str,
+        nonce: &[u8],
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<std::result::Result<(), Rejection>> {
+        self.last_seen.insert(site.to_string(), now_ms);
+        let reason: String = reason.chars().take(1000).collect();
+        let (tasks, open_round, training) = match (&mut self.open, &mut self.eval) {
+            (Some(o), _) => (&mut o.tasks, o.round, true),
+            (None, Some(e)) => (&mut e.tasks, e.round, false),
+            (None, None) => return Ok(Err(Rejection::NoOpenRound)),
+        };
+        if round != open_round {
+            return Ok(Err(Rejection::WrongRound {
+                open: open_round,
+                got: round,
+            }));
+        }
+        let Some(task) = tasks.get_mut(site) else {
+            return Ok(Err(Rejection::NotSelected(open_round)));
+        };
+        if task.task_id != task_id || task.nonce != nonce {
+            return Ok(Err(Rejection::WrongTask));
+        }
+        if task.state != TaskState::Pending {
+            // Already answered, dropped or declined: nothing to change.
+            return Ok(Ok(()));
+        }
+        task.state = TaskState::Declined {
+            reason: reason.clone(),
+        };
+        tracing::warn!(run = %self.run_id, round, %site, "the site declined its task: {reason}");
+        if training {
+            let outcome = SiteOutcome::new(site, SiteState::Declined, Some(reason));
+            self.store.record_site(&self.run_id, round, &outcome)?;
+        }
+        self.tick(now_ms)?;
+        Ok(Ok(()))
     }
 
     /// Advances time: drops sites silent past the heartbeat timeout, and closes the round at

@@ -689,3 +689,35 @@ fn heartbeats_report_progress_and_cancel_stale_tasks() {
             .unwrap()
     );
 }
+
+#[test]
+fn a_declined_task_is_recorded_and_the_round_stops_waiting_for_it() {
+    let f = fixture("");
+    let mut e = engine(&f);
+    let tickets = start(&mut e);
+    for site in ["site-a", "site-b"] {
+        submit(&mut e, site, &tickets[site], &update(&f, 0.1), 10, T0).unwrap();
+    }
+    let tc = &tickets["site-c"];
+    assert_eq!(
+        e.decline("site-c", 1, &tc.task_id, b"forged", "no", T0)
+            .unwrap(),
+        Err(Rejection::WrongTask)
+    );
+    assert_eq!(e.open_round(), Some(1));
+    e.decline(
+        "site-c",
+        1,
+        &tc.task_id,
+        &tc.nonce,
+        "vocabulary differs",
+        T0 + SEC,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(e.committed_round(), 1, "nobody left to wait for");
+    let sites = e.store().round_sites("t", 1).unwrap();
+    let c = sites.iter().find(|s| s.site_id == "site-c").unwrap();
+    assert_eq!(c.state, SiteState::Declined);
+    assert_eq!(c.reason.as_deref(), Some("vocabulary differs"));
+}

@@ -44,6 +44,8 @@ pub enum LiveState {
     Dropped,
     /// Its last answer was refused (see the reason); it may still send a valid one.
     Rejected,
+    /// It declined the task (see the reason).
+    Declined,
 }
 
 /// One site's line in a [`RunView`].
@@ -155,6 +157,7 @@ impl Live {
                 let rejection = self.rejections.get(site);
                 let (state, reason) = match &task.state {
                     TaskState::Uploaded { .. } => (LiveState::Uploaded, None),
+                    TaskState::Declined { reason } => (LiveState::Declined, Some(reason.clone())),
                     TaskState::Late => (
                         LiveState::Late,
                         Some("no answer before the deadline".to_string()),

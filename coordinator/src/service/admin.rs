@@ -36,6 +36,7 @@ fn live_state(s: LiveState) -> wire::SiteRoundState {
         LiveState::Late => wire::SiteRoundState::Late,
         LiveState::Dropped => wire::SiteRoundState::Dropped,
         LiveState::Rejected => wire::SiteRoundState::Rejected,
+        LiveState::Declined => wire::SiteRoundState::Declined,
     }
 }
 
@@ -155,6 +156,7 @@ fn rounds(engine: &RoundEngine, run_id: &str) -> crate::Result<wire::ListRoundsR
                 SiteState::Late => s.late += 1,
                 SiteState::Dropped => s.dropped += 1,
                 SiteState::Rejected => s.rejected += 1,
+                SiteState::Declined => s.declined += 1,
             }
         }
         out.push(s);
@@ -181,6 +183,7 @@ fn sites(engine: &RoundEngine) -> crate::Result<wire::ListSitesResponse> {
                 rejected: c.rejected,
                 late: c.late,
                 dropped: c.dropped,
+                declined: c.declined,
             }
         })
         .collect();

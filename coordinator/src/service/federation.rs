@@ -6,15 +6,15 @@ use std::time::Duration;
 use fedflow_proto::transfer::receive_update_into;
 use fedflow_proto::v1::federation_server::Federation;
 use fedflow_proto::v1::{
-    DownloadModelRequest, EnrolRequest, EnrolResponse, EvaluationReport, EvaluationReportResponse,
-    HeartbeatRequest, HeartbeatResponse, Metrics, ModelChunk, ModelRef, NextTaskRequest,
-    NextTaskResponse, NoTask, SiteState, Task, TaskKind as WireKind, TrainInstructions,
-    UpdateChunk, UploadUpdateResponse, next_task_response,
+    DeclineTaskRequest, DeclineTaskResponse, DownloadModelRequest, EnrolRequest, EnrolResponse,
+    EvaluationReport, EvaluationReportResponse, HeartbeatRequest, HeartbeatResponse, Metrics,
+    ModelChunk, ModelRef, NextTaskRequest, NextTaskResponse, NoTask, SiteState, Task,
+    TaskKind as WireKind, TrainInstructions, UpdateChunk, UploadUpdateResponse, next_task_response,
 };
 use prost::bytes::Bytes;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Command, Coordinator, OwnedEvaluation, OwnedHeartbeat, OwnedSubmission};
+use super::{Command, Coordinator, OwnedDecline, OwnedEvaluation, OwnedHeartbeat, OwnedSubmission};
 use crate::metrics::{SiteReport, finite};
 use crate::round::{Accepted, Phase, Rejection, TaskKind, TaskTicket, WorkState};
 use crate::strategy::UpdateReport;
@@ -31,6 +31,7 @@ fn rejection_status(r: &Rejection) -> Status {
         | Rejection::NoOpenEvaluation
         | Rejection::WrongRound { .. }
         | Rejection::Withdrawn
+        | Rejection::Declined
         | Rejection::WrongBase { .. } => Status::failed_precondition(msg),
     }
 }
@@ -60,6 +61,13 @@ impl Federation for Coordinator {
     async fn enrol(&self, req: Request<EnrolRequest>) -> Result<Response<EnrolResponse>, Status> {
         let req = req.into_inner();
         check_site_id(&req.site_id)?;
+        if !req.vocab_sha256.is_empty() && req.vocab_sha256 != self.shared.vocab_sha256 {
+            return Err(Status::failed_precondition(format!(
+                "site {}'s data is encoded with another vocabulary (sha256 {}) than this \
+                 federation's ({}): encode the site's data with the federation's vocab.json",
+                req.site_id, req.vocab_sha256, self.shared.vocab_sha256
+            )));
+        }
         let _ = self.tx.send(Command::Seen(req.site_id));
         Ok(Response::new(EnrolResponse {
             coordinator_version: env!("CARGO_PKG_VERSION").into(),
@@ -245,6 +253,25 @@ impl Federation for Coordinator {
             cancel_task,
             next_heartbeat_ms: self.shared.heartbeat_interval_ms,
         }))
+    }
+
+    async fn decline_task(
+        &self,
+        req: Request<DeclineTaskRequest>,
+    ) -> Result<Response<DeclineTaskResponse>, Status> {
+        let req = req.into_inner();
+        check_site_id(&req.site_id)?;
+        let d = OwnedDecline {
+            site_id: req.site_id,
+            round: req.round,
+            task_id: req.task_id,
+            nonce: req.nonce.to_vec(),
+            reason: req.reason,
+        };
+        match self.ask(|r| Command::Decline(Box::new(d), r)).await? {
+            Ok(()) => Ok(Response::new(DeclineTaskResponse {})),
+            Err(rejection) => Err(rejection_status(&rejection)),
+        }
     }
 
     async fn report_evaluation(

@@ -63,6 +63,15 @@ struct OwnedEvaluation {
     metrics: SiteReport,
 }
 
+/// A declined task, owned.
+struct OwnedDecline {
+    site_id: String,
+    round: u64,
+    task_id: String,
+    nonce: Vec<u8>,
+    reason: String,
+}
+
 /// A heartbeat, owned.
 struct OwnedHeartbeat {
     site_id: String,
@@ -99,6 +108,7 @@ enum Command {
     Model(String, Reply<Option<(u64, std::path::PathBuf)>>),
     Submit(Box<OwnedSubmission>, Reply<Result<Accepted, Rejection>>),
     Evaluation(Box<OwnedEvaluation>, Reply<Result<Accepted, Rejection>>),
+    Decline(Box<OwnedDecline>, Reply<Result<(), Rejection>>),
 }
 
 impl std::fmt::Debug for Command {
@@ -111,6 +121,7 @@ impl std::fmt::Debug for Command {
             Command::Model(..) => "Model",
             Command::Submit(..) => "Submit",
             Command::Evaluation(..) => "Evaluation",
+            Command::Decline(..) => "Decline",
         })
     }
 }
@@ -282,6 +293,12 @@ fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
                         },
                         now,
                     )
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Some(Command::Decline(d, reply)) => {
+                let r = engine
+                    .decline(&d.site_id, d.round, &d.task_id, &d.nonce, &d.reason, now)
                     .map_err(|e| e.to_string());
                 let _ = reply.send(r);
             }

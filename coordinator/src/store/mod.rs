@@ -47,7 +47,7 @@
 //!   committed round's global model.
 //! - `round_sites(run_id, round, site_id, task_id, state, reason, train_examples, weight,
 //!   metrics_json, delta_sha256, updated_at)`, keyed by `(run_id, round, site_id)`; `state`
-//!   is `selected`, `uploaded`, `late`, `dropped` or `rejected`.
+//!   is `selected`, `uploaded`, `late`, `dropped`, `rejected` or `declined`.
 //! - `sites(site_id PK, first_seen, last_seen)`.
 //! - `checkpoints(run_id, round, kind, path, sha256, size_bytes, created_at)`, keyed by
 //!   `(run_id, round, kind)`; `kind` is `model` or `strategy`, `path` is relative to the
@@ -114,7 +114,8 @@ CREATE TABLE round_sites (
     site_id        TEXT NOT NULL,
     task_id        TEXT,
     state          TEXT NOT NULL
-                   CHECK (state IN ('selected', 'uploaded', 'late', 'dropped', 'rejected')),
+                   CHECK (state IN ('selected', 'uploaded', 'late', 'dropped', 'rejected',
+                                    'declined')),
     reason         TEXT,
     train_examples INTEGER,
     weight         REAL,
@@ -235,6 +236,8 @@ text_enum! {
         Dropped => "dropped",
         /// Its update was refused (wrong shape, non-finite, bad hash); see the reason.
         Rejected => "rejected",
+        /// It declined the task (e.g. the model does not fit its data); see the reason.
+        Declined => "declined",
     }
 }
 
@@ -327,6 +330,8 @@ pub struct SiteCounts {
     pub dropped: u32,
     /// Its update was refused.
     pub rejected: u32,
+    /// It declined the task.
+    pub declined: u32,
 }
 
 /// An outcome to record for a site in an open round (see [`Store::record_site`]).
@@ -875,6 +880,7 @@ impl Store {
                 SiteState::Late => c.late += n,
                 SiteState::Dropped => c.dropped += n,
                 SiteState::Rejected => c.rejected += n,
+                SiteState::Declined => c.declined += n,
             }
         }
         Ok(out)
