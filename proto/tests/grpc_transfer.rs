@@ -82,6 +82,13 @@ impl Federation for TestServer {
         Err(Status::unimplemented("not part of this test"))
     }
 
+    async fn decline_task(
+        &self,
+        _: Request<fedflow_proto::v1::DeclineTaskRequest>,
+    ) -> Result<Response<fedflow_proto::v1::DeclineTaskResponse>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
+
     async fn report_evaluation(
         &self,
         _: Request<fedflow_proto::v1::EvaluationReport>,
