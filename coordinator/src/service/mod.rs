@@ -148,6 +148,9 @@ struct Shared {
     uploads: tokio::sync::Semaphore,
 }
 
+/// Largest answer the admin service sends.
+pub const ADMIN_MAX_REPLY_BYTES: usize = 32 << 20;
+
 /// How often the engine thread ticks when no command arrives.
 const TICK: Duration = Duration::from_millis(200);
 
@@ -346,7 +349,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("fedflow's descriptors are valid (they are generated at build time)");
-    let admin = AdminServer::new(coordinator.clone());
+    // Admin requests are tiny; answers grow with sites and rounds (a 1,000-site status is
+    // about 100 KB), so they get more room, but still a bound.
+    let admin = AdminServer::new(coordinator.clone())
+        .max_decoding_message_size(64 * 1024)
+        .max_encoding_message_size(ADMIN_MAX_REPLY_BYTES);
     let federation = FederationServer::new(coordinator)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
