@@ -1,0 +1,94 @@
+//! The simulation at scale: 60 partner sites as tasks in one process, each with its own
+//! generated data, each a real gRPC client of a real coordinator on loopback.
+
+use std::time::Duration;
+
+use fedflow_common::data::{SiteDataset, Vocab};
+use fedflow_common::synth::{SynthConfig, generate};
+use fedflow_coordinator::config::RunConfig;
+use fedflow_coordinator::store::RoundStatus;
+use fedflow_sim::{SimOptions, SimSite, run_federation};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_sites_run_a_federation_in_one_process() {
+    const SITES: usize = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let fed = generate(&SynthConfig {
+        sites: SITES,
+        total_sessions: SITES * 40,
+        min_site_sessions: 20,
+        seed: 21,
+        ..SynthConfig::default()
+    })
+    .unwrap();
+    let vocab = Vocab::from_events(fed.event_names.iter().cloned()).unwrap();
+    vocab.save(dir.path().join("vocab.json")).unwrap();
+    let toml = format!(
+        "[run]\nname = \"many\"\nseed = 2\nrounds = 2\n\
+         [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\ndropout = 0.0\n\
+         [train]\nepochs = 1\nbatch_size = 16\nlearning_rate = 0.01\n\
+         [sampling]\nfraction = 0.5\nmin_selected = 30\nmin_available = {SITES}\n\
+         [rounds]\ndeadline_secs = 300\nmin_completed = 25\nheartbeat_timeout_secs = 60\n\
+         [evaluation]\nevery = 2\n"
+    );
+    let cfg = RunConfig::from_toml_str(&toml, dir.path()).unwrap();
+    let sites: Vec<SimSite> = fed
+        .sites
+        .iter()
+        .map(|s| SimSite {
+            name: s.name.clone(),
+            dataset: SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap(),
+        })
+        .collect();
+    let opts = SimOptions {
+        concurrent_work: 2,
+        progress_every: Duration::from_millis(200),
+    };
+    let mut views = 0;
+    let outcome = run_federation(
+        cfg,
+        &dir.path().join("coordinator"),
+        sites,
+        &vocab,
+        &opts,
+        |_| views += 1,
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(outcome.committed_round, 2);
+    assert_eq!(outcome.sites.len(), SITES);
+    assert!(views > 0, "the progress callback ran");
+    // Half of the 60 sites train each round (fraction 0.5); every site evaluates at the end.
+    for round in [1, 2] {
+        let trained = outcome
+            .sites
+            .iter()
+            .filter(|(_, s)| s.rounds_contributed.contains(&round))
+            .count();
+        assert_eq!(trained, SITES / 2, "round {round}");
+    }
+    assert!(
+        outcome
+            .sites
+            .iter()
+            .all(|(_, s)| s.rounds_evaluated == [2] && s.rejected.is_empty())
+    );
+    let committed = outcome
+        .rounds
+        .iter()
+        .filter(|r| r.status == RoundStatus::Committed)
+        .count();
+    assert_eq!(committed, 3, "rounds 0, 1 and 2");
+    let last = outcome.rounds.last().unwrap();
+    assert_eq!(
+        last.model_sha256.as_deref(),
+        Some(outcome.global_sha256.as_str())
+    );
+    assert!(
+        last.evaluation_json
+            .as_deref()
+            .unwrap()
+            .contains("\"sites\":60")
+    );
+}
