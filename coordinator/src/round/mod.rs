@@ -9,7 +9,7 @@
 //! the next global model) and *commit* (checkpoint file, then database row); otherwise retry
 //! the round or pause the run, as configured, recording why. After a commit that the
 //! evaluation schedule names, the available sites *evaluate* the new global model on their
-//! validation splits ([`evaluation`]) before the next round starts.
+//! validation splits (see `evaluation.rs`) before the next round starts.
 //!
 //! Every state change that matters after a crash goes through the [`Store`] first, and the
 //! engine can be rebuilt from it: [`RoundEngine::open`] resumes at the last committed round
