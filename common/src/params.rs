@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Storage, Tensor, WithDType};
 use candle_nn::VarMap;
 
 use crate::error::{Error, Result};
+use crate::hash::HashingWriter;
 
 /// The safetensors header key reserved for free-form metadata; no tensor may use it.
 const METADATA_KEY: &str = "__metadata__";
@@ -351,6 +352,72 @@ impl ParamSet {
             .map_err(|e| Error::Safetensors(format!("cannot serialise parameters: {e}")))
     }
 
+    /// Writes exactly the bytes of [`ParamSet::to_safetensors_bytes`] to `w`, tensor by
+    /// tensor, without building them in memory; returns how many bytes were written.
+    ///
+    /// The header comes from the `safetensors` crate itself (serialising zero-length views
+    /// that report the real sizes), so names, order, offsets and padding are the crate's; the
+    /// data of contiguous f32/f64 CPU tensors is then converted to little-endian bytes through
+    /// a 64 KiB buffer, read in place. Other dtypes and non-contiguous tensors are copied
+    /// once, one tensor at a time. `w` sees many small writes: give it a buffered writer.
+    pub fn write_safetensors(&self, w: &mut impl std::io::Write) -> Result<u64> {
+        let header = self.safetensors_header()?;
+        let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header[8..])
+            .map_err(|e| Error::Safetensors(format!("cannot serialise parameters: {e}")))?;
+        let offsets = |name: &str| metadata.info(name).map_or((0, 0), |i| i.data_offsets);
+        // The file's order (by descending dtype, then name) is the order of the offsets.
+        let mut order: Vec<(&str, &Tensor)> = self.iter().collect();
+        // (An empty tensor starts where the next one does: sort by the end too.)
+        order.sort_by_key(|(name, _)| offsets(name));
+        let io = |e: std::io::Error| Error::Safetensors(format!("cannot write parameters: {e}"));
+        w.write_all(&header).map_err(io)?;
+        let mut written = header.len() as u64;
+        let mut buf = Vec::with_capacity(WRITE_BLOCK);
+        for (name, t) in order {
+            written += match t.dtype() {
+                DType::F32 => write_le(w, t, &mut buf, f32::to_le_bytes)?,
+                DType::F64 => write_le(w, t, &mut buf, f64::to_le_bytes)?,
+                _ => {
+                    let bytes = safetensors::View::data(&t);
+                    w.write_all(&bytes).map_err(io)?;
+                    bytes.len() as u64
+                }
+            };
+            debug_assert_eq!(
+                written,
+                (header.len() + offsets(name).1) as u64,
+                "tensor `{name}` must end where the header says"
+            );
+        }
+        Ok(written)
+    }
+
+    /// The 8-byte length prefix and the JSON header that [`ParamSet::to_safetensors_bytes`]
+    /// starts with, made by the `safetensors` crate from views without data.
+    fn safetensors_header(&self) -> Result<Vec<u8>> {
+        /// A tensor's dtype, shape and size, with no data.
+        struct Shape<'a>(&'a Tensor);
+        impl safetensors::View for Shape<'_> {
+            fn dtype(&self) -> safetensors::Dtype {
+                safetensors::View::dtype(&self.0)
+            }
+            fn shape(&self) -> &[usize] {
+                self.0.dims()
+            }
+            fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+                std::borrow::Cow::Borrowed(&[])
+            }
+            fn data_len(&self) -> usize {
+                safetensors::View::data_len(&self.0)
+            }
+        }
+        safetensors::tensor::serialize(
+            self.tensors.iter().map(|(k, t)| (k.as_str(), Shape(t))),
+            None,
+        )
+        .map_err(|e| Error::Safetensors(format!("cannot serialise parameters: {e}")))
+    }
+
     /// Parses safetensors bytes (metadata, if any, is ignored). The values are restored
     /// bit for bit.
     ///
@@ -362,8 +429,56 @@ impl ParamSet {
     /// Writes safetensors bytes to `path` atomically: a temporary file in the same directory
     /// is written, flushed to disk and renamed over `path`, so readers see either the old file
     /// or the complete new one.
-    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        crate::fsio::write_atomic(path.as_ref(), &self.to_safetensors_bytes()?)
+    ///
+    /// The bytes are streamed tensor by tensor ([`ParamSet::write_safetensors`]), never held
+    /// whole. Returns the file's size and lowercase hex SHA-256 (that of
+    /// [`ParamSet::to_safetensors_bytes`]), computed while writing.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(u64, String)> {
+        let path = path.as_ref();
+        crate::fsio::write_atomic_with(path, |file| {
+            let mut w = HashingWriter::new(std::io::BufWriter::with_capacity(WRITE_BLOCK, file));
+            self.write_safetensors(&mut w)?;
+            let (_, sha256, size) = w.finish().map_err(|e| Error::io(path, e))?;
+            Ok((size, sha256))
+        })
+    }
+
+    /// Reads a safetensors file tensor by tensor, hashing it on the way, and returns the
+    /// parameters with the file's size and lowercase hex SHA-256 (of every byte, trailing
+    /// bytes included), so a caller can check the file against a recorded hash without
+    /// holding its bytes and the parsed tensors at the same time: memory is the parameters
+    /// plus a 64 KiB buffer (plus one tensor's bytes for dtypes other than f32/f64).
+    ///
+    /// The values are restored bit for bit, as by [`ParamSet::load`]. A malformed or
+    /// truncated file gives [`Error::Safetensors`] or [`Error::Io`].
+    pub fn load_hashed(path: impl AsRef<Path>) -> Result<(ParamSet, u64, String)> {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut r =
+            crate::hash::HashingReader::new(std::io::BufReader::with_capacity(WRITE_BLOCK, file));
+        let layout = SafetensorsLayout::read(&mut r)?;
+        let mut order: Vec<(&String, &std::ops::Range<u64>)> = layout.ranges.iter().collect();
+        // (An empty tensor starts where the next one does: sort by the end too.)
+        order.sort_by_key(|(_, range)| (range.start, range.end));
+        let mut tensors = BTreeMap::new();
+        for (name, range) in order {
+            if range.start != r.bytes_read() {
+                return Err(Error::Safetensors(format!(
+                    "{}: tensor `{name}` does not start where the previous one ends",
+                    path.display()
+                )));
+            }
+            let spec = layout
+                .spec
+                .get(name)
+                .expect("the layout's names are its spec's");
+            let tensor = read_tensor(&mut r, spec, range.end - range.start)
+                .map_err(|e| Error::io(path, e))?;
+            tensors.insert(name.clone(), tensor);
+        }
+        std::io::copy(&mut r, &mut std::io::sink()).map_err(|e| Error::io(path, e))?;
+        let (sha256, size) = r.finish();
+        Ok((Self::from_tensors(tensors)?, size, sha256))
     }
 
     /// Reads a file written by [`ParamSet::save`] (or any safetensors file).
@@ -384,8 +499,15 @@ impl ParamSet {
     }
 
     /// SHA-256 of [`ParamSet::to_safetensors_bytes`], as 64 lowercase hex digits.
+    ///
+    /// Hashed while serialising tensor by tensor, so the bytes are never held whole.
     pub fn sha256_hex(&self) -> Result<String> {
-        Ok(crate::hash::sha256_hex(&self.to_safetensors_bytes()?))
+        let mut w = HashingWriter::new(std::io::sink());
+        self.write_safetensors(&mut w)?;
+        let (_, sha256, _) = w
+            .finish()
+            .map_err(|e| Error::Safetensors(format!("cannot hash parameters: {e}")))?;
+        Ok(sha256)
     }
 
     // --- Validation ------------------------------------------------------------------------
@@ -622,8 +744,77 @@ fn dtype_from_safetensors(d: safetensors::Dtype) -> Option<DType> {
         S::I16 => DType::I16,
         S::I32 => DType::I32,
         S::I64 => DType::I64,
+        S::F8_E4M3 => DType::F8E4M3,
         _ => return None,
     })
+}
+
+/// Bytes converted at a time by [`ParamSet::write_safetensors`].
+const WRITE_BLOCK: usize = 64 * 1024;
+
+/// Writes the values of `t` (of dtype `T`) to `w` as little-endian bytes through `buf`;
+/// returns the number of bytes written.
+fn write_le<T: WithDType, const N: usize>(
+    w: &mut impl std::io::Write,
+    t: &Tensor,
+    buf: &mut Vec<u8>,
+    to_le: fn(T) -> [u8; N],
+) -> Result<u64> {
+    with_slice::<T, _>(t, |xs| {
+        for run in xs.chunks(WRITE_BLOCK / N) {
+            buf.clear();
+            for &x in run {
+                buf.extend_from_slice(&to_le(x));
+            }
+            w.write_all(buf)?;
+        }
+        Ok((xs.len() * N) as u64)
+    })?
+    .map_err(|e: std::io::Error| Error::Safetensors(format!("cannot write parameters: {e}")))
+}
+
+/// Reads one tensor of `len` bytes shaped like `spec` from `r`: f32 and f64 values are
+/// decoded block by block straight into the tensor's buffer; other dtypes are read whole and
+/// then copied into a tensor.
+fn read_tensor(r: &mut impl std::io::Read, spec: &TensorSpec, len: u64) -> std::io::Result<Tensor> {
+    let bad = |e: candle_core::Error| std::io::Error::other(e.to_string());
+    let shape = spec.shape.as_slice();
+    match spec.dtype {
+        DType::F32 => {
+            Tensor::from_vec(read_le(r, len, f32::from_le_bytes)?, shape, &Device::Cpu).map_err(bad)
+        }
+        DType::F64 => {
+            Tensor::from_vec(read_le(r, len, f64::from_le_bytes)?, shape, &Device::Cpu).map_err(bad)
+        }
+        dtype => {
+            let mut bytes = vec![0u8; len as usize];
+            r.read_exact(&mut bytes)?;
+            Tensor::from_raw_buffer(&bytes, dtype, shape, &Device::Cpu).map_err(bad)
+        }
+    }
+}
+
+/// Reads `len` bytes of little-endian values from `r` through a 64 KiB buffer.
+fn read_le<T, const N: usize>(
+    r: &mut impl std::io::Read,
+    len: u64,
+    from_le: fn([u8; N]) -> T,
+) -> std::io::Result<Vec<T>> {
+    let count = (len / N as u64) as usize;
+    let mut out = Vec::with_capacity(count);
+    let mut buf = vec![0u8; WRITE_BLOCK];
+    let mut left = count * N;
+    while left > 0 {
+        let block = &mut buf[..left.min(WRITE_BLOCK)];
+        r.read_exact(block)?;
+        left -= block.len();
+        out.extend(
+            block
+                .chunks_exact(N)
+                .map(|b| from_le(b.try_into().expect("chunks of N bytes"))),
+        );
+    }
+    Ok(out)
 }
 
 /// Runs `f` on the tensor's elements as one slice in row-major order.
@@ -776,6 +967,61 @@ mod tests {
             r.sha256_hex()?,
             "-0.0 and 0.0 differ in bits"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn streamed_serialisation_matches_the_safetensors_crate_byte_for_byte() -> Result<()> {
+        // Mixed dtypes (the file orders them by dtype, then name), a non-contiguous view, a
+        // narrowed view with an offset, a scalar, an empty tensor and more values than one
+        // write block.
+        let big: Vec<f32> = (0..40_000).map(|i| (i as f32).sin() * 1e3).collect();
+        let wide = Tensor::from_vec(
+            (0..12).map(|i| i as f64 * 0.5).collect::<Vec<_>>(),
+            (3, 4),
+            &Device::Cpu,
+        )?;
+        let p = set(&[
+            ("a.big", t(&big, &[200, 200])),
+            (
+                "b.transposed",
+                t(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).t()?,
+            ),
+            ("c.narrowed", wide.narrow(1, 1, 2)?),
+            ("d.f64", wide.clone()),
+            ("e.half", t(&[0.5, -2.0, 3.0], &[3]).to_dtype(DType::F16)?),
+            ("f.ints", Tensor::new(&[3i64, -4, 5], &Device::Cpu)?),
+            ("g.scalar", Tensor::new(2.5f32, &Device::Cpu)?),
+            ("h.empty", Tensor::zeros((0, 3), DType::F32, &Device::Cpu)?),
+            ("i.bytes", Tensor::new(&[1u8, 2, 255], &Device::Cpu)?),
+        ]);
+        let mut streamed = Vec::new();
+        let n = p.write_safetensors(&mut streamed)?;
+        let whole = p.to_safetensors_bytes()?;
+        assert_eq!(n, whole.len() as u64);
+        assert!(streamed == whole, "streamed bytes differ from the crate's");
+        assert_eq!(p.sha256_hex()?, crate::hash::sha256_hex(&whole));
+        // `save` writes the same bytes and reports their size and hash.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.safetensors");
+        let (size, sha) = p.save(&path)?;
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        assert_eq!((size, sha.clone()), (n, crate::hash::sha256_hex(&whole)));
+        // `load_hashed` reads it back bit for bit, with the same size and hash.
+        let (q, qsize, qsha) = ParamSet::load_hashed(&path)?;
+        assert_eq!((qsize, qsha), (size, sha));
+        assert!(q.to_safetensors_bytes()? == whole);
+        // Trailing bytes are hashed too; a truncated file is an error.
+        let mut longer = whole.clone();
+        longer.extend_from_slice(b"tail");
+        std::fs::write(&path, &longer).unwrap();
+        let (_, lsize, lsha) = ParamSet::load_hashed(&path)?;
+        assert_eq!(
+            (lsize, lsha),
+            (longer.len() as u64, crate::hash::sha256_hex(&longer))
+        );
+        std::fs::write(&path, &whole[..whole.len() - 3]).unwrap();
+        assert!(ParamSet::load_hashed(&path).is_err());
         Ok(())
     }
 

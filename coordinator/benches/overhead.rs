@@ -265,6 +265,13 @@ fn main() -> Result<()> {
             _ => {}
         }
     }
+    // `cargo bench` builds the coordinator binary with the bench profile (release settings)
+    // and points CARGO_BIN_EXE_* at target/release; say which binary is measured.
+    let binary = env!("CARGO_BIN_EXE_fedflow-coordinator");
+    eprintln!("coordinator binary: {binary}");
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is not an optimised build; run it with `cargo bench`");
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     let mut results = Vec::new();
     if !json {

@@ -6,10 +6,12 @@
 //! rounds, per-site outcomes and checkpoints in SQLite plus safetensors files, so a crash
 //! resumes at the last committed round) and [`round`] (the round engine: the run's state
 //! machine, driven by explicit events and times). The task that owns the engine and the gRPC
-//! server follow (issue 3).
+//! server follow (issue 3). [`memtrace`] prints the process's memory at fixed points when
+//! `FEDFLOW_MEMTRACE` is set (for the overhead benchmark's breakdown).
 
 pub mod config;
 pub mod error;
+pub mod memtrace;
 pub mod metrics;
 pub mod round;
 pub mod service;

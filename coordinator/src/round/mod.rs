@@ -314,6 +314,7 @@ impl RoundEngine {
         let rng = ChaCha8Rng::seed_from_u64(
             cfg.run.seed ^ resume.round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
+        crate::memtrace::probe(format_args!("engine-open round={}", resume.round));
         Ok(RoundEngine {
             spec: resume.model.spec(),
             run_id,
@@ -464,6 +465,7 @@ impl RoundEngine {
         });
         self.live.round_started();
         self.phase = Phase::Training;
+        crate::memtrace::probe(format_args!("round-start round={round}"));
         Ok(())
     }
 
@@ -555,7 +557,9 @@ impl RoundEngine {
             ..SiteOutcome::new(s.site_id, SiteState::Uploaded, None)
         };
         let round = open.round;
+        let count = open.acc.count();
         self.store.record_site(&self.run_id, round, &outcome)?;
+        crate::memtrace::probe(format_args!("accepted round={round} count={count}"));
         Ok(Ok(Accepted::New))
     }
 
@@ -693,8 +697,11 @@ impl RoundEngine {
             }
             return Ok(());
         }
+        crate::memtrace::probe(format_args!("close round={round}"));
         let mean = open.acc.finish()?;
+        crate::memtrace::probe(format_args!("finished-mean round={round}"));
         let next = self.strategy.aggregate_train(round, &self.global, &mean)?;
+        crate::memtrace::probe(format_args!("aggregated round={round}"));
         // Not needed any more: free it before the commit serialises `next`.
         drop(mean);
         let metrics = serde_json::to_string(&open.means.summary(why))
@@ -706,9 +713,11 @@ impl RoundEngine {
             self.strategy.state(),
             Some(&metrics),
         )?;
+        crate::memtrace::probe(format_args!("committed round={round}"));
         tracing::info!(run = %self.run_id, round, completed, "round {round} committed");
         self.global = next;
         self.global_sha256 = sha;
+        crate::memtrace::probe(format_args!("global-replaced round={round}"));
         self.committed = round;
         self.failures = 0;
         if self.cfg.evaluates_after(round) {

@@ -115,7 +115,7 @@ impl Federation for Coordinator {
         }
     }
 
-    type DownloadModelStream = tokio_stream::wrappers::ReceiverStream<Result<ModelChunk, Status>>;
+    type DownloadModelStream = super::transfer::DownloadStream;
 
     async fn download_model(
         &self,
@@ -143,6 +143,7 @@ impl Federation for Coordinator {
             return Err(Status::out_of_range("offset past the end of the model"));
         }
         let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let (guard, dropped) = tokio::sync::oneshot::channel();
         let header = ModelChunk {
             run_id: self.shared.cfg.run.name.clone(),
             round,
@@ -158,10 +159,9 @@ impl Federation for Coordinator {
             self.shared.downloads.clone(),
             Duration::from_secs(self.shared.cfg.rounds.heartbeat_timeout_secs),
             tx,
+            dropped,
         ));
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
-        )))
+        Ok(Response::new(super::transfer::download_stream(rx, guard)))
     }
 
     async fn upload_update(

@@ -328,6 +328,16 @@ fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
     }
 }
 
+/// The HTTP/2 flow-control window the server grants each stream and each connection: the
+/// protocol's default of 64 KiB, instead of hyper's 1 MiB.
+///
+/// A site may send this much before the server reads it, and the server must buffer it. An
+/// upload waiting for one of the [`TRANSFER_SLOTS`] has already pushed a window's worth, so
+/// with 1 MiB windows the coordinator held up to 1 MiB (the whole update, for small models)
+/// per waiting site, which made its memory grow with the number of sites. Measured on
+/// loopback, the smaller window does not slow a 40 MB upload down.
+pub const HTTP2_WINDOW: u32 = 65_535;
+
 /// Serves the coordinator on `listener` until `shutdown` resolves: the `Federation` and
 /// `Admin` services with fedflow's message limits, standard gRPC health checking
 /// (`grpc.health.v1`, serving once the engine is running) and server reflection (so grpcurl
@@ -358,6 +368,8 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
+        .initial_stream_window_size(HTTP2_WINDOW)
+        .initial_connection_window_size(HTTP2_WINDOW)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(admin)

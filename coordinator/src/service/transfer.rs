@@ -70,6 +70,12 @@ pub(super) fn reset_incoming(dir: &Path) -> crate::Result<()> {
 /// Streams a model file as `DownloadModel` chunks (laid out like `header`, starting at its
 /// offset) into `tx`, one chunk read at a time, once one of the download slots is free.
 /// Gives up when the receiver goes away or stops reading for `stall`.
+///
+/// The slot is held until the response stream has been dropped (gRPC has taken the last
+/// chunk and ended the response: `dropped` resolves), not merely until the last chunk is in the channel: a
+/// model that fits in one or two chunks would otherwise free its slot at once, and every
+/// download would hold its chunks in transport buffers at the same time, a model's worth per
+/// connected site.
 pub(super) async fn stream_model(
     file: std::fs::File,
     header: ModelChunk,
@@ -77,6 +83,7 @@ pub(super) async fn stream_model(
     slots: Arc<Semaphore>,
     stall: Duration,
     tx: tokio::sync::mpsc::Sender<Result<ModelChunk, Status>>,
+    dropped: tokio::sync::oneshot::Receiver<()>,
 ) {
     let Ok(_slot) = slots.acquire_owned().await else {
         return;
@@ -87,10 +94,13 @@ pub(super) async fn stream_model(
     loop {
         let n = (chunk_bytes.max(1) as u64).min(total - offset) as usize;
         let Some(f) = file.take() else { return };
+        // Allocated here, on a runtime worker, and filled on a blocking thread: the chunk is
+        // freed on a worker too (once sent), so it goes back to the workers' allocator heaps
+        // instead of piling up, freed from afar, in the heaps of idle blocking threads.
+        let mut buf = vec![0u8; n];
         let read = tokio::task::spawn_blocking(move || {
             use std::io::{Read, Seek, SeekFrom};
             let mut f = f;
-            let mut buf = vec![0u8; n];
             let r = f
                 .seek(SeekFrom::Start(offset))
                 .and_then(|_| f.read_exact(&mut buf));
@@ -117,7 +127,30 @@ pub(super) async fn stream_model(
         }
         offset += n as u64;
         if failed || offset >= total {
-            return;
+            break;
         }
     }
+    // End the stream, and keep the slot until the transport has taken the last chunk and
+    // dropped the response stream (and with it `dropped`'s sender).
+    drop(tx);
+    let _ = tokio::time::timeout(stall, dropped).await;
 }
+
+/// The response stream of a download: the chunks `stream_model` sends, holding the sender
+/// whose drop tells `stream_model` that the transport is done with the response.
+pub(super) fn download_stream(
+    rx: tokio::sync::mpsc::Receiver<Result<ModelChunk, Status>>,
+    guard: tokio::sync::oneshot::Sender<()>,
+) -> DownloadStream {
+    use tokio_stream::StreamExt;
+    Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(move |chunk| {
+            let _held = &guard;
+            chunk
+        }),
+    )
+}
+
+/// What `DownloadModel` answers with (see [`download_stream`]).
+pub(super) type DownloadStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ModelChunk, Status>> + Send>>;

@@ -14,8 +14,10 @@
 //!
 //! A round is committed in two steps, in this order:
 //!
-//! 1. the checkpoint file(s) are written with [`write_atomic`] (temporary file, fsync,
-//!    rename, directory fsync), so they are complete and durable;
+//! 1. the checkpoint file(s) are written with
+//!    [`write_atomic_with`](fedflow_common::fsio::write_atomic_with) (temporary file, fsync,
+//!    rename, directory fsync), so they are complete and durable; they are streamed tensor
+//!    by tensor and hashed on the way ([`ParamSet::save`]), never held serialised in memory;
 //! 2. one SQL transaction marks the round committed with the model's SHA-256 and records a
 //!    row per checkpoint file.
 //!
@@ -63,8 +65,6 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use fedflow_common::fsio::write_atomic;
-use fedflow_common::hash::sha256_hex;
 use fedflow_common::params::ParamSet;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use serde::Serialize;
@@ -949,13 +949,15 @@ impl Store {
                 run_dir.display()
             ))
         })?;
-        let bytes = params.to_safetensors_bytes()?;
-        write_atomic(&path, &bytes)?;
+        // Streamed tensor by tensor and hashed on the way (`ParamSet::save`, which writes
+        // with `write_atomic`'s guarantees), so no serialised copy of the model is held.
+        let (size, sha256) = params.save(&path)?;
+        crate::memtrace::probe(format_args!("checkpoint-written round={round}"));
         Ok(WrittenCheckpoint {
             kind,
             rel,
-            sha256: sha256_hex(&bytes),
-            size: bytes.len() as u64,
+            sha256,
+            size,
         })
     }
 
@@ -982,22 +984,23 @@ impl Store {
             ))
         })?;
         let path = self.dir.join(&rel);
-        let bytes = std::fs::read(&path).map_err(|e| {
+        // Parsed and hashed in one pass, tensor by tensor: the file's bytes are never held
+        // next to the parsed model.
+        let (model, actual_size, actual) = ParamSet::load_hashed(&path).map_err(|e| {
             Error::Store(format!(
-                "checkpoint {} of run {run_id} round {round} cannot be read: {e}; restore it from a backup",
+                "checkpoint {} of run {run_id} round {round} cannot be read or is corrupt: {e}; \
+                 restore it from a backup",
                 path.display()
             ))
         })?;
-        let actual = sha256_hex(&bytes);
-        if actual != expected || bytes.len() as i64 != size {
+        if actual != expected || actual_size as i64 != size {
             return Err(Error::Store(format!(
-                "checkpoint {} of run {run_id} round {round} is corrupt: {} bytes with sha256 {actual}, \
-                 expected {size} bytes with sha256 {expected}; restore it from a backup",
+                "checkpoint {} of run {run_id} round {round} is corrupt: {actual_size} bytes with \
+                 sha256 {actual}, expected {size} bytes with sha256 {expected}; restore it from a backup",
                 path.display(),
-                bytes.len()
             )));
         }
-        Ok(ParamSet::from_safetensors_bytes(&bytes)?)
+        Ok(model)
     }
 
     /// Deletes checkpoint files (and write_atomic temporaries) no checkpoint row points to;
