@@ -8,13 +8,15 @@
 //! For federation: what a partner site does with one federated task ([`site`]) — verify the
 //! global model, check it fits the site's vocabulary, train locally (optionally with FedProx)
 //! and produce the serialised weight delta with its hash and metrics, or only evaluate. The
-//! networking client loop calls into it. [`noop`] is a site that answers without training,
-//! for measuring the coordinator's own overhead.
+//! networking client loop ([`federation`]: enrol, long-poll, download, train or evaluate with
+//! heartbeats, upload, reconnect) calls into it through [`work::SiteWork`]. [`noop`] is a site
+//! that answers without training, for measuring the coordinator's own overhead.
 
 pub mod error;
 pub mod federation;
 pub mod local;
 pub mod noop;
 pub mod site;
+pub mod work;
 
 pub use error::{Error, Result};

@@ -1,0 +1,130 @@
+//! What a site does with a task, as the federation loop ([`run_site`](crate::federation::run_site))
+//! needs it: the [`SiteWork`] trait, implemented by the real
+//! [`SiteTrainer`] and by the no-op trainer, and the
+//! [`ModelBuffer`] a downloaded global model is assembled into.
+
+use fedflow_common::train::EpochReport;
+use prost::bytes::Bytes;
+
+use crate::Result;
+use crate::site::{SiteMetrics, SiteTrainer, TaskSpec};
+
+/// What a site does with a training task, as [`run_site`](crate::federation::run_site) needs it: the real
+/// [`SiteTrainer`], or the [`NoopTrainer`](crate::noop::NoopTrainer) that measures the
+/// coordinator apart from training.
+pub trait SiteWork: Send + Sync + 'static {
+    /// SHA-256 of the vocabulary the site's data is encoded with (sent at enrolment).
+    fn vocab_sha256(&self) -> &str;
+
+    /// Where the downloaded global model goes (it is hashed against the task's SHA-256
+    /// either way): kept whole by default.
+    fn model_buffer(&self) -> ModelBuffer {
+        ModelBuffer::Whole(Vec::new())
+    }
+
+    /// Runs a training task on the verified global model, calling `on_epoch` after each
+    /// local epoch. Called on a blocking thread.
+    fn train(
+        &self,
+        task: &TaskSpec,
+        model: ModelBuffer,
+        on_epoch: &mut dyn FnMut(&EpochReport),
+    ) -> Result<Update>;
+
+    /// Evaluates the verified global model on the site's validation split. Called on a
+    /// blocking thread.
+    fn evaluate(&self, task: &TaskSpec, model: ModelBuffer) -> Result<SiteMetrics>;
+}
+
+/// The update a [`SiteWork`] returns for upload.
+#[derive(Debug, Clone)]
+pub struct Update {
+    /// The delta's safetensors bytes.
+    pub bytes: Bytes,
+    /// Their SHA-256 (hex).
+    pub sha256: String,
+    /// The metrics to report.
+    pub metrics: SiteMetrics,
+}
+
+impl SiteWork for SiteTrainer {
+    fn vocab_sha256(&self) -> &str {
+        SiteTrainer::vocab_sha256(self)
+    }
+
+    fn train(
+        &self,
+        task: &TaskSpec,
+        model: ModelBuffer,
+        on_epoch: &mut dyn FnMut(&EpochReport),
+    ) -> Result<Update> {
+        let outcome = self.train_task(task, model.bytes(), on_epoch)?;
+        Ok(Update {
+            bytes: Bytes::from(outcome.delta_bytes),
+            sha256: outcome.delta_sha256,
+            metrics: outcome.metrics,
+        })
+    }
+
+    fn evaluate(&self, task: &TaskSpec, model: ModelBuffer) -> Result<SiteMetrics> {
+        self.evaluate_task(task, model.bytes())
+    }
+}
+
+/// Largest safetensors header [`ModelBuffer::HeaderOnly`] keeps.
+const MAX_KEPT_HEADER: u64 = 100_000_000;
+
+/// A downloaded global model as a site keeps it.
+#[derive(Debug)]
+pub enum ModelBuffer {
+    /// All of its bytes.
+    Whole(Vec<u8>),
+    /// Only the safetensors length prefix and JSON header (names, shapes, dtypes); the
+    /// tensor data is dropped as it arrives.
+    HeaderOnly(Vec<u8>),
+}
+
+impl ModelBuffer {
+    /// A buffer keeping only the safetensors header.
+    pub fn header_only() -> Self {
+        ModelBuffer::HeaderOnly(Vec::new())
+    }
+
+    /// The bytes kept.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            ModelBuffer::Whole(b) | ModelBuffer::HeaderOnly(b) => b,
+        }
+    }
+}
+
+impl std::io::Write for ModelBuffer {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        match self {
+            ModelBuffer::Whole(b) => b.extend_from_slice(data),
+            ModelBuffer::HeaderOnly(b) => {
+                let mut rest = data;
+                loop {
+                    let wanted = match b.get(..8) {
+                        None => 8,
+                        Some(prefix) => {
+                            let n = u64::from_le_bytes(prefix.try_into().expect("8 bytes"));
+                            8 + n.min(MAX_KEPT_HEADER) as usize
+                        }
+                    };
+                    let take = wanted.saturating_sub(b.len()).min(rest.len());
+                    if take == 0 {
+                        break;
+                    }
+                    b.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                }
+            }
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
