@@ -5,7 +5,7 @@
 //! crash during one loses at most the evaluation itself, which is re-run on restart for a
 //! round whose `evaluation_json` is still `NULL` (see [`Store::evaluation_pending`]).
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::params;
 use serde::Serialize;
 
 use super::{RoundStatus, Store, check_json, now_ms, to_i64};
@@ -28,16 +28,7 @@ pub struct EvaluationRecord {
 
 impl Store {
     fn require_committed(&self, run_id: &str, round: u64) -> Result<()> {
-        self.require_run(run_id)?;
-        let status: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT status FROM rounds WHERE run_id = ?1 AND round = ?2",
-                params![run_id, to_i64(round)?],
-                |r| r.get(0),
-            )
-            .optional()?;
-        match status.as_deref().map(str::parse).transpose()? {
+        match self.round_status(run_id, round)? {
             Some(RoundStatus::Committed) => Ok(()),
             Some(other) => Err(Error::Store(format!(
                 "run {run_id} round {round} is {other}; only a committed round's model is evaluated"

@@ -905,7 +905,9 @@ impl Store {
         })
     }
 
-    fn require_open(&self, run_id: &str, round: u64) -> Result<()> {
+    /// The status of a run's round (`None` if it was never begun); an error for an
+    /// unknown run.
+    fn round_status(&self, run_id: &str, round: u64) -> Result<Option<RoundStatus>> {
         self.require_run(run_id)?;
         let status: Option<String> = self
             .conn
@@ -915,7 +917,11 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
-        match status.as_deref().map(str::parse).transpose()? {
+        status.as_deref().map(str::parse).transpose()
+    }
+
+    fn require_open(&self, run_id: &str, round: u64) -> Result<()> {
+        match self.round_status(run_id, round)? {
             Some(RoundStatus::Open) => Ok(()),
             Some(other) => Err(Error::Store(format!(
                 "run {run_id} round {round} is {other}, not open; begin it first"
