@@ -78,6 +78,9 @@ pub enum Error {
     /// Training cannot proceed (empty data, loss diverged, ...).
     #[error("training: {0}")]
     Training(String),
+    /// A privacy computation got parameters outside its domain, or a budget would be exceeded.
+    #[error("privacy: {0}")]
+    Privacy(String),
     /// The requested compute device is not available in this build or on this machine.
     #[error("device: {0}")]
     Device(String),

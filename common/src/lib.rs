@@ -5,6 +5,7 @@
 //! - [`baseline`]: a bag-of-events logistic regression (and an order-aware oracle).
 //! - [`model`]: the attention-flow model (embedding → LSTM/GRU/Transformer → head).
 //! - [`train`]: local training, early stopping, evaluation and metrics.
+//! - [`privacy`]: differential privacy: the RDP accountant, the planner, DP-SGD noise.
 //! - [`params`]: named parameter sets: safetensors bytes, validation, delta arithmetic, clipping.
 //! - [`fedavg`]: streaming weighted FedAvg over parameter deltas, in f64.
 //! - [`fsio`]: crash-safe file writes (temporary file, fsync, rename).
@@ -21,6 +22,7 @@ pub mod fsio;
 pub mod hash;
 pub mod model;
 pub mod params;
+pub mod privacy;
 pub mod synth;
 pub mod train;
 

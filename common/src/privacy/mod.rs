@@ -1,0 +1,11 @@
+//! Differential privacy: accounting and planning.
+//!
+//! - [`rdp`]: the Rényi-DP accountant of the Poisson-subsampled Gaussian mechanism (a faithful
+//!   port of Google's `dp_accounting` `RdpAccountant`).
+//! - [`planner`]: ε for given parameters, and the inverse searches (the noise multiplier or
+//!   the number of rounds that meets a target ε).
+
+pub mod planner;
+pub mod rdp;
+
+pub use rdp::{RdpAccountant, SampledGaussian};

@@ -1,0 +1,175 @@
+//! Privacy planning: ε for a planned run, and the inverse searches.
+//!
+//! Everything here goes through [`RdpAccountant`], so a plan and the accounting of the run
+//! that follows it agree exactly. The inverse searches return values whose forward ε meets
+//! the target: the noise multiplier is rounded *up* (bisection keeps the upper end of the
+//! bracket), the number of rounds *down*.
+
+use serde::Serialize;
+
+use super::rdp::{RdpAccountant, SampledGaussian};
+use crate::{Error, Result};
+
+/// ε of a run and the RDP order that attains it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Spent {
+    /// ε at the requested δ.
+    pub epsilon: f64,
+    /// The optimal RDP order.
+    pub order: f64,
+}
+
+/// DP-SGD at a site: the sampling rate and step count of one round of local training.
+///
+/// Poisson sampling with expected batch size `B` over `n` records has rate `q = B / n`
+/// (capped at 1); an epoch is `⌈n / B⌉` steps, as in Opacus's and TF Privacy's data loaders.
+pub fn dpsgd_round(n: u64, expected_batch: u64, epochs: u64, z: f64) -> Result<SampledGaussian> {
+    if n == 0 || expected_batch == 0 {
+        return Err(Error::Privacy(format!(
+            "DP-SGD needs records and a batch size (n = {n}, batch = {expected_batch})"
+        )));
+    }
+    let q = (expected_batch as f64 / n as f64).min(1.0);
+    let steps = epochs * n.div_ceil(expected_batch);
+    Ok(SampledGaussian { q, z, steps })
+}
+
+/// ε at `delta` after `rounds` repetitions of the events of one round.
+pub fn epsilon(round: &[SampledGaussian], rounds: u64, delta: f64) -> Result<Spent> {
+    let mut acc = RdpAccountant::default();
+    for e in round {
+        acc.compose(&SampledGaussian {
+            steps: e.steps * rounds,
+            ..*e
+        })?;
+    }
+    let (epsilon, order) = acc.epsilon(delta)?;
+    Ok(Spent { epsilon, order })
+}
+
+fn check_target(target: f64) -> Result<()> {
+    if !(target.is_finite() && target > 0.0) {
+        return Err(Error::Privacy(format!(
+            "target epsilon must be a positive number, got {target}"
+        )));
+    }
+    Ok(())
+}
+
+/// The smallest noise multiplier (to a relative precision of 1e-6, rounded up) with which
+/// `steps` steps at sampling rate `q`, repeated over `rounds`, stay within `target` ε at `delta`.
+pub fn noise_for_epsilon(q: f64, steps: u64, rounds: u64, delta: f64, target: f64) -> Result<f64> {
+    check_target(target)?;
+    let eps = |z: f64| -> Result<f64> {
+        Ok(epsilon(&[SampledGaussian { q, z, steps }], rounds, delta)?.epsilon)
+    };
+    if eps(0.0)? <= target {
+        return Ok(0.0);
+    }
+    let mut hi = 1.0;
+    while eps(hi)? > target {
+        hi *= 2.0;
+        if hi > 1e6 {
+            return Err(Error::Privacy(format!(
+                "no noise multiplier up to 1e6 reaches epsilon {target} at delta {delta}"
+            )));
+        }
+    }
+    let mut lo = 0.0;
+    while hi - lo > 1e-6 * hi {
+        let mid = 0.5 * (lo + hi);
+        if eps(mid)? <= target {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi)
+}
+
+/// Rounds that can never exhaust a budget (a round that spends nothing) are reported as this.
+pub const UNLIMITED_ROUNDS: u64 = u64::MAX;
+
+/// The largest number of rounds, each spending `round`, that stays within `target` ε at
+/// `delta` (0 if even one round exceeds it; [`UNLIMITED_ROUNDS`] if a round spends nothing).
+pub fn rounds_for_epsilon(round: &[SampledGaussian], delta: f64, target: f64) -> Result<u64> {
+    check_target(target)?;
+    let within = |r: u64| -> Result<bool> { Ok(epsilon(round, r, delta)?.epsilon <= target) };
+    if !within(1)? {
+        return Ok(0);
+    }
+    let mut lo = 1u64; // within
+    let mut hi = 2u64;
+    while within(hi)? {
+        lo = hi;
+        if hi >= 1 << 40 {
+            return Ok(UNLIMITED_ROUNDS);
+        }
+        hi *= 2;
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if within(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dpsgd_round_counts_steps_per_epoch_rounded_up() {
+        let r = dpsgd_round(1000, 64, 2, 1.1).unwrap();
+        assert_eq!(r.steps, 2 * 16);
+        assert!((r.q - 0.064).abs() < 1e-15);
+        assert_eq!(dpsgd_round(10, 64, 1, 1.0).unwrap().q, 1.0);
+        assert!(dpsgd_round(0, 64, 1, 1.0).is_err());
+    }
+
+    #[test]
+    fn noise_search_meets_the_target_tightly() {
+        for &(q, steps, rounds, target) in &[(0.01, 100, 10, 1.0), (0.05, 20, 30, 8.0)] {
+            let z = noise_for_epsilon(q, steps, rounds, 1e-5, target).unwrap();
+            let ev = |z| SampledGaussian { q, z, steps };
+            let at = epsilon(&[ev(z)], rounds, 1e-5).unwrap().epsilon;
+            let below = epsilon(&[ev(z * (1.0 - 1e-4))], rounds, 1e-5)
+                .unwrap()
+                .epsilon;
+            assert!(at <= target, "z={z}: eps {at} > {target}");
+            assert!(below > target, "z={z} is not the smallest: {below}");
+        }
+    }
+
+    #[test]
+    fn rounds_search_is_the_last_round_within_budget() {
+        let round = [SampledGaussian {
+            q: 0.02,
+            z: 1.0,
+            steps: 50,
+        }];
+        let r = rounds_for_epsilon(&round, 1e-5, 4.0).unwrap();
+        assert!(r >= 1);
+        assert!(epsilon(&round, r, 1e-5).unwrap().epsilon <= 4.0);
+        assert!(epsilon(&round, r + 1, 1e-5).unwrap().epsilon > 4.0);
+        let free = [SampledGaussian {
+            q: 0.0,
+            z: 1.0,
+            steps: 50,
+        }];
+        assert_eq!(
+            rounds_for_epsilon(&free, 1e-5, 1.0).unwrap(),
+            UNLIMITED_ROUNDS
+        );
+        let costly = [SampledGaussian {
+            q: 1.0,
+            z: 0.1,
+            steps: 50,
+        }];
+        assert_eq!(rounds_for_epsilon(&costly, 1e-5, 1.0).unwrap(), 0);
+    }
+}
