@@ -63,6 +63,11 @@ pub struct SiteDataset {
     pub train: Vec<EncodedSession>,
     /// Validation sessions, in file order.
     pub validation: Vec<EncodedSession>,
+    /// The end user of each training session (`train_users[i]` for `train[i]`), as a dense
+    /// local number: sessions with the same `user_id` share it, a session without one gets a
+    /// number of its own. Record-level DP at user level groups sessions by it; it never
+    /// leaves the site.
+    pub train_users: Vec<u32>,
     /// Counts describing both splits.
     pub stats: DatasetStats,
 }
@@ -110,6 +115,8 @@ impl SiteDataset {
             )));
         }
         let mut dataset = SiteDataset::default();
+        let mut users: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+        let mut next_user = 0u32;
         for (i, record) in records.iter().enumerate() {
             let encoded = encode_session(record, vocab).map_err(|e| match e {
                 Error::DataFile { path, reason } => Error::DataFile {
@@ -121,7 +128,20 @@ impl SiteDataset {
             let split = split_of(&record.session_id, val_fraction);
             dataset.stats.add(&encoded, split);
             match split {
-                Split::Train => dataset.train.push(encoded),
+                Split::Train => {
+                    let user = match record.user_id.as_deref() {
+                        Some(id) => *users.entry(id).or_insert_with(|| {
+                            next_user += 1;
+                            next_user - 1
+                        }),
+                        None => {
+                            next_user += 1;
+                            next_user - 1
+                        }
+                    };
+                    dataset.train_users.push(user);
+                    dataset.train.push(encoded);
+                }
                 Split::Validation => dataset.validation.push(encoded),
             }
         }
@@ -150,6 +170,11 @@ impl SiteDataset {
     pub fn pool<'a>(datasets: impl IntoIterator<Item = &'a SiteDataset>) -> SiteDataset {
         let mut pooled = SiteDataset::default();
         for d in datasets {
+            // Users of different sites are different people: renumber past the ones so far.
+            let base = pooled.train_users.iter().max().map_or(0, |m| m + 1);
+            pooled
+                .train_users
+                .extend(d.train_users.iter().map(|u| base + u));
             pooled.train.extend_from_slice(&d.train);
             pooled.validation.extend_from_slice(&d.validation);
             let (p, s) = (&mut pooled.stats, &d.stats);
@@ -229,6 +254,21 @@ mod tests {
         assert_eq!(s.max_len, 4);
         assert!((s.mean_len - 8.0 / 3.0).abs() < 1e-12);
         assert_eq!(s.skipped_rows, 0);
+    }
+
+    #[test]
+    fn training_sessions_are_grouped_by_user() {
+        let mut records: Vec<SessionRecord> = (0..6)
+            .map(|i| record(&format!("s{i}"), &["a"], 1))
+            .collect();
+        for (r, user) in records.iter_mut().zip(["u1", "u2", "u1", "", "u2", ""]) {
+            r.user_id = (!user.is_empty()).then(|| user.to_owned());
+        }
+        let d = SiteDataset::from_records(&records, &vocab(), 0.0).unwrap();
+        // u1 -> 0, u2 -> 1, then each anonymous session a number of its own.
+        assert_eq!(d.train_users, [0, 1, 0, 2, 1, 3]);
+        let pooled = SiteDataset::pool([&d, &d]);
+        assert_eq!(pooled.train_users, [0, 1, 0, 2, 1, 3, 4, 5, 4, 6, 5, 7]);
     }
 
     #[test]

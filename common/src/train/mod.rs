@@ -4,6 +4,7 @@
 //! Everything random (parameter init, shuffling, dropout) draws from ChaCha8 streams derived
 //! from [`TrainConfig::seed`], so a CPU run is reproducible bit for bit.
 
+pub mod dpsgd;
 mod metrics;
 mod optim;
 
@@ -15,6 +16,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+pub use dpsgd::{DpSgdConfig, DpTrainReport, PrivacyUnit, privacy_units, train_dp};
 pub use metrics::{EvalMetrics, MetricsAccumulator};
 pub use optim::OptimizerKind;
 

@@ -1,0 +1,427 @@
+//! DP-SGD at a partner site (Abadi et al. 2016, "Deep Learning with Differential Privacy",
+//! Algorithm 1; with Poisson sampling as analysed by Mironov, Talwar, Zhang 2019 and
+//! implemented by Opacus and TF Privacy).
+//!
+//! Each step:
+//! 1. every privacy unit (a session, or all of one end user's sessions) joins the batch
+//!    independently with probability `q = B / n` (B the expected batch size, n the number of
+//!    units), drawn from the caller's cryptographically secure RNG;
+//! 2. each sampled unit's gradient is computed on its own (a backward pass over that unit
+//!    alone, so it is a true per-unit gradient, not a micro-batch average) and scaled to L2
+//!    norm at most `C` over all parameters together;
+//! 3. Gaussian noise N(0, (z·C)²) is added to every coordinate of the sum of clipped
+//!    gradients, and the sum is divided by the *expected* batch size B (a fixed denominator,
+//!    so the sensitivity stays C / B whatever the sampled size);
+//! 4. the optimiser (AdamW or SGD: post-processing) takes the noisy gradient.
+//!
+//! One round of local training is `epochs · ⌈n / B⌉` such steps: exactly the
+//! [`SampledGaussian`] event of [`dpsgd_round`], which is what the site's ledger records.
+//! Validation data is not used for model selection (that would be a release outside the
+//! accounting): the weights after the last step are the result.
+
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use rand::{CryptoRng, Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    EpochReport, MetricsAccumulator, TrainConfig, TrainReport, argmax, evaluate, optim, scalar,
+};
+use crate::data::EncodedSession;
+use crate::model::{AttentionFlowModel, Batch, Mode};
+use crate::privacy::SampledGaussian;
+use crate::privacy::planner::dpsgd_round;
+use crate::{Error, Result};
+
+/// What one unit of privacy protection is: the neighbouring datasets differ by one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrivacyUnit {
+    /// One session (one row of the site's data).
+    #[default]
+    Session,
+    /// One end user: all of a user's sessions together (at most `max_sessions_per_user`).
+    User,
+}
+
+impl std::fmt::Display for PrivacyUnit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PrivacyUnit::Session => "session",
+            PrivacyUnit::User => "user",
+        })
+    }
+}
+
+impl std::str::FromStr for PrivacyUnit {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "session" => Ok(PrivacyUnit::Session),
+            "user" => Ok(PrivacyUnit::User),
+            other => Err(Error::Config(format!(
+                "privacy unit {other:?}: expected \"session\" or \"user\""
+            ))),
+        }
+    }
+}
+
+/// DP-SGD parameters, as the coordinator's run config dictates them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DpSgdConfig {
+    /// L2 bound C on each unit's gradient.
+    pub clip_norm: f64,
+    /// Noise multiplier z: the noise standard deviation is z·C.
+    pub noise_multiplier: f64,
+    /// Expected batch size B (in units); the sampling rate is B / n.
+    pub expected_batch_size: usize,
+    /// The privacy unit.
+    pub unit: PrivacyUnit,
+    /// With `unit = "user"`: at most this many sessions of one user are used (the first ones
+    /// in file order); the rest are left out of training.
+    pub max_sessions_per_user: usize,
+}
+
+impl Default for DpSgdConfig {
+    fn default() -> Self {
+        DpSgdConfig {
+            clip_norm: 1.0,
+            noise_multiplier: 1.0,
+            expected_batch_size: 64,
+            unit: PrivacyUnit::Session,
+            max_sessions_per_user: 8,
+        }
+    }
+}
+
+impl DpSgdConfig {
+    /// Checks every field, naming the first one out of range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |f: &str, why: String| Err(Error::Config(format!("dp_sgd.{f}: {why}")));
+        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
+            return bad(
+                "clip_norm",
+                format!("{} must be a positive number", self.clip_norm),
+            );
+        }
+        if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
+            return bad(
+                "noise_multiplier",
+                format!("{} must be a number >= 0", self.noise_multiplier),
+            );
+        }
+        if self.expected_batch_size == 0 {
+            return bad("expected_batch_size", "must be at least 1".into());
+        }
+        if self.max_sessions_per_user == 0 {
+            return bad("max_sessions_per_user", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The privacy event of one round of `epochs` epochs over `units` units.
+    pub fn round_event(&self, units: usize, epochs: usize) -> Result<SampledGaussian> {
+        dpsgd_round(
+            units as u64,
+            self.expected_batch_size as u64,
+            epochs as u64,
+            self.noise_multiplier,
+        )
+    }
+}
+
+/// Groups training sessions into privacy units: one per session, or one per user (given
+/// `users[i]` for session `i`) holding at most `max_sessions_per_user` of the user's sessions,
+/// the first ones in order. Units are in order of their first session.
+pub fn privacy_units(users: &[u32], cfg: &DpSgdConfig) -> Vec<Vec<usize>> {
+    match cfg.unit {
+        PrivacyUnit::Session => (0..users.len()).map(|i| vec![i]).collect(),
+        PrivacyUnit::User => {
+            let mut index: std::collections::HashMap<u32, usize> = Default::default();
+            let mut units: Vec<Vec<usize>> = Vec::new();
+            for (i, &u) in users.iter().enumerate() {
+                let k = *index.entry(u).or_insert_with(|| {
+                    units.push(Vec::new());
+                    units.len() - 1
+                });
+                if units[k].len() < cfg.max_sessions_per_user {
+                    units[k].push(i);
+                }
+            }
+            units
+        }
+    }
+}
+
+/// What DP-SGD did in one call of [`train_dp`], beyond the usual training report.
+#[derive(Debug, Clone, Serialize)]
+pub struct DpTrainReport {
+    /// The usual per-epoch report (metrics over the sampled units, with dropout; local only).
+    pub train: TrainReport,
+    /// The privacy event actually run: sampling rate, noise multiplier, steps.
+    pub event: SampledGaussian,
+    /// Number of privacy units n.
+    pub units: usize,
+    /// Units sampled over all steps (its mean per step should be about B).
+    pub sampled: u64,
+    /// Fraction of sampled units whose gradient norm exceeded C.
+    pub clipped_fraction: f64,
+}
+
+/// Per-unit gradient clipping and summation into flat f32 buffers, one per parameter.
+#[derive(Debug)]
+pub struct ClippedSum {
+    vars: Vec<Var>,
+    sums: Vec<Vec<f32>>,
+    grad: Vec<f32>,
+    clip_norm: f64,
+    /// Units added since the last reset.
+    pub units: u64,
+    /// Of which had a gradient norm above C.
+    pub clipped: u64,
+}
+
+impl ClippedSum {
+    /// Empty sums for the parameters of `model`, clipping at `clip_norm`.
+    pub fn new(model: &AttentionFlowModel, clip_norm: f64) -> Self {
+        // By name: a `VarMap` iterates in a per-instance order, and the noise must land on the
+        // same coordinates for the same RNG stream (reproducible tests, comparable runs).
+        let vars: Vec<Var> = {
+            let data = model.varmap().data().lock().expect("varmap lock");
+            let mut named: Vec<(&String, &Var)> = data.iter().collect();
+            named.sort_by(|a, b| a.0.cmp(b.0));
+            named.into_iter().map(|(_, v)| v.clone()).collect()
+        };
+        let sums = vars.iter().map(|v| vec![0f32; v.elem_count()]).collect();
+        let total = vars.iter().map(|v| v.elem_count()).sum();
+        ClippedSum {
+            vars,
+            sums,
+            grad: Vec::with_capacity(total),
+            clip_norm,
+            units: 0,
+            clipped: 0,
+        }
+    }
+
+    /// The parameters, sorted by name, in the order of [`ClippedSum::sums`].
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// The running sums, one flat buffer per parameter.
+    pub fn sums(&self) -> &[Vec<f32>] {
+        &self.sums
+    }
+
+    /// Zeroes the sums and counters.
+    pub fn reset(&mut self) {
+        for s in &mut self.sums {
+            s.fill(0.0);
+        }
+        self.units = 0;
+        self.clipped = 0;
+    }
+
+    /// The gradient of the mean loss over `sessions` (one privacy unit), flattened over all
+    /// parameters in order; returns the loss and logits too.
+    pub fn unit_gradient(
+        &mut self,
+        model: &AttentionFlowModel,
+        sessions: &[&EncodedSession],
+        mode: &mut Mode<'_>,
+    ) -> Result<(f64, Tensor, &[f32])> {
+        let batch = Batch::new(sessions, model.config(), model.device())?;
+        let (loss, logits) = model.loss(&batch, mode)?;
+        let grads = loss.backward()?;
+        self.grad.clear();
+        for v in &self.vars {
+            match grads.get(v.as_tensor()) {
+                Some(g) => self
+                    .grad
+                    .extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => self.grad.extend(std::iter::repeat_n(0.0, v.elem_count())),
+            }
+        }
+        Ok((scalar(&loss)?, logits, &self.grad))
+    }
+
+    /// Adds one unit's gradient, scaled to L2 norm at most C. Returns the norm before
+    /// clipping and the loss and logits.
+    pub fn add_unit(
+        &mut self,
+        model: &AttentionFlowModel,
+        sessions: &[&EncodedSession],
+        mode: &mut Mode<'_>,
+    ) -> Result<(f64, f64, Tensor)> {
+        let clip_norm = self.clip_norm;
+        let (loss, logits, grad) = self.unit_gradient(model, sessions, mode)?;
+        let norm = grad
+            .iter()
+            .map(|&g| f64::from(g) * f64::from(g))
+            .sum::<f64>()
+            .sqrt();
+        if !norm.is_finite() {
+            return Err(Error::Training(format!(
+                "a per-example gradient is {norm}: lower the learning rate"
+            )));
+        }
+        // min(1, C / ‖g‖), as in Abadi et al. (g / max(1, ‖g‖ / C)).
+        let factor = if norm > clip_norm {
+            (clip_norm / norm) as f32
+        } else {
+            1.0
+        };
+        let mut offset = 0;
+        for sum in &mut self.sums {
+            let g = &self.grad[offset..offset + sum.len()];
+            for (s, &x) in sum.iter_mut().zip(g) {
+                *s += factor * x;
+            }
+            offset += sum.len();
+        }
+        self.units += 1;
+        if norm > clip_norm {
+            self.clipped += 1;
+        }
+        Ok((norm, loss, logits))
+    }
+
+    /// Adds N(0, std²) to every coordinate of the sums.
+    pub fn add_noise<R: Rng + CryptoRng>(&mut self, std: f64, rng: &mut R) {
+        if std == 0.0 {
+            return;
+        }
+        for sum in &mut self.sums {
+            for s in sum.iter_mut() {
+                let n: f64 = rng.sample(StandardNormal);
+                *s += (n * std) as f32;
+            }
+        }
+    }
+
+    /// The sums divided by `denominator`, as a gradient store for the optimiser.
+    pub fn gradients(&self, denominator: f64) -> Result<GradStore> {
+        let mut store = GradStore::default();
+        let scale = (1.0 / denominator) as f32;
+        for (v, sum) in self.vars.iter().zip(&self.sums) {
+            let g: Vec<f32> = sum.iter().map(|s| s * scale).collect();
+            let t = Tensor::from_vec(g, v.shape(), v.device())?.to_dtype(v.dtype())?;
+            store.insert(v.as_tensor(), t);
+        }
+        Ok(store)
+    }
+}
+
+/// Trains `model` in place with DP-SGD for `cfg.epochs` epochs over the given privacy `units`
+/// (indices into `train`, see [`privacy_units`]).
+///
+/// `noise_rng` draws both the Poisson sampling and the Gaussian noise: it must be a
+/// cryptographically secure generator seeded from the operating system in production
+/// (tests pass a seeded one). The learning rate, optimiser and weight decay come from `cfg`;
+/// `cfg.batch_size`, early stopping and FedProx do not apply. `validation` (may be empty) is
+/// evaluated after each epoch for the site's own logs only.
+pub fn train_dp<R: Rng + CryptoRng>(
+    model: &AttentionFlowModel,
+    train: &[EncodedSession],
+    units: &[Vec<usize>],
+    validation: &[EncodedSession],
+    cfg: &TrainConfig,
+    dp: &DpSgdConfig,
+    noise_rng: &mut R,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+) -> Result<DpTrainReport> {
+    cfg.validate()?;
+    dp.validate()?;
+    if units.is_empty() {
+        return Err(Error::Training("no training sessions".into()));
+    }
+    if let Some(bad) = units.iter().flatten().find(|&&i| i >= train.len()) {
+        return Err(Error::Training(format!(
+            "privacy unit refers to session {bad} of {}",
+            train.len()
+        )));
+    }
+    let event = dp.round_event(units.len(), cfg.epochs)?;
+    let steps_per_epoch = event.steps / cfg.epochs as u64;
+    let vars = model.varmap().all_vars();
+    let mut optimizer = optim::Optimizer::new(
+        cfg.optimizer,
+        vars,
+        cfg.learning_rate,
+        cfg.momentum,
+        cfg.weight_decay,
+    )?;
+    let mut dropout_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed_d20b_0000_0001);
+    let mut acc_sum = ClippedSum::new(model, dp.clip_norm);
+    let std = dp.noise_multiplier * dp.clip_norm;
+    let (mut sampled, mut clipped) = (0u64, 0u64);
+    let mut reports = Vec::new();
+    let mut steps = 0;
+    for epoch in 1..=cfg.epochs {
+        let started = Instant::now();
+        let mut metrics = MetricsAccumulator::new(model.config().num_classes);
+        let mut seen = 0usize;
+        for _ in 0..steps_per_epoch {
+            acc_sum.reset();
+            for unit in units {
+                if noise_rng.random::<f64>() >= event.q {
+                    continue;
+                }
+                let sessions: Vec<&EncodedSession> = unit.iter().map(|&i| &train[i]).collect();
+                let (_, loss, logits) =
+                    acc_sum.add_unit(model, &sessions, &mut Mode::Train(&mut dropout_rng))?;
+                let truth: Vec<u32> = sessions.iter().map(|s| s.class).collect();
+                metrics.add(loss, &truth, &argmax(&logits)?);
+                seen += sessions.len();
+            }
+            acc_sum.add_noise(std, noise_rng);
+            optimizer.step(&acc_sum.gradients(dp.expected_batch_size as f64)?)?;
+            sampled += acc_sum.units;
+            clipped += acc_sum.clipped;
+            steps += 1;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let m = metrics.finish();
+        let report = EpochReport {
+            epoch,
+            train_loss: m.loss,
+            train_accuracy: m.accuracy,
+            validation: if validation.is_empty() {
+                None
+            } else {
+                Some(evaluate(model, validation, 256)?)
+            },
+            improved: false,
+            seconds,
+            samples_per_sec: seen as f64 / seconds.max(1e-9),
+        };
+        on_epoch(&report);
+        reports.push(report);
+    }
+    Ok(DpTrainReport {
+        train: TrainReport {
+            epochs: reports,
+            best_epoch: cfg.epochs,
+            stopped_early: false,
+            train_examples: units.iter().map(Vec::len).sum(),
+            steps,
+        },
+        event,
+        units: units.len(),
+        sampled,
+        clipped_fraction: if sampled == 0 {
+            0.0
+        } else {
+            clipped as f64 / sampled as f64
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,310 @@
+//! DP-SGD tests: exact per-unit clipping, per-unit gradients against a batched backward,
+//! noise moments, and the whole loop against ordinary training in its non-private limit.
+
+use candle_core::Device;
+use rand::{Rng, SeedableRng};
+use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
+
+use super::*;
+use crate::model::{EncoderKind, ModelConfig};
+use crate::train::{OptimizerKind, train};
+
+fn config(encoder: EncoderKind) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 12,
+        embed_dim: 16,
+        encoder,
+        hidden_size: 16,
+        num_layers: 2,
+        dropout: 0.0,
+        max_seq_len: 20,
+        num_heads: 2,
+        ffn_dim: 32,
+        ..ModelConfig::default()
+    }
+}
+
+fn sessions(n: usize, seed: u64) -> Vec<EncodedSession> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| EncodedSession {
+            events: (0..rng.random_range(2..10))
+                .map(|_| rng.random_range(2..12))
+                .collect(),
+            class: rng.random_range(0..5),
+        })
+        .collect()
+}
+
+fn norm(sums: &[Vec<f32>]) -> f64 {
+    sums.iter()
+        .flatten()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
+}
+
+#[test]
+fn every_clipped_unit_gradient_is_within_the_bound() {
+    let data = sessions(12, 3);
+    for encoder in [
+        EncoderKind::Lstm,
+        EncoderKind::Gru,
+        EncoderKind::Transformer,
+    ] {
+        let model = AttentionFlowModel::new(&config(encoder), &Device::Cpu, 5).unwrap();
+        for clip in [1e-6, 0.05, 1e6] {
+            for s in &data {
+                let mut sum = ClippedSum::new(&model, clip);
+                let raw: Vec<f32> = sum
+                    .unit_gradient(&model, &[s], &mut Mode::Eval)
+                    .unwrap()
+                    .2
+                    .to_vec();
+                let raw_norm = raw
+                    .iter()
+                    .map(|&g| f64::from(g).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let (before, _, _) = sum.add_unit(&model, &[s], &mut Mode::Eval).unwrap();
+                assert!((before - raw_norm).abs() <= 1e-9 * raw_norm.max(1.0));
+                let after = norm(sum.sums());
+                assert!(
+                    after <= clip * (1.0 + 1e-5),
+                    "{encoder:?} C={clip}: {after}"
+                );
+                if raw_norm > clip {
+                    // Scaled onto the sphere of radius C, direction kept.
+                    assert!((after - clip).abs() <= 1e-5 * clip, "{after} vs {clip}");
+                    assert_eq!(sum.clipped, 1);
+                } else {
+                    // Untouched.
+                    let flat: Vec<f32> = sum.sums().concat();
+                    assert_eq!(flat, raw);
+                    assert_eq!(sum.clipped, 0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn unit_gradients_sum_to_the_batched_gradient() {
+    // With no clipping in effect, the sum of per-session gradients must equal B times the
+    // gradient of the batch-mean loss: each backward really sees one session only.
+    let data = sessions(10, 4);
+    for encoder in [EncoderKind::Lstm, EncoderKind::Transformer] {
+        let model = AttentionFlowModel::new(&config(encoder), &Device::Cpu, 6).unwrap();
+        let mut sum = ClippedSum::new(&model, 1e9);
+        for s in &data {
+            sum.add_unit(&model, &[s], &mut Mode::Eval).unwrap();
+        }
+        let refs: Vec<&EncodedSession> = data.iter().collect();
+        let batch = Batch::new(&refs, model.config(), model.device()).unwrap();
+        let (loss, _) = model.loss(&batch, &mut Mode::Eval).unwrap();
+        let grads = loss.backward().unwrap();
+        for (v, s) in sum.vars().iter().zip(sum.sums()) {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (a, b) in s.iter().zip(&g) {
+                let want = b * data.len() as f32;
+                assert!(
+                    (a - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{encoder:?}: {a} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn noise_has_the_configured_scale() {
+    let model = AttentionFlowModel::new(&ModelConfig::default(), &Device::Cpu, 1).unwrap();
+    let mut sum = ClippedSum::new(&model, 1.0);
+    let std = 2.5;
+    sum.add_noise(std, &mut ChaCha20Rng::seed_from_u64(9));
+    let x: Vec<f64> = sum.sums().iter().flatten().map(|&v| f64::from(v)).collect();
+    let n = x.len() as f64;
+    assert!(n > 50_000.0);
+    let mean = x.iter().sum::<f64>() / n;
+    let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let kurt = x.iter().map(|v| (v - mean).powi(4)).sum::<f64>() / n / var.powi(2);
+    // Standard errors: mean std/√n, variance ≈ √(2/n) relative, kurtosis ≈ √(24/n).
+    assert!(mean.abs() < 4.0 * std / n.sqrt(), "mean {mean}");
+    assert!(
+        (var.sqrt() / std - 1.0).abs() < 0.01,
+        "std {} vs {std}",
+        var.sqrt()
+    );
+    assert!(
+        (kurt - 3.0).abs() < 4.0 * (24.0 / n).sqrt(),
+        "kurtosis {kurt}"
+    );
+    // Different seeds give different noise; the same seed the same.
+    let draw = |seed| {
+        let mut s = ClippedSum::new(&model, 1.0);
+        s.add_noise(std, &mut ChaCha20Rng::seed_from_u64(seed));
+        s.sums()[0].clone()
+    };
+    assert_eq!(draw(1), draw(1));
+    assert_ne!(draw(1), draw(2));
+}
+
+#[test]
+fn users_group_sessions_up_to_the_cap() {
+    let users = [7, 3, 7, 7, 9, 3, 7];
+    let session = DpSgdConfig::default();
+    assert_eq!(privacy_units(&users, &session).len(), 7);
+    let user = DpSgdConfig {
+        unit: PrivacyUnit::User,
+        max_sessions_per_user: 2,
+        ..DpSgdConfig::default()
+    };
+    assert_eq!(
+        privacy_units(&users, &user),
+        vec![vec![0, 2], vec![1, 5], vec![4]]
+    );
+}
+
+fn sgd(epochs: usize, batch_size: usize) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch_size,
+        learning_rate: 0.05,
+        optimizer: OptimizerKind::Sgd,
+        momentum: 0.0,
+        weight_decay: 0.0,
+        patience: 0,
+        length_bucketing: false,
+        ..TrainConfig::default()
+    }
+}
+
+/// All parameters, by name (a `VarMap`'s own order differs between instances).
+fn flat(model: &AttentionFlowModel) -> Vec<f32> {
+    let data = model.varmap().data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    names
+        .into_iter()
+        .flat_map(|n| {
+            data[n]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn without_noise_or_clipping_it_is_full_batch_gradient_descent() {
+    // q = 1 (B = n), C = ∞, z = 0: DP-SGD must reduce to plain full-batch SGD step for step.
+    let data = sessions(16, 8);
+    let cfg = config(EncoderKind::Lstm);
+    let private = AttentionFlowModel::new(&cfg, &Device::Cpu, 2).unwrap();
+    let plain = AttentionFlowModel::new(&cfg, &Device::Cpu, 2).unwrap();
+    let dp = DpSgdConfig {
+        clip_norm: 1e12,
+        noise_multiplier: 0.0,
+        expected_batch_size: data.len(),
+        ..DpSgdConfig::default()
+    };
+    let units = privacy_units(
+        &vec![0; data.len()]
+            .iter()
+            .enumerate()
+            .map(|(i, _)| i as u32)
+            .collect::<Vec<_>>(),
+        &dp,
+    );
+    let report = train_dp(
+        &private,
+        &data,
+        &units,
+        &[],
+        &sgd(3, 16),
+        &dp,
+        &mut ChaCha20Rng::seed_from_u64(1),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(report.event.q, 1.0);
+    assert_eq!(report.train.steps, 3);
+    assert_eq!(report.sampled, 3 * 16);
+    train(&plain, &data, &[], &sgd(3, 16), &mut |_| {}).unwrap();
+    let (a, b) = (flat(&private), flat(&plain));
+    let moved = a
+        .iter()
+        .zip(flat(
+            &AttentionFlowModel::new(&cfg, &Device::Cpu, 2).unwrap(),
+        ))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-3, "training did not move the weights");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+    }
+}
+
+#[test]
+fn poisson_batches_have_the_expected_size_and_the_event_matches() {
+    let data = sessions(200, 9);
+    let model = AttentionFlowModel::new(&config(EncoderKind::Lstm), &Device::Cpu, 3).unwrap();
+    let dp = DpSgdConfig {
+        clip_norm: 0.5,
+        noise_multiplier: 1.1,
+        expected_batch_size: 20,
+        ..DpSgdConfig::default()
+    };
+    let users: Vec<u32> = (0..200).collect();
+    let units = privacy_units(&users, &dp);
+    let cfg = sgd(2, 20);
+    let run = |seed| {
+        let model = AttentionFlowModel::new(&config(EncoderKind::Lstm), &Device::Cpu, 3).unwrap();
+        train_dp(
+            &model,
+            &data,
+            &units,
+            &[],
+            &cfg,
+            &dp,
+            &mut ChaCha20Rng::seed_from_u64(seed),
+            &mut |_| {},
+        )
+        .unwrap();
+        flat(&model)
+    };
+    let report = train_dp(
+        &model,
+        &data,
+        &units,
+        &data[..20],
+        &cfg,
+        &dp,
+        &mut ChaCha20Rng::seed_from_u64(4),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(report.event, dp.round_event(200, 2).unwrap());
+    assert_eq!((report.event.steps, report.train.steps), (20, 20));
+    assert!((report.event.q - 0.1).abs() < 1e-15);
+    // 20 steps x Binomial(200, 0.1): mean 400, sd 19.
+    assert!(
+        (report.sampled as f64 - 400.0).abs() < 80.0,
+        "{}",
+        report.sampled
+    );
+    assert!(report.clipped_fraction > 0.0 && report.clipped_fraction <= 1.0);
+    assert!(report.train.epochs.iter().all(|e| e.validation.is_some()));
+    // The sampling and noise RNG decides the result: same seed, same weights.
+    let (a, b, c) = (run(5), run(5), run(6));
+    assert!(a == b, "same seed, different weights");
+    assert!(a != c, "different seeds, same weights");
+}
