@@ -23,6 +23,17 @@ pub enum Error {
     /// data (the message says why and what to do).
     #[error("task refused: {0}")]
     Task(String),
+    /// The site's privacy ledger could not be read or written (nothing is released then).
+    #[error("privacy ledger {path}: {reason}")]
+    Ledger {
+        /// The ledger's database file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A task would take the site's record-level privacy spend past a limit.
+    #[error("privacy budget: {0}")]
+    Budget(String),
     /// Received bytes do not hash to the SHA-256 they were announced with.
     #[error(
         "{what} hash mismatch: the bytes hash to {actual} but {expected} was expected; \

@@ -14,6 +14,7 @@
 
 pub mod error;
 pub mod federation;
+pub mod ledger;
 pub mod local;
 pub mod noop;
 pub mod site;

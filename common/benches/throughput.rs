@@ -2,15 +2,19 @@
 //! steps (forward, backward, AdamW update) at fixed sequence lengths.
 //!
 //! Run: `cargo bench -p fedflow-common --bench throughput` (optionally with
-//! `-- --batch 64 --seq 20,100 --steps 30 --encoder lstm --reference`). Prints one JSON line
-//! per setting; `bench/pytorch_throughput.py` prints the same for PyTorch.
+//! `-- --batch 64 --seq 20,100 --steps 30 --encoder lstm --reference --dp`). Prints one JSON
+//! line per setting; `bench/pytorch_throughput.py` prints the same for PyTorch. `--dp` runs
+//! DP-SGD instead (Poisson batches of expected size `--batch`, one backward per session,
+//! clipping, noise), over the same data.
 
 use std::time::Instant;
 
 use candle_core::Device;
 use fedflow_common::data::EncodedSession;
 use fedflow_common::model::{AttentionFlowModel, Batch, EncoderKind, Mode, ModelConfig};
-use fedflow_common::train::{OptimizerKind, TrainConfig, train};
+use fedflow_common::train::{
+    DpSgdConfig, OptimizerKind, TrainConfig, privacy_units, train, train_dp,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -23,6 +27,7 @@ struct Args {
     steps: usize,
     encoder: EncoderKind,
     reference: bool,
+    dp: bool,
 }
 
 fn parse_args() -> Args {
@@ -32,6 +37,7 @@ fn parse_args() -> Args {
         steps: 30,
         encoder: EncoderKind::Lstm,
         reference: false,
+        dp: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -47,6 +53,7 @@ fn parse_args() -> Args {
             "--steps" => a.steps = val().parse().expect("--steps N"),
             "--encoder" => a.encoder = val().parse().expect("--encoder lstm|gru|transformer"),
             "--reference" => a.reference = true,
+            "--dp" => a.dp = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -88,11 +95,23 @@ fn main() {
             ..TrainConfig::default()
         };
         let started = Instant::now();
-        train(&model, &data, &[], &tc, &mut |_| {}).expect("train");
+        if args.dp {
+            let dp = DpSgdConfig {
+                expected_batch_size: args.batch,
+                ..DpSgdConfig::default()
+            };
+            let users: Vec<u32> = (0..data.len() as u32).collect();
+            let units = privacy_units(&users, &dp);
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+            train_dp(&model, &data, &units, &[], &tc, &dp, &mut rng, &mut |_| {}).expect("dp");
+        } else {
+            train(&model, &data, &[], &tc, &mut |_| {}).expect("train");
+        }
         let secs = started.elapsed().as_secs_f64();
         println!(
-            "{{\"impl\":\"fedflow-candle{}\",\"encoder\":\"{:?}\",\"batch\":{},\"seq\":{},\"steps\":{},\"threads\":{},\"kernel_threads\":{},\"samples_per_sec\":{:.1}}}",
+            "{{\"impl\":\"fedflow-candle{}{}\",\"encoder\":\"{:?}\",\"batch\":{},\"seq\":{},\"steps\":{},\"threads\":{},\"kernel_threads\":{},\"samples_per_sec\":{:.1}}}",
             if args.reference { "-reference" } else { "" },
+            if args.dp { "-dpsgd" } else { "" },
             args.encoder,
             args.batch,
             seq,
