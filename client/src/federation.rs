@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedflow_common::model::ModelConfig;
-use fedflow_common::train::{OptimizerKind, TrainConfig};
+use fedflow_common::train::{DpSgdConfig, OptimizerKind, TrainConfig};
 use fedflow_proto::transfer::{Assembler, MAX_MESSAGE_BYTES, update_chunks};
 use fedflow_proto::v1::federation_client::FederationClient;
 use fedflow_proto::v1::{
@@ -22,6 +22,7 @@ use fedflow_proto::v1::{
 use rand::Rng;
 use tonic::transport::Channel;
 
+use crate::privacy::RecordDp;
 use crate::site::{SiteMetrics, TaskSpec};
 pub use crate::work::{ModelBuffer, SiteWork, Update};
 use crate::{Error, Result};
@@ -152,9 +153,36 @@ fn task_spec(task: &Task) -> Result<TaskSpec> {
         .optimizer
         .parse()
         .map_err(|e| Error::Task(format!("{e}")))?;
+    let record_dp = match &t.dp_sgd {
+        None => None,
+        Some(d) => Some(RecordDp {
+            sgd: DpSgdConfig {
+                clip_norm: d.clip_norm,
+                noise_multiplier: d.noise_multiplier,
+                expected_batch_size: d.expected_batch_size as usize,
+                unit: d.unit.parse().map_err(|e| Error::Task(format!("{e}")))?,
+                max_sessions_per_user: d.max_sessions_per_user as usize,
+            },
+            target_epsilon: d.target_epsilon,
+            target_delta: d.target_delta,
+        }),
+    };
+    if let Some(dp) = &record_dp {
+        dp.sgd
+            .validate()
+            .map_err(|e| Error::Task(format!("the task's DP-SGD instructions: {e}")))?;
+        if !(dp.target_epsilon > 0.0 && dp.target_delta > 0.0 && dp.target_delta < 1.0) {
+            return Err(Error::Task(format!(
+                "the task's record-level target ({}, {}) is not a valid (epsilon, delta)",
+                dp.target_epsilon, dp.target_delta
+            )));
+        }
+    }
     Ok(TaskSpec {
         run_id: task.run_id.clone(),
         round: task.round,
+        task_id: task.task_id.clone(),
+        record_dp,
         model: model_config,
         vocab_sha256: model.vocab_sha256.clone(),
         expected_model_sha256: model.sha256.clone(),
@@ -491,14 +519,19 @@ async fn run_task<W: SiteWork>(
     match client.upload_update(tokio_stream::iter(msgs)).await {
         Ok(_) => {
             tracing::info!(site = %opts.site_id, round, "round {round}: update accepted");
+            trainer.delivered(&spec);
             Ok(())
         }
         Err(s) if transient(&s) => Err(TaskError::Transport(s)),
-        Err(s) => Err(TaskError::Refused(format!(
-            "{} ({:?})",
-            s.message(),
-            s.code()
-        ))),
+        Err(s) => {
+            // The coordinator has seen the bytes even though it refused them.
+            trainer.delivered(&spec);
+            Err(TaskError::Refused(format!(
+                "{} ({:?})",
+                s.message(),
+                s.code()
+            )))
+        }
     }
 }
 

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS entries (
     q                   REAL NOT NULL,
     steps               INTEGER NOT NULL,
     update_sha256       TEXT NOT NULL,
+    metrics_released    INTEGER NOT NULL,
     released            INTEGER NOT NULL DEFAULT 0,
     UNIQUE (run_id, round, task_id)
 );
@@ -80,6 +81,9 @@ pub struct LedgerEntry {
     pub steps: u64,
     /// SHA-256 of the released update bytes.
     pub update_sha256: String,
+    /// Whether metrics computed on the site's data went out with the update (outside the
+    /// guarantee).
+    pub metrics_released: bool,
     /// Whether the coordinator has acknowledged the update (it counts either way).
     pub released: bool,
 }
@@ -116,6 +120,8 @@ pub struct NewEntry {
     pub epochs: u64,
     /// The privacy event actually run.
     pub event: SampledGaussian,
+    /// Whether metrics on the site's data go out with the update.
+    pub metrics_released: bool,
 }
 
 /// The ledger of one site (see the module docs for the crash-safety protocol).
@@ -183,7 +189,7 @@ impl Ledger {
             .prepare(
                 "SELECT id, recorded_unix_ms, run_id, round, task_id, unit, units, clip_norm,
                         noise_multiplier, expected_batch_size, epochs, q, steps, update_sha256,
-                        released
+                        released, metrics_released
                  FROM entries ORDER BY id",
             )
             .map_err(|e| self.err(e))?;
@@ -206,6 +212,7 @@ impl Ledger {
                     steps: r.get::<_, i64>(12)? as u64,
                     update_sha256: r.get(13)?,
                     released: r.get::<_, i64>(14)? != 0,
+                    metrics_released: r.get::<_, i64>(15)? != 0,
                 })
             })
             .map_err(|e| self.err(e))?;
@@ -274,8 +281,8 @@ impl Ledger {
             .execute(
                 "INSERT INTO entries (recorded_unix_ms, run_id, round, task_id, unit, units,
                     clip_norm, noise_multiplier, expected_batch_size, epochs, q, steps,
-                    update_sha256)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                    update_sha256, metrics_released)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 params![
                     now_ms(),
                     entry.run_id,
@@ -290,6 +297,7 @@ impl Ledger {
                     entry.event.q,
                     entry.event.steps as i64,
                     sha,
+                    entry.metrics_released,
                 ],
             )
             .map_err(|e| self.err(e))?;
@@ -334,6 +342,7 @@ mod tests {
                 z: 1.1,
                 steps: 20,
             },
+            metrics_released: false,
         }
     }
 
@@ -352,8 +361,16 @@ mod tests {
         assert!(e[0].released && !e[1].released);
         assert_eq!(e[1].update_sha256, sha256_hex(b"update two"));
         let mut want = RdpAccountant::default();
-        want.compose(&SampledGaussian { q: 0.05, z: 1.1, steps: 40 }).unwrap();
-        let (ours, theirs) = (l.accountant().unwrap().epsilon(1e-5).unwrap(), want.epsilon(1e-5).unwrap());
+        want.compose(&SampledGaussian {
+            q: 0.05,
+            z: 1.1,
+            steps: 40,
+        })
+        .unwrap();
+        let (ours, theirs) = (
+            l.accountant().unwrap().epsilon(1e-5).unwrap(),
+            want.epsilon(1e-5).unwrap(),
+        );
         assert!((ours.0 - theirs.0).abs() < 1e-12);
         // The unacknowledged update is kept byte for byte; the acknowledged one is gone.
         let (_, bytes) = l.find("run-1", 2, "t2").unwrap().unwrap();

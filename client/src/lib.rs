@@ -17,6 +17,8 @@ pub mod federation;
 pub mod ledger;
 pub mod local;
 pub mod noop;
+pub mod privacy;
+pub mod report;
 pub mod site;
 pub mod work;
 

@@ -7,12 +7,16 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fedflow_client::federation::{SiteOptions, run_site};
 use fedflow_client::local::{self, DataFormat, EvalSplit, TrainFile, TrainOptions};
+use fedflow_client::privacy::SitePrivacy;
 use fedflow_client::site::SiteTrainer;
 use fedflow_common::data::{LoadOptions, Vocab};
 use fedflow_common::device::DeviceChoice;
 use fedflow_common::model::EncoderKind;
 use fedflow_common::synth::SynthConfig;
 use fedflow_common::train::{EpochReport, EvalMetrics, OptimizerKind, TrainConfig};
+
+#[path = "cli/privacy.rs"]
+mod privacy_cli;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -36,6 +40,9 @@ enum Command {
     Evaluate(EvaluateArgs),
     /// Join a federation: train for the coordinator at ADDR until its run finishes.
     Join(JoinArgs),
+    /// Differential privacy: plan DP-SGD parameters, write the site's privacy report.
+    #[command(subcommand)]
+    Privacy(privacy_cli::PrivacyCommand),
     /// The demo: generate a 20-site federation, train the pooled model, compare it with the
     /// bag-of-events baseline and the Bayes-optimal ceiling.
     Demo(DemoArgs),
@@ -81,6 +88,22 @@ struct JoinArgs {
     /// Skip and count invalid rows instead of failing.
     #[arg(long)]
     skip_invalid: bool,
+    /// Directory of this site's privacy ledger (created if needed). Required to take part in
+    /// runs with record-level DP; keep it for the site's whole life: it is the record of
+    /// every privacy spend.
+    #[arg(long)]
+    privacy_dir: Option<PathBuf>,
+    /// The most record-level epsilon this site's ledger may ever reach (at --delta); rounds
+    /// that would go past it are declined.
+    #[arg(long, requires = "privacy_dir")]
+    max_epsilon: Option<f64>,
+    /// delta at which the site's limit is checked.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
+    /// Send metrics computed on the site's data (losses, accuracy) with DP updates and answer
+    /// evaluation tasks: they are outside the DP guarantee.
+    #[arg(long)]
+    release_metrics: bool,
 }
 
 #[derive(Debug, Args)]
@@ -466,7 +489,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dataset.validation.len(),
                 a.coordinator
             );
-            let trainer = std::sync::Arc::new(SiteTrainer::new(dataset, &vocab, a.device.open()?));
+            let mut trainer = SiteTrainer::new(dataset, &vocab, a.device.open()?);
+            if let Some(dir) = &a.privacy_dir {
+                let Some(max) = a.max_epsilon else {
+                    anyhow::bail!("--privacy-dir needs --max-epsilon (this site's limit)");
+                };
+                let privacy = SitePrivacy::open(dir, max, a.delta, a.release_metrics)?;
+                let (spent, _) = privacy.ledger().accountant()?.epsilon(a.delta)?;
+                println!(
+                    "privacy ledger {}: epsilon {spent:.4} of {max} spent at delta {:e}",
+                    dir.display(),
+                    a.delta
+                );
+                trainer = trainer.with_privacy(std::sync::Arc::new(privacy));
+            }
+            let trainer = std::sync::Arc::new(trainer);
             let opts = SiteOptions::new(a.coordinator, a.site_id);
             let summary = tokio::runtime::Runtime::new()?.block_on(run_site(opts, trainer))?;
             println!(
@@ -478,7 +515,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for (round, why) in &summary.rejected {
                 println!("  round {round}: {why}");
             }
+            for (round, why) in &summary.declined {
+                println!("  round {round} declined: {why}");
+            }
         }
+        Command::Privacy(cmd) => privacy_cli::run(cmd)?,
         Command::Evaluate(a) => {
             let split = if a.validation_only {
                 EvalSplit::Validation

@@ -166,6 +166,8 @@ mod tests {
         let noop = NoopTrainer::new(42);
         let spec = TaskSpec {
             run_id: "r".into(),
+            task_id: "t".into(),
+            record_dp: None,
             round: 1,
             model: fedflow_common::model::ModelConfig::default(),
             vocab_sha256: String::new(),

@@ -16,6 +16,7 @@
 //! metrics. The gRPC client loop calls these functions; everything here is pure and seeded,
 //! so the same task on the same data gives the same delta bytes on the CPU.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Device;
@@ -26,6 +27,7 @@ use fedflow_common::params::ParamSet;
 use fedflow_common::train::{EpochReport, TrainConfig, evaluate, train};
 use serde::{Deserialize, Serialize};
 
+use crate::privacy::{RecordDp, SitePrivacy, train_private};
 use crate::{Error, Result};
 
 /// Sessions per forward pass when computing metrics (no gradients, so larger than training).
@@ -38,6 +40,8 @@ pub struct TaskSpec {
     pub run_id: String,
     /// The round number within the run.
     pub round: u64,
+    /// The coordinator's id of this task (the site's ledger keys releases by it).
+    pub task_id: String,
     /// Architecture of the global model (its `vocab_size` must equal the site vocabulary's).
     pub model: ModelConfig,
     /// SHA-256 (hex) of the vocabulary the federation uses (see [`vocab_sha256`]).
@@ -46,6 +50,8 @@ pub struct TaskSpec {
     pub expected_model_sha256: String,
     /// Local training hyper-parameters (seed, epochs, FedProx μ, ...).
     pub train: TrainConfig,
+    /// Record-level DP-SGD the run dictates, if any.
+    pub record_dp: Option<RecordDp>,
 }
 
 /// Metrics a site reports for one task. Counts are sessions of the site's own splits.
@@ -93,6 +99,7 @@ pub struct SiteTrainer {
     vocab_sha256: String,
     vocab_size: usize,
     device: Device,
+    privacy: Option<Arc<SitePrivacy>>,
 }
 
 impl SiteTrainer {
@@ -103,7 +110,20 @@ impl SiteTrainer {
             vocab_sha256: vocab_sha256(vocab),
             vocab_size: vocab.len(),
             device,
+            privacy: None,
         }
+    }
+
+    /// The same site with its record-level privacy settings and ledger: tasks with DP-SGD
+    /// instructions are trained privately, recorded, and declined beyond the site's limit.
+    pub fn with_privacy(mut self, privacy: Arc<SitePrivacy>) -> Self {
+        self.privacy = Some(privacy);
+        self
+    }
+
+    /// The site's privacy settings, if it has them.
+    pub fn privacy(&self) -> Option<&Arc<SitePrivacy>> {
+        self.privacy.as_ref()
     }
 
     /// The site's data.
@@ -145,6 +165,30 @@ impl SiteTrainer {
                 self.dataset.validation.len()
             )));
         }
+        if let Some(dp) = &task.record_dp {
+            let privacy = self.privacy.as_ref().ok_or_else(|| {
+                Error::Task(format!(
+                    "run {} requires record-level DP (DP-SGD) but this site has no privacy \
+                     ledger; join with --privacy-dir DIR and --max-epsilon E",
+                    task.run_id
+                ))
+            })?;
+            let started = Instant::now();
+            let counts = self.counts();
+            let mut outcome = train_private(
+                privacy,
+                dp,
+                task,
+                &model,
+                &global,
+                &self.dataset,
+                counts,
+                &|m| self.validation_metrics(m),
+                on_epoch,
+            )?;
+            outcome.metrics.train_seconds = started.elapsed().as_secs_f64();
+            return Ok(outcome);
+        }
         let started = Instant::now();
         let report = train(
             &model,
@@ -178,6 +222,14 @@ impl SiteTrainer {
     /// Runs an evaluation-only task: verify and load the global model, then report its
     /// metrics on the site's validation split. Fails when that split is empty.
     pub fn evaluate_task(&self, task: &TaskSpec, global_bytes: &[u8]) -> Result<SiteMetrics> {
+        if task.record_dp.is_some() && !self.privacy.as_ref().is_some_and(|p| p.release_metrics) {
+            return Err(Error::Task(format!(
+                "run {} round {}: under record-level DP this site does not release metrics \
+                 computed on its data (they are outside the guarantee); join with \
+                 --release-metrics to allow it",
+                task.run_id, task.round
+            )));
+        }
         let (model, _global) = self.prepare(task, global_bytes)?;
         if self.dataset.validation.is_empty() {
             return Err(Error::Task(format!(
@@ -239,6 +291,21 @@ impl SiteTrainer {
         Ok(())
     }
 
+    /// Split sizes only.
+    fn counts(&self) -> SiteMetrics {
+        SiteMetrics {
+            train_examples: self.dataset.train.len(),
+            validation_examples: self.dataset.validation.len(),
+            train_loss: None,
+            validation_loss: None,
+            validation_accuracy: None,
+            validation_macro_f1: None,
+            epochs_run: 0,
+            best_epoch: 0,
+            train_seconds: 0.0,
+        }
+    }
+
     /// Split sizes and validation metrics of `model`; training fields left empty.
     fn validation_metrics(&self, model: &AttentionFlowModel) -> Result<SiteMetrics> {
         let validation = if self.dataset.validation.is_empty() {
@@ -247,15 +314,10 @@ impl SiteTrainer {
             Some(evaluate(model, &self.dataset.validation, EVAL_BATCH)?)
         };
         Ok(SiteMetrics {
-            train_examples: self.dataset.train.len(),
-            validation_examples: self.dataset.validation.len(),
-            train_loss: None,
             validation_loss: validation.as_ref().map(|m| m.loss),
             validation_accuracy: validation.as_ref().map(|m| m.accuracy),
             validation_macro_f1: validation.as_ref().map(|m| m.macro_f1),
-            epochs_run: 0,
-            best_epoch: 0,
-            train_seconds: 0.0,
+            ..self.counts()
         })
     }
 }
@@ -305,6 +367,8 @@ mod tests {
         let global = ParamSet::from_varmap(global_model.varmap()).unwrap();
         let global_bytes = global.to_safetensors_bytes().unwrap();
         let task = TaskSpec {
+            task_id: "task-1".into(),
+            record_dp: None,
             run_id: "run-test".into(),
             round: 3,
             model: cfg,

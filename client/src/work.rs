@@ -34,6 +34,10 @@ pub trait SiteWork: Send + Sync + 'static {
     /// Evaluates the verified global model on the site's validation split. Called on a
     /// blocking thread.
     fn evaluate(&self, task: &TaskSpec, model: ModelBuffer) -> Result<SiteMetrics>;
+
+    /// Called once the coordinator has received the task's update (accepted or refused):
+    /// the site's privacy ledger marks it released. Nothing by default.
+    fn delivered(&self, _task: &TaskSpec) {}
 }
 
 /// The update a [`SiteWork`] returns for upload.
@@ -68,6 +72,19 @@ impl SiteWork for SiteTrainer {
 
     fn evaluate(&self, task: &TaskSpec, model: ModelBuffer) -> Result<SiteMetrics> {
         self.evaluate_task(task, model.bytes())
+    }
+
+    fn delivered(&self, task: &TaskSpec) {
+        if task.record_dp.is_some()
+            && let Some(p) = self.privacy()
+            && let Err(e) = p.delivered(task)
+        {
+            // The entry stays (it counts either way); only its bytes are kept longer.
+            tracing::warn!(
+                round = task.round,
+                "cannot mark the ledger entry released: {e}"
+            );
+        }
     }
 }
 

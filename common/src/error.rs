@@ -81,6 +81,9 @@ pub enum Error {
     /// A privacy computation got parameters outside its domain, or a budget would be exceeded.
     #[error("privacy: {0}")]
     Privacy(String),
+    /// A report could not be rendered.
+    #[error("report: {0}")]
+    Report(String),
     /// The requested compute device is not available in this build or on this machine.
     #[error("device: {0}")]
     Device(String),

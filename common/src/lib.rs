@@ -8,6 +8,7 @@
 //! - [`privacy`]: differential privacy: the RDP accountant, the planner, DP-SGD noise.
 //! - [`params`]: named parameter sets: safetensors bytes, validation, delta arithmetic, clipping.
 //! - [`fedavg`]: streaming weighted FedAvg over parameter deltas, in f64.
+//! - [`report`]: self-contained HTML reports: escaping and server-side SVG line charts.
 //! - [`fsio`]: crash-safe file writes (temporary file, fsync, rename).
 //! - [`hash`]: lowercase hex SHA-256, the one content-hash form.
 //! - [`device`]: choosing where training runs (CPU, CUDA, Metal).
@@ -23,6 +24,7 @@ pub mod hash;
 pub mod model;
 pub mod params;
 pub mod privacy;
+pub mod report;
 pub mod synth;
 pub mod train;
 

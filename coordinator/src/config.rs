@@ -75,6 +75,70 @@ pub struct RunConfig {
     /// `[transport]`: sizes of model transfers.
     #[serde(default)]
     pub transport: TransportSection,
+    /// `[record_dp]`: DP-SGD every site applies to its own records; absent (default) means
+    /// no record-level differential privacy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_dp: Option<RecordDpSection>,
+}
+
+/// `[record_dp]`: record-level differential privacy at the sites (DP-SGD), as dictated by the
+/// run. Local epochs and the learning rate come from `[train]`; `train.batch_size` and
+/// early stopping do not apply under DP-SGD.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordDpSection {
+    /// L2 bound C on each unit's gradient, > 0.
+    pub clip_norm: f64,
+    /// Noise multiplier z, >= 0 (noise std z·C on each batch's gradient sum).
+    pub noise_multiplier: f64,
+    /// Expected batch size B in units (Poisson sampling rate B / n at a site with n units).
+    pub expected_batch_size: usize,
+    /// The privacy unit: `"session"` (default) or `"user"`.
+    #[serde(default)]
+    pub unit: fedflow_common::train::PrivacyUnit,
+    /// With `unit = "user"`: sessions of one user used at most. Default 8.
+    #[serde(default = "default_max_sessions_per_user")]
+    pub max_sessions_per_user: usize,
+    /// The run's record-level target ε, > 0: no site goes past it.
+    pub target_epsilon: f64,
+    /// The δ of the target, in (0, 1); choose it below 1/n for the smallest site's n.
+    pub target_delta: f64,
+}
+
+fn default_max_sessions_per_user() -> usize {
+    fedflow_common::train::DpSgdConfig::default().max_sessions_per_user
+}
+
+impl RecordDpSection {
+    /// The DP-SGD parameters sites apply.
+    pub fn dp_sgd(&self) -> fedflow_common::train::DpSgdConfig {
+        fedflow_common::train::DpSgdConfig {
+            clip_norm: self.clip_norm,
+            noise_multiplier: self.noise_multiplier,
+            expected_batch_size: self.expected_batch_size,
+            unit: self.unit,
+            max_sessions_per_user: self.max_sessions_per_user,
+        }
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        self.dp_sgd()
+            .validate()
+            .map_err(|e| common_reason(e).replace("dp_sgd.", "record_dp."))?;
+        if !(self.target_epsilon.is_finite() && self.target_epsilon > 0.0) {
+            return Err(format!(
+                "record_dp.target_epsilon: {} must be a positive number",
+                self.target_epsilon
+            ));
+        }
+        if !(self.target_delta > 0.0 && self.target_delta < 1.0) {
+            return Err(format!(
+                "record_dp.target_delta: {} must be in (0, 1)",
+                self.target_delta
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The server-side aggregation strategy (`run.strategy`).
@@ -523,6 +587,9 @@ impl RunConfig {
         self.sampling.validate()?;
         self.validate_rounds()?;
         self.validate_evaluation()?;
+        if let Some(dp) = &self.record_dp {
+            dp.validate()?;
+        }
         self.validate_transport()
     }
 
@@ -782,6 +849,63 @@ mod tests {
             .map(|(h, lines)| format!("{h}\n{}\n", lines.join("\n")))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    #[test]
+    fn record_dp_block_of_the_example_parses_and_bad_values_are_named() {
+        let dir = dir_with_vocab();
+        let vocab = dir.path().join("vocab.json");
+        // The example's commented [record_dp] block, switched on.
+        let text = EXAMPLE_TOML
+            .lines()
+            .map(|l| {
+                let t = l.trim_start();
+                if t.starts_with("# [record_dp]")
+                    || [
+                        "clip_norm",
+                        "noise_multiplier",
+                        "expected_batch_size",
+                        "unit =",
+                        "max_sessions",
+                        "target_",
+                    ]
+                    .iter()
+                    .any(|k| t.starts_with(&format!("# {k}")))
+                {
+                    t.trim_start_matches("# ").to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = RunConfig::with_vocab(&text, &vocab).unwrap();
+        let dp = c.record_dp.as_ref().expect("[record_dp] parsed");
+        assert_eq!(dp.dp_sgd(), fedflow_common::train::DpSgdConfig::default());
+        assert_eq!((dp.target_epsilon, dp.target_delta), (8.0, 1e-5));
+        assert!(RunConfig::demo(&vocab).unwrap().record_dp.is_none());
+        for (from, to, field) in [
+            ("clip_norm = 1.0", "clip_norm = 0.0", "record_dp.clip_norm"),
+            (
+                "noise_multiplier = 1.0",
+                "noise_multiplier = -1.0",
+                "record_dp.noise_multiplier",
+            ),
+            (
+                "target_delta = 1e-5",
+                "target_delta = 1.5",
+                "record_dp.target_delta",
+            ),
+            (
+                "target_epsilon = 8.0",
+                "target_epsilon = 0.0",
+                "record_dp.target_epsilon",
+            ),
+        ] {
+            let bad = text.replacen(from, to, 1);
+            let e = RunConfig::with_vocab(&bad, &vocab).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
     }
 
     #[test]

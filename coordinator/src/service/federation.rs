@@ -6,9 +6,9 @@ use std::time::Duration;
 use fedflow_proto::transfer::receive_update_into;
 use fedflow_proto::v1::federation_server::Federation;
 use fedflow_proto::v1::{
-    DeclineTaskRequest, DeclineTaskResponse, DownloadModelRequest, EnrolRequest, EnrolResponse,
-    EvaluationReport, EvaluationReportResponse, HeartbeatRequest, HeartbeatResponse, Metrics,
-    ModelChunk, ModelRef, NextTaskRequest, NextTaskResponse, NoTask, SiteState, Task,
+    DeclineTaskRequest, DeclineTaskResponse, DownloadModelRequest, DpSgdInstructions, EnrolRequest,
+    EnrolResponse, EvaluationReport, EvaluationReportResponse, HeartbeatRequest, HeartbeatResponse,
+    Metrics, ModelChunk, ModelRef, NextTaskRequest, NextTaskResponse, NoTask, SiteState, Task,
     TaskKind as WireKind, TrainInstructions, UpdateChunk, UploadUpdateResponse, next_task_response,
 };
 use prost::bytes::Bytes;
@@ -341,6 +341,15 @@ impl Coordinator {
                 momentum: train.momentum,
                 fedprox_mu: train.fedprox_mu,
                 seed: train.seed,
+                dp_sgd: cfg.record_dp.as_ref().map(|dp| DpSgdInstructions {
+                    clip_norm: dp.clip_norm,
+                    noise_multiplier: dp.noise_multiplier,
+                    expected_batch_size: dp.expected_batch_size as u32,
+                    unit: dp.unit.to_string(),
+                    max_sessions_per_user: dp.max_sessions_per_user as u32,
+                    target_epsilon: dp.target_epsilon,
+                    target_delta: dp.target_delta,
+                }),
             }),
             deadline_unix_ms: t.deadline_ms,
             nonce: Bytes::from(t.nonce),

@@ -1,0 +1,185 @@
+//! `fedflow-client privacy ...`: the privacy planner and the site privacy report.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use fedflow_client::report::{site_report, to_html};
+use fedflow_common::privacy::SampledGaussian;
+use fedflow_common::privacy::planner::{
+    UNLIMITED_ROUNDS, epsilon, noise_for_epsilon, rounds_for_epsilon,
+};
+
+/// Privacy planning and reporting.
+#[derive(Debug, Subcommand)]
+pub(crate) enum PrivacyCommand {
+    /// Plan DP-SGD before a run: epsilon for given parameters, or (with --target-epsilon) the
+    /// noise multiplier or number of rounds that meets a target.
+    Plan(PlanArgs),
+    /// Write this site's privacy report (JSON and HTML) from its ledger.
+    Report(ReportArgs),
+}
+
+/// Arguments of `privacy plan`.
+#[derive(Debug, Args)]
+pub(crate) struct PlanArgs {
+    /// Sampling rate q; or give --batch-size and --dataset-size.
+    #[arg(long)]
+    q: Option<f64>,
+    /// Expected batch size B (with --dataset-size: q = B / n).
+    #[arg(long)]
+    batch_size: Option<u64>,
+    /// Number of privacy units n at the site.
+    #[arg(long)]
+    dataset_size: Option<u64>,
+    /// Noise multiplier z; leave out with --target-epsilon to search for it.
+    #[arg(long)]
+    noise_multiplier: Option<f64>,
+    /// DP-SGD steps per round; or give --epochs (steps = epochs * ceil(n / B)).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Local epochs per round (needs --batch-size and --dataset-size).
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// Rounds; leave out with --target-epsilon and --noise-multiplier to search for it.
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// delta.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
+    /// Target epsilon: solve for the noise multiplier (if not given) or the rounds.
+    #[arg(long)]
+    target_epsilon: Option<f64>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `privacy report`.
+#[derive(Debug, Args)]
+pub(crate) struct ReportArgs {
+    /// The site's privacy directory (its ledger), as given to `join --privacy-dir`.
+    #[arg(long)]
+    privacy_dir: PathBuf,
+    /// delta at which epsilon is stated.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
+    /// The site's limit, to compare against.
+    #[arg(long)]
+    max_epsilon: Option<f64>,
+    /// Where to write privacy-report.json and privacy-report.html (default: the privacy dir).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+pub(crate) fn run(cmd: PrivacyCommand) -> anyhow::Result<()> {
+    match cmd {
+        PrivacyCommand::Plan(a) => plan(a),
+        PrivacyCommand::Report(a) => report(a),
+    }
+}
+
+fn plan(a: PlanArgs) -> anyhow::Result<()> {
+    let q = match (a.q, a.batch_size, a.dataset_size) {
+        (Some(q), _, _) => q,
+        (None, Some(b), Some(n)) if n > 0 => (b as f64 / n as f64).min(1.0),
+        _ => bail!("give --q, or --batch-size and --dataset-size"),
+    };
+    let steps = match (a.steps, a.epochs, a.batch_size, a.dataset_size) {
+        (Some(s), _, _, _) => s,
+        (None, Some(e), Some(b), Some(n)) if b > 0 => e * n.div_ceil(b),
+        _ => bail!("give --steps, or --epochs with --batch-size and --dataset-size"),
+    };
+    let (z, rounds, solved) = match (a.target_epsilon, a.noise_multiplier, a.rounds) {
+        (None, Some(z), r) => (z, r.unwrap_or(1), None),
+        (Some(t), None, r) => {
+            let r = r.unwrap_or(1);
+            (
+                noise_for_epsilon(q, steps, r, a.delta, t)?,
+                r,
+                Some("noise_multiplier"),
+            )
+        }
+        (Some(t), Some(z), None) => {
+            let r = rounds_for_epsilon(&[SampledGaussian { q, z, steps }], a.delta, t)?;
+            if r == 0 {
+                bail!(
+                    "even one round exceeds epsilon {t} at delta {}: raise the noise multiplier",
+                    a.delta
+                );
+            }
+            (z, r, Some("rounds"))
+        }
+        (Some(_), Some(_), Some(_)) => {
+            bail!(
+                "with --target-epsilon leave out --noise-multiplier or --rounds (the one to solve for)"
+            )
+        }
+        (None, None, _) => bail!("give --noise-multiplier, or --target-epsilon to search for it"),
+    };
+    let unlimited = rounds == UNLIMITED_ROUNDS;
+    let spent = epsilon(
+        &[SampledGaussian { q, z, steps }],
+        if unlimited { 1 } else { rounds },
+        a.delta,
+    )
+    .context("computing epsilon")?;
+    let out = serde_json::json!({
+        "q": q,
+        "noise_multiplier": z,
+        "steps_per_round": steps,
+        "rounds": if unlimited { None } else { Some(rounds) },
+        "delta": a.delta,
+        "epsilon": spent.epsilon.is_finite().then_some(spent.epsilon),
+        "optimal_order": spent.order,
+        "solved_for": solved,
+        "target_epsilon": a.target_epsilon,
+        "accountant": "RDP, Poisson-subsampled Gaussian (dp_accounting 0.6.0 RdpAccountant port)",
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        if let Some(what) = solved {
+            println!("solved for {what}");
+        }
+        println!(
+            "q = {q:.6}, noise multiplier z = {z:.6}, {steps} steps per round, {} rounds",
+            if unlimited {
+                "unlimited".to_string()
+            } else {
+                rounds.to_string()
+            }
+        );
+        println!(
+            "epsilon = {:.6} at delta = {:e} (optimal RDP order {})",
+            spent.epsilon, a.delta, spent.order
+        );
+    }
+    Ok(())
+}
+
+fn report(a: ReportArgs) -> anyhow::Result<()> {
+    if !a.privacy_dir.join("ledger.sqlite").is_file() {
+        bail!(
+            "no ledger at {}: give the directory this site joined with (--privacy-dir)",
+            a.privacy_dir.join("ledger.sqlite").display()
+        );
+    }
+    let r = site_report(&a.privacy_dir, a.delta, a.max_epsilon)?;
+    let out = a.out.unwrap_or_else(|| a.privacy_dir.clone());
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let json = out.join("privacy-report.json");
+    let html = out.join("privacy-report.html");
+    fedflow_common::fsio::write_atomic(&json, serde_json::to_string_pretty(&r)?.as_bytes())?;
+    fedflow_common::fsio::write_atomic(&html, to_html(&r)?.as_bytes())?;
+    let eps = r.cumulative["epsilon"].as_f64();
+    println!(
+        "{} release(s); epsilon = {} at delta = {:e} ({}-level)",
+        r.releases.len(),
+        eps.map_or("inf".to_string(), |e| format!("{e:.4}")),
+        a.delta,
+        r.privacy_unit
+    );
+    println!("wrote {} and {}", json.display(), html.display());
+    Ok(())
+}

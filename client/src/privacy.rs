@@ -1,0 +1,223 @@
+//! Record-level differential privacy at the site: the site's own limits, its ledger, and the
+//! DP-SGD path of a training task.
+//!
+//! What a site promises its end users: every update it releases is the output of DP-SGD
+//! ([`fedflow_common::train::dpsgd`]) on its records, and the composition of all its releases,
+//! in every run, stays within the site's own ε at its δ (and within each run's target). The
+//! protocol of [`crate::ledger`] makes that hold across crashes and retries.
+//!
+//! Not covered (the site report says so): metrics computed on the site's data, which are
+//! withheld unless the site opts in with `release_metrics`; the number of training sessions,
+//! which is sent as the FedAvg weight and sets the sampling rate (treated as public, as in
+//! DP-SGD practice); the fact that the site takes part at all.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use fedflow_common::model::AttentionFlowModel;
+use fedflow_common::params::ParamSet;
+use fedflow_common::train::{EpochReport, privacy_units, train_dp};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::{Ledger, NewEntry};
+use crate::site::{SiteMetrics, TaskOutcome, TaskSpec};
+use crate::{Error, Result};
+
+/// Environment variable naming a point at which the client aborts itself (crash tests).
+pub const FAILPOINT_ENV: &str = "FEDFLOW_FAILPOINT";
+
+/// Record-level DP as a run dictates it (from the task's `DpSgdInstructions`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordDp {
+    /// The DP-SGD parameters.
+    pub sgd: fedflow_common::train::DpSgdConfig,
+    /// The run's target ε per site ...
+    pub target_epsilon: f64,
+    /// ... at this δ.
+    pub target_delta: f64,
+}
+
+/// A site's own privacy settings and its ledger.
+#[derive(Debug)]
+pub struct SitePrivacy {
+    ledger: Mutex<Ledger>,
+    /// The most ε (at [`SitePrivacy::delta`]) the site's ledger may ever reach.
+    pub max_epsilon: f64,
+    /// The δ at which the site's limit is checked.
+    pub delta: f64,
+    /// Whether metrics computed on the site's data are sent with updates and evaluations
+    /// (outside the DP guarantee). Off by default: only counts are sent.
+    pub release_metrics: bool,
+}
+
+impl SitePrivacy {
+    /// Opens the ledger in `dir` with the site's limit `max_epsilon` at `delta`.
+    pub fn open(dir: &Path, max_epsilon: f64, delta: f64, release_metrics: bool) -> Result<Self> {
+        if !(max_epsilon.is_finite() && max_epsilon > 0.0) {
+            return Err(Error::Usage(format!(
+                "the site's maximum epsilon must be a positive number, got {max_epsilon}"
+            )));
+        }
+        if !(delta > 0.0 && delta < 1.0) {
+            return Err(Error::Usage(format!(
+                "the site's delta must be in (0, 1), got {delta}"
+            )));
+        }
+        Ok(SitePrivacy {
+            ledger: Mutex::new(Ledger::open(dir)?),
+            max_epsilon,
+            delta,
+            release_metrics,
+        })
+    }
+
+    /// The ledger (locked).
+    pub fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().expect("ledger lock poisoned")
+    }
+
+    /// Marks a task's update delivered to the coordinator.
+    pub fn delivered(&self, task: &TaskSpec) -> Result<()> {
+        self.ledger()
+            .mark_released(&task.run_id, task.round, &task.task_id)
+    }
+}
+
+fn failpoint(name: &str) {
+    if std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == name) {
+        eprintln!("{FAILPOINT_ENV}={name}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Metrics of a private update: counts always; metrics on the site's data only if released.
+fn private_metrics(all: SiteMetrics, release: bool) -> SiteMetrics {
+    if release {
+        return all;
+    }
+    SiteMetrics {
+        train_loss: None,
+        validation_loss: None,
+        validation_accuracy: None,
+        validation_macro_f1: None,
+        ..all
+    }
+}
+
+/// The DP-SGD path of a training task, after the global model was verified and loaded into
+/// `model`. `metrics` computes the site's metrics of a model (only called when released).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_private(
+    privacy: &SitePrivacy,
+    dp: &RecordDp,
+    task: &TaskSpec,
+    model: &AttentionFlowModel,
+    global: &ParamSet,
+    dataset: &fedflow_common::data::SiteDataset,
+    counts: SiteMetrics,
+    metrics: &dyn Fn(&AttentionFlowModel) -> Result<SiteMetrics>,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+) -> Result<TaskOutcome> {
+    // A task already recorded is answered with the recorded bytes: never fresh noise.
+    if let Some((entry, bytes)) = privacy
+        .ledger()
+        .find(&task.run_id, task.round, &task.task_id)?
+    {
+        let Some(bytes) = bytes else {
+            return Err(Error::Budget(format!(
+                "run {} round {}: an update for this task was already recorded (ledger entry \
+                 {}) and its bytes are no longer held; declining rather than releasing a \
+                 second update for the same task",
+                task.run_id, task.round, entry.id
+            )));
+        };
+        tracing::info!(
+            round = task.round,
+            "re-sending the update recorded in ledger entry {}",
+            entry.id
+        );
+        let delta = ParamSet::from_safetensors_bytes(&bytes)?;
+        return Ok(TaskOutcome {
+            delta,
+            delta_sha256: entry.update_sha256,
+            delta_bytes: bytes,
+            metrics: private_metrics(counts, false),
+        });
+    }
+    let units = privacy_units(&dataset.train_users, &dp.sgd);
+    let event = dp.sgd.round_event(units.len(), task.train.epochs)?;
+    let mut acc = privacy.ledger().accountant()?;
+    let (before, _) = acc.epsilon(privacy.delta)?;
+    acc.compose(&event)?;
+    for (limit, delta, whose) in [
+        (privacy.max_epsilon, privacy.delta, "this site's own limit"),
+        (dp.target_epsilon, dp.target_delta, "the run's target"),
+    ] {
+        let (after, _) = acc.epsilon(delta)?;
+        if after > limit {
+            return Err(Error::Budget(format!(
+                "run {} round {}: training would take this site's record-level epsilon to \
+                 {after:.4} at delta {delta:e}, above {whose} of {limit} (spent before: \
+                 {before:.4} at delta {:e}); declining",
+                task.run_id, task.round, privacy.delta
+            )));
+        }
+    }
+    let mut rng = ChaCha20Rng::from_os_rng();
+    let report = train_dp(
+        model,
+        &dataset.train,
+        &units,
+        &[],
+        &task.train,
+        &dp.sgd,
+        &mut rng,
+        on_epoch,
+    )?;
+    let local = ParamSet::from_varmap(model.varmap())?;
+    let delta = ParamSet::delta(&local, global)?;
+    delta.check_finite()?;
+    let delta_bytes = delta.to_safetensors_bytes()?;
+    let entry = privacy.ledger().record(
+        &NewEntry {
+            run_id: task.run_id.clone(),
+            round: task.round,
+            task_id: task.task_id.clone(),
+            unit: dp.sgd.unit,
+            units: units.len() as u64,
+            clip_norm: dp.sgd.clip_norm,
+            expected_batch_size: dp.sgd.expected_batch_size as u64,
+            epochs: task.train.epochs as u64,
+            event: report.event,
+            metrics_released: privacy.release_metrics,
+        },
+        &delta_bytes,
+    )?;
+    failpoint("after-ledger-record");
+    tracing::info!(
+        round = task.round,
+        "ledger entry {} recorded: q {:.5}, {} steps, z {}; {:.1}% of sampled units clipped",
+        entry.id,
+        report.event.q,
+        report.event.steps,
+        report.event.z,
+        100.0 * report.clipped_fraction
+    );
+    let mut m = if privacy.release_metrics {
+        let mut m = metrics(model)?;
+        m.train_loss = report.train.epochs.last().map(|e| e.train_loss);
+        m
+    } else {
+        counts
+    };
+    m.epochs_run = report.train.epochs.len();
+    m.best_epoch = report.train.best_epoch;
+    Ok(TaskOutcome {
+        delta,
+        delta_sha256: entry.update_sha256,
+        delta_bytes,
+        metrics: private_metrics(m, privacy.release_metrics),
+    })
+}
