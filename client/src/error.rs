@@ -31,6 +31,10 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// The site's privacy policy forbids the task (e.g. it would release metrics on the
+    /// site's data, or train without DP at a site that requires it).
+    #[error("privacy policy: {0}")]
+    Policy(String),
     /// A task would take the site's record-level privacy spend past a limit.
     #[error("privacy budget: {0}")]
     Budget(String),

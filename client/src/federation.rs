@@ -310,7 +310,11 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
             Err(TaskError::Local(e)) => {
                 // Tell the coordinator, so it stops waiting and the operators see why;
                 // otherwise the same task would come back at the next poll.
-                tracing::error!(site = %opts.site_id, round = task.round, "cannot do the task, declining it: {e}");
+                if matches!(e, Error::Budget(_) | Error::Policy(_)) {
+                    tracing::warn!(site = %opts.site_id, round = task.round, "declining the task: {e}");
+                } else {
+                    tracing::error!(site = %opts.site_id, round = task.round, "cannot do the task, declining it: {e}");
+                }
                 let declined = client
                     .decline_task(DeclineTaskRequest {
                         site_id: opts.site_id.clone(),

@@ -22,7 +22,7 @@ use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::{Ledger, NewEntry};
-use crate::site::{SiteMetrics, TaskOutcome, TaskSpec};
+use crate::site::{SiteMetrics, SiteTrainer, TaskOutcome, TaskSpec};
 use crate::{Error, Result};
 
 /// Environment variable naming a point at which the client aborts itself (crash tests).
@@ -106,118 +106,120 @@ fn private_metrics(all: SiteMetrics, release: bool) -> SiteMetrics {
     }
 }
 
-/// The DP-SGD path of a training task, after the global model was verified and loaded into
-/// `model`. `metrics` computes the site's metrics of a model (only called when released).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn train_private(
-    privacy: &SitePrivacy,
-    dp: &RecordDp,
-    task: &TaskSpec,
-    model: &AttentionFlowModel,
-    global: &ParamSet,
-    dataset: &fedflow_common::data::SiteDataset,
-    counts: SiteMetrics,
-    metrics: &dyn Fn(&AttentionFlowModel) -> Result<SiteMetrics>,
-    on_epoch: &mut dyn FnMut(&EpochReport),
-) -> Result<TaskOutcome> {
-    // A task already recorded is answered with the recorded bytes: never fresh noise.
-    if let Some((entry, bytes)) = privacy
-        .ledger()
-        .find(&task.run_id, task.round, &task.task_id)?
-    {
-        let Some(bytes) = bytes else {
-            return Err(Error::Budget(format!(
-                "run {} round {}: an update for this task was already recorded (ledger entry \
-                 {}) and its bytes are no longer held; declining rather than releasing a \
-                 second update for the same task",
-                task.run_id, task.round, entry.id
-            )));
-        };
+impl SiteTrainer {
+    /// The DP-SGD path of a training task, after the global model was verified and loaded
+    /// into `model`: re-send a recorded update, or check the limits, train, record, and
+    /// return the update for upload.
+    pub(crate) fn train_private(
+        &self,
+        privacy: &SitePrivacy,
+        dp: &RecordDp,
+        task: &TaskSpec,
+        model: &AttentionFlowModel,
+        global: &ParamSet,
+        on_epoch: &mut dyn FnMut(&EpochReport),
+    ) -> Result<TaskOutcome> {
+        let dataset = self.dataset();
+        let counts = self.counts();
+        // A task already recorded is answered with the recorded bytes: never fresh noise.
+        if let Some((entry, bytes)) =
+            privacy
+                .ledger()
+                .find(&task.run_id, task.round, &task.task_id)?
+        {
+            let Some(bytes) = bytes else {
+                return Err(Error::Budget(format!(
+                    "run {} round {}: an update for this task was already recorded (ledger entry \
+                     {}) and its bytes are no longer held; declining rather than releasing a \
+                     second update for the same task",
+                    task.run_id, task.round, entry.id
+                )));
+            };
+            tracing::info!(
+                round = task.round,
+                "re-sending the update recorded in ledger entry {}",
+                entry.id
+            );
+            let delta = ParamSet::from_safetensors_bytes(&bytes)?;
+            return Ok(TaskOutcome {
+                delta,
+                delta_sha256: entry.update_sha256,
+                delta_bytes: bytes,
+                metrics: private_metrics(counts, false),
+            });
+        }
+        let units = privacy_units(&dataset.train_users, &dp.sgd);
+        let event = dp.sgd.round_event(units.len(), task.train.epochs)?;
+        let mut acc = privacy.ledger().accountant()?;
+        let (before, _) = acc.epsilon(privacy.delta)?;
+        acc.compose(&event)?;
+        for (limit, delta, whose) in [
+            (privacy.max_epsilon, privacy.delta, "this site's own limit"),
+            (dp.target_epsilon, dp.target_delta, "the run's target"),
+        ] {
+            let (after, _) = acc.epsilon(delta)?;
+            if after > limit {
+                return Err(Error::Budget(format!(
+                    "run {} round {}: training would take this site's record-level epsilon to \
+                     {after:.4} at delta {delta:e}, above {whose} of {limit} (spent before: \
+                     {before:.4} at delta {:e}); declining",
+                    task.run_id, task.round, privacy.delta
+                )));
+            }
+        }
+        let mut rng = ChaCha20Rng::from_os_rng();
+        let report = train_dp(
+            model,
+            &dataset.train,
+            &units,
+            &task.train,
+            &dp.sgd,
+            &mut rng,
+            on_epoch,
+        )?;
+        let local = ParamSet::from_varmap(model.varmap())?;
+        let delta = ParamSet::delta(&local, global)?;
+        delta.check_finite()?;
+        let delta_bytes = delta.to_safetensors_bytes()?;
+        let entry = privacy.ledger().record(
+            &NewEntry {
+                run_id: task.run_id.clone(),
+                round: task.round,
+                task_id: task.task_id.clone(),
+                unit: dp.sgd.unit,
+                units: units.len() as u64,
+                clip_norm: dp.sgd.clip_norm,
+                expected_batch_size: dp.sgd.expected_batch_size as u64,
+                epochs: task.train.epochs as u64,
+                event: report.event,
+                metrics_released: privacy.release_metrics,
+            },
+            &delta_bytes,
+        )?;
+        failpoint("after-ledger-record");
         tracing::info!(
             round = task.round,
-            "re-sending the update recorded in ledger entry {}",
-            entry.id
+            "ledger entry {} recorded: q {:.5}, {} steps, z {}; {:.1}% of sampled units clipped",
+            entry.id,
+            report.event.q,
+            report.event.steps,
+            report.event.z,
+            100.0 * report.clipped_fraction
         );
-        let delta = ParamSet::from_safetensors_bytes(&bytes)?;
-        return Ok(TaskOutcome {
+        let mut m = if privacy.release_metrics {
+            let mut m = self.validation_metrics(model)?;
+            m.train_loss = report.train.epochs.last().map(|e| e.train_loss);
+            m
+        } else {
+            counts
+        };
+        m.epochs_run = report.train.epochs.len();
+        m.best_epoch = report.train.best_epoch;
+        Ok(TaskOutcome {
             delta,
             delta_sha256: entry.update_sha256,
-            delta_bytes: bytes,
-            metrics: private_metrics(counts, false),
-        });
+            delta_bytes,
+            metrics: private_metrics(m, privacy.release_metrics),
+        })
     }
-    let units = privacy_units(&dataset.train_users, &dp.sgd);
-    let event = dp.sgd.round_event(units.len(), task.train.epochs)?;
-    let mut acc = privacy.ledger().accountant()?;
-    let (before, _) = acc.epsilon(privacy.delta)?;
-    acc.compose(&event)?;
-    for (limit, delta, whose) in [
-        (privacy.max_epsilon, privacy.delta, "this site's own limit"),
-        (dp.target_epsilon, dp.target_delta, "the run's target"),
-    ] {
-        let (after, _) = acc.epsilon(delta)?;
-        if after > limit {
-            return Err(Error::Budget(format!(
-                "run {} round {}: training would take this site's record-level epsilon to \
-                 {after:.4} at delta {delta:e}, above {whose} of {limit} (spent before: \
-                 {before:.4} at delta {:e}); declining",
-                task.run_id, task.round, privacy.delta
-            )));
-        }
-    }
-    let mut rng = ChaCha20Rng::from_os_rng();
-    let report = train_dp(
-        model,
-        &dataset.train,
-        &units,
-        &[],
-        &task.train,
-        &dp.sgd,
-        &mut rng,
-        on_epoch,
-    )?;
-    let local = ParamSet::from_varmap(model.varmap())?;
-    let delta = ParamSet::delta(&local, global)?;
-    delta.check_finite()?;
-    let delta_bytes = delta.to_safetensors_bytes()?;
-    let entry = privacy.ledger().record(
-        &NewEntry {
-            run_id: task.run_id.clone(),
-            round: task.round,
-            task_id: task.task_id.clone(),
-            unit: dp.sgd.unit,
-            units: units.len() as u64,
-            clip_norm: dp.sgd.clip_norm,
-            expected_batch_size: dp.sgd.expected_batch_size as u64,
-            epochs: task.train.epochs as u64,
-            event: report.event,
-            metrics_released: privacy.release_metrics,
-        },
-        &delta_bytes,
-    )?;
-    failpoint("after-ledger-record");
-    tracing::info!(
-        round = task.round,
-        "ledger entry {} recorded: q {:.5}, {} steps, z {}; {:.1}% of sampled units clipped",
-        entry.id,
-        report.event.q,
-        report.event.steps,
-        report.event.z,
-        100.0 * report.clipped_fraction
-    );
-    let mut m = if privacy.release_metrics {
-        let mut m = metrics(model)?;
-        m.train_loss = report.train.epochs.last().map(|e| e.train_loss);
-        m
-    } else {
-        counts
-    };
-    m.epochs_run = report.train.epochs.len();
-    m.best_epoch = report.train.best_epoch;
-    Ok(TaskOutcome {
-        delta,
-        delta_sha256: entry.update_sha256,
-        delta_bytes,
-        metrics: private_metrics(m, privacy.release_metrics),
-    })
 }

@@ -356,3 +356,134 @@ pub fn to_html(r: &SitePrivacyReport) -> Result<String> {
     ));
     Ok(page("fedflow site privacy report", &body))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::NewEntry;
+    use fedflow_common::privacy::SampledGaussian;
+
+    fn entry(round: u64, unit: PrivacyUnit, metrics: bool) -> NewEntry {
+        NewEntry {
+            run_id: "run-<1>".into(),
+            round,
+            task_id: format!("t{round}"),
+            unit,
+            units: 500,
+            clip_norm: 1.0,
+            expected_batch_size: 25,
+            epochs: 1,
+            event: SampledGaussian {
+                q: 0.05,
+                z: 1.2,
+                steps: 20,
+            },
+            metrics_released: metrics,
+        }
+    }
+
+    #[test]
+    fn the_report_states_the_guarantee_the_ledger_implies() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut l = Ledger::open(dir.path()).unwrap();
+            for r in 1..=3 {
+                l.record(
+                    &entry(r, PrivacyUnit::User, false),
+                    format!("u{r}").as_bytes(),
+                )
+                .unwrap();
+            }
+        }
+        let r = site_report(dir.path(), 1e-6, Some(2.0)).unwrap();
+        let mut acc = RdpAccountant::default();
+        acc.compose(&SampledGaussian {
+            q: 0.05,
+            z: 1.2,
+            steps: 60,
+        })
+        .unwrap();
+        let (want, order) = acc.epsilon(1e-6).unwrap();
+        assert_eq!(r.schema, SCHEMA);
+        assert_eq!(r.privacy_unit, PrivacyUnit::User);
+        assert!(r.neighbouring_relation.contains("end user"));
+        assert!((r.cumulative["epsilon"].as_f64().unwrap() - want).abs() < 1e-12);
+        assert_eq!(r.cumulative["order"].as_f64().unwrap(), order);
+        assert_eq!(
+            r.cumulative["within_budget"],
+            serde_json::Value::Bool(want <= 2.0)
+        );
+        assert_eq!(
+            r.cumulative["other_deltas"].as_array().unwrap().len(),
+            OTHER_DELTAS.len()
+        );
+        assert_eq!(r.releases.len(), 3);
+        // Cumulative epsilon grows release by release and ends at the total.
+        let eps: Vec<f64> = r
+            .releases
+            .iter()
+            .map(|x| x.epsilon_after.unwrap())
+            .collect();
+        assert!(eps.windows(2).all(|w| w[0] < w[1]) && (eps[2] - want).abs() < 1e-12);
+        assert!(
+            r.not_covered
+                .iter()
+                .any(|n| n.contains("none were released"))
+        );
+        assert!(r.recompute.contains("--delta 1e-6") && r.recompute.contains("--max-epsilon 2"));
+        assert_eq!(r.accountant["orders"].as_array().unwrap().len(), 156);
+        // JSON keeps the documented top-level keys.
+        let json = serde_json::to_value(&r).unwrap();
+        for key in [
+            "schema",
+            "privacy_unit",
+            "mechanism",
+            "sampling",
+            "accountant",
+            "budget",
+            "cumulative",
+            "releases",
+            "not_covered",
+            "recompute",
+            "code_version",
+        ] {
+            assert!(json.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(json["sampling"]["method"], "poisson");
+        assert_eq!(json["releases"][0]["round"], 1);
+        // The HTML has the summary first, the chart, one table row per release, escaped ids.
+        let html = to_html(&r).unwrap();
+        let (summary, chart) = (
+            html.find("class=\"summary\"").unwrap(),
+            html.find("<svg").unwrap(),
+        );
+        assert!(summary < chart);
+        assert!(html.contains(&format!("ε = {want:.4}")));
+        assert_eq!(html.matches("run-&lt;1&gt;").count(), 3);
+        assert!(!html.contains("run-<1>"));
+    }
+
+    #[test]
+    fn released_metrics_and_mixed_units_weaken_what_is_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut l = Ledger::open(dir.path()).unwrap();
+            l.record(&entry(1, PrivacyUnit::User, true), b"a").unwrap();
+            l.record(&entry(2, PrivacyUnit::Session, false), b"b")
+                .unwrap();
+        }
+        let r = site_report(dir.path(), 1e-5, None).unwrap();
+        assert_eq!(r.privacy_unit, PrivacyUnit::Session);
+        assert!(
+            r.not_covered
+                .iter()
+                .any(|n| n.contains("1 of 2 updates") && n.contains("NOT covered"))
+        );
+        assert_eq!(r.cumulative["within_budget"], serde_json::Value::Null);
+        // An empty ledger reports zero spend.
+        let empty = tempfile::tempdir().unwrap();
+        let r = site_report(empty.path(), 1e-5, Some(1.0)).unwrap();
+        assert_eq!(r.cumulative["epsilon"].as_f64(), Some(0.0));
+        assert!(to_html(&r).unwrap().contains("<svg"));
+    }
+}

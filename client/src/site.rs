@@ -27,7 +27,7 @@ use fedflow_common::params::ParamSet;
 use fedflow_common::train::{EpochReport, TrainConfig, evaluate, train};
 use serde::{Deserialize, Serialize};
 
-use crate::privacy::{RecordDp, SitePrivacy, train_private};
+use crate::privacy::{RecordDp, SitePrivacy};
 use crate::{Error, Result};
 
 /// Sessions per forward pass when computing metrics (no gradients, so larger than training).
@@ -165,6 +165,14 @@ impl SiteTrainer {
                 self.dataset.validation.len()
             )));
         }
+        if self.privacy.is_some() && task.record_dp.is_none() {
+            return Err(Error::Policy(format!(
+                "run {} round {}: this site trains only with record-level DP (it has a \
+                 privacy ledger) and the task carries no DP-SGD instructions; add [record_dp] \
+                 to the run configuration",
+                task.run_id, task.round
+            )));
+        }
         if let Some(dp) = &task.record_dp {
             let privacy = self.privacy.as_ref().ok_or_else(|| {
                 Error::Task(format!(
@@ -174,18 +182,7 @@ impl SiteTrainer {
                 ))
             })?;
             let started = Instant::now();
-            let counts = self.counts();
-            let mut outcome = train_private(
-                privacy,
-                dp,
-                task,
-                &model,
-                &global,
-                &self.dataset,
-                counts,
-                &|m| self.validation_metrics(m),
-                on_epoch,
-            )?;
+            let mut outcome = self.train_private(privacy, dp, task, &model, &global, on_epoch)?;
             outcome.metrics.train_seconds = started.elapsed().as_secs_f64();
             return Ok(outcome);
         }
@@ -222,8 +219,12 @@ impl SiteTrainer {
     /// Runs an evaluation-only task: verify and load the global model, then report its
     /// metrics on the site's validation split. Fails when that split is empty.
     pub fn evaluate_task(&self, task: &TaskSpec, global_bytes: &[u8]) -> Result<SiteMetrics> {
-        if task.record_dp.is_some() && !self.privacy.as_ref().is_some_and(|p| p.release_metrics) {
-            return Err(Error::Task(format!(
+        let withheld = match &self.privacy {
+            Some(p) => !p.release_metrics,
+            None => task.record_dp.is_some(),
+        };
+        if withheld {
+            return Err(Error::Policy(format!(
                 "run {} round {}: under record-level DP this site does not release metrics \
                  computed on its data (they are outside the guarantee); join with \
                  --release-metrics to allow it",
@@ -292,7 +293,7 @@ impl SiteTrainer {
     }
 
     /// Split sizes only.
-    fn counts(&self) -> SiteMetrics {
+    pub(crate) fn counts(&self) -> SiteMetrics {
         SiteMetrics {
             train_examples: self.dataset.train.len(),
             validation_examples: self.dataset.validation.len(),
@@ -307,7 +308,7 @@ impl SiteTrainer {
     }
 
     /// Split sizes and validation metrics of `model`; training fields left empty.
-    fn validation_metrics(&self, model: &AttentionFlowModel) -> Result<SiteMetrics> {
+    pub(crate) fn validation_metrics(&self, model: &AttentionFlowModel) -> Result<SiteMetrics> {
         let validation = if self.dataset.validation.is_empty() {
             None
         } else {
@@ -323,20 +324,19 @@ impl SiteTrainer {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests_support {
     use super::*;
     use fedflow_common::synth::{SynthConfig, generate};
-    use fedflow_common::train::OptimizerKind;
 
-    struct Fixture {
-        site: SiteTrainer,
-        task: TaskSpec,
-        global: ParamSet,
-        global_bytes: Vec<u8>,
-        vocab: Vocab,
+    pub(super) struct Fixture {
+        pub(super) site: SiteTrainer,
+        pub(super) task: TaskSpec,
+        pub(super) global: ParamSet,
+        pub(super) global_bytes: Vec<u8>,
+        pub(super) vocab: Vocab,
     }
 
-    fn model_config(vocab_size: usize) -> ModelConfig {
+    pub(super) fn model_config(vocab_size: usize) -> ModelConfig {
         ModelConfig {
             vocab_size,
             embed_dim: 8,
@@ -348,7 +348,7 @@ mod tests {
         }
     }
 
-    fn fixture() -> Fixture {
+    pub(super) fn fixture() -> Fixture {
         let fed = generate(&SynthConfig {
             sites: 1,
             total_sessions: 300,
@@ -390,6 +390,13 @@ mod tests {
             vocab,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
+    use super::*;
+    use fedflow_common::train::OptimizerKind;
 
     fn run(f: &Fixture, task: &TaskSpec) -> Result<TaskOutcome> {
         f.site.train_task(task, &f.global_bytes, &mut |_| {})
@@ -589,5 +596,114 @@ mod tests {
             prox < 0.5 * plain,
             "fedprox delta norm {prox} is not well below plain {plain}"
         );
+    }
+}
+
+#[cfg(test)]
+mod privacy_tests {
+    //! The DP path of a task at the site: policies, the ledger protocol, withheld metrics.
+    use super::tests_support::*;
+    use super::*;
+    use crate::ledger::Ledger;
+    use crate::privacy::RecordDp;
+    use fedflow_common::train::DpSgdConfig;
+
+    fn private_site(dir: &std::path::Path, max: f64, release: bool) -> (SiteTrainer, Fixture) {
+        let mut f = fixture();
+        let privacy = SitePrivacy::open(dir, max, 1e-5, release).unwrap();
+        let site = std::mem::replace(
+            &mut f.site,
+            SiteTrainer::new(SiteDataset::default(), &f.vocab, Device::Cpu),
+        );
+        (site.with_privacy(Arc::new(privacy)), f)
+    }
+
+    fn dp_task(t: &TaskSpec) -> TaskSpec {
+        TaskSpec {
+            record_dp: Some(RecordDp {
+                sgd: DpSgdConfig {
+                    expected_batch_size: 16,
+                    ..DpSgdConfig::default()
+                },
+                target_epsilon: 50.0,
+                target_delta: 1e-5,
+            }),
+            ..t.clone()
+        }
+    }
+
+    #[test]
+    fn a_private_site_refuses_non_private_training_and_withholds_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let (site, f) = private_site(dir.path(), 50.0, false);
+        let plain = site.train_task(&f.task, &f.global_bytes, &mut |_| {});
+        assert!(matches!(plain, Err(Error::Policy(_))), "{plain:?}");
+        let eval = site.evaluate_task(&dp_task(&f.task), &f.global_bytes);
+        assert!(matches!(eval, Err(Error::Policy(_))), "{eval:?}");
+        assert!(
+            Ledger::open(dir.path())
+                .unwrap()
+                .entries()
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_dp_task_is_recorded_once_and_a_retry_resends_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (site, f) = private_site(dir.path(), 50.0, false);
+        let task = dp_task(&f.task);
+        let first = site
+            .train_task(&task, &f.global_bytes, &mut |_| {})
+            .unwrap();
+        assert_eq!(first.delta_sha256, sha256_hex(&first.delta_bytes));
+        assert!(first.metrics.validation_accuracy.is_none() && first.metrics.train_loss.is_none());
+        assert!(first.metrics.train_examples > 0);
+        let entries = Ledger::open(dir.path()).unwrap().entries().unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].update_sha256, first.delta_sha256);
+        assert_eq!(entries[0].units, site.dataset().train.len() as u64);
+        // The same task again (a retry after a crash or a network error): the recorded bytes,
+        // no second entry, no fresh noise.
+        let again = site
+            .train_task(&task, &f.global_bytes, &mut |_| {})
+            .unwrap();
+        assert_eq!(again.delta_bytes, first.delta_bytes);
+        assert_eq!(
+            Ledger::open(dir.path()).unwrap().entries().unwrap().len(),
+            1
+        );
+        // Once delivered, the bytes are dropped; the same task cannot be answered again.
+        site.privacy().unwrap().delivered(&task).unwrap();
+        let third = site.train_task(&task, &f.global_bytes, &mut |_| {});
+        assert!(matches!(third, Err(Error::Budget(_))), "{third:?}");
+        // A new round trains afresh (different noise) and is recorded.
+        let next = TaskSpec {
+            round: 4,
+            task_id: "task-2".into(),
+            ..task
+        };
+        let fresh = site
+            .train_task(&next, &f.global_bytes, &mut |_| {})
+            .unwrap();
+        assert_ne!(fresh.delta_sha256, first.delta_sha256);
+        assert_eq!(
+            Ledger::open(dir.path()).unwrap().entries().unwrap().len(),
+            2
+        );
+    }
+
+    #[test]
+    fn released_metrics_are_sent_and_marked_in_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let (site, f) = private_site(dir.path(), 50.0, true);
+        let task = dp_task(&f.task);
+        let out = site
+            .train_task(&task, &f.global_bytes, &mut |_| {})
+            .unwrap();
+        assert!(out.metrics.validation_accuracy.is_some() && out.metrics.train_loss.is_some());
+        assert!(Ledger::open(dir.path()).unwrap().entries().unwrap()[0].metrics_released);
+        assert!(site.evaluate_task(&task, &f.global_bytes).is_ok());
     }
 }

@@ -103,7 +103,7 @@ fn main() {
             let users: Vec<u32> = (0..data.len() as u32).collect();
             let units = privacy_units(&users, &dp);
             let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
-            train_dp(&model, &data, &units, &[], &tc, &dp, &mut rng, &mut |_| {}).expect("dp");
+            train_dp(&model, &data, &units, &tc, &dp, &mut rng, &mut |_| {}).expect("dp");
         } else {
             train(&model, &data, &[], &tc, &mut |_| {}).expect("train");
         }

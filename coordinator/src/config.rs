@@ -36,7 +36,8 @@ use crate::{Error, Result};
 const MEMORY: &str = "<memory>";
 
 /// The commented example configuration, which is also the demo's configuration.
-const EXAMPLE_TOML: &str = include_str!("../examples/run.toml");
+/// The text of `coordinator/examples/run.toml`: the demo's configuration, every key documented.
+pub const EXAMPLE_TOML: &str = include_str!("../examples/run.toml");
 
 /// Longest accepted `run.name`.
 pub const MAX_NAME_LEN: usize = 64;
@@ -451,8 +452,9 @@ impl Default for RoundsSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvaluationSection {
-    /// Evaluate after every `every`-th round (rounds `every`, `2·every`, ...), at least 1.
-    /// Default 1.
+    /// Evaluate after every `every`-th round (rounds `every`, `2·every`, ...); 0 means only
+    /// after the final round if `final_round`, and never otherwise (e.g. runs with record-level
+    /// DP, whose sites withhold metrics by default). Default 1.
     pub every: u64,
     /// Also evaluate after the last round even when it is not a multiple of `every`.
     /// Default true.
@@ -689,13 +691,10 @@ impl RunConfig {
 
     fn validate_evaluation(&self) -> std::result::Result<(), String> {
         let e = &self.evaluation;
-        if e.every == 0 {
-            return Err("evaluation.every: 0 must be at least 1".into());
-        }
         if e.every > self.run.rounds && !e.final_round {
             return Err(format!(
                 "evaluation.every: {} exceeds run.rounds {} and evaluation.final_round is \
-                 false, so the run would never evaluate",
+                 false, so the run would never evaluate; set every = 0 if that is meant",
                 e.every, self.run.rounds
             ));
         }
@@ -1029,7 +1028,6 @@ mod tests {
                 "sampling.count",
             ),
             ("[rounds]\non_quorum_failure = \"wait\"", "wait"),
-            ("[evaluation]\nevery = 0", "evaluation.every"),
             (
                 "[evaluation]\nevery = 11\nfinal_round = false",
                 "evaluation.every",
@@ -1225,6 +1223,13 @@ mod tests {
         c.evaluation.final_round = false;
         let rounds: Vec<u64> = (1..=10).filter(|&r| c.evaluates_after(r)).collect();
         assert_eq!(rounds, [3, 6, 9]);
+        // every = 0: the final round only, or never.
+        c.evaluation.every = 0;
+        assert_eq!(c.validate(), Ok(()));
+        assert!((1..=10).all(|r| !c.evaluates_after(r)));
+        c.evaluation.final_round = true;
+        let rounds: Vec<u64> = (1..=10).filter(|&r| c.evaluates_after(r)).collect();
+        assert_eq!(rounds, [10]);
     }
 
     #[test]

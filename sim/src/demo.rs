@@ -168,7 +168,53 @@ fn clear_previous(out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn score(params: &ParamSet, cfg: &RunConfig, sessions: &SiteDataset) -> Result<EvalMetrics> {
+/// Generates the demo's partner data into `<out>/data` and loads every site's split dataset.
+/// Returns the data's Bayes-optimal accuracy, the vocabulary (path and loaded) and the sites.
+pub(crate) fn generate_sites(
+    out: &Path,
+    sites: usize,
+    sessions: usize,
+    seed: u64,
+    val_fraction: f64,
+    say: &mut dyn FnMut(&str),
+) -> Result<(f64, PathBuf, Vocab, Vec<SimSite>)> {
+    let data_dir = out.join("data");
+    say(&format!(
+        "generating {sessions} sessions for {sites} partner sites into {}",
+        data_dir.display()
+    ));
+    let synth = SynthConfig {
+        sites,
+        total_sessions: sessions,
+        seed,
+        ..SynthConfig::default()
+    };
+    let manifest = generate(&data_dir, &synth, fedflow_client::local::DataFormat::Csv)
+        .map_err(|e| Error::Other(e.to_string()))?;
+    let vocab_path = data_dir.join(&manifest.vocab);
+    let vocab = Vocab::load(&vocab_path)?;
+    let mut loaded = Vec::with_capacity(manifest.sites.len());
+    for s in &manifest.sites {
+        let dataset = SiteDataset::load(
+            data_dir.join(&s.file),
+            &vocab,
+            &LoadOptions::default(),
+            val_fraction,
+        )?;
+        loaded.push(SimSite {
+            name: s.name.clone(),
+            dataset,
+            privacy: None,
+        });
+    }
+    Ok((manifest.bayes_accuracy, vocab_path, vocab, loaded))
+}
+
+pub(crate) fn score(
+    params: &ParamSet,
+    cfg: &RunConfig,
+    sessions: &SiteDataset,
+) -> Result<EvalMetrics> {
     let model = AttentionFlowModel::new(&cfg.model_config()?, &Device::Cpu, 0)?;
     params.load_into_varmap(model.varmap())?;
     Ok(evaluate(&model, &sessions.validation, EVAL_BATCH)?)
@@ -187,7 +233,7 @@ fn train_from_initial(
     Ok(ParamSet::from_varmap(model.varmap())?)
 }
 
-fn pooled(metrics: &[EvalMetrics]) -> Result<Scores> {
+pub(crate) fn pooled(metrics: &[EvalMetrics]) -> Result<Scores> {
     let classes = metrics.first().map_or(5, |m| m.confusion.len());
     let mut acc = MetricsAccumulator::new(classes);
     for m in metrics {
@@ -320,36 +366,14 @@ pub async fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoRepo
     std::fs::create_dir_all(out)
         .map_err(|e| Error::Other(format!("cannot create {}: {e}", out.display())))?;
     clear_previous(out)?;
-    let data_dir = out.join("data");
-    say(&format!(
-        "generating {} sessions for {} partner sites into {}",
-        cfg.sessions,
+    let (bayes_accuracy, vocab_path, vocab, sites) = generate_sites(
+        out,
         cfg.sites,
-        data_dir.display()
-    ));
-    let synth = SynthConfig {
-        sites: cfg.sites,
-        total_sessions: cfg.sessions,
-        seed: cfg.seed,
-        ..SynthConfig::default()
-    };
-    let manifest = generate(&data_dir, &synth, fedflow_client::local::DataFormat::Csv)
-        .map_err(|e| Error::Other(e.to_string()))?;
-    let vocab_path = data_dir.join(&manifest.vocab);
-    let vocab = Vocab::load(&vocab_path)?;
-    let mut sites = Vec::with_capacity(manifest.sites.len());
-    for s in &manifest.sites {
-        let dataset = SiteDataset::load(
-            data_dir.join(&s.file),
-            &vocab,
-            &LoadOptions::default(),
-            cfg.val_fraction,
-        )?;
-        sites.push(SimSite {
-            name: s.name.clone(),
-            dataset,
-        });
-    }
+        cfg.sessions,
+        cfg.seed,
+        cfg.val_fraction,
+        say,
+    )?;
 
     let mut run_cfg = match &cfg.run_config {
         Some(text) => RunConfig::with_vocab(text, &vocab_path)?,
@@ -429,7 +453,7 @@ pub async fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoRepo
         centralised: overall[1],
         alone: overall[2],
         sites: rows,
-        bayes_accuracy: manifest.bayes_accuracy,
+        bayes_accuracy,
         rounds: outcome.committed_round,
         global_sha256: outcome.global_sha256,
         coordinator_evaluation,

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use fedflow_client::federation::{SiteOptions, SiteSummary, run_site};
+use fedflow_client::privacy::SitePrivacy;
 use fedflow_client::site::SiteTrainer;
 use fedflow_common::data::{SiteDataset, Vocab};
 use fedflow_common::model::AttentionFlowModel;
@@ -27,6 +28,7 @@ use fedflow_coordinator::service::{Coordinator, serve};
 use fedflow_coordinator::store::{RoundRecord, Store};
 
 pub mod demo;
+pub mod privacy_curve;
 
 /// Errors of a simulation.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +62,8 @@ pub struct SimSite {
     pub name: String,
     /// Its local data.
     pub dataset: SiteDataset,
+    /// Its record-level privacy settings and ledger (needed for runs with `[record_dp]`).
+    pub privacy: Option<Arc<SitePrivacy>>,
 }
 
 /// How a simulation runs.
@@ -138,7 +142,11 @@ pub async fn run_federation(
     let permits = Arc::new(tokio::sync::Semaphore::new(opts.concurrent_work.max(1)));
     let mut clients = tokio::task::JoinSet::new();
     for site in sites {
-        let trainer = Arc::new(SiteTrainer::new(site.dataset, vocab, Device::Cpu));
+        let mut trainer = SiteTrainer::new(site.dataset, vocab, Device::Cpu);
+        if let Some(p) = site.privacy {
+            trainer = trainer.with_privacy(p);
+        }
+        let trainer = Arc::new(trainer);
         let mut o = SiteOptions::new(format!("http://{addr}"), site.name.clone());
         o.work_permits = Some(permits.clone());
         o.poll_wait = Duration::from_secs(2);

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fedflow_sim::demo::{self, DemoConfig, DemoReport};
+use fedflow_sim::privacy_curve::{self, CurveConfig};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -23,6 +24,46 @@ enum Command {
     /// The one-command demo: generate partner data, run a federation, and compare the global
     /// model with the centralised baseline and with each site training alone.
     Demo(DemoArgs),
+    /// The privacy-utility curve of record-level DP: the demo's federation without DP and
+    /// with DP-SGD at every site for each target epsilon, scored on the held-out sessions.
+    PrivacyCurve(CurveArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CurveArgs {
+    /// Output folder (data/, one folder per run, privacy-curve.json).
+    #[arg(long, default_value = "runs/privacy-curve")]
+    out: PathBuf,
+    /// Partner sites.
+    #[arg(long, default_value_t = 20)]
+    sites: usize,
+    /// Sessions over all sites.
+    #[arg(long, default_value_t = 20_000)]
+    sessions: usize,
+    /// Seed of the data, sampling and training.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Target epsilons of the private runs.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    epsilons: Vec<f64>,
+    /// delta of every target.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
+    /// Clipping bound C.
+    #[arg(long, default_value_t = 1.0)]
+    clip_norm: f64,
+    /// Expected batch size B.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Sites that may train at the same time.
+    #[arg(long, default_value_t = 2)]
+    concurrent: usize,
+    /// The run configuration shared by every run (default: the embedded demo configuration).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Skip the non-private reference run.
+    #[arg(long)]
+    skip_non_private: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -145,6 +186,57 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let report = demo::run(&cfg, &mut |line| eprintln!("{line}")).await?;
             print_table(&report);
+        }
+        Command::PrivacyCurve(a) => {
+            let run_config = match &a.config {
+                Some(p) => std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?,
+                None => fedflow_coordinator::config::EXAMPLE_TOML.to_string(),
+            };
+            let cfg = CurveConfig {
+                out: a.out,
+                sites: a.sites,
+                sessions: a.sessions,
+                seed: a.seed,
+                val_fraction: DemoConfig::default().val_fraction,
+                epsilons: a.epsilons,
+                delta: a.delta,
+                run_config,
+                clip_norm: a.clip_norm,
+                expected_batch_size: a.batch,
+                concurrent_work: a.concurrent,
+                non_private: !a.skip_non_private,
+            };
+            let r = privacy_curve::run(&cfg, &mut |line| eprintln!("{line}")).await?;
+            println!();
+            println!(
+                "{:>10} {:>8} {:>17} {:>9} {:>9}",
+                "target eps", "z", "site eps (range)", "accuracy", "macroF1"
+            );
+            for p in &r.points {
+                let eps = p
+                    .target_epsilon
+                    .map_or("none".to_string(), |e| e.to_string());
+                let z = p
+                    .noise_multiplier
+                    .map_or("-".to_string(), |z| format!("{z:.4}"));
+                let range = match (p.min_site_epsilon, p.max_site_epsilon) {
+                    (Some(lo), Some(hi)) => format!("{lo:.2}..{hi:.2}"),
+                    _ => "-".to_string(),
+                };
+                println!(
+                    "{eps:>10} {z:>8} {range:>17} {:>9.4} {:>9.4}",
+                    p.scores.accuracy, p.scores.macro_f1
+                );
+            }
+            println!(
+                "delta {:e}; C {}; B {}; smallest site {} training sessions; Bayes accuracy {:.4}",
+                r.delta,
+                r.clip_norm,
+                r.expected_batch_size,
+                r.smallest_site_sessions,
+                r.bayes_accuracy
+            );
         }
     }
     Ok(())

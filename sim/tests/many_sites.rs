@@ -38,6 +38,7 @@ async fn sixty_sites_run_a_federation_in_one_process() {
         .map(|s| SimSite {
             name: s.name.clone(),
             dataset: SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap(),
+            privacy: None,
         })
         .collect();
     let opts = SimOptions {

@@ -28,9 +28,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    EpochReport, MetricsAccumulator, TrainConfig, TrainReport, argmax, evaluate, optim, scalar,
-};
+use super::{EpochReport, MetricsAccumulator, TrainConfig, TrainReport, argmax, optim, scalar};
 use crate::data::EncodedSession;
 use crate::model::{AttentionFlowModel, Batch, Mode};
 use crate::privacy::SampledGaussian;
@@ -324,13 +322,12 @@ impl ClippedSum {
 /// `noise_rng` draws both the Poisson sampling and the Gaussian noise: it must be a
 /// cryptographically secure generator seeded from the operating system in production
 /// (tests pass a seeded one). The learning rate, optimiser and weight decay come from `cfg`;
-/// `cfg.batch_size`, early stopping and FedProx do not apply. `validation` (may be empty) is
-/// evaluated after each epoch for the site's own logs only.
+/// `cfg.batch_size`, early stopping and FedProx do not apply, and no validation data is
+/// looked at (model selection on it would be a release outside the accounting).
 pub fn train_dp<R: Rng + CryptoRng>(
     model: &AttentionFlowModel,
     train: &[EncodedSession],
     units: &[Vec<usize>],
-    validation: &[EncodedSession],
     cfg: &TrainConfig,
     dp: &DpSgdConfig,
     noise_rng: &mut R,
@@ -392,11 +389,7 @@ pub fn train_dp<R: Rng + CryptoRng>(
             epoch,
             train_loss: m.loss,
             train_accuracy: m.accuracy,
-            validation: if validation.is_empty() {
-                None
-            } else {
-                Some(evaluate(model, validation, 256)?)
-            },
+            validation: None,
             improved: false,
             seconds,
             samples_per_sec: seen as f64 / seconds.max(1e-9),

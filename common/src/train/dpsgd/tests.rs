@@ -228,7 +228,6 @@ fn without_noise_or_clipping_it_is_full_batch_gradient_descent() {
         &private,
         &data,
         &units,
-        &[],
         &sgd(3, 16),
         &dp,
         &mut ChaCha20Rng::seed_from_u64(1),
@@ -272,7 +271,6 @@ fn poisson_batches_have_the_expected_size_and_the_event_matches() {
             &model,
             &data,
             &units,
-            &[],
             &cfg,
             &dp,
             &mut ChaCha20Rng::seed_from_u64(seed),
@@ -285,7 +283,6 @@ fn poisson_batches_have_the_expected_size_and_the_event_matches() {
         &model,
         &data,
         &units,
-        &data[..20],
         &cfg,
         &dp,
         &mut ChaCha20Rng::seed_from_u64(4),
@@ -302,7 +299,6 @@ fn poisson_batches_have_the_expected_size_and_the_event_matches() {
         report.sampled
     );
     assert!(report.clipped_fraction > 0.0 && report.clipped_fraction <= 1.0);
-    assert!(report.train.epochs.iter().all(|e| e.validation.is_some()));
     // The sampling and noise RNG decides the result: same seed, same weights.
     let (a, b, c) = (run(5), run(5), run(6));
     assert!(a == b, "same seed, different weights");

@@ -1,0 +1,276 @@
+//! The privacy-utility curve of record-level DP: the same generated federation as the demo,
+//! trained once without DP and once per target ε with DP-SGD at every site, each global model
+//! scored on the pooled held-out sessions of all sites.
+//!
+//! The run dictates one noise multiplier z for all sites. It is the smallest z with which the
+//! site with the fewest sessions (the largest sampling rate q = B / n) stays within the target
+//! ε at δ over all planned rounds; every other site spends less. Each site's ledger then
+//! records what it really spent; the report gives the largest and smallest realised ε.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fedflow_client::privacy::SitePrivacy;
+use fedflow_common::privacy::planner::noise_for_epsilon;
+use fedflow_common::train::{DpSgdConfig, PrivacyUnit};
+use fedflow_coordinator::config::{RecordDpSection, RunConfig};
+use serde::Serialize;
+
+use crate::demo::{Scores, generate_sites, pooled, score};
+use crate::{Error, Result, SimOptions, SimSite, run_federation};
+
+/// What the curve runs.
+#[derive(Debug, Clone)]
+pub struct CurveConfig {
+    /// Output folder: `data/`, one folder per run, `privacy-curve.json`.
+    pub out: PathBuf,
+    /// Partner sites.
+    pub sites: usize,
+    /// Sessions over all sites.
+    pub sessions: usize,
+    /// Seed of data, sampling and training.
+    pub seed: u64,
+    /// Validation (held-out) fraction of each site.
+    pub val_fraction: f64,
+    /// Target ε of each private run.
+    pub epsilons: Vec<f64>,
+    /// δ of every target.
+    pub delta: f64,
+    /// The run configuration (TOML text; `model.vocab` is replaced) shared by all runs; the
+    /// private runs add `[record_dp]`.
+    pub run_config: String,
+    /// Clipping bound C.
+    pub clip_norm: f64,
+    /// Expected batch size B.
+    pub expected_batch_size: usize,
+    /// Sites that may train at the same time.
+    pub concurrent_work: usize,
+    /// Also run without DP (the reference point).
+    pub non_private: bool,
+}
+
+/// One run of the curve.
+#[derive(Debug, Clone, Serialize)]
+pub struct CurvePoint {
+    /// The target ε (None: the non-private run).
+    pub target_epsilon: Option<f64>,
+    /// The noise multiplier the run dictated.
+    pub noise_multiplier: Option<f64>,
+    /// The largest ε any site's ledger reached, at the curve's δ.
+    pub max_site_epsilon: Option<f64>,
+    /// The smallest.
+    pub min_site_epsilon: Option<f64>,
+    /// Global model on the pooled held-out sessions.
+    pub scores: Scores,
+    /// Rounds committed.
+    pub rounds: u64,
+    /// Wall-clock seconds of the federated run.
+    pub seconds: f64,
+}
+
+/// The whole curve.
+#[derive(Debug, Clone, Serialize)]
+pub struct CurveReport {
+    /// δ of every target.
+    pub delta: f64,
+    /// C.
+    pub clip_norm: f64,
+    /// B.
+    pub expected_batch_size: usize,
+    /// Training sessions of the smallest site (it sets z).
+    pub smallest_site_sessions: usize,
+    /// The run configuration used (TOML, without `[record_dp]`).
+    pub run_config: String,
+    /// Bayes-optimal accuracy of the data.
+    pub bayes_accuracy: f64,
+    /// The runs, non-private first.
+    pub points: Vec<CurvePoint>,
+}
+
+async fn one_run(
+    cfg: &CurveConfig,
+    run_cfg: RunConfig,
+    dir: &Path,
+    sites: &[SimSite],
+    vocab: &fedflow_common::data::Vocab,
+    say: &mut dyn FnMut(&str),
+) -> Result<(CurvePoint, Vec<SimSite>)> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| Error::Other(format!("cannot clear {}: {e}", dir.display())))?;
+    }
+    let dp = run_cfg.record_dp.clone();
+    let mut run_sites = sites.to_vec();
+    if let Some(dp) = &dp {
+        for s in &mut run_sites {
+            let p = SitePrivacy::open(
+                &dir.join("privacy").join(&s.name),
+                dp.target_epsilon,
+                cfg.delta,
+                false,
+            )
+            .map_err(|e| Error::Other(e.to_string()))?;
+            s.privacy = Some(Arc::new(p));
+        }
+    }
+    let opts = SimOptions {
+        concurrent_work: cfg.concurrent_work,
+        ..SimOptions::default()
+    };
+    let outcome = run_federation(
+        run_cfg.clone(),
+        &dir.join("coordinator"),
+        run_sites.clone(),
+        vocab,
+        &opts,
+        |_| {},
+    )
+    .await?;
+    let mut spent = Vec::new();
+    for s in &run_sites {
+        if let Some(p) = &s.privacy {
+            let (e, _) = p
+                .ledger()
+                .accountant()
+                .and_then(|a| Ok(a.epsilon(cfg.delta)?))
+                .map_err(|e| Error::Other(e.to_string()))?;
+            spent.push(e);
+        }
+        let contributed = outcome
+            .sites
+            .iter()
+            .filter(|(n, _)| n == &s.name)
+            .map(|(_, x)| x.rounds_contributed.len())
+            .sum::<usize>();
+        if contributed as u64 != outcome.committed_round {
+            say(&format!(
+                "note: {} contributed to {contributed} of {} rounds",
+                s.name, outcome.committed_round
+            ));
+        }
+    }
+    let metrics = run_sites
+        .iter()
+        .map(|s| score(&outcome.global, &run_cfg, &s.dataset))
+        .collect::<Result<Vec<_>>>()?;
+    let scores = pooled(&metrics)?;
+    let point = CurvePoint {
+        target_epsilon: dp.as_ref().map(|d| d.target_epsilon),
+        noise_multiplier: dp.as_ref().map(|d| d.noise_multiplier),
+        max_site_epsilon: spent.iter().copied().reduce(f64::max),
+        min_site_epsilon: spent.iter().copied().reduce(f64::min),
+        scores,
+        rounds: outcome.committed_round,
+        seconds: outcome.seconds,
+    };
+    Ok((point, run_sites))
+}
+
+/// Runs the curve; `say` gets progress lines.
+pub async fn run(cfg: &CurveConfig, say: &mut dyn FnMut(&str)) -> Result<CurveReport> {
+    let out = &cfg.out;
+    std::fs::create_dir_all(out)
+        .map_err(|e| Error::Other(format!("cannot create {}: {e}", out.display())))?;
+    let data = out.join("data");
+    if data.exists() {
+        std::fs::remove_dir_all(&data)
+            .map_err(|e| Error::Other(format!("cannot clear {}: {e}", data.display())))?;
+    }
+    let (bayes_accuracy, vocab_path, vocab, sites) = generate_sites(
+        out,
+        cfg.sites,
+        cfg.sessions,
+        cfg.seed,
+        cfg.val_fraction,
+        say,
+    )?;
+    let mut base = RunConfig::with_vocab(&cfg.run_config, &vocab_path)?;
+    base.run.seed = cfg.seed;
+    base.record_dp = None;
+    // The sites score nothing themselves (metrics are withheld under DP); the global models
+    // are scored here, on the held-out sessions.
+    base.evaluation.every = 0;
+    base.evaluation.final_round = false;
+    let n = sites.len();
+    base.sampling.min_available = n;
+    base.sampling.min_selected = base.sampling.min_selected.min(n);
+    base.rounds.min_completed = base.rounds.min_completed.min(n).max(1);
+    let base = RunConfig::from_toml_str(&base.to_toml_string()?, out)?;
+    let smallest = sites
+        .iter()
+        .map(|s| s.dataset.train.len())
+        .min()
+        .unwrap_or(0);
+    let mut points = Vec::new();
+    if cfg.non_private {
+        say("non-private federated run");
+        let (p, _) = one_run(
+            cfg,
+            base.clone(),
+            &out.join("non-private"),
+            &sites,
+            &vocab,
+            say,
+        )
+        .await?;
+        say(&format!(
+            "  accuracy {:.4}, macro-F1 {:.4} ({:.0} s)",
+            p.scores.accuracy, p.scores.macro_f1, p.seconds
+        ));
+        points.push(p);
+    }
+    for &target in &cfg.epsilons {
+        let sgd = DpSgdConfig {
+            clip_norm: cfg.clip_norm,
+            expected_batch_size: cfg.expected_batch_size,
+            unit: PrivacyUnit::Session,
+            ..DpSgdConfig::default()
+        };
+        let round = sgd.round_event(smallest, base.train.epochs)?;
+        let z = noise_for_epsilon(round.q, round.steps, base.run.rounds, cfg.delta, target)?;
+        let mut run_cfg = base.clone();
+        run_cfg.record_dp = Some(RecordDpSection {
+            clip_norm: cfg.clip_norm,
+            noise_multiplier: z,
+            expected_batch_size: cfg.expected_batch_size,
+            unit: PrivacyUnit::Session,
+            max_sessions_per_user: sgd.max_sessions_per_user,
+            target_epsilon: target,
+            target_delta: cfg.delta,
+        });
+        say(&format!(
+            "record-level DP, target epsilon {target} at delta {:e}: noise multiplier {z:.4}",
+            cfg.delta
+        ));
+        let (p, _) = one_run(
+            cfg,
+            run_cfg,
+            &out.join(format!("eps-{target}")),
+            &sites,
+            &vocab,
+            say,
+        )
+        .await?;
+        say(&format!(
+            "  accuracy {:.4}, macro-F1 {:.4}; site epsilon {:.3}..{:.3} ({:.0} s)",
+            p.scores.accuracy,
+            p.scores.macro_f1,
+            p.min_site_epsilon.unwrap_or(f64::NAN),
+            p.max_site_epsilon.unwrap_or(f64::NAN),
+            p.seconds
+        ));
+        points.push(p);
+    }
+    let report = CurveReport {
+        delta: cfg.delta,
+        clip_norm: cfg.clip_norm,
+        expected_batch_size: cfg.expected_batch_size,
+        smallest_site_sessions: smallest,
+        run_config: base.to_toml_string()?,
+        bayes_accuracy,
+        points,
+    };
+    let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Other(e.to_string()))?;
+    fedflow_common::fsio::write_atomic(&out.join("privacy-curve.json"), json.as_bytes())?;
+    Ok(report)
+}
