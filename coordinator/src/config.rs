@@ -864,12 +864,13 @@ mod tests {
                         "clip_norm",
                         "noise_multiplier",
                         "expected_batch_size",
-                        "unit =",
-                        "max_sessions",
-                        "target_",
+                        "unit",
+                        "max_sessions_per_user",
+                        "target_epsilon",
+                        "target_delta",
                     ]
                     .iter()
-                    .any(|k| t.starts_with(&format!("# {k}")))
+                    .any(|k| t.starts_with(&format!("# {k} =")))
                 {
                     t.trim_start_matches("# ").to_string()
                 } else {
