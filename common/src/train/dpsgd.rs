@@ -26,6 +26,7 @@ use candle_core::{DType, Tensor, Var};
 use rand::{CryptoRng, Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{EpochReport, MetricsAccumulator, TrainConfig, TrainReport, argmax, optim, scalar};
@@ -156,6 +157,10 @@ pub fn privacy_units(users: &[u32], cfg: &DpSgdConfig) -> Vec<Vec<usize>> {
     }
 }
 
+/// Sampled units per parallel work item. Fixed (not derived from the thread count) so that
+/// the summation order, hence the result, is the same on any machine.
+const UNITS_PER_CHUNK: usize = 4;
+
 /// What DP-SGD did in one call of [`train_dp`], beyond the usual training report.
 #[derive(Debug, Clone, Serialize)]
 pub struct DpTrainReport {
@@ -215,6 +220,29 @@ impl ClippedSum {
     /// The running sums, one flat buffer per parameter.
     pub fn sums(&self) -> &[Vec<f32>] {
         &self.sums
+    }
+
+    /// Empty sums over the same parameters and bound.
+    pub fn empty_like(&self) -> Self {
+        ClippedSum {
+            vars: self.vars.clone(),
+            sums: self.sums.iter().map(|s| vec![0f32; s.len()]).collect(),
+            grad: Vec::with_capacity(self.grad.capacity()),
+            clip_norm: self.clip_norm,
+            units: 0,
+            clipped: 0,
+        }
+    }
+
+    /// Adds another partial sum (over the same parameters) into this one.
+    pub fn merge(&mut self, other: &ClippedSum) {
+        for (mine, theirs) in self.sums.iter_mut().zip(&other.sums) {
+            for (a, b) in mine.iter_mut().zip(theirs) {
+                *a += b;
+            }
+        }
+        self.units += other.units;
+        self.clipped += other.clipped;
     }
 
     /// Zeroes the sums and counters.
@@ -366,16 +394,38 @@ pub fn train_dp<R: Rng + CryptoRng>(
         let mut seen = 0usize;
         for _ in 0..steps_per_epoch {
             acc_sum.reset();
-            for unit in units {
-                if noise_rng.random::<f64>() >= event.q {
-                    continue;
+            // Poisson sampling, then one dropout seed per sampled unit, both drawn in unit
+            // order, so the result does not depend on how the units are spread over threads.
+            let batch: Vec<(&Vec<usize>, u64)> = units
+                .iter()
+                .filter(|_| noise_rng.random::<f64>() < event.q)
+                .map(|u| (u, dropout_rng.random::<u64>()))
+                .collect();
+            // Per-unit backward passes are independent: fixed chunks run in parallel, each
+            // into its own partial sum, merged in chunk order (bit-identical on any core count).
+            let parts = batch
+                .par_chunks(UNITS_PER_CHUNK)
+                .map(|chunk| {
+                    let mut part = acc_sum.empty_like();
+                    let mut seen = Vec::with_capacity(chunk.len());
+                    for &(unit, seed) in chunk {
+                        let sessions: Vec<&EncodedSession> =
+                            unit.iter().map(|&i| &train[i]).collect();
+                        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                        let (_, loss, logits) =
+                            part.add_unit(model, &sessions, &mut Mode::Train(&mut rng))?;
+                        let truth: Vec<u32> = sessions.iter().map(|s| s.class).collect();
+                        seen.push((loss, truth, argmax(&logits)?));
+                    }
+                    Ok((part, seen))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            for (part, seen_units) in parts {
+                acc_sum.merge(&part);
+                for (loss, truth, predicted) in seen_units {
+                    metrics.add(loss, &truth, &predicted);
+                    seen += truth.len();
                 }
-                let sessions: Vec<&EncodedSession> = unit.iter().map(|&i| &train[i]).collect();
-                let (_, loss, logits) =
-                    acc_sum.add_unit(model, &sessions, &mut Mode::Train(&mut dropout_rng))?;
-                let truth: Vec<u32> = sessions.iter().map(|s| s.class).collect();
-                metrics.add(loss, &truth, &argmax(&logits)?);
-                seen += sessions.len();
             }
             acc_sum.add_noise(std, noise_rng);
             optimizer.step(&acc_sum.gradients(dp.expected_batch_size as f64)?)?;

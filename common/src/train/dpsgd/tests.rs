@@ -304,3 +304,40 @@ fn poisson_batches_have_the_expected_size_and_the_event_matches() {
     assert!(a == b, "same seed, different weights");
     assert!(a != c, "different seeds, same weights");
 }
+
+#[test]
+fn the_result_does_not_depend_on_the_number_of_threads() {
+    let data = sessions(120, 12);
+    let cfg = config(EncoderKind::Lstm);
+    let dp = DpSgdConfig {
+        expected_batch_size: 24,
+        ..DpSgdConfig::default()
+    };
+    let units = privacy_units(&(0..120).collect::<Vec<u32>>(), &dp);
+    let run_on = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let model = AttentionFlowModel::new(&cfg, &Device::Cpu, 4).unwrap();
+            let tc = TrainConfig {
+                seed: 3,
+                ..sgd(2, 24)
+            };
+            train_dp(
+                &model,
+                &data,
+                &units,
+                &tc,
+                &dp,
+                &mut ChaCha20Rng::seed_from_u64(8),
+                &mut |_| {},
+            )
+            .unwrap();
+            flat(&model)
+        })
+    };
+    let (one, three) = (run_on(1), run_on(3));
+    assert!(one == three, "1 and 3 threads gave different weights");
+}
