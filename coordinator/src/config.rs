@@ -122,6 +122,39 @@ impl RecordDpSection {
         }
     }
 
+    /// The record-level ε at `target_delta` a site with `units` privacy units spends over
+    /// `rounds` rounds of `epochs` local epochs (the same computation the site's ledger does).
+    pub fn site_epsilon(&self, units: usize, epochs: usize, rounds: u64) -> Result<f64> {
+        let round = self.dp_sgd().round_event(units, epochs)?;
+        Ok(fedflow_common::privacy::planner::epsilon(&[round], rounds, self.target_delta)?.epsilon)
+    }
+
+    /// The fewest privacy units a site needs to take part in all `rounds` rounds within
+    /// `target_epsilon` (ε falls as n grows, since q = B / n does); `None` if even 10⁹ units
+    /// are not enough.
+    pub fn min_units_within_target(&self, epochs: usize, rounds: u64) -> Result<Option<usize>> {
+        let within = |n: usize| -> Result<bool> {
+            Ok(self.site_epsilon(n, epochs, rounds)? <= self.target_epsilon)
+        };
+        let mut hi = self.expected_batch_size.max(1);
+        while !within(hi)? {
+            if hi > 1_000_000_000 {
+                return Ok(None);
+            }
+            hi *= 2;
+        }
+        let mut lo = 0; // not within (or no data)
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if mid > 0 && within(mid)? {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        Ok(Some(hi))
+    }
+
     fn validate(&self) -> std::result::Result<(), String> {
         self.dp_sgd()
             .validate()
@@ -881,6 +914,11 @@ mod tests {
             .join("\n");
         let c = RunConfig::with_vocab(&text, &vocab).unwrap();
         let dp = c.record_dp.as_ref().expect("[record_dp] parsed");
+        // The smallest site that fits the budget: it does, one unit fewer does not.
+        let (epochs, rounds) = (c.train.epochs, c.run.rounds);
+        let n = dp.min_units_within_target(epochs, rounds).unwrap().unwrap();
+        assert!(dp.site_epsilon(n, epochs, rounds).unwrap() <= dp.target_epsilon);
+        assert!(dp.site_epsilon(n - 1, epochs, rounds).unwrap() > dp.target_epsilon);
         assert_eq!(dp.dp_sgd(), fedflow_common::train::DpSgdConfig::default());
         assert_eq!((dp.target_epsilon, dp.target_delta), (8.0, 1e-5));
         assert!(RunConfig::demo(&vocab).unwrap().record_dp.is_none());

@@ -77,6 +77,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig { config } => {
             let cfg = RunConfig::load(&config)?;
             print!("{}", cfg.to_toml_string()?);
+            if let Some(dp) = &cfg.record_dp {
+                let (epochs, rounds) = (cfg.train.epochs, cfg.run.rounds);
+                eprintln!(
+                    "record-level DP over {rounds} rounds of {epochs} epoch(s), at delta {:e}:",
+                    dp.target_delta
+                );
+                for n in [100, 300, 1_000, 3_000, 10_000, 100_000] {
+                    eprintln!(
+                        "  a site with {n:>7} {}s spends epsilon {:.4}",
+                        dp.unit,
+                        dp.site_epsilon(n, epochs, rounds)?
+                    );
+                }
+                match dp.min_units_within_target(epochs, rounds)? {
+                    Some(n) => eprintln!(
+                        "  sites need at least {n} {}s to stay within epsilon {} for the whole run; \
+                         smaller ones will decline rounds",
+                        dp.unit, dp.target_epsilon
+                    ),
+                    None => eprintln!("  no site size stays within epsilon {}", dp.target_epsilon),
+                }
+            }
         }
         Command::Serve {
             config,
