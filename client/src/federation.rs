@@ -160,6 +160,7 @@ fn task_spec(task: &Task) -> Result<TaskSpec> {
                 clip_norm: d.clip_norm,
                 noise_multiplier: d.noise_multiplier,
                 expected_batch_size: d.expected_batch_size as usize,
+                sampling_rate: (d.sampling_rate > 0.0).then_some(d.sampling_rate),
                 unit: d.unit.parse().map_err(|e| Error::Task(format!("{e}")))?,
                 max_sessions_per_user: d.max_sessions_per_user as usize,
             },

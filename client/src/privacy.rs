@@ -189,7 +189,7 @@ impl SiteTrainer {
                 unit: dp.sgd.unit,
                 units: units.len() as u64,
                 clip_norm: dp.sgd.clip_norm,
-                expected_batch_size: dp.sgd.expected_batch_size as u64,
+                expected_batch_size: (report.event.q * units.len() as f64).round() as u64,
                 epochs: task.train.epochs as u64,
                 event: report.event,
                 metrics_released: privacy.release_metrics,

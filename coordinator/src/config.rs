@@ -92,8 +92,14 @@ pub struct RecordDpSection {
     pub clip_norm: f64,
     /// Noise multiplier z, >= 0 (noise std z·C on each batch's gradient sum).
     pub noise_multiplier: f64,
-    /// Expected batch size B in units (Poisson sampling rate B / n at a site with n units).
-    pub expected_batch_size: usize,
+    /// Expected batch size B in units (Poisson sampling rate B / n at a site with n units,
+    /// so smaller sites spend more ε). Exactly one of this and `sampling_rate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_batch_size: Option<usize>,
+    /// Sampling rate q in (0, 1] shared by all sites (expected batch q·n at a site with n
+    /// units; every site spends the same ε). Exactly one of this and `expected_batch_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling_rate: Option<f64>,
     /// The privacy unit: `"session"` (default) or `"user"`.
     #[serde(default)]
     pub unit: fedflow_common::train::PrivacyUnit,
@@ -116,7 +122,8 @@ impl RecordDpSection {
         fedflow_common::train::DpSgdConfig {
             clip_norm: self.clip_norm,
             noise_multiplier: self.noise_multiplier,
-            expected_batch_size: self.expected_batch_size,
+            expected_batch_size: self.expected_batch_size.unwrap_or(0),
+            sampling_rate: self.sampling_rate,
             unit: self.unit,
             max_sessions_per_user: self.max_sessions_per_user,
         }
@@ -136,7 +143,11 @@ impl RecordDpSection {
         let within = |n: usize| -> Result<bool> {
             Ok(self.site_epsilon(n, epochs, rounds)? <= self.target_epsilon)
         };
-        let mut hi = self.expected_batch_size.max(1);
+        if self.sampling_rate.is_some() {
+            // The same ε for every size.
+            return Ok(within(1)?.then_some(1));
+        }
+        let mut hi = self.expected_batch_size.unwrap_or(1).max(1);
         while !within(hi)? {
             if hi > 1_000_000_000 {
                 return Ok(None);
@@ -156,6 +167,11 @@ impl RecordDpSection {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
+        if self.expected_batch_size.is_some() == self.sampling_rate.is_some() {
+            return Err(
+                "record_dp: set exactly one of expected_batch_size and sampling_rate".into(),
+            );
+        }
         self.dp_sgd()
             .validate()
             .map_err(|e| common_reason(e).replace("dp_sgd.", "record_dp."))?;
@@ -919,6 +935,19 @@ mod tests {
         let n = dp.min_units_within_target(epochs, rounds).unwrap().unwrap();
         assert!(dp.site_epsilon(n, epochs, rounds).unwrap() <= dp.target_epsilon);
         assert!(dp.site_epsilon(n - 1, epochs, rounds).unwrap() > dp.target_epsilon);
+        // With a shared sampling rate every site size spends the same.
+        let shared = RunConfig::with_vocab(
+            &text.replacen("expected_batch_size = 64", "sampling_rate = 0.05", 1),
+            &vocab,
+        )
+        .unwrap();
+        let shared = shared.record_dp.unwrap();
+        assert_eq!(shared.dp_sgd().sampling_rate, Some(0.05));
+        let (a, b) = (
+            shared.site_epsilon(300, epochs, rounds).unwrap(),
+            shared.site_epsilon(30_000, epochs, rounds).unwrap(),
+        );
+        assert_eq!(a, b);
         assert_eq!(dp.dp_sgd(), fedflow_common::train::DpSgdConfig::default());
         assert_eq!((dp.target_epsilon, dp.target_delta), (8.0, 1e-5));
         assert!(RunConfig::demo(&vocab).unwrap().record_dp.is_none());

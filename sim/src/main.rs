@@ -52,13 +52,17 @@ struct CurveArgs {
     /// Clipping bound C.
     #[arg(long, default_value_t = 1.0)]
     clip_norm: f64,
-    /// Expected batch size B.
-    #[arg(long, default_value_t = 64)]
+    /// Expected batch size B (the sampling rate is then B / n at a site with n sessions).
+    #[arg(long, default_value_t = 256)]
     batch: usize,
+    /// A sampling rate shared by all sites instead of --batch.
+    #[arg(long)]
+    sampling_rate: Option<f64>,
     /// Sites that may train at the same time.
     #[arg(long, default_value_t = 2)]
     concurrent: usize,
-    /// The run configuration shared by every run (default: the embedded demo configuration).
+    /// The run configuration shared by every run (default: the embedded
+    /// sim/examples/privacy_curve.toml).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Skip the non-private reference run.
@@ -191,7 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let run_config = match &a.config {
                 Some(p) => std::fs::read_to_string(p)
                     .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?,
-                None => fedflow_coordinator::config::EXAMPLE_TOML.to_string(),
+                None => include_str!("../examples/privacy_curve.toml").to_string(),
             };
             let cfg = CurveConfig {
                 out: a.out,
@@ -204,6 +208,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 run_config,
                 clip_norm: a.clip_norm,
                 expected_batch_size: a.batch,
+                sampling_rate: a.sampling_rate,
                 concurrent_work: a.concurrent,
                 non_private: !a.skip_non_private,
             };

@@ -2,9 +2,10 @@
 //! trained once without DP and once per target ε with DP-SGD at every site, each global model
 //! scored on the pooled held-out sessions of all sites.
 //!
-//! The run dictates one noise multiplier z for all sites. It is the smallest z with which the
-//! site with the fewest sessions (the largest sampling rate q = B / n) stays within the target
-//! ε at δ over all planned rounds; every other site spends less. Each site's ledger then
+//! The run dictates one noise multiplier z for all sites. With an expected batch size B it is
+//! the smallest z with which the site with the fewest sessions (the largest sampling rate
+//! q = B / n) stays within the target ε at δ over all planned rounds, and every other site
+//! spends less; with a shared sampling rate q every site spends exactly the target. Each site's ledger then
 //! records what it really spent; the report gives the largest and smallest realised ε.
 
 use std::path::{Path, PathBuf};
@@ -41,8 +42,10 @@ pub struct CurveConfig {
     pub run_config: String,
     /// Clipping bound C.
     pub clip_norm: f64,
-    /// Expected batch size B.
+    /// Expected batch size B (ignored when `sampling_rate` is set).
     pub expected_batch_size: usize,
+    /// A sampling rate shared by all sites instead of B (then z is the same ε for all).
+    pub sampling_rate: Option<f64>,
     /// Sites that may train at the same time.
     pub concurrent_work: usize,
     /// Also run without DP (the reference point).
@@ -75,8 +78,10 @@ pub struct CurveReport {
     pub delta: f64,
     /// C.
     pub clip_norm: f64,
-    /// B.
+    /// B (0 when a sampling rate is used).
     pub expected_batch_size: usize,
+    /// The shared sampling rate, if one is used.
+    pub sampling_rate: Option<f64>,
     /// Training sessions of the smallest site (it sets z).
     pub smallest_site_sessions: usize,
     /// The run configuration used (TOML, without `[record_dp]`).
@@ -220,9 +225,15 @@ pub async fn run(cfg: &CurveConfig, say: &mut dyn FnMut(&str)) -> Result<CurveRe
         points.push(p);
     }
     for &target in &cfg.epsilons {
+        let batch = if cfg.sampling_rate.is_some() {
+            0
+        } else {
+            cfg.expected_batch_size
+        };
         let sgd = DpSgdConfig {
             clip_norm: cfg.clip_norm,
-            expected_batch_size: cfg.expected_batch_size,
+            expected_batch_size: batch,
+            sampling_rate: cfg.sampling_rate,
             unit: PrivacyUnit::Session,
             ..DpSgdConfig::default()
         };
@@ -232,7 +243,8 @@ pub async fn run(cfg: &CurveConfig, say: &mut dyn FnMut(&str)) -> Result<CurveRe
         run_cfg.record_dp = Some(RecordDpSection {
             clip_norm: cfg.clip_norm,
             noise_multiplier: z,
-            expected_batch_size: cfg.expected_batch_size,
+            expected_batch_size: (batch > 0).then_some(batch),
+            sampling_rate: cfg.sampling_rate,
             unit: PrivacyUnit::Session,
             max_sessions_per_user: sgd.max_sessions_per_user,
             target_epsilon: target,
@@ -264,7 +276,12 @@ pub async fn run(cfg: &CurveConfig, say: &mut dyn FnMut(&str)) -> Result<CurveRe
     let report = CurveReport {
         delta: cfg.delta,
         clip_norm: cfg.clip_norm,
-        expected_batch_size: cfg.expected_batch_size,
+        expected_batch_size: if cfg.sampling_rate.is_some() {
+            0
+        } else {
+            cfg.expected_batch_size
+        },
+        sampling_rate: cfg.sampling_rate,
         smallest_site_sessions: smallest,
         run_config: base.to_toml_string()?,
         bayes_accuracy,

@@ -34,6 +34,19 @@ pub fn dpsgd_round(n: u64, expected_batch: u64, epochs: u64, z: f64) -> Result<S
     Ok(SampledGaussian { q, z, steps })
 }
 
+/// DP-SGD at a site with a sampling rate fixed by the run: `q` for every site whatever its
+/// size `n`, an epoch being `⌈1 / q⌉` steps (so about n records are seen per epoch).
+pub fn dpsgd_round_at_rate(n: u64, q: f64, epochs: u64, z: f64) -> Result<SampledGaussian> {
+    if n == 0 || !(q > 0.0 && q <= 1.0) {
+        return Err(Error::Privacy(format!(
+            "DP-SGD needs records and a sampling rate in (0, 1] (n = {n}, q = {q})"
+        )));
+    }
+    // 1/q rounded up, tolerant of the last-bit error of 1/q for q = 0.1, 0.2, ...
+    let steps = epochs * ((1.0 / q) * (1.0 - 1e-12)).ceil().max(1.0) as u64;
+    Ok(SampledGaussian { q, z, steps })
+}
+
 /// ε at `delta` after `rounds` repetitions of the events of one round.
 pub fn epsilon(round: &[SampledGaussian], rounds: u64, delta: f64) -> Result<Spent> {
     let mut acc = RdpAccountant::default();
@@ -129,6 +142,9 @@ mod tests {
         assert!((r.q - 0.064).abs() < 1e-15);
         assert_eq!(dpsgd_round(10, 64, 1, 1.0).unwrap().q, 1.0);
         assert!(dpsgd_round(0, 64, 1, 1.0).is_err());
+        let r = dpsgd_round_at_rate(5000, 0.03, 2, 1.0).unwrap();
+        assert_eq!((r.q, r.steps), (0.03, 2 * 34));
+        assert!(dpsgd_round_at_rate(10, 0.0, 1, 1.0).is_err());
     }
 
     #[test]

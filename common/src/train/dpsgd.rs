@@ -33,7 +33,7 @@ use super::{EpochReport, MetricsAccumulator, TrainConfig, TrainReport, argmax, o
 use crate::data::EncodedSession;
 use crate::model::{AttentionFlowModel, Batch, Mode};
 use crate::privacy::SampledGaussian;
-use crate::privacy::planner::dpsgd_round;
+use crate::privacy::planner::{dpsgd_round, dpsgd_round_at_rate};
 use crate::{Error, Result};
 
 /// What one unit of privacy protection is: the neighbouring datasets differ by one of these.
@@ -77,8 +77,14 @@ pub struct DpSgdConfig {
     pub clip_norm: f64,
     /// Noise multiplier z: the noise standard deviation is z·C.
     pub noise_multiplier: f64,
-    /// Expected batch size B (in units); the sampling rate is B / n.
+    /// Expected batch size B (in units): the sampling rate is q = B / n at a site with n
+    /// units, so small sites sample a larger share (and spend more ε). Must be 0 when
+    /// `sampling_rate` is set.
     pub expected_batch_size: usize,
+    /// A sampling rate q shared by every site instead: each site's expected batch is q·n, and
+    /// every site spends the same ε whatever its size. `None`: use `expected_batch_size`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampling_rate: Option<f64>,
     /// The privacy unit.
     pub unit: PrivacyUnit,
     /// With `unit = "user"`: at most this many sessions of one user are used (the first ones
@@ -92,6 +98,7 @@ impl Default for DpSgdConfig {
             clip_norm: 1.0,
             noise_multiplier: 1.0,
             expected_batch_size: 64,
+            sampling_rate: None,
             unit: PrivacyUnit::Session,
             max_sessions_per_user: 8,
         }
@@ -114,8 +121,23 @@ impl DpSgdConfig {
                 format!("{} must be a number >= 0", self.noise_multiplier),
             );
         }
-        if self.expected_batch_size == 0 {
-            return bad("expected_batch_size", "must be at least 1".into());
+        match self.sampling_rate {
+            Some(q) if !(q > 0.0 && q <= 1.0) => {
+                return bad("sampling_rate", format!("{q} must be in (0, 1]"));
+            }
+            Some(_) if self.expected_batch_size != 0 => {
+                return bad(
+                    "expected_batch_size",
+                    "set either expected_batch_size or sampling_rate, not both".into(),
+                );
+            }
+            None if self.expected_batch_size == 0 => {
+                return bad(
+                    "expected_batch_size",
+                    "must be at least 1 (or set sampling_rate instead)".into(),
+                );
+            }
+            _ => {}
         }
         if self.max_sessions_per_user == 0 {
             return bad("max_sessions_per_user", "must be at least 1".into());
@@ -125,12 +147,15 @@ impl DpSgdConfig {
 
     /// The privacy event of one round of `epochs` epochs over `units` units.
     pub fn round_event(&self, units: usize, epochs: usize) -> Result<SampledGaussian> {
-        dpsgd_round(
-            units as u64,
-            self.expected_batch_size as u64,
-            epochs as u64,
-            self.noise_multiplier,
-        )
+        match self.sampling_rate {
+            Some(q) => dpsgd_round_at_rate(units as u64, q, epochs as u64, self.noise_multiplier),
+            None => dpsgd_round(
+                units as u64,
+                self.expected_batch_size as u64,
+                epochs as u64,
+                self.noise_multiplier,
+            ),
+        }
     }
 }
 
@@ -374,6 +399,8 @@ pub fn train_dp<R: Rng + CryptoRng>(
     }
     let event = dp.round_event(units.len(), cfg.epochs)?;
     let steps_per_epoch = event.steps / cfg.epochs as u64;
+    // The fixed denominator: the expected batch size q·n (B, or n when B > n).
+    let expected_batch = event.q * units.len() as f64;
     let vars = model.varmap().all_vars();
     let mut optimizer = optim::Optimizer::new(
         cfg.optimizer,
@@ -428,7 +455,7 @@ pub fn train_dp<R: Rng + CryptoRng>(
                 }
             }
             acc_sum.add_noise(std, noise_rng);
-            optimizer.step(&acc_sum.gradients(dp.expected_batch_size as f64)?)?;
+            optimizer.step(&acc_sum.gradients(expected_batch)?)?;
             sampled += acc_sum.units;
             clipped += acc_sum.clipped;
             steps += 1;

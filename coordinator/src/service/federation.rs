@@ -344,7 +344,8 @@ impl Coordinator {
                 dp_sgd: cfg.record_dp.as_ref().map(|dp| DpSgdInstructions {
                     clip_norm: dp.clip_norm,
                     noise_multiplier: dp.noise_multiplier,
-                    expected_batch_size: dp.expected_batch_size as u32,
+                    expected_batch_size: dp.expected_batch_size.unwrap_or(0) as u32,
+                    sampling_rate: dp.sampling_rate.unwrap_or(0.0),
                     unit: dp.unit.to_string(),
                     max_sessions_per_user: dp.max_sessions_per_user as u32,
                     target_epsilon: dp.target_epsilon,

@@ -341,3 +341,58 @@ fn the_result_does_not_depend_on_the_number_of_threads() {
     let (one, three) = (run_on(1), run_on(3));
     assert!(one == three, "1 and 3 threads gave different weights");
 }
+
+#[test]
+fn a_shared_sampling_rate_fixes_q_and_the_batch_follows_the_site_size() {
+    let dp = DpSgdConfig {
+        expected_batch_size: 0,
+        sampling_rate: Some(0.1),
+        ..DpSgdConfig::default()
+    };
+    dp.validate().unwrap();
+    // Same event for any site size: q = 0.1, ten steps per epoch.
+    let (small, large) = (
+        dp.round_event(50, 2).unwrap(),
+        dp.round_event(5000, 2).unwrap(),
+    );
+    assert_eq!((small.q, small.steps), (0.1, 20));
+    assert_eq!(small, large);
+    let data = sessions(150, 13);
+    let units = privacy_units(&(0..150).collect::<Vec<u32>>(), &dp);
+    let model = AttentionFlowModel::new(&config(EncoderKind::Lstm), &Device::Cpu, 3).unwrap();
+    let report = train_dp(
+        &model,
+        &data,
+        &units,
+        &sgd(2, 1),
+        &dp,
+        &mut ChaCha20Rng::seed_from_u64(2),
+        &mut |_| {},
+    )
+    .unwrap();
+    // 20 steps x Binomial(150, 0.1): mean 300, sd 16.
+    assert_eq!(report.train.steps, 20);
+    assert!(
+        (report.sampled as f64 - 300.0).abs() < 70.0,
+        "{}",
+        report.sampled
+    );
+    // Exactly one of the two ways to set the sampling.
+    for bad in [
+        DpSgdConfig {
+            sampling_rate: Some(0.1),
+            ..DpSgdConfig::default()
+        },
+        DpSgdConfig {
+            expected_batch_size: 0,
+            ..DpSgdConfig::default()
+        },
+        DpSgdConfig {
+            expected_batch_size: 0,
+            sampling_rate: Some(1.5),
+            ..DpSgdConfig::default()
+        },
+    ] {
+        assert!(bad.validate().is_err(), "{bad:?}");
+    }
+}
