@@ -58,6 +58,9 @@ struct CurveArgs {
     /// A sampling rate shared by all sites instead of --batch.
     #[arg(long)]
     sampling_rate: Option<f64>,
+    /// Learning rate of the private runs (default: the configuration's train.learning_rate).
+    #[arg(long)]
+    dp_learning_rate: Option<f64>,
     /// Sites that may train at the same time.
     #[arg(long, default_value_t = 2)]
     concurrent: usize,
@@ -209,6 +212,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 clip_norm: a.clip_norm,
                 expected_batch_size: a.batch,
                 sampling_rate: a.sampling_rate,
+                dp_learning_rate: a.dp_learning_rate,
                 concurrent_work: a.concurrent,
                 non_private: !a.skip_non_private,
             };

@@ -46,6 +46,9 @@ pub struct CurveConfig {
     pub expected_batch_size: usize,
     /// A sampling rate shared by all sites instead of B (then z is the same ε for all).
     pub sampling_rate: Option<f64>,
+    /// Learning rate of the private runs (noisy gradients want a larger step than the
+    /// non-private run's `train.learning_rate`); `None`: the configuration's.
+    pub dp_learning_rate: Option<f64>,
     /// Sites that may train at the same time.
     pub concurrent_work: usize,
     /// Also run without DP (the reference point).
@@ -82,6 +85,8 @@ pub struct CurveReport {
     pub expected_batch_size: usize,
     /// The shared sampling rate, if one is used.
     pub sampling_rate: Option<f64>,
+    /// Learning rate of the private runs.
+    pub dp_learning_rate: f64,
     /// Training sessions of the smallest site (it sets z).
     pub smallest_site_sessions: usize,
     /// The run configuration used (TOML, without `[record_dp]`).
@@ -240,6 +245,9 @@ pub async fn run(cfg: &CurveConfig, say: &mut dyn FnMut(&str)) -> Result<CurveRe
         let round = sgd.round_event(smallest, base.train.epochs)?;
         let z = noise_for_epsilon(round.q, round.steps, base.run.rounds, cfg.delta, target)?;
         let mut run_cfg = base.clone();
+        if let Some(lr) = cfg.dp_learning_rate {
+            run_cfg.train.learning_rate = lr;
+        }
         run_cfg.record_dp = Some(RecordDpSection {
             clip_norm: cfg.clip_norm,
             noise_multiplier: z,
@@ -282,6 +290,7 @@ pub async fn run(cfg: &CurveConfig, say: &mut dyn FnMut(&str)) -> Result<CurveRe
             cfg.expected_batch_size
         },
         sampling_rate: cfg.sampling_rate,
+        dp_learning_rate: cfg.dp_learning_rate.unwrap_or(base.train.learning_rate),
         smallest_site_sessions: smallest,
         run_config: base.to_toml_string()?,
         bayes_accuracy,
