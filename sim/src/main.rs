@@ -52,15 +52,17 @@ struct CurveArgs {
     /// Clipping bound C.
     #[arg(long, default_value_t = 1.0)]
     clip_norm: f64,
-    /// Expected batch size B (the sampling rate is then B / n at a site with n sessions).
-    #[arg(long, default_value_t = 256)]
-    batch: usize,
-    /// A sampling rate shared by all sites instead of --batch.
+    /// Poisson sampling rate q shared by all sites (each site's expected batch is q·n).
+    #[arg(long, default_value_t = 0.05)]
+    sampling_rate: f64,
+    /// An expected batch size B instead of --sampling-rate (q = B / n differs by site; the
+    /// smallest site then sets the noise multiplier).
     #[arg(long)]
-    sampling_rate: Option<f64>,
-    /// Learning rate of the private runs (default: the configuration's train.learning_rate).
-    #[arg(long)]
-    dp_learning_rate: Option<f64>,
+    batch: Option<usize>,
+    /// Learning rate of the private runs (noisy gradients want a larger step than the
+    /// configuration's train.learning_rate, which the non-private run uses).
+    #[arg(long, default_value_t = 0.05)]
+    dp_learning_rate: f64,
     /// Sites that may train at the same time.
     #[arg(long, default_value_t = 2)]
     concurrent: usize,
@@ -210,9 +212,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 delta: a.delta,
                 run_config,
                 clip_norm: a.clip_norm,
-                expected_batch_size: a.batch,
-                sampling_rate: a.sampling_rate,
-                dp_learning_rate: a.dp_learning_rate,
+                expected_batch_size: a.batch.unwrap_or(0),
+                sampling_rate: a.batch.is_none().then_some(a.sampling_rate),
+                dp_learning_rate: Some(a.dp_learning_rate),
                 concurrent_work: a.concurrent,
                 non_private: !a.skip_non_private,
             };
