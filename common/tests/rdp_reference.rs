@@ -19,12 +19,26 @@ fn num(v: &Value) -> f64 {
     }
 }
 
+thread_local! {
+    /// The largest relative difference seen by this thread's test (printed at its end).
+    static WORST: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
+}
+
 /// Relative difference, with both-infinite equal and an absolute floor for values near 0.
 fn close(ours: f64, theirs: f64) -> bool {
     if ours.is_infinite() || theirs.is_infinite() {
         return ours == theirs;
     }
-    (ours - theirs).abs() <= REL_TOL * theirs.abs().max(1e-12)
+    let rel = (ours - theirs).abs() / theirs.abs().max(1e-12);
+    WORST.with(|w| w.set(w.get().max(rel)));
+    rel <= REL_TOL
+}
+
+fn report_worst(what: &str) {
+    eprintln!(
+        "{what}: largest relative difference {:.3e}",
+        WORST.with(|w| w.get())
+    );
 }
 
 fn fixtures() -> Value {
@@ -79,6 +93,7 @@ fn single_mechanism_matches_dp_accounting() {
         }
     }
     assert!(checked >= 1000, "only {checked} figures checked");
+    report_worst("single mechanism");
 }
 
 #[test]
@@ -107,4 +122,5 @@ fn composed_runs_match_dp_accounting() {
             );
         }
     }
+    report_worst("composed runs");
 }
