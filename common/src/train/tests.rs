@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 use super::*;
 use crate::model::{EncoderKind, ModelConfig};
 
-fn small_model(encoder: EncoderKind) -> ModelConfig {
+pub(crate) fn small_model(encoder: EncoderKind) -> ModelConfig {
     ModelConfig {
         vocab_size: 12,
         embed_dim: 16,
@@ -22,7 +22,7 @@ fn small_model(encoder: EncoderKind) -> ModelConfig {
     }
 }
 
-fn random_sessions(n: usize, seed: u64) -> Vec<EncodedSession> {
+pub(crate) fn random_sessions(n: usize, seed: u64) -> Vec<EncodedSession> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..n)
         .map(|_| EncodedSession {

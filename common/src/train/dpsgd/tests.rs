@@ -2,38 +2,19 @@
 //! noise moments, and the whole loop against ordinary training in its non-private limit.
 
 use candle_core::Device;
-use rand::{Rng, SeedableRng};
-use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
 
 use super::*;
 use crate::model::{EncoderKind, ModelConfig};
 use crate::train::{OptimizerKind, train};
 
 fn config(encoder: EncoderKind) -> ModelConfig {
-    ModelConfig {
-        vocab_size: 12,
-        embed_dim: 16,
-        encoder,
-        hidden_size: 16,
-        num_layers: 2,
-        dropout: 0.0,
-        max_seq_len: 20,
-        num_heads: 2,
-        ffn_dim: 32,
-        ..ModelConfig::default()
-    }
+    crate::train::tests::small_model(encoder)
 }
 
 fn sessions(n: usize, seed: u64) -> Vec<EncodedSession> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| EncodedSession {
-            events: (0..rng.random_range(2..10))
-                .map(|_| rng.random_range(2..12))
-                .collect(),
-            class: rng.random_range(0..5),
-        })
-        .collect()
+    crate::train::tests::random_sessions(n, seed)
 }
 
 fn norm(sums: &[Vec<f32>]) -> f64 {
