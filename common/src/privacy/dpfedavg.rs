@@ -1,0 +1,309 @@
+//! Site-level DP-FedAvg: what each trust mode adds where, and what it is worth.
+//!
+//! The mechanism is DP-FedAvg (McMahan, Ramage, Talwar, Zhang 2018, "Learning Differentially
+//! Private Recurrent Language Models", Algorithm 1 with the fixed-denominator estimator
+//! f̃_f): every contributing site clips its delta to L2 norm C; the released average is
+//! `(Σ clipped deltas + noise) / expected_sites`, with uniform weights and the *expected*
+//! number of sites as denominator, so one site moves the sum by at most C whatever the
+//! sample. The noise on the sum is N(0, (z·C)²) per coordinate; who adds it is the trust
+//! mode:
+//!
+//! - [`TrustMode::Central`]: the coordinator adds N(0, (z·C)²) to the sum (that is
+//!   N(0, (z·C / expected_sites)²) on the average). Protects against everyone who sees the
+//!   models; the coordinator sees every clipped update in the clear.
+//! - [`TrustMode::Distributed`]: each site adds N(0, (z·C)² / expected_sites) to its own
+//!   update, so that `expected_sites` contributions carry the central noise between them
+//!   (the distributed-DP construction of Kairouz, Liu, Steinke 2021, "The Distributed
+//!   Discrete Gaussian Mechanism for Federated Learning with Secure Aggregation", without
+//!   the secure aggregation, which fedflow does not have yet). Against the coordinator each
+//!   update carries only its own share: a much weaker guarantee, reported separately.
+//! - [`TrustMode::Local`]: each site adds the full N(0, (z·C)²) to its own update: the same
+//!   guarantee against the coordinator as against everyone downstream, at k times the noise
+//!   in the sum of k updates.
+//!
+//! **Accounting with dropouts** (distributed and local modes): the noise in a round's sum
+//! depends on how many sites contributed. The accountant charges each round as a Gaussian
+//! mechanism whose noise is what the *other* contributors added, `σ·√(k − 1)` for k
+//! contributors each adding σ — as if the protected site's own share were revealed, which
+//! can only help an adversary, so the charge is an upper bound. (One contributor alone gets
+//! no protection downstream from this accounting: ε = ∞, reported as such.)
+//!
+//! **Adaptive clipping** (Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially Private
+//! Learning with Adaptive Clipping", Algorithm 1 and Theorem 1): sites also report whether
+//! their delta's norm was at most C (a bit b); the coordinator forms
+//! `b̄ = (Σ b + N(0, σ_b²)) / expected_sites` and updates `C ← C · exp(−η_C (b̄ − γ))` towards
+//! the target quantile γ. Releasing the noisy bit count and the noisy sum together is a
+//! Gaussian mechanism with effective noise multiplier `(z_Δ⁻² + (2σ_b)⁻²)^(−1/2)` (the bit,
+//! centred as b − ½, has sensitivity ½); [`AdaptiveClipping::update_noise_multiplier`]
+//! chooses z_Δ so that the pair costs exactly the configured z.
+
+use rand::{CryptoRng, Rng};
+use rand_distr::StandardNormal;
+use serde::{Deserialize, Serialize};
+
+use super::rdp::SampledGaussian;
+use crate::{Error, Result};
+
+/// Who adds the noise, and so whom the guarantee holds against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrustMode {
+    /// The coordinator adds all the noise (it is trusted with clipped updates).
+    #[default]
+    Central,
+    /// Each site adds a 1/expected_sites share of the noise.
+    Distributed,
+    /// Each site adds all of the noise to its own update.
+    Local,
+}
+
+impl std::fmt::Display for TrustMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrustMode::Central => "central",
+            TrustMode::Distributed => "distributed",
+            TrustMode::Local => "local",
+        })
+    }
+}
+
+/// Adaptive clipping (Andrew et al. 2021).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveClipping {
+    /// The quantile γ of update norms the clip tracks, in (0, 1) (the paper's default 0.5).
+    pub target_quantile: f64,
+    /// Geometric step η_C of the clip update (the paper uses 0.2).
+    pub learning_rate: f64,
+    /// Noise std σ_b on the count of unclipped updates (the paper: expected_sites / 20).
+    pub bit_noise_std: f64,
+}
+
+impl AdaptiveClipping {
+    /// The noise multiplier z_Δ for the updates such that updates and bits together cost the
+    /// effective multiplier `z`: z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) (Andrew et al. 2021, Thm. 1).
+    /// Fails when the bit noise alone already costs more than `z` allows.
+    pub fn update_noise_multiplier(&self, z: f64) -> Result<f64> {
+        let rest = z.powi(-2) - (2.0 * self.bit_noise_std).powi(-2);
+        if rest.is_nan() || rest <= 0.0 {
+            return Err(Error::Privacy(format!(
+                "adaptive clipping: bit noise std {} is too small for noise multiplier {z} \
+                 (need 2 * bit_noise_std > z)",
+                self.bit_noise_std
+            )));
+        }
+        Ok(rest.powf(-0.5))
+    }
+
+    /// The next clip from the current one and the noisy fraction of unclipped updates.
+    pub fn next_clip(&self, clip: f64, unclipped_fraction: f64) -> f64 {
+        clip * (-self.learning_rate * (unclipped_fraction - self.target_quantile)).exp()
+    }
+}
+
+/// Site-level DP-FedAvg parameters of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteDp {
+    /// Who adds the noise.
+    pub mode: TrustMode,
+    /// L2 bound C on each site's delta (the initial C with adaptive clipping).
+    pub clip_norm: f64,
+    /// Noise multiplier z of the released average (the effective one, bits included).
+    pub noise_multiplier: f64,
+    /// The fixed denominator: the expected number of contributing sites per round.
+    pub expected_sites: f64,
+    /// Adaptive clipping, if on.
+    pub adaptive: Option<AdaptiveClipping>,
+}
+
+impl SiteDp {
+    /// Checks the parameters.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |why: String| Err(Error::Privacy(format!("site-level DP: {why}")));
+        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
+            return bad(format!(
+                "clip_norm {} must be a positive number",
+                self.clip_norm
+            ));
+        }
+        if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
+            return bad(format!(
+                "noise_multiplier {} must be >= 0",
+                self.noise_multiplier
+            ));
+        }
+        if !(self.expected_sites.is_finite() && self.expected_sites >= 1.0) {
+            return bad(format!(
+                "expected_sites {} must be >= 1",
+                self.expected_sites
+            ));
+        }
+        if let Some(a) = &self.adaptive {
+            if self.mode != TrustMode::Central {
+                return bad(format!(
+                    "adaptive clipping needs the coordinator to see each site's clipped bit, \
+                     which {} mode must not reveal; use it with mode = central",
+                    self.mode
+                ));
+            }
+            if !(a.target_quantile > 0.0 && a.target_quantile < 1.0) {
+                return bad(format!(
+                    "target_quantile {} must be in (0, 1)",
+                    a.target_quantile
+                ));
+            }
+            if !(a.learning_rate.is_finite() && a.learning_rate > 0.0) {
+                return bad(format!(
+                    "clip learning rate {} must be > 0",
+                    a.learning_rate
+                ));
+            }
+            if self.noise_multiplier > 0.0 {
+                a.update_noise_multiplier(self.noise_multiplier)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The multiplier the updates' noise is calibrated with (z, or z_Δ with adaptive
+    /// clipping).
+    pub fn update_multiplier(&self) -> Result<f64> {
+        match &self.adaptive {
+            Some(a) if self.noise_multiplier > 0.0 => {
+                a.update_noise_multiplier(self.noise_multiplier)
+            }
+            _ => Ok(self.noise_multiplier),
+        }
+    }
+
+    /// Noise std each site adds to every coordinate of its clipped delta, for clip `clip`.
+    pub fn site_noise_std(&self, clip: f64) -> Result<f64> {
+        let s = self.update_multiplier()? * clip;
+        Ok(match self.mode {
+            TrustMode::Central => 0.0,
+            TrustMode::Distributed => s / self.expected_sites.sqrt(),
+            TrustMode::Local => s,
+        })
+    }
+
+    /// Noise std the coordinator adds to every coordinate of the *sum* of clipped deltas.
+    pub fn server_noise_std(&self, clip: f64) -> Result<f64> {
+        Ok(match self.mode {
+            TrustMode::Central => self.update_multiplier()? * clip,
+            TrustMode::Distributed | TrustMode::Local => 0.0,
+        })
+    }
+
+    /// The effective noise multiplier of a round's released average, w.r.t. one site's
+    /// contribution, when `contributors` sites contributed (see the module docs on dropouts).
+    /// Adaptive clipping's bit is included (the configured z is the effective one).
+    pub fn downstream_multiplier(&self, contributors: u64) -> Result<f64> {
+        let z_delta = self.update_multiplier()?;
+        let per_site = self.site_noise_std(1.0)?;
+        let z_sum = match self.mode {
+            TrustMode::Central => z_delta,
+            // Only the other contributors' shares count.
+            _ => per_site * (contributors.saturating_sub(1) as f64).sqrt(),
+        };
+        Ok(match &self.adaptive {
+            Some(a) if z_sum > 0.0 => {
+                (z_sum.powi(-2) + (2.0 * a.bit_noise_std).powi(-2)).powf(-0.5)
+            }
+            _ => z_sum,
+        })
+    }
+
+    /// The round's privacy event against everyone who sees the released model, for site
+    /// sampling rate `q` (Poisson; pass 1.0 for fixed-size or full participation, where no
+    /// amplification by subsampling is claimed).
+    pub fn downstream_event(&self, q: f64, contributors: u64) -> Result<SampledGaussian> {
+        Ok(SampledGaussian {
+            q,
+            z: self.downstream_multiplier(contributors)?,
+            steps: 1,
+        })
+    }
+
+    /// The round's privacy event for one contributing site against the coordinator, which
+    /// sees its update (and knows it was sampled: no amplification). `None` in central mode,
+    /// where there is no guarantee against the coordinator.
+    pub fn coordinator_event(&self) -> Result<Option<SampledGaussian>> {
+        Ok(match self.mode {
+            TrustMode::Central => None,
+            _ => Some(SampledGaussian {
+                q: 1.0,
+                z: self.site_noise_std(1.0)?,
+                steps: 1,
+            }),
+        })
+    }
+}
+
+/// What a site releases under site-level DP: its delta clipped to `clip` and, in the
+/// distributed and local modes, its noise share added.
+#[derive(Debug)]
+pub struct PrivatizedUpdate {
+    /// The clipped, noised delta.
+    pub delta: crate::params::ParamSet,
+    /// The delta's L2 norm before clipping (stays at the site).
+    pub norm: f64,
+    /// Whether the norm was at most the clip (the bit of adaptive clipping).
+    pub unclipped: bool,
+}
+
+/// Clips `delta` to L2 norm `clip` and adds N(0, `noise_std`²) to every coordinate, drawing
+/// from `rng` (a CSPRNG seeded from the OS at a site; seeded in tests).
+pub fn privatize<R: Rng + CryptoRng>(
+    delta: &crate::params::ParamSet,
+    clip: f64,
+    noise_std: f64,
+    rng: &mut R,
+) -> Result<PrivatizedUpdate> {
+    let (clipped, norm) = delta.clip_to_norm(clip)?;
+    let noised = if noise_std == 0.0 {
+        clipped
+    } else {
+        let mut tensors = std::collections::BTreeMap::new();
+        for (name, t) in clipped.iter() {
+            let mut values = t
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()?;
+            add_gaussian(&mut values, noise_std, rng);
+            let noisy = candle_core::Tensor::from_vec(values, t.shape(), t.device())?
+                .to_dtype(t.dtype())?;
+            tensors.insert(name.to_string(), noisy);
+        }
+        crate::params::ParamSet::from_tensors(tensors)?
+    };
+    Ok(PrivatizedUpdate {
+        delta: noised,
+        norm,
+        unclipped: norm <= clip,
+    })
+}
+
+/// Adds N(0, std²) to every value.
+pub fn add_gaussian<R: Rng + CryptoRng>(values: &mut [f32], std: f64, rng: &mut R) {
+    if std == 0.0 {
+        return;
+    }
+    for v in values {
+        let n: f64 = rng.sample(StandardNormal);
+        *v += (n * std) as f32;
+    }
+}
+
+/// Adds N(0, std²) to every value of an f64 accumulator.
+pub fn add_gaussian_f64<R: Rng + CryptoRng>(values: &mut [f64], std: f64, rng: &mut R) {
+    if std == 0.0 {
+        return;
+    }
+    for v in values {
+        let n: f64 = rng.sample(StandardNormal);
+        *v += n * std;
+    }
+}
+
+#[cfg(test)]
+mod tests;
