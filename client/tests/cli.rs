@@ -181,3 +181,81 @@ fn asking_for_a_gpu_this_build_lacks_says_how_to_get_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--features cuda"), "{err}");
 }
+
+#[test]
+fn privacy_plan_solves_for_noise_and_rounds_and_reports_json() {
+    let plan = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "privacy",
+            "plan",
+            "--batch-size",
+            "64",
+            "--dataset-size",
+            "2000",
+            "--epochs",
+            "1",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    // Forward: a given z and rounds.
+    let fwd = plan(&["--noise-multiplier", "1.0", "--rounds", "20"]);
+    assert_eq!(fwd["q"], 0.032);
+    assert_eq!(fwd["steps_per_round"], 32);
+    let eps = fwd["epsilon"].as_f64().unwrap();
+    assert!(eps > 0.0 && eps.is_finite());
+    // Inverse for z: its forward epsilon meets the target, just.
+    let z = plan(&["--rounds", "20", "--target-epsilon", "4"]);
+    assert_eq!(z["solved_for"], "noise_multiplier");
+    let z_val = z["noise_multiplier"].as_f64().unwrap();
+    assert!(z["epsilon"].as_f64().unwrap() <= 4.0);
+    let check = plan(&[
+        "--noise-multiplier",
+        &format!("{}", z_val * 0.999),
+        "--rounds",
+        "20",
+    ]);
+    assert!(check["epsilon"].as_f64().unwrap() > 4.0, "{check}");
+    // Inverse for rounds: the last round within the target.
+    let r = plan(&[
+        "--noise-multiplier",
+        "1.0",
+        "--target-epsilon",
+        &format!("{eps}"),
+    ]);
+    assert_eq!(r["solved_for"], "rounds");
+    assert_eq!(r["rounds"], 20);
+    // Contradictory or missing arguments fail with a message.
+    let out = client(&["privacy", "plan", "--q", "0.1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--steps"));
+}
+
+#[test]
+fn privacy_report_needs_a_ledger_and_writes_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = client(&["privacy", "report", "--privacy-dir", p(dir.path())]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no ledger"));
+    // An empty ledger (a site that joined but never trained) reports zero spend.
+    fedflow_client::ledger::Ledger::open(dir.path()).unwrap();
+    let text = ok(&[
+        "privacy",
+        "report",
+        "--privacy-dir",
+        p(dir.path()),
+        "--max-epsilon",
+        "4",
+    ]);
+    assert!(text.contains("0 release(s); epsilon = 0.0000"), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("privacy-report.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["schema"], "fedflow.site-privacy-report/1");
+    assert!(
+        std::fs::read_to_string(dir.path().join("privacy-report.html"))
+            .unwrap()
+            .contains("<svg")
+    );
+}
