@@ -222,9 +222,22 @@ impl Ledger {
 
     /// An accountant holding every recorded release.
     pub fn accountant(&self) -> Result<RdpAccountant> {
-        let mut acc = RdpAccountant::default();
+        // RDP is linear in the number of steps, so releases with the same (q, z) are composed
+        // once with their steps summed: a long ledger costs one RDP curve per distinct setting.
+        let mut grouped: Vec<SampledGaussian> = Vec::new();
         for e in self.entries()? {
-            acc.compose(&e.event())?;
+            let ev = e.event();
+            match grouped
+                .iter_mut()
+                .find(|g| g.q.to_bits() == ev.q.to_bits() && g.z.to_bits() == ev.z.to_bits())
+            {
+                Some(g) => g.steps += ev.steps,
+                None => grouped.push(ev),
+            }
+        }
+        let mut acc = RdpAccountant::default();
+        for g in &grouped {
+            acc.compose(g)?;
         }
         Ok(acc)
     }
