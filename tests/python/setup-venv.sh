@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepares the Python environment of the gRPC interop test (tests/tests/python_interop.rs):
+# Prepares the Python environment of the gRPC interop test (tests/tests/e2e/python_interop.rs):
 # a venv with the exact packages of tests/python/requirements.txt, from PyPI, wheels only.
 #
 #   venv:   $FEDFLOW_PY_VENV, default ${XDG_CACHE_HOME:-$HOME/.cache}/fedflow/py-venv

@@ -1,0 +1,9 @@
+//! fedflow's end-to-end tests across crates, in one test binary: linking the whole tree once
+//! instead of once per file keeps a cold `.ci/run` within its time budget.
+//!
+//! Run one group with e.g. `cargo test -p fedflow-tests --test e2e python_interop`.
+
+mod federation;
+mod grpc_failures;
+mod python_interop;
+mod sequence_model_quality;
