@@ -23,7 +23,7 @@ use fedflow_common::fsio::write_atomic;
 use fedflow_common::hash::sha256_hex;
 use fedflow_common::privacy::{RdpAccountant, SampledGaussian};
 use fedflow_common::train::PrivacyUnit;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use serde::Serialize;
 
 use crate::{Error, Result};
@@ -182,19 +182,20 @@ impl Ledger {
         self.pending.join(format!("{}.safetensors", &key[..32]))
     }
 
-    /// Every entry, oldest first.
-    pub fn entries(&self) -> Result<Vec<LedgerEntry>> {
+    /// Entries matching `filter` (an SQL condition over the columns, with `args`), oldest
+    /// first.
+    fn select(&self, filter: &str, args: impl rusqlite::Params) -> Result<Vec<LedgerEntry>> {
         let mut stmt = self
             .conn
-            .prepare(
+            .prepare(&format!(
                 "SELECT id, recorded_unix_ms, run_id, round, task_id, unit, units, clip_norm,
                         noise_multiplier, expected_batch_size, epochs, q, steps, update_sha256,
                         released, metrics_released
-                 FROM entries ORDER BY id",
-            )
+                 FROM entries WHERE {filter} ORDER BY id"
+            ))
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map([], |r| {
+            .query_map(args, |r| {
                 let unit: String = r.get(5)?;
                 Ok(LedgerEntry {
                     id: r.get(0)?,
@@ -218,6 +219,21 @@ impl Ledger {
             .map_err(|e| self.err(e))?;
         rows.collect::<rusqlite::Result<_>>()
             .map_err(|e| self.err(e))
+    }
+
+    /// Every entry, oldest first.
+    pub fn entries(&self) -> Result<Vec<LedgerEntry>> {
+        self.select("1", [])
+    }
+
+    /// The entry of a task, if recorded (the key is unique).
+    fn entry(&self, run_id: &str, round: u64, task_id: &str) -> Result<Option<LedgerEntry>> {
+        Ok(self
+            .select(
+                "run_id = ?1 AND round = ?2 AND task_id = ?3",
+                params![run_id, round as i64, task_id],
+            )?
+            .pop())
     }
 
     /// An accountant holding every recorded release.
@@ -249,21 +265,9 @@ impl Ledger {
         round: u64,
         task_id: &str,
     ) -> Result<Option<(LedgerEntry, Option<Vec<u8>>)>> {
-        let id: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT id FROM entries WHERE run_id = ?1 AND round = ?2 AND task_id = ?3",
-                params![run_id, round as i64, task_id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
-        let Some(id) = id else { return Ok(None) };
-        let entry = self
-            .entries()?
-            .into_iter()
-            .find(|e| e.id == id)
-            .expect("the row just read");
+        let Some(entry) = self.entry(run_id, round, task_id)? else {
+            return Ok(None);
+        };
         let path = self.pending_path(run_id, round, task_id);
         let bytes = match std::fs::read(&path) {
             Ok(b) if sha256_hex(&b) == entry.update_sha256 => Some(b),
@@ -278,7 +282,7 @@ impl Ledger {
     /// transaction). Fails if the task already has an entry.
     pub fn record(&mut self, entry: &NewEntry, update: &[u8]) -> Result<LedgerEntry> {
         if self
-            .find(&entry.run_id, entry.round, &entry.task_id)?
+            .entry(&entry.run_id, entry.round, &entry.task_id)?
             .is_some()
         {
             return Err(self.err(format!(
@@ -315,9 +319,8 @@ impl Ledger {
             )
             .map_err(|e| self.err(e))?;
         Ok(self
-            .find(&entry.run_id, entry.round, &entry.task_id)?
-            .expect("just inserted")
-            .0)
+            .entry(&entry.run_id, entry.round, &entry.task_id)?
+            .expect("just inserted"))
     }
 
     /// Marks a task's update acknowledged and drops its pending bytes.

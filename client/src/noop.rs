@@ -108,33 +108,13 @@ impl SiteWork for NoopTrainer {
         Ok(Update {
             bytes,
             sha256,
-            metrics: SiteMetrics {
-                train_examples: self.examples,
-                validation_examples: 0,
-                train_loss: None,
-                validation_loss: None,
-                validation_accuracy: None,
-                validation_macro_f1: None,
-                epochs_run: 0,
-                best_epoch: 0,
-                train_seconds: 0.0,
-            },
+            metrics: SiteMetrics::counts_only(self.examples, 0),
         })
     }
 
     /// Reports that nothing was measured: a no-op site has no validation data.
     fn evaluate(&self, _task: &TaskSpec, _model: ModelBuffer) -> Result<SiteMetrics> {
-        Ok(SiteMetrics {
-            train_examples: self.examples,
-            validation_examples: 0,
-            train_loss: None,
-            validation_loss: None,
-            validation_accuracy: None,
-            validation_macro_f1: None,
-            epochs_run: 0,
-            best_epoch: 0,
-            train_seconds: 0.0,
-        })
+        Ok(SiteMetrics::counts_only(self.examples, 0))
     }
 }
 

@@ -22,7 +22,7 @@ use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::{Ledger, NewEntry};
-use crate::site::{SiteMetrics, SiteTrainer, TaskOutcome, TaskSpec};
+use crate::site::{SiteTrainer, TaskOutcome, TaskSpec};
 use crate::{Error, Result};
 
 /// Environment variable naming a point at which the client aborts itself (crash tests).
@@ -92,20 +92,6 @@ fn failpoint(name: &str) {
     }
 }
 
-/// Metrics of a private update: counts always; metrics on the site's data only if released.
-fn private_metrics(all: SiteMetrics, release: bool) -> SiteMetrics {
-    if release {
-        return all;
-    }
-    SiteMetrics {
-        train_loss: None,
-        validation_loss: None,
-        validation_accuracy: None,
-        validation_macro_f1: None,
-        ..all
-    }
-}
-
 impl SiteTrainer {
     /// The DP-SGD path of a training task, after the global model was verified and loaded
     /// into `model`: re-send a recorded update, or check the limits, train, record, and
@@ -145,7 +131,7 @@ impl SiteTrainer {
                 delta,
                 delta_sha256: entry.update_sha256,
                 delta_bytes: bytes,
-                metrics: private_metrics(counts, false),
+                metrics: counts,
             });
         }
         let units = privacy_units(&dataset.train_users, &dp.sgd);
@@ -219,7 +205,7 @@ impl SiteTrainer {
             delta,
             delta_sha256: entry.update_sha256,
             delta_bytes,
-            metrics: private_metrics(m, privacy.release_metrics),
+            metrics: m,
         })
     }
 }

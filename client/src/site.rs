@@ -79,6 +79,23 @@ pub struct SiteMetrics {
     pub train_seconds: f64,
 }
 
+impl SiteMetrics {
+    /// Split sizes only: nothing measured on the data.
+    pub fn counts_only(train_examples: usize, validation_examples: usize) -> Self {
+        SiteMetrics {
+            train_examples,
+            validation_examples,
+            train_loss: None,
+            validation_loss: None,
+            validation_accuracy: None,
+            validation_macro_f1: None,
+            epochs_run: 0,
+            best_epoch: 0,
+            train_seconds: 0.0,
+        }
+    }
+}
+
 /// What a training task produced: the update to send and the metrics to report.
 #[derive(Debug, Clone)]
 pub struct TaskOutcome {
@@ -294,17 +311,7 @@ impl SiteTrainer {
 
     /// Split sizes only.
     pub(crate) fn counts(&self) -> SiteMetrics {
-        SiteMetrics {
-            train_examples: self.dataset.train.len(),
-            validation_examples: self.dataset.validation.len(),
-            train_loss: None,
-            validation_loss: None,
-            validation_accuracy: None,
-            validation_macro_f1: None,
-            epochs_run: 0,
-            best_epoch: 0,
-            train_seconds: 0.0,
-        }
+        SiteMetrics::counts_only(self.dataset.train.len(), self.dataset.validation.len())
     }
 
     /// Split sizes and validation metrics of `model`; training fields left empty.
