@@ -48,6 +48,30 @@ pub struct EpsilonAt {
     pub order: f64,
 }
 
+/// The site's limit.
+#[derive(Debug, Clone, Serialize)]
+pub struct Budget {
+    /// The most ε the site allows itself, when given.
+    pub max_epsilon: Option<f64>,
+    /// The δ of the report.
+    pub delta: f64,
+}
+
+/// The cumulative guarantee over all releases.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cumulative {
+    /// δ.
+    pub delta: f64,
+    /// ε at δ (null if infinite).
+    pub epsilon: Option<f64>,
+    /// The optimal RDP order.
+    pub order: f64,
+    /// Whether ε is within the site's limit (null without a limit).
+    pub within_budget: Option<bool>,
+    /// ε at [`OTHER_DELTAS`].
+    pub other_deltas: Vec<EpsilonAt>,
+}
+
 /// One release, with the cumulative ε after it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Release {
@@ -82,9 +106,9 @@ pub struct SitePrivacyReport {
     /// The accountant.
     pub accountant: serde_json::Value,
     /// The site's limit.
-    pub budget: serde_json::Value,
+    pub budget: Budget,
     /// The cumulative guarantee.
-    pub cumulative: serde_json::Value,
+    pub cumulative: Cumulative,
     /// Every release.
     pub releases: Vec<Release>,
     /// What the guarantee does not cover.
@@ -194,14 +218,14 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
             "orders": orders,
             "conversion": "RDP to (epsilon, delta) by Canonne, Kamath, Steinke 2020, Prop. 12 (as dp_accounting.rdp.compute_epsilon)",
         }),
-        budget: serde_json::json!({ "max_epsilon": max_epsilon, "delta": delta }),
-        cumulative: serde_json::json!({
-            "delta": delta,
-            "epsilon": finite(eps),
-            "order": order,
-            "within_budget": max_epsilon.map(|m| eps <= m),
-            "other_deltas": others,
-        }),
+        budget: Budget { max_epsilon, delta },
+        cumulative: Cumulative {
+            delta,
+            epsilon: finite(eps),
+            order,
+            within_budget: max_epsilon.map(|m| eps <= m),
+            other_deltas: others,
+        },
         releases,
         not_covered,
         recompute: format!(
@@ -220,9 +244,11 @@ fn fmt_eps(e: Option<f64>) -> String {
 
 /// The report as a self-contained HTML page.
 pub fn to_html(r: &SitePrivacyReport) -> Result<String> {
-    let eps = r.cumulative["epsilon"].as_f64();
-    let delta = r.cumulative["delta"].as_f64().unwrap_or(f64::NAN);
-    let max = r.budget["max_epsilon"].as_f64();
+    let (eps, delta, max) = (
+        r.cumulative.epsilon,
+        r.cumulative.delta,
+        r.budget.max_epsilon,
+    );
     let mut body = String::new();
     body.push_str("<h1>Site privacy report</h1>");
     body.push_str(&format!(
@@ -311,15 +337,15 @@ pub fn to_html(r: &SitePrivacyReport) -> Result<String> {
         &rows,
     ));
     body.push_str("<h2>Guarantee at other δ</h2>");
-    let others: Vec<Vec<String>> = r.cumulative["other_deltas"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let others: Vec<Vec<String>> = r
+        .cumulative
+        .other_deltas
+        .iter()
         .map(|o| {
             vec![
-                format!("{:e}", o["delta"].as_f64().unwrap_or(f64::NAN)),
-                fmt_eps(o["epsilon"].as_f64()),
-                format!("{}", o["order"]),
+                format!("{:e}", o.delta),
+                fmt_eps(o.epsilon),
+                format!("{}", o.order),
             ]
         })
         .collect();
@@ -407,16 +433,10 @@ mod tests {
         assert_eq!(r.schema, SCHEMA);
         assert_eq!(r.privacy_unit, PrivacyUnit::User);
         assert!(r.neighbouring_relation.contains("end user"));
-        assert!((r.cumulative["epsilon"].as_f64().unwrap() - want).abs() < 1e-12);
-        assert_eq!(r.cumulative["order"].as_f64().unwrap(), order);
-        assert_eq!(
-            r.cumulative["within_budget"],
-            serde_json::Value::Bool(want <= 2.0)
-        );
-        assert_eq!(
-            r.cumulative["other_deltas"].as_array().unwrap().len(),
-            OTHER_DELTAS.len()
-        );
+        assert!((r.cumulative.epsilon.unwrap() - want).abs() < 1e-12);
+        assert_eq!(r.cumulative.order, order);
+        assert_eq!(r.cumulative.within_budget, Some(want <= 2.0));
+        assert_eq!(r.cumulative.other_deltas.len(), OTHER_DELTAS.len());
         assert_eq!(r.releases.len(), 3);
         // Cumulative epsilon grows release by release and ends at the total.
         let eps: Vec<f64> = r
@@ -479,11 +499,11 @@ mod tests {
                 .iter()
                 .any(|n| n.contains("1 of 2 updates") && n.contains("NOT covered"))
         );
-        assert_eq!(r.cumulative["within_budget"], serde_json::Value::Null);
+        assert_eq!(r.cumulative.within_budget, None);
         // An empty ledger reports zero spend.
         let empty = tempfile::tempdir().unwrap();
         let r = site_report(empty.path(), 1e-5, Some(1.0)).unwrap();
-        assert_eq!(r.cumulative["epsilon"].as_f64(), Some(0.0));
+        assert_eq!(r.cumulative.epsilon, Some(0.0));
         assert!(to_html(&r).unwrap().contains("<svg"));
     }
 }

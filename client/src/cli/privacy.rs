@@ -172,7 +172,7 @@ fn report(a: ReportArgs) -> anyhow::Result<()> {
     let html = out.join("privacy-report.html");
     fedflow_common::fsio::write_atomic(&json, serde_json::to_string_pretty(&r)?.as_bytes())?;
     fedflow_common::fsio::write_atomic(&html, to_html(&r)?.as_bytes())?;
-    let eps = r.cumulative["epsilon"].as_f64();
+    let eps = r.cumulative.epsilon;
     println!(
         "{} release(s); epsilon = {} at delta = {:e} ({}-level)",
         r.releases.len(),

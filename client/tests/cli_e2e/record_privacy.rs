@@ -178,10 +178,10 @@ async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
         assert_eq!(entries.len(), if i == 2 { 2 } else { 4 }, "{}", s.name);
         assert!(entries.iter().all(|e| e.released && !e.metrics_released));
         let report = site_report(&dir.path().join(&s.name), 1e-5, Some(limit)).unwrap();
-        let eps = report.cumulative["epsilon"].as_f64().unwrap();
+        let eps = report.cumulative.epsilon.unwrap();
         if i == 2 {
             assert!((eps - two).abs() < 1e-9 * two, "{eps} vs {two}");
-            assert_eq!(report.cumulative["within_budget"], true);
+            assert_eq!(report.cumulative.within_budget, Some(true));
         }
         // The hashes the coordinator received are the ones each ledger recorded.
         for e in &entries {
