@@ -29,11 +29,9 @@ enum Command {
     PrivacyCurve(CurveArgs),
 }
 
+/// The generated federation both commands run on.
 #[derive(Debug, clap::Args)]
-struct CurveArgs {
-    /// Output folder (data/, one folder per run, privacy-curve.json).
-    #[arg(long, default_value = "runs/privacy-curve")]
-    out: PathBuf,
+struct DataArgs {
     /// Partner sites.
     #[arg(long, default_value_t = 20)]
     sites: usize,
@@ -43,6 +41,15 @@ struct CurveArgs {
     /// Seed of the data, sampling and training.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct CurveArgs {
+    /// Output folder (data/, one folder per run, privacy-curve.json).
+    #[arg(long, default_value = "runs/privacy-curve")]
+    out: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
     /// Target epsilons of the private runs.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     epsilons: Vec<f64>,
@@ -81,15 +88,8 @@ struct DemoArgs {
     /// in it are replaced.
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
-    /// Partner sites.
-    #[arg(long, default_value_t = 20)]
-    sites: usize,
-    /// Sessions over all sites.
-    #[arg(long, default_value_t = 20_000)]
-    sessions: usize,
-    /// Seed of the data, sampling and training.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    #[command(flatten)]
+    data: DataArgs,
     /// Federated rounds (default: the embedded run configuration's, 10).
     #[arg(long)]
     rounds: Option<u64>,
@@ -177,9 +177,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(a) => {
             let cfg = DemoConfig {
                 out: a.out,
-                sites: a.sites,
-                sessions: a.sessions,
-                seed: a.seed,
+                sites: a.data.sites,
+                sessions: a.data.sessions,
+                seed: a.data.seed,
                 rounds: a.rounds,
                 local_epochs: a.local_epochs,
                 baseline_epochs: a.baseline_epochs,
@@ -204,9 +204,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let cfg = CurveConfig {
                 out: a.out,
-                sites: a.sites,
-                sessions: a.sessions,
-                seed: a.seed,
+                sites: a.data.sites,
+                sessions: a.data.sessions,
+                seed: a.data.seed,
                 val_fraction: DemoConfig::default().val_fraction,
                 epsilons: a.epsilons,
                 delta: a.delta,
