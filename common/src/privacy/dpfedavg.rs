@@ -38,9 +38,9 @@
 //! chooses z_Δ so that the pair costs exactly the configured z.
 
 use rand::{CryptoRng, Rng};
-use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
+use super::add_gaussian;
 use super::rdp::SampledGaussian;
 use crate::{Error, Result};
 
@@ -281,28 +281,6 @@ pub fn privatize<R: Rng + CryptoRng>(
         norm,
         unclipped: norm <= clip,
     })
-}
-
-/// Adds N(0, std²) to every value.
-pub fn add_gaussian<R: Rng + CryptoRng>(values: &mut [f32], std: f64, rng: &mut R) {
-    if std == 0.0 {
-        return;
-    }
-    for v in values {
-        let n: f64 = rng.sample(StandardNormal);
-        *v += (n * std) as f32;
-    }
-}
-
-/// Adds N(0, std²) to every value of an f64 accumulator.
-pub fn add_gaussian_f64<R: Rng + CryptoRng>(values: &mut [f64], std: f64, rng: &mut R) {
-    if std == 0.0 {
-        return;
-    }
-    for v in values {
-        let n: f64 = rng.sample(StandardNormal);
-        *v += n * std;
-    }
 }
 
 #[cfg(test)]

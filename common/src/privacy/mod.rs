@@ -12,3 +12,19 @@ pub mod planner;
 pub mod rdp;
 
 pub use rdp::{RdpAccountant, SampledGaussian};
+
+use rand::{CryptoRng, Rng};
+use rand_distr::StandardNormal;
+
+/// Adds N(0, std²) to every value, drawing in order from `rng` (a CSPRNG seeded from the
+/// operating system wherever the noise protects anyone; seeded in tests). The one noise
+/// source of DP-SGD and DP-FedAvg.
+pub fn add_gaussian<R: Rng + CryptoRng>(values: &mut [f32], std: f64, rng: &mut R) {
+    if std == 0.0 {
+        return;
+    }
+    for v in values {
+        let n: f64 = rng.sample(StandardNormal);
+        *v += (n * std) as f32;
+    }
+}

@@ -25,15 +25,14 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use rand::{CryptoRng, Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::StandardNormal;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{EpochReport, MetricsAccumulator, TrainConfig, TrainReport, argmax, optim, scalar};
 use crate::data::EncodedSession;
 use crate::model::{AttentionFlowModel, Batch, Mode};
-use crate::privacy::SampledGaussian;
 use crate::privacy::planner::{dpsgd_round, dpsgd_round_at_rate};
+use crate::privacy::{SampledGaussian, add_gaussian};
 use crate::{Error, Result};
 
 /// What one unit of privacy protection is: the neighbouring datasets differ by one of these.
@@ -345,14 +344,8 @@ impl ClippedSum {
 
     /// Adds N(0, std²) to every coordinate of the sums.
     pub fn add_noise<R: Rng + CryptoRng>(&mut self, std: f64, rng: &mut R) {
-        if std == 0.0 {
-            return;
-        }
         for sum in &mut self.sums {
-            for s in sum.iter_mut() {
-                let n: f64 = rng.sample(StandardNormal);
-                *s += (n * std) as f32;
-            }
+            add_gaussian(sum, std, rng);
         }
     }
 

@@ -29,7 +29,11 @@ fn summed_std(k: usize, site_std: f64, server_std: f64, seed: u64) -> f64 {
             *s += f64::from(*v);
         }
     }
-    add_gaussian_f64(&mut sum, server_std, &mut rng);
+    let mut server = vec![0f32; N];
+    add_gaussian(&mut server, server_std, &mut rng);
+    for (s, v) in sum.iter_mut().zip(&server) {
+        *s += f64::from(*v);
+    }
     let mean = sum.iter().sum::<f64>() / N as f64;
     (sum.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (N as f64 - 1.0)).sqrt()
 }
