@@ -41,6 +41,8 @@ pub struct FedAvgAccumulator {
     sums: Vec<Vec<f64>>,
     total_weight: f64,
     count: usize,
+    /// Largest L2 norm an update may have (site-level DP), if any.
+    norm_bound: Option<f64>,
 }
 
 impl FedAvgAccumulator {
@@ -64,7 +66,26 @@ impl FedAvgAccumulator {
             sums,
             total_weight: 0.0,
             count: 0,
+            norm_bound: None,
         })
+    }
+
+    /// The same accumulator refusing updates whose L2 norm (over all tensors, computed in f64
+    /// exactly as [`ParamSet::l2_norm`] does) exceeds `bound`, with [`Error::Aggregation`]
+    /// and no change: site-level DP's check that every site clipped.
+    pub fn with_norm_bound(mut self, bound: f64) -> Self {
+        self.norm_bound = Some(bound);
+        self
+    }
+
+    fn check_norm(&self, norm: f64) -> Result<()> {
+        match self.norm_bound {
+            Some(bound) if norm > bound => Err(Error::Aggregation(format!(
+                "update L2 norm {norm} exceeds the bound {bound} of site-level DP (each site \
+                 must clip its delta)"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Adds `weight · delta`.
@@ -77,6 +98,9 @@ impl FedAvgAccumulator {
         // Reads every value once to check it; the accumulation below reads it a second time
         // rather than buffering a copy of the update.
         delta.validate_against(&self.spec)?;
+        if self.norm_bound.is_some() {
+            self.check_norm(delta.l2_norm()?)?;
+        }
         // Same names in the same (sorted) order as the spec, so the zip lines up.
         for (sum, (_, t)) in self.sums.iter_mut().zip(delta.iter()) {
             accumulate(sum, t, weight)?;
@@ -119,12 +143,17 @@ impl FedAvgAccumulator {
             return self.add(&ParamSet::from_safetensors_bytes(&bytes)?, weight);
         }
         let mut buf = vec![0u8; READ_BLOCK];
-        // Pass 1: every value must be finite.
+        // Pass 1: every value must be finite (and the norm within the bound, if any; the
+        // squares are summed in the same order as `ParamSet::l2_norm`).
+        let mut squares = 0.0f64;
         for (name, t) in self.spec.iter() {
             let range = layout.ranges[name].clone();
             let mut non_finite = 0usize;
             stream_values(&mut file, path, range, t.dtype, &mut buf, |_, xs| {
-                non_finite += xs.iter().filter(|x| !x.is_finite()).count();
+                for &x in xs {
+                    non_finite += usize::from(!x.is_finite());
+                    squares += x * x;
+                }
             })?;
             if non_finite > 0 {
                 return Err(Error::NonFinite {
@@ -133,6 +162,7 @@ impl FedAvgAccumulator {
                 });
             }
         }
+        self.check_norm(squares.sqrt())?;
         // Pass 2: add. A read error here (the file changed under us) would leave a partial
         // sum; spill files are private to the coordinator, so this is an I/O failure of the
         // machine, reported as such.
@@ -179,6 +209,31 @@ impl FedAvgAccumulator {
         // Only reachable with absurd weights (f64 overflow) or f16 ranges; never hand it on.
         mean.check_finite()?;
         Ok(mean)
+    }
+
+    /// Site-level DP's release (DP-FedAvg with the fixed-denominator estimator of McMahan et
+    /// al. 2018, Algorithm 1): adds N(0, `noise_std`²) to every coordinate of the f64 sum,
+    /// drawn from `rng` (the coordinator's CSPRNG), then divides by `denominator` (the
+    /// expected number of contributions) instead of the total weight, so one site moves the
+    /// result by at most its clip / `denominator`. Unlike [`FedAvgAccumulator::finish`], an
+    /// empty round is allowed: it releases the noise alone.
+    pub fn finish_dp<R: rand::Rng + rand::CryptoRng>(
+        mut self,
+        denominator: f64,
+        noise_std: f64,
+        rng: &mut R,
+    ) -> Result<ParamSet> {
+        if !(denominator.is_finite() && denominator > 0.0) {
+            return Err(Error::Aggregation(format!(
+                "the DP denominator must be > 0, got {denominator}"
+            )));
+        }
+        for sum in &mut self.sums {
+            crate::privacy::add_gaussian(sum, noise_std, rng);
+        }
+        self.count = self.count.max(1);
+        self.total_weight = denominator;
+        self.finish()
     }
 
     /// The spec every update must match.
@@ -697,4 +752,66 @@ mod tests {
         ));
         assert_eq!(sums_of(&acc), before, "rejected files must change nothing");
     }
+
+    #[test]
+    fn a_norm_bound_rejects_unclipped_updates_in_both_paths_without_a_trace() {
+        let dir = tempfile::tempdir().unwrap();
+        let deltas = reference_deltas();
+        let norms: Vec<f64> = deltas.iter().map(|d| d.l2_norm().unwrap()).collect();
+        // A bound between the norms of delta 0 and delta 1 (and exactly delta 0's norm).
+        assert!(norms[0] < norms[1]);
+        let bound = norms[0];
+        let mut acc = FedAvgAccumulator::new(&deltas[0].spec())
+            .unwrap()
+            .with_norm_bound(bound);
+        acc.add(&deltas[0], 1.0).unwrap();
+        acc.add_safetensors_file(&saved(&dir, "d0.safetensors", &deltas[0]), 1.0)
+            .unwrap();
+        let before = sums_of(&acc);
+        let err = acc.add(&deltas[1], 1.0).unwrap_err();
+        assert!(err.to_string().contains("exceeds the bound"), "{err}");
+        let err = acc
+            .add_safetensors_file(&saved(&dir, "d1.safetensors", &deltas[1]), 1.0)
+            .unwrap_err();
+        assert!(err.to_string().contains("exceeds the bound"), "{err}");
+        assert_eq!(sums_of(&acc), before);
+    }
+
+    #[test]
+    fn the_dp_release_divides_by_the_fixed_denominator_and_adds_the_noise_once() {
+        use rand::SeedableRng;
+        let deltas = reference_deltas();
+        // Without noise: the sum over the denominator, not over the weights.
+        let mut acc = FedAvgAccumulator::new(&deltas[0].spec()).unwrap();
+        for d in &deltas {
+            acc.add(d, 1.0).unwrap();
+        }
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        let mean = acc.finish_dp(4.0, 0.0, &mut rng).unwrap();
+        let b: Vec<f32> = (0..3)
+            .map(|i| {
+                let sum: f64 = deltas
+                    .iter()
+                    .map(|d| f64::from(values(d, "b")[i]))
+                    .sum();
+                (sum / 4.0) as f32
+            })
+            .collect();
+        assert_eq!(values(&mean, "b"), b);
+        // Noise alone on an empty round: N(0, std²) / denominator per coordinate.
+        let n = 200_000;
+        let zeros = set(vec![("w", t(&vec![0.0; n], &[n]))]);
+        let acc = FedAvgAccumulator::new(&zeros.spec()).unwrap();
+        let out = acc.finish_dp(10.0, 3.0, &mut rng).unwrap();
+        let v = values(&out, "w");
+        let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n as f64;
+        let sd = (v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>()
+            / (n as f64 - 1.0))
+            .sqrt();
+        assert!(mean.abs() < 4.0 * 0.3 / (n as f64).sqrt(), "{mean}");
+        assert!((sd / 0.3 - 1.0).abs() < 4.0 / (2.0 * n as f64).sqrt(), "{sd}");
+        let acc = FedAvgAccumulator::new(&zeros.spec()).unwrap();
+        assert!(acc.finish_dp(0.0, 1.0, &mut rng).is_err());
+    }
 }
+

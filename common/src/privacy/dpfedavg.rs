@@ -21,12 +21,20 @@
 //!   guarantee against the coordinator as against everyone downstream, at k times the noise
 //!   in the sum of k updates.
 //!
-//! **Accounting with dropouts** (distributed and local modes): the noise in a round's sum
-//! depends on how many sites contributed. The accountant charges each round as a Gaussian
-//! mechanism whose noise is what the *other* contributors added, `σ·√(k − 1)` for k
-//! contributors each adding σ — as if the protected site's own share were revealed, which
-//! can only help an adversary, so the charge is an upper bound. (One contributor alone gets
-//! no protection downstream from this accounting: ε = ∞, reported as such.)
+//! **Dropouts and the coordinator's top-up** (distributed and local modes): the noise in a
+//! round's sum would depend on how many sites contributed, so the coordinator tops it up:
+//! with k contributions each carrying σ_s², it adds N(0, max(0, V − k·σ_s²)) where
+//! V = (z·C)² is the central noise. The released sum then carries variance max(V, k·σ_s²),
+//! and for every k the round is a Gaussian mechanism with multiplier z w.r.t. adding or
+//! removing one site: if both neighbouring sums carry exactly V it is the plain Gaussian
+//! mechanism; otherwise split the added site's share into a part that brings the smaller
+//! neighbour's variance to the larger one's and a remainder that is handed to the adversary
+//! (extra knowledge can only help it), which leaves two sums with the same variance ≥ V.
+//! So every mode is charged the same event, `SampledGaussian(q, z)`, known before the round
+//! starts (budgets are checked exactly), and a lone contributor is never unprotected. The
+//! guarantee downstream in the distributed and local modes therefore relies on the
+//! coordinator adding its top-up, as it relies on the coordinator not publishing individual
+//! updates until secure aggregation exists.
 //!
 //! **Adaptive clipping** (Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially Private
 //! Learning with Adaptive Clipping", Algorithm 1 and Theorem 1): sites also report whether
@@ -186,47 +194,35 @@ impl SiteDp {
         })
     }
 
-    /// Noise std the coordinator adds to every coordinate of the *sum* of clipped deltas.
-    pub fn server_noise_std(&self, clip: f64) -> Result<f64> {
-        Ok(match self.mode {
-            TrustMode::Central => self.update_multiplier()? * clip,
-            TrustMode::Distributed | TrustMode::Local => 0.0,
-        })
+    /// Noise std the coordinator adds to every coordinate of the *sum* of `contributors`
+    /// updates clipped to `clip`: the top-up that brings the sum's noise to at least the
+    /// central N(0, (z_Δ·C)²) (see the module docs). All of it in central mode; in the
+    /// distributed and local modes only what dropouts (or fewer sampled sites than expected)
+    /// left missing.
+    pub fn server_noise_std(&self, clip: f64, contributors: u64) -> Result<f64> {
+        let central = (self.update_multiplier()? * clip).powi(2);
+        let shares = contributors as f64 * self.site_noise_std(clip)?.powi(2);
+        Ok((central - shares).max(0.0).sqrt())
     }
 
-    /// The effective noise multiplier of a round's released average, w.r.t. one site's
-    /// contribution, when `contributors` sites contributed (see the module docs on dropouts).
-    /// Adaptive clipping's bit is included (the configured z is the effective one).
-    pub fn downstream_multiplier(&self, contributors: u64) -> Result<f64> {
-        let z_delta = self.update_multiplier()?;
-        let per_site = self.site_noise_std(1.0)?;
-        let z_sum = match self.mode {
-            TrustMode::Central => z_delta,
-            // Only the other contributors' shares count.
-            _ => per_site * (contributors.saturating_sub(1) as f64).sqrt(),
-        };
-        Ok(match &self.adaptive {
-            Some(a) if z_sum > 0.0 => {
-                (z_sum.powi(-2) + (2.0 * a.bit_noise_std).powi(-2)).powf(-0.5)
-            }
-            _ => z_sum,
-        })
-    }
-
-    /// The round's privacy event against everyone who sees the released model, for site
-    /// sampling rate `q` (Poisson; pass 1.0 for fixed-size or full participation, where no
-    /// amplification by subsampling is claimed).
-    pub fn downstream_event(&self, q: f64, contributors: u64) -> Result<SampledGaussian> {
-        Ok(SampledGaussian {
+    /// The round's privacy event against everyone who sees the released model, w.r.t. adding
+    /// or removing one site, for site sampling rate `q` (Poisson; pass 1.0 for fixed-size or
+    /// full participation, where no amplification by subsampling is claimed). The same in
+    /// every mode and for any number of contributors, thanks to the coordinator's top-up; the
+    /// configured z is the effective one (adaptive clipping's bit included).
+    pub fn downstream_event(&self, q: f64) -> SampledGaussian {
+        SampledGaussian {
             q,
-            z: self.downstream_multiplier(contributors)?,
+            z: self.noise_multiplier,
             steps: 1,
-        })
+        }
     }
 
-    /// The round's privacy event for one contributing site against the coordinator, which
-    /// sees its update (and knows it was sampled: no amplification). `None` in central mode,
-    /// where there is no guarantee against the coordinator.
+    /// The privacy event of one update against the coordinator, which sees it and knows the
+    /// site was sampled (no amplification), w.r.t. replacing the site's data by data whose
+    /// update is zero (the zero-out relation of Kairouz et al. 2021, "Practical and Private
+    /// (Deep) Learning without Sampling or Shuffling"). `None` in central mode, where there
+    /// is no guarantee against the coordinator.
     pub fn coordinator_event(&self) -> Result<Option<SampledGaussian>> {
         Ok(match self.mode {
             TrustMode::Central => None,
@@ -235,6 +231,21 @@ impl SiteDp {
                 z: self.site_noise_std(1.0)?,
                 steps: 1,
             }),
+        })
+    }
+
+    /// The largest L2 norm the coordinator accepts for one update of `dim` coordinates with
+    /// clip `clip`: C itself in central mode (the site sends the clipped delta in the clear);
+    /// with the site's noise on top, `C + σ_s·(√dim + 10)`, which a Gaussian vector of std σ_s
+    /// exceeds with probability below e^(−50) (the norm of a Gaussian vector is 1-Lipschitz:
+    /// P(‖n‖ ≥ σ(√d + t)) ≤ e^(−t²/2), Boucheron, Lugosi, Massart 2013, Thm. 5.6). So honest
+    /// updates pass and a site that skipped clipping by more than that is caught.
+    pub fn norm_bound(&self, clip: f64, dim: usize) -> Result<f64> {
+        let s = self.site_noise_std(clip)?;
+        Ok(if s == 0.0 {
+            clip
+        } else {
+            clip + s * ((dim as f64).sqrt() + 10.0)
         })
     }
 }

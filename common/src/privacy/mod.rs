@@ -18,13 +18,31 @@ use rand_distr::StandardNormal;
 
 /// Adds N(0, std²) to every value, drawing in order from `rng` (a CSPRNG seeded from the
 /// operating system wherever the noise protects anyone; seeded in tests). The one noise
-/// source of DP-SGD and DP-FedAvg.
-pub fn add_gaussian<R: Rng + CryptoRng>(values: &mut [f32], std: f64, rng: &mut R) {
+/// source of DP-SGD and DP-FedAvg (f32 values at the sites, the coordinator's f64 sums).
+pub fn add_gaussian<T: NoiseTarget, R: Rng + CryptoRng>(values: &mut [T], std: f64, rng: &mut R) {
     if std == 0.0 {
         return;
     }
     for v in values {
         let n: f64 = rng.sample(StandardNormal);
-        *v += (n * std) as f32;
+        v.add_noise(n * std);
+    }
+}
+
+/// A value [`add_gaussian`] can add noise to.
+pub trait NoiseTarget {
+    /// Adds `x` (rounded to the value's precision).
+    fn add_noise(&mut self, x: f64);
+}
+
+impl NoiseTarget for f32 {
+    fn add_noise(&mut self, x: f64) {
+        *self += x as f32;
+    }
+}
+
+impl NoiseTarget for f64 {
+    fn add_noise(&mut self, x: f64) {
+        *self += x;
     }
 }

@@ -47,49 +47,57 @@ fn assert_std(got: f64, want: f64, what: &str) {
     );
 }
 
+/// The std of the released sum's noise for `k` contributors: each site's share plus the
+/// coordinator's top-up, drawn and measured.
+fn released_std(c: &SiteDp, k: u64, seed: u64) -> f64 {
+    let clip = c.clip_norm;
+    summed_std(
+        k as usize,
+        c.site_noise_std(clip).unwrap(),
+        c.server_noise_std(clip, k).unwrap(),
+        seed,
+    )
+}
+
 #[test]
 fn central_noise_is_added_once_by_the_coordinator() {
     let c = cfg(TrustMode::Central);
     assert_eq!(c.site_noise_std(0.5).unwrap(), 0.0);
-    let server = c.server_noise_std(0.5).unwrap();
-    assert_eq!(server, 1.2 * 0.5);
-    // On the average: z·C / expected_sites, as the issue states.
-    assert_std(
-        summed_std(16, 0.0, server, 1) / 16.0,
-        1.2 * 0.5 / 16.0,
-        "central",
-    );
-    for k in [1, 8, 16, 40] {
-        assert_eq!(c.downstream_multiplier(k).unwrap(), 1.2);
+    for k in [0, 1, 16, 40] {
+        assert!((c.server_noise_std(0.5, k).unwrap() - 0.6).abs() < 1e-15);
     }
+    // On the average: z·C / expected_sites, as the issue states.
+    assert_std(released_std(&c, 16, 1) / 16.0, 1.2 * 0.5 / 16.0, "central");
+    let e = c.downstream_event(0.05);
+    assert_eq!((e.q, e.z, e.steps), (0.05, 1.2, 1));
     assert!(c.coordinator_event().unwrap().is_none());
+    assert_eq!(c.norm_bound(0.5, 1000).unwrap(), 0.5);
 }
 
 #[test]
-fn distributed_shares_add_up_to_the_central_noise_and_dropouts_reduce_it() {
+fn distributed_shares_add_up_to_the_central_noise_and_dropouts_are_topped_up() {
     let c = cfg(TrustMode::Distributed);
     let share = c.site_noise_std(0.5).unwrap();
     assert!((share - 1.2 * 0.5 / 4.0).abs() < 1e-15);
-    assert_eq!(c.server_noise_std(0.5).unwrap(), 0.0);
-    // Sixteen shares carry exactly the central noise ...
+    // Sixteen shares carry exactly the central noise and need no top-up ...
+    assert_eq!(c.server_noise_std(0.5, 16).unwrap(), 0.0);
+    assert_std(released_std(&c, 16, 2), 1.2 * 0.5, "distributed, all sites");
+    // ... after dropouts the coordinator adds what is missing, so the sum still carries it;
+    for (k, seed) in [(8, 3), (1, 4), (0, 5)] {
+        let top = c.server_noise_std(0.5, k).unwrap();
+        let want = (0.36 - k as f64 * share * share).sqrt();
+        assert!((top - want).abs() < 1e-12, "k={k}: {top} vs {want}");
+        assert_std(released_std(&c, k, seed), 1.2 * 0.5, "distributed, dropouts");
+    }
+    // ... and more contributors than expected carry more.
+    assert_eq!(c.server_noise_std(0.5, 25).unwrap(), 0.0);
     assert_std(
-        summed_std(16, share, 0.0, 2),
-        1.2 * 0.5,
-        "distributed, all sites",
+        released_std(&c, 25, 6),
+        1.2 * 0.5 * 1.25,
+        "distributed, extra sites",
     );
-    // ... half of them only 1/√2 of it, and the accountant charges what the others added.
-    assert_std(
-        summed_std(8, share, 0.0, 3),
-        1.2 * 0.5 / 2f64.sqrt(),
-        "distributed, dropouts",
-    );
-    let z8 = c.downstream_multiplier(8).unwrap();
-    assert!((z8 - 1.2 * (7.0f64 / 16.0).sqrt()).abs() < 1e-12, "{z8}");
-    assert_eq!(
-        c.downstream_multiplier(1).unwrap(),
-        0.0,
-        "a lone contributor is unprotected downstream"
-    );
+    // Downstream: the central event whatever the number of contributors.
+    assert_eq!(c.downstream_event(0.1).z, 1.2);
     // Against the coordinator: only the site's own share.
     let e = c.coordinator_event().unwrap().unwrap();
     assert_eq!((e.q, e.steps), (1.0, 1));
@@ -101,14 +109,16 @@ fn local_noise_is_the_full_noise_at_every_site() {
     let c = cfg(TrustMode::Local);
     let own = c.site_noise_std(0.5).unwrap();
     assert_eq!(own, 1.2 * 0.5);
-    assert_std(summed_std(1, own, 0.0, 4), 1.2 * 0.5, "local, one site");
-    assert_std(
-        summed_std(9, own, 0.0, 5),
-        3.0 * 1.2 * 0.5,
-        "local, nine sites",
-    );
-    assert!((c.downstream_multiplier(9).unwrap() - 1.2 * 8f64.sqrt()).abs() < 1e-12);
+    assert_std(released_std(&c, 1, 7), 1.2 * 0.5, "local, one site");
+    assert_std(released_std(&c, 9, 8), 3.0 * 1.2 * 0.5, "local, nine sites");
+    // Nobody contributed: the coordinator still releases the central noise.
+    assert!((c.server_noise_std(0.5, 0).unwrap() - 0.6).abs() < 1e-15);
+    assert_std(released_std(&c, 0, 9), 1.2 * 0.5, "local, no site");
+    assert_eq!(c.server_noise_std(0.5, 1).unwrap(), 0.0);
     assert_eq!(c.coordinator_event().unwrap().unwrap().z, 1.2);
+    // A noised update's norm bound leaves room for its noise and nothing like a missing clip.
+    let bound = c.norm_bound(0.5, 10_000).unwrap();
+    assert!((bound - (0.5 + 0.6 * 110.0)).abs() < 1e-9, "{bound}");
 }
 
 #[test]
@@ -127,8 +137,8 @@ fn adaptive_clipping_costs_exactly_the_configured_multiplier() {
     // (z_Δ⁻² + (2σ_b)⁻²)^(−1/2) = z, and the updates get more noise than z alone would give.
     assert!(z_delta > 1.2);
     assert!(((z_delta.powi(-2) + (2.0 * 0.8f64).powi(-2)).powf(-0.5) - 1.2).abs() < 1e-12);
-    assert!((c.downstream_multiplier(16).unwrap() - 1.2).abs() < 1e-12);
-    assert_eq!(c.server_noise_std(1.0).unwrap(), z_delta);
+    assert_eq!(c.downstream_event(1.0).z, 1.2);
+    assert!((c.server_noise_std(1.0, 16).unwrap() - z_delta).abs() < 1e-12);
     // The clip shrinks when more than the target quantile was unclipped, grows when fewer.
     assert!(a.next_clip(1.0, 0.9) < 1.0 && a.next_clip(1.0, 0.1) > 1.0);
     assert_eq!(a.next_clip(1.0, 0.5), 1.0);
