@@ -23,6 +23,7 @@ use rand::Rng;
 use tonic::transport::Channel;
 
 use crate::privacy::RecordDp;
+use fedflow_common::privacy::dpfedavg::{SiteDpTask, TrustMode};
 use crate::site::{SiteMetrics, TaskSpec};
 pub use crate::work::{ModelBuffer, SiteWork, Update};
 use crate::{Error, Result};
@@ -179,11 +180,41 @@ fn task_spec(task: &Task) -> Result<TaskSpec> {
             )));
         }
     }
+    let site_dp = match &t.site_dp {
+        None => None,
+        Some(d) => {
+            let mode = match d.mode.as_str() {
+                "central" => TrustMode::Central,
+                "distributed" => TrustMode::Distributed,
+                "local" => TrustMode::Local,
+                other => {
+                    return Err(Error::Task(format!(
+                        "the task's site-level DP mode {other:?} is not central, distributed \
+                         or local; upgrade this client"
+                    )));
+                }
+            };
+            if !(d.clip_norm.is_finite() && d.clip_norm > 0.0)
+                || !(d.noise_std.is_finite() && d.noise_std >= 0.0)
+            {
+                return Err(Error::Task(format!(
+                    "the task's site-level DP instructions (clip {}, noise std {}) are not valid",
+                    d.clip_norm, d.noise_std
+                )));
+            }
+            Some(SiteDpTask {
+                mode,
+                clip_norm: d.clip_norm,
+                noise_std: d.noise_std,
+            })
+        }
+    };
     Ok(TaskSpec {
         run_id: task.run_id.clone(),
         round: task.round,
         task_id: task.task_id.clone(),
         record_dp,
+        site_dp,
         model: model_config,
         vocab_sha256: model.vocab_sha256.clone(),
         expected_model_sha256: model.sha256.clone(),
@@ -518,6 +549,10 @@ async fn run_task<W: SiteWork>(
         total_bytes: outcome.bytes.len() as u64,
         weight: m.train_examples as f64,
         metrics: Some(wire_metrics(m)),
+        // Only the trusted coordinator of central mode learns the bit.
+        site_dp_unclipped: spec
+            .site_dp
+            .is_some_and(|d| d.mode == TrustMode::Central && outcome.unclipped),
     };
     tracing::info!(site = %opts.site_id, round, "round {round}: uploading {} bytes", outcome.bytes.len());
     let msgs = update_chunks(header, &outcome.bytes, limits.chunk_bytes);

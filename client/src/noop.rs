@@ -101,6 +101,13 @@ impl SiteWork for NoopTrainer {
         model: ModelBuffer,
         _on_epoch: &mut dyn FnMut(&fedflow_common::train::EpochReport),
     ) -> Result<Update> {
+        if task.site_dp.is_some() {
+            return Err(Error::Task(
+                "the no-op trainer (an overhead benchmark tool) does not clip or noise its \
+                 delta, so it cannot take part in a run with site-level DP"
+                    .into(),
+            ));
+        }
         let (bytes, sha256) = self.delta_for(&task.expected_model_sha256, model.bytes())?;
         if bytes.is_empty() {
             return Err(Error::Task("the global model has no tensors".into()));
@@ -109,6 +116,7 @@ impl SiteWork for NoopTrainer {
             bytes,
             sha256,
             metrics: SiteMetrics::counts_only(self.examples, 0),
+            unclipped: true,
         })
     }
 
@@ -148,6 +156,7 @@ mod tests {
             run_id: "r".into(),
             task_id: "t".into(),
             record_dp: None,
+            site_dp: None,
             round: 1,
             model: fedflow_common::model::ModelConfig::default(),
             vocab_sha256: String::new(),

@@ -132,6 +132,9 @@ impl SiteTrainer {
                 delta_sha256: entry.update_sha256,
                 delta_bytes: bytes,
                 metrics: counts,
+                // The bit is not recorded; "clipped" only nudges adaptive clipping (its noisy
+                // count is accounted whatever the bits are).
+                unclipped: false,
             });
         }
         let units = privacy_units(&dataset.train_users, &dp.sgd);
@@ -164,8 +167,7 @@ impl SiteTrainer {
             on_epoch,
         )?;
         let local = ParamSet::from_varmap(model.varmap())?;
-        let delta = ParamSet::delta(&local, global)?;
-        delta.check_finite()?;
+        let (delta, unclipped) = crate::site::site_release(task, ParamSet::delta(&local, global)?)?;
         let delta_bytes = delta.to_safetensors_bytes()?;
         let entry = privacy.ledger().record(
             &NewEntry {
@@ -206,6 +208,7 @@ impl SiteTrainer {
             delta_sha256: entry.update_sha256,
             delta_bytes,
             metrics: m,
+            unclipped,
         })
     }
 }

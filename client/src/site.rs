@@ -24,7 +24,10 @@ use fedflow_common::data::{NUM_LABELS, SiteDataset, Vocab};
 pub use fedflow_common::hash::sha256_hex;
 use fedflow_common::model::{AttentionFlowModel, ModelConfig, vocab_sha256};
 use fedflow_common::params::ParamSet;
+use fedflow_common::privacy::dpfedavg::{SiteDpTask, privatize};
 use fedflow_common::train::{EpochReport, TrainConfig, evaluate, train};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::privacy::{RecordDp, SitePrivacy};
@@ -52,6 +55,8 @@ pub struct TaskSpec {
     pub train: TrainConfig,
     /// Record-level DP-SGD the run dictates, if any.
     pub record_dp: Option<RecordDp>,
+    /// Site-level DP-FedAvg: how the delta is clipped and noised before it leaves, if at all.
+    pub site_dp: Option<SiteDpTask>,
 }
 
 /// Metrics a site reports for one task. Counts are sessions of the site's own splits.
@@ -107,6 +112,9 @@ pub struct TaskOutcome {
     pub delta_sha256: String,
     /// Training and validation metrics.
     pub metrics: SiteMetrics,
+    /// Site-level DP: the delta's norm was at most the clip before clipping (always true
+    /// without site-level DP).
+    pub unclipped: bool,
 }
 
 /// A partner site's data and device, ready to run federated tasks.
@@ -213,8 +221,7 @@ impl SiteTrainer {
         )?;
         let train_seconds = started.elapsed().as_secs_f64();
         let local = ParamSet::from_varmap(model.varmap())?;
-        let delta = ParamSet::delta(&local, &global)?;
-        delta.check_finite()?;
+        let (delta, unclipped) = site_release(task, ParamSet::delta(&local, &global)?)?;
         let delta_bytes = delta.to_safetensors_bytes()?;
         let delta_sha256 = sha256_hex(&delta_bytes);
         let mut metrics = self.validation_metrics(&model)?;
@@ -230,6 +237,7 @@ impl SiteTrainer {
             delta_bytes,
             delta_sha256,
             metrics,
+            unclipped,
         })
     }
 
@@ -328,6 +336,28 @@ impl SiteTrainer {
             ..self.counts()
         })
     }
+}
+
+/// What leaves the site: `delta` checked finite and, under site-level DP, clipped to the
+/// task's L2 bound with the task's noise added (drawn from a ChaCha20 CSPRNG seeded from the
+/// operating system). Returns it with the adaptive-clipping bit (the delta's norm was within
+/// the clip).
+pub(crate) fn site_release(task: &TaskSpec, delta: ParamSet) -> Result<(ParamSet, bool)> {
+    delta.check_finite()?;
+    let Some(dp) = &task.site_dp else {
+        return Ok((delta, true));
+    };
+    let mut rng = ChaCha20Rng::from_os_rng();
+    let out = privatize(&delta, dp.clip_norm, dp.noise_std, &mut rng)?;
+    tracing::info!(
+        round = task.round,
+        "site-level DP ({}): delta clipped to L2 norm {} ({}), N(0, {:e}^2) added per coordinate",
+        dp.mode,
+        dp.clip_norm,
+        if out.unclipped { "it was within" } else { "it was above" },
+        dp.noise_std
+    );
+    Ok((out.delta, out.unclipped))
 }
 
 #[cfg(test)]

@@ -49,6 +49,8 @@ pub struct Update {
     pub sha256: String,
     /// The metrics to report.
     pub metrics: SiteMetrics,
+    /// Site-level DP: the delta was within the clip before clipping.
+    pub unclipped: bool,
 }
 
 impl SiteWork for SiteTrainer {
@@ -67,6 +69,7 @@ impl SiteWork for SiteTrainer {
             bytes: Bytes::from(outcome.delta_bytes),
             sha256: outcome.delta_sha256,
             metrics: outcome.metrics,
+            unclipped: outcome.unclipped,
         })
     }
 

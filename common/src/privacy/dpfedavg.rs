@@ -250,6 +250,17 @@ impl SiteDp {
     }
 }
 
+/// What a training task tells a site to do under site-level DP.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SiteDpTask {
+    /// The trust mode (the site reports its clipped bit only in central mode).
+    pub mode: TrustMode,
+    /// The clip C of this round.
+    pub clip_norm: f64,
+    /// The noise std the site adds to every coordinate of its clipped delta.
+    pub noise_std: f64,
+}
+
 /// What a site releases under site-level DP: its delta clipped to `clip` and, in the
 /// distributed and local modes, its noise share added.
 #[derive(Debug)]

@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 
 use fedflow_common::fedavg::FedAvgAccumulator;
 use fedflow_common::params::{ParamSet, ParamSpec};
+use fedflow_common::privacy::dpfedavg::SiteDpTask;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -31,6 +32,7 @@ use crate::strategy::{Strategy, UpdateReport};
 use crate::{Error, Result};
 
 mod evaluation;
+mod site_dp;
 mod view;
 
 pub use evaluation::EvaluationSubmission;
@@ -64,7 +66,7 @@ pub enum TaskKind {
 }
 
 /// A task handed to a site.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TaskTicket {
     /// The task's id.
     pub task_id: String,
@@ -78,6 +80,8 @@ pub struct TaskTicket {
     pub model_sha256: String,
     /// When updates stop being accepted (Unix ms).
     pub deadline_ms: i64,
+    /// Site-level DP: the clip and noise the site applies to its delta (training tasks).
+    pub site_dp: Option<SiteDpTask>,
 }
 
 /// Why an update was refused. Each maps to one gRPC status in the server.
@@ -158,6 +162,9 @@ pub struct Submission<'a> {
     pub report: UpdateReport,
     /// The site's metrics.
     pub metrics: SiteReport,
+    /// Site-level DP, central mode: the site's delta was within the clip before clipping
+    /// (adaptive clipping's bit).
+    pub unclipped: bool,
 }
 
 /// Where a submitted delta is.
@@ -248,6 +255,10 @@ struct OpenRound {
     tasks: BTreeMap<String, Task>,
     acc: FedAvgAccumulator,
     means: TrainingMeans,
+    /// Site-level DP: what the round's tasks dictate.
+    site_dp: Option<SiteDpTask>,
+    /// Site-level DP: contributions whose sites reported an unclipped delta.
+    unclipped: u64,
 }
 
 /// The state machine of one run.
@@ -277,6 +288,8 @@ pub struct RoundEngine {
     last_seen: BTreeMap<String, i64>,
     /// Live progress and notes for status views (not persisted).
     live: view::Live,
+    /// Site-level DP-FedAvg, when the run has `[site_dp]`.
+    site_dp: Option<site_dp::SiteDpState>,
 }
 
 impl RoundEngine {
@@ -315,6 +328,14 @@ impl RoundEngine {
             cfg.run.seed ^ resume.round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
         crate::memtrace::probe(format_args!("engine-open round={}", resume.round));
+        let site_dp = cfg
+            .site_dp
+            .clone()
+            .map(|s| site_dp::SiteDpState::open(s, &store, &run_id))
+            .transpose()?;
+        if site_dp.is_some() {
+            tracing::info!(run = %run_id, "site-level DP: uniform weights, fixed denominator; rounds.min_completed does not apply");
+        }
         Ok(RoundEngine {
             spec: resume.model.spec(),
             run_id,
@@ -333,7 +354,22 @@ impl RoundEngine {
             failures: 0,
             last_seen: BTreeMap::new(),
             live: view::Live::default(),
+            site_dp,
         })
+    }
+
+    /// Seeds the coordinator's site-level DP randomness (site sampling and noise), which is
+    /// otherwise drawn from the operating system. For statistical tests and simulations
+    /// only: noise an observer can predict protects nobody.
+    pub fn seed_site_dp_randomness(&mut self, seed: u64) {
+        if let Some(dp) = &mut self.site_dp {
+            dp.seed_noise(seed);
+        }
+    }
+
+    /// The site-level ε spent so far at the run's target δ, when the run has `[site_dp]`.
+    pub fn site_dp_spent(&self) -> Result<Option<f64>> {
+        self.site_dp.as_ref().map(|d| d.spent()).transpose()
     }
 
     /// The run's id.
@@ -388,14 +424,21 @@ impl RoundEngine {
     pub fn poll_task(&mut self, site: &str, now_ms: i64) -> Result<Option<TaskTicket>> {
         self.site_seen(site, now_ms)?;
         self.start_due_work(now_ms)?;
-        let (tasks, round, deadline_ms, kind) = if let Some(open) = &self.open {
-            (&open.tasks, open.round, open.deadline_ms, TaskKind::Train)
+        let (tasks, round, deadline_ms, kind, site_dp) = if let Some(open) = &self.open {
+            (
+                &open.tasks,
+                open.round,
+                open.deadline_ms,
+                TaskKind::Train,
+                open.site_dp,
+            )
         } else if let Some(eval) = &self.eval {
             (
                 &eval.tasks,
                 eval.round,
                 eval.deadline_ms,
                 TaskKind::Evaluate,
+                None,
             )
         } else {
             return Ok(None);
@@ -408,6 +451,7 @@ impl RoundEngine {
                 nonce: t.nonce.clone(),
                 model_sha256: self.global_sha256.clone(),
                 deadline_ms,
+                site_dp,
             }),
             _ => None,
         }))
@@ -440,9 +484,25 @@ impl RoundEngine {
             return Ok(());
         }
         let round = self.committed + 1;
-        let selected = self
-            .strategy
-            .configure_train(round, &available, &mut self.rng)?;
+        if let Some(dp) = &self.site_dp
+            && let Some(reason) = dp.over_budget(round)?
+        {
+            tracing::warn!(run = %self.run_id, round, "{reason}; the run ends");
+            self.store
+                .set_run_status(&self.run_id, RunStatus::Finished, Some(&reason))?;
+            self.phase = Phase::Finished;
+            return Ok(());
+        }
+        let poisson = self
+            .site_dp
+            .as_mut()
+            .and_then(|dp| dp.poisson_sample(&available));
+        let selected = match poisson {
+            Some(sample) => sample,
+            None => self
+                .strategy
+                .configure_train(round, &available, &mut self.rng)?,
+        };
         let attempt = self.failures;
         let run_id = &self.run_id;
         let tasks = new_tasks(
@@ -456,12 +516,18 @@ impl RoundEngine {
             .collect();
         self.store.begin_round(&self.run_id, round, &pairs)?;
         tracing::info!(run = %self.run_id, round, selected = selected.len(), "round {round} started");
+        let (acc, site_dp) = match &self.site_dp {
+            Some(dp) => (dp.accumulator(&self.spec)?, Some(dp.task()?)),
+            None => (FedAvgAccumulator::new(&self.spec)?, None),
+        };
         self.open = Some(OpenRound {
             round,
             deadline_ms: now_ms + (self.cfg.rounds.deadline_secs as i64) * 1000,
             tasks,
-            acc: FedAvgAccumulator::new(&self.spec)?,
+            acc,
             means: TrainingMeans::default(),
+            site_dp,
+            unclipped: 0,
         });
         self.live.round_started();
         self.phase = Phase::Training;
@@ -513,6 +579,21 @@ impl RoundEngine {
         if task.task_id != s.task_id || task.nonce != s.nonce {
             return Ok(Err(Rejection::WrongTask));
         }
+        if let Some(dp) = &open.site_dp {
+            // Whatever becomes of it, the coordinator has seen this update: it counts against
+            // the site's guarantee towards the coordinator.
+            self.store.record_site_dp_upload(
+                &self.run_id,
+                &crate::store::SiteDpUpload {
+                    round: open.round,
+                    site_id: s.site_id.to_string(),
+                    task_id: s.task_id.to_string(),
+                    delta_sha256: s.delta_sha256.to_string(),
+                    site_noise_std: dp.noise_std,
+                    clip_norm: dp.clip_norm,
+                },
+            )?;
+        }
         match &task.state {
             TaskState::Uploaded { fingerprint } if fingerprint == s.delta_sha256 => {
                 return Ok(Ok(Accepted::Duplicate));
@@ -532,7 +613,12 @@ impl RoundEngine {
                 got: s.base_model_sha256.to_string(),
             }));
         }
-        let weight = match self.strategy.update_weight(&s.report) {
+        // Site-level DP weighs every update the same, so one site's influence is its clip.
+        let weight = match &open.site_dp {
+            Some(_) => Ok(1.0),
+            None => self.strategy.update_weight(&s.report),
+        };
+        let weight = match weight {
             Ok(w) => w,
             Err(e) => return Ok(Err(Rejection::Invalid(e.to_string()))),
         };
@@ -549,6 +635,7 @@ impl RoundEngine {
             fingerprint: s.delta_sha256.to_string(),
         };
         open.means.add(&s.metrics);
+        open.unclipped += u64::from(s.unclipped);
         let outcome = SiteOutcome {
             train_examples: Some(s.report.train_examples),
             weight: Some(weight),
@@ -676,7 +763,8 @@ impl RoundEngine {
         self.live.round_closed(round, &open.tasks, &self.last_seen);
         let quorum = self.cfg.rounds.min_completed;
         let completed = open.acc.count();
-        if completed < quorum {
+        // Under site-level DP every round that closes is released (see `SiteDpSection`).
+        if completed < quorum && self.site_dp.is_none() {
             let reason = format!("{completed} of the {quorum} updates needed arrived ({why})");
             self.store.fail_round(&self.run_id, round, &reason)?;
             self.failures += 1;
@@ -698,7 +786,14 @@ impl RoundEngine {
             return Ok(());
         }
         crate::memtrace::probe(format_args!("close round={round}"));
-        let mean = open.acc.finish()?;
+        let selected = open.tasks.len() as u64;
+        let (mean, dp_record) = match &mut self.site_dp {
+            Some(dp) => {
+                let (mean, record) = dp.release(round, open.acc, selected, open.unclipped)?;
+                (mean, Some(record))
+            }
+            None => (open.acc.finish()?, None),
+        };
         crate::memtrace::probe(format_args!("finished-mean round={round}"));
         let next = self.strategy.aggregate_train(round, &self.global, &mean)?;
         crate::memtrace::probe(format_args!("aggregated round={round}"));
@@ -712,7 +807,20 @@ impl RoundEngine {
             &next,
             self.strategy.state(),
             Some(&metrics),
+            dp_record.as_ref(),
         )?;
+        if let (Some(dp), Some(record)) = (&mut self.site_dp, &dp_record) {
+            dp.committed(record)?;
+            tracing::info!(
+                run = %self.run_id,
+                round,
+                "site-level DP: {} contribution(s), server noise std {:.4e}, epsilon {:.4} at delta {:e}",
+                record.contributions,
+                record.server_noise_std,
+                record.epsilon,
+                record.target_delta
+            );
+        }
         crate::memtrace::probe(format_args!("committed round={round}"));
         tracing::info!(run = %self.run_id, round, completed, "round {round} committed");
         self.global = next;

@@ -95,6 +95,7 @@ fn submit(
                 claimed_weight: examples as f64,
             },
             metrics: SiteReport::default(),
+            unclipped: false,
         },
         now,
     )
@@ -177,6 +178,7 @@ fn every_bad_update_is_rejected_and_changes_nothing() {
                     claimed_weight: 5.0,
                 },
                 metrics: SiteReport::default(),
+                unclipped: false,
             },
             now,
         )
@@ -493,6 +495,7 @@ fn rounds_record_weighted_training_metrics_and_evaluations_follow_the_schedule()
                     claimed_weight: n as f64,
                 },
                 metrics: m,
+                unclipped: false,
             },
             T0 + SEC,
         )

@@ -6,7 +6,7 @@ use std::time::Duration;
 use fedflow_proto::transfer::receive_update_into;
 use fedflow_proto::v1::federation_server::Federation;
 use fedflow_proto::v1::{
-    DeclineTaskRequest, DeclineTaskResponse, DownloadModelRequest, DpSgdInstructions, EnrolRequest,
+    DeclineTaskRequest, DeclineTaskResponse, DownloadModelRequest, DpSgdInstructions, SiteDpInstructions, EnrolRequest,
     EnrolResponse, EvaluationReport, EvaluationReportResponse, HeartbeatRequest, HeartbeatResponse,
     Metrics, ModelChunk, ModelRef, NextTaskRequest, NextTaskResponse, NoTask, SiteState, Task,
     TaskKind as WireKind, TrainInstructions, UpdateChunk, UploadUpdateResponse, next_task_response,
@@ -214,6 +214,7 @@ impl Federation for Coordinator {
                 claimed_weight: h.weight,
             },
             metrics,
+            unclipped: h.site_dp_unclipped,
         };
         match self
             .ask(|r| Command::Submit(Box::new(submission), r))
@@ -350,6 +351,11 @@ impl Coordinator {
                     max_sessions_per_user: dp.max_sessions_per_user as u32,
                     target_epsilon: dp.target_epsilon,
                     target_delta: dp.target_delta,
+                }),
+                site_dp: t.site_dp.map(|dp| SiteDpInstructions {
+                    mode: dp.mode.to_string(),
+                    clip_norm: dp.clip_norm,
+                    noise_std: dp.noise_std,
                 }),
             }),
             deadline_unix_ms: t.deadline_ms,

@@ -51,6 +51,7 @@ struct OwnedSubmission {
     delta_sha256: String,
     report: UpdateReport,
     metrics: SiteReport,
+    unclipped: bool,
 }
 
 /// A sent evaluation report, owned.
@@ -293,6 +294,7 @@ fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
                             delta_sha256: &s.delta_sha256,
                             report: s.report.clone(),
                             metrics: s.metrics,
+                            unclipped: s.unclipped,
                         },
                         now,
                     )

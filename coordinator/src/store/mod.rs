@@ -32,7 +32,7 @@
 //! coordinator on the same directory is refused instead of racing the first (its orphan
 //! cleanup could otherwise delete a checkpoint the first has written but not yet committed).
 //!
-//! # Schema (version 1, in `PRAGMA user_version`)
+//! # Schema (version 2, in `PRAGMA user_version`)
 //!
 //! Times are Unix milliseconds (`INTEGER`); `*_json` columns hold JSON text.
 //!
@@ -55,6 +55,9 @@
 //!   `(run_id, round, kind)`; `kind` is `model` or `strategy`, `path` is relative to the
 //!   data directory.
 //!
+//! Version 2 adds the site-level privacy ledger (`site_dp_rounds`, `site_dp_uploads`,
+//! append-only; see `privacy.rs`); a version 1 database is upgraded in place on open.
+//!
 //! A database with a newer `user_version` than this build knows is refused.
 //!
 //! The API is synchronous (rusqlite blocks): async callers run it in `spawn_blocking`.
@@ -72,11 +75,13 @@ use serde::Serialize;
 use crate::{Error, Result};
 
 mod evaluation;
+mod privacy;
 
 pub use evaluation::EvaluationRecord;
+pub use privacy::{SiteDpRound, SiteDpUpload};
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The database's file name inside the data directory.
 pub const DB_FILE: &str = "fedflow.sqlite";
@@ -450,6 +455,11 @@ impl Store {
         }
         if version == 0 {
             tx.execute_batch(SCHEMA_V1)?;
+        }
+        if version < 2 {
+            tx.execute_batch(privacy::SCHEMA_V2)?;
+        }
+        if version < SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         tx.commit()?;
@@ -624,7 +634,9 @@ impl Store {
 
     /// Commits an open round: writes the new global model (and the strategy state, if any)
     /// as checkpoint files durably first, then marks the round committed with the model's
-    /// hash in one transaction. Returns the model's SHA-256.
+    /// hash in one transaction, which also appends the round's site-level privacy record
+    /// when there is one (so a released round is always in the ledger). Returns the model's
+    /// SHA-256.
     ///
     /// Fails if the round was never begun, is already committed, or failed.
     pub fn commit_round(
@@ -634,6 +646,7 @@ impl Store {
         new_global: &ParamSet,
         strategy_state: Option<&ParamSet>,
         metrics_json: Option<&str>,
+        site_dp: Option<&SiteDpRound>,
     ) -> Result<String> {
         self.require_open(run_id, round)?;
         if let Some(m) = metrics_json {
@@ -676,6 +689,9 @@ impl Store {
         insert_checkpoint(&tx, run_id, round, &model, now)?;
         if let Some(s) = &strategy {
             insert_checkpoint(&tx, run_id, round, s, now)?;
+        }
+        if let Some(dp) = site_dp {
+            privacy::insert_round(&tx, run_id, dp)?;
         }
         tx.commit()?;
         Ok(model.sha256)

@@ -147,7 +147,7 @@ fn full_cycle_survives_reopen_with_identical_model() {
             )
             .unwrap();
         let hash = store
-            .commit_round("run-1", 1, &next, Some(&velocity), Some(r#"{"loss":0.5}"#))
+            .commit_round("run-1", 1, &next, Some(&velocity), Some(r#"{"loss":0.5}"#), None)
             .unwrap();
         assert_eq!(hash, next.sha256_hex().unwrap());
     }
@@ -236,7 +236,7 @@ fn uncommitted_round_is_not_committed_after_reopen_and_reruns_cleanly() {
     assert_eq!(sites.len(), 1);
     assert_eq!(sites[0].site_id, "c");
     assert_eq!(sites[0].state, SiteState::Selected);
-    store.commit_round("r", 1, &model(3.0), None, None).unwrap();
+    store.commit_round("r", 1, &model(3.0), None, None, None).unwrap();
     assert_eq!(store.resume_point("r").unwrap().round, 1);
 }
 
@@ -250,11 +250,11 @@ fn failed_round_can_be_begun_again() {
     let round = &store.rounds("r").unwrap()[1];
     assert_eq!(round.status, RoundStatus::Failed);
     assert_eq!(round.failure_reason.as_deref(), Some("too few updates"));
-    let msg = err_text(store.commit_round("r", 1, &model(2.0), None, None));
+    let msg = err_text(store.commit_round("r", 1, &model(2.0), None, None, None));
     assert!(msg.contains("is failed, not open"), "{msg}");
     store.begin_round("r", 1, &sel(&["a"])).unwrap();
     assert_eq!(store.rounds("r").unwrap()[1].failure_reason, None);
-    store.commit_round("r", 1, &model(2.0), None, None).unwrap();
+    store.commit_round("r", 1, &model(2.0), None, None, None).unwrap();
 }
 
 #[test]
@@ -291,7 +291,7 @@ fn orphan_checkpoint_is_ignored_and_removed_on_open() {
     assert_eq!(resume.round, 0);
     assert_eq!(resume.model_sha256, initial.sha256_hex().unwrap());
     store.begin_round("r", 1, &sel(&["a"])).unwrap();
-    store.commit_round("r", 1, &model(2.0), None, None).unwrap();
+    store.commit_round("r", 1, &model(2.0), None, None, None).unwrap();
     assert_eq!(
         store.resume_point("r").unwrap().model_sha256,
         model(2.0).sha256_hex().unwrap()
@@ -304,7 +304,7 @@ fn tampered_checkpoint_fails_resume_naming_the_file() {
     let mut store = Store::open(dir.path()).unwrap();
     store.create_run("r", "{}", "fedavg", &model(1.0)).unwrap();
     store.begin_round("r", 1, &sel(&["a"])).unwrap();
-    store.commit_round("r", 1, &model(2.0), None, None).unwrap();
+    store.commit_round("r", 1, &model(2.0), None, None, None).unwrap();
     let path = dir
         .path()
         .join(CHECKPOINT_DIR)
@@ -327,7 +327,7 @@ fn commit_twice_never_begun_and_out_of_order_are_errors() {
     let mut store = Store::open(dir.path()).unwrap();
     store.create_run("r", "{}", "fedavg", &model(1.0)).unwrap();
 
-    let msg = err_text(store.commit_round("r", 1, &model(2.0), None, None));
+    let msg = err_text(store.commit_round("r", 1, &model(2.0), None, None, None));
     assert!(msg.contains("never begun"), "{msg}");
     let msg =
         err_text(store.record_site("r", 1, &SiteOutcome::new("a", SiteState::Uploaded, None)));
@@ -340,8 +340,8 @@ fn commit_twice_never_begun_and_out_of_order_are_errors() {
     assert!(msg.contains("selected twice"), "{msg}");
 
     store.begin_round("r", 1, &sel(&["a"])).unwrap();
-    store.commit_round("r", 1, &model(2.0), None, None).unwrap();
-    let msg = err_text(store.commit_round("r", 1, &model(3.0), None, None));
+    store.commit_round("r", 1, &model(2.0), None, None, None).unwrap();
+    let msg = err_text(store.commit_round("r", 1, &model(3.0), None, None, None));
     assert!(msg.contains("is committed, not open"), "{msg}");
     // The committed checkpoint was not overwritten by the refused commit.
     assert_eq!(
@@ -382,7 +382,7 @@ fn crash_child() {
         .unwrap();
     store.begin_round("crash", 1, &sel(&["a", "b"])).unwrap();
     store
-        .commit_round("crash", 1, &model(2.0), None, None)
+        .commit_round("crash", 1, &model(2.0), None, None, None)
         .unwrap_or_else(|_| {
             // Unreachable unless the crash point fails to fire; the parent reports it.
             std::process::exit(3)
@@ -415,7 +415,7 @@ fn crash_mid_commit_resumes_at_last_committed_round() {
     assert_eq!(resume.model_sha256, model(1.0).sha256_hex().unwrap());
     store.begin_round("crash", 1, &sel(&["b"])).unwrap();
     store
-        .commit_round("crash", 1, &model(2.0), None, None)
+        .commit_round("crash", 1, &model(2.0), None, None, None)
         .unwrap();
     assert_eq!(store.resume_point("crash").unwrap().round, 1);
 }
