@@ -23,10 +23,10 @@ use rand::Rng;
 use tonic::transport::Channel;
 
 use crate::privacy::RecordDp;
-use fedflow_common::privacy::dpfedavg::{SiteDpTask, TrustMode};
 use crate::site::{SiteMetrics, TaskSpec};
 pub use crate::work::{ModelBuffer, SiteWork, Update};
 use crate::{Error, Result};
+use fedflow_common::privacy::dpfedavg::{SiteDpTask, TrustMode};
 
 /// How a site connects and behaves.
 #[derive(Debug, Clone)]

@@ -354,7 +354,11 @@ pub(crate) fn site_release(task: &TaskSpec, delta: ParamSet) -> Result<(ParamSet
         "site-level DP ({}): delta clipped to L2 norm {} ({}), N(0, {:e}^2) added per coordinate",
         dp.mode,
         dp.clip_norm,
-        if out.unclipped { "it was within" } else { "it was above" },
+        if out.unclipped {
+            "it was within"
+        } else {
+            "it was above"
+        },
         dp.noise_std
     );
     Ok((out.delta, out.unclipped))

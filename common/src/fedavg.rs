@@ -790,10 +790,7 @@ mod tests {
         let mean = acc.finish_dp(4.0, 0.0, &mut rng).unwrap();
         let b: Vec<f32> = (0..3)
             .map(|i| {
-                let sum: f64 = deltas
-                    .iter()
-                    .map(|d| f64::from(values(d, "b")[i]))
-                    .sum();
+                let sum: f64 = deltas.iter().map(|d| f64::from(values(d, "b")[i])).sum();
                 (sum / 4.0) as f32
             })
             .collect();
@@ -805,13 +802,18 @@ mod tests {
         let out = acc.finish_dp(10.0, 3.0, &mut rng).unwrap();
         let v = values(&out, "w");
         let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n as f64;
-        let sd = (v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>()
+        let sd = (v
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
             / (n as f64 - 1.0))
             .sqrt();
         assert!(mean.abs() < 4.0 * 0.3 / (n as f64).sqrt(), "{mean}");
-        assert!((sd / 0.3 - 1.0).abs() < 4.0 / (2.0 * n as f64).sqrt(), "{sd}");
+        assert!(
+            (sd / 0.3 - 1.0).abs() < 4.0 / (2.0 * n as f64).sqrt(),
+            "{sd}"
+        );
         let acc = FedAvgAccumulator::new(&zeros.spec()).unwrap();
         assert!(acc.finish_dp(0.0, 1.0, &mut rng).is_err());
     }
 }
-

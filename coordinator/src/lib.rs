@@ -9,6 +9,7 @@
 //! server follow (issue 3). [`memtrace`] prints the process's memory at fixed points when
 //! `FEDFLOW_MEMTRACE` is set (for the overhead benchmark's breakdown).
 
+pub mod audit;
 pub mod config;
 pub mod error;
 pub mod memtrace;
@@ -19,3 +20,16 @@ pub mod store;
 pub mod strategy;
 
 pub use error::{Error, Result};
+
+/// Environment variable naming a point at which the coordinator aborts itself, as `kill -9`
+/// would (crash tests of the real binary): `after-commit-round-N` aborts right after round N
+/// is committed (its model and ledger row durable), before the model is handed to anyone.
+pub const FAILPOINT_ENV: &str = "FEDFLOW_FAILPOINT";
+
+/// Aborts the process when [`FAILPOINT_ENV`] names `name`.
+pub(crate) fn failpoint(name: &str) {
+    if std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == name) {
+        eprintln!("{FAILPOINT_ENV}={name}: aborting");
+        std::process::abort();
+    }
+}

@@ -70,10 +70,47 @@ enum Command {
         /// The run's TOML file.
         config: PathBuf,
     },
+    /// Write a run's privacy-audit report (privacy-audit.json and privacy-audit.html): the
+    /// guarantee the run delivered at site and record level, per round and cumulative.
+    PrivacyReport {
+        /// The coordinator's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// The run (default: the only run in the data directory).
+        #[arg(long)]
+        run: Option<String>,
+        /// Output folder (default: DATA/reports/RUN).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::PrivacyReport { data, run, out } => {
+            if !data.join(fedflow_coordinator::store::DB_FILE).is_file() {
+                bail!(
+                    "{} holds no coordinator database ({}); pass the --data directory the \
+                     coordinator ran with",
+                    data.display(),
+                    fedflow_coordinator::store::DB_FILE
+                );
+            }
+            let store = Store::open(&data)
+                .with_context(|| format!("opening the data directory {}", data.display()))?;
+            let out = match (&out, &run) {
+                (Some(o), _) => o.clone(),
+                (None, Some(r)) => data.join("reports").join(r),
+                (None, None) => data.join("reports"),
+            };
+            let report = fedflow_coordinator::audit::write(&store, run.as_deref(), &out)?;
+            println!("{}", report.summary);
+            println!(
+                "wrote {} and {}",
+                out.join(fedflow_coordinator::audit::JSON_FILE).display(),
+                out.join(fedflow_coordinator::audit::HTML_FILE).display()
+            );
+        }
         Command::CheckConfig { config } => {
             let cfg = RunConfig::load(&config)?;
             print!("{}", cfg.to_toml_string()?);
@@ -98,6 +135,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ),
                     None => eprintln!("  no site size stays within epsilon {}", dp.target_epsilon),
                 }
+            }
+            if let Some(dp) = &cfg.site_dp {
+                let e = dp.round_event();
+                let fit = dp.rounds_within_target()?;
+                eprintln!(
+                    "site-level DP ({} mode): each round costs the Gaussian mechanism with z = {} \
+                     at sampling rate {}; {} of the {} configured rounds fit epsilon {} at delta {:e}{}",
+                    dp.mode,
+                    e.z,
+                    e.q,
+                    fit.min(cfg.run.rounds),
+                    cfg.run.rounds,
+                    dp.target_epsilon,
+                    dp.target_delta,
+                    if fit < cfg.run.rounds {
+                        " (the run will end at the budget)"
+                    } else {
+                        ""
+                    }
+                );
             }
         }
         Command::Serve {

@@ -20,7 +20,21 @@ use fedflow_proto::v1::{GetStatusRequest, ListRoundsRequest, RoundSummary, RunPh
 
 /// Starts `fedflow-coordinator serve` and returns it with the address it is serving on.
 fn start(config: &Path, data: &Path, listen: &str) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fedflow-coordinator"))
+    start_with(config, data, listen, None)
+}
+
+/// [`start`] with a failpoint ([`fedflow_coordinator::FAILPOINT_ENV`]).
+fn start_with(
+    config: &Path,
+    data: &Path,
+    listen: &str,
+    failpoint: Option<&str>,
+) -> (Child, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fedflow-coordinator"));
+    if let Some(f) = failpoint {
+        command.env(fedflow_coordinator::FAILPOINT_ENV, f);
+    }
+    let mut child = command
         .args(["serve", "--insecure-plaintext", "--listen", listen])
         .arg("--config")
         .arg(config)
@@ -168,4 +182,123 @@ async fn a_coordinator_killed_mid_run_resumes_with_the_identical_model_and_finis
     }
     second.kill().unwrap();
     second.wait().unwrap();
+}
+
+/// Site-level DP: the real binary aborts (as `kill -9` would) right after committing round 2,
+/// between recording the round in its privacy ledger and handing the model out. Restarted,
+/// its ledger holds exactly rounds 1 and 2, and the run goes on until the round that would
+/// pass the budget, which it refuses with the reason recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_dp_run_killed_after_recording_keeps_every_spend_and_stops_at_the_budget() {
+    use fedflow_common::privacy::{SampledGaussian, planner};
+    use fedflow_coordinator::store::Store;
+
+    let dir = tempfile::tempdir().unwrap();
+    let fed = generate(&SynthConfig {
+        sites: 3,
+        total_sessions: 600,
+        min_site_sessions: 150,
+        seed: 12,
+        ..SynthConfig::default()
+    })
+    .unwrap();
+    let vocab = Vocab::from_events(fed.event_names.iter().cloned()).unwrap();
+    vocab.save(dir.path().join("vocab.json")).unwrap();
+    // Every site every round (no amplification: q = 1), z = 3: a target between the cost of
+    // three and four rounds.
+    let eps = |rounds: u64| {
+        let e = SampledGaussian {
+            q: 1.0,
+            z: 3.0,
+            steps: 1,
+        };
+        planner::epsilon(&[e], rounds, 1e-5).unwrap().epsilon
+    };
+    let target = (eps(3) + eps(4)) / 2.0;
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[run]\nname = \"budget\"\nseed = 5\nrounds = 6\n\
+             [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\ndropout = 0.0\n\
+             [train]\nepochs = 1\nlearning_rate = 0.01\n\
+             [sampling]\nmin_selected = 3\nmin_available = 3\n\
+             [rounds]\ndeadline_secs = 300\nmin_completed = 1\nheartbeat_timeout_secs = 30\n\
+             [evaluation]\nevery = 0\nfinal_round = false\n\
+             [site_dp]\nmode = \"central\"\nclip_norm = 1.0\nnoise_multiplier = 3.0\n\
+             expected_sites = 3\ntarget_epsilon = {target}\ntarget_delta = 1e-5\n"
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("coordinator");
+
+    let (mut first, addr) = start_with(&config, &data, "127.0.0.1:0", Some("after-commit-round-2"));
+    let sites: Vec<_> = fed
+        .sites
+        .iter()
+        .map(|s| {
+            let ds = SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap();
+            let trainer = Arc::new(SiteTrainer::new(ds, &vocab, Device::Cpu));
+            let mut o = SiteOptions::new(format!("http://{addr}"), s.name.clone());
+            o.poll_wait = Duration::from_secs(1);
+            o.max_backoff = Duration::from_millis(500);
+            tokio::spawn(run_site(o, trainer))
+        })
+        .collect();
+    let exit = tokio::task::spawn_blocking(move || first.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !exit.success(),
+        "the failpoint aborts the coordinator: {exit:?}"
+    );
+    {
+        let store = Store::open(&data).unwrap();
+        let ledger = store.site_dp_rounds("budget").unwrap();
+        assert_eq!(
+            ledger.iter().map(|r| r.round).collect::<Vec<_>>(),
+            [1, 2],
+            "round 2 was recorded before the crash"
+        );
+        assert_eq!(store.resume_point("budget").unwrap().round, 2);
+    }
+
+    let (mut second, _) = start(&config, &data, &addr);
+    let (status, rounds) = wait_until(&addr, "the run finished", |s, _| {
+        s.phase == RunPhase::Finished as i32
+    })
+    .await;
+    assert_eq!(
+        status.committed_round, 3,
+        "rounds 1-3 fit the budget, 4 does not"
+    );
+    assert_eq!(committed(&rounds).len(), 4, "rounds 0 to 3");
+    assert!(
+        status
+            .status_reason
+            .contains("site-level privacy budget: round 4 would take epsilon"),
+        "{}",
+        status.status_reason
+    );
+    for s in sites {
+        s.await.unwrap().unwrap();
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+
+    let store = Store::open(&data).unwrap();
+    let ledger = store.site_dp_rounds("budget").unwrap();
+    assert_eq!(
+        ledger.iter().map(|r| r.round).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    for r in &ledger {
+        assert!((r.epsilon - eps(r.round)).abs() < 1e-9, "{r:?}");
+        assert_eq!((r.sampling.as_str(), r.sampling_rate), ("fixed", 1.0));
+        assert!(r.contributions <= 3 && r.server_noise_std == 3.0);
+    }
+    assert!(ledger[2].epsilon <= target);
+    // Every update the coordinator saw is in the uploads ledger: at least one per site and
+    // committed round.
+    assert!(store.site_dp_uploads("budget").unwrap().len() >= 9);
 }

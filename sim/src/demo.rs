@@ -140,6 +140,8 @@ pub struct DemoReport {
     pub coordinator_evaluation: Option<EvaluationSummary>,
     /// Seconds: federated run, centralised training, all sites alone.
     pub seconds: Timings,
+    /// The run's privacy-audit report (HTML; privacy-audit.json next to it).
+    pub privacy_audit: PathBuf,
 }
 
 /// Wall-clock seconds of each part.
@@ -416,6 +418,11 @@ pub async fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoRepo
         |v| line.show(v),
     )
     .await?;
+    say(&format!(
+        "privacy audit: {} ({})",
+        outcome.privacy_summary,
+        outcome.privacy_audit.display()
+    ));
     let coordinator_evaluation = outcome
         .rounds
         .last()
@@ -458,6 +465,7 @@ pub async fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoRepo
         global_sha256: outcome.global_sha256,
         coordinator_evaluation,
         seconds: timings,
+        privacy_audit: outcome.privacy_audit.clone(),
     };
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Other(e.to_string()))?;
     fedflow_common::fsio::write_atomic(&out.join("demo.json"), json.as_bytes())?;

@@ -29,6 +29,7 @@ use fedflow_coordinator::store::{RoundRecord, Store};
 
 pub mod demo;
 pub mod privacy_curve;
+pub mod site_curve;
 
 /// Errors of a simulation.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +103,10 @@ pub struct SimOutcome {
     pub rounds: Vec<RoundRecord>,
     /// Wall-clock seconds of the federated run.
     pub seconds: f64,
+    /// The run's privacy-audit report (HTML; the JSON is next to it).
+    pub privacy_audit: std::path::PathBuf,
+    /// Its one-line summary.
+    pub privacy_summary: String,
 }
 
 /// The run's initial global model: the architecture of `cfg`, initialised from its seed.
@@ -125,6 +130,7 @@ pub async fn run_federation(
     mut on_progress: impl FnMut(&RunView) + Send,
 ) -> Result<SimOutcome> {
     let started = Instant::now();
+    let run_name = cfg.run.name.clone();
     let store = Store::open(data_dir)?;
     let engine = RoundEngine::open(store, cfg.clone(), initial_model(&cfg)?)?;
     let coordinator = Coordinator::spawn(engine, cfg)?;
@@ -185,6 +191,16 @@ pub async fn run_federation(
     let rounds = coordinator
         .inspect(|e, _| e.store().rounds(e.run_id()).map_err(|e| e.to_string()))
         .await;
+    // The run's privacy-audit report, where `fedflow-coordinator privacy-report` puts it.
+    let audit_dir = data_dir.join("reports").join(&run_name);
+    let dir = audit_dir.clone();
+    let audit = coordinator
+        .inspect(move |e, _| {
+            fedflow_coordinator::audit::write(e.store(), Some(e.run_id()), &dir)
+                .map(|r| r.summary)
+                .map_err(|e| e.to_string())
+        })
+        .await;
     let _ = stop.send(());
     let _ = server.await;
     if let Some(e) = failure {
@@ -192,6 +208,8 @@ pub async fn run_federation(
     }
     let snapshot = snapshot.map_err(|s| Error::Other(s.message().to_string()))?;
     let rounds = rounds.map_err(|s| Error::Other(s.message().to_string()))?;
+    let privacy_summary =
+        audit.map_err(|s| Error::Other(format!("privacy audit: {}", s.message())))?;
     if let Ok(v) = view {
         on_progress(&v);
     }
@@ -204,5 +222,7 @@ pub async fn run_federation(
         sites: summaries,
         rounds,
         seconds: started.elapsed().as_secs_f64(),
+        privacy_audit: audit_dir.join(fedflow_coordinator::audit::HTML_FILE),
+        privacy_summary,
     })
 }

@@ -822,6 +822,7 @@ impl RoundEngine {
             );
         }
         crate::memtrace::probe(format_args!("committed round={round}"));
+        crate::failpoint(&format!("after-commit-round-{round}"));
         tracing::info!(run = %self.run_id, round, completed, "round {round} committed");
         self.global = next;
         self.global_sha256 = sha;

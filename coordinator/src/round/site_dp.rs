@@ -66,7 +66,10 @@ impl SiteDpState {
         next.compose(&s.round_event())?;
         let (eps, _) = next.epsilon(s.target_delta)?;
         Ok((eps > s.target_epsilon).then(|| {
-            let (spent, _) = self.accountant.epsilon(s.target_delta).unwrap_or((f64::NAN, 0.0));
+            let (spent, _) = self
+                .accountant
+                .epsilon(s.target_delta)
+                .unwrap_or((f64::NAN, 0.0));
             format!(
                 "site-level privacy budget: round {round} would take epsilon to {eps:.4} at \
                  delta {:e}, above the target {} (spent: {spent:.4} over {} round(s))",
@@ -142,7 +145,12 @@ impl SiteDpState {
         let record = SiteDpRound {
             round,
             mode: self.mech.mode.to_string(),
-            sampling: if s.sampling_rate.is_some() { "poisson" } else { "fixed" }.into(),
+            sampling: if s.sampling_rate.is_some() {
+                "poisson"
+            } else {
+                "fixed"
+            }
+            .into(),
             sampling_rate: event.q,
             noise_multiplier: event.z,
             update_noise_multiplier: self.mech.update_multiplier()?,

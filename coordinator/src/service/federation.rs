@@ -6,10 +6,11 @@ use std::time::Duration;
 use fedflow_proto::transfer::receive_update_into;
 use fedflow_proto::v1::federation_server::Federation;
 use fedflow_proto::v1::{
-    DeclineTaskRequest, DeclineTaskResponse, DownloadModelRequest, DpSgdInstructions, SiteDpInstructions, EnrolRequest,
+    DeclineTaskRequest, DeclineTaskResponse, DownloadModelRequest, DpSgdInstructions, EnrolRequest,
     EnrolResponse, EvaluationReport, EvaluationReportResponse, HeartbeatRequest, HeartbeatResponse,
-    Metrics, ModelChunk, ModelRef, NextTaskRequest, NextTaskResponse, NoTask, SiteState, Task,
-    TaskKind as WireKind, TrainInstructions, UpdateChunk, UploadUpdateResponse, next_task_response,
+    Metrics, ModelChunk, ModelRef, NextTaskRequest, NextTaskResponse, NoTask, SiteDpInstructions,
+    SiteState, Task, TaskKind as WireKind, TrainInstructions, UpdateChunk, UploadUpdateResponse,
+    next_task_response,
 };
 use prost::bytes::Bytes;
 use tonic::{Request, Response, Status, Streaming};

@@ -147,7 +147,14 @@ fn full_cycle_survives_reopen_with_identical_model() {
             )
             .unwrap();
         let hash = store
-            .commit_round("run-1", 1, &next, Some(&velocity), Some(r#"{"loss":0.5}"#), None)
+            .commit_round(
+                "run-1",
+                1,
+                &next,
+                Some(&velocity),
+                Some(r#"{"loss":0.5}"#),
+                None,
+            )
             .unwrap();
         assert_eq!(hash, next.sha256_hex().unwrap());
     }
@@ -236,7 +243,9 @@ fn uncommitted_round_is_not_committed_after_reopen_and_reruns_cleanly() {
     assert_eq!(sites.len(), 1);
     assert_eq!(sites[0].site_id, "c");
     assert_eq!(sites[0].state, SiteState::Selected);
-    store.commit_round("r", 1, &model(3.0), None, None, None).unwrap();
+    store
+        .commit_round("r", 1, &model(3.0), None, None, None)
+        .unwrap();
     assert_eq!(store.resume_point("r").unwrap().round, 1);
 }
 
@@ -254,7 +263,9 @@ fn failed_round_can_be_begun_again() {
     assert!(msg.contains("is failed, not open"), "{msg}");
     store.begin_round("r", 1, &sel(&["a"])).unwrap();
     assert_eq!(store.rounds("r").unwrap()[1].failure_reason, None);
-    store.commit_round("r", 1, &model(2.0), None, None, None).unwrap();
+    store
+        .commit_round("r", 1, &model(2.0), None, None, None)
+        .unwrap();
 }
 
 #[test]
@@ -291,7 +302,9 @@ fn orphan_checkpoint_is_ignored_and_removed_on_open() {
     assert_eq!(resume.round, 0);
     assert_eq!(resume.model_sha256, initial.sha256_hex().unwrap());
     store.begin_round("r", 1, &sel(&["a"])).unwrap();
-    store.commit_round("r", 1, &model(2.0), None, None, None).unwrap();
+    store
+        .commit_round("r", 1, &model(2.0), None, None, None)
+        .unwrap();
     assert_eq!(
         store.resume_point("r").unwrap().model_sha256,
         model(2.0).sha256_hex().unwrap()
@@ -304,7 +317,9 @@ fn tampered_checkpoint_fails_resume_naming_the_file() {
     let mut store = Store::open(dir.path()).unwrap();
     store.create_run("r", "{}", "fedavg", &model(1.0)).unwrap();
     store.begin_round("r", 1, &sel(&["a"])).unwrap();
-    store.commit_round("r", 1, &model(2.0), None, None, None).unwrap();
+    store
+        .commit_round("r", 1, &model(2.0), None, None, None)
+        .unwrap();
     let path = dir
         .path()
         .join(CHECKPOINT_DIR)
@@ -340,7 +355,9 @@ fn commit_twice_never_begun_and_out_of_order_are_errors() {
     assert!(msg.contains("selected twice"), "{msg}");
 
     store.begin_round("r", 1, &sel(&["a"])).unwrap();
-    store.commit_round("r", 1, &model(2.0), None, None, None).unwrap();
+    store
+        .commit_round("r", 1, &model(2.0), None, None, None)
+        .unwrap();
     let msg = err_text(store.commit_round("r", 1, &model(3.0), None, None, None));
     assert!(msg.contains("is committed, not open"), "{msg}");
     // The committed checkpoint was not overwritten by the refused commit.

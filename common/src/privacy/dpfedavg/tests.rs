@@ -87,7 +87,11 @@ fn distributed_shares_add_up_to_the_central_noise_and_dropouts_are_topped_up() {
         let top = c.server_noise_std(0.5, k).unwrap();
         let want = (0.36 - k as f64 * share * share).sqrt();
         assert!((top - want).abs() < 1e-12, "k={k}: {top} vs {want}");
-        assert_std(released_std(&c, k, seed), 1.2 * 0.5, "distributed, dropouts");
+        assert_std(
+            released_std(&c, k, seed),
+            1.2 * 0.5,
+            "distributed, dropouts",
+        );
     }
     // ... and more contributors than expected carry more.
     assert_eq!(c.server_noise_std(0.5, 25).unwrap(), 0.0);

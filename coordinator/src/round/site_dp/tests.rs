@@ -161,7 +161,11 @@ fn the_released_model_carries_the_calibrated_noise_in_every_mode_after_dropouts(
                     .unwrap()
                     .unwrap();
             }
-            assert_eq!(e.committed_round(), round, "{mode}: every round is released");
+            assert_eq!(
+                e.committed_round(),
+                round,
+                "{mode}: every round is released"
+            );
             let noise = change(&before, e.global().0);
             let site_std = match mode {
                 "central" => 0.0,
@@ -254,9 +258,16 @@ fn poisson_sampling_draws_each_site_with_the_rate_and_empty_rounds_still_release
             .unwrap()
             .unwrap();
     }
-    assert_eq!(e.committed_round(), 1, "a round without contributions is released");
+    assert_eq!(
+        e.committed_round(),
+        1,
+        "a round without contributions is released"
+    );
     let row = &e.store().site_dp_rounds("t").unwrap()[0];
-    assert_eq!((row.sampling.as_str(), row.sampling_rate), ("poisson", 0.25));
+    assert_eq!(
+        (row.sampling.as_str(), row.sampling_rate),
+        ("poisson", 0.25)
+    );
     assert_eq!(row.contributions, 0);
     assert_eq!(row.selected, tickets.len() as u64);
     // A different seed samples a different set.
@@ -266,7 +277,10 @@ fn poisson_sampling_draws_each_site_with_the_rate_and_empty_rounds_still_release
          target_epsilon = 100\ntarget_delta = 1e-5\n",
     );
     let mut other = engine(&g, 10);
-    let other_tickets: Vec<String> = start(&mut other, &names, T0).into_iter().map(|t| t.0).collect();
+    let other_tickets: Vec<String> = start(&mut other, &names, T0)
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
     let mine: Vec<String> = tickets.into_iter().map(|t| t.0).collect();
     assert_ne!(mine, other_tickets);
 }
@@ -325,7 +339,15 @@ fn the_run_ends_before_the_round_that_would_pass_the_budget() {
              target_epsilon = {target}\ntarget_delta = 1e-5\n"
         ),
     );
-    assert_eq!(f.cfg.site_dp.as_ref().unwrap().rounds_within_target().unwrap(), 2);
+    assert_eq!(
+        f.cfg
+            .site_dp
+            .as_ref()
+            .unwrap()
+            .rounds_within_target()
+            .unwrap(),
+        2
+    );
     let mut e = engine(&f, 2);
     let names = sites(2);
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
@@ -336,7 +358,10 @@ fn the_run_ends_before_the_round_that_would_pass_the_budget() {
         }
     }
     assert_eq!(e.committed_round(), 2);
-    assert!(start(&mut e, &names, T0 + 10).is_empty(), "round 3 never starts");
+    assert!(
+        start(&mut e, &names, T0 + 10).is_empty(),
+        "round 3 never starts"
+    );
     assert_eq!(e.phase(), Phase::Finished);
     let run = e.store().run("t").unwrap().unwrap();
     assert_eq!(run.status, RunStatus::Finished);
@@ -348,4 +373,130 @@ fn the_run_ends_before_the_round_that_would_pass_the_budget() {
     let ledger = e.store().site_dp_rounds("t").unwrap();
     assert_eq!(ledger.len(), 2);
     assert!(ledger[1].epsilon <= target && (ledger[1].epsilon - eps2).abs() < 1e-9);
+}
+
+#[test]
+fn the_privacy_audit_states_what_the_ledger_recorded_at_both_levels() {
+    let f = fixture(
+        5,
+        "mode = \"local\"\nclip_norm = 0.5\nnoise_multiplier = 1.5\nsampling_rate = 0.5\n\
+         expected_sites = 2\ntarget_epsilon = 50\ntarget_delta = 1e-5\n\
+         [record_dp]\nclip_norm = 1.0\nnoise_multiplier = 1.0\nsampling_rate = 0.1\n\
+         target_epsilon = 10\ntarget_delta = 1e-5\n",
+    );
+    let mut e = engine(&f, 21);
+    let names = sites(4);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(22);
+    for round in 1..=3 {
+        for (site, t) in start(&mut e, &names, T0 + round) {
+            send(&mut e, &site, &t, &zeros(&f), T0 + round, &mut rng).unwrap();
+        }
+        assert_eq!(e.committed_round(), round as u64);
+    }
+    let out = f.dir.path().join("audit");
+    let report = crate::audit::write(e.store(), None, &out).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join(crate::audit::JSON_FILE)).unwrap()).unwrap();
+    assert_eq!(json["schema"], crate::audit::SCHEMA);
+    assert_eq!(json["run"]["committed_rounds"], 3);
+    // Site level: the cumulative ε is the accountant's for 3 rounds at q = 0.5, z = 1.5, and
+    // each round's recomputed ε equals what the ledger recorded when it committed.
+    let site = report.site_level.as_ref().unwrap();
+    let want = planner::epsilon(
+        &[SampledGaussian {
+            q: 0.5,
+            z: 1.5,
+            steps: 1,
+        }],
+        3,
+        1e-5,
+    )
+    .unwrap()
+    .epsilon;
+    assert!((site.cumulative[0].epsilon.unwrap() - want).abs() < 1e-9);
+    assert_eq!(site.cumulative[0].delta, 1e-5);
+    assert_eq!(site.rounds.len(), 3);
+    for r in &site.rounds {
+        assert!((r.epsilon_recomputed.unwrap() - r.ledger.epsilon).abs() < 1e-9);
+    }
+    assert_eq!(json["site_level"]["sampling"]["method"], "poisson");
+    assert_eq!(json["site_level"]["trust_mode"], "local");
+    assert!(site.protects_against.contains("the coordinator included"));
+    // Against the coordinator (local mode): every site's updates at z = 1.5, no amplification.
+    let ac = site.against_coordinator.as_ref().unwrap();
+    assert_eq!(ac.per_update_noise_multiplier, 1.5);
+    let uploads = e.store().site_dp_uploads("t").unwrap();
+    for s in &ac.sites {
+        let n = uploads.iter().filter(|u| u.site_id == s.site_id).count() as u64;
+        assert_eq!(s.updates, n);
+        let want = planner::epsilon(
+            &[SampledGaussian {
+                q: 1.0,
+                z: 1.5,
+                steps: 1,
+            }],
+            n,
+            1e-5,
+        )
+        .unwrap()
+        .epsilon;
+        assert!((s.epsilon.unwrap() - want).abs() < 1e-9);
+    }
+    // Record level: with a shared sampling rate every site's ε follows from its rounds.
+    let rec = report.record_level.as_ref().unwrap();
+    for s in &rec.sites {
+        let cfg = f.cfg.record_dp.as_ref().unwrap();
+        let want = cfg
+            .site_epsilon(1, f.cfg.train.epochs, s.rounds_contributed)
+            .unwrap();
+        assert!((s.epsilon.unwrap() - want).abs() < 1e-9, "{s:?}");
+    }
+    assert!(report.summary.contains("site level (local mode)"));
+    assert!(report.summary.contains("record level"));
+    assert!(
+        report.recompute[1]
+            .contains("--sampling-rate 0.5 --noise-multiplier 1.5 --steps 1 --rounds 3")
+    );
+    // The page: summary first, both levels, the per-round table, what is not covered.
+    let html = std::fs::read_to_string(out.join(crate::audit::HTML_FILE)).unwrap();
+    let summary_at = html.find("class=\"summary\"").unwrap();
+    for needle in [
+        "Site level (DP-FedAvg)",
+        "Each site against the coordinator",
+        "Record level (DP-SGD at every site)",
+        "Not covered by any guarantee above",
+        "fedflow-coordinator privacy-report",
+        "<svg",
+    ] {
+        let at = html
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle} missing"));
+        assert!(at > summary_at, "{needle} before the summary");
+    }
+    // Rows: per round (header + 3), ε at the target and 3 other δ (header + 4), sites
+    // against the coordinator, sites at record level.
+    let rows = (1 + 3) + (1 + 4) + (1 + ac.sites.len()) + (1 + rec.sites.len());
+    assert_eq!(html.matches("<tr>").count(), rows);
+}
+
+#[test]
+fn a_run_without_dp_is_reported_as_having_no_guarantee() {
+    let f = fixture(
+        1,
+        "clip_norm = 1.0\nnoise_multiplier = 1.0\nexpected_sites = 1\n\
+         target_epsilon = 10\ntarget_delta = 1e-5\n",
+    );
+    let mut cfg = f.cfg.clone();
+    cfg.site_dp = None;
+    let store = Store::open(f.dir.path().join("plain")).unwrap();
+    let e = RoundEngine::open(store, cfg, f.initial.clone()).unwrap();
+    let report = crate::audit::build(e.store(), "t", 0).unwrap();
+    assert!(report.site_level.is_none() && report.record_level.is_none());
+    assert!(
+        report.summary.starts_with("no differential privacy"),
+        "{}",
+        report.summary
+    );
+    let html = crate::audit::to_html(&report).unwrap();
+    assert!(html.contains("no differential privacy"));
 }

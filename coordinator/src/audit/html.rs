@@ -1,0 +1,257 @@
+//! The privacy-audit report as one self-contained HTML page (inline SVG charts, no scripts,
+//! no network), summary first.
+
+use fedflow_common::report::{Series, escape, line_chart, page, table};
+
+use super::{EpsilonAt, PrivacyAudit, RecordLevel, SiteLevel};
+use crate::Result;
+
+fn fmt_eps(e: Option<f64>) -> String {
+    e.map_or_else(|| "∞".to_string(), |e| format!("{e:.4}"))
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "–".to_string(), |v| v.to_string())
+}
+
+fn deltas_table(rows: &[EpsilonAt]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                format!("{:e}", r.delta),
+                fmt_eps(r.epsilon),
+                format!("{}", r.order),
+            ]
+        })
+        .collect();
+    table(&["δ", "ε", "RDP order"], &rows)
+}
+
+fn facts(items: &[(&str, String)]) -> String {
+    let mut out = String::from("<ul>");
+    for (k, v) in items {
+        out.push_str(&format!("<li><b>{}</b>: {}</li>", escape(k), escape(v)));
+    }
+    out.push_str("</ul>");
+    out
+}
+
+/// The report as a self-contained HTML page.
+pub fn to_html(r: &PrivacyAudit) -> Result<String> {
+    let mut body = format!(
+        "<h1>Privacy audit: run {}</h1><div class=\"summary\"><p class=\"big\">{}</p>\
+         <p>Run status: {}{}; {} of {} configured round(s) released.</p></div>",
+        escape(&r.run.run_id),
+        escape(&r.summary),
+        escape(&r.run.status),
+        r.run
+            .status_reason
+            .as_ref()
+            .map_or(String::new(), |s| format!(" ({})", escape(s))),
+        r.run.committed_rounds,
+        r.run.configured_rounds
+    );
+    if let Some(s) = &r.site_level {
+        body.push_str(&site_section(s)?);
+    }
+    if let Some(rec) = &r.record_level {
+        body.push_str(&record_section(rec)?);
+    }
+    body.push_str("<h2>Not covered by any guarantee above</h2><ul>");
+    for n in &r.not_covered {
+        body.push_str(&format!("<li>{}</li>", escape(n)));
+    }
+    body.push_str("</ul><h2>Recompute every figure</h2>");
+    for c in &r.recompute {
+        body.push_str(&format!("<pre>{}</pre>", escape(c)));
+    }
+    body.push_str(&format!(
+        "<p class=\"small\">{} · schema {} · generated at Unix ms {}</p>",
+        escape(&r.code_version),
+        r.schema,
+        r.generated_unix_ms
+    ));
+    Ok(page(&format!("Privacy audit: {}", r.run.run_id), &body))
+}
+
+fn site_section(s: &SiteLevel) -> Result<String> {
+    let mut out = String::from("<h2>Site level (DP-FedAvg)</h2>");
+    out.push_str(&facts(&[
+        ("trust mode", s.trust_mode.clone()),
+        ("protects against", s.protects_against.clone()),
+        (
+            "does not protect against",
+            s.does_not_protect_against.clone(),
+        ),
+        ("privacy unit", s.privacy_unit.clone()),
+        ("neighbouring relation", s.neighbouring_relation.clone()),
+        (
+            "sampling",
+            format!(
+                "{} (rate {}): {}",
+                s.sampling.method,
+                opt(s.sampling.rate),
+                s.sampling.assumption
+            ),
+        ),
+        ("mechanism", s.mechanism.name.clone()),
+        (
+            "parameters",
+            format!(
+                "C = {} (initial), z = {}, expected sites = {}{}",
+                s.mechanism.clip_norm,
+                s.mechanism.noise_multiplier,
+                s.mechanism.expected_sites,
+                s.mechanism
+                    .adaptive_clipping
+                    .as_ref()
+                    .map_or(String::new(), |a| format!(", adaptive clipping {a}"))
+            ),
+        ),
+        ("weighting", s.mechanism.weighting.clone()),
+        ("noise", s.mechanism.noise.clone()),
+        ("accountant", s.accountant.clone()),
+        (
+            "target",
+            format!("ε = {} at δ = {:e}", s.target.epsilon, s.target.delta),
+        ),
+    ]));
+    let series = vec![
+        Series {
+            label: "cumulative ε (site level)".into(),
+            points: s
+                .rounds
+                .iter()
+                .filter_map(|r| r.epsilon_recomputed.map(|e| (r.ledger.round as f64, e)))
+                .collect(),
+            dashed: false,
+        },
+        Series {
+            label: "target".into(),
+            points: vec![
+                (1.0, s.target.epsilon),
+                (s.rounds.len().max(1) as f64, s.target.epsilon),
+            ],
+            dashed: true,
+        },
+    ];
+    out.push_str(&line_chart(
+        &format!("site-level ε at δ = {:e}", s.target.delta),
+        "round",
+        "ε",
+        &series,
+        (900, 340),
+    )?);
+    out.push_str("<h3>Cumulative guarantee</h3>");
+    out.push_str(&deltas_table(&s.cumulative));
+    out.push_str("<h3>Per round (the coordinator's ledger)</h3>");
+    let rows: Vec<Vec<String>> = s
+        .rounds
+        .iter()
+        .map(|r| {
+            let l = &r.ledger;
+            vec![
+                l.round.to_string(),
+                l.sampling.clone(),
+                format!("{}", l.sampling_rate),
+                format!("{:.4}", l.noise_multiplier),
+                format!("{:.4}", l.clip_norm),
+                format!("{:.3e}", l.site_noise_std),
+                format!("{:.3e}", l.server_noise_std),
+                l.selected.to_string(),
+                l.contributions.to_string(),
+                l.clipped_fraction
+                    .map_or("–".into(), |c| format!("{:.0}%", 100.0 * c)),
+                fmt_eps(r.epsilon_recomputed),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "round",
+            "sampling",
+            "q",
+            "z",
+            "C",
+            "site noise std",
+            "server noise std",
+            "selected",
+            "contributions",
+            "clipped",
+            "ε after",
+        ],
+        &rows,
+    ));
+    if let Some(a) = &s.against_coordinator {
+        out.push_str("<h3>Each site against the coordinator</h3>");
+        out.push_str(&format!(
+            "<p>{} Per update: Gaussian mechanism with multiplier {:.4}, no amplification. \
+             Worst site: ε = {} at δ = {:e}.</p>",
+            escape(&a.neighbouring_relation),
+            a.per_update_noise_multiplier,
+            fmt_eps(a.worst_epsilon),
+            s.target.delta
+        ));
+        let rows: Vec<Vec<String>> = a
+            .sites
+            .iter()
+            .map(|x| {
+                vec![
+                    escape(&x.site_id),
+                    x.updates.to_string(),
+                    fmt_eps(x.epsilon),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["site", "updates seen", "ε"], &rows));
+    }
+    Ok(out)
+}
+
+fn record_section(r: &RecordLevel) -> Result<String> {
+    let mut out = String::from("<h2>Record level (DP-SGD at every site)</h2>");
+    out.push_str(&facts(&[
+        ("protects against", r.protects_against.clone()),
+        ("privacy unit", r.privacy_unit.clone()),
+        ("neighbouring relation", r.neighbouring_relation.clone()),
+        (
+            "sampling",
+            format!(
+                "{} (rate {}): {}",
+                r.sampling.method,
+                opt(r.sampling.rate),
+                r.sampling.assumption
+            ),
+        ),
+        ("DP-SGD parameters", r.dp_sgd.to_string()),
+        ("accountant", r.accountant.clone()),
+        (
+            "target",
+            format!(
+                "ε = {} at δ = {:e} per site",
+                r.target.epsilon, r.target.delta
+            ),
+        ),
+        ("authoritative figures", r.authoritative.clone()),
+    ]));
+    let rows: Vec<Vec<String>> = r
+        .sites
+        .iter()
+        .map(|s| {
+            vec![
+                escape(&s.site_id),
+                s.rounds_contributed.to_string(),
+                opt(s.train_examples),
+                s.epsilon
+                    .map_or("in the site's report".into(), |e| format!("{e:.4}")),
+                escape(&s.declined.join("; ")),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["site", "rounds contributed", "examples", "ε", "declined"],
+        &rows,
+    ));
+    Ok(out)
+}
