@@ -194,9 +194,11 @@ fn task_spec(task: &Task) -> Result<TaskSpec> {
                     )));
                 }
             };
-            if !(d.clip_norm.is_finite() && d.clip_norm > 0.0)
-                || !(d.noise_std.is_finite() && d.noise_std >= 0.0)
-            {
+            let valid = d.clip_norm.is_finite()
+                && d.clip_norm > 0.0
+                && d.noise_std.is_finite()
+                && d.noise_std >= 0.0;
+            if !valid {
                 return Err(Error::Task(format!(
                     "the task's site-level DP instructions (clip {}, noise std {}) are not valid",
                     d.clip_norm, d.noise_std

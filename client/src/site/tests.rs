@@ -46,6 +46,7 @@ mod support {
         let task = TaskSpec {
             task_id: "task-1".into(),
             record_dp: None,
+            site_dp: None,
             run_id: "run-test".into(),
             round: 3,
             model: cfg,
@@ -380,5 +381,97 @@ mod private {
         assert!(out.metrics.validation_accuracy.is_some() && out.metrics.train_loss.is_some());
         assert!(Ledger::open(dir.path()).unwrap().entries().unwrap()[0].metrics_released);
         assert!(site.evaluate_task(&task, &f.global_bytes).is_ok());
+    }
+}
+
+mod site_level {
+    use super::super::*;
+    use super::support::*;
+    use fedflow_common::privacy::dpfedavg::TrustMode;
+
+    fn with_site_dp(f: &Fixture, mode: TrustMode, clip: f64, noise_std: f64) -> TaskSpec {
+        TaskSpec {
+            site_dp: Some(SiteDpTask {
+                mode,
+                clip_norm: clip,
+                noise_std,
+            }),
+            ..f.task.clone()
+        }
+    }
+
+    #[test]
+    fn the_released_delta_is_clipped_and_carries_exactly_the_task_noise() {
+        let f = fixture();
+        let plain = f
+            .site
+            .train_task(&f.task, &f.global_bytes, &mut |_| {})
+            .unwrap();
+        let norm = plain.delta.l2_norm().unwrap();
+        assert!(plain.unclipped);
+        // Central mode, clip below the norm: scaled onto the clip, no noise, bit 0; the
+        // bytes sent are the clipped delta's.
+        let clip = norm / 4.0;
+        let out = f
+            .site
+            .train_task(
+                &with_site_dp(&f, TrustMode::Central, clip, 0.0),
+                &f.global_bytes,
+                &mut |_| {},
+            )
+            .unwrap();
+        assert!(!out.unclipped);
+        let n = out.delta.l2_norm().unwrap();
+        assert!(n <= clip && n > clip * (1.0 - 1e-5), "{n} vs {clip}");
+        assert_eq!(out.delta_sha256, sha256_hex(&out.delta_bytes));
+        assert_eq!(
+            ParamSet::from_safetensors_bytes(&out.delta_bytes)
+                .unwrap()
+                .sha256_hex()
+                .unwrap(),
+            out.delta.sha256_hex().unwrap()
+        );
+        // Clip above the norm: the delta is the plain one (training is seeded), bit 1.
+        let out = f
+            .site
+            .train_task(
+                &with_site_dp(&f, TrustMode::Central, norm * 2.0, 0.0),
+                &f.global_bytes,
+                &mut |_| {},
+            )
+            .unwrap();
+        assert!(out.unclipped);
+        assert_eq!(out.delta_sha256, plain.delta_sha256);
+        // Local mode: the residual over the clipped delta has the task's std.
+        let std = 0.02;
+        let out = f
+            .site
+            .train_task(
+                &with_site_dp(&f, TrustMode::Local, clip, std),
+                &f.global_bytes,
+                &mut |_| {},
+            )
+            .unwrap();
+        let (clipped, _) = plain.delta.clip_to_norm(clip).unwrap();
+        let mut residual = Vec::new();
+        for (name, t) in out.delta.iter() {
+            let got = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = clipped
+                .get(name)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            residual.extend(got.iter().zip(&want).map(|(g, w)| f64::from(g - w)));
+        }
+        let k = residual.len() as f64;
+        let mean = residual.iter().sum::<f64>() / k;
+        let sd = (residual.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (k - 1.0)).sqrt();
+        assert!(
+            (sd / std - 1.0).abs() < 4.0 / (2.0 * k).sqrt() + 1e-3,
+            "{sd} over {k}"
+        );
+        assert!(mean.abs() < 4.0 * std / k.sqrt(), "{mean}");
     }
 }

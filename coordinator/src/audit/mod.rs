@@ -461,7 +461,7 @@ fn site_level(store: &Store, run_id: &str, dp: &crate::config::SiteDpSection) ->
                 let mut a = RdpAccountant::default();
                 a.compose(&SampledGaussian {
                     steps: updates,
-                    ..event.clone()
+                    ..event
                 })?;
                 sites.push(SiteAgainstCoordinator {
                     site_id,

@@ -803,35 +803,93 @@ mod tests {
             .join("\n")
     }
 
-    #[test]
-    fn record_dp_block_of_the_example_parses_and_bad_values_are_named() {
-        let dir = dir_with_vocab();
-        let vocab = dir.path().join("vocab.json");
-        // The example's commented [record_dp] block, switched on.
-        let text = EXAMPLE_TOML
-            .lines()
+    /// `text` with the commented block that starts at `# [header` (up to the next blank
+    /// line) switched on, except its lines setting a key in `skip`.
+    fn uncommented(text: &str, header: &str, skip: &[&str]) -> String {
+        let mut inside = false;
+        text.lines()
             .map(|l| {
                 let t = l.trim_start();
-                if t.starts_with("# [record_dp]")
-                    || [
-                        "clip_norm",
-                        "noise_multiplier",
-                        "expected_batch_size",
-                        "unit",
-                        "max_sessions_per_user",
-                        "target_epsilon",
-                        "target_delta",
-                    ]
-                    .iter()
-                    .any(|k| t.starts_with(&format!("# {k} =")))
-                {
+                if t.starts_with(&format!("# [{header}")) {
+                    inside = true;
+                } else if t.is_empty() {
+                    inside = false;
+                }
+                let skipped = skip.iter().any(|k| t.starts_with(&format!("# {k} =")));
+                if inside && !skipped {
                     t.trim_start_matches("# ").to_string()
                 } else {
                     l.to_string()
                 }
             })
             .collect::<Vec<_>>()
-            .join("\n");
+            .join("\n")
+    }
+
+    #[test]
+    fn site_dp_block_of_the_example_parses_and_bad_values_are_named() {
+        let dir = dir_with_vocab();
+        let vocab = dir.path().join("vocab.json");
+        let text = uncommented(EXAMPLE_TOML, "site_dp", &[]);
+        let c = RunConfig::with_vocab(&text, &vocab).unwrap();
+        let dp = c.site_dp.as_ref().expect("[site_dp] parsed");
+        assert_eq!(
+            dp.mode,
+            fedflow_common::privacy::dpfedavg::TrustMode::Central
+        );
+        assert_eq!((dp.sampling_rate, dp.expected_sites), (Some(0.05), 100.0));
+        assert_eq!(dp.adaptive_clipping.as_ref().unwrap().bit_noise_std, 5.0);
+        // Rounds within the target: that many fit, one more does not.
+        let fit = dp.rounds_within_target().unwrap();
+        let eps = |r: u64| {
+            fedflow_common::privacy::planner::epsilon(&[dp.round_event()], r, dp.target_delta)
+                .unwrap()
+                .epsilon
+        };
+        assert!(eps(fit) <= dp.target_epsilon && eps(fit + 1) > dp.target_epsilon);
+        assert!(RunConfig::demo(&vocab).unwrap().site_dp.is_none());
+        for (from, to, field) in [
+            ("mode = \"central\"", "mode = \"secret\"", "mode"),
+            ("clip_norm = 1.0", "clip_norm = -1.0", "site_dp: clip_norm"),
+            (
+                "sampling_rate = 0.05",
+                "sampling_rate = 1.5",
+                "site_dp.sampling_rate",
+            ),
+            (
+                "expected_sites = 100",
+                "expected_sites = 0",
+                "expected_sites",
+            ),
+            (
+                "target_delta = 1e-4",
+                "target_delta = 0.0",
+                "site_dp.target_delta",
+            ),
+            // z too small for one round within the target.
+            (
+                "noise_multiplier = 1.0",
+                "noise_multiplier = 0.1",
+                "site_dp.target_epsilon",
+            ),
+            // Adaptive clipping in local mode is refused (the bit would leak).
+            ("mode = \"central\"", "mode = \"local\"", "mode = central"),
+        ] {
+            // Only in the [site_dp] block (the commented [record_dp] one has the same keys).
+            let at = text.find("\n[site_dp]").unwrap();
+            let bad = format!("{}{}", &text[..at], text[at..].replacen(from, to, 1));
+            assert_ne!(bad, text, "{from}");
+            let e = RunConfig::with_vocab(&bad, &vocab).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn record_dp_block_of_the_example_parses_and_bad_values_are_named() {
+        let dir = dir_with_vocab();
+        let vocab = dir.path().join("vocab.json");
+        // The example's commented [record_dp] block, switched on (with a batch size).
+        let text = uncommented(EXAMPLE_TOML, "record_dp", &["sampling_rate"]);
         let c = RunConfig::with_vocab(&text, &vocab).unwrap();
         let dp = c.record_dp.as_ref().expect("[record_dp] parsed");
         // The smallest site that fits the budget: it does, one unit fewer does not.

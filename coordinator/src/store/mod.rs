@@ -652,6 +652,14 @@ impl Store {
         if let Some(m) = metrics_json {
             check_json("metrics_json", m)?;
         }
+        if let Some(dp) = site_dp
+            && dp.round != round
+        {
+            return Err(Error::Store(format!(
+                "run {run_id}: the privacy record of round {} cannot commit round {round}",
+                dp.round
+            )));
+        }
         let model = self.write_checkpoint(run_id, round, CheckpointKind::Model, new_global)?;
         let strategy = strategy_state
             .map(|s| self.write_checkpoint(run_id, round, CheckpointKind::Strategy, s))

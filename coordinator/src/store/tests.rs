@@ -5,6 +5,7 @@ use std::process::Command;
 
 use candle_core::{Device, Tensor};
 
+use super::privacy::SiteDpRound;
 use super::*;
 
 const CRASH_ENV: &str = "FEDFLOW_STORE_TEST_CRASH_AT";
@@ -93,8 +94,97 @@ fn newer_schema_is_refused() {
         .unwrap();
     drop(conn);
     let msg = err_text(Store::open(dir.path()));
-    assert!(msg.contains("schema version 2"), "{msg}");
+    assert!(
+        msg.contains(&format!("schema version {}", SCHEMA_VERSION + 1)),
+        "{msg}"
+    );
     assert!(msg.contains("newer"), "{msg}");
+}
+
+#[test]
+fn a_version_1_database_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch(super::SCHEMA_V1).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+    }
+    let mut store = Store::open(dir.path()).unwrap();
+    let version: i64 = store
+        .conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+    store
+        .create_run("old", "{}", "fedavg", &model(1.0))
+        .unwrap();
+    assert!(store.site_dp_rounds("old").unwrap().is_empty());
+}
+
+fn dp_round(round: u64) -> SiteDpRound {
+    SiteDpRound {
+        round,
+        mode: "central".into(),
+        sampling: "poisson".into(),
+        sampling_rate: 0.1,
+        noise_multiplier: 1.0,
+        update_noise_multiplier: 1.0,
+        clip_norm: 0.5,
+        expected_sites: 10.0,
+        site_noise_std: 0.0,
+        server_noise_std: 0.5,
+        bit_noise_std: None,
+        selected: 9,
+        contributions: 8,
+        clipped_fraction: Some(0.25),
+        noisy_unclipped_fraction: None,
+        next_clip_norm: 0.5,
+        epsilon: 0.7,
+        target_delta: 1e-5,
+        rdp: vec![0.1, f64::INFINITY],
+        recorded_at_ms: 0,
+    }
+}
+
+#[test]
+fn the_privacy_ledger_is_written_with_the_commit_and_is_append_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    store.create_run("r", "{}", "fedavg", &model(1.0)).unwrap();
+    store.begin_round("r", 1, &sel(&["a"])).unwrap();
+    store
+        .commit_round("r", 1, &model(2.0), None, None, Some(&dp_round(1)))
+        .unwrap();
+    let rows = store.site_dp_rounds("r").unwrap();
+    assert_eq!(rows.len(), 1);
+    let mut want = dp_round(1);
+    want.recorded_at_ms = rows[0].recorded_at_ms;
+    assert_eq!(rows[0], want, "read back as written, infinity included");
+    // A second record for the same round cannot be committed (the round is committed), and
+    // the ledger refuses updates and deletes outright.
+    assert!(
+        store
+            .commit_round("r", 1, &model(3.0), None, None, Some(&dp_round(1)))
+            .is_err()
+    );
+    for sql in [
+        "UPDATE site_dp_rounds SET epsilon = 0",
+        "DELETE FROM site_dp_rounds",
+    ] {
+        let e = store.conn.execute(sql, []).unwrap_err().to_string();
+        assert!(e.contains("append-only"), "{sql}: {e}");
+    }
+    // A failed commit (a record of another round) leaves the round open and the ledger as
+    // it was.
+    store.begin_round("r", 2, &sel(&["a"])).unwrap();
+    assert!(
+        store
+            .commit_round("r", 2, &model(3.0), None, None, Some(&dp_round(1)))
+            .is_err()
+    );
+    assert_eq!(store.site_dp_rounds("r").unwrap().len(), 1);
+    assert_eq!(store.resume_point("r").unwrap().round, 1);
+    assert_eq!(store.resume_point("r").unwrap().open_round, Some(2));
 }
 
 #[test]

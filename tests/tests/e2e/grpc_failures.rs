@@ -134,6 +134,7 @@ async fn upload(
         delta_sha256: sha256_hex(&bytes),
         total_bytes: bytes.len() as u64,
         weight: 10.0,
+        site_dp_unclipped: false,
         metrics: Some(Metrics {
             train_examples: 10,
             validation_examples: 2,

@@ -172,6 +172,7 @@ async fn complete(c: &mut FederationClient<Channel>, site: &str, t: &Task) {
         delta_sha256: sha256_hex(&delta),
         total_bytes: delta.len() as u64,
         weight: 10.0,
+        site_dp_unclipped: false,
         metrics: Some(Metrics {
             train_examples: 10,
             validation_examples: 2,

@@ -329,7 +329,7 @@ fn the_run_ends_before_the_round_that_would_pass_the_budget() {
         steps: 1,
     };
     // A target between the cost of 2 and 3 rounds.
-    let eps2 = planner::epsilon(&[event.clone()], 2, 1e-5).unwrap().epsilon;
+    let eps2 = planner::epsilon(&[event], 2, 1e-5).unwrap().epsilon;
     let eps3 = planner::epsilon(&[event], 3, 1e-5).unwrap().epsilon;
     let target = (eps2 + eps3) / 2.0;
     let f = fixture(
