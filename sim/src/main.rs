@@ -63,6 +63,9 @@ struct SiteCurveArgs {
     /// Server momentum values (0 = plain FedAvg).
     #[arg(long, value_delimiter = ',', default_value = "0,0.9")]
     momenta: Vec<f64>,
+    /// Server learning rate of the momentum runs (its effective step is lr / (1 - momentum)).
+    #[arg(long, default_value_t = 1.0)]
+    server_lr: f64,
     /// Sites training at the same time.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -309,20 +312,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 sampling_rate: a.sampling_rate,
                 clip_norm: a.clip_norm,
                 momenta: a.momenta,
+                server_learning_rate: a.server_lr,
                 run_config,
                 threads: a.threads,
             };
             let r = site_curve::run(&cfg, &mut |line| eprintln!("{line}"))?;
             println!();
             println!(
-                "{:>10} {:>8} {:>8} {:>9} {:>7} {:>9} {:>9}",
-                "target eps", "momentum", "z", "eps spent", "rounds", "accuracy", "macroF1"
+                "{:>10} {:>8} {:>9} {:>8} {:>9} {:>7} {:>9} {:>9}",
+                "target eps",
+                "momentum",
+                "server lr",
+                "z",
+                "eps spent",
+                "rounds",
+                "accuracy",
+                "macroF1"
             );
             for p in &r.points {
                 println!(
-                    "{:>10} {:>8} {:>8} {:>9} {:>7} {:>9.4} {:>9.4}",
+                    "{:>10} {:>8} {:>9} {:>8} {:>9} {:>7} {:>9.4} {:>9.4}",
                     p.target_epsilon.map_or("none".into(), |e| e.to_string()),
                     p.server_momentum,
+                    p.server_learning_rate,
                     p.noise_multiplier.map_or("-".into(), |z| format!("{z:.4}")),
                     p.epsilon_spent.map_or("-".into(), |e| format!("{e:.3}")),
                     p.rounds,

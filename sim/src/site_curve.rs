@@ -53,6 +53,9 @@ pub struct SiteCurveConfig {
     pub clip_norm: f64,
     /// Server momentum values to run (0 = FedAvg).
     pub momenta: Vec<f64>,
+    /// Server learning rate of the momentum runs (η; the effective step of FedAvgM is
+    /// η / (1 − β), so η = 1 − β keeps FedAvg's).
+    pub server_learning_rate: f64,
     /// The run configuration (TOML; `model.vocab` is replaced).
     pub run_config: String,
     /// Sites training at the same time.
@@ -68,6 +71,8 @@ pub struct SiteCurvePoint {
     pub noise_multiplier: Option<f64>,
     /// Server momentum.
     pub server_momentum: f64,
+    /// Server learning rate (1 without momentum).
+    pub server_learning_rate: f64,
     /// ε the coordinator's ledger records at the end, at δ.
     pub epsilon_spent: Option<f64>,
     /// Rounds committed.
@@ -150,7 +155,7 @@ pub fn run(cfg: &SiteCurveConfig, say: &mut dyn FnMut(&str)) -> Result<SiteCurve
             let mut run_cfg = base.clone();
             if momentum > 0.0 {
                 run_cfg.run.strategy = StrategyKind::Fedavgm;
-                run_cfg.run.server_learning_rate = Some(1.0);
+                run_cfg.run.server_learning_rate = Some(cfg.server_learning_rate);
                 run_cfg.run.server_momentum = Some(momentum);
             }
             let mut z = None;
@@ -175,8 +180,8 @@ pub fn run(cfg: &SiteCurveConfig, say: &mut dyn FnMut(&str)) -> Result<SiteCurve
             }
             run_cfg.validate().map_err(Error::Other)?;
             let name = match target {
-                Some(e) => format!("eps-{e}-m{momentum}"),
-                None => format!("non-private-m{momentum}"),
+                Some(e) => format!("eps-{e}-m{momentum}-lr{}", cfg.server_learning_rate),
+                None => format!("non-private-m{momentum}-lr{}", cfg.server_learning_rate),
             };
             say(&format!(
                 "{name}: {} sites, q = {}, {} rounds, z = {}",
@@ -189,6 +194,11 @@ pub fn run(cfg: &SiteCurveConfig, say: &mut dyn FnMut(&str)) -> Result<SiteCurve
             p.target_epsilon = target;
             p.noise_multiplier = z;
             p.server_momentum = momentum;
+            p.server_learning_rate = if momentum > 0.0 {
+                cfg.server_learning_rate
+            } else {
+                1.0
+            };
             p.scores = Scores::from(&score(&p.global, &run_cfg, &held_out)?);
             say(&format!(
                 "  accuracy {:.4}, macro-F1 {:.4}; epsilon {}; {:.1} contributions/round; \
@@ -375,6 +385,7 @@ fn one_run(
             target_epsilon: None,
             noise_multiplier: None,
             server_momentum: 0.0,
+            server_learning_rate: 1.0,
             epsilon_spent: ledger.last().map(|r| r.epsilon),
             rounds,
             mean_contributions: contributions as f64 / rounds.max(1) as f64,
