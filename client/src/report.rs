@@ -34,19 +34,7 @@ use crate::ledger::{Ledger, LedgerEntry};
 /// The schema identifier of the JSON report.
 pub const SCHEMA: &str = "fedflow.site-privacy-report/1";
 
-/// Deltas at which the cumulative ε is also given.
-pub const OTHER_DELTAS: [f64; 4] = [1e-3, 1e-5, 1e-7, 1e-9];
-
-/// ε at one δ.
-#[derive(Debug, Clone, Serialize)]
-pub struct EpsilonAt {
-    /// δ.
-    pub delta: f64,
-    /// ε (may be infinite: serialised as null).
-    pub epsilon: Option<f64>,
-    /// The optimal RDP order.
-    pub order: f64,
-}
+pub use fedflow_common::privacy::{EpsilonAt, REPORT_DELTAS as OTHER_DELTAS};
 
 /// The site's limit.
 #[derive(Debug, Clone, Serialize)]
@@ -140,15 +128,8 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
     let (eps, order) = acc.epsilon(delta)?;
     let others = OTHER_DELTAS
         .iter()
-        .map(|&d| {
-            let (e, o) = acc.epsilon(d)?;
-            Ok(EpsilonAt {
-                delta: d,
-                epsilon: finite(e),
-                order: o,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+        .map(|&d| acc.epsilon_at(d))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let unit = if releases.iter().all(|r| r.entry.unit == PrivacyUnit::User) && !releases.is_empty()
     {
         PrivacyUnit::User

@@ -170,7 +170,8 @@ fn clear_previous(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Generates the demo's partner data into `<out>/data` and loads every site's split dataset.
+/// Generates the demo's partner data into `<out>/data` (replacing an earlier one) and loads
+/// every site's split dataset.
 /// Returns the data's Bayes-optimal accuracy, the vocabulary (path and loaded) and the sites.
 pub(crate) fn generate_sites(
     out: &Path,
@@ -181,6 +182,10 @@ pub(crate) fn generate_sites(
     say: &mut dyn FnMut(&str),
 ) -> Result<(f64, PathBuf, Vocab, Vec<SimSite>)> {
     let data_dir = out.join("data");
+    if data_dir.exists() {
+        std::fs::remove_dir_all(&data_dir)
+            .map_err(|e| Error::Other(format!("cannot clear {}: {e}", data_dir.display())))?;
+    }
     say(&format!(
         "generating {sessions} sessions for {sites} partner sites into {}",
         data_dir.display()

@@ -113,11 +113,6 @@ pub fn run(cfg: &SiteCurveConfig, say: &mut dyn FnMut(&str)) -> Result<SiteCurve
     let out = &cfg.out;
     std::fs::create_dir_all(out)
         .map_err(|e| Error::Other(format!("cannot create {}: {e}", out.display())))?;
-    let data = out.join("data");
-    if data.exists() {
-        std::fs::remove_dir_all(&data)
-            .map_err(|e| Error::Other(format!("cannot clear {}: {e}", data.display())))?;
-    }
     let (bayes_accuracy, vocab_path, vocab, sites) = generate_sites(
         out,
         cfg.sites,

@@ -15,6 +15,33 @@ pub use rdp::{RdpAccountant, SampledGaussian};
 
 use rand::{CryptoRng, Rng};
 use rand_distr::StandardNormal;
+use serde::Serialize;
+
+/// The δ at which privacy reports also state the cumulative ε.
+pub const REPORT_DELTAS: [f64; 4] = [1e-3, 1e-5, 1e-7, 1e-9];
+
+/// ε at one δ, as privacy reports state it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EpsilonAt {
+    /// δ.
+    pub delta: f64,
+    /// ε, or `None` (JSON null) when unbounded.
+    pub epsilon: Option<f64>,
+    /// The optimal RDP order.
+    pub order: f64,
+}
+
+impl RdpAccountant {
+    /// The composed ε at `delta`, for a report.
+    pub fn epsilon_at(&self, delta: f64) -> crate::Result<EpsilonAt> {
+        let (e, order) = self.epsilon(delta)?;
+        Ok(EpsilonAt {
+            delta,
+            epsilon: e.is_finite().then_some(e),
+            order,
+        })
+    }
+}
 
 /// Adds N(0, std²) to every value, drawing in order from `rng` (a CSPRNG seeded from the
 /// operating system wherever the noise protects anyone; seeded in tests). The one noise

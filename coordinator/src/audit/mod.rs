@@ -31,8 +31,7 @@ pub use html::to_html;
 /// The schema identifier of the JSON report.
 pub const SCHEMA: &str = "fedflow.privacy-audit/1";
 
-/// Other δ at which the cumulative ε is stated.
-pub const OTHER_DELTAS: [f64; 4] = [1e-3, 1e-5, 1e-7, 1e-9];
+pub use fedflow_common::privacy::{EpsilonAt, REPORT_DELTAS as OTHER_DELTAS};
 
 /// The report.
 #[derive(Debug, Clone, Serialize)]
@@ -70,17 +69,6 @@ pub struct RunInfo {
     pub committed_rounds: u64,
     /// Rounds configured.
     pub configured_rounds: u64,
-}
-
-/// ε at one δ (`epsilon` null when unbounded).
-#[derive(Debug, Clone, Serialize)]
-pub struct EpsilonAt {
-    /// δ.
-    pub delta: f64,
-    /// ε, or null for ∞.
-    pub epsilon: Option<f64>,
-    /// The RDP order that gave it.
-    pub order: f64,
 }
 
 /// Site-level DP-FedAvg.
@@ -234,17 +222,10 @@ fn finite(x: f64) -> Option<f64> {
 fn at_deltas(acc: &RdpAccountant, target_delta: f64) -> Result<Vec<EpsilonAt>> {
     let mut deltas = vec![target_delta];
     deltas.extend(OTHER_DELTAS.iter().filter(|d| **d != target_delta));
-    deltas
+    Ok(deltas
         .into_iter()
-        .map(|delta| {
-            let (e, order) = acc.epsilon(delta)?;
-            Ok(EpsilonAt {
-                delta,
-                epsilon: finite(e),
-                order,
-            })
-        })
-        .collect()
+        .map(|delta| acc.epsilon_at(delta))
+        .collect::<std::result::Result<_, _>>()?)
 }
 
 /// The file names [`write`] uses.
