@@ -92,4 +92,107 @@ async fn sixty_sites_run_a_federation_in_one_process() {
             .unwrap()
             .contains("\"sites\":60")
     );
+    // Every run gets its privacy-audit report; this one has no DP and says so.
+    assert!(outcome.privacy_audit.is_file());
+    assert!(
+        outcome
+            .privacy_summary
+            .starts_with("no differential privacy"),
+        "{}",
+        outcome.privacy_summary
+    );
+}
+
+/// Site-level DP in distributed mode over real gRPC: Poisson-sampled sites clip and noise
+/// their deltas in the client, the coordinator checks, tops up and records; the audit report
+/// written at the end agrees with what the sites did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_sites_run_distributed_site_level_dp_over_grpc() {
+    const SITES: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let fed = generate(&SynthConfig {
+        sites: SITES,
+        total_sessions: SITES * 30,
+        min_site_sessions: 20,
+        seed: 23,
+        ..SynthConfig::default()
+    })
+    .unwrap();
+    let vocab = Vocab::from_events(fed.event_names.iter().cloned()).unwrap();
+    vocab.save(dir.path().join("vocab.json")).unwrap();
+    let toml = format!(
+        "[run]\nname = \"sitedp\"\nseed = 3\nrounds = 3\n\
+         [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\ndropout = 0.0\n\
+         [train]\nepochs = 1\nbatch_size = 16\nlearning_rate = 0.01\n\
+         [sampling]\nmin_selected = 1\nmin_available = {SITES}\n\
+         [rounds]\ndeadline_secs = 300\nmin_completed = 1\nheartbeat_timeout_secs = 60\n\
+         [evaluation]\nevery = 0\nfinal_round = false\n\
+         [site_dp]\nmode = \"distributed\"\nclip_norm = 0.05\nnoise_multiplier = 1.0\n\
+         sampling_rate = 0.5\nexpected_sites = 20\ntarget_epsilon = 100\ntarget_delta = 1e-3\n"
+    );
+    let cfg = RunConfig::from_toml_str(&toml, dir.path()).unwrap();
+    let sites: Vec<SimSite> = fed
+        .sites
+        .iter()
+        .map(|s| SimSite {
+            name: s.name.clone(),
+            dataset: SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap(),
+            privacy: None,
+        })
+        .collect();
+    let opts = SimOptions {
+        concurrent_work: 2,
+        progress_every: Duration::from_millis(200),
+    };
+    let outcome = run_federation(
+        cfg,
+        &dir.path().join("coordinator"),
+        sites,
+        &vocab,
+        &opts,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome.committed_round, 3);
+    // No site was refused: every clipped, noised update is within the norm bound.
+    assert!(outcome.sites.iter().all(|(_, s)| s.rejected.is_empty()));
+    let audit: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(outcome.privacy_audit.with_file_name("privacy-audit.json")).unwrap(),
+    )
+    .unwrap();
+    let site = &audit["site_level"];
+    assert_eq!(site["trust_mode"], "distributed");
+    let rounds = site["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3);
+    for (i, r) in rounds.iter().enumerate() {
+        let round = (i + 1) as u64;
+        let contributed = outcome
+            .sites
+            .iter()
+            .filter(|(_, s)| s.rounds_contributed.contains(&round))
+            .count() as u64;
+        assert_eq!(
+            r["contributions"].as_u64().unwrap(),
+            contributed,
+            "round {round}"
+        );
+        // Each site added z·C/√20; the coordinator topped the rest up to (z·C)².
+        let share = r["site_noise_std"].as_f64().unwrap();
+        assert!((share - 0.05 / 20f64.sqrt()).abs() < 1e-12);
+        let top = r["server_noise_std"].as_f64().unwrap();
+        let total = contributed as f64 * share * share + top * top;
+        assert!(
+            (total - 0.05f64.powi(2)).abs() < 1e-12 || (top == 0.0 && contributed > 20),
+            "round {round}: {total}"
+        );
+    }
+    // Against the coordinator: every site that sent an update is listed with its count.
+    let against = site["against_coordinator"]["sites"].as_array().unwrap();
+    let senders = outcome
+        .sites
+        .iter()
+        .filter(|(_, s)| !s.rounds_contributed.is_empty())
+        .count();
+    assert_eq!(against.len(), senders);
 }
