@@ -228,7 +228,7 @@ fn at_deltas(acc: &RdpAccountant, target_delta: f64) -> Result<Vec<EpsilonAt>> {
         .collect::<std::result::Result<_, _>>()?)
 }
 
-/// The file names [`write`] uses.
+/// The file names [`write()`] uses.
 pub const JSON_FILE: &str = "privacy-audit.json";
 /// See [`JSON_FILE`].
 pub const HTML_FILE: &str = "privacy-audit.html";
