@@ -259,3 +259,79 @@ fn privacy_report_needs_a_ledger_and_writes_both_files() {
             .contains("<svg")
     );
 }
+
+/// The privacy-audit report's site-level recompute command, run through this binary, gives
+/// the ε the report states (the coordinator's ledger written by hand for three rounds).
+#[test]
+fn the_audit_reports_recompute_command_reproduces_its_epsilon() {
+    use fedflow_coordinator::store::{SiteDpRound, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = fedflow_common::data::Vocab::from_events(["a", "b"]).unwrap();
+    vocab.save(dir.path().join("vocab.json")).unwrap();
+    let toml = "[run]\nname = \"audit\"\nrounds = 3\n[model]\nvocab = \"vocab.json\"\n\
+                embed_dim = 4\nhidden_size = 4\nnum_layers = 1\n\
+                [site_dp]\nclip_norm = 1.0\nnoise_multiplier = 1.3\nsampling_rate = 0.02\n\
+                expected_sites = 50\ntarget_epsilon = 5\ntarget_delta = 1e-6\n";
+    let cfg = fedflow_coordinator::config::RunConfig::from_toml_str(toml, dir.path()).unwrap();
+    let model = fedflow_common::model::AttentionFlowModel::new(
+        &cfg.model_config().unwrap(),
+        &candle_core::Device::Cpu,
+        0,
+    )
+    .unwrap();
+    let initial = fedflow_common::params::ParamSet::from_varmap(model.varmap()).unwrap();
+    let mut store = Store::open(dir.path().join("data")).unwrap();
+    store
+        .create_run(
+            "audit",
+            &serde_json::to_string(&cfg).unwrap(),
+            "fedavg",
+            &initial,
+        )
+        .unwrap();
+    let event = cfg.site_dp.as_ref().unwrap().round_event();
+    let mut acc = fedflow_common::privacy::RdpAccountant::default();
+    for round in 1..=3 {
+        acc.compose(&event).unwrap();
+        store.begin_round("audit", round, &[]).unwrap();
+        let record = SiteDpRound {
+            round,
+            mode: "central".into(),
+            sampling: "poisson".into(),
+            sampling_rate: event.q,
+            noise_multiplier: event.z,
+            update_noise_multiplier: event.z,
+            clip_norm: 1.0,
+            expected_sites: 50.0,
+            site_noise_std: 0.0,
+            server_noise_std: 1.3,
+            bit_noise_std: None,
+            selected: 0,
+            contributions: 0,
+            clipped_fraction: None,
+            noisy_unclipped_fraction: None,
+            next_clip_norm: 1.0,
+            epsilon: acc.epsilon(1e-6).unwrap().0,
+            target_delta: 1e-6,
+            rdp: acc.rdp().to_vec(),
+            recorded_at_ms: 0,
+        };
+        store
+            .commit_round("audit", round, &initial, None, None, Some(&record))
+            .unwrap();
+    }
+    let report = fedflow_coordinator::audit::build(&store, "audit", 0).unwrap();
+    let stated = report.site_level.as_ref().unwrap().cumulative[0]
+        .epsilon
+        .unwrap();
+    let command = &report.recompute[1];
+    // "fedflow-client privacy plan ...": the arguments after the program name.
+    let mut args: Vec<&str> = command.split_whitespace().skip(1).collect();
+    args.push("--json");
+    let plan: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    let recomputed = plan["epsilon"].as_f64().unwrap();
+    assert!(
+        (recomputed - stated).abs() < 1e-9 * stated,
+        "{command}: {recomputed} vs {stated}"
+    );
+}

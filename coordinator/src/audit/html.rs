@@ -235,6 +235,33 @@ fn record_section(r: &RecordLevel) -> Result<String> {
         ),
         ("authoritative figures", r.authoritative.clone()),
     ]));
+    if !r.every_round_epsilon.is_empty() {
+        let rounds = r.every_round_epsilon.len();
+        let series = vec![
+            Series {
+                label: "record-level ε of a site in every round".into(),
+                points: r
+                    .every_round_epsilon
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, e)| e.map(|e| ((i + 1) as f64, e)))
+                    .collect(),
+                dashed: false,
+            },
+            Series {
+                label: "target per site".into(),
+                points: vec![(1.0, r.target.epsilon), (rounds as f64, r.target.epsilon)],
+                dashed: true,
+            },
+        ];
+        out.push_str(&line_chart(
+            &format!("record-level ε at δ = {:e}", r.target.delta),
+            "round",
+            "ε",
+            &series,
+            (900, 340),
+        )?);
+    }
     let rows: Vec<Vec<String>> = r
         .sites
         .iter()

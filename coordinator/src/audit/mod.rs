@@ -196,6 +196,9 @@ pub struct RecordLevel {
     pub sites: Vec<RecordSite>,
     /// The largest per-site ε computable here (null: none computable, or unbounded).
     pub worst_epsilon: Option<f64>,
+    /// ε at the target δ after r rounds of a site that contributed to every round, for
+    /// r = 1, 2, ... up to the rounds released (empty when ε depends on each site's size).
+    pub every_round_epsilon: Vec<Option<f64>>,
     /// Where each site's authoritative figure is.
     pub authoritative: String,
 }
@@ -354,14 +357,14 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
                 .to_string(),
         );
     }
-    let data = "DATA_DIR";
+    let data = store.dir().display().to_string();
     let mut recompute = vec![format!(
         "fedflow-coordinator privacy-report --data {data} --run {run_id} --out OUT_DIR"
     )];
     if let Some(s) = &site_level {
         recompute.push(format!(
-            "fedflow-client privacy plan --sampling-rate {} --noise-multiplier {} --steps 1 \
-             --rounds {} --delta {:e}",
+            "fedflow-client privacy plan --q {} --noise-multiplier {} --steps 1 --rounds {} \
+             --delta {:e}",
             s.sampling.rate.unwrap_or(1.0),
             s.mechanism.noise_multiplier,
             s.rounds.len().max(1),
@@ -371,9 +374,17 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
     if let Some(dp) = &cfg.record_dp {
         recompute.push(match dp.sampling_rate {
             Some(q) => format!(
-                "fedflow-client privacy plan --sampling-rate {q} --noise-multiplier {} \
-                 --epochs {} --dataset-size N --rounds R --delta {:e}   (R = the site's rounds)",
-                dp.noise_multiplier, cfg.train.epochs, dp.target_delta
+                "fedflow-client privacy plan --q {q} --noise-multiplier {} --steps {} \
+                 --rounds R --delta {:e}   (R = the rounds a site contributed to)",
+                dp.noise_multiplier,
+                fedflow_common::privacy::planner::dpsgd_round_at_rate(
+                    1,
+                    q,
+                    cfg.train.epochs as u64,
+                    dp.noise_multiplier
+                )?
+                .steps,
+                dp.target_delta
             ),
             None => format!(
                 "fedflow-client privacy report --privacy-dir SITE_PRIVACY_DIR --delta {:e}   \
@@ -559,6 +570,12 @@ fn record_level(
             }
         }
     }
+    let every_round_epsilon = match dp.sampling_rate {
+        Some(_) => (1..=committed.len() as u64)
+            .map(|r| Ok(finite(dp.site_epsilon(1, cfg.train.epochs, r)?)))
+            .collect::<Result<Vec<_>>>()?,
+        None => Vec::new(),
+    };
     let mut worst: Option<f64> = None;
     for s in sites.values_mut() {
         // With a shared sampling rate every site's round costs the same, whatever its size.
@@ -602,6 +619,7 @@ fn record_level(
         },
         sites: sites.into_values().collect(),
         worst_epsilon: worst,
+        every_round_epsilon,
         authoritative: "each site's own ledger (fedflow-client privacy report), which also \
                         counts its releases to other runs and retries"
             .into(),

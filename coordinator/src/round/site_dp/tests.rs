@@ -451,12 +451,17 @@ fn the_privacy_audit_states_what_the_ledger_recorded_at_both_levels() {
             .unwrap();
         assert!((s.epsilon.unwrap() - want).abs() < 1e-9, "{s:?}");
     }
+    assert_eq!(rec.every_round_epsilon.len(), 3);
+    let cfg = f.cfg.record_dp.as_ref().unwrap();
+    for (r, e) in rec.every_round_epsilon.iter().enumerate() {
+        let want = cfg
+            .site_epsilon(1, f.cfg.train.epochs, r as u64 + 1)
+            .unwrap();
+        assert!((e.unwrap() - want).abs() < 1e-9);
+    }
     assert!(report.summary.contains("site level (local mode)"));
     assert!(report.summary.contains("record level"));
-    assert!(
-        report.recompute[1]
-            .contains("--sampling-rate 0.5 --noise-multiplier 1.5 --steps 1 --rounds 3")
-    );
+    assert!(report.recompute[1].contains("--q 0.5 --noise-multiplier 1.5 --steps 1 --rounds 3"));
     // The page: summary first, both levels, the per-round table, what is not covered.
     let html = std::fs::read_to_string(out.join(crate::audit::HTML_FILE)).unwrap();
     let summary_at = html.find("class=\"summary\"").unwrap();
@@ -477,6 +482,11 @@ fn the_privacy_audit_states_what_the_ledger_recorded_at_both_levels() {
     // against the coordinator, sites at record level.
     let rows = (1 + 3) + (1 + 4) + (1 + ac.sites.len()) + (1 + rec.sites.len());
     assert_eq!(html.matches("<tr>").count(), rows);
+    assert_eq!(
+        html.matches("<svg").count(),
+        2,
+        "ε over rounds at both levels"
+    );
 }
 
 #[test]
