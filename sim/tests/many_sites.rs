@@ -196,3 +196,38 @@ async fn forty_sites_run_distributed_site_level_dp_over_grpc() {
         .count();
     assert_eq!(against.len(), senders);
 }
+
+/// `fedflow-sim site-curve` in miniature: the private run's ledger ends at its target ε
+/// (z from the planner for exactly the configured rounds), and the curve is written.
+#[test]
+fn the_site_curve_spends_exactly_its_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = fedflow_sim::site_curve::SiteCurveConfig {
+        out: dir.path().to_path_buf(),
+        sites: 30,
+        sessions: 3000,
+        seed: 4,
+        val_fraction: 0.2,
+        epsilons: vec![5.0],
+        delta: 1e-3,
+        sampling_rate: 0.3,
+        clip_norm: 0.5,
+        momenta: vec![0.0],
+        server_learning_rate: 1.0,
+        run_config: "[run]\nname = \"curve\"\nrounds = 3\n\
+                     [model]\nvocab = \"vocab.json\"\nembed_dim = 4\nhidden_size = 4\n\
+                     num_layers = 1\ndropout = 0.0\n[train]\nepochs = 1\nbatch_size = 16\n"
+            .into(),
+        threads: 2,
+    };
+    let report = fedflow_sim::site_curve::run(&cfg, &mut |_| {}).unwrap();
+    assert_eq!(report.points.len(), 2);
+    assert_eq!(report.expected_sites, 9.0);
+    let (plain, private) = (&report.points[0], &report.points[1]);
+    assert!(plain.target_epsilon.is_none() && plain.epsilon_spent.is_none());
+    assert_eq!((plain.rounds, private.rounds), (3, 3));
+    let spent = private.epsilon_spent.unwrap();
+    assert!(spent <= 5.0 && spent > 5.0 * 0.999, "{spent}");
+    assert!(private.scores.accuracy > 0.0 && private.scores.sessions > 0);
+    assert!(dir.path().join("site-curve.json").is_file());
+}
