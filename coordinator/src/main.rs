@@ -137,8 +137,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             if let Some(dp) = &cfg.site_dp {
-                let e = dp.round_event();
-                let fit = dp.rounds_within_target()?;
+                let e = dp.round_event(&cfg.sampling);
+                let fit = dp.rounds_within_target(&cfg.sampling)?;
                 eprintln!(
                     "site-level DP ({} mode): each round costs the Gaussian mechanism with z = {} \
                      at sampling rate {}; {} of the {} configured rounds fit epsilon {} at delta {:e}{}",

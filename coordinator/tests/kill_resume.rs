@@ -294,7 +294,7 @@ async fn a_site_dp_run_killed_after_recording_keeps_every_spend_and_stops_at_the
     );
     for r in &ledger {
         assert!((r.epsilon - eps(r.round)).abs() < 1e-9, "{r:?}");
-        assert_eq!((r.sampling.as_str(), r.sampling_rate), ("fixed", 1.0));
+        assert_eq!((r.sampling.as_str(), r.sampling_rate), ("all", 1.0));
         assert!(r.contributions <= 3 && r.server_noise_std == 3.0);
     }
     assert!(ledger[2].epsilon <= target);

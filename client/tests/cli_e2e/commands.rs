@@ -289,7 +289,7 @@ fn the_audit_reports_recompute_command_reproduces_its_epsilon() {
             &initial,
         )
         .unwrap();
-    let event = cfg.site_dp.as_ref().unwrap().round_event();
+    let event = cfg.site_dp.as_ref().unwrap().round_event(&cfg.sampling);
     let mut acc = fedflow_common::privacy::RdpAccountant::default();
     for round in 1..=3 {
         acc.compose(&event).unwrap();

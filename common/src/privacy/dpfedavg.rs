@@ -21,20 +21,34 @@
 //!   guarantee against the coordinator as against everyone downstream, at k times the noise
 //!   in the sum of k updates.
 //!
-//! **Dropouts and the coordinator's top-up** (distributed and local modes): the noise in a
-//! round's sum would depend on how many sites contributed, so the coordinator tops it up:
-//! with k contributions each carrying σ_s², it adds N(0, max(0, V − k·σ_s²)) where
-//! V = (z·C)² is the central noise. The released sum then carries variance max(V, k·σ_s²),
-//! and for every k the round is a Gaussian mechanism with multiplier z w.r.t. adding or
-//! removing one site: if both neighbouring sums carry exactly V it is the plain Gaussian
-//! mechanism; otherwise split the added site's share into a part that brings the smaller
-//! neighbour's variance to the larger one's and a remainder that is handed to the adversary
-//! (extra knowledge can only help it), which leaves two sums with the same variance ≥ V.
-//! So every mode is charged the same event, `SampledGaussian(q, z)`, known before the round
-//! starts (budgets are checked exactly), and a lone contributor is never unprotected. The
-//! guarantee downstream in the distributed and local modes therefore relies on the
-//! coordinator adding its top-up, as it relies on the coordinator not publishing individual
-//! updates until secure aggregation exists.
+//! **Dropouts and the coordinator's top-up**: with k contributions each carrying σ_s², the
+//! coordinator adds N(0, max(0, V − k·σ_s²)), V = (z·C)², so the released sum always carries
+//! at least the central noise, whatever the dropouts: in central mode exactly V, in the
+//! distributed mode exactly V up to `expected_sites` contributions and k·σ_s² beyond, in the
+//! local mode max(V, k·V).
+//!
+//! **What a round is charged** ([`SiteDp::downstream_event`], always a Gaussian mechanism
+//! with sensitivity-normalised multiplier, composed by the RDP accountant):
+//!
+//! - Central mode, adding or removing one site (hides participation): the noise is N(0, V)
+//!   whoever takes part, so with Poisson sampling at rate q the round is exactly the
+//!   Poisson-subsampled Gaussian mechanism `SampledGaussian(q, z)` (McMahan et al. 2018;
+//!   Mironov, Talwar, Zhang 2019); when every available site is selected, `(1, z)`; with a
+//!   fixed-size sample of fewer than all sites, adding a site can displace another, so one
+//!   site changes the sum by up to 2C: `(1, z/2)`, no amplification.
+//! - Distributed and local modes, replacing one site's data by data whose update is zero
+//!   (the zero-out relation of Kairouz et al. 2021, "Practical and Private (Deep) Learning
+//!   without Sampling or Shuffling"): the site takes part either way with its own noise
+//!   share, so both neighbouring rounds have the same contributions and the same noise, of
+//!   variance at least V, and differ by a shift of at most C: `(1, z)`. The add/remove
+//!   relation and amplification by subsampling are *not* claimed: a site's own share makes
+//!   the noise of the sum depend on whether it takes part, and Gaussians of different
+//!   variances are not the mechanism the accountant knows. These modes protect what a site
+//!   contributed, not whether it took part.
+//!
+//! The guarantee downstream in the distributed and local modes relies on the coordinator
+//! adding its top-up, as it relies on the coordinator not publishing individual updates
+//! until secure aggregation exists.
 //!
 //! **Adaptive clipping** (Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially Private
 //! Learning with Adaptive Clipping", Algorithm 1 and Theorem 1): sites also report whether
@@ -107,6 +121,39 @@ impl AdaptiveClipping {
     pub fn next_clip(&self, clip: f64, unclipped_fraction: f64) -> f64 {
         clip * (-self.learning_rate * (unclipped_fraction - self.target_quantile)).exp()
     }
+}
+
+/// How a round's sites are chosen, as far as the accountant is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum SiteSampling {
+    /// Every available site independently with probability q (Poisson sampling).
+    Poisson(f64),
+    /// Every available site.
+    All,
+    /// A fixed-size sample of fewer than all available sites.
+    FixedSize,
+}
+
+impl SiteSampling {
+    /// `poisson`, `all` or `fixed` (the ledger's name).
+    pub fn name(&self) -> &'static str {
+        match self {
+            SiteSampling::Poisson(_) => "poisson",
+            SiteSampling::All => "all",
+            SiteSampling::FixedSize => "fixed",
+        }
+    }
+}
+
+/// The neighbouring relation a site-level guarantee holds for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Relation {
+    /// One site added or removed (its participation is hidden).
+    AddRemove,
+    /// One site's data replaced by data whose update is zero (its contents are hidden, not
+    /// its participation).
+    ZeroOut,
 }
 
 /// Site-level DP-FedAvg parameters of a run.
@@ -205,17 +252,28 @@ impl SiteDp {
         Ok((central - shares).max(0.0).sqrt())
     }
 
-    /// The round's privacy event against everyone who sees the released model, w.r.t. adding
-    /// or removing one site, for site sampling rate `q` (Poisson; pass 1.0 for fixed-size or
-    /// full participation, where no amplification by subsampling is claimed). The same in
-    /// every mode and for any number of contributors, thanks to the coordinator's top-up; the
-    /// configured z is the effective one (adaptive clipping's bit included).
-    pub fn downstream_event(&self, q: f64) -> SampledGaussian {
-        SampledGaussian {
-            q,
-            z: self.noise_multiplier,
-            steps: 1,
+    /// The neighbouring relation of the guarantee downstream (see the module docs).
+    pub fn relation(&self) -> Relation {
+        match self.mode {
+            TrustMode::Central => Relation::AddRemove,
+            TrustMode::Distributed | TrustMode::Local => Relation::ZeroOut,
         }
+    }
+
+    /// The round's privacy event against everyone who sees the released model, under
+    /// [`SiteDp::relation`], for the round's site sampling (see the module docs). The same
+    /// for any number of contributions, thanks to the coordinator's top-up; the configured
+    /// z is the effective one (adaptive clipping's bit included).
+    pub fn downstream_event(&self, sampling: SiteSampling) -> SampledGaussian {
+        let z = self.noise_multiplier;
+        let (q, z) = match (self.mode, sampling) {
+            (TrustMode::Central, SiteSampling::Poisson(q)) => (q, z),
+            (TrustMode::Central, SiteSampling::All) => (1.0, z),
+            // Sensitivity 2C: a site added to the population can take another's place.
+            (TrustMode::Central, SiteSampling::FixedSize) => (1.0, z / 2.0),
+            (TrustMode::Distributed | TrustMode::Local, _) => (1.0, z),
+        };
+        SampledGaussian { q, z, steps: 1 }
     }
 
     /// The privacy event of one update against the coordinator, which sees it and knows the

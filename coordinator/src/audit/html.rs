@@ -97,6 +97,14 @@ fn site_section(s: &SiteLevel) -> Result<String> {
         ),
         ("mechanism", s.mechanism.name.clone()),
         (
+            "charged per round",
+            format!(
+                "the Poisson-subsampled Gaussian mechanism with q = {}, noise multiplier {} \
+                 (noise std over the sensitivity)",
+                s.round_event.q, s.round_event.z
+            ),
+        ),
+        (
             "parameters",
             format!(
                 "C = {} (initial), z = {}, expected sites = {}{}",

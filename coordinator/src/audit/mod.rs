@@ -84,6 +84,8 @@ pub struct SiteLevel {
     pub privacy_unit: String,
     /// The neighbouring relation of the downstream guarantee.
     pub neighbouring_relation: String,
+    /// The event every round is charged (q, z normalised by the sensitivity, 1 step).
+    pub round_event: SampledGaussian,
     /// The sampling method, its rate and the assumption behind the accounting.
     pub sampling: Sampling,
     /// The mechanism's parameters.
@@ -301,7 +303,7 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
     let site_level = cfg
         .site_dp
         .as_ref()
-        .map(|dp| site_level(store, run_id, dp))
+        .map(|dp| site_level(store, run_id, cfg, dp))
         .transpose()?;
     let record_level = cfg
         .record_dp
@@ -365,8 +367,8 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
         recompute.push(format!(
             "fedflow-client privacy plan --q {} --noise-multiplier {} --steps 1 --rounds {} \
              --delta {:e}",
-            s.sampling.rate.unwrap_or(1.0),
-            s.mechanism.noise_multiplier,
+            s.round_event.q,
+            s.round_event.z,
             s.rounds.len().max(1),
             s.target.delta
         ));
@@ -406,8 +408,13 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
     })
 }
 
-fn site_level(store: &Store, run_id: &str, dp: &crate::config::SiteDpSection) -> Result<SiteLevel> {
-    use fedflow_common::privacy::dpfedavg::TrustMode;
+fn site_level(
+    store: &Store,
+    run_id: &str,
+    cfg: &RunConfig,
+    dp: &crate::config::SiteDpSection,
+) -> Result<SiteLevel> {
+    use fedflow_common::privacy::dpfedavg::{Relation, SiteSampling, TrustMode};
     let ledger = store.site_dp_rounds(run_id)?;
     let mut acc = RdpAccountant::default();
     let mut rounds = Vec::with_capacity(ledger.len());
@@ -477,30 +484,51 @@ fn site_level(store: &Store, run_id: &str, dp: &crate::config::SiteDpSection) ->
             })
         }
     };
-    let sampling = match dp.sampling_rate {
-        Some(q) => Sampling {
-            method: "poisson".into(),
-            rate: Some(q),
-            assumption: "each available site takes part in each round independently with \
-                         probability q, drawn from the coordinator's CSPRNG (seeded from the \
-                         operating system) and kept secret from the sites; a site that is not \
-                         connected is included with probability 0 ≤ q, which the bound covers"
-                .into(),
-        },
-        None => Sampling {
-            method: "fixed".into(),
-            rate: Some(1.0),
-            assumption: "sites chosen by [sampling] (fixed size, seeded): no amplification by \
-                         subsampling is claimed (q = 1)"
-                .into(),
-        },
+    let event = dp.round_event(&cfg.sampling);
+    let central = dp.mode == TrustMode::Central;
+    let assumption = match dp.sampling(&cfg.sampling) {
+        SiteSampling::Poisson(q) if central => format!(
+            "each available site takes part in each round independently with probability \
+             q = {q}, drawn from the coordinator's CSPRNG (seeded from the operating system) and \
+             kept secret from the sites; a site that is not connected is included with \
+             probability 0 ≤ q, which the bound covers; amplification by subsampling is used"
+        ),
+        SiteSampling::Poisson(q) => format!(
+            "Poisson sampling at q = {q}, but no amplification is claimed (rate 1 in the \
+             accountant): under the zero-out relation of this mode a site's own noise share \
+             makes the noise depend on whether it takes part"
+        ),
+        SiteSampling::All => {
+            "every available site in every round: no amplification (rate 1)".to_string()
+        }
+        SiteSampling::FixedSize if central => "a fixed-size sample of the available sites \
+             chosen by [sampling] (seeded): no amplification (rate 1), and adding a site can \
+             displace another, so one site changes a round's sum by up to 2C: charged with z/2"
+            .to_string(),
+        SiteSampling::FixedSize => "a fixed-size sample of the available sites chosen by \
+             [sampling] (seeded): no amplification (rate 1); under zero-out the site takes part \
+             either way, so the sensitivity stays C"
+            .to_string(),
+    };
+    let sampling = Sampling {
+        method: dp.sampling(&cfg.sampling).name().into(),
+        rate: Some(event.q),
+        assumption,
+    };
+    let relation = match dp.site_dp().relation() {
+        Relation::AddRemove => "add or remove one site: hides whether a site took part",
+        Relation::ZeroOut => {
+            "zero-out: one site's data replaced by data whose update is zero (Kairouz et al. \
+             2021): hides what a site contributed, not whether it took part"
+        }
     };
     Ok(SiteLevel {
         trust_mode: dp.mode.to_string(),
         protects_against: protects.into(),
         does_not_protect_against: not.into(),
         privacy_unit: "a partner site: all of its updates in every round".into(),
-        neighbouring_relation: "add or remove one site".into(),
+        neighbouring_relation: relation.into(),
+        round_event: event,
         sampling,
         mechanism: SiteMechanism {
             name: "DP-FedAvg with the fixed-denominator estimator (McMahan et al. 2018, \

@@ -543,7 +543,7 @@ impl RunConfig {
             dp.validate()?;
         }
         if let Some(dp) = &self.site_dp {
-            dp.validate()?;
+            dp.validate(&self.sampling)?;
         }
         self.validate_transport()
     }
@@ -840,14 +840,52 @@ mod tests {
         assert_eq!((dp.sampling_rate, dp.expected_sites), (Some(0.05), 100.0));
         assert_eq!(dp.adaptive_clipping.as_ref().unwrap().bit_noise_std, 5.0);
         // Rounds within the target: that many fit, one more does not.
-        let fit = dp.rounds_within_target().unwrap();
+        let fit = dp.rounds_within_target(&c.sampling).unwrap();
         let eps = |r: u64| {
-            fedflow_common::privacy::planner::epsilon(&[dp.round_event()], r, dp.target_delta)
-                .unwrap()
-                .epsilon
+            fedflow_common::privacy::planner::epsilon(
+                &[dp.round_event(&c.sampling)],
+                r,
+                dp.target_delta,
+            )
+            .unwrap()
+            .epsilon
         };
         assert!(eps(fit) <= dp.target_epsilon && eps(fit + 1) > dp.target_epsilon);
         assert!(RunConfig::demo(&vocab).unwrap().site_dp.is_none());
+        // What a round is charged, by mode and sampling.
+        use fedflow_common::privacy::dpfedavg::TrustMode;
+        let all = SamplingConfig::default();
+        let fixed = SamplingConfig {
+            count: Some(10),
+            ..SamplingConfig::default()
+        };
+        let poisson = dp.round_event(&all);
+        assert_eq!((poisson.q, poisson.z), (0.05, 1.0), "Poisson: amplified");
+        let mut central_fixed = dp.clone();
+        central_fixed.sampling_rate = None;
+        let e = central_fixed.round_event(&all);
+        assert_eq!((e.q, e.z), (1.0, 1.0), "everyone available");
+        let e = central_fixed.round_event(&fixed);
+        assert_eq!(
+            (e.q, e.z),
+            (1.0, 0.5),
+            "a fixed-size sample: sensitivity 2C"
+        );
+        let mut local = central_fixed.clone();
+        local.mode = TrustMode::Local;
+        local.adaptive_clipping = None;
+        let e = local.round_event(&fixed);
+        assert_eq!(
+            (e.q, e.z),
+            (1.0, 1.0),
+            "zero-out: the site takes part either way"
+        );
+        local.sampling_rate = Some(0.05);
+        assert_eq!(
+            local.round_event(&all).q,
+            1.0,
+            "no amplification under zero-out"
+        );
         for (from, to, field) in [
             ("mode = \"central\"", "mode = \"secret\"", "mode"),
             ("clip_norm = 1.0", "clip_norm = -1.0", "site_dp: clip_norm"),

@@ -3,12 +3,13 @@
 //! [`fedflow_common::privacy::dpfedavg`]; this is the run's configuration of it.
 
 use fedflow_common::privacy::SampledGaussian;
-use fedflow_common::privacy::dpfedavg::{AdaptiveClipping, SiteDp, TrustMode};
+use fedflow_common::privacy::dpfedavg::{AdaptiveClipping, SiteDp, SiteSampling, TrustMode};
 use fedflow_common::privacy::planner;
 use serde::{Deserialize, Serialize};
 
 use super::common_reason;
 use crate::Result;
+use crate::strategy::SamplingConfig;
 
 /// `[site_dp]`: DP-FedAvg with the fixed-denominator estimator (McMahan et al. 2018).
 ///
@@ -30,9 +31,10 @@ pub struct SiteDpSection {
     /// Noise multiplier z, >= 0: the released sum carries N(0, (z·C)²) per coordinate.
     pub noise_multiplier: f64,
     /// Poisson site sampling: every available site takes part in a round independently with
-    /// probability q, drawn from the coordinator's CSPRNG, and the accountant uses
-    /// amplification by subsampling. Absent: sites are chosen by `[sampling]` (fixed size)
-    /// and no amplification is claimed (q = 1 in the accountant).
+    /// probability q, drawn from the coordinator's CSPRNG; in central mode the accountant
+    /// uses amplification by subsampling. Absent: sites are chosen by `[sampling]` and no
+    /// amplification is claimed (with a fixed-size sample of fewer than all sites, central
+    /// mode is charged z/2: a site can displace another).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampling_rate: Option<f64>,
     /// The fixed denominator: the expected number of contributions per round (q times the
@@ -60,26 +62,32 @@ impl SiteDpSection {
         }
     }
 
-    /// The site sampling rate the accountant uses: q with Poisson sampling, 1 otherwise.
-    pub fn accounted_rate(&self) -> f64 {
-        self.sampling_rate.unwrap_or(1.0)
+    /// How the run's rounds choose sites: Poisson with `sampling_rate`, otherwise everyone
+    /// available or a fixed-size sample, as `[sampling]` says.
+    pub fn sampling(&self, sampling: &SamplingConfig) -> SiteSampling {
+        match self.sampling_rate {
+            Some(q) => SiteSampling::Poisson(q),
+            None if sampling.count.is_none() && sampling.fraction >= 1.0 => SiteSampling::All,
+            None => SiteSampling::FixedSize,
+        }
     }
 
-    /// Every round's privacy event downstream (the same for every round and mode).
-    pub fn round_event(&self) -> SampledGaussian {
-        self.site_dp().downstream_event(self.accounted_rate())
+    /// Every round's privacy event downstream (the same for every round; see
+    /// [`SiteDp::downstream_event`]).
+    pub fn round_event(&self, sampling: &SamplingConfig) -> SampledGaussian {
+        self.site_dp().downstream_event(self.sampling(sampling))
     }
 
     /// How many rounds fit within the target ([`planner::UNLIMITED_ROUNDS`] without cost).
-    pub fn rounds_within_target(&self) -> Result<u64> {
+    pub fn rounds_within_target(&self, sampling: &SamplingConfig) -> Result<u64> {
         Ok(planner::rounds_for_epsilon(
-            &[self.round_event()],
+            &[self.round_event(sampling)],
             self.target_delta,
             self.target_epsilon,
         )?)
     }
 
-    pub(super) fn validate(&self) -> std::result::Result<(), String> {
+    pub(super) fn validate(&self, sampling: &SamplingConfig) -> std::result::Result<(), String> {
         self.site_dp()
             .validate()
             .map_err(|e| common_reason(e).replace("site-level DP: ", "site_dp: "))?;
@@ -100,8 +108,12 @@ impl SiteDpSection {
                 self.target_delta
             ));
         }
-        if self.rounds_within_target().map_err(|e| e.to_string())? == 0 {
-            let eps = planner::epsilon(&[self.round_event()], 1, self.target_delta)
+        if self
+            .rounds_within_target(sampling)
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            let eps = planner::epsilon(&[self.round_event(sampling)], 1, self.target_delta)
                 .map_err(common_reason)?
                 .epsilon;
             return Err(format!(

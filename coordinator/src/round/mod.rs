@@ -331,7 +331,7 @@ impl RoundEngine {
         let site_dp = cfg
             .site_dp
             .clone()
-            .map(|s| site_dp::SiteDpState::open(s, &store, &run_id))
+            .map(|s| site_dp::SiteDpState::open(s, &cfg.sampling, &store, &run_id))
             .transpose()?;
         if site_dp.is_some() {
             tracing::info!(run = %run_id, "site-level DP: uniform weights, fixed denominator; rounds.min_completed does not apply");

@@ -10,6 +10,7 @@
 
 use fedflow_common::fedavg::FedAvgAccumulator;
 use fedflow_common::params::{ParamSet, ParamSpec};
+use fedflow_common::privacy::SampledGaussian;
 use fedflow_common::privacy::dpfedavg::{SiteDp, SiteDpTask};
 use fedflow_common::privacy::{RdpAccountant, add_gaussian};
 use rand::{Rng, SeedableRng};
@@ -24,6 +25,10 @@ use crate::store::{SiteDpRound, Store};
 pub(super) struct SiteDpState {
     section: SiteDpSection,
     mech: SiteDp,
+    /// Every round's event (see `SiteDp::downstream_event`).
+    event: SampledGaussian,
+    /// `poisson`, `all` or `fixed`.
+    sampling: &'static str,
     /// The clip of the next round (moves with adaptive clipping).
     clip: f64,
     /// Every released round composed.
@@ -33,12 +38,19 @@ pub(super) struct SiteDpState {
 
 impl SiteDpState {
     /// Rebuilds the state of `run_id` from its ledger.
-    pub(super) fn open(section: SiteDpSection, store: &Store, run_id: &str) -> Result<Self> {
+    pub(super) fn open(
+        section: SiteDpSection,
+        sampling: &crate::strategy::SamplingConfig,
+        store: &Store,
+        run_id: &str,
+    ) -> Result<Self> {
         let mech = section.site_dp();
+        let event = section.round_event(sampling);
+        let sampling = section.sampling(sampling).name();
         let mut accountant = RdpAccountant::default();
         let mut clip = section.clip_norm;
         for row in store.site_dp_rounds(run_id)? {
-            accountant.compose(&fedflow_common::privacy::SampledGaussian {
+            accountant.compose(&SampledGaussian {
                 q: row.sampling_rate,
                 z: row.noise_multiplier,
                 steps: 1,
@@ -48,6 +60,8 @@ impl SiteDpState {
         Ok(SiteDpState {
             section,
             mech,
+            event,
+            sampling,
             clip,
             accountant,
             rng: ChaCha20Rng::from_os_rng(),
@@ -63,7 +77,7 @@ impl SiteDpState {
     pub(super) fn over_budget(&self, round: u64) -> Result<Option<String>> {
         let s = &self.section;
         let mut next = self.accountant.clone();
-        next.compose(&s.round_event())?;
+        next.compose(&self.event)?;
         let (eps, _) = next.epsilon(s.target_delta)?;
         Ok((eps > s.target_epsilon).then(|| {
             let (spent, _) = self
@@ -136,7 +150,7 @@ impl SiteDpState {
             }
             None => (None, self.clip),
         };
-        let event = s.round_event();
+        let event = self.event;
         let mut increment = RdpAccountant::default();
         increment.compose(&event)?;
         let mut after = self.accountant.clone();
@@ -145,12 +159,7 @@ impl SiteDpState {
         let record = SiteDpRound {
             round,
             mode: self.mech.mode.to_string(),
-            sampling: if s.sampling_rate.is_some() {
-                "poisson"
-            } else {
-                "fixed"
-            }
-            .into(),
+            sampling: self.sampling.into(),
             sampling_rate: event.q,
             noise_multiplier: event.z,
             update_noise_multiplier: self.mech.update_multiplier()?,
@@ -174,7 +183,7 @@ impl SiteDpState {
 
     /// The round recorded by [`SiteDpState::release`] was committed.
     pub(super) fn committed(&mut self, record: &SiteDpRound) -> Result<()> {
-        self.accountant.compose(&self.section.round_event())?;
+        self.accountant.compose(&self.event)?;
         self.clip = record.next_clip_norm;
         Ok(())
     }

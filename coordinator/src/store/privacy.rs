@@ -19,7 +19,7 @@ CREATE TABLE site_dp_rounds (
     run_id                  TEXT NOT NULL REFERENCES runs(run_id),
     round                   INTEGER NOT NULL CHECK (round >= 1),
     mode                    TEXT NOT NULL CHECK (mode IN ('central', 'distributed', 'local')),
-    sampling                TEXT NOT NULL CHECK (sampling IN ('poisson', 'fixed')),
+    sampling                TEXT NOT NULL CHECK (sampling IN ('poisson', 'all', 'fixed')),
     sampling_rate           REAL NOT NULL,
     noise_multiplier        REAL NOT NULL,
     update_noise_multiplier REAL NOT NULL,
@@ -67,11 +67,12 @@ pub struct SiteDpRound {
     pub round: u64,
     /// `central`, `distributed` or `local`.
     pub mode: String,
-    /// `poisson` (amplification claimed) or `fixed` (none: q = 1).
+    /// `poisson`, `all` (every available site) or `fixed` (a fixed-size sample).
     pub sampling: String,
     /// The sampling rate the accountant used.
     pub sampling_rate: f64,
-    /// The effective noise multiplier z charged (adaptive clipping's bit included).
+    /// The noise multiplier charged: noise std over the sensitivity (z, or z/2 for a
+    /// fixed-size sample in central mode; adaptive clipping's bit included).
     pub noise_multiplier: f64,
     /// The multiplier the updates' noise was calibrated with (z, or z_Δ with adaptive
     /// clipping).

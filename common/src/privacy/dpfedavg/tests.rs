@@ -68,8 +68,15 @@ fn central_noise_is_added_once_by_the_coordinator() {
     }
     // On the average: z·C / expected_sites, as the issue states.
     assert_std(released_std(&c, 16, 1) / 16.0, 1.2 * 0.5 / 16.0, "central");
-    let e = c.downstream_event(0.05);
+    // Add/remove: amplification with Poisson sampling, none when all are selected, and
+    // sensitivity 2C (z/2) for a fixed-size sample, where a site can displace another.
+    assert_eq!(c.relation(), Relation::AddRemove);
+    let e = c.downstream_event(SiteSampling::Poisson(0.05));
     assert_eq!((e.q, e.z, e.steps), (0.05, 1.2, 1));
+    let e = c.downstream_event(SiteSampling::All);
+    assert_eq!((e.q, e.z), (1.0, 1.2));
+    let e = c.downstream_event(SiteSampling::FixedSize);
+    assert_eq!((e.q, e.z), (1.0, 0.6));
     assert!(c.coordinator_event().unwrap().is_none());
     assert_eq!(c.norm_bound(0.5, 1000).unwrap(), 0.5);
 }
@@ -100,8 +107,10 @@ fn distributed_shares_add_up_to_the_central_noise_and_dropouts_are_topped_up() {
         1.2 * 0.5 * 1.25,
         "distributed, extra sites",
     );
-    // Downstream: the central event whatever the number of contributors.
-    assert_eq!(c.downstream_event(0.1).z, 1.2);
+    // Downstream: zero-out, no amplification claimed, whatever the number of contributors.
+    assert_eq!(c.relation(), Relation::ZeroOut);
+    let e = c.downstream_event(SiteSampling::Poisson(0.1));
+    assert_eq!((e.q, e.z), (1.0, 1.2));
     // Against the coordinator: only the site's own share.
     let e = c.coordinator_event().unwrap().unwrap();
     assert_eq!((e.q, e.steps), (1.0, 1));
@@ -141,7 +150,7 @@ fn adaptive_clipping_costs_exactly_the_configured_multiplier() {
     // (z_Δ⁻² + (2σ_b)⁻²)^(−1/2) = z, and the updates get more noise than z alone would give.
     assert!(z_delta > 1.2);
     assert!(((z_delta.powi(-2) + (2.0 * 0.8f64).powi(-2)).powf(-0.5) - 1.2).abs() < 1e-12);
-    assert_eq!(c.downstream_event(1.0).z, 1.2);
+    assert_eq!(c.downstream_event(SiteSampling::All).z, 1.2);
     assert!((c.server_noise_std(1.0, 16).unwrap() - z_delta).abs() < 1e-12);
     // The clip shrinks when more than the target quantile was unclipped, grows when fewer.
     assert!(a.next_clip(1.0, 0.9) < 1.0 && a.next_clip(1.0, 0.1) > 1.0);

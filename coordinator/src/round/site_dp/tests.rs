@@ -344,7 +344,7 @@ fn the_run_ends_before_the_round_that_would_pass_the_budget() {
             .site_dp
             .as_ref()
             .unwrap()
-            .rounds_within_target()
+            .rounds_within_target(&f.cfg.sampling)
             .unwrap(),
         2
     );
@@ -399,12 +399,15 @@ fn the_privacy_audit_states_what_the_ledger_recorded_at_both_levels() {
         serde_json::from_slice(&std::fs::read(out.join(crate::audit::JSON_FILE)).unwrap()).unwrap();
     assert_eq!(json["schema"], crate::audit::SCHEMA);
     assert_eq!(json["run"]["committed_rounds"], 3);
-    // Site level: the cumulative ε is the accountant's for 3 rounds at q = 0.5, z = 1.5, and
-    // each round's recomputed ε equals what the ledger recorded when it committed.
+    // Site level: local mode is accounted under zero-out without amplification, so the
+    // cumulative ε is the accountant's for 3 rounds at q = 1 (not the 0.5 sites were sampled
+    // with), z = 1.5; each round's recomputed ε equals what the ledger recorded.
     let site = report.site_level.as_ref().unwrap();
+    assert_eq!((site.round_event.q, site.round_event.z), (1.0, 1.5));
+    assert!(site.neighbouring_relation.starts_with("zero-out"));
     let want = planner::epsilon(
         &[SampledGaussian {
-            q: 0.5,
+            q: 1.0,
             z: 1.5,
             steps: 1,
         }],
@@ -461,7 +464,7 @@ fn the_privacy_audit_states_what_the_ledger_recorded_at_both_levels() {
     }
     assert!(report.summary.contains("site level (local mode)"));
     assert!(report.summary.contains("record level"));
-    assert!(report.recompute[1].contains("--q 0.5 --noise-multiplier 1.5 --steps 1 --rounds 3"));
+    assert!(report.recompute[1].contains("--q 1 --noise-multiplier 1.5 --steps 1 --rounds 3"));
     // The page: summary first, both levels, the per-round table, what is not covered.
     let html = std::fs::read_to_string(out.join(crate::audit::HTML_FILE)).unwrap();
     let summary_at = html.find("class=\"summary\"").unwrap();
