@@ -53,8 +53,9 @@
 //! **Adaptive clipping** (Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially Private
 //! Learning with Adaptive Clipping", Algorithm 1 and Theorem 1): sites also report whether
 //! their delta's norm was at most C (a bit b); the coordinator forms
-//! `b̄ = (Σ b + N(0, σ_b²)) / expected_sites` and updates `C ← C · exp(−η_C (b̄ − γ))` towards
-//! the target quantile γ. Releasing the noisy bit count and the noisy sum together is a
+//! `b̄ = (Σ (b − ½) + N(0, σ_b²)) / expected_sites + ½` (centred, as TF Privacy's
+//! `QuantileEstimatorQuery` does) and updates `C ← C · exp(−η_C (b̄ − γ))` towards the target
+//! quantile γ. Releasing the noisy bit count and the noisy sum together is a
 //! Gaussian mechanism with effective noise multiplier `(z_Δ⁻² + (2σ_b)⁻²)^(−1/2)` (the bit,
 //! centred as b − ½, has sensitivity ½); [`AdaptiveClipping::update_noise_multiplier`]
 //! chooses z_Δ so that the pair costs exactly the configured z.

@@ -142,10 +142,13 @@ impl SiteDpState {
         let central = self.mech.mode == fedflow_common::privacy::dpfedavg::TrustMode::Central;
         let (noisy_unclipped_fraction, next_clip) = match &s.adaptive_clipping {
             Some(a) => {
-                // Andrew et al. 2021, Algorithm 1: b̄ = (Σ b + N(0, σ_b²)) / expected sites.
-                let mut count = [unclipped as f64];
-                add_gaussian(&mut count, a.bit_noise_std, &mut self.rng);
-                let fraction = count[0] / s.expected_sites;
+                // Andrew et al. 2021, Algorithm 1, with the bits centred as b − ½ so that one
+                // site added or removed moves the noisy sum by at most ½ (as TF Privacy's
+                // QuantileEstimatorQuery does; Theorem 1's (2σ_b)⁻² assumes it):
+                // b̄ = (Σ (b − ½) + N(0, σ_b²)) / expected sites + ½.
+                let mut centred = [unclipped as f64 - k as f64 / 2.0];
+                add_gaussian(&mut centred, a.bit_noise_std, &mut self.rng);
+                let fraction = centred[0] / s.expected_sites + 0.5;
                 (Some(fraction), a.next_clip(self.clip, fraction))
             }
             None => (None, self.clip),
