@@ -94,8 +94,12 @@ pub struct SiteLevel {
     pub accountant: String,
     /// The run's target.
     pub target: Target,
-    /// Downstream ε after all released rounds, at the target δ and at [`OTHER_DELTAS`].
+    /// Downstream ε after all released rounds, at the target δ and at [`OTHER_DELTAS`]
+    /// (null, unbounded, when a committed round is missing from the ledger).
     pub cumulative: Vec<EpsilonAt>,
+    /// Committed rounds without a ledger row (0 unless the run's DP settings were changed
+    /// outside fedflow): each voids the guarantee.
+    pub unrecorded_rounds: u64,
     /// Every released round as the ledger recorded it, with ε recomputed here.
     pub rounds: Vec<SiteRound>,
     /// The distributed and local modes: each site's guarantee against the coordinator.
@@ -105,7 +109,7 @@ pub struct SiteLevel {
 /// Sampling of sites (or records).
 #[derive(Debug, Clone, Serialize)]
 pub struct Sampling {
-    /// `poisson` or `fixed`.
+    /// `poisson`, `all` or `fixed`.
     pub method: String,
     /// The rate the accountant used (1 = no amplification; null when it differs by site).
     pub rate: Option<f64>,
@@ -120,7 +124,8 @@ pub struct SiteMechanism {
     pub name: String,
     /// The initial clip C.
     pub clip_norm: f64,
-    /// The effective noise multiplier z charged per round.
+    /// The configured noise multiplier z (noise std over C; the multiplier charged is
+    /// `round_event.z`, z/2 for a fixed-size sample in central mode).
     pub noise_multiplier: f64,
     /// The fixed denominator.
     pub expected_sites: f64,
@@ -303,7 +308,7 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
     let site_level = cfg
         .site_dp
         .as_ref()
-        .map(|dp| site_level(store, run_id, cfg, dp))
+        .map(|dp| site_level(store, run_id, cfg, dp, committed.len() as u64))
         .transpose()?;
     let record_level = cfg
         .record_dp
@@ -353,9 +358,11 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
     ];
     if site_level.is_some() {
         not_covered.push(
-            "per-round participation counts (selected, contributions, clipped fraction) in the \
-             coordinator's records: visible to the coordinator's operators, not released with \
-             the models"
+            "per-round participation figures — selected, contributions, the exact clipped \
+             fraction — which the coordinator's ledger and THIS REPORT show (share the report \
+             only with those the coordinator is trusted with, or drop its per-round table), and \
+             round timing (a round closes as soon as every sampled site has answered, which \
+             tells its sites how many were sampled)"
                 .to_string(),
         );
     }
@@ -413,9 +420,13 @@ fn site_level(
     run_id: &str,
     cfg: &RunConfig,
     dp: &crate::config::SiteDpSection,
+    committed: u64,
 ) -> Result<SiteLevel> {
     use fedflow_common::privacy::dpfedavg::{Relation, SiteSampling, TrustMode};
     let ledger = store.site_dp_rounds(run_id)?;
+    // Every committed round must be in the ledger; one that is not (impossible while the
+    // engine refuses to resume with another [site_dp]) makes the guarantee unbounded.
+    let unrecorded_rounds = committed.saturating_sub(ledger.len() as u64);
     let mut acc = RdpAccountant::default();
     let mut rounds = Vec::with_capacity(ledger.len());
     for row in ledger {
@@ -501,13 +512,14 @@ fn site_level(
         SiteSampling::All => {
             "every available site in every round: no amplification (rate 1)".to_string()
         }
-        SiteSampling::FixedSize if central => "a fixed-size sample of the available sites \
-             chosen by [sampling] (seeded): no amplification (rate 1), and adding a site can \
-             displace another, so one site changes a round's sum by up to 2C: charged with z/2"
+        SiteSampling::FixedSize if central => "a sample of the size [sampling] sets, drawn \
+             uniformly from the available sites with the coordinator's CSPRNG: no amplification \
+             (rate 1), and adding a site can displace another, so one site changes a round's \
+             sum by up to 2C: charged with z/2"
             .to_string(),
-        SiteSampling::FixedSize => "a fixed-size sample of the available sites chosen by \
-             [sampling] (seeded): no amplification (rate 1); under zero-out the site takes part \
-             either way, so the sensitivity stays C"
+        SiteSampling::FixedSize => "a sample of the size [sampling] sets, drawn uniformly with \
+             the coordinator's CSPRNG: no amplification (rate 1); under zero-out the site takes \
+             part either way, so the sensitivity stays C"
             .to_string(),
     };
     let sampling = Sampling {
@@ -548,9 +560,10 @@ fn site_level(
             noise: "sites clip their delta to C and add their share (0 central, zC/√expected \
                     distributed, zC local); the coordinator tops the sum's noise up to \
                     N(0, (zC)²) per coordinate whatever the number of contributions, so every \
-                    round is the Gaussian mechanism with multiplier z (adaptive clipping: z is \
-                    the effective multiplier of the updates and the noisy bit count together, \
-                    Andrew et al. 2021 Thm. 1)"
+                    round is a Gaussian mechanism with noise std zC over the sensitivity (C, or \
+                    2C for a fixed-size sample in central mode: see round_event; adaptive \
+                    clipping: z is the effective multiplier of the updates and the centred noisy \
+                    bit count together, Andrew et al. 2021 Thm. 1)"
                 .into(),
         },
         accountant: "Rényi DP of the Poisson-subsampled Gaussian mechanism, a port of \
@@ -561,7 +574,15 @@ fn site_level(
             epsilon: dp.target_epsilon,
             delta: dp.target_delta,
         },
-        cumulative: at_deltas(&acc, dp.target_delta)?,
+        cumulative: if unrecorded_rounds > 0 {
+            at_deltas(&acc, dp.target_delta)?
+                .into_iter()
+                .map(|e| EpsilonAt { epsilon: None, ..e })
+                .collect()
+        } else {
+            at_deltas(&acc, dp.target_delta)?
+        },
+        unrecorded_rounds,
         rounds,
         against_coordinator,
     })

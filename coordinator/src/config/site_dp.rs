@@ -33,8 +33,9 @@ pub struct SiteDpSection {
     /// Poisson site sampling: every available site takes part in a round independently with
     /// probability q, drawn from the coordinator's CSPRNG; in central mode the accountant
     /// uses amplification by subsampling. Absent: sites are chosen by `[sampling]` and no
-    /// amplification is claimed (with a fixed-size sample of fewer than all sites, central
-    /// mode is charged z/2: a site can displace another).
+    /// amplification is claimed (a sample of the size `[sampling]` sets, drawn from the
+    /// CSPRNG; with fewer than all sites, central mode is charged z/2: a site can displace
+    /// another).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampling_rate: Option<f64>,
     /// The fixed denominator: the expected number of contributions per round (q times the

@@ -328,6 +328,7 @@ impl RoundEngine {
             cfg.run.seed ^ resume.round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
         crate::memtrace::probe(format_args!("engine-open round={}", resume.round));
+        check_privacy_unchanged(&store, &run_id, &cfg)?;
         let site_dp = cfg
             .site_dp
             .clone()
@@ -493,12 +494,8 @@ impl RoundEngine {
             self.phase = Phase::Finished;
             return Ok(());
         }
-        let poisson = self
-            .site_dp
-            .as_mut()
-            .and_then(|dp| dp.poisson_sample(&available));
-        let selected = match poisson {
-            Some(sample) => sample,
+        let selected = match &mut self.site_dp {
+            Some(dp) => dp.sample(&available, &self.cfg.sampling),
             None => self
                 .strategy
                 .configure_train(round, &available, &mut self.rng)?,
@@ -557,6 +554,23 @@ impl RoundEngine {
         s: &Submission<'_>,
         now_ms: i64,
     ) -> Result<std::result::Result<Accepted, Rejection>> {
+        if let Some(dp) = &self.site_dp {
+            // Whatever becomes of it (late, for a task a restart abandoned, invalid, ...),
+            // the coordinator has seen this update: it counts against the site's guarantee
+            // towards the coordinator.
+            let task = dp.task()?;
+            self.store.record_site_dp_upload(
+                &self.run_id,
+                &crate::store::SiteDpUpload {
+                    round: s.round,
+                    site_id: s.site_id.to_string(),
+                    task_id: s.task_id.to_string(),
+                    delta_sha256: s.delta_sha256.to_string(),
+                    site_noise_std: task.noise_std,
+                    clip_norm: task.clip_norm,
+                },
+            )?;
+        }
         // An update for the round that just closed missed its deadline (or the round ended
         // without it): say so rather than "no round is open".
         if self.last_closed == Some(s.round)
@@ -578,21 +592,6 @@ impl RoundEngine {
         };
         if task.task_id != s.task_id || task.nonce != s.nonce {
             return Ok(Err(Rejection::WrongTask));
-        }
-        if let Some(dp) = &open.site_dp {
-            // Whatever becomes of it, the coordinator has seen this update: it counts against
-            // the site's guarantee towards the coordinator.
-            self.store.record_site_dp_upload(
-                &self.run_id,
-                &crate::store::SiteDpUpload {
-                    round: open.round,
-                    site_id: s.site_id.to_string(),
-                    task_id: s.task_id.to_string(),
-                    delta_sha256: s.delta_sha256.to_string(),
-                    site_noise_std: dp.noise_std,
-                    clip_norm: dp.clip_norm,
-                },
-            )?;
         }
         match &task.state {
             TaskState::Uploaded { fingerprint } if fingerprint == s.delta_sha256 => {
@@ -849,6 +848,36 @@ impl RoundEngine {
         }
         Ok(())
     }
+}
+
+/// Refuses to resume a run whose `[site_dp]` (or, under it, `[sampling]`) differs from the
+/// configuration it was created with: its ledger and privacy report are about that one.
+fn check_privacy_unchanged(store: &Store, run_id: &str, cfg: &RunConfig) -> Result<()> {
+    let Some(run) = store.run(run_id)? else {
+        return Ok(());
+    };
+    let saved: serde_json::Value =
+        serde_json::from_str(&run.config_json).map_err(|e| Error::Store(e.to_string()))?;
+    let now = serde_json::to_value(cfg).map_err(|e| Error::Store(e.to_string()))?;
+    let null = serde_json::Value::Null;
+    let mut sections = vec!["site_dp"];
+    if cfg.site_dp.is_some() || saved.get("site_dp").is_some_and(|v| !v.is_null()) {
+        sections.push("sampling");
+    }
+    for section in sections {
+        let (before, after) = (
+            saved.get(section).unwrap_or(&null),
+            now.get(section).unwrap_or(&null),
+        );
+        if before != after {
+            return Err(Error::Store(format!(
+                "run {run_id} was created with [{section}] = {before} and is being resumed with \
+                 {after}: its privacy ledger and report are about the first; restore it or start \
+                 a new run (another run.name)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

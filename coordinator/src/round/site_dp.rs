@@ -94,19 +94,34 @@ impl SiteDpState {
         }))
     }
 
-    /// With Poisson sampling, each of `available` independently with probability q (in
-    /// sorted order, so only the set matters); `None` when `[sampling]` chooses.
-    pub(super) fn poisson_sample(&mut self, available: &[String]) -> Option<Vec<String>> {
-        let q = self.section.sampling_rate?;
+    /// The round's sites, drawn from the CSPRNG (never from the run's seed: the accounting
+    /// assumes a sample the sites cannot predict): with Poisson sampling each of `available`
+    /// independently with probability q; otherwise `sampling.target` of them uniformly at
+    /// random (all of them when the target is everyone). Sorted first, so only the set
+    /// matters.
+    pub(super) fn sample(
+        &mut self,
+        available: &[String],
+        sampling: &crate::strategy::SamplingConfig,
+    ) -> Vec<String> {
         let mut sorted: Vec<&String> = available.iter().collect();
         sorted.sort();
-        Some(
-            sorted
+        let mut chosen: Vec<String> = match self.section.sampling_rate {
+            Some(q) => sorted
                 .into_iter()
                 .filter(|_| self.rng.random::<f64>() < q)
                 .cloned()
                 .collect(),
-        )
+            None => {
+                use rand::seq::IndexedRandom;
+                sorted
+                    .choose_multiple(&mut self.rng, sampling.target(available.len()))
+                    .map(|s| (*s).clone())
+                    .collect()
+            }
+        };
+        chosen.sort();
+        chosen
     }
 
     /// What every task of the next round tells its site.

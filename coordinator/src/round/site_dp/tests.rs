@@ -11,6 +11,7 @@ use rand::SeedableRng;
 
 use super::super::*;
 use crate::metrics::SiteReport;
+use crate::strategy::SamplingConfig;
 
 const T0: i64 = 1_000_000;
 
@@ -512,4 +513,98 @@ fn a_run_without_dp_is_reported_as_having_no_guarantee() {
     );
     let html = crate::audit::to_html(&report).unwrap();
     assert!(html.contains("no differential privacy"));
+}
+
+#[test]
+fn a_fixed_size_sample_comes_from_the_csprng_not_the_run_seed() {
+    let dp = "clip_norm = 1.0\nnoise_multiplier = 2.0\nexpected_sites = 5\n\
+              target_epsilon = 100\ntarget_delta = 1e-5\n";
+    let names = sites(40);
+    let sample = |seed: u64| -> Vec<String> {
+        let mut f = fixture(3, dp);
+        f.cfg.sampling.count = Some(5);
+        f.cfg.validate().unwrap();
+        let mut e = engine(&f, seed);
+        start(&mut e, &names, T0).into_iter().map(|t| t.0).collect()
+    };
+    let (a, b) = (sample(1), sample(2));
+    assert_eq!((a.len(), b.len()), (5, 5));
+    assert_ne!(a, b, "same run seed, different coordinator randomness");
+    let f = fixture(3, dp);
+    let charged = f
+        .cfg
+        .site_dp
+        .as_ref()
+        .unwrap()
+        .round_event(&SamplingConfig {
+            count: Some(5),
+            ..f.cfg.sampling.clone()
+        });
+    assert_eq!((charged.q, charged.z), (1.0, 1.0), "sensitivity 2C: z/2");
+}
+
+#[test]
+fn every_update_the_coordinator_receives_is_counted_even_when_refused() {
+    let f = fixture(
+        2,
+        "mode = \"local\"\nclip_norm = 0.5\nnoise_multiplier = 1.0\nexpected_sites = 2\n\
+         target_epsilon = 1000\ntarget_delta = 1e-5\n",
+    );
+    let mut e = engine(&f, 3);
+    let names = sites(2);
+    let tickets = start(&mut e, &names, T0);
+    let (site, t) = &tickets[0];
+    // A forged nonce (as after a restart that abandoned the task) and a stranger: refused,
+    // but the coordinator saw the bytes.
+    let forged = TaskTicket {
+        nonce: vec![0; 16],
+        ..t.clone()
+    };
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
+    assert_eq!(
+        send(&mut e, site, &forged, &zeros(&f), T0 + 1, &mut rng),
+        Err(Rejection::WrongTask)
+    );
+    assert_eq!(
+        send(&mut e, "site-999", t, &zeros(&f), T0 + 1, &mut rng),
+        Err(Rejection::NotSelected(1))
+    );
+    let uploads = e.store().site_dp_uploads("t").unwrap();
+    assert_eq!(uploads.len(), 2);
+    assert_eq!(uploads[1].site_id, "site-999");
+    assert_eq!(e.committed_round(), 0, "nothing else changed");
+}
+
+#[test]
+fn a_run_cannot_resume_with_other_privacy_settings() {
+    let f = fixture(
+        3,
+        "clip_norm = 1.0\nnoise_multiplier = 2.0\nexpected_sites = 2\n\
+         target_epsilon = 100\ntarget_delta = 1e-5\n",
+    );
+    drop(engine(&f, 1));
+    let open = |cfg: RunConfig| {
+        let store = Store::open(f.dir.path().join("data")).unwrap();
+        RoundEngine::open(store, cfg, f.initial.clone())
+    };
+    let mut weaker = f.cfg.clone();
+    weaker.site_dp.as_mut().unwrap().noise_multiplier = 1.0;
+    let err = open(weaker).unwrap_err().to_string();
+    assert!(
+        err.contains("[site_dp]") && err.contains("new run"),
+        "{err}"
+    );
+    let mut none = f.cfg.clone();
+    none.site_dp = None;
+    assert!(open(none).unwrap_err().to_string().contains("[site_dp]"));
+    let mut resampled = f.cfg.clone();
+    resampled.sampling.count = Some(1);
+    assert!(
+        open(resampled)
+            .unwrap_err()
+            .to_string()
+            .contains("[sampling]")
+    );
+    // The same settings resume.
+    open(f.cfg.clone()).unwrap();
 }
