@@ -98,12 +98,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let store = Store::open(&data)
                 .with_context(|| format!("opening the data directory {}", data.display()))?;
-            let out = match (&out, &run) {
-                (Some(o), _) => o.clone(),
-                (None, Some(r)) => data.join("reports").join(r),
-                (None, None) => data.join("reports"),
-            };
-            let report = fedflow_coordinator::audit::write(&store, run.as_deref(), &out)?;
+            let run = fedflow_coordinator::audit::resolve_run(&store, run.as_deref())?;
+            let out = out.unwrap_or_else(|| data.join("reports").join(&run));
+            let report = fedflow_coordinator::audit::write(&store, Some(&run), &out)?;
             println!("{}", report.summary);
             println!(
                 "wrote {} and {}",

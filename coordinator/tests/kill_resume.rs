@@ -301,4 +301,32 @@ async fn a_site_dp_run_killed_after_recording_keeps_every_spend_and_stops_at_the
     // Every update the coordinator saw is in the uploads ledger: at least one per site and
     // committed round.
     assert!(store.site_dp_uploads("budget").unwrap().len() >= 9);
+    drop(store);
+
+    // The privacy-audit command writes the report where it says, with the ledger's ε.
+    let out = Command::new(env!("CARGO_BIN_EXE_fedflow-coordinator"))
+        .args(["privacy-report", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(data.join("reports/budget/privacy-audit.json")).unwrap(),
+    )
+    .unwrap();
+    let stated = json["site_level"]["cumulative"][0]["epsilon"]
+        .as_f64()
+        .unwrap();
+    assert!((stated - eps(3)).abs() < 1e-9, "{stated}");
+    assert!(
+        json["run"]["status_reason"]
+            .as_str()
+            .unwrap()
+            .contains("site-level privacy budget")
+    );
+    assert!(data.join("reports/budget/privacy-audit.html").is_file());
 }

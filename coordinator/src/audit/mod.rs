@@ -247,7 +247,23 @@ pub const HTML_FILE: &str = "privacy-audit.html";
 /// [`JSON_FILE`] and [`HTML_FILE`] into `out` (created if needed; each file written
 /// atomically). Returns the report.
 pub fn write(store: &Store, run_id: Option<&str>, out: &std::path::Path) -> Result<PrivacyAudit> {
-    let run_id = match run_id {
+    let run_id = resolve_run(store, run_id)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let report = build(store, &run_id, now)?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| crate::Error::Store(format!("cannot create {}: {e}", out.display())))?;
+    let json = serde_json::to_string_pretty(&report)
+        .map_err(|e| crate::Error::Store(format!("privacy audit JSON: {e}")))?;
+    fedflow_common::fsio::write_atomic(&out.join(JSON_FILE), json.as_bytes())?;
+    fedflow_common::fsio::write_atomic(&out.join(HTML_FILE), to_html(&report)?.as_bytes())?;
+    Ok(report)
+}
+
+/// `run_id`, or the only run in `store` when `None` (an error naming the runs otherwise).
+pub fn resolve_run(store: &Store, run_id: Option<&str>) -> Result<String> {
+    Ok(match run_id {
         Some(r) => r.to_string(),
         None => {
             let runs = store.runs()?;
@@ -266,18 +282,7 @@ pub fn write(store: &Store, run_id: Option<&str>, out: &std::path::Path) -> Resu
                 }
             }
         }
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let report = build(store, &run_id, now)?;
-    std::fs::create_dir_all(out)
-        .map_err(|e| crate::Error::Store(format!("cannot create {}: {e}", out.display())))?;
-    let json = serde_json::to_string_pretty(&report)
-        .map_err(|e| crate::Error::Store(format!("privacy audit JSON: {e}")))?;
-    fedflow_common::fsio::write_atomic(&out.join(JSON_FILE), json.as_bytes())?;
-    fedflow_common::fsio::write_atomic(&out.join(HTML_FILE), to_html(&report)?.as_bytes())?;
-    Ok(report)
+    })
 }
 
 /// Builds the report of `run_id` from `store`, with the run's configuration as the store
