@@ -63,22 +63,25 @@
 //! The API is synchronous (rusqlite blocks): async callers run it in `spawn_blocking`.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fedflow_common::params::ParamSet;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
-use serde::Serialize;
 
 use crate::{Error, Result};
 
 mod evaluation;
 mod privacy;
+mod reads;
+mod records;
 
 pub use evaluation::EvaluationRecord;
 pub use privacy::{SiteDpRound, SiteDpUpload};
+pub use records::{
+    Resume, RoundRecord, RoundSiteRecord, RoundStatus, RunRecord, RunStatus, SiteCounts,
+    SiteOutcome, SiteRecord, SiteState,
+};
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = 2;
@@ -158,235 +161,6 @@ CREATE TABLE checkpoints (
     FOREIGN KEY (run_id, round) REFERENCES rounds(run_id, round) ON DELETE CASCADE
 );
 ";
-
-// --- Status enums ---------------------------------------------------------------------------
-
-/// Defines a closed set of states stored as lowercase text.
-macro_rules! text_enum {
-    ($(#[$doc:meta])* $name:ident, $what:literal { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-        #[serde(rename_all = "lowercase")]
-        pub enum $name {
-            $($(#[$vdoc])* $variant),+
-        }
-
-        impl $name {
-            /// The lowercase name stored in the database.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$variant => $text),+
-                }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = Error;
-
-            fn from_str(s: &str) -> Result<Self> {
-                match s {
-                    $($text => Ok($name::$variant),)+
-                    other => Err(Error::Store(format!(
-                        concat!("unknown ", $what, " {:?} in the database"),
-                        other
-                    ))),
-                }
-            }
-        }
-    };
-}
-
-text_enum! {
-    /// Where a run stands.
-    RunStatus, "run status" {
-        /// Rounds are being run.
-        Running => "running",
-        /// Held by an operator; resumable.
-        Paused => "paused",
-        /// Reached its last round.
-        Finished => "finished",
-        /// Ended early (by an operator or an unrecoverable error); see the reason.
-        Stopped => "stopped",
-    }
-}
-
-text_enum! {
-    /// Where a round stands.
-    RoundStatus, "round status" {
-        /// Begun, not committed: re-run from scratch after a crash.
-        Open => "open",
-        /// Its global model is checkpointed and recorded.
-        Committed => "committed",
-        /// Abandoned (e.g. too few updates); may be begun again.
-        Failed => "failed",
-    }
-}
-
-text_enum! {
-    /// What became of a site in a round.
-    SiteState, "site state" {
-        /// Chosen and sent a task; nothing heard back yet.
-        Selected => "selected",
-        /// Its update arrived and was accepted into the aggregate.
-        Uploaded => "uploaded",
-        /// Its update arrived after the round's deadline and was not used.
-        Late => "late",
-        /// It went away (missed heartbeats, disconnected) before uploading.
-        Dropped => "dropped",
-        /// Its update was refused (wrong shape, non-finite, bad hash); see the reason.
-        Rejected => "rejected",
-        /// It declined the task (e.g. the model does not fit its data); see the reason.
-        Declined => "declined",
-    }
-}
-
-// --- Rows -----------------------------------------------------------------------------------
-
-/// A run as stored.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RunRecord {
-    /// The run's identifier.
-    pub run_id: String,
-    /// When it was created (Unix milliseconds).
-    pub created_at_ms: i64,
-    /// Its configuration as JSON.
-    pub config_json: String,
-    /// The strategy's name.
-    pub strategy: String,
-    /// Where it stands.
-    pub status: RunStatus,
-    /// Why it has that status, if anyone said.
-    pub status_reason: Option<String>,
-}
-
-/// A round as stored.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RoundRecord {
-    /// The round number (0 is the initial model).
-    pub round: u64,
-    /// Where it stands.
-    pub status: RoundStatus,
-    /// When it was (last) begun (Unix milliseconds).
-    pub started_at_ms: i64,
-    /// When it was committed (Unix milliseconds).
-    pub committed_at_ms: Option<i64>,
-    /// SHA-256 of the resulting global model's safetensors bytes, once committed.
-    pub model_sha256: Option<String>,
-    /// SHA-256 of the strategy state saved with it, if any.
-    pub strategy_sha256: Option<String>,
-    /// Why it failed.
-    pub failure_reason: Option<String>,
-    /// Aggregated training metrics as JSON.
-    pub metrics_json: Option<String>,
-    /// The federated evaluation of the committed model as JSON, once complete.
-    pub evaluation_json: Option<String>,
-}
-
-/// One site's part in one round, as stored.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RoundSiteRecord {
-    /// The site.
-    pub site_id: String,
-    /// The task it was sent, if it was selected.
-    pub task_id: Option<String>,
-    /// What became of it.
-    pub state: SiteState,
-    /// Why (for `rejected`, `dropped`, `late`).
-    pub reason: Option<String>,
-    /// Training examples it reported.
-    pub train_examples: Option<u64>,
-    /// The weight its update got in the aggregate.
-    pub weight: Option<f64>,
-    /// Its reported metrics as JSON.
-    pub metrics_json: Option<String>,
-    /// SHA-256 of its uploaded delta.
-    pub delta_sha256: Option<String>,
-    /// When this row last changed (Unix milliseconds).
-    pub updated_at_ms: i64,
-}
-
-/// A site ever seen by the coordinator.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SiteRecord {
-    /// The site.
-    pub site_id: String,
-    /// First contact (Unix milliseconds).
-    pub first_seen_ms: i64,
-    /// Latest contact (Unix milliseconds).
-    pub last_seen_ms: i64,
-}
-
-/// How many rounds ended in each state for one site (see [`Store::site_outcome_counts`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct SiteCounts {
-    /// Still `selected` (a round in progress, or abandoned by a crash or a failed round).
-    pub selected: u32,
-    /// Its update was part of the aggregate.
-    pub uploaded: u32,
-    /// It missed the deadline.
-    pub late: u32,
-    /// It went silent.
-    pub dropped: u32,
-    /// Its update was refused.
-    pub rejected: u32,
-    /// It declined the task.
-    pub declined: u32,
-}
-
-/// An outcome to record for a site in an open round (see [`Store::record_site`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SiteOutcome {
-    /// The site.
-    pub site_id: String,
-    /// What became of it.
-    pub state: SiteState,
-    /// Why, for `rejected`, `dropped` or `late`.
-    pub reason: Option<String>,
-    /// Training examples it reported.
-    pub train_examples: Option<u64>,
-    /// The weight its update got in the aggregate.
-    pub weight: Option<f64>,
-    /// Its reported metrics as JSON (checked to parse).
-    pub metrics_json: Option<String>,
-    /// SHA-256 of its uploaded delta.
-    pub delta_sha256: Option<String>,
-}
-
-impl SiteOutcome {
-    /// An outcome with only a state and an optional reason.
-    pub fn new(site_id: impl Into<String>, state: SiteState, reason: Option<String>) -> Self {
-        SiteOutcome {
-            site_id: site_id.into(),
-            state,
-            reason,
-            train_examples: None,
-            weight: None,
-            metrics_json: None,
-            delta_sha256: None,
-        }
-    }
-}
-
-/// Where a run resumes: its last committed round and the verified global model.
-#[derive(Debug, Clone)]
-pub struct Resume {
-    /// The last committed round (0 if only the initial model exists).
-    pub round: u64,
-    /// The global model after that round.
-    pub model: ParamSet,
-    /// Its SHA-256, as recorded and verified.
-    pub model_sha256: String,
-    /// The strategy state committed with that round, if any.
-    pub strategy_state: Option<ParamSet>,
-    /// A round begun after it but never committed (to be re-run), if any.
-    pub open_round: Option<u64>,
-}
 
 // --- The store ------------------------------------------------------------------------------
 
@@ -771,145 +545,6 @@ impl Store {
         Ok(())
     }
 
-    // --- Reads ------------------------------------------------------------------------------
-
-    /// One run, if it exists.
-    pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>> {
-        self.conn
-            .query_row(
-                &format!("{RUN_SELECT} WHERE run_id = ?1"),
-                [run_id],
-                run_row,
-            )
-            .optional()?
-            .transpose()
-    }
-
-    /// All runs, oldest first.
-    pub fn runs(&self) -> Result<Vec<RunRecord>> {
-        let mut stmt = self
-            .conn
-            .prepare(&format!("{RUN_SELECT} ORDER BY created_at, run_id"))?;
-        let rows = stmt.query_map([], run_row)?;
-        rows.map(|r| r?).collect()
-    }
-
-    /// A run's rounds in order (an error for an unknown run).
-    pub fn rounds(&self, run_id: &str) -> Result<Vec<RoundRecord>> {
-        self.require_run(run_id)?;
-        let mut stmt = self.conn.prepare(
-            "SELECT round, status, started_at, committed_at, model_sha256, strategy_sha256,
-                    failure_reason, metrics_json, evaluation_json
-             FROM rounds WHERE run_id = ?1 ORDER BY round",
-        )?;
-        let rows = stmt.query_map([run_id], |row| {
-            Ok((
-                row.get::<_, i64>(0)?,
-                row.get::<_, String>(1)?,
-                RoundRecord {
-                    round: 0,
-                    status: RoundStatus::Open,
-                    started_at_ms: row.get(2)?,
-                    committed_at_ms: row.get(3)?,
-                    model_sha256: row.get(4)?,
-                    strategy_sha256: row.get(5)?,
-                    failure_reason: row.get(6)?,
-                    metrics_json: row.get(7)?,
-                    evaluation_json: row.get(8)?,
-                },
-            ))
-        })?;
-        rows.map(|r| {
-            let (round, status, rec) = r?;
-            Ok(RoundRecord {
-                round: round as u64,
-                status: status.parse()?,
-                ..rec
-            })
-        })
-        .collect()
-    }
-
-    /// The sites of one round, by site id (an error for an unknown run).
-    pub fn round_sites(&self, run_id: &str, round: u64) -> Result<Vec<RoundSiteRecord>> {
-        self.require_run(run_id)?;
-        let mut stmt = self.conn.prepare(
-            "SELECT site_id, task_id, state, reason, train_examples, weight, metrics_json,
-                    delta_sha256, updated_at
-             FROM round_sites WHERE run_id = ?1 AND round = ?2 ORDER BY site_id",
-        )?;
-        let rows = stmt.query_map(params![run_id, to_i64(round)?], |row| {
-            Ok((
-                row.get::<_, String>(2)?,
-                row.get::<_, Option<i64>>(4)?,
-                RoundSiteRecord {
-                    site_id: row.get(0)?,
-                    task_id: row.get(1)?,
-                    state: SiteState::Selected,
-                    reason: row.get(3)?,
-                    train_examples: None,
-                    weight: row.get(5)?,
-                    metrics_json: row.get(6)?,
-                    delta_sha256: row.get(7)?,
-                    updated_at_ms: row.get(8)?,
-                },
-            ))
-        })?;
-        rows.map(|r| {
-            let (state, examples, rec) = r?;
-            Ok(RoundSiteRecord {
-                state: state.parse()?,
-                train_examples: examples.map(|e| e as u64),
-                ..rec
-            })
-        })
-        .collect()
-    }
-
-    /// All sites ever seen, by site id.
-    pub fn sites(&self) -> Result<Vec<SiteRecord>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT site_id, first_seen, last_seen FROM sites ORDER BY site_id")?;
-        let rows = stmt.query_map([], |row| {
-            Ok(SiteRecord {
-                site_id: row.get(0)?,
-                first_seen_ms: row.get(1)?,
-                last_seen_ms: row.get(2)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
-    }
-
-    /// For every site, how many rounds ended in each state for it (across all runs).
-    pub fn site_outcome_counts(&self) -> Result<std::collections::BTreeMap<String, SiteCounts>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT site_id, state, count(*) FROM round_sites GROUP BY site_id, state")?;
-        let rows = stmt.query_map([], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, i64>(2)?,
-            ))
-        })?;
-        let mut out = std::collections::BTreeMap::<String, SiteCounts>::new();
-        for r in rows {
-            let (site, state, n) = r?;
-            let c = out.entry(site).or_default();
-            let n = n as u32;
-            match state.parse::<SiteState>()? {
-                SiteState::Selected => c.selected += n,
-                SiteState::Uploaded => c.uploaded += n,
-                SiteState::Late => c.late += n,
-                SiteState::Dropped => c.dropped += n,
-                SiteState::Rejected => c.rejected += n,
-                SiteState::Declined => c.declined += n,
-            }
-        }
-        Ok(out)
-    }
-
     // --- Internals --------------------------------------------------------------------------
 
     fn require_run(&self, run_id: &str) -> Result<RunRecord> {
@@ -1083,22 +718,6 @@ impl Store {
         }
         Ok(removed)
     }
-}
-
-const RUN_SELECT: &str =
-    "SELECT run_id, created_at, config_json, strategy, status, status_reason FROM runs";
-
-fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<RunRecord>> {
-    let status: String = row.get(4)?;
-    let rec = RunRecord {
-        run_id: row.get(0)?,
-        created_at_ms: row.get(1)?,
-        config_json: row.get(2)?,
-        strategy: row.get(3)?,
-        status: RunStatus::Running,
-        status_reason: row.get(5)?,
-    };
-    Ok(status.parse().map(|status| RunRecord { status, ..rec }))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

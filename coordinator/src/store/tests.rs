@@ -51,7 +51,7 @@ fn files(dir: &Path, run_id: &str) -> Vec<String> {
     names
 }
 
-fn err_text<T: fmt::Debug>(r: Result<T>) -> String {
+fn err_text<T: std::fmt::Debug>(r: Result<T>) -> String {
     r.unwrap_err().to_string()
 }
 
