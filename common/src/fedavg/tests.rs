@@ -1,4 +1,5 @@
-//! FedAvgAccumulator tests: the NumPy reference, order independence, all-or-nothing, streaming, the DP release.
+//! FedAvgAccumulator tests: the NumPy reference, order independence, all-or-nothing,
+//! streaming, the DP release.
 
 use super::*;
 use std::collections::BTreeMap;
