@@ -171,7 +171,8 @@ pub struct SiteRecord {
     pub last_seen_ms: i64,
 }
 
-/// How many rounds ended in each state for one site (see [`Store::site_outcome_counts`]).
+/// How many rounds ended in each state for one site (see
+/// [`Store::site_outcome_counts`](super::Store::site_outcome_counts)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct SiteCounts {
     /// Still `selected` (a round in progress, or abandoned by a crash or a failed round).
@@ -188,7 +189,8 @@ pub struct SiteCounts {
     pub declined: u32,
 }
 
-/// An outcome to record for a site in an open round (see [`Store::record_site`]).
+/// An outcome to record for a site in an open round (see
+/// [`Store::record_site`](super::Store::record_site)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SiteOutcome {
     /// The site.
