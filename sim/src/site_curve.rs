@@ -185,16 +185,15 @@ pub fn run(cfg: &SiteCurveConfig, say: &mut dyn FnMut(&str)) -> Result<SiteCurve
                 run_cfg.run.rounds,
                 z.map_or("-".into(), |z| format!("{z:.4}"))
             ));
-            let mut p = one_run(cfg, &run_cfg, &out.join(&name), &trainers, &vocab, say)?;
-            p.target_epsilon = target;
-            p.noise_multiplier = z;
-            p.server_momentum = momentum;
-            p.server_learning_rate = if momentum > 0.0 {
-                cfg.server_learning_rate
-            } else {
-                1.0
-            };
-            p.scores = Scores::from(&score(&p.global, &run_cfg, &held_out)?);
+            let p = one_run(
+                cfg,
+                &run_cfg,
+                &out.join(&name),
+                &trainers,
+                &vocab,
+                &held_out,
+                say,
+            )?;
             say(&format!(
                 "  accuracy {:.4}, macro-F1 {:.4}; epsilon {}; {:.1} contributions/round; \
                  final clip {}; {:.0} s",
@@ -205,7 +204,7 @@ pub fn run(cfg: &SiteCurveConfig, say: &mut dyn FnMut(&str)) -> Result<SiteCurve
                 p.final_clip.map_or("-".into(), |c| format!("{c:.4}")),
                 p.seconds
             ));
-            points.push(p.point);
+            points.push(p);
         }
     }
     let report = SiteCurveReport {
@@ -223,32 +222,17 @@ pub fn run(cfg: &SiteCurveConfig, say: &mut dyn FnMut(&str)) -> Result<SiteCurve
     Ok(report)
 }
 
-struct RunResult {
-    point: SiteCurvePoint,
-    global: fedflow_common::params::ParamSet,
-}
-
-impl std::ops::Deref for RunResult {
-    type Target = SiteCurvePoint;
-    fn deref(&self) -> &SiteCurvePoint {
-        &self.point
-    }
-}
-
-impl std::ops::DerefMut for RunResult {
-    fn deref_mut(&mut self) -> &mut SiteCurvePoint {
-        &mut self.point
-    }
-}
-
+/// Runs `run_cfg` to its end and scores the final global model on `held_out`; the point's
+/// target, z and server settings are the configuration's.
 fn one_run(
     cfg: &SiteCurveConfig,
     run_cfg: &RunConfig,
     dir: &Path,
     sites: &[(String, Arc<SiteTrainer>)],
     vocab: &Vocab,
+    held_out: &SiteDataset,
     say: &mut dyn FnMut(&str),
-) -> Result<RunResult> {
+) -> Result<SiteCurvePoint> {
     if dir.exists() {
         std::fs::remove_dir_all(dir)
             .map_err(|e| Error::Other(format!("cannot clear {}: {e}", dir.display())))?;
@@ -375,24 +359,19 @@ fn one_run(
     if let Some(reason) = status.and_then(|r| r.status_reason) {
         say(&format!("  the run ended: {reason}"));
     }
-    Ok(RunResult {
-        point: SiteCurvePoint {
-            target_epsilon: None,
-            noise_multiplier: None,
-            server_momentum: 0.0,
-            server_learning_rate: 1.0,
-            epsilon_spent: ledger.last().map(|r| r.epsilon),
-            rounds,
-            mean_contributions: contributions as f64 / rounds.max(1) as f64,
-            final_clip: ledger.last().map(|r| r.clip_norm),
-            scores: Scores {
-                sessions: 0,
-                accuracy: f64::NAN,
-                macro_f1: f64::NAN,
-                loss: f64::NAN,
-            },
-            seconds: started.elapsed().as_secs_f64(),
-        },
-        global: engine.global().0.clone(),
+    // Training time only: scoring comes after.
+    let seconds = started.elapsed().as_secs_f64();
+    let dp = run_cfg.site_dp.as_ref();
+    Ok(SiteCurvePoint {
+        target_epsilon: dp.map(|d| d.target_epsilon),
+        noise_multiplier: dp.map(|d| d.noise_multiplier),
+        server_momentum: run_cfg.run.server_momentum(),
+        server_learning_rate: run_cfg.run.server_learning_rate(),
+        epsilon_spent: ledger.last().map(|r| r.epsilon),
+        rounds,
+        mean_contributions: contributions as f64 / rounds.max(1) as f64,
+        final_clip: ledger.last().map(|r| r.clip_norm),
+        scores: Scores::from(&score(engine.global().0, run_cfg, held_out)?),
+        seconds,
     })
 }

@@ -579,14 +579,13 @@ fn site_level(
             epsilon: dp.target_epsilon,
             delta: dp.target_delta,
         },
-        cumulative: if unrecorded_rounds > 0 {
-            at_deltas(&acc, dp.target_delta)?
-                .into_iter()
-                .map(|e| EpsilonAt { epsilon: None, ..e })
-                .collect()
-        } else {
-            at_deltas(&acc, dp.target_delta)?
-        },
+        cumulative: at_deltas(&acc, dp.target_delta)?
+            .into_iter()
+            .map(|e| EpsilonAt {
+                epsilon: e.epsilon.filter(|_| unrecorded_rounds == 0),
+                ..e
+            })
+            .collect(),
         unrecorded_rounds,
         rounds,
         against_coordinator,
