@@ -31,8 +31,11 @@ use fedflow_common::privacy::dpfedavg::{SiteDpTask, TrustMode};
 /// How a site connects and behaves.
 #[derive(Debug, Clone)]
 pub struct SiteOptions {
-    /// Coordinator address, e.g. `http://127.0.0.1:50051`.
+    /// Coordinator address, e.g. `https://coordinator.example:50051` (or
+    /// `http://127.0.0.1:50051` for a coordinator serving plaintext).
     pub endpoint: String,
+    /// The site's certificate bundle (mutual TLS); `None` for a plaintext coordinator.
+    pub tls: Option<crate::tls::Bundle>,
     /// This site's id.
     pub site_id: String,
     /// How long each task poll may be held by the coordinator.
@@ -50,6 +53,7 @@ impl SiteOptions {
     pub fn new(endpoint: impl Into<String>, site_id: impl Into<String>) -> Self {
         SiteOptions {
             endpoint: endpoint.into(),
+            tls: None,
             site_id: site_id.into(),
             poll_wait: Duration::from_secs(10),
             max_backoff: Duration::from_secs(30),
@@ -121,19 +125,33 @@ fn transient(s: &tonic::Status) -> bool {
     )
 }
 
-async fn connect(opts: &SiteOptions, summary: &mut SiteSummary) -> FederationClient<Channel> {
+/// Connects, retrying with backoff while the coordinator is unreachable; a certificate
+/// problem (ours refused, or the coordinator's not from the federation CA) is final.
+async fn connect(
+    opts: &SiteOptions,
+    summary: &mut SiteSummary,
+) -> Result<FederationClient<Channel>> {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match FederationClient::connect(opts.endpoint.clone()).await {
-            Ok(c) => {
-                return c
+        match crate::tls::connect(&opts.endpoint, opts.tls.as_ref()).await {
+            Ok(channel) => {
+                return Ok(FederationClient::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES));
+            }
+            Err(e) if crate::tls::is_certificate_error(&e) => {
+                return Err(Error::Usage(format!(
+                    "cannot connect to the coordinator at {}: {}. Check that the bundle's ca.pem \
+                     is the federation's CA and that the address is a name in the coordinator's \
+                     certificate",
+                    opts.endpoint,
+                    crate::tls::error_chain(&e)
+                )));
             }
             Err(e) => {
                 let jitter = rand::rng().random_range(0.5..1.5);
                 let wait = backoff.mul_f64(jitter);
-                tracing::warn!(site = %opts.site_id, "cannot reach the coordinator at {}: {e}; retrying in {wait:?}", opts.endpoint);
+                tracing::warn!(site = %opts.site_id, "cannot reach the coordinator at {}: {}; retrying in {wait:?}", opts.endpoint, crate::tls::error_chain(&e));
                 tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(opts.max_backoff);
                 summary.reconnects += 1;
@@ -280,7 +298,7 @@ async fn download(
 /// Runs one site until the coordinator reports the run finished.
 pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result<SiteSummary> {
     let mut summary = SiteSummary::default();
-    let mut client = connect(&opts, &mut summary).await;
+    let mut client = connect(&opts, &mut summary).await?;
     let mut enrolled = false;
     let mut limits = Limits::default();
     loop {
@@ -298,7 +316,7 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
                     enrolled = true;
                 }
                 Err(s) if transient(&s) => {
-                    client = connect(&opts, &mut summary).await;
+                    client = connect(&opts, &mut summary).await?;
                     continue;
                 }
                 Err(s) => return Err(status_err(s)),
@@ -314,7 +332,7 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
             Ok(r) => r.into_inner().outcome,
             Err(s) if transient(&s) => {
                 enrolled = false;
-                client = connect(&opts, &mut summary).await;
+                client = connect(&opts, &mut summary).await?;
                 continue;
             }
             Err(s) => return Err(status_err(s)),
@@ -335,7 +353,7 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
             }
             Err(TaskError::Transport(s)) if transient(&s) => {
                 enrolled = false;
-                client = connect(&opts, &mut summary).await;
+                client = connect(&opts, &mut summary).await?;
             }
             Err(TaskError::Transport(s)) => {
                 tracing::warn!(site = %opts.site_id, round = task.round, "task failed: {}", s.message());

@@ -20,6 +20,7 @@ pub mod noop;
 pub mod privacy;
 pub mod report;
 pub mod site;
+pub mod tls;
 pub mod work;
 
 pub use error::{Error, Result};

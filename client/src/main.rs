@@ -59,12 +59,21 @@ enum TrainerKind {
 
 #[derive(Debug, Args)]
 struct JoinArgs {
-    /// Coordinator address, e.g. http://127.0.0.1:50051.
+    /// Coordinator address: https://HOST:PORT (mutual TLS, with --identity) or
+    /// http://HOST:PORT (a coordinator serving plaintext, with --insecure-plaintext).
     #[arg(long)]
     coordinator: String,
-    /// This site's id.
+    /// This site's certificate bundle (cert.pem, key.pem, ca.pem from `fedflow-coordinator
+    /// pki issue --role site`). The coordinator knows the site by this certificate.
     #[arg(long)]
-    site_id: String,
+    identity: Option<PathBuf>,
+    /// Talk to a coordinator serving plaintext (no TLS, no authentication).
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// This site's id (under mutual TLS it must match the certificate's, and may be left
+    /// out).
+    #[arg(long)]
+    site_id: Option<String>,
     /// This site's data file (required by the local trainer).
     #[arg(long, required_if_eq("trainer", "local"))]
     data: Option<PathBuf>,
@@ -457,13 +466,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Join(a) if a.trainer == TrainerKind::Noop => {
+            let opts = site_options(&a)?;
             println!(
                 "site {}: no-op trainer; joining {}",
-                a.site_id, a.coordinator
+                opts.site_id, a.coordinator
             );
             let trainer =
                 std::sync::Arc::new(fedflow_client::noop::NoopTrainer::new(a.noop_examples));
-            let opts = SiteOptions::new(a.coordinator, a.site_id);
             let summary = tokio::runtime::Runtime::new()?.block_on(run_site(opts, trainer))?;
             println!(
                 "run finished: contributed to rounds {:?}; {} update(s) refused; {} reconnect(s)",
@@ -473,6 +482,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Join(a) => {
+            let opts = site_options(&a)?;
             let (Some(vocab_path), Some(data)) = (&a.vocab, &a.data) else {
                 anyhow::bail!("the local trainer needs --data and --vocab");
             };
@@ -484,7 +494,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 fedflow_common::data::SiteDataset::load(data, &vocab, &options, a.val_fraction)?;
             println!(
                 "site {}: {} training and {} validation sessions; joining {}",
-                a.site_id,
+                opts.site_id,
                 dataset.train.len(),
                 dataset.validation.len(),
                 a.coordinator
@@ -504,7 +514,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 trainer = trainer.with_privacy(std::sync::Arc::new(privacy));
             }
             let trainer = std::sync::Arc::new(trainer);
-            let opts = SiteOptions::new(a.coordinator, a.site_id);
             let summary = tokio::runtime::Runtime::new()?.block_on(run_site(opts, trainer))?;
             println!(
                 "run finished: contributed to rounds {:?}; {} update(s) refused; {} reconnect(s)",
@@ -549,6 +558,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The site's connection options from `join`'s flags: the bundle (checked against the
+/// address's scheme) and the site id (from the certificate under mutual TLS).
+fn site_options(a: &JoinArgs) -> anyhow::Result<SiteOptions> {
+    let bundle = a
+        .identity
+        .as_deref()
+        .map(fedflow_client::tls::Bundle::load)
+        .transpose()?;
+    fedflow_client::tls::check_endpoint(&a.coordinator, bundle.as_ref(), a.insecure_plaintext)?;
+    let site_id = match (&bundle, &a.site_id) {
+        (Some(b), claimed) => {
+            let name = b.site_name()?;
+            if let Some(c) = claimed
+                && *c != name
+            {
+                anyhow::bail!(
+                    "--site-id {c} does not match the certificate in {}, which is for site {name}",
+                    b.dir().display()
+                );
+            }
+            name
+        }
+        (None, Some(id)) => id.clone(),
+        (None, None) => anyhow::bail!("--site-id is required without --identity"),
+    };
+    let mut opts = SiteOptions::new(a.coordinator.clone(), site_id);
+    opts.tls = bundle;
+    Ok(opts)
 }
 
 fn main() -> ExitCode {

@@ -51,19 +51,13 @@ impl FedAvgAccumulator {
     /// Fails with [`Error::Aggregation`] if a tensor in `spec` has an integer dtype, which
     /// cannot be averaged.
     pub fn new(spec: &ParamSpec) -> Result<Self> {
-        let mut sums = Vec::with_capacity(spec.len());
-        for (name, t) in spec.iter() {
-            if !t.dtype.is_float() {
-                return Err(Error::Aggregation(format!(
-                    "tensor `{name}` has dtype {}; fedavg needs floating-point tensors",
-                    t.dtype.as_str()
-                )));
-            }
-            sums.push(vec![0.0; t.elem_count()]);
-        }
+        check_float_spec(spec, "fedavg")?;
         Ok(Self {
             spec: spec.clone(),
-            sums,
+            sums: spec
+                .iter()
+                .map(|(_, t)| vec![0.0; t.elem_count()])
+                .collect(),
             total_weight: 0.0,
             count: 0,
             norm_bound: None,
@@ -78,29 +72,20 @@ impl FedAvgAccumulator {
         self
     }
 
-    fn check_norm(&self, norm: f64) -> Result<()> {
-        match self.norm_bound {
-            Some(bound) if norm > bound => Err(Error::Aggregation(format!(
-                "update L2 norm {norm} exceeds the bound {bound} of site-level DP (each site \
-                 must clip its delta)"
-            ))),
-            _ => Ok(()),
-        }
-    }
-
     /// Adds `weight · delta`.
     ///
     /// Checks everything first and changes nothing on error: `weight` must be finite, positive
     /// and at most [`MAX_WEIGHT`] ([`Error::Aggregation`]); `delta` must have exactly the spec's names, shapes
     /// and dtypes ([`Error::ParamMismatch`]) and only finite values ([`Error::NonFinite`]).
     pub fn add(&mut self, delta: &ParamSet, weight: f64) -> Result<()> {
-        check_weight(weight)?;
         // Reads every value once to check it; the accumulation below reads it a second time
         // rather than buffering a copy of the update.
-        delta.validate_against(&self.spec)?;
-        if self.norm_bound.is_some() {
-            self.check_norm(delta.l2_norm()?)?;
-        }
+        check_update(&self.spec, self.norm_bound, delta, weight)?;
+        self.add_checked(delta, weight)
+    }
+
+    /// [`FedAvgAccumulator::add`] of an update that passed [`check_update`].
+    fn add_checked(&mut self, delta: &ParamSet, weight: f64) -> Result<()> {
         // Same names in the same (sorted) order as the spec, so the zip lines up.
         for (sum, (_, t)) in self.sums.iter_mut().zip(delta.iter()) {
             accumulate(sum, t, weight)?;
@@ -123,46 +108,13 @@ impl FedAvgAccumulator {
     pub fn add_safetensors_file(&mut self, path: &Path, weight: f64) -> Result<()> {
         check_weight(weight)?;
         let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let actual_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let layout = SafetensorsLayout::read(&mut file)?;
-        if layout.file_len != actual_len {
-            return Err(Error::Safetensors(format!(
-                "{} is {actual_len} bytes but its header describes {} bytes",
-                path.display(),
-                layout.file_len
-            )));
-        }
-        self.spec.check_matches(&layout.spec)?;
-        if self
-            .spec
-            .iter()
-            .any(|(_, t)| !matches!(t.dtype, DType::F32 | DType::F64))
-        {
-            // Half-precision models are not streamed (they never occur in fedflow today).
-            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-            return self.add(&ParamSet::from_safetensors_bytes(&bytes)?, weight);
-        }
         let mut buf = vec![0u8; READ_BLOCK];
-        // Pass 1: every value must be finite (and the norm within the bound, if any; the
-        // squares are summed in the same order as `ParamSet::l2_norm`).
-        let mut squares = 0.0f64;
-        for (name, t) in self.spec.iter() {
-            let range = layout.ranges[name].clone();
-            let mut non_finite = 0usize;
-            stream_values(&mut file, path, range, t.dtype, &mut buf, |_, xs| {
-                for &x in xs {
-                    non_finite += usize::from(!x.is_finite());
-                    squares += x * x;
-                }
-            })?;
-            if non_finite > 0 {
-                return Err(Error::NonFinite {
-                    name: name.to_string(),
-                    count: non_finite,
-                });
-            }
+        // Pass 1: everything but the weight (checked above).
+        let checked = check_update_file(&self.spec, self.norm_bound, &mut file, path, &mut buf)?;
+        if let Some(parsed) = checked.parsed {
+            return self.add_checked(&parsed, weight);
         }
-        self.check_norm(squares.sqrt())?;
+        let layout = checked.layout;
         // Pass 2: add. A read error here (the file changed under us) would leave a partial
         // sum; spill files are private to the coordinator, so this is an I/O failure of the
         // machine, reported as such.
@@ -259,7 +211,9 @@ impl FedAvgAccumulator {
 /// validation and then turn the whole round's average into infinities.
 pub const MAX_WEIGHT: f64 = 1e12;
 
-fn check_weight(weight: f64) -> Result<()> {
+/// Fails with [`Error::Aggregation`] unless `weight` is finite, positive and at most
+/// [`MAX_WEIGHT`].
+pub(crate) fn check_weight(weight: f64) -> Result<()> {
     if weight.is_finite() && weight > 0.0 && weight <= MAX_WEIGHT {
         Ok(())
     } else {
@@ -267,6 +221,130 @@ fn check_weight(weight: f64) -> Result<()> {
             "update weight must be finite, > 0 and <= {MAX_WEIGHT:e}, got {weight}"
         )))
     }
+}
+
+/// Fails with [`Error::Aggregation`] if a tensor of `spec` has an integer dtype: `rule` (as in
+/// "`rule` needs floating-point tensors") cannot aggregate it.
+pub(crate) fn check_float_spec(spec: &ParamSpec, rule: &str) -> Result<()> {
+    match spec.iter().find(|(_, t)| !t.dtype.is_float()) {
+        Some((name, t)) => Err(Error::Aggregation(format!(
+            "tensor `{name}` has dtype {}; {rule} needs floating-point tensors",
+            t.dtype.as_str()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Fails with [`Error::Aggregation`] if `norm` exceeds `bound` (when there is one).
+fn check_norm(bound: Option<f64>, norm: f64) -> Result<()> {
+    match bound {
+        Some(bound) if norm > bound => Err(Error::Aggregation(format!(
+            "update L2 norm {norm} exceeds the bound {bound} of site-level DP (each site \
+             must clip its delta)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Every check an in-memory update must pass before any aggregator keeps it: the weight
+/// ([`check_weight`]), exactly `spec`'s names, shapes and dtypes ([`Error::ParamMismatch`]),
+/// finite values ([`Error::NonFinite`]) and, with a `norm_bound`, an L2 norm within it
+/// ([`Error::Aggregation`]).
+pub(crate) fn check_update(
+    spec: &ParamSpec,
+    norm_bound: Option<f64>,
+    delta: &ParamSet,
+    weight: f64,
+) -> Result<()> {
+    check_weight(weight)?;
+    delta.validate_against(spec)?;
+    if norm_bound.is_some() {
+        check_norm(norm_bound, delta.l2_norm()?)?;
+    }
+    Ok(())
+}
+
+/// A safetensors update that passed [`check_update_file`].
+#[derive(Debug)]
+pub(crate) struct CheckedFile {
+    /// Where each tensor's bytes are (its spec equals the one checked against).
+    pub(crate) layout: SafetensorsLayout,
+    /// The parsed update, for specs with a dtype other than f32/f64, whose values are not
+    /// streamed but parsed (and checked) whole; `None` for f32/f64 specs.
+    pub(crate) parsed: Option<ParamSet>,
+}
+
+/// The checks of [`check_update`] but the weight's (the caller checks it first, before any
+/// I/O) for the safetensors update open as `file`, whose name in messages is `path`.
+///
+/// The header must describe exactly the file's size ([`Error::Safetensors`]) and `spec`'s
+/// names, shapes and dtypes ([`Error::ParamMismatch`]). For f32/f64 specs every value is then
+/// streamed through `buf` (a multiple of 8 bytes long) to check it is finite and to sum the
+/// squares in the order of [`ParamSet::l2_norm`]; other specs are parsed whole and go
+/// through [`check_update`]. `file` is read from its start and left at an unspecified
+/// position.
+pub(crate) fn check_update_file(
+    spec: &ParamSpec,
+    norm_bound: Option<f64>,
+    file: &mut std::fs::File,
+    path: &Path,
+    buf: &mut [u8],
+) -> Result<CheckedFile> {
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io(path, e))?;
+    let actual_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let layout = SafetensorsLayout::read(file)?;
+    if layout.file_len != actual_len {
+        return Err(Error::Safetensors(format!(
+            "{} is {actual_len} bytes but its header describes {} bytes",
+            path.display(),
+            layout.file_len
+        )));
+    }
+    spec.check_matches(&layout.spec)?;
+    if spec
+        .iter()
+        .any(|(_, t)| !matches!(t.dtype, DType::F32 | DType::F64))
+    {
+        // Half-precision models are not streamed (they never occur in fedflow today).
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| Error::io(path, e))?;
+        let mut bytes = Vec::with_capacity(actual_len as usize);
+        file.read_to_end(&mut bytes)
+            .map_err(|e| Error::io(path, e))?;
+        let parsed = ParamSet::from_safetensors_bytes(&bytes)?;
+        drop(bytes);
+        // The weight was checked by the caller; 1 passes.
+        check_update(spec, norm_bound, &parsed, 1.0)?;
+        return Ok(CheckedFile {
+            layout,
+            parsed: Some(parsed),
+        });
+    }
+    // Every value must be finite (and the norm within the bound, if any; the squares are
+    // summed in the same order as `ParamSet::l2_norm`).
+    let mut squares = 0.0f64;
+    for (name, t) in spec.iter() {
+        let range = layout.ranges[name].clone();
+        let mut non_finite = 0usize;
+        stream_values(file, path, range, t.dtype, buf, |_, xs| {
+            for &x in xs {
+                non_finite += usize::from(!x.is_finite());
+                squares += x * x;
+            }
+        })?;
+        if non_finite > 0 {
+            return Err(Error::NonFinite {
+                name: name.to_string(),
+                count: non_finite,
+            });
+        }
+    }
+    check_norm(norm_bound, squares.sqrt())?;
+    Ok(CheckedFile {
+        layout,
+        parsed: None,
+    })
 }
 
 /// Reads the little-endian f32 or f64 values in `range` of `file` block by block through

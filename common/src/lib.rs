@@ -8,6 +8,7 @@
 //! - [`privacy`]: differential privacy: the RDP accountant, the planner, DP-SGD noise.
 //! - [`params`]: named parameter sets: safetensors bytes, validation, delta arithmetic, clipping.
 //! - [`fedavg`]: streaming weighted FedAvg over parameter deltas, in f64.
+//! - [`robust`]: robust aggregation for hostile sites (coordinate-wise median, trimmed mean).
 //! - [`report`]: self-contained HTML reports: escaping and server-side SVG line charts.
 //! - [`fsio`]: crash-safe file writes (temporary file, fsync, rename).
 //! - [`hash`]: lowercase hex SHA-256, the one content-hash form.
@@ -25,6 +26,7 @@ pub mod model;
 pub mod params;
 pub mod privacy;
 pub mod report;
+pub mod robust;
 pub mod synth;
 pub mod train;
 

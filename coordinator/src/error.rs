@@ -23,6 +23,10 @@ pub enum Error {
     /// found its files inconsistent; the message names the run, round or file.
     #[error("store: {0}")]
     Store(String),
+    /// A certificate, key, TLS setting or the security audit log is unusable; the message
+    /// names the file and says what to do.
+    #[error("security: {0}")]
+    Security(String),
     /// The store's SQLite database failed.
     #[error("store database: {0}")]
     Database(#[from] rusqlite::Error),

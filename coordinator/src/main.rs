@@ -10,8 +10,11 @@ use fedflow_common::model::AttentionFlowModel;
 use fedflow_common::params::ParamSet;
 use fedflow_coordinator::config::RunConfig;
 use fedflow_coordinator::round::RoundEngine;
+use fedflow_coordinator::security::Transport;
 use fedflow_coordinator::service::{Coordinator, serve};
 use fedflow_coordinator::store::Store;
+
+mod cli;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -61,10 +64,26 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
-        /// Serve without TLS. Required until TLS lands; refused on non-loopback addresses.
+        /// The coordinator's certificate bundle (cert.pem, key.pem, and ca.pem, the
+        /// federation CA every caller's certificate must chain to): serve with mutual TLS.
+        /// Create it with `pki init` and `pki server`.
+        #[arg(long, conflicts_with = "insecure_plaintext")]
+        tls: Option<PathBuf>,
+        /// Serve without TLS and without authentication: anyone who can connect can claim to
+        /// be any site and use the admin service. Refused on non-loopback addresses unless
+        /// --allow-insecure-remote is also given.
         #[arg(long)]
         insecure_plaintext: bool,
+        /// With --insecure-plaintext, serve on a non-loopback address anyway.
+        #[arg(long, requires = "insecure_plaintext")]
+        allow_insecure_remote: bool,
     },
+    /// The federation's certificate authority: create it, issue certificates.
+    #[command(subcommand)]
+    Pki(cli::security::Pki),
+    /// The security audit log (DATA/security-audit.jsonl, or a PKI's issued.jsonl).
+    #[command(subcommand)]
+    AuditLog(AuditLogCommand),
     /// Check a run config file and print it with every default filled in.
     CheckConfig {
         /// The run's TOML file.
@@ -85,8 +104,22 @@ enum Command {
     },
 }
 
+/// `audit-log` subcommands.
+#[derive(Debug, Subcommand)]
+enum AuditLogCommand {
+    /// Verify the hash chain; names the first tampered or damaged line (exit status 1).
+    Verify {
+        /// The log file.
+        file: PathBuf,
+    },
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Pki(cmd) => cli::security::pki(cmd)?,
+        Command::AuditLog(AuditLogCommand::Verify { file }) => {
+            cli::security::verify_audit_log(&file)?
+        }
         Command::PrivacyReport { data, run, out } => {
             if !data.join(fedflow_coordinator::store::DB_FILE).is_file() {
                 bail!(
@@ -158,16 +191,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             data,
             listen,
+            tls,
             insecure_plaintext,
+            allow_insecure_remote,
         } => {
-            if !insecure_plaintext {
-                bail!(
-                    "TLS is not available yet: pass --insecure-plaintext to serve without it (loopback only)"
-                );
-            }
-            if !listen.ip().is_loopback() {
-                bail!("refusing plaintext on {listen}: it is not a loopback address");
-            }
+            let transport = match (tls, insecure_plaintext) {
+                (Some(bundle), _) => Transport::MutualTls(bundle),
+                (None, true) => {
+                    if !listen.ip().is_loopback() && !allow_insecure_remote {
+                        bail!(
+                            "refusing plaintext on {listen}: it is not a loopback address, and \
+                             anyone who can reach it could pose as any site. Serve with --tls \
+                             (see `fedflow-coordinator pki --help`), or add \
+                             --allow-insecure-remote if you really mean it"
+                        );
+                    }
+                    tracing::warn!(
+                        "serving WITHOUT TLS or authentication (--insecure-plaintext): any \
+                         caller can pose as any site and use the admin service"
+                    );
+                    Transport::InsecurePlaintext
+                }
+                (None, false) => bail!(
+                    "serve needs --tls BUNDLE (mutual TLS; create one with `fedflow-coordinator \
+                     pki init` and `pki server`) or, for loopback experiments, --insecure-plaintext"
+                ),
+            };
             let cfg = RunConfig::load(&config)?;
             let initial = {
                 let model = AttentionFlowModel::new(
@@ -192,7 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 engine.committed_round(),
                 cfg.run.rounds
             );
-            let coordinator = Coordinator::spawn(engine, cfg)?;
+            let coordinator = Coordinator::spawn(engine, cfg, &transport)?;
             fedflow_coordinator::memtrace::probe(format_args!("startup-serving"));
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
@@ -205,6 +254,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     purge_freed_memory_at_once();
+    // rustls needs a process-wide crypto provider for the server side (ring: no C build).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -133,7 +133,11 @@ pub async fn run_federation(
     let run_name = cfg.run.name.clone();
     let store = Store::open(data_dir)?;
     let engine = RoundEngine::open(store, cfg.clone(), initial_model(&cfg)?)?;
-    let coordinator = Coordinator::spawn(engine, cfg)?;
+    let coordinator = Coordinator::spawn(
+        engine,
+        cfg,
+        &fedflow_coordinator::security::Transport::InsecurePlaintext,
+    )?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| Error::Other(format!("cannot listen on 127.0.0.1: {e}")))?;

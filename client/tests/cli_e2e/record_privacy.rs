@@ -49,7 +49,12 @@ async fn start_coordinator(dir: &Path, cfg: RunConfig) -> (Coordinator, String) 
     let initial = ParamSet::from_varmap(initial_model.varmap()).unwrap();
     let store = Store::open(dir.join("coordinator")).unwrap();
     let engine = RoundEngine::open(store, cfg.clone(), initial).unwrap();
-    let coordinator = Coordinator::spawn(engine, cfg).unwrap();
+    let coordinator = Coordinator::spawn(
+        engine,
+        cfg,
+        &fedflow_coordinator::security::Transport::InsecurePlaintext,
+    )
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve(listener, coordinator.clone(), std::future::pending()));

@@ -1,7 +1,8 @@
 //! The run configuration: one TOML file describing a federated run, and its validation.
 //!
 //! A run is described by a TOML file with the tables `[run]`, `[model]`, `[train]`,
-//! `[sampling]`, `[rounds]`, `[evaluation]` and `[transport]`. The types below mirror the
+//! `[sampling]`, `[rounds]`, `[evaluation]`, `[transport]`, `[limits]`, `[aggregation]`,
+//! `[record_dp]` and `[site_dp]`. The types below mirror the
 //! file one to one, so their docs are the reference of every key. Only `run.name` and
 //! `model.vocab` are required; everything else has a default, so this is a complete file:
 //!
@@ -32,9 +33,11 @@ use serde::{Deserialize, Serialize};
 use crate::strategy::{FedAvg, FedAvgM, SamplingConfig, Strategy};
 use crate::{Error, Result};
 
+mod hardening;
 mod record_dp;
 mod site_dp;
 
+pub use hardening::{AggregationRule, AggregationSection, LimitsSection};
 pub use record_dp::RecordDpSection;
 pub use site_dp::SiteDpSection;
 
@@ -82,6 +85,13 @@ pub struct RunConfig {
     /// `[transport]`: sizes of model transfers.
     #[serde(default)]
     pub transport: TransportSection,
+    /// `[limits]`: what one caller may use (concurrent calls, request rate, upload size
+    /// and time).
+    #[serde(default)]
+    pub limits: LimitsSection,
+    /// `[aggregation]`: the mean (default) or a robust rule (median, trimmed mean).
+    #[serde(default)]
+    pub aggregation: AggregationSection,
     /// `[record_dp]`: DP-SGD every site applies to its own records; absent (default) means
     /// no record-level differential privacy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -545,6 +555,8 @@ impl RunConfig {
         if let Some(dp) = &self.site_dp {
             dp.validate(&self.sampling)?;
         }
+        self.limits.validate()?;
+        self.aggregation.validate(self.site_dp.is_some())?;
         self.validate_transport()
     }
 

@@ -75,6 +75,10 @@ impl RoundEngine {
         if self.eval.is_some() {
             return Ok(());
         }
+        if self.held {
+            self.phase = Phase::Paused;
+            return Ok(());
+        }
         let available = self.available(now_ms);
         let needed = self
             .cfg

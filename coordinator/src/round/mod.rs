@@ -19,7 +19,6 @@
 
 use std::collections::BTreeMap;
 
-use fedflow_common::fedavg::FedAvgAccumulator;
 use fedflow_common::params::{ParamSet, ParamSpec};
 use fedflow_common::privacy::dpfedavg::SiteDpTask;
 use rand::{RngCore, SeedableRng};
@@ -31,7 +30,9 @@ use crate::store::{RunStatus, SiteOutcome, SiteState, Store};
 use crate::strategy::{Strategy, UpdateReport};
 use crate::{Error, Result};
 
+mod accumulator;
 mod evaluation;
+mod operator;
 mod site_dp;
 mod view;
 
@@ -116,6 +117,10 @@ pub enum Rejection {
     /// The site was marked dropped (silent past the heartbeat timeout) and its task withdrawn.
     #[error("the task was withdrawn: the site was silent past the heartbeat timeout")]
     Withdrawn,
+    /// The caller's identity or certificate was revoked (possibly while the update was
+    /// arriving): the update is discarded.
+    #[error("the site's identity or certificate has been revoked")]
+    Revoked,
     /// The site declined this task earlier.
     #[error("the site declined this task")]
     Declined,
@@ -253,7 +258,7 @@ struct OpenRound {
     round: u64,
     deadline_ms: i64,
     tasks: BTreeMap<String, Task>,
-    acc: FedAvgAccumulator,
+    acc: accumulator::RoundAccumulator,
     means: TrainingMeans,
     /// Site-level DP: what the round's tasks dictate.
     site_dp: Option<SiteDpTask>,
@@ -290,6 +295,8 @@ pub struct RoundEngine {
     live: view::Live,
     /// Site-level DP-FedAvg, when the run has `[site_dp]`.
     site_dp: Option<site_dp::SiteDpState>,
+    /// Paused by an operator: nothing new starts until resumed.
+    held: bool,
 }
 
 impl RoundEngine {
@@ -314,8 +321,8 @@ impl RoundEngine {
             && store.evaluation_pending(&run_id, resume.round)?)
         .then_some(resume.round);
         let phase = match status {
-            Some(RunStatus::Paused) | Some(RunStatus::Stopped) => Phase::Paused,
-            Some(RunStatus::Finished) => Phase::Finished,
+            Some(RunStatus::Paused) => Phase::Paused,
+            Some(RunStatus::Finished) | Some(RunStatus::Stopped) => Phase::Finished,
             _ if eval_due.is_some() => Phase::Evaluating,
             _ if resume.round >= cfg.run.rounds => Phase::Finished,
             _ => Phase::Waiting,
@@ -329,6 +336,7 @@ impl RoundEngine {
         );
         crate::memtrace::probe(format_args!("engine-open round={}", resume.round));
         check_privacy_unchanged(&store, &run_id, &cfg)?;
+        accumulator::reset_aggregation_dir(store.dir())?;
         let site_dp = cfg
             .site_dp
             .clone()
@@ -356,6 +364,7 @@ impl RoundEngine {
             last_seen: BTreeMap::new(),
             live: view::Live::default(),
             site_dp,
+            held: phase == Phase::Paused,
         })
     }
 
@@ -406,6 +415,11 @@ impl RoundEngine {
     /// The store (read access for status views).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The store, for writes that are not about rounds (revocations).
+    pub(crate) fn store_mut(&mut self) -> &mut Store {
+        &mut self.store
     }
 
     /// Records that `site` was heard from (enrolment, poll, heartbeat).
@@ -463,6 +477,10 @@ impl RoundEngine {
         if self.open.is_some() || self.eval.is_some() {
             return Ok(());
         }
+        if self.held {
+            self.phase = Phase::Paused;
+            return Ok(());
+        }
         match self.phase {
             Phase::Evaluating => self.try_start_evaluation(now_ms),
             Phase::Waiting => self.try_start_round(now_ms),
@@ -514,8 +532,18 @@ impl RoundEngine {
         self.store.begin_round(&self.run_id, round, &pairs)?;
         tracing::info!(run = %self.run_id, round, selected = selected.len(), "round {round} started");
         let (acc, site_dp) = match &self.site_dp {
-            Some(dp) => (dp.accumulator(&self.spec)?, Some(dp.task()?)),
-            None => (FedAvgAccumulator::new(&self.spec)?, None),
+            Some(dp) => (
+                accumulator::RoundAccumulator::Mean(dp.accumulator(&self.spec)?),
+                Some(dp.task()?),
+            ),
+            None => (
+                accumulator::RoundAccumulator::new(
+                    &self.spec,
+                    &self.cfg.aggregation,
+                    self.store.dir(),
+                )?,
+                None,
+            ),
         };
         self.open = Some(OpenRound {
             round,
@@ -779,6 +807,7 @@ impl RoundEngine {
                     Some(&format!("round {round}: {reason}")),
                 )?;
                 self.phase = Phase::Paused;
+                self.held = true;
             } else {
                 self.phase = Phase::Waiting;
             }
@@ -786,12 +815,18 @@ impl RoundEngine {
         }
         crate::memtrace::probe(format_args!("close round={round}"));
         let selected = open.tasks.len() as u64;
-        let (mean, dp_record) = match &mut self.site_dp {
-            Some(dp) => {
-                let (mean, record) = dp.release(round, open.acc, selected, open.unclipped)?;
+        let (mean, dp_record) = match (&mut self.site_dp, open.acc) {
+            (Some(dp), accumulator::RoundAccumulator::Mean(acc)) => {
+                let (mean, record) = dp.release(round, acc, selected, open.unclipped)?;
                 (mean, Some(record))
             }
-            None => (open.acc.finish()?, None),
+            (Some(_), accumulator::RoundAccumulator::Robust(_)) => {
+                return Err(Error::Strategy(
+                    "site-level DP needs the mean (the config refuses a robust rule with it)"
+                        .into(),
+                ));
+            }
+            (None, acc) => (acc.finish()?, None),
         };
         crate::memtrace::probe(format_args!("finished-mean round={round}"));
         let next = self.strategy.aggregate_train(round, &self.global, &mean)?;

@@ -1,14 +1,19 @@
-//! `fedflow.v1.Admin`: read-only views for operators and the round-status CLI. Every answer
-//! is computed on the engine thread, so it is consistent with the round state at one
-//! instant. (Authorisation by operator certificate arrives with TLS identities.)
+//! `fedflow.v1.Admin`: views for operators and the round-status CLI (roles viewer and admin)
+//! and operator actions (role admin: pause, resume, stop, revoke). Every answer is computed
+//! on the engine thread, so it is consistent with the round state at one instant; every
+//! action is recorded in the security audit log.
 
 use fedflow_proto::v1 as wire;
 use fedflow_proto::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
-use super::Coordinator;
+use serde_json::json;
+
+use super::{Command, Coordinator, RunAction};
 use crate::metrics::{EvaluationSummary, TrainingSummary};
 use crate::round::{LiveState, Phase, RoundEngine, RunView};
+use crate::security::identity::valid_name;
+use crate::security::{Revoked, Role};
 use crate::store::{RoundRecord, RunRecord, SiteState};
 
 fn nan(v: Option<f64>) -> f64 {
@@ -194,8 +199,9 @@ fn sites(engine: &RoundEngine) -> crate::Result<wire::ListSitesResponse> {
 impl Admin for Coordinator {
     async fn get_status(
         &self,
-        _req: Request<wire::GetStatusRequest>,
+        req: Request<wire::GetStatusRequest>,
     ) -> Result<Response<wire::RunStatus>, Status> {
+        let _call = self.operator(&req, false, "GetStatus")?;
         let s = self
             .inspect(|e, now| status(e, now).map_err(|e| e.to_string()))
             .await?;
@@ -204,8 +210,9 @@ impl Admin for Coordinator {
 
     async fn list_runs(
         &self,
-        _req: Request<wire::ListRunsRequest>,
+        req: Request<wire::ListRunsRequest>,
     ) -> Result<Response<wire::ListRunsResponse>, Status> {
+        let _call = self.operator(&req, false, "ListRuns")?;
         let runs = self
             .inspect(|e, _| {
                 let runs = e.store().runs().map_err(|e| e.to_string())?;
@@ -221,6 +228,7 @@ impl Admin for Coordinator {
         &self,
         req: Request<wire::ListRoundsRequest>,
     ) -> Result<Response<wire::ListRoundsResponse>, Status> {
+        let _call = self.operator(&req, false, "ListRounds")?;
         let run_id = req.into_inner().run_id;
         let known = self
             .inspect(move |e, _| {
@@ -243,11 +251,164 @@ impl Admin for Coordinator {
 
     async fn list_sites(
         &self,
-        _req: Request<wire::ListSitesRequest>,
+        req: Request<wire::ListSitesRequest>,
     ) -> Result<Response<wire::ListSitesResponse>, Status> {
+        let _call = self.operator(&req, false, "ListSites")?;
         let s = self
             .inspect(|e, _| sites(e).map_err(|e| e.to_string()))
             .await?;
         Ok(Response::new(s))
+    }
+
+    async fn pause_run(
+        &self,
+        req: Request<wire::RunActionRequest>,
+    ) -> Result<Response<wire::RunActionResponse>, Status> {
+        self.act(req, RunAction::Pause, "PauseRun").await
+    }
+
+    async fn resume_run(
+        &self,
+        req: Request<wire::RunActionRequest>,
+    ) -> Result<Response<wire::RunActionResponse>, Status> {
+        self.act(req, RunAction::Resume, "ResumeRun").await
+    }
+
+    async fn stop_run(
+        &self,
+        req: Request<wire::RunActionRequest>,
+    ) -> Result<Response<wire::RunActionResponse>, Status> {
+        self.act(req, RunAction::Stop, "StopRun").await
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<wire::RevokeRequest>,
+    ) -> Result<Response<wire::RevokeResponse>, Status> {
+        let (op, _guard) = self.operator(&req, true, "Revoke")?;
+        let r = req.into_inner();
+        let what = match (r.name.is_empty(), r.serial.is_empty()) {
+            (false, true) => {
+                let role = Role::parse(&r.role).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "role {:?}: use site, viewer or admin",
+                        r.role
+                    ))
+                })?;
+                if !valid_name(&r.name) {
+                    return Err(Status::invalid_argument(
+                        "name must be 1-128 characters of [A-Za-z0-9._-]",
+                    ));
+                }
+                Revoked::Identity(role, r.name)
+            }
+            (true, false) => {
+                let serial = r.serial.to_ascii_lowercase().replace(':', "");
+                if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(Status::invalid_argument(
+                        "serial must be the certificate's serial number in hex",
+                    ));
+                }
+                Revoked::Serial(serial)
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "name (with role) or serial, exactly one of them",
+                ));
+            }
+        };
+        let reason = if r.reason.is_empty() {
+            "no reason given".to_string()
+        } else {
+            r.reason
+        };
+        let by = op.name();
+        let (w, re, b) = (what.clone(), reason.clone(), by.clone());
+        let new = self.ask(|reply| Command::Revoke(w, re, b, reply)).await?;
+        self.shared.security.log.record(
+            "revoked",
+            json!({ "what": revoked_json(&what), "reason": reason, "by": by, "new": new }),
+        );
+        Ok(Response::new(wire::RevokeResponse {
+            already_revoked: !new,
+        }))
+    }
+
+    async fn list_revocations(
+        &self,
+        req: Request<wire::ListRevocationsRequest>,
+    ) -> Result<Response<wire::ListRevocationsResponse>, Status> {
+        let _call = self.operator(&req, false, "ListRevocations")?;
+        let list = self
+            .inspect(|e, _| e.store().revocations().map_err(|e| e.to_string()))
+            .await?;
+        let revocations = list
+            .into_iter()
+            .map(|r| {
+                let (kind, role, value) = match r.revoked {
+                    Revoked::Identity(role, name) => ("identity", role.as_str(), name),
+                    Revoked::Serial(s) => ("serial", "", s),
+                };
+                wire::Revocation {
+                    kind: kind.into(),
+                    role: role.into(),
+                    value,
+                    reason: r.reason,
+                    revoked_by: r.revoked_by,
+                    revoked_at_ms: r.revoked_at,
+                }
+            })
+            .collect();
+        Ok(Response::new(wire::ListRevocationsResponse { revocations }))
+    }
+}
+
+fn revoked_json(r: &Revoked) -> serde_json::Value {
+    match r {
+        Revoked::Identity(role, name) => json!({ "role": role.as_str(), "name": name }),
+        Revoked::Serial(s) => json!({ "serial": s }),
+    }
+}
+
+impl Coordinator {
+    /// Pause, resume or stop, for an admin; recorded in the audit log.
+    async fn act(
+        &self,
+        req: Request<wire::RunActionRequest>,
+        action: RunAction,
+        method: &'static str,
+    ) -> Result<Response<wire::RunActionResponse>, Status> {
+        let (op, _guard) = self.operator(&req, true, method)?;
+        let reason = req.into_inner().reason;
+        let by = op.name();
+        let full = if reason.is_empty() {
+            format!("{method} by {by}")
+        } else {
+            format!("{method} by {by}: {reason}")
+        };
+        let r = full.clone();
+        let result = self.ask(|reply| Command::Act(action, r, reply)).await?;
+        self.shared.security.log.record(
+            "admin_action",
+            json!({
+                "action": method,
+                "by": by,
+                "reason": reason,
+                "result": match &result { Ok(p) => format!("{p:?}"), Err(e) => e.clone() },
+            }),
+        );
+        let p = result.map_err(Status::failed_precondition)?;
+        let status = self
+            .inspect(|e, _| {
+                e.store()
+                    .run(e.run_id())
+                    .map(|r| r.map(|r| r.status.as_str().to_string()).unwrap_or_default())
+                    .map_err(|e| e.to_string())
+            })
+            .await?;
+        Ok(Response::new(wire::RunActionResponse {
+            phase: phase(p) as i32,
+            status,
+        }))
     }
 }

@@ -25,7 +25,9 @@ fn rejection_status(r: &Rejection) -> Status {
     let msg = r.to_string();
     match r {
         Rejection::Late(_) => Status::deadline_exceeded(msg),
-        Rejection::NotSelected(_) | Rejection::WrongTask => Status::permission_denied(msg),
+        Rejection::NotSelected(_) | Rejection::WrongTask | Rejection::Revoked => {
+            Status::permission_denied(msg)
+        }
         Rejection::Conflicting => Status::already_exists(msg),
         Rejection::Invalid(_) => Status::invalid_argument(msg),
         Rejection::NoOpenRound
@@ -37,21 +39,6 @@ fn rejection_status(r: &Rejection) -> Status {
     }
 }
 
-fn check_site_id(site: &str) -> Result<(), Status> {
-    let ok = !site.is_empty()
-        && site.len() <= 128
-        && site
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Status::invalid_argument(
-            "site_id must be 1-128 characters of [A-Za-z0-9._-]",
-        ))
-    }
-}
-
 /// Longest a `NextTask` call is held open.
 const MAX_POLL: Duration = Duration::from_secs(30);
 /// How often a held `NextTask` call asks the engine again.
@@ -60,16 +47,25 @@ const POLL_EVERY: Duration = Duration::from_millis(100);
 #[tonic::async_trait]
 impl Federation for Coordinator {
     async fn enrol(&self, req: Request<EnrolRequest>) -> Result<Response<EnrolResponse>, Status> {
+        let call = self.site(&req, &req.get_ref().site_id, "Enrol")?;
+        let peer = super::auth::peer(&req);
         let req = req.into_inner();
-        check_site_id(&req.site_id)?;
         if !req.vocab_sha256.is_empty() && req.vocab_sha256 != self.shared.vocab_sha256 {
             return Err(Status::failed_precondition(format!(
                 "site {}'s data is encoded with another vocabulary (sha256 {}) than this \
                  federation's ({}): encode the site's data with the federation's vocab.json",
-                req.site_id, req.vocab_sha256, self.shared.vocab_sha256
+                call.site, req.vocab_sha256, self.shared.vocab_sha256
             )));
         }
-        let _ = self.tx.send(Command::Seen(req.site_id));
+        self.shared.security.log.record(
+            "site_enrolled",
+            serde_json::json!({
+                "site": call.site,
+                "certificate": call.identity.as_ref().map(|id| id.serial.clone()),
+                "peer": peer,
+            }),
+        );
+        let _ = self.tx.send(Command::Seen(call.site));
         Ok(Response::new(EnrolResponse {
             coordinator_version: env!("CARGO_PKG_VERSION").into(),
             heartbeat_interval_ms: self.shared.heartbeat_interval_ms,
@@ -81,17 +77,17 @@ impl Federation for Coordinator {
         &self,
         req: Request<NextTaskRequest>,
     ) -> Result<Response<NextTaskResponse>, Status> {
+        let call = self.site(&req, &req.get_ref().site_id, "NextTask")?;
         let req = req.into_inner();
-        check_site_id(&req.site_id)?;
         let until =
             tokio::time::Instant::now() + Duration::from_millis(req.wait_ms as u64).min(MAX_POLL);
         loop {
-            let site = req.site_id.clone();
+            let site = call.site.clone();
             let (ticket, phase) = self.ask(|r| Command::Poll(site, r)).await?;
             if let Some(t) = ticket {
                 return Ok(Response::new(NextTaskResponse {
                     outcome: Some(next_task_response::Outcome::Task(
-                        self.task_message(&req.site_id, t),
+                        self.task_message(&call.site, t),
                     )),
                 }));
             }
@@ -122,8 +118,8 @@ impl Federation for Coordinator {
         &self,
         req: Request<DownloadModelRequest>,
     ) -> Result<Response<Self::DownloadModelStream>, Status> {
+        let _call = self.site(&req, &req.get_ref().site_id, "DownloadModel")?;
         let req = req.into_inner();
-        check_site_id(&req.site_id)?;
         let sha = req.sha256.clone();
         let Some((round, path)) = self.ask(|r| Command::Model(sha, r)).await? else {
             return Err(Status::not_found(
@@ -169,7 +165,15 @@ impl Federation for Coordinator {
         &self,
         req: Request<Streaming<UpdateChunk>>,
     ) -> Result<Response<UploadUpdateResponse>, Status> {
-        let mut stream = req.into_inner();
+        const METHOD: &str = "UploadUpdate";
+        let (meta, ext, mut stream) = req.into_parts();
+        let ctx = Request::from_parts(meta, ext, ());
+        // Under mutual TLS the caller is known before a byte of the update is read.
+        let early = if self.mutual_tls() {
+            Some(self.site(&ctx, "", METHOD)?)
+        } else {
+            None
+        };
         let _slot = self
             .shared
             .uploads
@@ -186,24 +190,59 @@ impl Federation for Coordinator {
         // The update goes to disk as it arrives (hashed and size-checked on the way) and the
         // engine folds it in from there, so no upload is ever held in memory whole. An upload
         // still arriving after the round's deadline is useless: stop waiting for it then.
-        let limit = Duration::from_secs(self.shared.cfg.rounds.deadline_secs);
+        let limits = &self.shared.cfg.limits;
+        let limit = Duration::from_secs(match limits.upload_timeout_secs {
+            0 => self.shared.cfg.rounds.deadline_secs,
+            n => n,
+        });
+        let who = early
+            .as_ref()
+            .map_or("unauthenticated", |c| c.site.as_str());
         let received = tokio::time::timeout(
             limit,
             receive_update_into(
                 &mut stream,
                 file,
-                self.shared.cfg.transport.max_model_bytes,
+                self.shared.max_upload_bytes,
                 self.shared.cfg.transport.chunk_bytes,
             ),
         )
         .await
-        .map_err(|_| Status::deadline_exceeded("the upload took longer than the round deadline"))?;
-        let (h, file) = received?;
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "the upload took longer than {}s (limits.upload_timeout_secs, or the round deadline)",
+                limit.as_secs()
+            ))
+        })
+        .and_then(|r| r);
+        let (h, file) = match received {
+            Ok(r) => r,
+            Err(status) => {
+                self.rejected(METHOD, who, 0, &status);
+                return Err(status);
+            }
+        };
         drop(file);
-        check_site_id(&h.site_id)?;
+        let call = match early {
+            Some(call) if !h.site_id.is_empty() && h.site_id != call.site => {
+                return Err(self.refuse(
+                    METHOD,
+                    &call.site,
+                    &super::auth::peer(&ctx),
+                    Status::permission_denied(format!(
+                        "the certificate is for site {}, but the update claims site {}",
+                        call.site, h.site_id
+                    )),
+                ));
+            }
+            Some(call) => call,
+            None => self.site(&ctx, &h.site_id, METHOD)?,
+        };
         let metrics = site_report(h.metrics.unwrap_or_default());
+        let round = h.round;
         let submission = OwnedSubmission {
-            site_id: h.site_id,
+            caller: call.identity.clone(),
+            site_id: call.site.clone(),
             round: h.round,
             task_id: h.task_id,
             nonce: h.nonce.to_vec(),
@@ -225,7 +264,11 @@ impl Federation for Coordinator {
                 delta_sha256: h.delta_sha256,
                 duplicate: accepted == Accepted::Duplicate,
             })),
-            Err(rejection) => Err(rejection_status(&rejection)),
+            Err(rejection) => {
+                let status = rejection_status(&rejection);
+                self.rejected(METHOD, &call.site, round, &status);
+                Err(status)
+            }
         }
     }
 
@@ -233,8 +276,8 @@ impl Federation for Coordinator {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        let call = self.site(&req, &req.get_ref().site_id, "Heartbeat")?;
         let req = req.into_inner();
-        check_site_id(&req.site_id)?;
         let work = match SiteState::try_from(req.state).unwrap_or(SiteState::Unspecified) {
             SiteState::Unspecified | SiteState::Idle => WorkState::Idle,
             SiteState::Downloading => WorkState::Downloading,
@@ -243,7 +286,7 @@ impl Federation for Coordinator {
             SiteState::Evaluating => WorkState::Evaluating,
         };
         let hb = OwnedHeartbeat {
-            site_id: req.site_id,
+            site_id: call.site,
             task_id: req.task_id,
             work,
             epoch: req.epoch,
@@ -261,10 +304,10 @@ impl Federation for Coordinator {
         &self,
         req: Request<DeclineTaskRequest>,
     ) -> Result<Response<DeclineTaskResponse>, Status> {
+        let call = self.site(&req, &req.get_ref().site_id, "DeclineTask")?;
         let req = req.into_inner();
-        check_site_id(&req.site_id)?;
         let d = OwnedDecline {
-            site_id: req.site_id,
+            site_id: call.site,
             round: req.round,
             task_id: req.task_id,
             nonce: req.nonce.to_vec(),
@@ -280,10 +323,11 @@ impl Federation for Coordinator {
         &self,
         req: Request<EvaluationReport>,
     ) -> Result<Response<EvaluationReportResponse>, Status> {
+        let call = self.site(&req, &req.get_ref().site_id, "ReportEvaluation")?;
         let req = req.into_inner();
-        check_site_id(&req.site_id)?;
+        let site = call.site.clone();
         let eval = OwnedEvaluation {
-            site_id: req.site_id,
+            site_id: call.site,
             round: req.round,
             task_id: req.task_id,
             nonce: req.nonce.to_vec(),
@@ -294,7 +338,11 @@ impl Federation for Coordinator {
             Ok(accepted) => Ok(Response::new(EvaluationReportResponse {
                 duplicate: accepted == Accepted::Duplicate,
             })),
-            Err(rejection) => Err(rejection_status(&rejection)),
+            Err(rejection) => {
+                let status = rejection_status(&rejection);
+                self.rejected("ReportEvaluation", &site, req.round, &status);
+                Err(status)
+            }
         }
     }
 }

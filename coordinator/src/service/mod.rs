@@ -22,9 +22,11 @@ use crate::round::{
     Accepted, DeltaSource, EvaluationSubmission, Heartbeat, Phase, Rejection, RoundEngine, RunView,
     Submission, TaskTicket, WorkState,
 };
+use crate::security::Transport;
 use crate::strategy::UpdateReport;
 
 pub mod admin;
+mod auth;
 pub mod federation;
 mod transfer;
 
@@ -52,6 +54,10 @@ struct OwnedSubmission {
     report: UpdateReport,
     metrics: SiteReport,
     unclipped: bool,
+    /// The verified caller (mutual TLS): checked against the revocations once more on the
+    /// engine thread, so an update whose certificate was revoked while it was arriving is
+    /// discarded.
+    caller: Option<crate::security::Identity>,
 }
 
 /// A sent evaluation report, owned.
@@ -101,6 +107,14 @@ pub struct Snapshot {
 /// Read-only work run on the engine thread (status views, database reads).
 type Inspection = Box<dyn FnOnce(&RoundEngine, i64) + Send>;
 
+/// What an operator asks of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunAction {
+    Pause,
+    Resume,
+    Stop,
+}
+
 enum Command {
     Seen(String),
     Heartbeat(OwnedHeartbeat, Reply<bool>),
@@ -110,6 +124,10 @@ enum Command {
     Submit(Box<OwnedSubmission>, Reply<Result<Accepted, Rejection>>),
     Evaluation(Box<OwnedEvaluation>, Reply<Result<Accepted, Rejection>>),
     Decline(Box<OwnedDecline>, Reply<Result<(), Rejection>>),
+    /// An operator action; answered with the phase after it (or why it was refused).
+    Act(RunAction, String, Reply<Result<Phase, String>>),
+    /// A revocation (stored, then in force); answered with whether it is new.
+    Revoke(crate::security::Revoked, String, String, Reply<bool>),
 }
 
 impl std::fmt::Debug for Command {
@@ -123,6 +141,8 @@ impl std::fmt::Debug for Command {
             Command::Submit(..) => "Submit",
             Command::Evaluation(..) => "Evaluation",
             Command::Decline(..) => "Decline",
+            Command::Act(..) => "Act",
+            Command::Revoke(..) => "Revoke",
         })
     }
 }
@@ -147,6 +167,20 @@ struct Shared {
     downloads: Arc<tokio::sync::Semaphore>,
     /// Uploads being received at once.
     uploads: tokio::sync::Semaphore,
+    /// Largest update accepted (`limits.max_upload_bytes`, or the model's size).
+    max_upload_bytes: u64,
+    /// Transport security, revocations, audit log and per-caller limits.
+    security: Security,
+}
+
+/// The coordinator's security state, shared by every handler.
+#[derive(Debug)]
+struct Security {
+    /// The mutual-TLS server configuration; `None` in plaintext mode.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    log: crate::security::SecurityLog,
+    revocations: crate::security::Revocations,
+    limiter: crate::security::limits::CallLimiter,
 }
 
 /// Largest answer the admin service sends.
@@ -156,15 +190,58 @@ pub const ADMIN_MAX_REPLY_BYTES: usize = 32 << 20;
 const TICK: Duration = Duration::from_millis(200);
 
 impl Coordinator {
-    /// Starts the engine thread. The thread ends when every handle is dropped. Fails if the
-    /// run's model config or vocabulary cannot be read.
-    pub fn spawn(engine: RoundEngine, cfg: RunConfig) -> crate::Result<Coordinator> {
+    /// Starts the engine thread, serving callers over `transport`. The thread ends when
+    /// every handle is dropped. Fails if the run's model config or vocabulary cannot be
+    /// read, the TLS bundle is unusable, or the security audit log
+    /// (`<data>/security-audit.jsonl`) fails verification.
+    pub fn spawn(
+        engine: RoundEngine,
+        cfg: RunConfig,
+        transport: &Transport,
+    ) -> crate::Result<Coordinator> {
         let model_config_json = serde_json::to_string(&cfg.model_config()?)
             .map_err(|e| crate::Error::Strategy(e.to_string()))?;
         let vocab = fedflow_common::data::Vocab::load(&cfg.model.vocab)?;
-        let incoming = engine.store().dir().join(INCOMING_DIR);
+        let dir = engine.store().dir().to_path_buf();
+        let incoming = dir.join(INCOMING_DIR);
         transfer::reset_incoming(&incoming)?;
+        let tls = match transport {
+            Transport::MutualTls(bundle) => Some(crate::security::tls::server_config(bundle)?),
+            Transport::InsecurePlaintext => None,
+        };
+        let log = crate::security::SecurityLog::open(&dir.join(crate::security::SECURITY_LOG))?;
+        let revocations = crate::security::Revocations::from_list(
+            engine.store().revocations()?.into_iter().map(|r| r.revoked),
+        );
+        log.record(
+            "coordinator_started",
+            serde_json::json!({
+                "run": cfg.run.name,
+                "transport": if tls.is_some() { "mutual-tls" } else { "insecure-plaintext" },
+                "revocations": engine.store().revocations()?.len(),
+            }),
+        );
+        let model_bytes = std::fs::metadata(
+            engine
+                .store()
+                .model_checkpoint_path(engine.run_id(), engine.committed_round()),
+        )
+        .map_err(|e| crate::Error::Store(format!("cannot read the model checkpoint: {e}")))?
+        .len();
+        let max_upload_bytes = match cfg.limits.max_upload_bytes {
+            0 => model_bytes,
+            n => n,
+        }
+        .min(cfg.transport.max_model_bytes);
+        let security = Security {
+            tls,
+            log,
+            revocations: revocations.clone(),
+            limiter: crate::security::limits::CallLimiter::new(cfg.limits.call_limits()),
+        };
         let shared = Shared {
+            max_upload_bytes,
+            security,
             incoming,
             downloads: Arc::new(tokio::sync::Semaphore::new(TRANSFER_SLOTS)),
             uploads: tokio::sync::Semaphore::new(TRANSFER_SLOTS),
@@ -176,7 +253,7 @@ impl Coordinator {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("fedflow-rounds".into())
-            .spawn(move || engine_loop(engine, rx))
+            .spawn(move || engine_loop(engine, rx, revocations))
             .expect("cannot start the round engine thread");
         Ok(Coordinator {
             tx,
@@ -230,7 +307,11 @@ impl Coordinator {
     }
 }
 
-fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
+fn engine_loop(
+    mut engine: RoundEngine,
+    rx: mpsc::Receiver<Command>,
+    revocations: crate::security::Revocations,
+) {
     loop {
         let cmd = match rx.recv_timeout(TICK) {
             Ok(cmd) => Some(cmd),
@@ -280,6 +361,33 @@ fn engine_loop(mut engine: RoundEngine, rx: mpsc::Receiver<Command>) {
                     )
                 });
                 let _ = reply.send(Ok(r));
+            }
+            Some(Command::Submit(s, reply))
+                if s.caller
+                    .as_ref()
+                    .is_some_and(|id| revocations.check(id).is_some())
+                    || revocations.site_revoked(&s.site_id) =>
+            {
+                let _ = reply.send(Ok(Err(Rejection::Revoked)));
+            }
+            Some(Command::Act(action, reason, reply)) => {
+                let r = match action {
+                    RunAction::Pause => engine.pause(&reason),
+                    RunAction::Resume => engine.resume(&reason),
+                    RunAction::Stop => engine.stop(&reason),
+                };
+                let _ = reply.send(Ok(r.map_err(|e| e.to_string())));
+            }
+            Some(Command::Revoke(what, reason, by, reply)) => {
+                // Stored first: a revocation in force is never lost by a crash.
+                let r = engine
+                    .store_mut()
+                    .revoke(&what, &reason, &by)
+                    .map_err(|e| e.to_string());
+                if r.is_ok() {
+                    revocations.add(what);
+                }
+                let _ = reply.send(r);
             }
             Some(Command::Submit(s, reply)) => {
                 let r = engine
@@ -353,6 +461,8 @@ pub async fn serve(
     use fedflow_proto::v1::admin_server::AdminServer;
     use fedflow_proto::v1::federation_server::FederationServer;
 
+    let tls = coordinator.shared.security.tls.clone();
+    let log = coordinator.shared.security.log.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FederationServer<Coordinator>>().await;
     health.set_serving::<AdminServer<Coordinator>>().await;
@@ -369,16 +479,29 @@ pub async fn serve(
     let federation = FederationServer::new(coordinator)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .initial_stream_window_size(HTTP2_WINDOW)
         .initial_connection_window_size(HTTP2_WINDOW)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(admin)
-        .add_service(federation)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await
+        .add_service(federation);
+    match tls {
+        Some(config) => {
+            router
+                .serve_with_incoming_shutdown(
+                    crate::security::tls::incoming(listener, config, log),
+                    shutdown,
+                )
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    shutdown,
+                )
+                .await
+        }
+    }
 }

@@ -32,7 +32,7 @@
 //! coordinator on the same directory is refused instead of racing the first (its orphan
 //! cleanup could otherwise delete a checkpoint the first has written but not yet committed).
 //!
-//! # Schema (version 2, in `PRAGMA user_version`)
+//! # Schema (version 3, in `PRAGMA user_version`)
 //!
 //! Times are Unix milliseconds (`INTEGER`); `*_json` columns hold JSON text.
 //!
@@ -56,7 +56,9 @@
 //!   data directory.
 //!
 //! Version 2 adds the site-level privacy ledger (`site_dp_rounds`, `site_dp_uploads`,
-//! append-only; see `privacy.rs`); a version 1 database is upgraded in place on open.
+//! append-only; see `privacy.rs`); version 3 the revoked identities and certificates
+//! (`revocations`, append-only; see `revocations.rs`). Older databases are upgraded in
+//! place on open.
 //!
 //! A database with a newer `user_version` than this build knows is refused.
 //!
@@ -75,6 +77,7 @@ mod evaluation;
 mod privacy;
 mod reads;
 mod records;
+mod revocations;
 
 pub use evaluation::EvaluationRecord;
 pub use privacy::{SiteDpRound, SiteDpUpload};
@@ -82,9 +85,10 @@ pub use records::{
     Resume, RoundRecord, RoundSiteRecord, RoundStatus, RunRecord, RunStatus, SiteCounts,
     SiteOutcome, SiteRecord, SiteState,
 };
+pub use revocations::RevocationRecord;
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The database's file name inside the data directory.
 pub const DB_FILE: &str = "fedflow.sqlite";
@@ -232,6 +236,9 @@ impl Store {
         }
         if version < 2 {
             tx.execute_batch(privacy::SCHEMA_V2)?;
+        }
+        if version < 3 {
+            tx.execute_batch(revocations::SCHEMA_V3)?;
         }
         if version < SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;

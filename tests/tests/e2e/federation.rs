@@ -43,7 +43,12 @@ async fn three_sites_train_a_better_global_model_over_real_grpc() {
 
     let store = Store::open(dir.path().join("coordinator")).unwrap();
     let engine = RoundEngine::open(store, cfg.clone(), initial.clone()).unwrap();
-    let coordinator = Coordinator::spawn(engine, cfg).unwrap();
+    let coordinator = Coordinator::spawn(
+        engine,
+        cfg,
+        &fedflow_coordinator::security::Transport::InsecurePlaintext,
+    )
+    .unwrap();
     let handle = coordinator.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

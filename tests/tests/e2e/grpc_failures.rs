@@ -51,7 +51,12 @@ async fn coordinator(vocab: &Vocab, rounds: u64, extra: &str) -> Running {
     let initial = ParamSet::from_varmap(model.varmap()).unwrap();
     let data = dir.path().join("coordinator");
     let engine = RoundEngine::open(Store::open(&data).unwrap(), cfg.clone(), initial).unwrap();
-    let coordinator = Coordinator::spawn(engine, cfg).unwrap();
+    let coordinator = Coordinator::spawn(
+        engine,
+        cfg,
+        &fedflow_coordinator::security::Transport::InsecurePlaintext,
+    )
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve(listener, coordinator, std::future::pending()));

@@ -117,7 +117,12 @@ async fn coordinator(dir: &Path) -> SocketAddr {
     let initial = ParamSet::from_varmap(model.varmap()).unwrap();
     let store = Store::open(dir.join("coordinator")).unwrap();
     let engine = RoundEngine::open(store, cfg.clone(), initial).unwrap();
-    let coordinator = Coordinator::spawn(engine, cfg).unwrap();
+    let coordinator = Coordinator::spawn(
+        engine,
+        cfg,
+        &fedflow_coordinator::security::Transport::InsecurePlaintext,
+    )
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve(listener, coordinator, std::future::pending()));

@@ -1,0 +1,127 @@
+//! `fedflow-coordinator pki ...` and `fedflow-coordinator audit-log verify`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+use clap::Subcommand;
+use fedflow_coordinator::security::pki::{Ca, Validity};
+use fedflow_coordinator::security::{Role, audit_log};
+
+/// The federation's certificate authority.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Pki {
+    /// Create the federation's CA in DIR (ca.pem, ca.key, issued.jsonl). Keep ca.key offline.
+    Init {
+        /// The PKI directory (created, mode 0700).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity of the CA certificate, in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue the coordinator's server certificate for the names sites connect to.
+    Server {
+        /// The PKI directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// A DNS name or IP address of the coordinator (repeat for several).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// The bundle directory to write (default: DIR/coordinator).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Issue a site's or an operator's certificate bundle (cert.pem, key.pem, ca.pem).
+    /// Issuing again for the same name (to another --out) rotates the certificate: the
+    /// identity and its history stay, the serial is new.
+    Issue {
+        /// The PKI directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// site, viewer or admin.
+        #[arg(long)]
+        role: String,
+        /// The site id or operator name.
+        #[arg(long)]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// The bundle directory to write (default: DIR/<role>s/<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Runs a `pki` command.
+pub(crate) fn pki(cmd: Pki) -> anyhow::Result<()> {
+    match cmd {
+        Pki::Init { dir, days } => {
+            Ca::init(&dir, Validity::days(days))?;
+            println!(
+                "created the federation CA in {} (keep {} offline; give sites and operators only their bundles)",
+                dir.display(),
+                dir.join(fedflow_coordinator::security::pki::CA_KEY)
+                    .display()
+            );
+        }
+        Pki::Server {
+            dir,
+            names,
+            days,
+            out,
+        } => {
+            let ca = Ca::load(&dir)?;
+            let out = out.unwrap_or_else(|| dir.join("coordinator"));
+            let issued = ca.issue_server(&names, Validity::days(days), &out)?;
+            println!(
+                "issued the coordinator's certificate for {} (serial {}) into {}: serve with --tls {}",
+                names.join(", "),
+                issued.serial,
+                out.display(),
+                out.display()
+            );
+        }
+        Pki::Issue {
+            dir,
+            role,
+            name,
+            days,
+            out,
+        } => {
+            let Some(role) = Role::parse(&role) else {
+                bail!("--role {role:?}: use site, viewer or admin");
+            };
+            let ca = Ca::load(&dir)?;
+            let out = out.unwrap_or_else(|| dir.join(format!("{role}s")).join(&name));
+            let issued = ca.issue(role, &name, Validity::days(days), &out)?;
+            println!(
+                "issued {} (serial {}) into {}",
+                issued.uri,
+                issued.serial,
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `audit-log verify FILE`: exit status 0 when the chain verifies, an error naming the
+/// first bad line otherwise.
+pub(crate) fn verify_audit_log(file: &Path) -> anyhow::Result<()> {
+    match audit_log::verify(file)? {
+        Ok(v) => {
+            println!(
+                "{}: {} event(s), chain intact; last hash {}",
+                file.display(),
+                v.lines,
+                v.head
+            );
+            Ok(())
+        }
+        Err(b) => bail!("{}: tampered or damaged at {b}", file.display()),
+    }
+}

@@ -1,0 +1,284 @@
+//! The federation's certificate authority: create it, issue the coordinator's server
+//! certificate and a certificate bundle for each site and operator (rcgen, ECDSA P-256).
+//!
+//! A PKI directory holds `ca.pem` and `ca.key` (the CA's key, mode 0600) and `issued.jsonl`,
+//! a hash-chained log of every certificate issued (see [`super::audit_log`]). Each issued
+//! certificate goes to a *bundle* directory (mode 0700) with `cert.pem`, `key.pem` (0600)
+//! and `ca.pem`: what the site's client (`fedflow-client join --identity DIR`), an operator's
+//! tools, or the coordinator (`fedflow-coordinator serve --tls DIR`) load. Keep `ca.key`
+//! offline: whoever holds it can mint identities.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use serde_json::json;
+use time::{Duration, OffsetDateTime};
+
+use super::audit_log::AuditLog;
+use super::identity::{Role, coordinator_uri, identity_uri, valid_name};
+use crate::{Error, Result};
+
+/// The CA certificate's file name (in the PKI directory and in every bundle).
+pub const CA_CERT: &str = "ca.pem";
+/// The CA key's file name in the PKI directory.
+pub const CA_KEY: &str = "ca.key";
+/// A bundle's certificate.
+pub const BUNDLE_CERT: &str = "cert.pem";
+/// A bundle's private key.
+pub const BUNDLE_KEY: &str = "key.pem";
+/// The log of issued certificates in the PKI directory.
+pub const ISSUED_LOG: &str = "issued.jsonl";
+
+/// When a certificate is valid.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    /// Not valid before.
+    pub not_before: OffsetDateTime,
+    /// Not valid after.
+    pub not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// From five minutes ago (for clock skew between machines) for `days` days.
+    pub fn days(days: u32) -> Validity {
+        let now = OffsetDateTime::now_utc();
+        Validity {
+            not_before: now - Duration::minutes(5),
+            not_after: now + Duration::days(i64::from(days)),
+        }
+    }
+}
+
+/// What was issued, and where its bundle is.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Serial number, lowercase hex (as [`super::Identity::serial`]).
+    pub serial: String,
+    /// The identity URI (or the coordinator's).
+    pub uri: String,
+    /// The bundle directory.
+    pub dir: PathBuf,
+    /// Expiry, Unix seconds.
+    pub not_after: i64,
+}
+
+fn pki_err(what: impl std::fmt::Display) -> Error {
+    Error::Security(what.to_string())
+}
+
+/// Writes `bytes` to `path` atomically with mode `mode` (on Unix).
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    fedflow_common::fsio::write_atomic_with(path, |file| {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(|e| fedflow_common::Error::io(path, e))?;
+        }
+        #[cfg(not(unix))]
+        let _ = mode;
+        std::io::Write::write_all(file, bytes).map_err(|e| fedflow_common::Error::io(path, e))
+    })?;
+    Ok(())
+}
+
+/// Creates `dir` (and parents) with mode 0700 on Unix.
+fn private_dir(dir: &Path) -> Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+        .map_err(|e| pki_err(format!("cannot create {}: {e}", dir.display())))
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Positive and 16 bytes long (RFC 5280 4.1.2.2: at most 20 octets, positive).
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&bytes)
+}
+
+/// The federation's CA, loaded from a PKI directory.
+#[derive(Debug)]
+pub struct Ca {
+    dir: PathBuf,
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    /// Creates a new CA in `dir` (`ca.pem`, `ca.key`, `issued.jsonl`). Refuses to overwrite
+    /// an existing CA.
+    pub fn init(dir: &Path, validity: Validity) -> Result<Ca> {
+        private_dir(dir)?;
+        if dir.join(CA_KEY).exists() || dir.join(CA_CERT).exists() {
+            return Err(pki_err(format!(
+                "{} already holds a CA: every certificate it issued would stop working if it \
+                 were replaced; use another directory",
+                dir.display()
+            )));
+        }
+        let key = KeyPair::generate().map_err(pki_err)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name("fedflow federation CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = validity.not_before;
+        params.not_after = validity.not_after;
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key).map_err(pki_err)?;
+        write_file(&dir.join(CA_KEY), key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(&dir.join(CA_CERT), cert.pem().as_bytes(), 0o644)?;
+        let mut log = AuditLog::open(&dir.join(ISSUED_LOG))?;
+        log.append(
+            "ca_created",
+            json!({ "not_after": validity.not_after.unix_timestamp() }),
+        )?;
+        Ca::load(dir)
+    }
+
+    /// Loads the CA from `dir`.
+    pub fn load(dir: &Path) -> Result<Ca> {
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f)).map_err(|e| {
+                pki_err(format!(
+                    "cannot read {}: {e} (create a CA with `fedflow-coordinator pki init`)",
+                    dir.join(f).display()
+                ))
+            })
+        };
+        let cert_pem = read(CA_CERT)?;
+        let key = KeyPair::from_pem(&read(CA_KEY)?)
+            .map_err(|e| pki_err(format!("{}: {e}", dir.join(CA_KEY).display())))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+            .map_err(|e| pki_err(format!("{}: {e}", dir.join(CA_CERT).display())))?;
+        Ok(Ca {
+            dir: dir.to_path_buf(),
+            cert_pem,
+            issuer,
+        })
+    }
+
+    /// The CA certificate (PEM).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues the coordinator's server certificate for `names` (DNS names or IP addresses
+    /// the sites will connect to) into the bundle `out`.
+    pub fn issue_server(&self, names: &[String], validity: Validity, out: &Path) -> Result<Issued> {
+        if names.is_empty() {
+            return Err(pki_err(
+                "a server certificate needs at least one DNS name or IP address (--name)",
+            ));
+        }
+        let mut sans = Vec::with_capacity(names.len() + 1);
+        for n in names {
+            sans.push(match n.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    n.clone()
+                        .try_into()
+                        .map_err(|e| pki_err(format!("server name {n:?}: {e}")))?,
+                ),
+            });
+        }
+        let uri = coordinator_uri();
+        sans.push(SanType::URI(uri.clone().try_into().map_err(pki_err)?));
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&names[0]);
+        params.subject_alt_names = sans;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue_with(
+            params,
+            validity,
+            out,
+            uri,
+            "server",
+            json!({ "names": names }),
+        )
+    }
+
+    /// Issues a certificate for `name` in `role` (a site id or an operator name) into the
+    /// bundle `out`. Issuing again for the same name is how a certificate is rotated: the
+    /// new one carries the same identity (and so the same history) and a new serial; revoke
+    /// the old serial once the site has switched.
+    pub fn issue(&self, role: Role, name_: &str, validity: Validity, out: &Path) -> Result<Issued> {
+        if !valid_name(name_) {
+            return Err(pki_err(format!(
+                "{role} name {name_:?} is invalid: use 1-128 characters of [A-Za-z0-9._-]"
+            )));
+        }
+        let uri = identity_uri(role, name_);
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(name_);
+        params.subject_alt_names = vec![SanType::URI(uri.clone().try_into().map_err(pki_err)?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue_with(
+            params,
+            validity,
+            out,
+            uri,
+            role.as_str(),
+            json!({ "name": name_ }),
+        )
+    }
+
+    fn issue_with(
+        &self,
+        mut params: CertificateParams,
+        validity: Validity,
+        out: &Path,
+        uri: String,
+        kind: &str,
+        detail: serde_json::Value,
+    ) -> Result<Issued> {
+        if out.join(BUNDLE_KEY).exists() {
+            return Err(pki_err(format!(
+                "{} already holds a certificate bundle: choose another --out (e.g. for a \
+                 rotated certificate) or remove it first",
+                out.display()
+            )));
+        }
+        params.not_before = validity.not_before;
+        params.not_after = validity.not_after;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let serial = random_serial();
+        params.serial_number = Some(serial.clone());
+        let key = KeyPair::generate().map_err(pki_err)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(pki_err)?;
+        private_dir(out)?;
+        write_file(&out.join(BUNDLE_KEY), key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(&out.join(BUNDLE_CERT), cert.pem().as_bytes(), 0o644)?;
+        write_file(&out.join(CA_CERT), self.cert_pem.as_bytes(), 0o644)?;
+        let issued = Issued {
+            serial: fedflow_common::hash::hex(&serial.to_bytes()),
+            uri,
+            dir: out.to_path_buf(),
+            not_after: validity.not_after.unix_timestamp(),
+        };
+        let mut log = AuditLog::open(&self.dir.join(ISSUED_LOG))?;
+        let mut detail = detail;
+        detail["kind"] = json!(kind);
+        detail["serial"] = json!(issued.serial);
+        detail["uri"] = json!(issued.uri);
+        detail["not_before"] = json!(validity.not_before.unix_timestamp());
+        detail["not_after"] = json!(issued.not_after);
+        detail["bundle"] = json!(out.display().to_string());
+        log.append("certificate_issued", detail)?;
+        Ok(issued)
+    }
+}
+
+fn name(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "fedflow");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}

@@ -1,0 +1,229 @@
+//! Who may call what. Under mutual TLS a caller is the identity its verified client
+//! certificate carries (never what a request body claims); revoked identities and
+//! certificates are refused on every call; sites may only use the `Federation` service as
+//! themselves, viewers only read the `Admin` service, admins may also act. Every caller is
+//! held to the per-caller limits. Every refusal is logged and recorded in the security
+//! audit log.
+
+use std::time::Instant;
+
+use serde_json::json;
+use tonic::{Request, Status};
+
+use super::Coordinator;
+use crate::security::identity::valid_name;
+use crate::security::limits::CallGuard;
+use crate::security::{Identity, Role};
+
+/// The caller of an operator call.
+#[derive(Debug, Clone)]
+pub(super) enum Operator {
+    /// A verified viewer or admin.
+    Verified(Identity),
+    /// Plaintext mode: nobody is authenticated.
+    Unauthenticated,
+}
+
+impl Operator {
+    /// How the caller is named in records.
+    pub(super) fn name(&self) -> String {
+        match self {
+            Operator::Verified(id) => id.uri(),
+            Operator::Unauthenticated => "unauthenticated (plaintext) operator".into(),
+        }
+    }
+}
+
+/// A `Federation` call admitted: the calling site, its verified identity under mutual TLS,
+/// and its place under the per-caller limits (held until dropped).
+#[derive(Debug)]
+pub(super) struct SiteCall {
+    pub(super) site: String,
+    pub(super) identity: Option<Identity>,
+    _guard: CallGuard,
+}
+
+pub(super) fn peer<T>(req: &Request<T>) -> String {
+    req.remote_addr()
+        .map_or_else(|| "unknown".into(), |a| a.to_string())
+}
+
+impl Coordinator {
+    /// Whether callers are authenticated by mutual TLS.
+    pub(super) fn mutual_tls(&self) -> bool {
+        self.shared.security.tls.is_some()
+    }
+
+    /// Records a rejected update or report (the engine's or the transfer layer's reason).
+    pub(super) fn rejected(&self, method: &str, site: &str, round: u64, status: &Status) {
+        tracing::warn!(method, site, round, "rejected: {}", status.message());
+        self.shared.security.log.record(
+            "update_rejected",
+            json!({
+                "method": method,
+                "site": site,
+                "round": round,
+                "code": format!("{:?}", status.code()),
+                "reason": status.message(),
+            }),
+        );
+    }
+
+    /// Refuses a call: logs it, records it in the audit log, returns `status`.
+    pub(super) fn refuse(&self, method: &str, who: &str, peer: &str, status: Status) -> Status {
+        tracing::warn!(method, caller = who, %peer, "refused: {}", status.message());
+        self.shared.security.log.record(
+            "call_refused",
+            json!({
+                "method": method,
+                "caller": who,
+                "peer": peer,
+                "code": format!("{:?}", status.code()),
+                "reason": status.message(),
+            }),
+        );
+        status
+    }
+
+    /// The verified identity of the caller (mutual TLS), `None` in plaintext mode; refused
+    /// if the certificate carries no usable identity or is revoked.
+    fn verified<T>(&self, req: &Request<T>, method: &str) -> Result<Option<Identity>, Status> {
+        if self.shared.security.tls.is_none() {
+            return Ok(None);
+        }
+        let peer = peer(req);
+        let Some(certs) = req.peer_certs() else {
+            return Err(self.refuse(
+                method,
+                "unknown",
+                &peer,
+                Status::unauthenticated("no client certificate: mutual TLS is required"),
+            ));
+        };
+        let Some(leaf) = certs.first() else {
+            return Err(self.refuse(
+                method,
+                "unknown",
+                &peer,
+                Status::unauthenticated("no client certificate: mutual TLS is required"),
+            ));
+        };
+        let id = crate::security::identity::identity_from_der(leaf)
+            .map_err(|e| self.refuse(method, "unknown", &peer, Status::unauthenticated(e)))?;
+        if let Some(why) = self.shared.security.revocations.check(&id) {
+            return Err(self.refuse(
+                method,
+                &id.uri(),
+                &peer,
+                Status::permission_denied(format!(
+                    "{why} ({id}); ask the federation's operator for a new certificate"
+                )),
+            ));
+        }
+        Ok(Some(id))
+    }
+
+    /// Admits a call from `key` under the per-caller limits.
+    fn admit(&self, key: &str, method: &str, peer: &str) -> Result<CallGuard, Status> {
+        self.shared
+            .security
+            .limiter
+            .admit(key, Instant::now())
+            .map_err(|e| self.refuse(method, key, peer, Status::resource_exhausted(e.to_string())))
+    }
+
+    /// A `Federation` call: the calling site's id and its admission under the limits.
+    /// Under mutual TLS the site is the certificate's; `claimed` (the site id in the request
+    /// body, which older clients fill in) must be empty or the same. In plaintext mode the
+    /// claimed id is taken at its word.
+    pub(super) fn site<T>(
+        &self,
+        req: &Request<T>,
+        claimed: &str,
+        method: &str,
+    ) -> Result<SiteCall, Status> {
+        let peer = peer(req);
+        let identity = self.verified(req, method)?;
+        let site = match identity.clone() {
+            Some(id) if id.role != Role::Site => {
+                return Err(self.refuse(
+                    method,
+                    &id.uri(),
+                    &peer,
+                    Status::permission_denied(format!(
+                        "a {} certificate cannot call the Federation service; sites need a site certificate",
+                        id.role
+                    )),
+                ));
+            }
+            Some(id) => {
+                if !claimed.is_empty() && claimed != id.name {
+                    return Err(self.refuse(
+                        method,
+                        &id.uri(),
+                        &peer,
+                        Status::permission_denied(format!(
+                            "the certificate is for site {}, but the request claims site {claimed}",
+                            id.name
+                        )),
+                    ));
+                }
+                id.name
+            }
+            None => {
+                if !valid_name(claimed) {
+                    return Err(Status::invalid_argument(
+                        "site_id must be 1-128 characters of [A-Za-z0-9._-]",
+                    ));
+                }
+                claimed.to_string()
+            }
+        };
+        let guard = self.admit(&format!("site:{site}"), method, &peer)?;
+        Ok(SiteCall {
+            site,
+            identity,
+            _guard: guard,
+        })
+    }
+
+    /// An `Admin` call: the operator, if its role allows the call (`admin` for actions,
+    /// `viewer` or `admin` for views), and its admission under the limits.
+    pub(super) fn operator<T>(
+        &self,
+        req: &Request<T>,
+        action: bool,
+        method: &str,
+    ) -> Result<(Operator, CallGuard), Status> {
+        let peer = peer(req);
+        let op = match self.verified(req, method)? {
+            None => Operator::Unauthenticated,
+            Some(id) => {
+                let allowed = if action {
+                    id.role == Role::Admin
+                } else {
+                    id.role.can_view()
+                };
+                if !allowed {
+                    let need = if action { "admin" } else { "viewer or admin" };
+                    return Err(self.refuse(
+                        method,
+                        &id.uri(),
+                        &peer,
+                        Status::permission_denied(format!(
+                            "{method} needs the {need} role; this certificate's role is {}",
+                            id.role
+                        )),
+                    ));
+                }
+                Operator::Verified(id)
+            }
+        };
+        let key = match &op {
+            Operator::Verified(id) => format!("{}:{}", id.role, id.name),
+            Operator::Unauthenticated => format!("operator:{peer}"),
+        };
+        let guard = self.admit(&key, method, &peer)?;
+        Ok((op, guard))
+    }
+}
