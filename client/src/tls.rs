@@ -132,7 +132,12 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 pub fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(c) = cur {
-        if let Some(tls) = c.downcast_ref::<rustls::Error>() {
+        // `io::Error::source` skips the error it wraps, so look inside it too.
+        let wrapped = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        if let Some(tls) = c.downcast_ref::<rustls::Error>().or(wrapped) {
             return matches!(
                 tls,
                 rustls::Error::InvalidCertificate(_)

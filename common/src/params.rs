@@ -450,13 +450,25 @@ impl ParamSet {
     /// plus a 64 KiB buffer (plus one tensor's bytes for dtypes other than f32/f64).
     ///
     /// The values are restored bit for bit, as by [`ParamSet::load`]. A malformed or
-    /// truncated file gives [`Error::Safetensors`] or [`Error::Io`].
+    /// truncated file gives [`Error::Safetensors`] or [`Error::Io`]; in particular a header
+    /// describing more bytes than the file holds is refused before any tensor is allocated,
+    /// so a small file cannot make the loader allocate what its header claims.
     pub fn load_hashed(path: impl AsRef<Path>) -> Result<(ParamSet, u64, String)> {
         let path = path.as_ref();
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let actual_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let mut r =
             crate::hash::HashingReader::new(std::io::BufReader::with_capacity(WRITE_BLOCK, file));
         let layout = SafetensorsLayout::read(&mut r)?;
+        // Trailing bytes are allowed (and hashed), a data section shorter than the header's
+        // claim is not.
+        if layout.file_len > actual_len {
+            return Err(Error::Safetensors(format!(
+                "{} is {actual_len} bytes but its header describes {} bytes",
+                path.display(),
+                layout.file_len
+            )));
+        }
         let mut order: Vec<(&String, &std::ops::Range<u64>)> = layout.ranges.iter().collect();
         // (An empty tensor starts where the next one does: sort by the end too.)
         order.sort_by_key(|(_, range)| (range.start, range.end));

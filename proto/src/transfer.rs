@@ -442,3 +442,6 @@ mod tests {
         assert_eq!(a.finish().unwrap(), p.to_vec());
     }
 }
+
+#[cfg(test)]
+mod proptests;

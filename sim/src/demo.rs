@@ -157,7 +157,7 @@ pub struct Timings {
 
 /// Removes what an earlier demo left in `out` (only the demo's own products).
 fn clear_previous(out: &Path) -> Result<()> {
-    for name in ["data", "coordinator"] {
+    for name in ["data", "coordinator", "pki"] {
         let p = out.join(name);
         if p.exists() {
             std::fs::remove_dir_all(&p)
@@ -404,14 +404,19 @@ pub async fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoRepo
     let initial = initial_model(&run_cfg)?;
 
     say(&format!(
-        "federated run: {} rounds, {} local epoch(s) per round, coordinator data in {}",
+        "federated run over mutual TLS: {} rounds, {} local epoch(s) per round, coordinator \
+         data in {}, certificates in {}",
         run_cfg.run.rounds,
         run_cfg.train.epochs,
-        out.join("coordinator").display()
+        out.join("coordinator").display(),
+        out.join("pki").display()
     ));
     let mut line = ProgressLine::default();
+    // Real mutual TLS, as a deployment would run: a federation CA and a certificate per
+    // site in <out>/pki, each site known to the coordinator by its certificate.
     let opts = SimOptions {
         concurrent_work: cfg.concurrent_work,
+        pki_dir: Some(out.join("pki")),
         ..SimOptions::default()
     };
     let outcome = run_federation(

@@ -24,6 +24,7 @@ use fedflow_common::model::AttentionFlowModel;
 use fedflow_common::params::ParamSet;
 use fedflow_coordinator::config::RunConfig;
 use fedflow_coordinator::round::{Phase, RoundEngine, RunView};
+use fedflow_coordinator::security::Transport;
 use fedflow_coordinator::service::{Coordinator, serve};
 use fedflow_coordinator::store::{RoundRecord, Store};
 
@@ -75,6 +76,10 @@ pub struct SimOptions {
     pub concurrent_work: usize,
     /// How often the progress callback is called.
     pub progress_every: Duration,
+    /// Run over mutual TLS with the federation PKI in this folder (created on first use:
+    /// a CA, the coordinator's certificate for 127.0.0.1 and one certificate per site, each
+    /// site then known by its certificate); `None` serves plaintext on loopback.
+    pub pki_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for SimOptions {
@@ -82,6 +87,7 @@ impl Default for SimOptions {
         SimOptions {
             concurrent_work: 1,
             progress_every: Duration::from_millis(500),
+            pki_dir: None,
         }
     }
 }
@@ -115,6 +121,34 @@ pub fn initial_model(cfg: &RunConfig) -> Result<ParamSet> {
     Ok(ParamSet::from_varmap(model.varmap())?)
 }
 
+/// The bundle directory of `site` in a simulation's PKI.
+fn site_bundle(pki: &Path, site: &str) -> std::path::PathBuf {
+    pki.join("sites").join(site)
+}
+
+/// Creates (or reuses) a simulation's PKI in `dir`: the CA, the coordinator's bundle for
+/// 127.0.0.1 and a bundle per site. Returns the coordinator's bundle.
+fn federation_pki(dir: &Path, sites: &[String]) -> Result<std::path::PathBuf> {
+    use fedflow_coordinator::security::Role;
+    use fedflow_coordinator::security::pki::{BUNDLE_KEY, CA_KEY, Ca, Validity};
+    let ca = if dir.join(CA_KEY).is_file() {
+        Ca::load(dir)?
+    } else {
+        Ca::init(dir, Validity::days(30))?
+    };
+    let server = dir.join("coordinator");
+    if !server.join(BUNDLE_KEY).is_file() {
+        ca.issue_server(&["127.0.0.1".to_string()], Validity::days(30), &server)?;
+    }
+    for site in sites {
+        let out = site_bundle(dir, site);
+        if !out.join(BUNDLE_KEY).is_file() {
+            ca.issue(Role::Site, site, Validity::days(30), &out)?;
+        }
+    }
+    Ok(server)
+}
+
 /// Runs the federation described by `cfg` to its end: a coordinator with its store in
 /// `data_dir` serving on `127.0.0.1:0`, and one client task per site. `on_progress` sees the
 /// run's live view every [`SimOptions::progress_every`].
@@ -133,11 +167,15 @@ pub async fn run_federation(
     let run_name = cfg.run.name.clone();
     let store = Store::open(data_dir)?;
     let engine = RoundEngine::open(store, cfg.clone(), initial_model(&cfg)?)?;
-    let coordinator = Coordinator::spawn(
-        engine,
-        cfg,
-        &fedflow_coordinator::security::Transport::InsecurePlaintext,
-    )?;
+    let site_names: Vec<String> = sites.iter().map(|s| s.name.clone()).collect();
+    let (transport, scheme) = match &opts.pki_dir {
+        Some(dir) => (
+            Transport::MutualTls(federation_pki(dir, &site_names)?),
+            "https",
+        ),
+        None => (Transport::InsecurePlaintext, "http"),
+    };
+    let coordinator = Coordinator::spawn(engine, cfg, &transport)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| Error::Other(format!("cannot listen on 127.0.0.1: {e}")))?;
@@ -157,7 +195,16 @@ pub async fn run_federation(
             trainer = trainer.with_privacy(p);
         }
         let trainer = Arc::new(trainer);
-        let mut o = SiteOptions::new(format!("http://{addr}"), site.name.clone());
+        let mut o = SiteOptions::new(format!("{scheme}://{addr}"), site.name.clone());
+        if let Some(dir) = &opts.pki_dir {
+            let bundle = fedflow_client::tls::Bundle::load(&site_bundle(dir, &site.name)).map_err(
+                |source| Error::Site {
+                    site: site.name.clone(),
+                    source,
+                },
+            )?;
+            o.tls = Some(bundle);
+        }
         o.work_permits = Some(permits.clone());
         o.poll_wait = Duration::from_secs(2);
         let name = site.name;

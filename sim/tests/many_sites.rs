@@ -44,6 +44,8 @@ async fn sixty_sites_run_a_federation_in_one_process() {
     let opts = SimOptions {
         concurrent_work: 2,
         progress_every: Duration::from_millis(200),
+        // Every site over mutual TLS with its own certificate.
+        pki_dir: Some(dir.path().join("pki")),
     };
     let mut views = 0;
     let outcome = run_federation(
@@ -143,6 +145,7 @@ async fn forty_sites_run_distributed_site_level_dp_over_grpc() {
     let opts = SimOptions {
         concurrent_work: 2,
         progress_every: Duration::from_millis(200),
+        pki_dir: None,
     };
     let outcome = run_federation(
         cfg,

@@ -101,10 +101,38 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(AttentionFlowModel, Vo
             dir.join(PARAMS_FILE).display()
         )));
     }
+    // The card's config sizes the model about to be allocated and no hash covers it: check
+    // it against the parameters (already in memory, bounded by the file) before building.
+    card.model.validate()?;
+    check_parameter_count(&card, &params, &dir.join(CARD_FILE))?;
     let model = AttentionFlowModel::new(&card.model, device, 0)?;
     params.check_finite()?;
     params.load_into_varmap(model.varmap())?;
     Ok((model, vocab, card))
+}
+
+/// Fails with [`Error::ParamMismatch`] unless the number of scalar parameters the card's
+/// config implies, the card's own `parameters` and the parameter file all agree. Cheap and
+/// allocation-free, so a card edited to describe a huge model is refused before the model is
+/// built; the names and shapes are then checked when the parameters are loaded into it.
+fn check_parameter_count(card: &ModelCard, params: &ParamSet, card_path: &Path) -> Result<()> {
+    let held = params.num_elements();
+    let implied = card.model.num_parameters();
+    if implied != Some(held) {
+        let implied = implied.map_or_else(|| "more than usize::MAX".to_string(), |n| n.to_string());
+        return Err(Error::ParamMismatch(format!(
+            "{}: the model config implies {implied} parameters but {PARAMS_FILE} holds {held}",
+            card_path.display()
+        )));
+    }
+    if card.parameters != held {
+        return Err(Error::ParamMismatch(format!(
+            "{}: `parameters` is {} but {PARAMS_FILE} holds {held}",
+            card_path.display(),
+            card.parameters
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -154,5 +182,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("vocabulary does not match"), "{err}");
+    }
+
+    #[test]
+    fn cards_disagreeing_with_the_parameters_are_refused_before_building() {
+        let vocab = Vocab::from_events(["a", "b", "c"]).unwrap();
+        let cfg = ModelConfig {
+            vocab_size: vocab.len(),
+            hidden_size: 8,
+            embed_dim: 8,
+            ..ModelConfig::default()
+        };
+        let model = AttentionFlowModel::new(&cfg, &Device::Cpu, 5).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let card = save_model(dir.path(), &model, &vocab).unwrap();
+        let card_path = dir.path().join(CARD_FILE);
+        let write = |card: &ModelCard| {
+            std::fs::write(&card_path, serde_json::to_vec(card).unwrap()).unwrap();
+        };
+        // A config far larger than the parameters (building it would exhaust memory).
+        let mut huge = card.clone();
+        huge.model.hidden_size = 1 << 40;
+        write(&huge);
+        let err = load_model(dir.path(), &Device::Cpu)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(err, Error::ParamMismatch(_)), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains("config implies"), "{message}");
+        assert!(
+            message.contains(&card_path.display().to_string()),
+            "{message}"
+        );
+        // A count that overflows is reported as such.
+        let mut overflow = card.clone();
+        overflow.model.vocab_size = usize::MAX;
+        write(&overflow);
+        let err = load_model(dir.path(), &Device::Cpu)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains("more than usize::MAX"), "{err}");
+        // A wrong `parameters` count with the right config.
+        let mut count = card.clone();
+        count.parameters += 1;
+        write(&count);
+        let err = load_model(dir.path(), &Device::Cpu)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains("`parameters`"), "{err}");
+        // The untouched card still loads.
+        write(&card);
+        assert!(load_model(dir.path(), &Device::Cpu).is_ok());
     }
 }

@@ -128,6 +128,50 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Number of scalar parameters a model built from this config has (what
+    /// [`AttentionFlowModel::num_parameters`](super::AttentionFlowModel::num_parameters)
+    /// reports once it is built), computed in closed form without allocating anything, or
+    /// `None` when the count overflows `usize`.
+    ///
+    /// Lets a loader check an untrusted config against parameters it already holds before
+    /// building the model, whose allocation the config alone sizes. Meaningful for a config
+    /// that passes [`ModelConfig::validate`].
+    pub fn num_parameters(&self) -> Option<usize> {
+        let add = usize::checked_add;
+        let mul = usize::checked_mul;
+        let embedding = mul(self.vocab_size, self.embed_dim)?;
+        let encoder = match self.encoder {
+            EncoderKind::Lstm | EncoderKind::Gru => {
+                // PyTorch layout: per layer, weight_ih (G·H × in), weight_hh (G·H × H) and two
+                // biases of G·H, with `in` the embedding width for layer 0 and H after it.
+                let gates = if self.encoder == EncoderKind::Lstm {
+                    4
+                } else {
+                    3
+                };
+                let (h, layers) = (self.hidden_size, self.num_layers);
+                let gh = mul(gates, h)?;
+                let first = mul(gh, add(add(self.embed_dim, h)?, 2)?)?;
+                let later = mul(gh, add(mul(2, h)?, 2)?)?;
+                add(first, mul(later, layers.saturating_sub(1))?)?
+            }
+            EncoderKind::Transformer => {
+                // Positions (max_len × D); per block two layer norms (2·D each), the attention
+                // in-projection (3D × D + 3D) and out-projection (D × D + D), and the
+                // feed-forward layers (F × D + F and D × F + D); a final layer norm (2·D).
+                let (d, f) = (self.embed_dim, self.ffn_dim);
+                let pos = mul(self.max_seq_len, d)?;
+                let d2 = mul(d, d)?;
+                let fd = mul(f, d)?;
+                let block = add(add(mul(4, d2)?, mul(2, fd)?)?, add(f, mul(9, d)?)?)?;
+                add(add(pos, mul(block, self.num_layers)?)?, mul(2, d)?)?
+            }
+        };
+        let s = self.summary_dim();
+        let head = mul(self.num_classes, add(s, 1)?)?;
+        add(add(embedding, encoder)?, head)
+    }
+
     /// Width of the encoder's summary vector, the input of the classification head.
     pub fn summary_dim(&self) -> usize {
         match self.encoder {

@@ -426,6 +426,47 @@ fn default_model_has_the_reference_shapes() {
 }
 
 #[test]
+fn config_parameter_count_matches_the_built_model() {
+    for encoder in [
+        EncoderKind::Lstm,
+        EncoderKind::Gru,
+        EncoderKind::Transformer,
+    ] {
+        for (layers, hidden, ffn) in [(1, 6, 10), (2, 6, 10), (3, 5, 7)] {
+            let cfg = ModelConfig {
+                num_layers: layers,
+                hidden_size: hidden,
+                ffn_dim: ffn,
+                ..tiny(encoder)
+            };
+            let model = AttentionFlowModel::new(&cfg, &Device::Cpu, 0).unwrap();
+            assert_eq!(
+                cfg.num_parameters(),
+                Some(model.num_parameters()),
+                "{cfg:?}"
+            );
+        }
+    }
+    // Counts that do not fit a usize are `None`, not a wrapped or panicking product.
+    for encoder in [
+        EncoderKind::Lstm,
+        EncoderKind::Gru,
+        EncoderKind::Transformer,
+    ] {
+        let huge = ModelConfig {
+            vocab_size: usize::MAX / 2,
+            ..tiny(encoder)
+        };
+        assert_eq!(huge.num_parameters(), None, "{encoder:?}");
+        let deep = ModelConfig {
+            num_layers: usize::MAX,
+            ..tiny(encoder)
+        };
+        assert_eq!(deep.num_parameters(), None, "{encoder:?}");
+    }
+}
+
+#[test]
 fn fused_and_reference_lstm_train_identically_with_dropout() {
     // Same seed, dropout on: both paths must draw the same masks and take the same step.
     let cfg = ModelConfig {

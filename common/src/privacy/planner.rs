@@ -30,7 +30,14 @@ pub fn dpsgd_round(n: u64, expected_batch: u64, epochs: u64, z: f64) -> Result<S
         )));
     }
     let q = (expected_batch as f64 / n as f64).min(1.0);
-    let steps = epochs * n.div_ceil(expected_batch);
+    let per_epoch = n.div_ceil(expected_batch);
+    let steps = epochs.checked_mul(per_epoch).ok_or_else(|| {
+        Error::Privacy(format!(
+            "DP-SGD step count overflows: {epochs} epochs × {per_epoch} steps per epoch \
+             exceeds {}",
+            u64::MAX
+        ))
+    })?;
     Ok(SampledGaussian { q, z, steps })
 }
 
@@ -43,18 +50,33 @@ pub fn dpsgd_round_at_rate(n: u64, q: f64, epochs: u64, z: f64) -> Result<Sample
         )));
     }
     // 1/q rounded up, tolerant of the last-bit error of 1/q for q = 0.1, 0.2, ...
-    let steps = epochs * ((1.0 / q) * (1.0 - 1e-12)).ceil().max(1.0) as u64;
+    // (saturating at u64::MAX for a tiny q, which the product below then refuses).
+    let per_epoch = ((1.0 / q) * (1.0 - 1e-12)).ceil().max(1.0) as u64;
+    let steps = epochs.checked_mul(per_epoch).ok_or_else(|| {
+        Error::Privacy(format!(
+            "DP-SGD step count overflows: {epochs} epochs × {per_epoch} steps per epoch \
+             exceeds {}",
+            u64::MAX
+        ))
+    })?;
     Ok(SampledGaussian { q, z, steps })
 }
 
 /// ε at `delta` after `rounds` repetitions of the events of one round.
+///
+/// Fails with [`Error::Privacy`] when an event's total step count (steps × rounds) does not
+/// fit a `u64`.
 pub fn epsilon(round: &[SampledGaussian], rounds: u64, delta: f64) -> Result<Spent> {
     let mut acc = RdpAccountant::default();
     for e in round {
-        acc.compose(&SampledGaussian {
-            steps: e.steps * rounds,
-            ..*e
+        let steps = e.steps.checked_mul(rounds).ok_or_else(|| {
+            Error::Privacy(format!(
+                "total step count overflows: {} steps per round × {rounds} rounds exceeds {}",
+                e.steps,
+                u64::MAX
+            ))
         })?;
+        acc.compose(&SampledGaussian { steps, ..*e })?;
     }
     let (epsilon, order) = acc.epsilon(delta)?;
     Ok(Spent { epsilon, order })
@@ -105,6 +127,9 @@ pub const UNLIMITED_ROUNDS: u64 = u64::MAX;
 
 /// The largest number of rounds, each spending `round`, that stays within `target` ε at
 /// `delta` (0 if even one round exceeds it; [`UNLIMITED_ROUNDS`] if a round spends nothing).
+///
+/// Fails with [`Error::Privacy`] when the search reaches a number of rounds whose total step
+/// count does not fit a `u64` (see [`epsilon`]) before it finds the limit.
 pub fn rounds_for_epsilon(round: &[SampledGaussian], delta: f64, target: f64) -> Result<u64> {
     check_target(target)?;
     let within = |r: u64| -> Result<bool> { Ok(epsilon(round, r, delta)?.epsilon <= target) };
@@ -118,7 +143,7 @@ pub fn rounds_for_epsilon(round: &[SampledGaussian], delta: f64, target: f64) ->
         if hi >= 1 << 40 {
             return Ok(UNLIMITED_ROUNDS);
         }
-        hi *= 2;
+        hi *= 2; // never beyond 2^40: the cap above keeps the doubling in range
     }
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
@@ -187,5 +212,41 @@ mod tests {
             steps: 50,
         }];
         assert_eq!(rounds_for_epsilon(&costly, 1e-5, 1.0).unwrap(), 0);
+    }
+
+    #[test]
+    fn step_counts_that_overflow_u64_are_errors_not_panics() {
+        let err = dpsgd_round(u64::MAX, 1, 2, 1.0).unwrap_err().to_string();
+        assert!(err.contains("step count overflows"), "{err}");
+        assert!(err.contains("epochs"), "{err}");
+        let err = dpsgd_round_at_rate(10, 1e-300, 2, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("step count overflows"), "{err}");
+        let round = [SampledGaussian {
+            q: 0.01,
+            z: 1.0,
+            steps: u64::MAX / 2,
+        }];
+        let err = epsilon(&round, 3, 1e-5).unwrap_err().to_string();
+        assert!(err.contains("total step count overflows"), "{err}");
+        assert!(err.contains("rounds"), "{err}");
+        // A round that spends nothing per step but has so many steps that doubling the
+        // rounds overflows: the search reports the overflow instead of wrapping around.
+        let free = [SampledGaussian {
+            q: 0.0,
+            z: 1.0,
+            steps: u64::MAX / 3,
+        }];
+        let err = rounds_for_epsilon(&free, 1e-5, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("total step count overflows"), "{err}");
+        let err = noise_for_epsilon(0.01, u64::MAX, 2, 1e-5, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("total step count overflows"), "{err}");
+        // In range, nothing changes.
+        assert_eq!(dpsgd_round(1000, 64, 2, 1.1).unwrap().steps, 32);
     }
 }

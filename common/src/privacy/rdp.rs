@@ -16,6 +16,11 @@
 //! - the same edge cases: q = 0 gives 0 at every order (even with z = 0); z = 0 or α = ∞
 //!   gives ∞; q = 1 gives α / (2z²); δ = 0 gives ε = 0 only when every RDP value is 0.
 //!
+//! One deliberate difference: the reference accepts any list of orders, this port refuses an
+//! empty list (there is no order to minimise over) and finite orders above [`MAX_ORDER`]
+//! (whose binomial expansion would take that many terms). Results for the orders it accepts
+//! are unchanged.
+//!
 //! The neighbouring relation is add-or-remove-one record, the one Poisson subsampling is
 //! analysed under. `common/tests/rdp_reference.rs` checks every figure against fixtures
 //! written by the reference itself (`common/tests/privacy/make_rdp_fixtures.py`).
@@ -133,6 +138,7 @@ pub fn rdp_poisson_subsampled_gaussian(q: f64, z: f64, orders: &[f64]) -> Result
             "noise multiplier must be >= 0, got {z}"
         )));
     }
+    check_order_values(orders)?;
     Ok(orders
         .iter()
         .map(|&alpha| {
@@ -154,7 +160,36 @@ pub fn rdp_poisson_subsampled_gaussian(q: f64, z: f64, orders: &[f64]) -> Result
         .collect())
 }
 
+/// Largest finite Rényi divergence order accepted (+∞ is accepted too: its RDP is +∞).
+///
+/// Not a limit of the reference, which takes any order, but of its cost: `log A_α` for a
+/// whole-number α sums α + 1 terms (Mironov et al. 2019, Sec. 3.2), so an order of 10^18
+/// would never finish. The bound is generous: the reference's default orders stop at 1024
+/// (`DEFAULT_RDP_ORDERS`), and the optimal order for any ε worth reporting is far below it.
+pub const MAX_ORDER: f64 = 1e6;
+
+/// Checks each order is in `[1, MAX_ORDER]` or +∞.
+fn check_order_values(orders: &[f64]) -> Result<()> {
+    if let Some(a) = orders.iter().find(|&&a| a.is_nan() || a < 1.0) {
+        return Err(Error::Privacy(format!(
+            "Rényi divergence order must be at least 1, found {a}"
+        )));
+    }
+    if let Some(a) = orders.iter().find(|&&a| a.is_finite() && a > MAX_ORDER) {
+        return Err(Error::Privacy(format!(
+            "Rényi divergence order must be at most {MAX_ORDER} (or infinite), found {a}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks `orders` is non-empty, matches `rdp` in length and holds valid orders.
 fn check_orders(orders: &[f64], rdp: &[f64]) -> Result<()> {
+    if orders.is_empty() {
+        return Err(Error::Privacy(
+            "the list of Rényi divergence orders is empty: give at least one order".to_string(),
+        ));
+    }
     if orders.len() != rdp.len() {
         return Err(Error::Privacy(format!(
             "{} orders but {} RDP values",
@@ -162,12 +197,7 @@ fn check_orders(orders: &[f64], rdp: &[f64]) -> Result<()> {
             rdp.len()
         )));
     }
-    if let Some(a) = orders.iter().find(|&&a| a.is_nan() || a < 1.0) {
-        return Err(Error::Privacy(format!(
-            "Rényi divergence order must be at least 1, found {a}"
-        )));
-    }
-    Ok(())
+    check_order_values(orders)
 }
 
 /// Index of the first minimum (numpy's `argmin`, with NaN never chosen over a number).
@@ -272,7 +302,8 @@ impl Default for RdpAccountant {
 }
 
 impl RdpAccountant {
-    /// An accountant with nothing spent, over `orders` (each at least 1).
+    /// An accountant with nothing spent, over `orders`: at least one, each in
+    /// `[1, MAX_ORDER]` or +∞ (see [`MAX_ORDER`]).
     pub fn new(orders: Vec<f64>) -> Result<Self> {
         let rdp = vec![0.0; orders.len()];
         check_orders(&orders, &rdp)?;
@@ -310,5 +341,48 @@ impl RdpAccountant {
     /// δ at `epsilon` and the optimal order.
     pub fn delta(&self, epsilon: f64) -> Result<(f64, f64)> {
         compute_delta(&self.orders, &self.rdp, epsilon)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_order_lists_are_refused_instead_of_panicking() {
+        let err = RdpAccountant::new(vec![]).unwrap_err().to_string();
+        assert!(err.contains("orders is empty"), "{err}");
+        let err = compute_epsilon(&[], &[], 1e-5).unwrap_err().to_string();
+        assert!(err.contains("orders is empty"), "{err}");
+        let err = compute_delta(&[], &[], 1.0).unwrap_err().to_string();
+        assert!(err.contains("orders is empty"), "{err}");
+    }
+
+    #[test]
+    fn huge_orders_are_refused_instead_of_looping() {
+        for order in [1e18, MAX_ORDER * 2.0, f64::MAX] {
+            let err = RdpAccountant::new(vec![2.0, order])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("must be at most"), "{order}: {err}");
+            let err = rdp_poisson_subsampled_gaussian(0.01, 1.0, &[order])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("must be at most"), "{order}: {err}");
+            let err = compute_epsilon(&[order], &[0.5], 1e-5)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("must be at most"), "{order}: {err}");
+        }
+        // The bound itself, +∞ and the default orders are still accepted.
+        let mut acc = RdpAccountant::new(vec![2.0, MAX_ORDER, f64::INFINITY]).unwrap();
+        acc.compose(&SampledGaussian {
+            q: 0.01,
+            z: 1.0,
+            steps: 10,
+        })
+        .unwrap();
+        assert!(acc.epsilon(1e-5).unwrap().0.is_finite());
+        assert!(RdpAccountant::new(default_orders()).is_ok());
     }
 }

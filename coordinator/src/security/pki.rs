@@ -125,7 +125,13 @@ impl Ca {
         }
         let key = KeyPair::generate().map_err(pki_err)?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = name("fedflow federation CA");
+        // A random tag tells federations' CAs apart by name, so a certificate from another
+        // federation is refused as "unknown issuer" rather than as a bad signature.
+        let tag: [u8; 4] = rand::random();
+        params.distinguished_name = name(&format!(
+            "fedflow federation CA {}",
+            fedflow_common::hash::hex(&tag)
+        ));
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.not_before = validity.not_before;

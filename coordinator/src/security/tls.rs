@@ -143,8 +143,11 @@ pub fn describe_handshake_error(e: &io::Error) -> String {
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 format!("the client certificate is not valid yet ({c})")
             }
-            CertificateError::UnknownIssuer => {
-                "the client certificate is not issued by this federation's CA".into()
+            // A CA with the same name but another key fails on the signature.
+            CertificateError::UnknownIssuer
+            | CertificateError::BadSignature
+            | CertificateError::UnsupportedSignatureAlgorithmContext { .. } => {
+                format!("the client certificate is not issued by this federation's CA ({c})")
             }
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 format!("the client certificate is not for client authentication ({c})")

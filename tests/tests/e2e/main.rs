@@ -6,4 +6,5 @@
 mod federation;
 mod grpc_failures;
 mod python_interop;
+mod security;
 mod sequence_model_quality;
