@@ -221,6 +221,7 @@ async fn a_client_crashed_between_recording_and_uploading_loses_and_double_count
         let mut c = Command::new(env!("CARGO_BIN_EXE_fedflow-client"));
         c.args([
             "join",
+            "--insecure-plaintext",
             "--coordinator",
             &addr,
             "--site-id",

@@ -259,6 +259,46 @@ fn example_file_parses_and_validates() {
     );
     assert_eq!(c.evaluation, EvaluationSection::default());
     assert_eq!(c.transport, TransportSection::default());
+    assert_eq!(c.limits, LimitsSection::default());
+    assert_eq!(c.aggregation, AggregationSection::default());
+}
+
+#[test]
+fn limits_and_aggregation_are_validated_naming_the_field() {
+    let dir = dir_with_vocab();
+    for (extra, field) in [
+        (
+            "[limits]\nmax_concurrent_calls = 0\n",
+            "limits.max_concurrent_calls",
+        ),
+        (
+            "[limits]\nrequests_per_second = 0.0\n",
+            "limits.requests_per_second",
+        ),
+        ("[limits]\nrequest_burst = 0\n", "limits.request_burst"),
+        (
+            "[aggregation]\nrule = \"trimmed_mean\"\ntrim_fraction = 0.5\n",
+            "aggregation.trim_fraction",
+        ),
+        ("[aggregation]\nrule = \"mode\"\n", "rule"),
+        (
+            "[aggregation]\nrule = \"median\"\n[site_dp]\nmode = \"central\"\nclip_norm = 1.0\n\
+             noise_multiplier = 1.0\nexpected_sites = 10\ntarget_epsilon = 8.0\ntarget_delta = 1e-5\n",
+            "aggregation.rule",
+        ),
+    ] {
+        let text = format!("{MINIMAL}{extra}");
+        let e = RunConfig::from_toml_str(&text, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field), "{field}: {e}");
+    }
+    let c = RunConfig::from_toml_str(
+        &format!("{MINIMAL}[aggregation]\nrule = \"trimmed_mean\"\ntrim_fraction = 0.2\n"),
+        dir.path(),
+    )
+    .unwrap();
+    assert_eq!(c.aggregation.rule, AggregationRule::TrimmedMean);
 }
 
 #[test]

@@ -916,4 +916,6 @@ fn check_privacy_unchanged(store: &Store, run_id: &str, cfg: &RunConfig) -> Resu
 }
 
 #[cfg(test)]
+mod hardening_tests;
+#[cfg(test)]
 mod tests;

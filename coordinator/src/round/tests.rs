@@ -7,16 +7,16 @@ use fedflow_common::model::AttentionFlowModel;
 use super::*;
 use crate::metrics::SiteReport;
 
-const T0: i64 = 1_000_000;
-const SEC: i64 = 1000;
+pub(super) const T0: i64 = 1_000_000;
+pub(super) const SEC: i64 = 1000;
 
-struct Fixture {
-    dir: tempfile::TempDir,
-    cfg: RunConfig,
-    initial: ParamSet,
+pub(super) struct Fixture {
+    pub(super) dir: tempfile::TempDir,
+    pub(super) cfg: RunConfig,
+    pub(super) initial: ParamSet,
 }
 
-fn fixture(extra: &str) -> Fixture {
+pub(super) fn fixture(extra: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     Vocab::from_events(["a", "b", "c"])
         .unwrap()
@@ -34,15 +34,15 @@ fn fixture(extra: &str) -> Fixture {
     Fixture { dir, cfg, initial }
 }
 
-fn engine(f: &Fixture) -> RoundEngine {
+pub(super) fn engine(f: &Fixture) -> RoundEngine {
     let store = Store::open(f.dir.path().join("data")).unwrap();
     RoundEngine::open(store, f.cfg.clone(), f.initial.clone()).unwrap()
 }
 
-const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+pub(super) const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 
 /// All three sites show up; the first poll after that starts round 1.
-fn start(e: &mut RoundEngine) -> BTreeMap<String, TaskTicket> {
+pub(super) fn start(e: &mut RoundEngine) -> BTreeMap<String, TaskTicket> {
     for s in SITES {
         e.site_seen(s, T0).unwrap();
     }
@@ -57,22 +57,22 @@ fn start(e: &mut RoundEngine) -> BTreeMap<String, TaskTicket> {
         .collect()
 }
 
-fn first_value(p: &ParamSet) -> f32 {
+pub(super) fn first_value(p: &ParamSet) -> f32 {
     p.get("head.bias").unwrap().to_vec1::<f32>().unwrap()[0]
 }
 
-struct Update {
-    delta: ParamSet,
-    sha: String,
+pub(super) struct Update {
+    pub(super) delta: ParamSet,
+    pub(super) sha: String,
 }
 
-fn update(f: &Fixture, scale: f32) -> Update {
+pub(super) fn update(f: &Fixture, scale: f32) -> Update {
     let delta = f.initial.scale(scale).unwrap();
     let sha = delta.sha256_hex().unwrap();
     Update { delta, sha }
 }
 
-fn submit(
+pub(super) fn submit(
     e: &mut RoundEngine,
     site: &str,
     t: &TaskTicket,

@@ -132,3 +132,6 @@ impl Revocations {
         set.identities.contains(&(Role::Site, site.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests;

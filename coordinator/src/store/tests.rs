@@ -114,7 +114,11 @@ fn a_version_1_database_is_upgraded_in_place() {
         .conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, SCHEMA_VERSION);
+    assert!(
+        store.revocations().unwrap().is_empty(),
+        "the v3 table exists"
+    );
     store
         .create_run("old", "{}", "fedavg", &model(1.0))
         .unwrap();
@@ -525,4 +529,39 @@ fn crash_mid_commit_resumes_at_last_committed_round() {
         .commit_round("crash", 1, &model(2.0), None, None, None)
         .unwrap();
     assert_eq!(store.resume_point("crash").unwrap().round, 1);
+}
+
+#[test]
+fn revocations_are_stored_once_and_append_only() {
+    use crate::security::{Revoked, Role};
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let site = Revoked::Identity(Role::Site, "site-a".into());
+    let serial = Revoked::Serial("0a1b".into());
+    assert!(store.revoke(&site, "left", "admin ops").unwrap());
+    assert!(
+        !store.revoke(&site, "again", "admin ops").unwrap(),
+        "already revoked"
+    );
+    assert!(store.revoke(&serial, "rotated", "admin ops").unwrap());
+    assert!(store.is_revoked(&serial).unwrap());
+    assert!(
+        !store
+            .is_revoked(&Revoked::Identity(Role::Viewer, "site-a".into()))
+            .unwrap()
+    );
+    let err = store
+        .conn
+        .execute("DELETE FROM revocations", [])
+        .unwrap_err();
+    assert!(err.to_string().contains("append-only"), "{err}");
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let list = store.revocations().unwrap();
+    assert_eq!(
+        list.iter()
+            .map(|r| (&r.revoked, r.reason.as_str()))
+            .collect::<Vec<_>>(),
+        [(&site, "left"), (&serial, "rotated")]
+    );
 }
