@@ -217,7 +217,7 @@ async fn bad_updates_are_refused_with_specific_statuses_and_change_nothing() {
     let mut tensors = good.clone().into_tensors();
     tensors.insert(
         "head.bias".into(),
-        Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
     );
     let wrong_shape = ParamSet::from_tensors(tensors).unwrap();
     let s = upload(&mut a, "site-a", &ta, &wrong_shape, |_| {})

@@ -137,11 +137,16 @@ const RUN: &str = "[run]\nname = \"sec\"\nseed = 5\nrounds = 1\n\
     target_epsilon = 50.0\ntarget_delta = 1e-3\n";
 
 async fn coordinator(transport: Transport) -> Running {
+    coordinator_with(transport, "").await
+}
+
+/// [`coordinator`] with `extra` appended to its TOML.
+async fn coordinator_with(transport: Transport, extra: &str) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let vocab =
         fedflow_common::data::Vocab::from_events(["open", "search", "click", "escalate"]).unwrap();
     vocab.save(dir.path().join("vocab.json")).unwrap();
-    let cfg = RunConfig::from_toml_str(RUN, dir.path()).unwrap();
+    let cfg = RunConfig::from_toml_str(&format!("{RUN}{extra}"), dir.path()).unwrap();
     let model = AttentionFlowModel::new(&cfg.model_config().unwrap(), &Device::Cpu, 1).unwrap();
     let initial = ParamSet::from_varmap(model.varmap()).unwrap();
     let data = dir.path().join("coordinator");
@@ -605,4 +610,31 @@ async fn rotation_revocation_in_flight_and_admin_actions() {
     std::fs::write(&tampered, lines.join("\n") + "\n").unwrap();
     let broken = audit_log::verify(&tampered).unwrap().unwrap_err();
     assert_eq!(broken.line, n + 1, "{broken}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_over_its_rate_limit_is_refused_and_others_are_served() {
+    let pki = Pki::new();
+    let c = coordinator_with(
+        Transport::MutualTls(pki.bundle("coordinator")),
+        "[limits]\nrequests_per_second = 0.001\nrequest_burst = 2\n",
+    )
+    .await;
+    let mut viewer = pki.admin(c.addr, "val").await;
+    viewer.get_status(GetStatusRequest {}).await.unwrap();
+    viewer.get_status(GetStatusRequest {}).await.unwrap();
+    let s = viewer.get_status(GetStatusRequest {}).await.unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(
+        s.message().contains("requests_per_second"),
+        "{}",
+        s.message()
+    );
+    // Another caller has its own allowance.
+    let mut admin = pki.admin(c.addr, "ada").await;
+    admin.get_status(GetStatusRequest {}).await.unwrap();
+    let events = audit_events(&c.data);
+    assert!(events.iter().any(|e| e["event"] == "call_refused"
+        && e["detail"]["caller"] == "viewer:val"
+        && e["detail"]["code"] == "ResourceExhausted"));
 }
