@@ -3,9 +3,9 @@
 //!
 //! A run goes round by round: *select* sites (the strategy samples the available ones) →
 //! hand out *tasks* (a task id and a random nonce per selected site) → *collect* updates, each
-//! validated and folded into a streaming [`FedAvgAccumulator`] as it arrives → *close* the
-//! round when every selected site has answered or been dropped, or at the deadline → if the
-//! quorum (`rounds.min_completed`) is met, *aggregate* (the strategy turns the mean delta into
+//! validated and folded into the round's accumulator (FedAvg's streaming sum, or a robust
+//! rule) as it arrives → *close* the round when every selected site has answered or been
+//! dropped, or at the deadline → if the quorum (`rounds.min_completed`) is met, *aggregate* (the strategy turns the mean delta into
 //! the next global model) and *commit* (checkpoint file, then database row); otherwise retry
 //! the round or pause the run, as configured, recording why. After a commit that the
 //! evaluation schedule names, the available sites *evaluate* the new global model on their
