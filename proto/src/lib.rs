@@ -8,6 +8,7 @@
 //! Other crates convert between these wire types and their own at the boundary; nothing
 //! outside the coordinator's and client's gRPC layers should touch [`v1`] types.
 
+pub mod tls;
 pub mod transfer;
 
 /// Generated fedflow.v1 protocol code.

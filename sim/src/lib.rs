@@ -200,7 +200,7 @@ pub async fn run_federation(
             let bundle = fedflow_client::tls::Bundle::load(&site_bundle(dir, &site.name)).map_err(
                 |source| Error::Site {
                     site: site.name.clone(),
-                    source,
+                    source: source.into(),
                 },
             )?;
             o.tls = Some(bundle);

@@ -108,6 +108,15 @@ fn status(engine: &RoundEngine, now_ms: i64) -> crate::Result<wire::RunStatus> {
         latest,
         sites_connected: view.sites_connected as u32,
         now_unix_ms: now_ms,
+        privacy: match (&engine.config().site_dp, engine.site_dp_spent()?) {
+            (Some(dp), Some(spent)) => Some(wire::PrivacySpent {
+                mode: dp.mode.to_string(),
+                epsilon_spent: spent,
+                target_epsilon: dp.target_epsilon,
+                target_delta: dp.target_delta,
+            }),
+            _ => None,
+        },
     })
 }
 

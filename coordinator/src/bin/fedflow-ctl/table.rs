@@ -1,0 +1,244 @@
+//! The tables `fedflow-ctl` prints for people.
+
+use std::fmt::Write;
+
+use fedflow_proto::v1 as wire;
+
+use crate::json::{phase, site_state};
+
+/// Left-aligned columns, two spaces apart.
+fn grid(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let mut l = String::new();
+        for (c, w) in cells.iter().zip(&widths) {
+            let _ = write!(l, "{c:<w$}  ");
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec(), &mut out);
+    for r in rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+fn f(v: f64, digits: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.digits$}")
+    } else {
+        "-".into()
+    }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        0 => "-".into(),
+        n if n < 1 << 20 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
+    }
+}
+
+/// The status of the run, for a person.
+pub(crate) fn status(s: &wire::RunStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "run {}: {}{}",
+        s.run_id,
+        phase(s.phase),
+        if s.status_reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.status_reason)
+        }
+    );
+    let round = if s.current_round > 0 {
+        format!("round {} of {}", s.current_round, s.total_rounds)
+    } else {
+        format!(
+            "{} of {} rounds committed",
+            s.committed_round, s.total_rounds
+        )
+    };
+    let deadline = if s.deadline_unix_ms > 0 {
+        format!(
+            ", {:.0}s to the deadline",
+            ((s.deadline_unix_ms - s.now_unix_ms) as f64 / 1000.0).max(0.0)
+        )
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        out,
+        "{round}{deadline}; {} site(s) connected",
+        s.sites_connected
+    );
+    if let Some(m) = s.latest.as_ref().filter(|m| m.round > 0) {
+        let _ = writeln!(
+            out,
+            "latest: round {} train loss {}; evaluation loss {} accuracy {} macro-F1 {} ({} sites)",
+            m.round,
+            f(m.train_loss, 4),
+            f(m.evaluation_loss, 4),
+            f(m.evaluation_accuracy, 4),
+            f(m.evaluation_macro_f1, 4),
+            m.evaluated_sites
+        );
+    }
+    if let Some(p) = &s.privacy {
+        let _ = writeln!(
+            out,
+            "site-level privacy ({}): epsilon {} of {} spent at delta {:e}",
+            p.mode,
+            f(p.epsilon_spent, 3),
+            p.target_epsilon,
+            p.target_delta
+        );
+    }
+    if !s.sites.is_empty() {
+        let rows: Vec<Vec<String>> = s
+            .sites
+            .iter()
+            .map(|p| {
+                vec![
+                    p.site_id.clone(),
+                    site_state(p.state).to_string(),
+                    if p.epochs > 0 {
+                        format!("{}/{}", p.epoch, p.epochs)
+                    } else {
+                        "-".into()
+                    },
+                    bytes(p.bytes_done),
+                    p.reason.clone(),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&grid(&["SITE", "STATE", "EPOCH", "BYTES", "REASON"], &rows));
+    }
+    out
+}
+
+/// Runs, for a person.
+pub(crate) fn runs(r: &wire::ListRunsResponse) -> String {
+    let rows: Vec<Vec<String>> = r
+        .runs
+        .iter()
+        .map(|x| {
+            vec![
+                x.run_id.clone(),
+                x.status.clone(),
+                format!("{}/{}", x.committed_round, x.total_rounds),
+                x.strategy.clone(),
+                x.status_reason.clone(),
+            ]
+        })
+        .collect();
+    grid(&["RUN", "STATUS", "ROUNDS", "STRATEGY", "REASON"], &rows)
+}
+
+/// Rounds, for a person.
+pub(crate) fn rounds(r: &wire::ListRoundsResponse) -> String {
+    let rows: Vec<Vec<String>> = r
+        .rounds
+        .iter()
+        .map(|x| {
+            let m = x.metrics.unwrap_or_default();
+            let secs = if x.committed_unix_ms > 0 {
+                format!(
+                    "{:.1}",
+                    (x.committed_unix_ms - x.started_unix_ms) as f64 / 1000.0
+                )
+            } else {
+                "-".into()
+            };
+            vec![
+                x.round.to_string(),
+                x.status.clone(),
+                format!("{}/{}", x.uploaded, x.selected),
+                format!("{}/{}/{}/{}", x.late, x.dropped, x.rejected, x.declined),
+                f(m.train_loss, 4),
+                f(m.evaluation_loss, 4),
+                f(m.evaluation_accuracy, 4),
+                secs,
+                x.failure_reason.clone(),
+            ]
+        })
+        .collect();
+    let mut out = format!("run {}\n", r.run_id);
+    out.push_str(&grid(
+        &[
+            "ROUND",
+            "STATUS",
+            "UPLOADED",
+            "LATE/DROP/REJ/DECL",
+            "TRAIN LOSS",
+            "EVAL LOSS",
+            "EVAL ACC",
+            "SECONDS",
+            "REASON",
+        ],
+        &rows,
+    ));
+    out
+}
+
+/// Sites, for a person.
+pub(crate) fn sites(r: &wire::ListSitesResponse) -> String {
+    let rows: Vec<Vec<String>> = r
+        .sites
+        .iter()
+        .map(|s| {
+            vec![
+                s.site_id.clone(),
+                s.rounds_contributed.to_string(),
+                s.rejected.to_string(),
+                s.late.to_string(),
+                s.dropped.to_string(),
+                s.declined.to_string(),
+                s.last_seen_unix_ms.to_string(),
+            ]
+        })
+        .collect();
+    grid(
+        &[
+            "SITE",
+            "ROUNDS",
+            "REJECTED",
+            "LATE",
+            "DROPPED",
+            "DECLINED",
+            "LAST SEEN (ms)",
+        ],
+        &rows,
+    )
+}
+
+/// Revocations, for a person.
+pub(crate) fn revocations(r: &wire::ListRevocationsResponse) -> String {
+    let rows: Vec<Vec<String>> = r
+        .revocations
+        .iter()
+        .map(|x| {
+            vec![
+                x.kind.clone(),
+                if x.role.is_empty() {
+                    x.value.clone()
+                } else {
+                    format!("{} {}", x.role, x.value)
+                },
+                x.reason.clone(),
+                x.revoked_by.clone(),
+            ]
+        })
+        .collect();
+    grid(&["KIND", "WHAT", "REASON", "BY"], &rows)
+}
