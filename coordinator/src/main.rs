@@ -47,8 +47,21 @@ fn purge_freed_memory_at_once() {
 #[derive(Debug, Parser)]
 #[command(name = "fedflow-coordinator", version, about)]
 struct Cli {
+    /// Log lines as human-readable text or as JSON objects (one per line, with the run
+    /// and round ids as fields).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,6 +90,10 @@ enum Command {
         /// With --insecure-plaintext, serve on a non-loopback address anyway.
         #[arg(long, requires = "insecure_plaintext")]
         allow_insecure_remote: bool,
+        /// Also serve Prometheus metrics over plain HTTP on this address (`GET /metrics`);
+        /// keep it on a monitoring network. No metric names a site.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
     },
     /// The federation's certificate authority: create it, issue certificates.
     #[command(subcommand)]
@@ -194,6 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tls,
             insecure_plaintext,
             allow_insecure_remote,
+            metrics_listen,
         } => {
             let transport = match (tls, insecure_plaintext) {
                 (Some(bundle), _) => Transport::MutualTls(bundle),
@@ -243,6 +261,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let coordinator = Coordinator::spawn(engine, cfg, &transport)?;
             fedflow_coordinator::memtrace::probe(format_args!("startup-serving"));
+            if let Some(addr) = metrics_listen {
+                let metrics = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+                println!(
+                    "metrics on http://{}/metrics",
+                    metrics.local_addr().unwrap_or(addr)
+                );
+                let c = coordinator.clone();
+                tokio::spawn(async move {
+                    let stop = async {
+                        let _ = tokio::signal::ctrl_c().await;
+                    };
+                    if let Err(e) =
+                        fedflow_coordinator::service::serve_metrics(metrics, c, stop).await
+                    {
+                        tracing::error!("the metrics endpoint stopped: {e}");
+                    }
+                });
+            }
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
@@ -256,13 +294,17 @@ fn main() -> ExitCode {
     purge_freed_memory_at_once();
     // rustls needs a process-wide crypto provider for the server side (ring: no C build).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -270,7 +312,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(Cli::parse())) {
+    match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -161,11 +161,29 @@ async fn the_cli_follows_a_run_and_acts_on_it_with_the_right_role() {
         Coordinator::spawn(engine, cfg, &Transport::MutualTls(pki.join("coordinator"))).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics.local_addr().unwrap();
+    tokio::spawn(fedflow_coordinator::service::serve_metrics(
+        metrics,
+        coordinator.clone(),
+        std::future::pending(),
+    ));
     tokio::spawn(serve(listener, coordinator, std::future::pending()));
     let ctl = Ctl {
         addr,
         pki: pki.clone(),
     };
+
+    // Ready (database open, run loaded) by gRPC health, once the probe has run.
+    let health = tonic_health::pb::health_client::HealthClient::new(
+        connect(
+            &format!("https://{addr}"),
+            Some(&Bundle::load(&pki.join("val")).unwrap()),
+        )
+        .await
+        .unwrap(),
+    );
+    wait_serving(health).await;
 
     // Round 1 starts with both sites selected.
     let mut a = site_client(&pki, addr, "site-a").await;
@@ -181,6 +199,11 @@ async fn the_cli_follows_a_run_and_acts_on_it_with_the_right_role() {
     assert!(s["seconds_to_deadline"].as_f64().unwrap() > 0.0);
     assert_eq!(site_state(&s, "site-a"), "selected");
     assert_eq!(site_state(&s, "site-b"), "selected");
+    let m = scrape(metrics_addr).await;
+    assert_eq!(m["fedflow_current_round"], 1.0);
+    assert_eq!(m["fedflow_sites_selected"], 2.0);
+    assert_eq!(m["fedflow_phase{phase=training}"], 1.0);
+    assert_eq!(m["fedflow_phase{phase=waiting}"], 0.0);
 
     // Site A uploads; site B goes silent and is dropped; the round commits without it.
     let sha = ta.model.as_ref().unwrap().sha256.clone();
@@ -238,6 +261,19 @@ async fn the_cli_follows_a_run_and_acts_on_it_with_the_right_role() {
         (r1["uploaded"].as_u64(), r1["dropped"].as_u64()),
         (Some(1), Some(1))
     );
+    // The metrics agree with the database (as the admin service reports it).
+    let m = scrape(metrics_addr).await;
+    assert_eq!(m["fedflow_rounds_completed_total"], 1.0);
+    assert_eq!(
+        m["fedflow_updates_accepted_total"],
+        r1["uploaded"].as_f64().unwrap()
+    );
+    assert_eq!(m["fedflow_committed_round"], 1.0);
+    assert_eq!(m["fedflow_sites_dropped"], 1.0);
+    assert_eq!(m["fedflow_round_duration_seconds_count"], 1.0);
+    assert_eq!(m["fedflow_aggregations"], 1.0);
+    assert!(m["fedflow_received_bytes_total"] >= bytes.len() as f64);
+    assert!(m["fedflow_sent_bytes_total"] >= model_bytes.len() as f64);
     let sites = ctl.json(&["sites"]).await;
     assert_eq!(sites["sites"].as_array().unwrap().len(), 2);
     let runs = ctl.json(&["runs"]).await;
@@ -288,4 +324,64 @@ async fn the_cli_follows_a_run_and_acts_on_it_with_the_right_role() {
         "{}",
         gone.stderr
     );
+}
+
+/// Polls gRPC health (bounded) until the coordinator reports SERVING.
+async fn wait_serving(mut health: tonic_health::pb::health_client::HealthClient<Channel>) {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    for _ in 0..100 {
+        let s = health
+            .check(HealthCheckRequest {
+                service: "fedflow.v1.Federation".into(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+            .ok();
+        if s == Some(ServingStatus::Serving as i32) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the coordinator never reported SERVING");
+}
+
+/// Scrapes `/metrics` (plain HTTP/1.0) and parses it with a Prometheus text-format parser;
+/// samples by name, with labels as `name{k=v}`; histograms as `name_count`.
+async fn scrape(addr: SocketAddr) -> std::collections::BTreeMap<String, f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for s in scrape.samples {
+        let mut labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        let name = if labels.is_empty() {
+            s.metric.clone()
+        } else {
+            format!("{}{{{}}}", s.metric, labels.join(","))
+        };
+        match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => {
+                out.insert(name, v);
+            }
+            prometheus_parse::Value::Histogram(h) => {
+                let count = h.iter().map(|b| b.count).fold(0.0, f64::max);
+                out.insert(format!("{}_count", s.metric), count);
+            }
+            prometheus_parse::Value::Summary(_) => {}
+        }
+    }
+    out
 }

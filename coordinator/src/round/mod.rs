@@ -297,6 +297,8 @@ pub struct RoundEngine {
     site_dp: Option<site_dp::SiteDpState>,
     /// Paused by an operator: nothing new starts until resumed.
     held: bool,
+    /// Seconds spent aggregating and committing rounds since the engine opened, and how many.
+    aggregation: (f64, u64),
 }
 
 impl RoundEngine {
@@ -365,6 +367,7 @@ impl RoundEngine {
             live: view::Live::default(),
             site_dp,
             held: phase == Phase::Paused,
+            aggregation: (0.0, 0),
         })
     }
 
@@ -380,6 +383,12 @@ impl RoundEngine {
     /// The site-level ε spent so far at the run's target δ, when the run has `[site_dp]`.
     pub fn site_dp_spent(&self) -> Result<Option<f64>> {
         self.site_dp.as_ref().map(|d| d.spent()).transpose()
+    }
+
+    /// Seconds spent aggregating and committing rounds since the engine opened, and how
+    /// many rounds that was.
+    pub fn aggregation_seconds(&self) -> (f64, u64) {
+        self.aggregation
     }
 
     /// The run's id.
@@ -814,6 +823,7 @@ impl RoundEngine {
             return Ok(());
         }
         crate::memtrace::probe(format_args!("close round={round}"));
+        let aggregating = std::time::Instant::now();
         let selected = open.tasks.len() as u64;
         let (mean, dp_record) = match (&mut self.site_dp, open.acc) {
             (Some(dp), accumulator::RoundAccumulator::Mean(acc)) => {
@@ -856,6 +866,8 @@ impl RoundEngine {
             );
         }
         crate::memtrace::probe(format_args!("committed round={round}"));
+        self.aggregation.0 += aggregating.elapsed().as_secs_f64();
+        self.aggregation.1 += 1;
         crate::failpoint(&format!("after-commit-round-{round}"));
         tracing::info!(run = %self.run_id, round, completed, "round {round} committed");
         self.global = next;

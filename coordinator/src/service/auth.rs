@@ -56,6 +56,9 @@ impl Coordinator {
 
     /// Records a rejected update or report (the engine's or the transfer layer's reason).
     pub(super) fn rejected(&self, method: &str, site: &str, round: u64, status: &Status) {
+        if method == "UploadUpdate" {
+            self.shared.telemetry.rejected(status.code());
+        }
         tracing::warn!(method, site, round, "rejected: {}", status.message());
         self.shared.security.log.record(
             "update_rejected",
@@ -72,6 +75,7 @@ impl Coordinator {
     /// Refuses a call: logs it, records it in the audit log, returns `status`.
     pub(super) fn refuse(&self, method: &str, who: &str, peer: &str, status: Status) -> Status {
         tracing::warn!(method, caller = who, %peer, "refused: {}", status.message());
+        self.shared.telemetry.refused(status.code());
         self.shared.security.log.record(
             "call_refused",
             json!({

@@ -157,6 +157,7 @@ impl Federation for Coordinator {
             Duration::from_secs(self.shared.cfg.rounds.heartbeat_timeout_secs),
             tx,
             dropped,
+            self.shared.telemetry.bytes_out.clone(),
         ));
         Ok(Response::new(super::transfer::download_stream(rx, guard)))
     }
@@ -223,6 +224,7 @@ impl Federation for Coordinator {
             }
         };
         drop(file);
+        self.shared.telemetry.bytes_in.inc_by(h.total_bytes);
         let call = match early {
             Some(call) if !h.site_id.is_empty() && h.site_id != call.site => {
                 return Err(self.refuse(
@@ -260,10 +262,15 @@ impl Federation for Coordinator {
             .ask(|r| Command::Submit(Box::new(submission), r))
             .await?
         {
-            Ok(accepted) => Ok(Response::new(UploadUpdateResponse {
-                delta_sha256: h.delta_sha256,
-                duplicate: accepted == Accepted::Duplicate,
-            })),
+            Ok(accepted) => {
+                if accepted == Accepted::New {
+                    self.shared.telemetry.updates_accepted.inc();
+                }
+                Ok(Response::new(UploadUpdateResponse {
+                    delta_sha256: h.delta_sha256,
+                    duplicate: accepted == Accepted::Duplicate,
+                }))
+            }
             Err(rejection) => {
                 let status = rejection_status(&rejection);
                 self.rejected(METHOD, &call.site, round, &status);

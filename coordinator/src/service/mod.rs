@@ -28,8 +28,10 @@ use crate::strategy::UpdateReport;
 pub mod admin;
 mod auth;
 pub mod federation;
+mod telemetry;
 mod transfer;
 
+pub use telemetry::serve_metrics;
 pub use transfer::{INCOMING_DIR, TRANSFER_SLOTS};
 
 /// Milliseconds since the Unix epoch.
@@ -171,6 +173,8 @@ struct Shared {
     max_upload_bytes: u64,
     /// Transport security, revocations, audit log and per-caller limits.
     security: Security,
+    /// Counters for the metrics endpoint.
+    telemetry: telemetry::Telemetry,
 }
 
 /// The coordinator's security state, shared by every handler.
@@ -240,6 +244,7 @@ impl Coordinator {
             limiter: crate::security::limits::CallLimiter::new(cfg.limits.call_limits()),
         };
         let shared = Shared {
+            telemetry: telemetry::Telemetry::default(),
             max_upload_bytes,
             security,
             incoming,
@@ -450,8 +455,8 @@ pub const HTTP2_WINDOW: u32 = 65_535;
 
 /// Serves the coordinator on `listener` until `shutdown` resolves: the `Federation` and
 /// `Admin` services with fedflow's message limits, standard gRPC health checking
-/// (`grpc.health.v1`, serving once the engine is running) and server reflection (so grpcurl
-/// and friends work).
+/// (`grpc.health.v1`, reflecting readiness: see [`readiness`]) and server reflection (so
+/// grpcurl and friends work).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     coordinator: Coordinator,
@@ -464,8 +469,7 @@ pub async fn serve(
     let tls = coordinator.shared.security.tls.clone();
     let log = coordinator.shared.security.log.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<FederationServer<Coordinator>>().await;
-    health.set_serving::<AdminServer<Coordinator>>().await;
+    let probe = readiness(coordinator.clone(), health);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(fedflow_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -486,22 +490,81 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(admin)
         .add_service(federation);
-    match tls {
-        Some(config) => {
-            router
-                .serve_with_incoming_shutdown(
-                    crate::security::tls::incoming(listener, config, log),
-                    shutdown,
-                )
-                .await
+    let server = async {
+        match tls {
+            Some(config) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        crate::security::tls::incoming(listener, config, log),
+                        shutdown,
+                    )
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        shutdown,
+                    )
+                    .await
+            }
         }
-        None => {
-            router
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    shutdown,
+    };
+    // The readiness probe runs as long as the server does.
+    tokio::select! {
+        r = server => r,
+        () = probe => Ok(()),
+    }
+}
+
+/// How often gRPC health is brought up to date.
+const READINESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps gRPC health (`grpc.health.v1`, the whole server `""` and each fedflow service) in
+/// step with real readiness: `SERVING` while the engine thread answers and the database
+/// holds the run, `NOT_SERVING` otherwise (before the first check, if the engine stops
+/// answering, or the database fails). Never returns.
+async fn readiness(coordinator: Coordinator, health: tonic_health::server::HealthReporter) {
+    use fedflow_proto::v1::admin_server::AdminServer;
+    use fedflow_proto::v1::federation_server::FederationServer;
+    use tonic_health::ServingStatus;
+    let mut last = None;
+    loop {
+        let ready = tokio::time::timeout(
+            READINESS_EVERY * 5,
+            coordinator.inspect(|e, _| {
+                e.store()
+                    .run(e.run_id())
+                    .map(|r| r.is_some())
+                    .map_err(|e| e.to_string())
+            }),
+        )
+        .await
+        .is_ok_and(|r| r.unwrap_or(false));
+        if last != Some(ready) {
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            health
+                .set_service_status(
+                    <FederationServer<Coordinator> as tonic::server::NamedService>::NAME,
+                    status,
                 )
-                .await
+                .await;
+            health
+                .set_service_status(
+                    <AdminServer<Coordinator> as tonic::server::NamedService>::NAME,
+                    status,
+                )
+                .await;
+            if !ready {
+                tracing::warn!("not ready: the round engine or its database does not answer");
+            }
+            last = Some(ready);
         }
+        tokio::time::sleep(READINESS_EVERY).await;
     }
 }

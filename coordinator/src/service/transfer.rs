@@ -84,6 +84,7 @@ pub(super) async fn stream_model(
     stall: Duration,
     tx: tokio::sync::mpsc::Sender<Result<ModelChunk, Status>>,
     dropped: tokio::sync::oneshot::Receiver<()>,
+    sent: prometheus_client::metrics::counter::Counter,
 ) {
     let Ok(_slot) = slots.acquire_owned().await else {
         return;
@@ -121,6 +122,9 @@ pub(super) async fn stream_model(
         };
         let failed = msg.is_err();
         match tokio::time::timeout(stall, tx.send(msg)).await {
+            Ok(Ok(())) if !failed => {
+                sent.inc_by(n as u64);
+            }
             Ok(Ok(())) => {}
             // The site went away, or stopped reading: free the slot.
             Ok(Err(_)) | Err(_) => return,
