@@ -152,12 +152,14 @@ impl Federation for Coordinator {
         tokio::spawn(super::transfer::stream_model(
             file,
             header,
-            self.shared.cfg.transport.chunk_bytes,
-            self.shared.downloads.clone(),
-            Duration::from_secs(self.shared.cfg.rounds.heartbeat_timeout_secs),
+            super::transfer::StreamSettings {
+                chunk_bytes: self.shared.cfg.transport.chunk_bytes,
+                slots: self.shared.downloads.clone(),
+                stall: Duration::from_secs(self.shared.cfg.rounds.heartbeat_timeout_secs),
+                sent: self.shared.telemetry.bytes_out.clone(),
+            },
             tx,
             dropped,
-            self.shared.telemetry.bytes_out.clone(),
         ));
         Ok(Response::new(super::transfer::download_stream(rx, guard)))
     }

@@ -67,6 +67,19 @@ pub(super) fn reset_incoming(dir: &Path) -> crate::Result<()> {
     std::fs::create_dir_all(dir).map_err(fail)
 }
 
+/// How [`stream_model`] sends.
+#[derive(Debug)]
+pub(super) struct StreamSettings {
+    /// Bytes per chunk.
+    pub(super) chunk_bytes: usize,
+    /// The download slots.
+    pub(super) slots: Arc<Semaphore>,
+    /// Give up when the receiver stops reading this long.
+    pub(super) stall: Duration,
+    /// Counts the bytes sent.
+    pub(super) sent: prometheus_client::metrics::counter::Counter,
+}
+
 /// Streams a model file as `DownloadModel` chunks (laid out like `header`, starting at its
 /// offset) into `tx`, one chunk read at a time, once one of the download slots is free.
 /// Gives up when the receiver goes away or stops reading for `stall`.
@@ -79,13 +92,16 @@ pub(super) fn reset_incoming(dir: &Path) -> crate::Result<()> {
 pub(super) async fn stream_model(
     file: std::fs::File,
     header: ModelChunk,
-    chunk_bytes: usize,
-    slots: Arc<Semaphore>,
-    stall: Duration,
+    how: StreamSettings,
     tx: tokio::sync::mpsc::Sender<Result<ModelChunk, Status>>,
     dropped: tokio::sync::oneshot::Receiver<()>,
-    sent: prometheus_client::metrics::counter::Counter,
 ) {
+    let StreamSettings {
+        chunk_bytes,
+        slots,
+        stall,
+        sent,
+    } = how;
     let Ok(_slot) = slots.acquire_owned().await else {
         return;
     };
