@@ -15,6 +15,7 @@ pub mod error;
 pub mod memtrace;
 pub mod metrics;
 pub mod round;
+pub mod run_report;
 pub mod security;
 pub mod service;
 pub mod store;

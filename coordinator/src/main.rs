@@ -95,6 +95,19 @@ enum Command {
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
     },
+    /// Write a run's report (run-report.html: accuracy, loss, participation, update norms,
+    /// durations and epsilon per round, as charts; self-contained).
+    Report {
+        /// The coordinator's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// The run (default: the only run in the data directory).
+        #[arg(long)]
+        run: Option<String>,
+        /// Output folder (default: DATA/reports/RUN, next to the privacy-audit report).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// The federation's certificate authority: create it, issue certificates.
     #[command(subcommand)]
     Pki(cli::security::Pki),
@@ -134,6 +147,14 @@ enum AuditLogCommand {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Pki(cmd) => cli::security::pki(cmd)?,
+        Command::Report { data, run, out } => {
+            let store = Store::open(&data)
+                .with_context(|| format!("opening the data directory {}", data.display()))?;
+            let run = fedflow_coordinator::audit::resolve_run(&store, run.as_deref())?;
+            let out = out.unwrap_or_else(|| data.join("reports").join(&run));
+            let path = fedflow_coordinator::run_report::write(&store, &run, &out)?;
+            println!("wrote {}", path.display());
+        }
         Command::AuditLog(AuditLogCommand::Verify { file }) => {
             cli::security::verify_audit_log(&file)?
         }

@@ -433,6 +433,10 @@ pub async fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoRepo
         outcome.privacy_summary,
         outcome.privacy_audit.display()
     ));
+    say(&format!(
+        "run report (charts per round): {}",
+        outcome.run_report.display()
+    ));
     let coordinator_evaluation = outcome
         .rounds
         .last()

@@ -113,6 +113,8 @@ pub struct SimOutcome {
     pub privacy_audit: std::path::PathBuf,
     /// Its one-line summary.
     pub privacy_summary: String,
+    /// The run report (HTML with charts), next to the privacy-audit report.
+    pub run_report: std::path::PathBuf,
 }
 
 /// The run's initial global model: the architecture of `cfg`, initialised from its seed.
@@ -247,9 +249,11 @@ pub async fn run_federation(
     let dir = audit_dir.clone();
     let audit = coordinator
         .inspect(move |e, _| {
-            fedflow_coordinator::audit::write(e.store(), Some(e.run_id()), &dir)
-                .map(|r| r.summary)
-                .map_err(|e| e.to_string())
+            let audit = fedflow_coordinator::audit::write(e.store(), Some(e.run_id()), &dir)
+                .map_err(|e| e.to_string())?;
+            fedflow_coordinator::run_report::write(e.store(), e.run_id(), &dir)
+                .map_err(|e| format!("run report: {e}"))?;
+            Ok(audit.summary)
         })
         .await;
     let _ = stop.send(());
@@ -274,6 +278,7 @@ pub async fn run_federation(
         rounds,
         seconds: started.elapsed().as_secs_f64(),
         privacy_audit: audit_dir.join(fedflow_coordinator::audit::HTML_FILE),
+        run_report: audit_dir.join(fedflow_coordinator::run_report::REPORT_FILE),
         privacy_summary,
     })
 }

@@ -103,6 +103,89 @@ async fn sixty_sites_run_a_federation_in_one_process() {
         "{}",
         outcome.privacy_summary
     );
+    // And its run report: self-contained (no scripts, styles or images fetched), six
+    // charts, a table row per round, a link to the privacy-audit report next to it.
+    let html = std::fs::read_to_string(&outcome.run_report).unwrap();
+    assert!(html.contains("<h1>Run report: "), "{html}");
+    assert_eq!(
+        html.matches("<svg").count(),
+        6,
+        "accuracy, loss, per site, participation, norm, durations"
+    );
+    for external in ["<script", "<link", "<img", "src=", "@import"] {
+        assert!(
+            !html.contains(external),
+            "the report fetches something: {external}"
+        );
+    }
+    assert_eq!(html.matches("<tr>").count(), 1 + 2, "header and rounds 1-2");
+    assert!(html.contains("href=\"privacy-audit.html\""));
+    assert!(html.contains("Latest federated evaluation (round 2, 60 sites"));
+    render_in_a_browser(&outcome.run_report);
+}
+
+/// Renders `page` in headless Chromium (installed from Debian's packages by
+/// tests/browser/install-chromium.sh when missing): the browser must parse it into the
+/// same six charts, and its screenshot must be a full-size image with content (a blank or
+/// broken page compresses to almost nothing).
+fn render_in_a_browser(page: &std::path::Path) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/browser/install-chromium.sh");
+    let found = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "no headless browser: {}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    let browser = String::from_utf8(found.stdout).unwrap().trim().to_string();
+    let url = format!("file://{}", page.display());
+    let profile = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(&browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(&url)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let dom = String::from_utf8(run(&["--dump-dom"])).unwrap();
+    assert_eq!(
+        dom.matches("<svg").count(),
+        6,
+        "the browser sees the six charts"
+    );
+    let png = page.with_extension("png");
+    run(&[
+        "--window-size=1200,2800",
+        &format!("--screenshot={}", png.display()),
+    ]);
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let (w, h) = (
+        u32::from_be_bytes(bytes[16..20].try_into().unwrap()),
+        u32::from_be_bytes(bytes[20..24].try_into().unwrap()),
+    );
+    assert_eq!((w, h), (1200, 2800));
+    assert!(
+        bytes.len() > 60_000,
+        "a nearly empty screenshot: {} bytes",
+        bytes.len()
+    );
 }
 
 /// Site-level DP in distributed mode over real gRPC: Poisson-sampled sites clip and noise

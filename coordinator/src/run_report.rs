@@ -1,0 +1,342 @@
+//! The run report: one self-contained HTML page (inline CSS and SVG charts drawn here with
+//! `plotters`; nothing fetched when it is opened) with how a run went — accuracy and loss
+//! per round, globally and per site, participation, the size of each round's global
+//! update, round durations and, under site-level DP, epsilon over rounds (from the same
+//! ledger as the privacy-audit report, which it links to). Built from the store alone:
+//! `fedflow-coordinator report --data DIR`, and written by the demo.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::Path;
+
+use fedflow_common::params::ParamSet;
+use fedflow_common::report::{Series, escape, line_chart, page, table};
+
+use crate::metrics::{EvaluationSummary, SiteReport, TrainingSummary};
+use crate::store::{RoundStatus, SiteState, Store};
+use crate::{Error, Result};
+
+/// The report's file name (next to the privacy-audit report, in `DATA/reports/RUN/`).
+pub const REPORT_FILE: &str = "run-report.html";
+
+/// Per-site evaluation series drawn at most (the table lists every site).
+const MAX_SITE_SERIES: usize = 12;
+
+/// One round, as the report shows it.
+#[derive(Debug, Clone, Default)]
+struct RoundRow {
+    round: u64,
+    status: String,
+    train: TrainingSummary,
+    eval: Option<EvaluationSummary>,
+    selected: u64,
+    uploaded: u64,
+    late_or_dropped: u64,
+    declined_or_rejected: u64,
+    seconds: Option<f64>,
+    update_norm: Option<f64>,
+    epsilon: Option<f64>,
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    v.filter(|x| x.is_finite())
+        .map_or_else(|| "–".into(), |x| format!("{x:.digits$}"))
+}
+
+fn series(label: &str, points: Vec<(f64, f64)>) -> Series {
+    Series {
+        label: label.into(),
+        points,
+        dashed: false,
+    }
+}
+
+/// Writes the report of `run_id` to `out/run-report.html` (atomically) and returns its
+/// path.
+pub fn write(store: &Store, run_id: &str, out: &Path) -> Result<std::path::PathBuf> {
+    let html = build(store, run_id)?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| Error::Store(format!("cannot create {}: {e}", out.display())))?;
+    let path = out.join(REPORT_FILE);
+    fedflow_common::fsio::write_atomic(&path, html.as_bytes())?;
+    Ok(path)
+}
+
+/// The report's HTML.
+pub fn build(store: &Store, run_id: &str) -> Result<String> {
+    let run = store
+        .run(run_id)?
+        .ok_or_else(|| Error::Store(format!("no run named {run_id:?}")))?;
+    let cfg: serde_json::Value = serde_json::from_str(&run.config_json).unwrap_or_default();
+    let total_rounds = cfg["run"]["rounds"].as_u64().unwrap_or(0);
+    let epsilons: BTreeMap<u64, f64> = store
+        .site_dp_rounds(run_id)?
+        .into_iter()
+        .map(|r| (r.round, r.epsilon))
+        .collect();
+
+    let mut rows = Vec::new();
+    let mut per_site: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut previous: Option<ParamSet> = None;
+    for r in store.rounds(run_id)? {
+        // The global update of a committed round: its model minus the previous one.
+        let model = match (r.status, &r.model_sha256) {
+            (RoundStatus::Committed, Some(_)) => {
+                ParamSet::load(store.model_checkpoint_path(run_id, r.round)).ok()
+            }
+            _ => None,
+        };
+        let update_norm = match (&previous, &model) {
+            (Some(p), Some(m)) => ParamSet::delta(m, p).and_then(|d| d.l2_norm()).ok(),
+            _ => None,
+        };
+        if model.is_some() {
+            previous = model;
+        }
+        if r.round == 0 {
+            continue;
+        }
+        for e in store.evaluations(run_id, r.round)? {
+            let m: SiteReport = serde_json::from_str(&e.metrics_json).unwrap_or_default();
+            if let Some(acc) = m.validation_accuracy {
+                per_site
+                    .entry(e.site_id)
+                    .or_default()
+                    .push((r.round as f64, acc));
+            }
+        }
+        let sites = store.round_sites(run_id, r.round)?;
+        let count =
+            |f: &dyn Fn(SiteState) -> bool| sites.iter().filter(|s| f(s.state)).count() as u64;
+        rows.push(RoundRow {
+            round: r.round,
+            status: r.status.as_str().to_string(),
+            train: r
+                .metrics_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok())
+                .unwrap_or_default(),
+            eval: r
+                .evaluation_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok()),
+            selected: sites.len() as u64,
+            uploaded: count(&|s| s == SiteState::Uploaded),
+            late_or_dropped: count(&|s| matches!(s, SiteState::Late | SiteState::Dropped)),
+            declined_or_rejected: count(&|s| {
+                matches!(s, SiteState::Declined | SiteState::Rejected)
+            }),
+            seconds: r
+                .committed_at_ms
+                .map(|c| (c - r.started_at_ms) as f64 / 1000.0),
+            update_norm,
+            epsilon: epsilons.get(&r.round).copied(),
+        });
+    }
+
+    let committed: Vec<&RoundRow> = rows.iter().filter(|r| r.status == "committed").collect();
+    let pts = |f: &dyn Fn(&RoundRow) -> Option<f64>| -> Vec<(f64, f64)> {
+        committed
+            .iter()
+            .filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.round as f64, v)))
+            .collect()
+    };
+    let size = (900, 340);
+    let mut body = String::new();
+    let _ = write!(
+        body,
+        "<h1>Run report: {}</h1><p>Status <b>{}</b>{}; {} of {} rounds committed; strategy {}; \
+         aggregation {}; created {} (Unix ms). Privacy: {}.</p>",
+        escape(run_id),
+        escape(run.status.as_str()),
+        run.status_reason
+            .as_deref()
+            .map(|r| format!(" ({})", escape(r)))
+            .unwrap_or_default(),
+        committed.len(),
+        total_rounds,
+        escape(&run.strategy),
+        escape(cfg["aggregation"]["rule"].as_str().unwrap_or("mean")),
+        run.created_at_ms,
+        if cfg.get("site_dp").is_some_and(|v| !v.is_null())
+            || cfg.get("record_dp").is_some_and(|v| !v.is_null())
+        {
+            format!(
+                "differential privacy is on; the guarantee delivered is in the \
+                 <a href=\"{}\">privacy-audit report</a>",
+                crate::audit::HTML_FILE
+            )
+        } else {
+            format!(
+                "no differential privacy (see the <a href=\"{}\">privacy-audit report</a>)",
+                crate::audit::HTML_FILE
+            )
+        }
+    );
+    let last_eval = committed
+        .iter()
+        .rev()
+        .find_map(|r| r.eval.clone().map(|e| (r.round, e)));
+    if let Some((round, e)) = &last_eval {
+        let _ = write!(
+            body,
+            "<p id=\"summary\">Latest federated evaluation (round {round}, {} sites, {} \
+             sessions): accuracy <b>{}</b>, macro-F1 <b>{}</b>, loss {}.</p>",
+            e.sites,
+            e.examples,
+            fmt(e.accuracy, 4),
+            fmt(e.macro_f1, 4),
+            fmt(e.loss, 4)
+        );
+    }
+
+    body.push_str("<h2>Accuracy per round</h2>");
+    body.push_str(&line_chart(
+        "Global model",
+        "round",
+        "accuracy / macro-F1",
+        &[
+            series(
+                "evaluation accuracy",
+                pts(&|r| r.eval.as_ref().and_then(|e| e.accuracy)),
+            ),
+            series(
+                "evaluation macro-F1",
+                pts(&|r| r.eval.as_ref().and_then(|e| e.macro_f1)),
+            ),
+            series(
+                "local validation accuracy (training)",
+                pts(&|r| r.train.local_validation_accuracy),
+            ),
+        ],
+        size,
+    )?);
+    body.push_str("<h2>Loss per round</h2>");
+    body.push_str(&line_chart(
+        "Global model",
+        "round",
+        "cross-entropy",
+        &[
+            series("training loss (sites' mean)", pts(&|r| r.train.train_loss)),
+            series(
+                "evaluation loss",
+                pts(&|r| r.eval.as_ref().and_then(|e| e.loss)),
+            ),
+        ],
+        size,
+    )?);
+    if !per_site.is_empty() {
+        body.push_str("<h2>Accuracy per site</h2>");
+        let site_series: Vec<Series> = per_site
+            .iter()
+            .take(MAX_SITE_SERIES)
+            .map(|(s, p)| series(s, p.clone()))
+            .collect();
+        body.push_str(&line_chart(
+            "Each site's evaluation of the global model",
+            "round",
+            "accuracy",
+            &site_series,
+            size,
+        )?);
+        if per_site.len() > MAX_SITE_SERIES {
+            let _ = write!(
+                body,
+                "<p>{} of {} sites drawn.</p>",
+                MAX_SITE_SERIES,
+                per_site.len()
+            );
+        }
+    }
+    body.push_str("<h2>Participation per round</h2>");
+    let all = |f: &dyn Fn(&RoundRow) -> f64| -> Vec<(f64, f64)> {
+        rows.iter().map(|r| (r.round as f64, f(r))).collect()
+    };
+    body.push_str(&line_chart(
+        "Sites per round",
+        "round",
+        "sites",
+        &[
+            series("selected", all(&|r| r.selected as f64)),
+            series("uploaded", all(&|r| r.uploaded as f64)),
+            series("late or dropped", all(&|r| r.late_or_dropped as f64)),
+            series(
+                "declined or rejected",
+                all(&|r| r.declined_or_rejected as f64),
+            ),
+        ],
+        size,
+    )?);
+    body.push_str("<h2>Global update norm</h2><p>L2 norm of each committed round's change to the global model.</p>");
+    body.push_str(&line_chart(
+        "||global(r) - global(r-1)||",
+        "round",
+        "L2 norm",
+        &[series("update norm", pts(&|r| r.update_norm))],
+        size,
+    )?);
+    body.push_str("<h2>Round durations</h2>");
+    body.push_str(&line_chart(
+        "From start to commit",
+        "round",
+        "seconds",
+        &[series("duration", pts(&|r| r.seconds))],
+        size,
+    )?);
+    if !epsilons.is_empty() {
+        body.push_str("<h2>Site-level privacy spent</h2>");
+        body.push_str(&line_chart(
+            "Cumulative epsilon (site level)",
+            "round",
+            "epsilon",
+            &[series(
+                "epsilon",
+                epsilons.iter().map(|(r, e)| (*r as f64, *e)).collect(),
+            )],
+            size,
+        )?);
+        let _ = write!(
+            body,
+            "<p>Per round, with every parameter, in the <a href=\"{}\">privacy-audit report</a>.</p>",
+            crate::audit::HTML_FILE
+        );
+    }
+    body.push_str("<h2>Rounds</h2>");
+    let table_rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.round.to_string(),
+                escape(&r.status),
+                format!("{}/{}", r.uploaded, r.selected),
+                r.late_or_dropped.to_string(),
+                r.declined_or_rejected.to_string(),
+                fmt(r.train.train_loss, 4),
+                fmt(r.eval.as_ref().and_then(|e| e.loss), 4),
+                fmt(r.eval.as_ref().and_then(|e| e.accuracy), 4),
+                fmt(r.eval.as_ref().and_then(|e| e.macro_f1), 4),
+                fmt(r.update_norm, 4),
+                fmt(r.seconds, 1),
+                fmt(r.epsilon, 3),
+            ]
+        })
+        .collect();
+    body.push_str(&table(
+        &[
+            "round",
+            "status",
+            "uploaded",
+            "late/dropped",
+            "declined/rejected",
+            "train loss",
+            "eval loss",
+            "eval accuracy",
+            "eval macro-F1",
+            "update norm",
+            "seconds",
+            "epsilon",
+        ],
+        &table_rows,
+    ));
+    Ok(page(&format!("fedflow run report: {run_id}"), &body))
+}
