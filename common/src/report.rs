@@ -75,6 +75,17 @@ pub fn line_chart(
         y1 = y0 + 1.0;
     }
     let y1 = y1 + 0.05 * (y1 - y0);
+    let legend_at = legend_corner(series, (x0, x1), (y0, y1));
+    // Whole-number x values (rounds) get whole-number ticks, at most ten.
+    let integer_x = series
+        .iter()
+        .flat_map(|s| s.points.iter())
+        .all(|p| p.0.fract() == 0.0);
+    let x_ticks = if integer_x {
+        (((x1 - x0).round() as usize) + 1).clamp(2, 10)
+    } else {
+        10
+    };
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
@@ -88,6 +99,14 @@ pub fn line_chart(
             .map_err(|e| err(&e))?;
         chart
             .configure_mesh()
+            .x_labels(x_ticks)
+            .x_label_formatter(&|x| {
+                if integer_x {
+                    format!("{x:.0}")
+                } else {
+                    format!("{x}")
+                }
+            })
             .x_desc(x_label)
             .y_desc(y_label)
             .light_line_style(RGBColor(235, 235, 235))
@@ -117,13 +136,31 @@ pub fn line_chart(
                 .configure_series_labels()
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperLeft)
+                .position(legend_at)
                 .draw()
                 .map_err(|e| err(&e))?;
         }
         root.present().map_err(|e| err(&e))?;
     }
     Ok(svg)
+}
+
+/// The corner of the plot where the legend hides the fewest points: the quarter of the
+/// plotting area (by axis range) that holds the fewest of them, upper left on ties.
+fn legend_corner(series: &[Series], x: (f64, f64), y: (f64, f64)) -> SeriesLabelPosition {
+    let mut counts = [0usize; 4]; // upper left, upper right, lower left, lower right
+    let (xm, ym) = ((x.0 + x.1) / 2.0, (y.0 + y.1) / 2.0);
+    for &(px, py) in series.iter().flat_map(|s| s.points.iter()) {
+        if px.is_finite() && py.is_finite() {
+            counts[usize::from(py < ym) * 2 + usize::from(px >= xm)] += 1;
+        }
+    }
+    match (0..4).min_by_key(|&i| counts[i]).unwrap_or(0) {
+        0 => SeriesLabelPosition::UpperLeft,
+        1 => SeriesLabelPosition::UpperRight,
+        2 => SeriesLabelPosition::LowerLeft,
+        _ => SeriesLabelPosition::LowerRight,
+    }
 }
 
 /// A simple HTML table: header cells and rows of already-escaped cell HTML.
@@ -167,6 +204,26 @@ svg{max-width:100%;height:auto}";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The legend goes to the quarter of the plot with the fewest points.
+    #[test]
+    fn the_legend_avoids_the_lines() {
+        let rising = Series {
+            label: "a".into(),
+            points: (0..10).map(|i| (f64::from(i), f64::from(i))).collect(),
+            dashed: false,
+        };
+        // A rising line fills lower left and upper right: the legend goes upper left.
+        let at = legend_corner(&[rising], (0.0, 9.0), (0.0, 9.0));
+        assert!(matches!(at, SeriesLabelPosition::UpperLeft), "{at:?}");
+        let high = Series {
+            label: "b".into(),
+            points: (0..10).map(|i| (f64::from(i), 8.5)).collect(),
+            dashed: false,
+        };
+        let at = legend_corner(&[high], (0.0, 9.0), (0.0, 9.0));
+        assert!(matches!(at, SeriesLabelPosition::LowerLeft), "{at:?}");
+    }
 
     #[test]
     fn escapes_markup() {

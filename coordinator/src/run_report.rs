@@ -51,6 +51,22 @@ fn series(label: &str, points: Vec<(f64, f64)>) -> Series {
     }
 }
 
+/// `YYYY-MM-DD HH:MM:SS UTC` of a Unix-ms time.
+fn utc(ms: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => format!("{ms} (Unix ms)"),
+    }
+}
+
 /// Writes the report of `run_id` to `out/run-report.html` (atomically) and returns its
 /// path.
 pub fn write(store: &Store, run_id: &str, out: &Path) -> Result<std::path::PathBuf> {
@@ -146,7 +162,7 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
     let _ = write!(
         body,
         "<h1>Run report: {}</h1><p>Status <b>{}</b>{}; {} of {} rounds committed; strategy {}; \
-         aggregation {}; created {} (Unix ms). Privacy: {}.</p>",
+         aggregation {}; created {}. Privacy: {}.</p>",
         escape(run_id),
         escape(run.status.as_str()),
         run.status_reason
@@ -157,7 +173,7 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
         total_rounds,
         escape(&run.strategy),
         escape(cfg["aggregation"]["rule"].as_str().unwrap_or("mean")),
-        run.created_at_ms,
+        utc(run.created_at_ms),
         if cfg.get("site_dp").is_some_and(|v| !v.is_null())
             || cfg.get("record_dp").is_some_and(|v| !v.is_null())
         {

@@ -455,7 +455,8 @@ pub const HTTP2_WINDOW: u32 = 65_535;
 
 /// Serves the coordinator on `listener` until `shutdown` resolves: the `Federation` and
 /// `Admin` services with fedflow's message limits, standard gRPC health checking
-/// (`grpc.health.v1`, reflecting readiness: see [`readiness`]) and server reflection (so
+/// (`grpc.health.v1`, `SERVING` only while the engine thread answers and the database holds
+/// the run, checked every second) and server reflection (so
 /// grpcurl and friends work).
 pub async fn serve(
     listener: tokio::net::TcpListener,
