@@ -122,7 +122,7 @@ fn transient(s: &tonic::Status) -> bool {
     matches!(
         s.code(),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-    )
+    ) && !crate::tls::is_certificate_error(s)
 }
 
 /// Connects, retrying with backoff while the coordinator is unreachable; a certificate

@@ -75,7 +75,7 @@ impl RoundEngine {
         if self.eval.is_some() {
             return Ok(());
         }
-        if self.held {
+        if self.held && self.phase != Phase::Finished {
             self.phase = Phase::Paused;
             return Ok(());
         }

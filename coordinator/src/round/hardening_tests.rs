@@ -123,3 +123,58 @@ fn stopping_discards_the_open_round_for_good() {
     let e = engine(&f);
     assert_eq!(e.phase(), Phase::Finished, "a stopped run stays stopped");
 }
+
+#[test]
+fn a_stopped_or_finished_run_never_comes_back_as_paused() {
+    let f = fixture("");
+    let mut e = engine(&f);
+    for s in SITES {
+        e.site_seen(s, T0).unwrap();
+    }
+    assert_eq!(e.pause("hold").unwrap(), Phase::Paused);
+    assert_eq!(e.stop("end").unwrap(), Phase::Finished);
+    e.tick(T0 + SEC).unwrap();
+    assert_eq!(
+        e.phase(),
+        Phase::Finished,
+        "a tick after stop leaves it finished"
+    );
+    assert!(
+        e.resume("again").is_err(),
+        "a stopped run cannot be resumed"
+    );
+    assert_eq!(e.poll_task("site-a", T0 + SEC).unwrap(), None);
+}
+
+#[test]
+fn a_revoked_site_is_withdrawn_from_the_open_round() {
+    let f = fixture("");
+    let mut e = engine(&f);
+    let tickets = start(&mut e);
+    e.forget_site("site-c", "revoked: compromised").unwrap();
+    for site in ["site-a", "site-b"] {
+        let r = submit(&mut e, site, &tickets[site], &update(&f, 0.1), 10, T0 + SEC);
+        assert_eq!(r, Ok(Accepted::New));
+    }
+    // The round did not wait for site C.
+    assert_eq!(e.committed_round(), 1);
+    let late = submit(
+        &mut e,
+        "site-c",
+        &tickets["site-c"],
+        &update(&f, 0.1),
+        10,
+        T0 + SEC,
+    );
+    assert!(late.is_err(), "{late:?}");
+    let outcome = e
+        .store()
+        .round_sites("t", 1)
+        .unwrap()
+        .into_iter()
+        .find(|s| s.site_id == "site-c")
+        .unwrap();
+    assert_eq!(outcome.reason.as_deref(), Some("revoked: compromised"));
+    // And it is not available for the next round.
+    assert_eq!(e.poll_task("site-c", T0 + 2 * SEC).unwrap(), None);
+}

@@ -486,7 +486,7 @@ impl RoundEngine {
         if self.open.is_some() || self.eval.is_some() {
             return Ok(());
         }
-        if self.held {
+        if self.held && self.phase != Phase::Finished {
             self.phase = Phase::Paused;
             return Ok(());
         }
@@ -664,8 +664,12 @@ impl RoundEngine {
             DeltaSource::Params(p) => open.acc.add(p, weight),
             DeltaSource::File(path) => open.acc.add_safetensors_file(path, weight),
         };
-        if let Err(e) = added {
-            return Ok(Err(Rejection::Invalid(e.to_string())));
+        match added {
+            Ok(()) => {}
+            // The coordinator's own disk failing (spill copy, full disk) is not the site's
+            // fault: an internal error, and the site may retry.
+            Err(e @ Error::Common(fedflow_common::Error::Io { .. })) => return Err(e),
+            Err(e) => return Ok(Err(Rejection::Invalid(e.to_string()))),
         }
         task.state = TaskState::Uploaded {
             fingerprint: s.delta_sha256.to_string(),
@@ -890,6 +894,7 @@ impl RoundEngine {
             self.store
                 .set_run_status(&self.run_id, RunStatus::Finished, None)?;
             self.phase = Phase::Finished;
+            self.held = false;
         } else {
             self.phase = Phase::Waiting;
         }

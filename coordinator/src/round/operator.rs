@@ -64,18 +64,48 @@ impl RoundEngine {
         if self.phase == Phase::Finished {
             return Err(refuse("stop", "it has ended"));
         }
-        if let Some(open) = self.open.take() {
+        // Stored first: if a write fails, the engine is left as it was.
+        if let Some(open) = &self.open {
             self.store
                 .fail_round(&self.run_id, open.round, &format!("stopped: {reason}"))?;
+        }
+        self.store
+            .set_run_status(&self.run_id, RunStatus::Stopped, Some(reason))?;
+        if let Some(open) = self.open.take() {
             self.last_closed = Some(open.round);
         }
         self.eval = None;
         self.eval_due = None;
-        self.store
-            .set_run_status(&self.run_id, RunStatus::Stopped, Some(reason))?;
+        self.held = false;
         self.phase = Phase::Finished;
         tracing::info!(run = %self.run_id, "run stopped: {reason}");
         Ok(self.phase)
+    }
+
+    /// Forgets a revoked site: it is no longer available for selection, and a task it holds
+    /// in the open round is withdrawn (recorded as dropped, with the reason), so the round
+    /// does not wait for it.
+    pub fn forget_site(&mut self, site: &str, reason: &str) -> Result<()> {
+        self.last_seen.remove(site);
+        let Some(open) = self.open.as_mut() else {
+            return Ok(());
+        };
+        let round = open.round;
+        if let Some(task) = open.tasks.get_mut(site)
+            && task.state == super::TaskState::Pending
+        {
+            task.state = super::TaskState::Dropped;
+            self.store.record_site(
+                &self.run_id,
+                round,
+                &crate::store::SiteOutcome::new(
+                    site.to_string(),
+                    crate::store::SiteState::Dropped,
+                    Some(reason.to_string()),
+                ),
+            )?;
+        }
+        Ok(())
     }
 
     /// Whether an operator has paused the run (it may still be finishing an open round).

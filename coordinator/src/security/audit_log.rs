@@ -5,9 +5,10 @@
 //! zeros for the first line), and `hash` is the SHA-256 (hex) of the line's *body*, the
 //! exact bytes of the line with its `,"hash":".."` member removed. Editing, inserting,
 //! deleting or reordering any line therefore breaks the chain at that line, and
-//! [`verify`] names the first line that does not check out. (Truncating the end of the log
-//! cannot be detected from the log alone: keep a copy of the last hash elsewhere, e.g. the
-//! coordinator prints it at start, if that matters.)
+//! [`verify`] names the first line that does not check out. The chain has no key: whoever
+//! can write the file can also recompute every hash after an edit, and truncating the end
+//! leaves a valid chain. Both are caught by comparing with a copy of the last hash kept
+//! elsewhere (the coordinator logs it at start; `audit-log verify` prints it).
 //!
 //! Every append is written with one `write` and made durable (`fsync`) before it returns.
 //! A crash can leave a torn last line, without its newline; [`AuditLog::open`] cuts such a
@@ -175,6 +176,7 @@ impl AuditLog {
         })
         .to_string();
         let hash = sha256_hex(body.as_bytes());
+        let before = self.file.metadata().map(|m| m.len());
         let mut line = String::with_capacity(body.len() + HASH_SUFFIX_LEN + 1);
         line.push_str(&body[..body.len() - 1]);
         line.push_str(",\"hash\":\"");
@@ -184,6 +186,10 @@ impl AuditLog {
             .write_all(line.as_bytes())
             .and_then(|()| self.file.sync_data())
             .map_err(|e| {
+                // Take a partial line back off, so the chain stays intact for the next append.
+                if let Ok(len) = before {
+                    let _ = self.file.set_len(len);
+                }
                 Error::Security(format!(
                     "cannot append to audit log {}: {e}",
                     self.path.display()

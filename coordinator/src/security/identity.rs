@@ -98,9 +98,11 @@ pub fn coordinator_uri() -> String {
 }
 
 /// Whether `name` is a valid site id or operator name: 1-128 characters of
-/// `[A-Za-z0-9._-]`.
+/// `[A-Za-z0-9._-]`, not starting with a dot (so never `.` or `..`, which SPIFFE IDs forbid
+/// and which would name a directory above a bundle).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
+        && !name.starts_with('.')
         && name.len() <= 128
         && name
             .chars()

@@ -54,12 +54,20 @@ impl SecurityLog {
         })
     }
 
-    /// Appends an event and makes it durable.
-    pub fn record(&self, event: &str, detail: serde_json::Value) {
+    /// Appends an event and makes it durable. Strings longer than 256 characters (which
+    /// may come from callers) are cut, so a caller cannot make lines large.
+    pub fn record(&self, event: &str, mut detail: serde_json::Value) {
+        clamp_strings(&mut detail);
         let mut log = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = log.append(event, detail) {
             tracing::error!("security audit log: {e}");
         }
+    }
+
+    /// The number of events and the last event's hash.
+    pub fn head(&self) -> (u64, String) {
+        let log = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (log.len(), log.head().to_string())
     }
 
     /// The number of events recorded so far.
@@ -70,6 +78,21 @@ impl SecurityLog {
     /// Whether nothing has been recorded.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Longest string kept in an audit record.
+const MAX_RECORDED_CHARS: usize = 256;
+
+fn clamp_strings(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) if s.chars().count() > MAX_RECORDED_CHARS => {
+            let cut: String = s.chars().take(MAX_RECORDED_CHARS).collect();
+            *s = format!("{cut}… (cut)");
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(clamp_strings),
+        serde_json::Value::Object(o) => o.values_mut().for_each(clamp_strings),
+        _ => {}
     }
 }
 

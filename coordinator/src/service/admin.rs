@@ -313,7 +313,11 @@ impl Admin for Coordinator {
             }
             (true, false) => {
                 let serial = r.serial.to_ascii_lowercase().replace(':', "");
-                if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+                if serial.is_empty()
+                    || !serial.len().is_multiple_of(2)
+                    || serial.len() > 40
+                    || !serial.bytes().all(|b| b.is_ascii_hexdigit())
+                {
                     return Err(Status::invalid_argument(
                         "serial must be the certificate's serial number in hex",
                     ));

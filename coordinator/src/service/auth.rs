@@ -114,6 +114,18 @@ impl Coordinator {
         };
         let id = crate::security::identity::identity_from_der(leaf)
             .map_err(|e| self.refuse(method, "unknown", &peer, Status::unauthenticated(e)))?;
+        // The handshake checked validity when the connection opened; a long-lived
+        // connection must not outlive the certificate.
+        if super::now_ms() / 1000 > id.not_after {
+            return Err(self.refuse(
+                method,
+                &id.uri(),
+                &peer,
+                Status::unauthenticated(
+                    "the client certificate has expired: ask the federation's operator for a new one",
+                ),
+            ));
+        }
         if let Some(why) = self.shared.security.revocations.check(&id) {
             return Err(self.refuse(
                 method,
@@ -125,6 +137,30 @@ impl Coordinator {
             ));
         }
         Ok(Some(id))
+    }
+
+    /// One transfer of `kind` (upload or download) per site at a time.
+    pub(super) fn transfer_slot(
+        &self,
+        site: &str,
+        kind: &str,
+        method: &str,
+        peer: &str,
+    ) -> Result<CallGuard, Status> {
+        self.shared
+            .security
+            .transfers
+            .admit(&format!("{kind}:{site}"), Instant::now())
+            .map_err(|_| {
+                self.refuse(
+                    method,
+                    site,
+                    peer,
+                    Status::resource_exhausted(format!(
+                        "a {kind} from this site is already in progress; one at a time"
+                    )),
+                )
+            })
     }
 
     /// Admits a call from `key` under the per-caller limits.

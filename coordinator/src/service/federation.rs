@@ -118,7 +118,13 @@ impl Federation for Coordinator {
         &self,
         req: Request<DownloadModelRequest>,
     ) -> Result<Response<Self::DownloadModelStream>, Status> {
-        let _call = self.site(&req, &req.get_ref().site_id, "DownloadModel")?;
+        let call = self.site(&req, &req.get_ref().site_id, "DownloadModel")?;
+        let one_at_a_time = self.transfer_slot(
+            &call.site,
+            "download",
+            "DownloadModel",
+            &super::auth::peer(&req),
+        )?;
         let req = req.into_inner();
         let sha = req.sha256.clone();
         let Some((round, path)) = self.ask(|r| Command::Model(sha, r)).await? else {
@@ -149,18 +155,17 @@ impl Federation for Coordinator {
             offset: req.offset,
             data: Bytes::new(),
         };
-        tokio::spawn(super::transfer::stream_model(
-            file,
-            header,
-            super::transfer::StreamSettings {
-                chunk_bytes: self.shared.cfg.transport.chunk_bytes,
-                slots: self.shared.downloads.clone(),
-                stall: Duration::from_secs(self.shared.cfg.rounds.heartbeat_timeout_secs),
-                sent: self.shared.telemetry.bytes_out.clone(),
-            },
-            tx,
-            dropped,
-        ));
+        let settings = super::transfer::StreamSettings {
+            chunk_bytes: self.shared.cfg.transport.chunk_bytes,
+            slots: self.shared.downloads.clone(),
+            stall: Duration::from_secs(self.shared.cfg.rounds.heartbeat_timeout_secs),
+            sent: self.shared.telemetry.bytes_out.clone(),
+        };
+        // The call counts against the site's limits until the stream is done.
+        tokio::spawn(async move {
+            let _held = (call, one_at_a_time);
+            super::transfer::stream_model(file, header, settings, tx, dropped).await;
+        });
         Ok(Response::new(super::transfer::download_stream(rx, guard)))
     }
 
@@ -176,6 +181,14 @@ impl Federation for Coordinator {
             Some(self.site(&ctx, "", METHOD)?)
         } else {
             None
+        };
+        // One upload per site at a time (under mutual TLS, where the site is known before
+        // the upload): a site cannot hold every transfer slot.
+        let _one_at_a_time = match &early {
+            Some(call) => {
+                Some(self.transfer_slot(&call.site, "upload", METHOD, &super::auth::peer(&ctx))?)
+            }
+            None => None,
         };
         let _slot = self
             .shared

@@ -185,6 +185,8 @@ struct Security {
     log: crate::security::SecurityLog,
     revocations: crate::security::Revocations,
     limiter: crate::security::limits::CallLimiter,
+    /// One upload and one download per site at a time.
+    transfers: crate::security::limits::CallLimiter,
 }
 
 /// Largest answer the admin service sends.
@@ -214,6 +216,11 @@ impl Coordinator {
             Transport::InsecurePlaintext => None,
         };
         let log = crate::security::SecurityLog::open(&dir.join(crate::security::SECURITY_LOG))?;
+        let (events, head) = log.head();
+        tracing::info!(
+            "security audit log {}: {events} event(s), last hash {head} (keep it elsewhere to detect a rewritten log)",
+            dir.join(crate::security::SECURITY_LOG).display()
+        );
         let revocations = crate::security::Revocations::from_list(
             engine.store().revocations()?.into_iter().map(|r| r.revoked),
         );
@@ -242,6 +249,13 @@ impl Coordinator {
             log,
             revocations: revocations.clone(),
             limiter: crate::security::limits::CallLimiter::new(cfg.limits.call_limits()),
+            transfers: crate::security::limits::CallLimiter::new(
+                crate::security::limits::CallLimits {
+                    max_concurrent: 1,
+                    rate_per_sec: 1e9,
+                    burst: 1e9,
+                },
+            ),
         };
         let shared = Shared {
             telemetry: telemetry::Telemetry::default(),
@@ -390,6 +404,12 @@ fn engine_loop(
                     .revoke(&what, &reason, &by)
                     .map_err(|e| e.to_string());
                 if r.is_ok() {
+                    if let crate::security::Revoked::Identity(crate::security::Role::Site, site) =
+                        &what
+                        && let Err(e) = engine.forget_site(site, &format!("revoked: {reason}"))
+                    {
+                        tracing::error!(run = %engine.run_id(), "withdrawing a revoked site's task failed: {e}");
+                    }
                     revocations.add(what);
                 }
                 let _ = reply.send(r);
@@ -470,6 +490,10 @@ pub async fn serve(
     let tls = coordinator.shared.security.tls.clone();
     let log = coordinator.shared.security.log.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
+    // tonic-health starts the whole server ("") as SERVING; nothing is until the probe says.
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     let probe = readiness(coordinator.clone(), health);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(fedflow_proto::FILE_DESCRIPTOR_SET)

@@ -102,7 +102,12 @@ pub(super) async fn stream_model(
         stall,
         sent,
     } = how;
-    let Ok(_slot) = slots.acquire_owned().await else {
+    // Waiting for a slot ends when the site goes away.
+    let slot = tokio::select! {
+        s = slots.acquire_owned() => s,
+        () = tx.closed() => return,
+    };
+    let Ok(_slot) = slot else {
         return;
     };
     let total = header.total_bytes;

@@ -143,6 +143,17 @@ impl Failure {
 fn from_status(s: tonic::Status, coordinator: &str) -> Failure {
     use tonic::Code;
     let msg = s.message().to_string();
+    // Under TLS 1.3 a refused client certificate shows up on the first call.
+    if is_certificate_error(&s) {
+        return Failure::new(
+            4,
+            format!(
+                "refused by TLS: {}. Is --identity a valid, unrevoked certificate of this \
+                 federation?",
+                error_chain(&s)
+            ),
+        );
+    }
     match s.code() {
         Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => {
             Failure::new(
