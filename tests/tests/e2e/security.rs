@@ -582,7 +582,10 @@ async fn rotation_revocation_in_flight_and_admin_actions() {
         (1, 1),
         "site A's update was accepted, site B's discarded and its task withdrawn"
     );
-    assert!(rounds.iter().all(|r| r.round < 2), "no round 2 without a second site");
+    assert!(
+        rounds.iter().all(|r| r.round < 2),
+        "no round 2 without a second site"
+    );
     let sites = admin
         .list_sites(ListSitesRequest {})
         .await
