@@ -544,7 +544,7 @@ async fn rotation_revocation_in_flight_and_admin_actions() {
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
     assert!(s.message().contains("revoked"), "{}", s.message());
 
-    // Pause and resume (admin), then stop: the open round is discarded.
+    // Pause and resume (admin), then stop: the run ends where it stands (round 1 committed).
     let p = admin
         .pause_run(RunActionRequest {
             reason: "maintenance".into(),
