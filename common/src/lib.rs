@@ -11,18 +11,24 @@
 //! - [`robust`]: robust aggregation for hostile sites (coordinate-wise median, trimmed mean).
 //! - [`report`]: self-contained HTML reports: escaping and server-side SVG line charts.
 //! - [`fsio`]: crash-safe file writes (temporary file, fsync, rename).
+//! - [`clock`]: wall-clock milliseconds, the one time unit fedflow records.
+//! - [`names`]: the one naming rule for runs, sites and operators.
+//! - [`failpoint`]: named crash points for tests of the real binaries.
 //! - [`hash`]: lowercase hex SHA-256, the one content-hash form.
 //! - [`device`]: choosing where training runs (CPU, CUDA, Metal).
 //! - [`error`]: the crate's one error type.
 
 pub mod baseline;
+pub mod clock;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod failpoint;
 pub mod fedavg;
 pub mod fsio;
 pub mod hash;
 pub mod model;
+pub mod names;
 pub mod params;
 pub mod privacy;
 pub mod report;

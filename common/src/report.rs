@@ -7,6 +7,12 @@ use plotters::prelude::*;
 
 use crate::{Error, Result};
 
+/// `NaN` and infinities become `None`: what was not measured (or is garbage) is not a
+/// figure, in a report or in a JSON document (where JSON has no NaN).
+pub fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
 /// Escapes text for HTML element content and attribute values.
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

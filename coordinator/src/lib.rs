@@ -23,15 +23,5 @@ pub mod strategy;
 
 pub use error::{Error, Result};
 
-/// Environment variable naming a point at which the coordinator aborts itself, as `kill -9`
-/// would (crash tests of the real binary): `after-commit-round-N` aborts right after round N
-/// is committed (its model and ledger row durable), before the model is handed to anyone.
-pub const FAILPOINT_ENV: &str = "FEDFLOW_FAILPOINT";
-
-/// Aborts the process when [`FAILPOINT_ENV`] names `name`.
-pub(crate) fn failpoint(name: &str) {
-    if std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == name) {
-        eprintln!("{FAILPOINT_ENV}={name}: aborting");
-        std::process::abort();
-    }
-}
+pub use fedflow_common::failpoint::FAILPOINT_ENV;
+pub(crate) use fedflow_common::failpoint::failpoint;

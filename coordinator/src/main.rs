@@ -148,7 +148,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Pki(cmd) => cli::security::pki(cmd)?,
         Command::Report { data, run, out } => {
-            let store = Store::open(&data)
+            let store = Store::open_read_only(&data)
                 .with_context(|| format!("opening the data directory {}", data.display()))?;
             let run = fedflow_coordinator::audit::resolve_run(&store, run.as_deref())?;
             let out = out.unwrap_or_else(|| data.join("reports").join(&run));
@@ -159,15 +159,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cli::security::verify_audit_log(&file)?
         }
         Command::PrivacyReport { data, run, out } => {
-            if !data.join(fedflow_coordinator::store::DB_FILE).is_file() {
-                bail!(
-                    "{} holds no coordinator database ({}); pass the --data directory the \
-                     coordinator ran with",
-                    data.display(),
-                    fedflow_coordinator::store::DB_FILE
-                );
-            }
-            let store = Store::open(&data)
+            let store = Store::open_read_only(&data)
                 .with_context(|| format!("opening the data directory {}", data.display()))?;
             let run = fedflow_coordinator::audit::resolve_run(&store, run.as_deref())?;
             let out = out.unwrap_or_else(|| data.join("reports").join(&run));

@@ -36,10 +36,7 @@ impl SiteReport {
     }
 }
 
-/// `NaN` and infinities become `None`: what was not measured (or is garbage) is not a figure.
-pub fn finite(v: f64) -> Option<f64> {
-    v.is_finite().then_some(v)
-}
+pub use fedflow_common::report::finite;
 
 /// A running weighted mean that skips missing values.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

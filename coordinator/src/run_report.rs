@@ -71,8 +71,7 @@ fn utc(ms: i64) -> String {
 /// path.
 pub fn write(store: &Store, run_id: &str, out: &Path) -> Result<std::path::PathBuf> {
     let html = build(store, run_id)?;
-    std::fs::create_dir_all(out)
-        .map_err(|e| Error::Store(format!("cannot create {}: {e}", out.display())))?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let path = out.join(REPORT_FILE);
     fedflow_common::fsio::write_atomic(&path, html.as_bytes())?;
     Ok(path)
@@ -82,7 +81,7 @@ pub fn write(store: &Store, run_id: &str, out: &Path) -> Result<std::path::PathB
 pub fn build(store: &Store, run_id: &str) -> Result<String> {
     let run = store
         .run(run_id)?
-        .ok_or_else(|| Error::Store(format!("no run named {run_id:?}")))?;
+        .ok_or_else(|| Error::NotFound(format!("no run named {run_id:?}")))?;
     let cfg: serde_json::Value = serde_json::from_str(&run.config_json).unwrap_or_default();
     let total_rounds = cfg["run"]["rounds"].as_u64().unwrap_or(0);
     let epsilons: BTreeMap<u64, f64> = store

@@ -76,6 +76,32 @@ pub enum TransferError {
     /// Writing to the receiver's sink failed.
     #[error("cannot store the transfer: {0}")]
     Sink(String),
+    /// The messages of an upload came in the wrong order (no header first, or something
+    /// other than data after it).
+    #[error("{0}")]
+    Malformed(&'static str),
+}
+
+/// Whose fault a [`TransferError`] is, which decides how it is reported to the sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The sender exceeded a size limit (total or chunk).
+    Limit,
+    /// The sender sent something inconsistent (order, length, hash, message kinds).
+    Sender,
+    /// The receiver could not store what it received: not the sender's fault.
+    Receiver,
+}
+
+/// Why receiving an upload stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// The stream itself failed (cancelled, reset, undecodable message).
+    #[error("the upload stream failed: {0}")]
+    Stream(#[from] tonic::Status),
+    /// The transfer was refused.
+    #[error(transparent)]
+    Refused(#[from] TransferError),
 }
 
 /// Lowercase hex SHA-256 of `bytes`.
@@ -239,14 +265,17 @@ impl<W: Write> Assembler<W> {
 }
 
 impl TransferError {
-    /// The gRPC status a refused transfer travels as: `RESOURCE_EXHAUSTED` for size limits,
-    /// `INVALID_ARGUMENT` for everything else.
-    pub fn to_status(&self) -> tonic::Status {
+    /// Whose fault the refusal is: a size limit, the sender's inconsistency, or the
+    /// receiver's own storage.
+    pub fn fault(&self) -> Fault {
         match self {
-            TransferError::TooLarge { .. } | TransferError::ChunkTooLarge { .. } => {
-                tonic::Status::resource_exhausted(self.to_string())
-            }
-            _ => tonic::Status::invalid_argument(self.to_string()),
+            TransferError::TooLarge { .. } | TransferError::ChunkTooLarge { .. } => Fault::Limit,
+            TransferError::Sink(_) => Fault::Receiver,
+            TransferError::OutOfOrder { .. }
+            | TransferError::Overrun { .. }
+            | TransferError::Truncated { .. }
+            | TransferError::HashMismatch { .. }
+            | TransferError::Malformed(_) => Fault::Sender,
         }
     }
 }
@@ -258,7 +287,7 @@ pub async fn receive_update(
     stream: &mut tonic::Streaming<UpdateChunk>,
     limit: u64,
     chunk_limit: usize,
-) -> Result<(UpdateHeader, Vec<u8>), tonic::Status> {
+) -> Result<(UpdateHeader, Vec<u8>), ReceiveError> {
     receive_update_into(stream, Vec::new(), limit, chunk_limit).await
 }
 
@@ -270,14 +299,14 @@ pub async fn receive_update_into<W: Write>(
     sink: W,
     limit: u64,
     chunk_limit: usize,
-) -> Result<(UpdateHeader, W), tonic::Status> {
+) -> Result<(UpdateHeader, W), ReceiveError> {
     let Some(UpdateChunk {
         part: Some(update_chunk::Part::Header(header)),
     }) = stream.message().await?
     else {
-        return Err(tonic::Status::invalid_argument(
-            "the first message of an upload must be its header",
-        ));
+        return Err(
+            TransferError::Malformed("the first message of an upload must be its header").into(),
+        );
     };
     let mut asm = Assembler::new(
         sink,
@@ -285,19 +314,18 @@ pub async fn receive_update_into<W: Write>(
         header.total_bytes,
         limit,
         chunk_limit,
-    )
-    .map_err(|e| e.to_status())?;
+    )?;
     while let Some(msg) = stream.message().await? {
         match msg.part {
-            Some(update_chunk::Part::Data(d)) => asm.push_next(&d).map_err(|e| e.to_status())?,
+            Some(update_chunk::Part::Data(d)) => asm.push_next(&d)?,
             _ => {
-                return Err(tonic::Status::invalid_argument(
-                    "only data chunks may follow the header",
-                ));
+                return Err(
+                    TransferError::Malformed("only data chunks may follow the header").into(),
+                );
             }
         }
     }
-    let payload = asm.finish().map_err(|e| e.to_status())?;
+    let payload = asm.finish()?;
     Ok((header, payload))
 }
 

@@ -68,7 +68,9 @@ impl Federation for TestServer {
         req: Request<Streaming<UpdateChunk>>,
     ) -> Result<Response<UploadUpdateResponse>, Status> {
         let mut stream = req.into_inner();
-        let (_header, bytes) = receive_update(&mut stream, 64 << 20, 1 << 20).await?;
+        let (_header, bytes) = receive_update(&mut stream, 64 << 20, 1 << 20)
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(UploadUpdateResponse {
             delta_sha256: sha256_hex(&bytes),
             duplicate: false,

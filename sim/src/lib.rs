@@ -224,7 +224,7 @@ pub async fn run_federation(
                 Some(Err(e)) => break Some(Error::Other(format!("a site task failed: {e}"))),
             },
             _ = tick.tick() => {
-                let view = coordinator.view().await.map_err(|s| Error::Other(s.message().to_string()))?;
+                let view = coordinator.view().await?;
                 on_progress(&view);
                 if view.phase == Phase::Paused {
                     let reason = coordinator
@@ -242,17 +242,15 @@ pub async fn run_federation(
     let snapshot = coordinator.snapshot().await;
     let view = coordinator.view().await;
     let rounds = coordinator
-        .inspect(|e, _| e.store().rounds(e.run_id()).map_err(|e| e.to_string()))
+        .inspect(|e, _| e.store().rounds(e.run_id()))
         .await;
     // The run's privacy-audit report, where `fedflow-coordinator privacy-report` puts it.
     let audit_dir = data_dir.join("reports").join(&run_name);
     let dir = audit_dir.clone();
     let audit = coordinator
         .inspect(move |e, _| {
-            let audit = fedflow_coordinator::audit::write(e.store(), Some(e.run_id()), &dir)
-                .map_err(|e| e.to_string())?;
-            fedflow_coordinator::run_report::write(e.store(), e.run_id(), &dir)
-                .map_err(|e| format!("run report: {e}"))?;
+            let audit = fedflow_coordinator::audit::write(e.store(), Some(e.run_id()), &dir)?;
+            fedflow_coordinator::run_report::write(e.store(), e.run_id(), &dir)?;
             Ok(audit.summary)
         })
         .await;
@@ -261,10 +259,9 @@ pub async fn run_federation(
     if let Some(e) = failure {
         return Err(e);
     }
-    let snapshot = snapshot.map_err(|s| Error::Other(s.message().to_string()))?;
-    let rounds = rounds.map_err(|s| Error::Other(s.message().to_string()))?;
-    let privacy_summary =
-        audit.map_err(|s| Error::Other(format!("privacy audit: {}", s.message())))?;
+    let snapshot = snapshot?;
+    let rounds = rounds?;
+    let privacy_summary = audit?;
     if let Ok(v) = view {
         on_progress(&v);
     }

@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 
 use fedflow_common::privacy::{RdpAccountant, SampledGaussian};
+use fedflow_common::report::finite;
 use serde::Serialize;
 
 use crate::Result;
@@ -225,10 +226,6 @@ pub struct RecordSite {
     pub epsilon: Option<f64>,
 }
 
-fn finite(x: f64) -> Option<f64> {
-    x.is_finite().then_some(x)
-}
-
 fn at_deltas(acc: &RdpAccountant, target_delta: f64) -> Result<Vec<EpsilonAt>> {
     let mut deltas = vec![target_delta];
     deltas.extend(OTHER_DELTAS.iter().filter(|d| **d != target_delta));
@@ -248,14 +245,10 @@ pub const HTML_FILE: &str = "privacy-audit.html";
 /// atomically). Returns the report.
 pub fn write(store: &Store, run_id: Option<&str>, out: &std::path::Path) -> Result<PrivacyAudit> {
     let run_id = resolve_run(store, run_id)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
+    let now = fedflow_common::clock::now_ms();
     let report = build(store, &run_id, now)?;
-    std::fs::create_dir_all(out)
-        .map_err(|e| crate::Error::Store(format!("cannot create {}: {e}", out.display())))?;
-    let json = serde_json::to_string_pretty(&report)
-        .map_err(|e| crate::Error::Store(format!("privacy audit JSON: {e}")))?;
+    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+    let json = serde_json::to_string_pretty(&report)?;
     fedflow_common::fsio::write_atomic(&out.join(JSON_FILE), json.as_bytes())?;
     fedflow_common::fsio::write_atomic(&out.join(HTML_FILE), to_html(&report)?.as_bytes())?;
     Ok(report)
@@ -269,9 +262,13 @@ pub fn resolve_run(store: &Store, run_id: Option<&str>) -> Result<String> {
             let runs = store.runs()?;
             match runs.as_slice() {
                 [one] => one.run_id.clone(),
-                [] => return Err(crate::Error::Store("this data directory has no run".into())),
+                [] => {
+                    return Err(crate::Error::NotFound(
+                        "this data directory has no run".into(),
+                    ));
+                }
                 many => {
-                    return Err(crate::Error::Store(format!(
+                    return Err(crate::Error::BadRequest(format!(
                         "this data directory has {} runs ({}); name one with --run",
                         many.len(),
                         many.iter()
@@ -290,7 +287,7 @@ pub fn resolve_run(store: &Store, run_id: Option<&str>) -> Result<String> {
 pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
     let run = store
         .run(run_id)?
-        .ok_or_else(|| crate::Error::Store(format!("no run {run_id} in this data directory")))?;
+        .ok_or_else(|| crate::Error::NotFound(format!("no run {run_id} in this data directory")))?;
     let cfg: RunConfig = serde_json::from_str(&run.config_json).map_err(|e| {
         crate::Error::Store(format!(
             "run {run_id}: its recorded configuration does not parse: {e}"

@@ -48,8 +48,8 @@ const MEMORY: &str = "<memory>";
 /// The text of `coordinator/examples/run.toml`: the demo's configuration, every key documented.
 pub const EXAMPLE_TOML: &str = include_str!("../../examples/run.toml");
 
-/// Longest accepted `run.name`.
-pub const MAX_NAME_LEN: usize = 64;
+/// Longest accepted `run.name` (fedflow's one naming rule, shared with site names).
+pub const MAX_NAME_LEN: usize = fedflow_common::names::MAX_NAME_LEN;
 /// Smallest accepted `transport.chunk_bytes` (4 KiB).
 pub const MIN_CHUNK_BYTES: usize = 4 << 10;
 /// Largest accepted `transport.chunk_bytes` (1 MiB): the gRPC layers accept messages of one
@@ -118,8 +118,9 @@ pub enum StrategyKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunSection {
-    /// Name of the run, used in ids, logs and directory names (required): 1 to 64 characters
-    /// from `A-Z a-z 0-9 . _ -`, and not `.` or `..`.
+    /// Name of the run, used in ids, logs and directory names (required): 1 to 128
+    /// characters from `A-Z a-z 0-9 . _ -`, not starting with `.`
+    /// ([`fedflow_common::names`]).
     pub name: String,
     /// Seed of everything random on the coordinator (site sampling) and, through
     /// `train.seed_policy`, of the sites' local training. At most 2^63 - 1, because TOML
@@ -563,22 +564,7 @@ impl RunConfig {
     fn validate_run(&self) -> std::result::Result<(), String> {
         let run = &self.run;
         let name = &run.name;
-        if name.is_empty() || name.len() > MAX_NAME_LEN {
-            return Err(format!(
-                "run.name: {name:?} must be 1 to {MAX_NAME_LEN} characters long"
-            ));
-        }
-        if let Some(c) = name
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-        {
-            return Err(format!(
-                "run.name: {name:?} contains {c:?}; use only A-Z a-z 0-9 . _ -"
-            ));
-        }
-        if name == "." || name == ".." {
-            return Err(format!("run.name: {name:?} is not a usable name"));
-        }
+        fedflow_common::names::check_name(name).map_err(|e| format!("run.name: {e}"))?;
         if run.seed > i64::MAX as u64 {
             return Err(format!(
                 "run.seed: {} exceeds 2^63 - 1, the largest TOML integer",

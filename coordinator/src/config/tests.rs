@@ -350,8 +350,13 @@ fn bad_values_name_their_field() {
         ("[run]\nrounds = 0", "run.rounds"),
         ("[run]\nname = \"a b\"", "run.name"),
         ("[run]\nname = \"..\"", "run.name"),
+        // The store refuses a leading dot in run ids, so the config does too.
+        ("[run]\nname = \".pilot\"", "must not start with '.'"),
         ("[run]\nname = \"\"", "run.name"),
-        (&format!("[run]\nname = \"{}\"", "x".repeat(65)), "run.name"),
+        (
+            &format!("[run]\nname = \"{}\"", "x".repeat(129)),
+            "run.name",
+        ),
         ("[run]\nserver_momentum = 0.5", "run.server_momentum"),
         (
             "[run]\nstrategy = \"fedavgm\"\nserver_momentum = 1.0",

@@ -79,9 +79,6 @@ pub(super) fn reset_aggregation_dir(dir: &Path) -> Result<()> {
     match std::fs::remove_dir_all(&path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(crate::Error::Store(format!(
-            "cannot empty {}: {e}",
-            path.display()
-        ))),
+        Err(e) => Err(crate::Error::io(path, e)),
     }
 }

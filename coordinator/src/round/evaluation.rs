@@ -216,8 +216,7 @@ impl RoundEngine {
         }
         self.live.round_closed(ev.round, &ev.tasks, &self.last_seen);
         let summary = ev.means.summary();
-        let json =
-            serde_json::to_string(&summary).map_err(|e| crate::Error::Store(e.to_string()))?;
+        let json = serde_json::to_string(&summary)?;
         self.store
             .finish_evaluation(&self.run_id, ev.round, &json)?;
         tracing::info!(

@@ -308,8 +308,7 @@ impl RoundEngine {
         let run_id = cfg.run.name.clone();
         let mut strategy = cfg.build_strategy()?;
         if store.run(&run_id)?.is_none() {
-            let config_json =
-                serde_json::to_string(&cfg).map_err(|e| Error::Strategy(e.to_string()))?;
+            let config_json = serde_json::to_string(&cfg)?;
             store.create_run(&run_id, &config_json, strategy.name(), &initial)?;
         }
         // The model is read back from its checkpoint below; don't hold two copies.
@@ -847,8 +846,7 @@ impl RoundEngine {
         crate::memtrace::probe(format_args!("aggregated round={round}"));
         // Not needed any more: free it before the commit serialises `next`.
         drop(mean);
-        let metrics = serde_json::to_string(&open.means.summary(why))
-            .map_err(|e| Error::Store(e.to_string()))?;
+        let metrics = serde_json::to_string(&open.means.summary(why))?;
         let sha = self.store.commit_round(
             &self.run_id,
             round,
@@ -908,9 +906,8 @@ fn check_privacy_unchanged(store: &Store, run_id: &str, cfg: &RunConfig) -> Resu
     let Some(run) = store.run(run_id)? else {
         return Ok(());
     };
-    let saved: serde_json::Value =
-        serde_json::from_str(&run.config_json).map_err(|e| Error::Store(e.to_string()))?;
-    let now = serde_json::to_value(cfg).map_err(|e| Error::Store(e.to_string()))?;
+    let saved: serde_json::Value = serde_json::from_str(&run.config_json)?;
+    let now = serde_json::to_value(cfg)?;
     let null = serde_json::Value::Null;
     let mut sections = vec!["site_dp"];
     if cfg.site_dp.is_some() || saved.get("site_dp").is_some_and(|v| !v.is_null()) {
@@ -922,7 +919,7 @@ fn check_privacy_unchanged(store: &Store, run_id: &str, cfg: &RunConfig) -> Resu
             now.get(section).unwrap_or(&null),
         );
         if before != after {
-            return Err(Error::Store(format!(
+            return Err(Error::ConfigMismatch(format!(
                 "run {run_id} was created with [{section}] = {before} and is being resumed with \
                  {after}: its privacy ledger and report are about the first; restore it or start \
                  a new run (another run.name)"
@@ -935,4 +932,4 @@ fn check_privacy_unchanged(store: &Store, run_id: &str, cfg: &RunConfig) -> Resu
 #[cfg(test)]
 mod hardening_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

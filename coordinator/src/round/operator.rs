@@ -7,7 +7,7 @@ use crate::{Error, Result};
 
 /// Why an operator action cannot be taken.
 fn refuse(what: &str, why: &str) -> Error {
-    Error::Store(format!("cannot {what} the run: {why}"))
+    Error::Refused(format!("cannot {what} the run: {why}"))
 }
 
 impl RoundEngine {

@@ -10,13 +10,13 @@ use crate::metrics::SiteReport;
 pub(super) const T0: i64 = 1_000_000;
 pub(super) const SEC: i64 = 1000;
 
-pub(super) struct Fixture {
-    pub(super) dir: tempfile::TempDir,
-    pub(super) cfg: RunConfig,
-    pub(super) initial: ParamSet,
+pub(crate) struct Fixture {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) cfg: RunConfig,
+    pub(crate) initial: ParamSet,
 }
 
-pub(super) fn fixture(extra: &str) -> Fixture {
+pub(crate) fn fixture(extra: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     Vocab::from_events(["a", "b", "c"])
         .unwrap()
@@ -34,7 +34,7 @@ pub(super) fn fixture(extra: &str) -> Fixture {
     Fixture { dir, cfg, initial }
 }
 
-pub(super) fn engine(f: &Fixture) -> RoundEngine {
+pub(crate) fn engine(f: &Fixture) -> RoundEngine {
     let store = Store::open(f.dir.path().join("data")).unwrap();
     RoundEngine::open(store, f.cfg.clone(), f.initial.clone()).unwrap()
 }

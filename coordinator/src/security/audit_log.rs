@@ -169,7 +169,7 @@ impl AuditLog {
         let seq = self.seq + 1;
         let body = json!({
             "seq": seq,
-            "time_ms": crate::service::now_ms(),
+            "time_ms": fedflow_common::clock::now_ms(),
             "event": event,
             "detail": detail,
             "prev": self.head,

@@ -97,17 +97,9 @@ pub fn coordinator_uri() -> String {
     format!("{IDENTITY_PREFIX}coordinator")
 }
 
-/// Whether `name` is a valid site id or operator name: 1-128 characters of
-/// `[A-Za-z0-9._-]`, not starting with a dot (so never `.` or `..`, which SPIFFE IDs forbid
-/// and which would name a directory above a bundle).
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with('.')
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
+/// Whether `name` is a valid site id or operator name: fedflow's one naming rule
+/// ([`fedflow_common::names`]), shared with run names.
+pub use fedflow_common::names::valid_name;
 
 /// Reads the fedflow identity of a DER certificate (one the TLS layer has already verified
 /// against the federation's CA). Fails, saying why, if the bytes are not a certificate or

@@ -100,7 +100,7 @@ pub fn check_validity(cert: &CertificateDer<'_>, path: &Path) -> Result<()> {
     let (_, parsed) = X509Certificate::from_der(cert)
         .map_err(|e| tls_err(format!("{}: not a certificate: {e}", path.display())))?;
     let v = parsed.validity();
-    let now = crate::service::now_ms() / 1000;
+    let now = fedflow_common::clock::now_ms() / 1000;
     if now < v.not_before.timestamp() {
         return Err(tls_err(format!(
             "the certificate {} is not valid before {} (check this machine's clock)",

@@ -10,9 +10,9 @@ use tonic::{Request, Response, Status};
 use serde_json::json;
 
 use super::{Command, Coordinator, RunAction};
+use crate::Error;
 use crate::metrics::{EvaluationSummary, TrainingSummary};
 use crate::round::{LiveState, Phase, RoundEngine, RunView};
-use crate::security::identity::valid_name;
 use crate::security::{Revoked, Role};
 use crate::store::{RoundRecord, RunRecord, SiteState};
 
@@ -211,9 +211,7 @@ impl Admin for Coordinator {
         req: Request<wire::GetStatusRequest>,
     ) -> Result<Response<wire::RunStatus>, Status> {
         let _call = self.operator(&req, false, "GetStatus")?;
-        let s = self
-            .inspect(|e, now| status(e, now).map_err(|e| e.to_string()))
-            .await?;
+        let s = self.inspect(|e, now| status(e, now)).await?;
         Ok(Response::new(s))
     }
 
@@ -224,9 +222,9 @@ impl Admin for Coordinator {
         let _call = self.operator(&req, false, "ListRuns")?;
         let runs = self
             .inspect(|e, _| {
-                let runs = e.store().runs().map_err(|e| e.to_string())?;
+                let runs = e.store().runs()?;
                 runs.into_iter()
-                    .map(|r| run_summary(e, r).map_err(|e| e.to_string()))
+                    .map(|r| run_summary(e, r))
                     .collect::<Result<Vec<_>, _>>()
             })
             .await?;
@@ -246,16 +244,13 @@ impl Admin for Coordinator {
                 } else {
                     run_id
                 };
-                match e.store().run(&id).map_err(|e| e.to_string())? {
-                    None => Ok(Err(id)),
-                    Some(_) => rounds(e, &id).map(Ok).map_err(|e| e.to_string()),
+                match e.store().run(&id)? {
+                    None => Err(Error::NotFound(format!("no run named {id:?}"))),
+                    Some(_) => rounds(e, &id),
                 }
             })
             .await?;
-        match known {
-            Ok(r) => Ok(Response::new(r)),
-            Err(id) => Err(Status::not_found(format!("no run named {id:?}"))),
-        }
+        Ok(Response::new(known))
     }
 
     async fn list_sites(
@@ -263,9 +258,7 @@ impl Admin for Coordinator {
         req: Request<wire::ListSitesRequest>,
     ) -> Result<Response<wire::ListSitesResponse>, Status> {
         let _call = self.operator(&req, false, "ListSites")?;
-        let s = self
-            .inspect(|e, _| sites(e).map_err(|e| e.to_string()))
-            .await?;
+        let s = self.inspect(|e, _| sites(e)).await?;
         Ok(Response::new(s))
     }
 
@@ -299,16 +292,10 @@ impl Admin for Coordinator {
         let what = match (r.name.is_empty(), r.serial.is_empty()) {
             (false, true) => {
                 let role = Role::parse(&r.role).ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "role {:?}: use site, viewer or admin",
-                        r.role
-                    ))
+                    Error::BadRequest(format!("role {:?}: use site, viewer or admin", r.role))
                 })?;
-                if !valid_name(&r.name) {
-                    return Err(Status::invalid_argument(
-                        "name must be 1-128 characters of [A-Za-z0-9._-]",
-                    ));
-                }
+                fedflow_common::names::check_name(&r.name)
+                    .map_err(|e| Error::BadRequest(format!("name: {e}")))?;
                 Revoked::Identity(role, r.name)
             }
             (true, false) => {
@@ -318,16 +305,18 @@ impl Admin for Coordinator {
                     || serial.len() > 40
                     || !serial.bytes().all(|b| b.is_ascii_hexdigit())
                 {
-                    return Err(Status::invalid_argument(
-                        "serial must be the certificate's serial number in hex",
-                    ));
+                    return Err(Error::BadRequest(
+                        "serial must be the certificate's serial number in hex".into(),
+                    )
+                    .into());
                 }
                 Revoked::Serial(serial)
             }
             _ => {
-                return Err(Status::invalid_argument(
-                    "name (with role) or serial, exactly one of them",
-                ));
+                return Err(Error::BadRequest(
+                    "name (with role) or serial, exactly one of them".into(),
+                )
+                .into());
             }
         };
         let reason = if r.reason.is_empty() {
@@ -352,9 +341,7 @@ impl Admin for Coordinator {
         req: Request<wire::ListRevocationsRequest>,
     ) -> Result<Response<wire::ListRevocationsResponse>, Status> {
         let _call = self.operator(&req, false, "ListRevocations")?;
-        let list = self
-            .inspect(|e, _| e.store().revocations().map_err(|e| e.to_string()))
-            .await?;
+        let list = self.inspect(|e, _| e.store().revocations()).await?;
         let revocations = list
             .into_iter()
             .map(|r| {
@@ -400,23 +387,22 @@ impl Coordinator {
             format!("{method} by {by}: {reason}")
         };
         let r = full.clone();
-        let result = self.ask(|reply| Command::Act(action, r, reply)).await?;
+        let result = self.ask(|reply| Command::Act(action, r, reply)).await;
         self.shared.security.log.record(
             "admin_action",
             json!({
                 "action": method,
                 "by": by,
                 "reason": reason,
-                "result": match &result { Ok(p) => format!("{p:?}"), Err(e) => e.clone() },
+                "result": match &result { Ok(p) => format!("{p:?}"), Err(e) => e.to_string() },
             }),
         );
-        let p = result.map_err(Status::failed_precondition)?;
+        let p = result?;
         let status = self
             .inspect(|e, _| {
                 e.store()
                     .run(e.run_id())
                     .map(|r| r.map(|r| r.status.as_str().to_string()).unwrap_or_default())
-                    .map_err(|e| e.to_string())
             })
             .await?;
         Ok(Response::new(wire::RunActionResponse {

@@ -8,12 +8,12 @@
 use std::time::Instant;
 
 use serde_json::json;
-use tonic::{Request, Status};
+use tonic::Request;
 
 use super::Coordinator;
-use crate::security::identity::valid_name;
 use crate::security::limits::CallGuard;
 use crate::security::{Identity, Role};
+use crate::{Error, Result};
 
 /// The caller of an operator call.
 #[derive(Debug, Clone)]
@@ -55,43 +55,45 @@ impl Coordinator {
     }
 
     /// Records a rejected update or report (the engine's or the transfer layer's reason).
-    pub(super) fn rejected(&self, method: &str, site: &str, round: u64, status: &Status) {
+    pub(super) fn rejected(&self, method: &str, site: &str, round: u64, error: &Error) {
+        let code = super::status::code(error);
         if method == "UploadUpdate" {
-            self.shared.telemetry.rejected(status.code());
+            self.shared.telemetry.rejected(code);
         }
-        tracing::warn!(method, site, round, "rejected: {}", status.message());
+        tracing::warn!(method, site, round, "rejected: {error}");
         self.shared.security.log.record(
             "update_rejected",
             json!({
                 "method": method,
                 "site": site,
                 "round": round,
-                "code": format!("{:?}", status.code()),
-                "reason": status.message(),
+                "code": format!("{code:?}"),
+                "reason": error.to_string(),
             }),
         );
     }
 
-    /// Refuses a call: logs it, records it in the audit log, returns `status`.
-    pub(super) fn refuse(&self, method: &str, who: &str, peer: &str, status: Status) -> Status {
-        tracing::warn!(method, caller = who, %peer, "refused: {}", status.message());
-        self.shared.telemetry.refused(status.code());
+    /// Refuses a call: logs it, records it in the audit log, returns `error`.
+    pub(super) fn refuse(&self, method: &str, who: &str, peer: &str, error: Error) -> Error {
+        let code = super::status::code(&error);
+        tracing::warn!(method, caller = who, %peer, "refused: {error}");
+        self.shared.telemetry.refused(code);
         self.shared.security.log.record(
             "call_refused",
             json!({
                 "method": method,
                 "caller": who,
                 "peer": peer,
-                "code": format!("{:?}", status.code()),
-                "reason": status.message(),
+                "code": format!("{code:?}"),
+                "reason": error.to_string(),
             }),
         );
-        status
+        error
     }
 
     /// The verified identity of the caller (mutual TLS), `None` in plaintext mode; refused
     /// if the certificate carries no usable identity or is revoked.
-    fn verified<T>(&self, req: &Request<T>, method: &str) -> Result<Option<Identity>, Status> {
+    fn verified<T>(&self, req: &Request<T>, method: &str) -> Result<Option<Identity>> {
         if self.shared.security.tls.is_none() {
             return Ok(None);
         }
@@ -101,7 +103,7 @@ impl Coordinator {
                 method,
                 "unknown",
                 &peer,
-                Status::unauthenticated("no client certificate: mutual TLS is required"),
+                Error::Unauthenticated("no client certificate: mutual TLS is required".into()),
             ));
         };
         let Some(leaf) = certs.first() else {
@@ -109,20 +111,21 @@ impl Coordinator {
                 method,
                 "unknown",
                 &peer,
-                Status::unauthenticated("no client certificate: mutual TLS is required"),
+                Error::Unauthenticated("no client certificate: mutual TLS is required".into()),
             ));
         };
         let id = crate::security::identity::identity_from_der(leaf)
-            .map_err(|e| self.refuse(method, "unknown", &peer, Status::unauthenticated(e)))?;
+            .map_err(|e| self.refuse(method, "unknown", &peer, Error::Unauthenticated(e)))?;
         // The handshake checked validity when the connection opened; a long-lived
         // connection must not outlive the certificate.
-        if super::now_ms() / 1000 > id.not_after {
+        if fedflow_common::clock::now_ms() / 1000 > id.not_after {
             return Err(self.refuse(
                 method,
                 &id.uri(),
                 &peer,
-                Status::unauthenticated(
-                    "the client certificate has expired: ask the federation's operator for a new one",
+                Error::Unauthenticated(
+                    "the client certificate has expired: ask the federation's operator for a new one"
+                        .into(),
                 ),
             ));
         }
@@ -131,7 +134,7 @@ impl Coordinator {
                 method,
                 &id.uri(),
                 &peer,
-                Status::permission_denied(format!(
+                Error::Forbidden(format!(
                     "{why} ({id}); ask the federation's operator for a new certificate"
                 )),
             ));
@@ -146,7 +149,7 @@ impl Coordinator {
         kind: &str,
         method: &str,
         peer: &str,
-    ) -> Result<CallGuard, Status> {
+    ) -> Result<CallGuard> {
         self.shared
             .security
             .transfers
@@ -156,7 +159,7 @@ impl Coordinator {
                     method,
                     site,
                     peer,
-                    Status::resource_exhausted(format!(
+                    Error::Limited(format!(
                         "a {kind} from this site is already in progress; one at a time"
                     )),
                 )
@@ -164,12 +167,12 @@ impl Coordinator {
     }
 
     /// Admits a call from `key` under the per-caller limits.
-    fn admit(&self, key: &str, method: &str, peer: &str) -> Result<CallGuard, Status> {
+    fn admit(&self, key: &str, method: &str, peer: &str) -> Result<CallGuard> {
         self.shared
             .security
             .limiter
             .admit(key, Instant::now())
-            .map_err(|e| self.refuse(method, key, peer, Status::resource_exhausted(e.to_string())))
+            .map_err(|e| self.refuse(method, key, peer, Error::Limited(e.to_string())))
     }
 
     /// A `Federation` call: the calling site's id and its admission under the limits.
@@ -181,7 +184,7 @@ impl Coordinator {
         req: &Request<T>,
         claimed: &str,
         method: &str,
-    ) -> Result<SiteCall, Status> {
+    ) -> Result<SiteCall> {
         let peer = peer(req);
         let identity = self.verified(req, method)?;
         let site = match identity.clone() {
@@ -190,7 +193,7 @@ impl Coordinator {
                     method,
                     &id.uri(),
                     &peer,
-                    Status::permission_denied(format!(
+                    Error::Forbidden(format!(
                         "a {} certificate cannot call the Federation service; sites need a site certificate",
                         id.role
                     )),
@@ -202,7 +205,7 @@ impl Coordinator {
                         method,
                         &id.uri(),
                         &peer,
-                        Status::permission_denied(format!(
+                        Error::Forbidden(format!(
                             "the certificate is for site {}, but the request claims site {claimed}",
                             id.name
                         )),
@@ -211,11 +214,8 @@ impl Coordinator {
                 id.name
             }
             None => {
-                if !valid_name(claimed) {
-                    return Err(Status::invalid_argument(
-                        "site_id must be 1-128 characters of [A-Za-z0-9._-]",
-                    ));
-                }
+                fedflow_common::names::check_name(claimed)
+                    .map_err(|e| Error::BadRequest(format!("site_id: {e}")))?;
                 claimed.to_string()
             }
         };
@@ -234,7 +234,7 @@ impl Coordinator {
         req: &Request<T>,
         action: bool,
         method: &str,
-    ) -> Result<(Operator, CallGuard), Status> {
+    ) -> Result<(Operator, CallGuard)> {
         let peer = peer(req);
         let op = match self.verified(req, method)? {
             None => Operator::Unauthenticated,
@@ -250,7 +250,7 @@ impl Coordinator {
                         method,
                         &id.uri(),
                         &peer,
-                        Status::permission_denied(format!(
+                        Error::Forbidden(format!(
                             "{method} needs the {need} role; this certificate's role is {}",
                             id.role
                         )),

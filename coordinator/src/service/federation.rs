@@ -1,5 +1,5 @@
 //! `fedflow.v1.Federation`: what partner sites call. Converts wire types to the engine's and
-//! back, and maps every [`Rejection`] to one gRPC status.
+//! back; errors go out through [`super::status`].
 
 use std::time::Duration;
 
@@ -16,28 +16,10 @@ use prost::bytes::Bytes;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Command, Coordinator, OwnedDecline, OwnedEvaluation, OwnedHeartbeat, OwnedSubmission};
+use crate::Error;
 use crate::metrics::{SiteReport, finite};
-use crate::round::{Accepted, Phase, Rejection, TaskKind, TaskTicket, WorkState};
+use crate::round::{Accepted, Phase, TaskKind, TaskTicket, WorkState};
 use crate::strategy::UpdateReport;
-
-/// The status a rejection travels as.
-fn rejection_status(r: &Rejection) -> Status {
-    let msg = r.to_string();
-    match r {
-        Rejection::Late(_) => Status::deadline_exceeded(msg),
-        Rejection::NotSelected(_) | Rejection::WrongTask | Rejection::Revoked => {
-            Status::permission_denied(msg)
-        }
-        Rejection::Conflicting => Status::already_exists(msg),
-        Rejection::Invalid(_) => Status::invalid_argument(msg),
-        Rejection::NoOpenRound
-        | Rejection::NoOpenEvaluation
-        | Rejection::WrongRound { .. }
-        | Rejection::Withdrawn
-        | Rejection::Declined
-        | Rejection::WrongBase { .. } => Status::failed_precondition(msg),
-    }
-}
 
 /// Longest a `NextTask` call is held open.
 const MAX_POLL: Duration = Duration::from_secs(30);
@@ -51,11 +33,12 @@ impl Federation for Coordinator {
         let peer = super::auth::peer(&req);
         let req = req.into_inner();
         if !req.vocab_sha256.is_empty() && req.vocab_sha256 != self.shared.vocab_sha256 {
-            return Err(Status::failed_precondition(format!(
+            return Err(Error::Refused(format!(
                 "site {}'s data is encoded with another vocabulary (sha256 {}) than this \
                  federation's ({}): encode the site's data with the federation's vocab.json",
                 call.site, req.vocab_sha256, self.shared.vocab_sha256
-            )));
+            ))
+            .into());
         }
         self.shared.security.log.record(
             "site_enrolled",
@@ -128,22 +111,16 @@ impl Federation for Coordinator {
         let req = req.into_inner();
         let sha = req.sha256.clone();
         let Some((round, path)) = self.ask(|r| Command::Model(sha, r)).await? else {
-            return Err(Status::not_found(
-                "no current model with that hash: the round has moved on, ask for a new task",
-            ));
+            return Err(Error::NotFound(
+                "no current model with that hash: the round has moved on, ask for a new task"
+                    .into(),
+            )
+            .into());
         };
-        let file = std::fs::File::open(&path).map_err(|e| {
-            Status::internal(format!(
-                "cannot open the model checkpoint {}: {e}",
-                path.display()
-            ))
-        })?;
-        let total = file
-            .metadata()
-            .map_err(|e| Status::internal(format!("cannot read {}: {e}", path.display())))?
-            .len();
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let total = file.metadata().map_err(|e| Error::io(&path, e))?.len();
         if req.offset > total {
-            return Err(Status::out_of_range("offset past the end of the model"));
+            return Err(Error::OutOfRange("offset past the end of the model".into()).into());
         }
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let (guard, dropped) = tokio::sync::oneshot::channel();
@@ -195,14 +172,9 @@ impl Federation for Coordinator {
             .uploads
             .acquire()
             .await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
-        let (spill, file) =
-            super::transfer::SpillFile::create(&self.shared.incoming).map_err(|e| {
-                Status::internal(format!(
-                    "cannot spill the upload to {}: {e}",
-                    self.shared.incoming.display()
-                ))
-            })?;
+            .map_err(|_| Error::ShuttingDown)?;
+        let (spill, file) = super::transfer::SpillFile::create(&self.shared.incoming)
+            .map_err(|e| Error::io(&self.shared.incoming, e))?;
         // The update goes to disk as it arrives (hashed and size-checked on the way) and the
         // engine folds it in from there, so no upload is ever held in memory whole. An upload
         // still arriving after the round's deadline is useless: stop waiting for it then.
@@ -225,32 +197,34 @@ impl Federation for Coordinator {
         )
         .await
         .map_err(|_| {
-            Status::deadline_exceeded(format!(
+            Error::TimedOut(format!(
                 "the upload took longer than {}s (limits.upload_timeout_secs, or the round deadline)",
                 limit.as_secs()
             ))
         })
-        .and_then(|r| r);
+        .and_then(|r| r.map_err(Error::Receive));
         let (h, file) = match received {
             Ok(r) => r,
-            Err(status) => {
-                self.rejected(METHOD, who, 0, &status);
-                return Err(status);
+            Err(error) => {
+                self.rejected(METHOD, who, 0, &error);
+                return Err(error.into());
             }
         };
         drop(file);
         self.shared.telemetry.bytes_in.inc_by(h.total_bytes);
         let call = match early {
             Some(call) if !h.site_id.is_empty() && h.site_id != call.site => {
-                return Err(self.refuse(
-                    METHOD,
-                    &call.site,
-                    &super::auth::peer(&ctx),
-                    Status::permission_denied(format!(
-                        "the certificate is for site {}, but the update claims site {}",
-                        call.site, h.site_id
-                    )),
-                ));
+                return Err(self
+                    .refuse(
+                        METHOD,
+                        &call.site,
+                        &super::auth::peer(&ctx),
+                        Error::Forbidden(format!(
+                            "the certificate is for site {}, but the update claims site {}",
+                            call.site, h.site_id
+                        )),
+                    )
+                    .into());
             }
             Some(call) => call,
             None => self.site(&ctx, &h.site_id, METHOD)?,
@@ -287,9 +261,9 @@ impl Federation for Coordinator {
                 }))
             }
             Err(rejection) => {
-                let status = rejection_status(&rejection);
-                self.rejected(METHOD, &call.site, round, &status);
-                Err(status)
+                let error = Error::Rejected(rejection);
+                self.rejected(METHOD, &call.site, round, &error);
+                Err(error.into())
             }
         }
     }
@@ -337,7 +311,7 @@ impl Federation for Coordinator {
         };
         match self.ask(|r| Command::Decline(Box::new(d), r)).await? {
             Ok(()) => Ok(Response::new(DeclineTaskResponse {})),
-            Err(rejection) => Err(rejection_status(&rejection)),
+            Err(rejection) => Err(Error::Rejected(rejection).into()),
         }
     }
 
@@ -361,9 +335,9 @@ impl Federation for Coordinator {
                 duplicate: accepted == Accepted::Duplicate,
             })),
             Err(rejection) => {
-                let status = rejection_status(&rejection);
-                self.rejected("ReportEvaluation", &site, req.round, &status);
-                Err(status)
+                let error = Error::Rejected(rejection);
+                self.rejected("ReportEvaluation", &site, req.round, &error);
+                Err(error.into())
             }
         }
     }
@@ -413,6 +387,9 @@ impl Coordinator {
                 momentum: train.momentum,
                 fedprox_mu: train.fedprox_mu,
                 seed: train.seed,
+                patience: train.patience as u32,
+                min_delta: train.min_delta,
+                length_bucketing: train.length_bucketing,
                 dp_sgd: cfg.record_dp.as_ref().map(|dp| DpSgdInstructions {
                     clip_norm: dp.clip_norm,
                     noise_multiplier: dp.noise_multiplier,

@@ -5,16 +5,19 @@
 //! gRPC handlers are cheap clones of a [`Coordinator`] handle holding a channel sender; the
 //! engine lives on its own thread (it does blocking work: SQLite, fsync, aggregation), takes
 //! one command at a time, and ticks the clock when idle. Its loop must never panic or exit
-//! while handles exist: engine errors are logged and returned to the caller as `internal`.
-//! Wire types are converted in the two service modules and nowhere else.
+//! while handles exist: engine errors are logged and returned to the caller typed
+//! ([`crate::Error`], with a site's [`Rejection`]). Wire types are converted in the two
+//! service modules and nowhere else; [`status`] is the one place a [`crate::Error`] becomes a
+//! gRPC status.
 
 use std::sync::Arc;
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use fedflow_common::clock::now_ms;
 
 use fedflow_common::params::ParamSet;
 use tokio::sync::oneshot;
-use tonic::Status;
 
 use crate::config::RunConfig;
 use crate::metrics::SiteReport;
@@ -28,20 +31,14 @@ use crate::strategy::UpdateReport;
 pub mod admin;
 mod auth;
 pub mod federation;
+pub mod status;
 mod telemetry;
 mod transfer;
 
 pub use telemetry::serve_metrics;
 pub use transfer::{INCOMING_DIR, TRANSFER_SLOTS};
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-type Reply<T> = oneshot::Sender<Result<T, String>>;
+type Reply<T> = oneshot::Sender<crate::Result<T>>;
 
 /// A sent update, owned, on its way to the engine thread.
 struct OwnedSubmission {
@@ -127,7 +124,7 @@ enum Command {
     Evaluation(Box<OwnedEvaluation>, Reply<Result<Accepted, Rejection>>),
     Decline(Box<OwnedDecline>, Reply<Result<(), Rejection>>),
     /// An operator action; answered with the phase after it (or why it was refused).
-    Act(RunAction, String, Reply<Result<Phase, String>>),
+    Act(RunAction, String, Reply<Phase>),
     /// A revocation (stored, then in force); answered with whether it is new.
     Revoke(crate::security::Revoked, String, String, Reply<bool>),
 }
@@ -205,8 +202,7 @@ impl Coordinator {
         cfg: RunConfig,
         transport: &Transport,
     ) -> crate::Result<Coordinator> {
-        let model_config_json = serde_json::to_string(&cfg.model_config()?)
-            .map_err(|e| crate::Error::Strategy(e.to_string()))?;
+        let model_config_json = serde_json::to_string(&cfg.model_config()?)?;
         let vocab = fedflow_common::data::Vocab::load(&cfg.model.vocab)?;
         let dir = engine.store().dir().to_path_buf();
         let incoming = dir.join(INCOMING_DIR);
@@ -232,13 +228,12 @@ impl Coordinator {
                 "revocations": engine.store().revocations()?.len(),
             }),
         );
-        let model_bytes = std::fs::metadata(
-            engine
-                .store()
-                .model_checkpoint_path(engine.run_id(), engine.committed_round()),
-        )
-        .map_err(|e| crate::Error::Store(format!("cannot read the model checkpoint: {e}")))?
-        .len();
+        let checkpoint = engine
+            .store()
+            .model_checkpoint_path(engine.run_id(), engine.committed_round());
+        let model_bytes = std::fs::metadata(&checkpoint)
+            .map_err(|e| crate::Error::io(&checkpoint, e))?
+            .len();
         let max_upload_bytes = match cfg.limits.max_upload_bytes {
             0 => model_bytes,
             n => n,
@@ -281,7 +276,7 @@ impl Coordinator {
     }
 
     /// The run's current state.
-    pub async fn snapshot(&self) -> Result<Snapshot, Status> {
+    pub async fn snapshot(&self) -> crate::Result<Snapshot> {
         self.inspect(|engine, _| {
             let (global, sha) = engine.global();
             Ok(Snapshot {
@@ -296,7 +291,7 @@ impl Coordinator {
     }
 
     /// Where the run stands, with each site's progress in the current round.
-    pub async fn view(&self) -> Result<RunView, Status> {
+    pub async fn view(&self) -> crate::Result<RunView> {
         self.inspect(|engine, now| Ok(engine.view(now))).await
     }
 
@@ -305,8 +300,8 @@ impl Coordinator {
     /// does nothing else meanwhile.
     pub async fn inspect<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&RoundEngine, i64) -> Result<T, String> + Send + 'static,
-    ) -> Result<T, Status> {
+        f: impl FnOnce(&RoundEngine, i64) -> crate::Result<T> + Send + 'static,
+    ) -> crate::Result<T> {
         self.ask(|reply| {
             Command::Inspect(Box::new(move |engine, now| {
                 let _ = reply.send(f(engine, now));
@@ -315,14 +310,12 @@ impl Coordinator {
         .await
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Status> {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> crate::Result<T> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(make(reply))
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
-        rx.await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?
-            .map_err(|e| Status::internal(format!("coordinator error: {e}")))
+            .map_err(|_| crate::Error::ShuttingDown)?;
+        rx.await.map_err(|_| crate::Error::ShuttingDown)?
     }
 }
 
@@ -346,27 +339,22 @@ fn engine_loop(
                 }
             }
             Some(Command::Heartbeat(hb, reply)) => {
-                let r = engine
-                    .heartbeat(
-                        Heartbeat {
-                            site_id: &hb.site_id,
-                            task_id: &hb.task_id,
-                            work: hb.work,
-                            epoch: hb.epoch,
-                            epochs: hb.epochs,
-                            bytes_done: hb.bytes_done,
-                        },
-                        now,
-                    )
-                    .map_err(|e| e.to_string());
+                let r = engine.heartbeat(
+                    Heartbeat {
+                        site_id: &hb.site_id,
+                        task_id: &hb.task_id,
+                        work: hb.work,
+                        epoch: hb.epoch,
+                        epochs: hb.epochs,
+                        bytes_done: hb.bytes_done,
+                    },
+                    now,
+                );
                 let _ = reply.send(r);
             }
             Some(Command::Inspect(f)) => f(&engine, now),
             Some(Command::Poll(site, reply)) => {
-                let r = engine
-                    .poll_task(&site, now)
-                    .map(|t| (t, engine.phase()))
-                    .map_err(|e| e.to_string());
+                let r = engine.poll_task(&site, now).map(|t| (t, engine.phase()));
                 let _ = reply.send(r);
             }
             Some(Command::Model(sha, reply)) => {
@@ -395,14 +383,11 @@ fn engine_loop(
                     RunAction::Resume => engine.resume(&reason),
                     RunAction::Stop => engine.stop(&reason),
                 };
-                let _ = reply.send(Ok(r.map_err(|e| e.to_string())));
+                let _ = reply.send(r);
             }
             Some(Command::Revoke(what, reason, by, reply)) => {
                 // Stored first: a revocation in force is never lost by a crash.
-                let r = engine
-                    .store_mut()
-                    .revoke(&what, &reason, &by)
-                    .map_err(|e| e.to_string());
+                let r = engine.store_mut().revoke(&what, &reason, &by);
                 if r.is_ok() {
                     if let crate::security::Revoked::Identity(crate::security::Role::Site, site) =
                         &what
@@ -415,45 +400,39 @@ fn engine_loop(
                 let _ = reply.send(r);
             }
             Some(Command::Submit(s, reply)) => {
-                let r = engine
-                    .submit(
-                        Submission {
-                            site_id: &s.site_id,
-                            round: s.round,
-                            task_id: &s.task_id,
-                            nonce: &s.nonce,
-                            base_model_sha256: &s.base_model_sha256,
-                            delta: DeltaSource::File(&s.delta_path),
-                            delta_sha256: &s.delta_sha256,
-                            report: s.report.clone(),
-                            metrics: s.metrics,
-                            unclipped: s.unclipped,
-                        },
-                        now,
-                    )
-                    .map_err(|e| e.to_string());
+                let r = engine.submit(
+                    Submission {
+                        site_id: &s.site_id,
+                        round: s.round,
+                        task_id: &s.task_id,
+                        nonce: &s.nonce,
+                        base_model_sha256: &s.base_model_sha256,
+                        delta: DeltaSource::File(&s.delta_path),
+                        delta_sha256: &s.delta_sha256,
+                        report: s.report.clone(),
+                        metrics: s.metrics,
+                        unclipped: s.unclipped,
+                    },
+                    now,
+                );
                 let _ = reply.send(r);
             }
             Some(Command::Decline(d, reply)) => {
-                let r = engine
-                    .decline(&d.site_id, d.round, &d.task_id, &d.nonce, &d.reason, now)
-                    .map_err(|e| e.to_string());
+                let r = engine.decline(&d.site_id, d.round, &d.task_id, &d.nonce, &d.reason, now);
                 let _ = reply.send(r);
             }
             Some(Command::Evaluation(s, reply)) => {
-                let r = engine
-                    .submit_evaluation(
-                        EvaluationSubmission {
-                            site_id: &s.site_id,
-                            round: s.round,
-                            task_id: &s.task_id,
-                            nonce: &s.nonce,
-                            model_sha256: &s.model_sha256,
-                            metrics: s.metrics,
-                        },
-                        now,
-                    )
-                    .map_err(|e| e.to_string());
+                let r = engine.submit_evaluation(
+                    EvaluationSubmission {
+                        site_id: &s.site_id,
+                        round: s.round,
+                        task_id: &s.task_id,
+                        nonce: &s.nonce,
+                        model_sha256: &s.model_sha256,
+                        metrics: s.metrics,
+                    },
+                    now,
+                );
                 let _ = reply.send(r);
             }
         }
@@ -557,12 +536,7 @@ async fn readiness(coordinator: Coordinator, health: tonic_health::server::Healt
     loop {
         let ready = tokio::time::timeout(
             READINESS_EVERY * 5,
-            coordinator.inspect(|e, _| {
-                e.store()
-                    .run(e.run_id())
-                    .map(|r| r.is_some())
-                    .map_err(|e| e.to_string())
-            }),
+            coordinator.inspect(|e, _| e.store().run(e.run_id()).map(|r| r.is_some())),
         )
         .await
         .is_ok_and(|r| r.unwrap_or(false));
@@ -593,3 +567,6 @@ async fn readiness(coordinator: Coordinator, health: tonic_health::server::Healt
         tokio::time::sleep(READINESS_EVERY).await;
     }
 }
+
+#[cfg(test)]
+mod tests;

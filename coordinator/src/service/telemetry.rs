@@ -113,11 +113,8 @@ fn counter(r: &mut Registry, name: &str, help: &str, v: u64) {
 }
 
 /// The Prometheus text exposition of the coordinator's metrics.
-pub(crate) async fn render(c: &Coordinator) -> Result<String, String> {
-    let f = c
-        .inspect(|e, now| figures(e, now).map_err(|e| e.to_string()))
-        .await
-        .map_err(|s| s.message().to_string())?;
+pub(crate) async fn render(c: &Coordinator) -> crate::Result<String> {
+    let f = c.inspect(figures).await?;
     let t = &c.shared.telemetry;
     let mut r = Registry::with_prefix("fedflow");
     counter(
@@ -234,7 +231,8 @@ pub(crate) async fn render(c: &Coordinator) -> Result<String, String> {
         );
     }
     let mut out = String::new();
-    encode(&mut out, &r).map_err(|e| e.to_string())?;
+    encode(&mut out, &r)
+        .map_err(|e| crate::Error::Store(format!("cannot encode the metrics: {e}")))?;
     Ok(out)
 }
 

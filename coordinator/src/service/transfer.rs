@@ -53,12 +53,7 @@ impl Drop for SpillFile {
 /// Empties (or creates) the spill directory: files there are uploads a previous process was
 /// receiving when it stopped, never accepted.
 pub(super) fn reset_incoming(dir: &Path) -> crate::Result<()> {
-    let fail = |e: std::io::Error| {
-        crate::Error::Store(format!(
-            "cannot prepare the upload spill directory {}: {e}",
-            dir.display()
-        ))
-    };
+    let fail = |e: std::io::Error| crate::Error::io(dir, e);
     match std::fs::remove_dir_all(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -138,8 +133,10 @@ pub(super) async fn stream_model(
                     ..header.clone()
                 })
             }
-            Ok((_, Err(e))) => Err(Status::internal(format!("cannot read the model: {e}"))),
-            Err(e) => Err(Status::internal(format!("cannot read the model: {e}"))),
+            Ok((_, Err(e))) => {
+                Err(crate::Error::Store(format!("cannot read the model: {e}")).into())
+            }
+            Err(e) => Err(crate::Error::Store(format!("cannot read the model: {e}")).into()),
         };
         let failed = msg.is_err();
         match tokio::time::timeout(stall, tx.send(msg)).await {

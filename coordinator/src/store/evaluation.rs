@@ -8,7 +8,9 @@
 use rusqlite::params;
 use serde::Serialize;
 
-use super::{RoundStatus, Store, check_json, now_ms, to_i64};
+use fedflow_common::clock::now_ms;
+
+use super::{RoundStatus, Store, check_json, to_i64};
 use crate::{Error, Result};
 
 /// One site's evaluation of a committed round's global model, as stored.

@@ -28,9 +28,12 @@
 //! checkpoint's bytes against the recorded hash before it hands the model out.
 //!
 //! The database runs in WAL mode with `synchronous=FULL` (a commit is on disk when it
-//! returns) and foreign keys on. It is opened with `locking_mode=EXCLUSIVE`, so a second
-//! coordinator on the same directory is refused instead of racing the first (its orphan
-//! cleanup could otherwise delete a checkpoint the first has written but not yet committed).
+//! returns) and foreign keys on. The writer holds an exclusive lock on `<dir>/store.lock`
+//! for as long as it is open, so a second coordinator on the same directory is refused
+//! instead of racing the first (its orphan cleanup could otherwise delete a checkpoint the
+//! first has written but not yet committed). Readers ([`Store::open_read_only`], the
+//! `report` and `privacy-report` commands) need no lock: WAL gives each read a consistent
+//! snapshot of the last committed state while the coordinator keeps writing.
 //!
 //! # Schema (version 3, in `PRAGMA user_version`)
 //!
@@ -64,9 +67,9 @@
 //!
 //! The API is synchronous (rusqlite blocks): async callers run it in `spawn_blocking`.
 
+use fedflow_common::clock::now_ms;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use fedflow_common::params::ParamSet;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
@@ -92,6 +95,9 @@ pub const SCHEMA_VERSION: i64 = 3;
 
 /// The database's file name inside the data directory.
 pub const DB_FILE: &str = "fedflow.sqlite";
+
+/// The file the one writer of a data directory holds locked while it is open.
+pub const LOCK_FILE: &str = "store.lock";
 
 /// The checkpoint folder's name inside the data directory.
 pub const CHECKPOINT_DIR: &str = "checkpoints";
@@ -175,6 +181,9 @@ CREATE TABLE checkpoints (
 pub struct Store {
     dir: PathBuf,
     conn: Connection,
+    /// The writer's lock on [`LOCK_FILE`], held until the store is dropped; `None` for a
+    /// read-only store.
+    _lock: Option<std::fs::File>,
 }
 
 impl Store {
@@ -190,28 +199,29 @@ impl Store {
             ))
         })?;
         let db_path = dir.join(DB_FILE);
-        let in_use = |e: rusqlite::Error| match e {
-            rusqlite::Error::SqliteFailure(f, _)
-                if f.code == rusqlite::ErrorCode::DatabaseBusy
-                    || f.code == rusqlite::ErrorCode::DatabaseLocked =>
-            {
-                Error::Store(format!(
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        // Nobody else may hold the lock legitimately, so waiting for it would only hide a
+        // second coordinator: fail at once. The lock ends with the process, however it ends.
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Store(format!(
                     "{} is in use by another process; stop the other coordinator or use another data directory",
                     db_path.display()
-                ))
+                )));
             }
-            e => e.into(),
-        };
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
+        }
         let mut conn = Connection::open(&db_path)?;
-        // Nobody else may hold the lock legitimately, so waiting for it would only hide a
-        // second coordinator: fail at once.
-        conn.busy_timeout(std::time::Duration::ZERO)?;
-        // Exclusive locking before the first WAL access: the lock is taken by the first
-        // access below and held until the connection closes, and no shared memory is used.
-        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(in_use)?;
+        // Readers take the database's own locks only for moments (WAL): wait a little.
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(Error::Store(format!(
                 "{}: cannot switch to WAL journal mode (got {mode})",
@@ -221,9 +231,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", true)?;
 
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Exclusive)
-            .map_err(in_use)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
         let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(Error::Store(format!(
@@ -245,7 +253,11 @@ impl Store {
         }
         tx.commit()?;
 
-        let store = Store { dir, conn };
+        let store = Store {
+            dir,
+            conn,
+            _lock: Some(lock),
+        };
         let removed = store.remove_orphans()?;
         if removed > 0 {
             tracing::warn!(
@@ -255,6 +267,51 @@ impl Store {
             );
         }
         Ok(store)
+    }
+
+    /// Opens the store in `dir` for reading only, while a coordinator may be writing it:
+    /// each query sees the last committed state. Creates nothing: a directory without a
+    /// database is an error naming it, and so is a database of a newer schema.
+    pub fn open_read_only(dir: impl AsRef<Path>) -> Result<Store> {
+        let dir = dir.as_ref().to_path_buf();
+        let db_path = dir.join(DB_FILE);
+        if !db_path.is_file() {
+            return Err(Error::NotFound(format!(
+                "{} holds no coordinator database ({DB_FILE}); pass the --data directory the \
+                 coordinator runs with",
+                dir.display()
+            )));
+        }
+        let conn = Connection::open_with_flags(
+            &db_path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version != SCHEMA_VERSION {
+            return Err(Error::Store(format!(
+                "{} has schema version {version}, this fedflow reads version {SCHEMA_VERSION}; \
+                 {}",
+                db_path.display(),
+                if version > SCHEMA_VERSION {
+                    "use a newer fedflow"
+                } else {
+                    "start the coordinator once to upgrade it"
+                }
+            )));
+        }
+        Ok(Store {
+            dir,
+            conn,
+            _lock: None,
+        })
+    }
+
+    /// Makes every later write of this connection fail (SQLite's `query_only`), as a full
+    /// or failing disk would: for tests of what callers see when the database fails.
+    #[cfg(test)]
+    pub(crate) fn fail_writes(&self) {
+        self.conn.pragma_update(None, "query_only", true).unwrap();
     }
 
     /// The data directory.
@@ -780,21 +837,10 @@ fn insert_checkpoint(
     Ok(())
 }
 
-/// Run ids become directory names, so they are restricted to a safe alphabet.
+/// Run ids become directory names: they follow fedflow's one naming rule
+/// ([`fedflow_common::names`]), as the run config's `run.name` does.
 fn check_run_id(run_id: &str) -> Result<()> {
-    let ok = !run_id.is_empty()
-        && run_id.len() <= 128
-        && !run_id.starts_with('.')
-        && run_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Store(format!(
-            "run id {run_id:?} is invalid; use 1-128 ASCII letters, digits, '-', '_' or '.', not starting with '.'"
-        )))
-    }
+    fedflow_common::names::check_name(run_id).map_err(|e| Error::Store(format!("run id {e}")))
 }
 
 fn check_json(field: &str, text: &str) -> Result<()> {
@@ -811,12 +857,7 @@ fn to_i64(v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::Store(format!("{v} does not fit the database's integers")))
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
+#[cfg(test)]
+mod read_only_tests;
 #[cfg(test)]
 mod tests;

@@ -11,7 +11,9 @@
 use rusqlite::{Transaction, params};
 use serde::{Deserialize, Serialize};
 
-use super::{Store, now_ms, to_i64};
+use fedflow_common::clock::now_ms;
+
+use super::{Store, to_i64};
 use crate::Result;
 
 pub(super) const SCHEMA_V2: &str = "

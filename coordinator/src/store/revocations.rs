@@ -4,7 +4,9 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::{Store, now_ms};
+use fedflow_common::clock::now_ms;
+
+use super::Store;
 use crate::Result;
 use crate::security::{Revoked, Role};
 

@@ -151,7 +151,7 @@ proptest! {
                 prop_assert!(total > limit);
                 prop_assert_eq!(&e, &TransferError::TooLarge { total, limit });
                 prop_assert!(!e.to_string().is_empty());
-                prop_assert_eq!(e.to_status().code(), tonic::Code::ResourceExhausted);
+                prop_assert_eq!(e.fault(), Fault::Limit);
                 return Ok(());
             }
             Ok(a) => {
@@ -189,11 +189,13 @@ proptest! {
                     } else {
                         prop_assert_eq!(Some(&e), refusal.as_ref());
                     }
-                    let code = e.to_status().code();
+                    let fault = e.fault();
                     if matches!(e, TransferError::ChunkTooLarge { .. }) {
-                        prop_assert_eq!(code, tonic::Code::ResourceExhausted);
+                        prop_assert_eq!(fault, Fault::Limit);
+                    } else if matches!(e, TransferError::Sink(_)) {
+                        prop_assert_eq!(fault, Fault::Receiver);
                     } else {
-                        prop_assert_eq!(code, tonic::Code::InvalidArgument);
+                        prop_assert_eq!(fault, Fault::Sender);
                     }
                 }
             }
@@ -339,7 +341,7 @@ fn receive_messages(
     messages: &[UpdateChunk],
     limit: u64,
     chunk_limit: usize,
-) -> Result<(UpdateHeader, Vec<u8>), tonic::Status> {
+) -> Result<(UpdateHeader, Vec<u8>), ReceiveError> {
     let mut stream = tonic::Streaming::new_request(
         tonic_prost::ProstDecoder::<UpdateChunk>::default(),
         body(messages),
@@ -406,27 +408,27 @@ proptest! {
             .collect();
 
         // The model of what must happen.
-        let expected: Result<(u64, String, Vec<u8>), tonic::Code> = (|| {
+        let expected: Result<(u64, String, Vec<u8>), Fault> = (|| {
             let Some(Msg::Header { total, hash }) = messages.first() else {
-                return Err(tonic::Code::InvalidArgument);
+                return Err(Fault::Sender);
             };
             if *total > limit {
-                return Err(tonic::Code::ResourceExhausted);
+                return Err(Fault::Limit);
             }
             let mut got = Vec::new();
             for m in &messages[1..] {
-                let Msg::Data(d) = m else { return Err(tonic::Code::InvalidArgument) };
+                let Msg::Data(d) = m else { return Err(Fault::Sender) };
                 if d.len() > chunk_limit {
-                    return Err(tonic::Code::ResourceExhausted);
+                    return Err(Fault::Limit);
                 }
                 if (got.len() + d.len()) as u64 > *total {
-                    return Err(tonic::Code::InvalidArgument);
+                    return Err(Fault::Sender);
                 }
                 got.extend_from_slice(d);
             }
             let sha = hash_of(hash);
             if got.len() as u64 != *total || sha256_hex(&got) != sha.to_ascii_lowercase() {
-                return Err(tonic::Code::InvalidArgument);
+                return Err(Fault::Sender);
             }
             Ok((*total, sha, got))
         })();
@@ -438,9 +440,9 @@ proptest! {
                 prop_assert_eq!(header.round, 3);
                 prop_assert_eq!(bytes, data);
             }
-            (Err(status), Err(code)) => {
-                prop_assert_eq!(status.code(), code, "{}", status.message());
-                prop_assert!(!status.message().is_empty());
+            (Err(ReceiveError::Refused(e)), Err(fault)) => {
+                prop_assert_eq!(e.fault(), fault, "{}", e);
+                prop_assert!(!e.to_string().is_empty());
             }
             (got, want) => prop_assert!(false, "got {:?}, expected {:?}", got.map(|(_, b)| b), want),
         }
