@@ -94,6 +94,11 @@ enum Command {
         /// keep it on a monitoring network. No metric names a site.
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
+        /// Keep serving after the run has finished (status and reports stay reachable over
+        /// the Admin service) until interrupted. Without it, `serve` exits a few seconds
+        /// after the run finishes, once sites have been told.
+        #[arg(long)]
+        stay_up: bool,
     },
     /// Write a run's report (run-report.html: accuracy, loss, participation, update norms,
     /// durations and epsilon per round, as charts; self-contained).
@@ -225,6 +230,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             insecure_plaintext,
             allow_insecure_remote,
             metrics_listen,
+            stay_up,
         } => {
             let transport = match (tls, insecure_plaintext) {
                 (Some(bundle), _) => Transport::MutualTls(bundle),
@@ -294,13 +300,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 });
             }
-            let shutdown = async {
-                let _ = tokio::signal::ctrl_c().await;
+            let finished = run_finished(coordinator.clone());
+            let shutdown = async move {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    () = finished, if !stay_up => {
+                        tracing::info!("the run has finished; shutting down (--stay-up keeps serving)");
+                    }
+                }
             };
             serve(listener, coordinator, shutdown).await?;
         }
     }
     Ok(())
+}
+
+/// How long `serve` keeps answering after its run finished, so that sites polling for
+/// work hear that the run is over instead of finding the coordinator gone.
+const LINGER_AFTER_FINISH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Resolves [`LINGER_AFTER_FINISH`] after the run has finished (checked twice a second).
+async fn run_finished(coordinator: fedflow_coordinator::service::Coordinator) {
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        every.tick().await;
+        match coordinator.inspect(|e, _| Ok(e.phase())).await {
+            Ok(fedflow_coordinator::round::Phase::Finished) => break,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!("cannot read the run's state: {e}");
+            }
+        }
+    }
+    tokio::time::sleep(LINGER_AFTER_FINISH).await;
 }
 
 fn main() -> ExitCode {
@@ -313,7 +345,9 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only on a terminal: a log written to a file stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match cli.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),

@@ -39,7 +39,7 @@ pub(crate) fn engine(f: &Fixture) -> RoundEngine {
     RoundEngine::open(store, f.cfg.clone(), f.initial.clone()).unwrap()
 }
 
-pub(super) const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+pub(crate) const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 
 /// All three sites show up; the first poll after that starts round 1.
 pub(super) fn start(e: &mut RoundEngine) -> BTreeMap<String, TaskTicket> {
