@@ -306,13 +306,13 @@ fn one_run(
                 Ok(o) => {
                     let r = engine.submit(
                         Submission {
-                            site_id: name,
+                            site_id: name.to_owned(),
                             round: t.round,
-                            task_id: &t.task_id,
-                            nonce: &t.nonce,
-                            base_model_sha256: &global_sha,
-                            delta: DeltaSource::Params(&o.delta),
-                            delta_sha256: &o.delta_sha256,
+                            task_id: t.task_id.clone(),
+                            nonce: t.nonce.clone(),
+                            base_model_sha256: global_sha.clone(),
+                            delta: DeltaSource::Params(o.delta),
+                            delta_sha256: o.delta_sha256,
                             report: UpdateReport {
                                 train_examples: o.metrics.train_examples as u64,
                                 claimed_weight: o.metrics.train_examples as f64,

@@ -29,17 +29,17 @@ pub(super) struct OpenEvaluation {
 
 /// A site's evaluation report, as the engine needs it.
 #[derive(Debug, Clone)]
-pub struct EvaluationSubmission<'a> {
+pub struct EvaluationSubmission {
     /// The reporting site.
-    pub site_id: &'a str,
+    pub site_id: String,
     /// The round whose model was evaluated.
     pub round: u64,
     /// Task id from the ticket.
-    pub task_id: &'a str,
+    pub task_id: String,
     /// Nonce from the ticket.
-    pub nonce: &'a [u8],
+    pub nonce: Vec<u8>,
     /// SHA-256 of the model that was evaluated.
-    pub model_sha256: &'a str,
+    pub model_sha256: String,
     /// The site's metrics (validation fields).
     pub metrics: SiteReport,
 }
@@ -112,7 +112,7 @@ impl RoundEngine {
     /// evaluation closes as soon as every site has answered.
     pub fn submit_evaluation(
         &mut self,
-        s: EvaluationSubmission<'_>,
+        s: EvaluationSubmission,
         now_ms: i64,
     ) -> Result<std::result::Result<Accepted, Rejection>> {
         self.last_seen.insert(s.site_id.to_string(), now_ms);
@@ -124,14 +124,14 @@ impl RoundEngine {
                 }
             }
             Ok(Accepted::Duplicate) => {}
-            Err(r) => self.live.rejected(s.site_id, r),
+            Err(r) => self.live.rejected(&s.site_id, r),
         }
         Ok(verdict)
     }
 
     fn check_and_record_evaluation(
         &mut self,
-        s: &EvaluationSubmission<'_>,
+        s: &EvaluationSubmission,
         now_ms: i64,
     ) -> Result<std::result::Result<Accepted, Rejection>> {
         let Some(ev) = self.eval.as_mut() else {
@@ -143,7 +143,7 @@ impl RoundEngine {
                 got: s.round,
             }));
         }
-        let Some(task) = ev.tasks.get_mut(s.site_id) else {
+        let Some(task) = ev.tasks.get_mut(&s.site_id) else {
             return Ok(Err(Rejection::NotSelected(ev.round)));
         };
         if task.task_id != s.task_id || task.nonce != s.nonce {

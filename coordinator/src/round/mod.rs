@@ -148,21 +148,21 @@ pub enum Accepted {
 
 /// What a site sent, as the engine needs it.
 #[derive(Debug, Clone)]
-pub struct Submission<'a> {
+pub struct Submission {
     /// The sending site.
-    pub site_id: &'a str,
+    pub site_id: String,
     /// The round the update is for.
     pub round: u64,
     /// Task id from the ticket.
-    pub task_id: &'a str,
+    pub task_id: String,
     /// Nonce from the ticket.
-    pub nonce: &'a [u8],
+    pub nonce: Vec<u8>,
     /// SHA-256 of the model the delta was computed against.
-    pub base_model_sha256: &'a str,
+    pub base_model_sha256: String,
     /// The delta.
-    pub delta: DeltaSource<'a>,
+    pub delta: DeltaSource,
     /// SHA-256 of the delta's bytes.
-    pub delta_sha256: &'a str,
+    pub delta_sha256: String,
     /// Example count and claimed weight.
     pub report: UpdateReport,
     /// The site's metrics.
@@ -173,17 +173,17 @@ pub struct Submission<'a> {
 }
 
 /// Where a submitted delta is.
-#[derive(Debug, Clone, Copy)]
-pub enum DeltaSource<'a> {
+#[derive(Debug, Clone)]
+pub enum DeltaSource {
     /// Parsed, in memory.
-    Params(&'a ParamSet),
+    Params(ParamSet),
     /// A safetensors file (an upload spilled to disk), folded in tensor by tensor without
     /// loading it whole.
-    File(&'a std::path::Path),
+    File(std::path::PathBuf),
 }
 
-impl<'a> From<&'a ParamSet> for DeltaSource<'a> {
-    fn from(p: &'a ParamSet) -> Self {
+impl From<ParamSet> for DeltaSource {
+    fn from(p: ParamSet) -> Self {
         DeltaSource::Params(p)
     }
 }
@@ -572,7 +572,7 @@ impl RoundEngine {
     /// The round closes (and may commit) as soon as every selected site has answered.
     pub fn submit(
         &mut self,
-        s: Submission<'_>,
+        s: Submission,
         now_ms: i64,
     ) -> Result<std::result::Result<Accepted, Rejection>> {
         self.last_seen.insert(s.site_id.to_string(), now_ms);
@@ -580,14 +580,14 @@ impl RoundEngine {
         match &verdict {
             Ok(Accepted::New) => self.close_if_complete(now_ms)?,
             Ok(Accepted::Duplicate) => {}
-            Err(r) => self.live.rejected(s.site_id, r),
+            Err(r) => self.live.rejected(&s.site_id, r),
         }
         Ok(verdict)
     }
 
     fn check_and_add(
         &mut self,
-        s: &Submission<'_>,
+        s: &Submission,
         now_ms: i64,
     ) -> Result<std::result::Result<Accepted, Rejection>> {
         if let Some(dp) = &self.site_dp {
@@ -623,14 +623,14 @@ impl RoundEngine {
                 got: s.round,
             }));
         }
-        let Some(task) = open.tasks.get_mut(s.site_id) else {
+        let Some(task) = open.tasks.get_mut(&s.site_id) else {
             return Ok(Err(Rejection::NotSelected(open.round)));
         };
         if task.task_id != s.task_id || task.nonce != s.nonce {
             return Ok(Err(Rejection::WrongTask));
         }
         match &task.state {
-            TaskState::Uploaded { fingerprint } if fingerprint == s.delta_sha256 => {
+            TaskState::Uploaded { fingerprint } if *fingerprint == s.delta_sha256 => {
                 return Ok(Ok(Accepted::Duplicate));
             }
             TaskState::Uploaded { .. } => return Ok(Err(Rejection::Conflicting)),
@@ -659,7 +659,7 @@ impl RoundEngine {
         };
         // The accumulator validates names, shapes, dtype, finiteness and the weight before it
         // changes anything.
-        let added = match s.delta {
+        let added = match &s.delta {
             DeltaSource::Params(p) => open.acc.add(p, weight),
             DeltaSource::File(path) => open.acc.add_safetensors_file(path, weight),
         };
@@ -680,7 +680,7 @@ impl RoundEngine {
             weight: Some(weight),
             metrics_json: Some(s.metrics.to_json()),
             delta_sha256: Some(s.delta_sha256.to_string()),
-            ..SiteOutcome::new(s.site_id, SiteState::Uploaded, None)
+            ..SiteOutcome::new(&s.site_id, SiteState::Uploaded, None)
         };
         let round = open.round;
         let count = open.acc.count();

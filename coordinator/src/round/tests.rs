@@ -83,13 +83,13 @@ pub(super) fn submit(
     let base = e.global().1.to_string();
     e.submit(
         Submission {
-            site_id: site,
+            site_id: site.to_owned(),
             round: t.round,
-            task_id: &t.task_id,
-            nonce: &t.nonce,
-            base_model_sha256: &base,
-            delta: (&u.delta).into(),
-            delta_sha256: &u.sha,
+            task_id: t.task_id.clone(),
+            nonce: t.nonce.clone(),
+            base_model_sha256: base.clone(),
+            delta: u.delta.clone().into(),
+            delta_sha256: u.sha.clone(),
             report: UpdateReport {
                 train_examples: examples,
                 claimed_weight: examples as f64,
@@ -166,13 +166,13 @@ fn every_bad_update_is_rejected_and_changes_nothing() {
                       now: i64| {
         e.submit(
             Submission {
-                site_id: site,
+                site_id: site.to_owned(),
                 round,
-                task_id: task,
-                nonce,
-                base_model_sha256: base,
-                delta: (&u.delta).into(),
-                delta_sha256: &u.sha,
+                task_id: task.to_owned(),
+                nonce: nonce.to_owned(),
+                base_model_sha256: base.to_owned(),
+                delta: u.delta.clone().into(),
+                delta_sha256: u.sha.clone(),
                 report: UpdateReport {
                     train_examples: 5,
                     claimed_weight: 5.0,
@@ -406,11 +406,11 @@ fn evaluate(
     let sha = e.global().1.to_string();
     e.submit_evaluation(
         EvaluationSubmission {
-            site_id: site,
+            site_id: site.to_owned(),
             round: t.round,
-            task_id: &t.task_id,
-            nonce: &t.nonce,
-            model_sha256: &sha,
+            task_id: t.task_id.clone(),
+            nonce: t.nonce.clone(),
+            model_sha256: sha.clone(),
             metrics,
         },
         now,
@@ -483,13 +483,13 @@ fn rounds_record_weighted_training_metrics_and_evaluations_follow_the_schedule()
         m.train_examples = n;
         e.submit(
             Submission {
-                site_id: site,
+                site_id: site.to_owned(),
                 round: 1,
-                task_id: &tickets[site].task_id,
-                nonce: &tickets[site].nonce,
-                base_model_sha256: &base,
-                delta: (&update(&f, 0.1).delta).into(),
-                delta_sha256: &update(&f, 0.1).sha,
+                task_id: tickets[site].task_id.clone(),
+                nonce: tickets[site].nonce.clone(),
+                base_model_sha256: base.clone(),
+                delta: update(&f, 0.1).delta.clone().into(),
+                delta_sha256: update(&f, 0.1).sha.clone(),
                 report: UpdateReport {
                     train_examples: n,
                     claimed_weight: n as f64,
@@ -553,11 +553,11 @@ fn bad_evaluation_reports_are_rejected_and_change_nothing() {
     let try_eval = |e: &mut RoundEngine, nonce: &[u8], model: &str, m: SiteReport, now| {
         e.submit_evaluation(
             EvaluationSubmission {
-                site_id: "site-a",
+                site_id: "site-a".to_owned(),
                 round: 1,
-                task_id: &ta.task_id,
-                nonce,
-                model_sha256: model,
+                task_id: ta.task_id.clone(),
+                nonce: nonce.to_owned(),
+                model_sha256: model.to_owned(),
                 metrics: m,
             },
             now,
@@ -650,10 +650,10 @@ fn heartbeats_report_progress_and_cancel_stale_tasks() {
     let f = fixture("");
     let mut e = engine(&f);
     let tickets = start(&mut e);
-    fn hb(task: &str, work: WorkState) -> Heartbeat<'_> {
+    fn hb(task: &str, work: WorkState) -> Heartbeat {
         Heartbeat {
-            site_id: "site-a",
-            task_id: task,
+            site_id: "site-a".to_owned().to_owned(),
+            task_id: task.to_owned().to_owned(),
             work,
             epoch: 2,
             epochs: 5,

@@ -91,12 +91,12 @@ pub struct RunView {
 }
 
 /// A heartbeat, as the engine needs it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Heartbeat<'a> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
     /// The site.
-    pub site_id: &'a str,
+    pub site_id: String,
     /// The task it works on (empty when idle).
-    pub task_id: &'a str,
+    pub task_id: String,
     /// What it is doing.
     pub work: WorkState,
     /// Training progress: epoch `epoch` of `epochs`.
@@ -192,12 +192,12 @@ impl Live {
 impl RoundEngine {
     /// Records a heartbeat; returns whether the site should abandon the task it names
     /// (the round closed, the site was dropped, or the task is not its current one).
-    pub fn heartbeat(&mut self, hb: Heartbeat<'_>, now_ms: i64) -> Result<bool> {
-        self.site_seen(hb.site_id, now_ms)?;
+    pub fn heartbeat(&mut self, hb: Heartbeat, now_ms: i64) -> Result<bool> {
+        self.site_seen(&hb.site_id, now_ms)?;
         if hb.task_id.is_empty() {
             return Ok(false);
         }
-        let pending = self.pending_task(hb.site_id) == Some(hb.task_id);
+        let pending = self.pending_task(&hb.site_id) == Some(hb.task_id.as_str());
         if pending {
             self.live.progress.insert(
                 hb.site_id.to_string(),

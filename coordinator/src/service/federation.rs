@@ -15,10 +15,13 @@ use fedflow_proto::v1::{
 use prost::bytes::Bytes;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Command, Coordinator, OwnedDecline, OwnedEvaluation, OwnedHeartbeat, OwnedSubmission};
+use super::{Command, Coordinator, Decline, Upload};
 use crate::Error;
 use crate::metrics::{SiteReport, finite};
-use crate::round::{Accepted, Phase, TaskKind, TaskTicket, WorkState};
+use crate::round::{
+    Accepted, DeltaSource, EvaluationSubmission, Heartbeat, Phase, Submission, TaskKind,
+    TaskTicket, WorkState,
+};
 use crate::strategy::UpdateReport;
 
 /// Longest a `NextTask` call is held open.
@@ -231,21 +234,23 @@ impl Federation for Coordinator {
         };
         let metrics = site_report(h.metrics.unwrap_or_default());
         let round = h.round;
-        let submission = OwnedSubmission {
+        let submission = Upload {
             caller: call.identity.clone(),
-            site_id: call.site.clone(),
-            round: h.round,
-            task_id: h.task_id,
-            nonce: h.nonce.to_vec(),
-            base_model_sha256: h.base_model_sha256,
-            delta_path: spill.path.clone(),
-            delta_sha256: h.delta_sha256.clone(),
-            report: UpdateReport {
-                train_examples: metrics.train_examples,
-                claimed_weight: h.weight,
+            submission: Submission {
+                site_id: call.site.clone(),
+                round: h.round,
+                task_id: h.task_id,
+                nonce: h.nonce.to_vec(),
+                base_model_sha256: h.base_model_sha256,
+                delta: DeltaSource::File(spill.path.clone()),
+                delta_sha256: h.delta_sha256.clone(),
+                report: UpdateReport {
+                    train_examples: metrics.train_examples,
+                    claimed_weight: h.weight,
+                },
+                metrics,
+                unclipped: h.site_dp_unclipped,
             },
-            metrics,
-            unclipped: h.site_dp_unclipped,
         };
         match self
             .ask(|r| Command::Submit(Box::new(submission), r))
@@ -281,7 +286,7 @@ impl Federation for Coordinator {
             SiteState::Uploading => WorkState::Uploading,
             SiteState::Evaluating => WorkState::Evaluating,
         };
-        let hb = OwnedHeartbeat {
+        let hb = Heartbeat {
             site_id: call.site,
             task_id: req.task_id,
             work,
@@ -302,7 +307,7 @@ impl Federation for Coordinator {
     ) -> Result<Response<DeclineTaskResponse>, Status> {
         let call = self.site(&req, &req.get_ref().site_id, "DeclineTask")?;
         let req = req.into_inner();
-        let d = OwnedDecline {
+        let d = Decline {
             site_id: call.site,
             round: req.round,
             task_id: req.task_id,
@@ -322,7 +327,7 @@ impl Federation for Coordinator {
         let call = self.site(&req, &req.get_ref().site_id, "ReportEvaluation")?;
         let req = req.into_inner();
         let site = call.site.clone();
-        let eval = OwnedEvaluation {
+        let eval = EvaluationSubmission {
             site_id: call.site,
             round: req.round,
             task_id: req.task_id,

@@ -20,13 +20,11 @@ use fedflow_common::params::ParamSet;
 use tokio::sync::oneshot;
 
 use crate::config::RunConfig;
-use crate::metrics::SiteReport;
 use crate::round::{
-    Accepted, DeltaSource, EvaluationSubmission, Heartbeat, Phase, Rejection, RoundEngine, RunView,
-    Submission, TaskTicket, WorkState,
+    Accepted, EvaluationSubmission, Heartbeat, Phase, Rejection, RoundEngine, RunView, Submission,
+    TaskTicket,
 };
 use crate::security::Transport;
-use crate::strategy::UpdateReport;
 
 pub mod admin;
 mod auth;
@@ -40,52 +38,22 @@ pub use transfer::{INCOMING_DIR, TRANSFER_SLOTS};
 
 type Reply<T> = oneshot::Sender<crate::Result<T>>;
 
-/// A sent update, owned, on its way to the engine thread.
-struct OwnedSubmission {
-    site_id: String,
-    round: u64,
-    task_id: String,
-    nonce: Vec<u8>,
-    base_model_sha256: String,
-    /// The spilled upload; the handler removes it once the engine has answered.
-    delta_path: std::path::PathBuf,
-    delta_sha256: String,
-    report: UpdateReport,
-    metrics: SiteReport,
-    unclipped: bool,
-    /// The verified caller (mutual TLS): checked against the revocations once more on the
-    /// engine thread, so an update whose certificate was revoked while it was arriving is
-    /// discarded.
+/// A sent update on its way to the engine thread, with the verified caller (mutual TLS):
+/// checked against the revocations once more on the engine thread, so an update whose
+/// certificate was revoked while it was arriving is discarded. The handler removes the
+/// spilled file (`DeltaSource::File`) once the engine has answered.
+struct Upload {
+    submission: Submission,
     caller: Option<crate::security::Identity>,
 }
 
-/// A sent evaluation report, owned.
-struct OwnedEvaluation {
-    site_id: String,
-    round: u64,
-    task_id: String,
-    nonce: Vec<u8>,
-    model_sha256: String,
-    metrics: SiteReport,
-}
-
-/// A declined task, owned.
-struct OwnedDecline {
+/// A declined task.
+struct Decline {
     site_id: String,
     round: u64,
     task_id: String,
     nonce: Vec<u8>,
     reason: String,
-}
-
-/// A heartbeat, owned.
-struct OwnedHeartbeat {
-    site_id: String,
-    task_id: String,
-    work: WorkState,
-    epoch: u32,
-    epochs: u32,
-    bytes_done: u64,
 }
 
 /// A consistent view of the run, for tests and embedders.
@@ -116,13 +84,16 @@ pub(crate) enum RunAction {
 
 enum Command {
     Seen(String),
-    Heartbeat(OwnedHeartbeat, Reply<bool>),
+    Heartbeat(Heartbeat, Reply<bool>),
     Inspect(Inspection),
     Poll(String, Reply<(Option<TaskTicket>, Phase)>),
     Model(String, Reply<Option<(u64, std::path::PathBuf)>>),
-    Submit(Box<OwnedSubmission>, Reply<Result<Accepted, Rejection>>),
-    Evaluation(Box<OwnedEvaluation>, Reply<Result<Accepted, Rejection>>),
-    Decline(Box<OwnedDecline>, Reply<Result<(), Rejection>>),
+    Submit(Box<Upload>, Reply<Result<Accepted, Rejection>>),
+    Evaluation(
+        Box<EvaluationSubmission>,
+        Reply<Result<Accepted, Rejection>>,
+    ),
+    Decline(Box<Decline>, Reply<Result<(), Rejection>>),
     /// An operator action; answered with the phase after it (or why it was refused).
     Act(RunAction, String, Reply<Phase>),
     /// A revocation (stored, then in force); answered with whether it is new.
@@ -339,17 +310,7 @@ fn engine_loop(
                 }
             }
             Some(Command::Heartbeat(hb, reply)) => {
-                let r = engine.heartbeat(
-                    Heartbeat {
-                        site_id: &hb.site_id,
-                        task_id: &hb.task_id,
-                        work: hb.work,
-                        epoch: hb.epoch,
-                        epochs: hb.epochs,
-                        bytes_done: hb.bytes_done,
-                    },
-                    now,
-                );
+                let r = engine.heartbeat(hb, now);
                 let _ = reply.send(r);
             }
             Some(Command::Inspect(f)) => f(&engine, now),
@@ -373,7 +334,7 @@ fn engine_loop(
                 if s.caller
                     .as_ref()
                     .is_some_and(|id| revocations.check(id).is_some())
-                    || revocations.site_revoked(&s.site_id) =>
+                    || revocations.site_revoked(&s.submission.site_id) =>
             {
                 let _ = reply.send(Ok(Err(Rejection::Revoked)));
             }
@@ -400,21 +361,7 @@ fn engine_loop(
                 let _ = reply.send(r);
             }
             Some(Command::Submit(s, reply)) => {
-                let r = engine.submit(
-                    Submission {
-                        site_id: &s.site_id,
-                        round: s.round,
-                        task_id: &s.task_id,
-                        nonce: &s.nonce,
-                        base_model_sha256: &s.base_model_sha256,
-                        delta: DeltaSource::File(&s.delta_path),
-                        delta_sha256: &s.delta_sha256,
-                        report: s.report.clone(),
-                        metrics: s.metrics,
-                        unclipped: s.unclipped,
-                    },
-                    now,
-                );
+                let r = engine.submit(s.submission, now);
                 let _ = reply.send(r);
             }
             Some(Command::Decline(d, reply)) => {
@@ -422,17 +369,7 @@ fn engine_loop(
                 let _ = reply.send(r);
             }
             Some(Command::Evaluation(s, reply)) => {
-                let r = engine.submit_evaluation(
-                    EvaluationSubmission {
-                        site_id: &s.site_id,
-                        round: s.round,
-                        task_id: &s.task_id,
-                        nonce: &s.nonce,
-                        model_sha256: &s.model_sha256,
-                        metrics: s.metrics,
-                    },
-                    now,
-                );
+                let r = engine.submit_evaluation(*s, now);
                 let _ = reply.send(r);
             }
         }

@@ -90,13 +90,13 @@ fn submit_raw(
     let sha = delta.sha256_hex().unwrap();
     e.submit(
         Submission {
-            site_id: site,
+            site_id: site.to_owned(),
             round: t.round,
-            task_id: &t.task_id,
-            nonce: &t.nonce,
-            base_model_sha256: &base,
-            delta: delta.into(),
-            delta_sha256: &sha,
+            task_id: t.task_id.clone(),
+            nonce: t.nonce.clone(),
+            base_model_sha256: base.clone(),
+            delta: delta.clone().into(),
+            delta_sha256: sha.clone(),
             report: UpdateReport {
                 train_examples: 10,
                 claimed_weight: 1e6,
