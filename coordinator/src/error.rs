@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::round::Rejection;
+use crate::round::rejection::Rejection;
 
 /// Everything that can go wrong in the coordinator library.
 #[derive(Debug, thiserror::Error)]
