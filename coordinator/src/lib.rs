@@ -1,13 +1,23 @@
 //! `fedflow-coordinator`: the organisation's side of a federation.
 //!
-//! Built so far: [`config`] (the run configuration file, `RunConfig`, validated before a run
-//! starts), [`strategy`] (how sites are chosen and updates combined, in the spirit of
-//! Flower's `configure_train` / `aggregate_train`) and [`store`] (the durable state: runs,
-//! rounds, per-site outcomes and checkpoints in SQLite plus safetensors files, so a crash
-//! resumes at the last committed round) and [`round`] (the round engine: the run's state
-//! machine, driven by explicit events and times). The task that owns the engine and the gRPC
-//! server follow (issue 3). [`memtrace`] prints the process's memory at fixed points when
-//! `FEDFLOW_MEMTRACE` is set (for the overhead benchmark's breakdown).
+//! - [`config`]: the run configuration file ([`config::RunConfig`]), validated before a run
+//!   starts; every error names its field.
+//! - [`strategy`]: how sites are chosen and updates combined, in the spirit of Flower's
+//!   `configure_train` / `aggregate_train` (FedAvg, FedAvgM).
+//! - [`round`]: the round engine, the run's state machine driven by explicit events and
+//!   times (no clock of its own), with site-level DP and operator actions.
+//! - [`store`]: the durable state: runs, rounds, per-site outcomes, the privacy ledger,
+//!   revocations and model checkpoints in SQLite plus safetensors files, so a crash resumes
+//!   at the last committed round.
+//! - [`service`]: the gRPC face (`Federation` for sites, `Admin` for operators) over the one
+//!   thread that owns the engine; [`service::status`] is where errors become gRPC statuses.
+//! - [`security`]: certificates, mutual TLS, identities, revocation, per-caller limits and
+//!   the hash-chained audit log.
+//! - [`audit`] and [`run_report`]: the privacy-audit report and the run report (HTML).
+//! - [`metrics`]: what sites report and its weighted summaries.
+//! - [`memtrace`]: prints the process's memory at fixed points when `FEDFLOW_MEMTRACE` is
+//!   set (for the overhead benchmark's breakdown).
+//! - [`error`]: the crate's one error type.
 
 pub mod audit;
 pub mod config;

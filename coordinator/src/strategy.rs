@@ -88,17 +88,26 @@ pub trait Strategy: Send + std::fmt::Debug {
     /// A short name for logs and the database.
     fn name(&self) -> &'static str;
 
+    /// How many sites a round samples.
+    fn sampling(&self) -> &SamplingConfig;
+
     /// Chooses which of the `available` sites train in `round` (deterministic given `rng`).
-    /// Errs when too few sites are available to start the round.
+    /// Errs when too few sites are available to start the round. By default a uniform
+    /// sample of [`SamplingConfig::target`] sites.
     fn configure_train(
         &mut self,
-        round: u64,
+        _round: u64,
         available: &[String],
         rng: &mut ChaCha8Rng,
-    ) -> Result<Vec<String>>;
+    ) -> Result<Vec<String>> {
+        select(self.sampling(), available, rng)
+    }
 
-    /// The weight of one update in the round's weighted mean of deltas.
-    fn update_weight(&self, report: &UpdateReport) -> Result<f64>;
+    /// The weight of one update in the round's weighted mean of deltas. By default its
+    /// training example count (FedAvg's weighting).
+    fn update_weight(&self, report: &UpdateReport) -> Result<f64> {
+        examples_weight(report)
+    }
 
     /// Turns the round's weighted mean delta into the next global model.
     fn aggregate_train(
@@ -129,16 +138,29 @@ fn select(
             sampling.min_available
         )));
     }
-    // Sort first so the choice depends only on the set of sites and the seed, not on the
-    // order in which sites happened to connect.
+    Ok(sample_sorted(
+        available,
+        sampling.target(available.len()),
+        rng,
+    ))
+}
+
+/// A uniform sample of `k` of `available` (all of them if fewer), sorted. The sites are
+/// sorted before drawing, so the choice depends only on the set of sites and the random
+/// stream, not on the order in which sites happened to connect.
+pub fn sample_sorted<R: rand::Rng + ?Sized>(
+    available: &[String],
+    k: usize,
+    rng: &mut R,
+) -> Vec<String> {
     let mut sorted: Vec<&String> = available.iter().collect();
     sorted.sort();
     let mut chosen: Vec<String> = sorted
-        .choose_multiple(rng, sampling.target(available.len()))
+        .choose_multiple(rng, k)
         .map(|s| (*s).clone())
         .collect();
     chosen.sort();
-    Ok(chosen)
+    chosen
 }
 
 fn examples_weight(report: &UpdateReport) -> Result<f64> {
@@ -169,17 +191,8 @@ impl Strategy for FedAvg {
         "fedavg"
     }
 
-    fn configure_train(
-        &mut self,
-        _round: u64,
-        available: &[String],
-        rng: &mut ChaCha8Rng,
-    ) -> Result<Vec<String>> {
-        select(&self.sampling, available, rng)
-    }
-
-    fn update_weight(&self, report: &UpdateReport) -> Result<f64> {
-        examples_weight(report)
+    fn sampling(&self) -> &SamplingConfig {
+        &self.sampling
     }
 
     fn aggregate_train(
@@ -230,17 +243,8 @@ impl Strategy for FedAvgM {
         "fedavgm"
     }
 
-    fn configure_train(
-        &mut self,
-        _round: u64,
-        available: &[String],
-        rng: &mut ChaCha8Rng,
-    ) -> Result<Vec<String>> {
-        select(&self.sampling, available, rng)
-    }
-
-    fn update_weight(&self, report: &UpdateReport) -> Result<f64> {
-        examples_weight(report)
+    fn sampling(&self) -> &SamplingConfig {
+        &self.sampling
     }
 
     fn aggregate_train(

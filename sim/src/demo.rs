@@ -399,8 +399,10 @@ pub async fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoRepo
     run_cfg.sampling.min_selected = run_cfg.sampling.min_selected.min(n);
     run_cfg.rounds.min_completed = run_cfg.rounds.min_completed.min(n.div_ceil(5) * 4).max(1);
     let run_cfg = RunConfig::from_toml_str(&run_cfg.to_toml_string()?, out)?;
-    std::fs::write(out.join("run.toml"), run_cfg.to_toml_string()?)
-        .map_err(|e| Error::Other(format!("cannot write run.toml: {e}")))?;
+    fedflow_common::fsio::write_atomic(
+        &out.join("run.toml"),
+        run_cfg.to_toml_string()?.as_bytes(),
+    )?;
     let initial = initial_model(&run_cfg)?;
 
     say(&format!(

@@ -104,24 +104,22 @@ impl SiteDpState {
         available: &[String],
         sampling: &crate::strategy::SamplingConfig,
     ) -> Vec<String> {
-        let mut sorted: Vec<&String> = available.iter().collect();
-        sorted.sort();
-        let mut chosen: Vec<String> = match self.section.sampling_rate {
-            Some(q) => sorted
-                .into_iter()
-                .filter(|_| self.rng.random::<f64>() < q)
-                .cloned()
-                .collect(),
-            None => {
-                use rand::seq::IndexedRandom;
+        match self.section.sampling_rate {
+            Some(q) => {
+                let mut sorted: Vec<&String> = available.iter().collect();
+                sorted.sort();
                 sorted
-                    .choose_multiple(&mut self.rng, sampling.target(available.len()))
-                    .map(|s| (*s).clone())
+                    .into_iter()
+                    .filter(|_| self.rng.random::<f64>() < q)
+                    .cloned()
                     .collect()
             }
-        };
-        chosen.sort();
-        chosen
+            None => crate::strategy::sample_sorted(
+                available,
+                sampling.target(available.len()),
+                &mut self.rng,
+            ),
+        }
     }
 
     /// What every task of the next round tells its site.

@@ -25,7 +25,7 @@ mod table;
 
 /// fedflow's operator CLI: status, history and actions on a running coordinator.
 #[derive(Debug, Parser)]
-#[command(name = "fedflow-ctl", version, about)]
+#[command(name = "fedflow-ctl", version)]
 struct Cli {
     /// The coordinator's address: https://HOST:PORT (with --identity) or http://HOST:PORT
     /// (with --insecure-plaintext).
