@@ -160,7 +160,10 @@ async fn connect(
     }
 }
 
-fn task_spec(task: &Task) -> Result<TaskSpec> {
+/// The site's reading of a task message: validates every field and builds the
+/// [`TaskSpec`] the trainer runs, so what the coordinator's `[train]` says reaches the
+/// trainer unchanged.
+pub fn task_spec(task: &Task) -> Result<TaskSpec> {
     let model = task
         .model
         .as_ref()
@@ -172,6 +175,22 @@ fn task_spec(task: &Task) -> Result<TaskSpec> {
         .optimizer
         .parse()
         .map_err(|e| Error::Task(format!("{e}")))?;
+    let train = TrainConfig {
+        epochs: t.local_epochs as usize,
+        batch_size: t.batch_size as usize,
+        learning_rate: t.learning_rate,
+        optimizer,
+        momentum: t.momentum,
+        weight_decay: t.weight_decay,
+        patience: t.patience as usize,
+        min_delta: t.min_delta,
+        seed: t.seed,
+        length_bucketing: t.length_bucketing,
+        fedprox_mu: t.fedprox_mu,
+    };
+    train
+        .validate()
+        .map_err(|e| Error::Task(format!("the task's training instructions: {e}")))?;
     let record_dp = match &t.dp_sgd {
         None => None,
         Some(d) => Some(RecordDp {
@@ -238,18 +257,7 @@ fn task_spec(task: &Task) -> Result<TaskSpec> {
         model: model_config,
         vocab_sha256: model.vocab_sha256.clone(),
         expected_model_sha256: model.sha256.clone(),
-        train: TrainConfig {
-            epochs: t.local_epochs as usize,
-            batch_size: t.batch_size as usize,
-            learning_rate: t.learning_rate,
-            optimizer,
-            momentum: t.momentum,
-            weight_decay: t.weight_decay,
-            patience: 0,
-            fedprox_mu: t.fedprox_mu,
-            seed: t.seed,
-            ..TrainConfig::default()
-        },
+        train,
     })
 }
 

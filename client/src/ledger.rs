@@ -19,6 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fedflow_common::clock::now_ms;
 use fedflow_common::fsio::write_atomic;
 use fedflow_common::hash::sha256_hex;
 use fedflow_common::privacy::{RdpAccountant, SampledGaussian};
@@ -130,12 +131,6 @@ pub struct Ledger {
     conn: Connection,
     db_path: PathBuf,
     pending: PathBuf,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Ledger {

@@ -25,8 +25,8 @@ use crate::ledger::{Ledger, NewEntry};
 use crate::site::{SiteTrainer, TaskOutcome, TaskSpec};
 use crate::{Error, Result};
 
-/// Environment variable naming a point at which the client aborts itself (crash tests).
-pub const FAILPOINT_ENV: &str = "FEDFLOW_FAILPOINT";
+pub use fedflow_common::failpoint::FAILPOINT_ENV;
+use fedflow_common::failpoint::failpoint;
 
 /// Record-level DP as a run dictates it (from the task's `DpSgdInstructions`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,13 +82,6 @@ impl SitePrivacy {
     pub fn delivered(&self, task: &TaskSpec) -> Result<()> {
         self.ledger()
             .mark_released(&task.run_id, task.round, &task.task_id)
-    }
-}
-
-fn failpoint(name: &str) {
-    if std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == name) {
-        eprintln!("{FAILPOINT_ENV}={name}: aborting");
-        std::process::abort();
     }
 }
 

@@ -24,7 +24,7 @@
 use std::path::Path;
 
 use fedflow_common::privacy::RdpAccountant;
-use fedflow_common::report::{Series, escape, line_chart, page, table};
+use fedflow_common::report::{Series, escape, finite, line_chart, page, table};
 use fedflow_common::train::PrivacyUnit;
 use serde::Serialize;
 
@@ -105,10 +105,6 @@ pub struct SitePrivacyReport {
     pub recompute: String,
 }
 
-fn finite(x: f64) -> Option<f64> {
-    x.is_finite().then_some(x)
-}
-
 /// Builds the report from the ledger in `dir`, stating ε at `delta` (and a few other δ),
 /// against the site's limit `max_epsilon` when given.
 pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<SitePrivacyReport> {
@@ -174,9 +170,7 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
     let orders = acc.orders().to_vec();
     Ok(SitePrivacyReport {
         schema: SCHEMA,
-        generated_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64),
+        generated_unix_ms: fedflow_common::clock::now_ms(),
         code_version: format!("fedflow-client {}", env!("CARGO_PKG_VERSION")),
         ledger: ledger.path().display().to_string(),
         privacy_unit: unit,
