@@ -1,1 +1,15 @@
-//! Helpers shared by fedflow end-to-end tests.
+//! Helpers shared by fedflow's end-to-end tests (the `e2e` test binary of this crate and the
+//! client's `cli_e2e`): a real coordinator on 127.0.0.1:0 ([`coordinator`]), a federation PKI
+//! with every identity the tests use ([`pki`]), a hand-made site speaking the `Federation`
+//! protocol call by call ([`site`]), and the workspace's binaries ([`bin`]).
+//!
+//! Waits here are on observable state (gRPC health, the coordinator's answers), bounded, and
+//! panic saying what never happened; none is a sleep standing in for synchronisation.
+
+pub mod bin;
+pub mod coordinator;
+pub mod pki;
+pub mod site;
+
+pub use coordinator::{TestCoordinator, wait_serving};
+pub use pki::Pki;

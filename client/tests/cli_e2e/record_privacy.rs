@@ -8,7 +8,6 @@
 //!
 //! Waits are on the coordinator's state or on processes ending, never on sleeps.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
@@ -19,20 +18,20 @@ use fedflow_client::privacy::{FAILPOINT_ENV, SitePrivacy};
 use fedflow_client::report::site_report;
 use fedflow_client::site::SiteTrainer;
 use fedflow_common::data::{SiteDataset, Vocab, write_sessions};
-use fedflow_common::model::AttentionFlowModel;
-use fedflow_common::params::ParamSet;
 use fedflow_common::privacy::planner::epsilon;
 use fedflow_common::synth::{SynthConfig, generate};
 use fedflow_common::train::DpSgdConfig;
-use fedflow_coordinator::config::RunConfig;
-use fedflow_coordinator::round::{Phase, RoundEngine};
-use fedflow_coordinator::service::{Coordinator, serve};
-use fedflow_coordinator::store::{SiteState, Store};
+use fedflow_coordinator::round::Phase;
+use fedflow_coordinator::service::Coordinator;
+use fedflow_coordinator::store::SiteState;
+use fedflow_tests::TestCoordinator;
 
 const DP: &str = "[record_dp]\nclip_norm = 1.0\nnoise_multiplier = 1.0\nexpected_batch_size = 16\n\
                   target_epsilon = 1000.0\ntarget_delta = 1e-5\n";
 
-fn config(dir: &Path, rounds: u64, sites: usize, quorum: usize) -> RunConfig {
+/// A coordinator for `rounds` rounds of record-level DP over `sites` sites, `quorum` of
+/// them needed; `vocab.json` in its directory.
+async fn coordinator(vocab: &Vocab, rounds: u64, sites: usize, quorum: usize) -> TestCoordinator {
     let toml = format!(
         "[run]\nname = \"dp\"\nseed = 3\nrounds = {rounds}\n\
          [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\ndropout = 0.0\n\
@@ -40,25 +39,7 @@ fn config(dir: &Path, rounds: u64, sites: usize, quorum: usize) -> RunConfig {
          [sampling]\nfraction = 1.0\nmin_selected = {quorum}\nmin_available = {sites}\n\
          [rounds]\ndeadline_secs = 300\nmin_completed = {quorum}\nheartbeat_timeout_secs = 120\n{DP}"
     );
-    RunConfig::from_toml_str(&toml, dir).unwrap()
-}
-
-async fn start_coordinator(dir: &Path, cfg: RunConfig) -> (Coordinator, String) {
-    let initial_model =
-        AttentionFlowModel::new(&cfg.model_config().unwrap(), &Device::Cpu, 1).unwrap();
-    let initial = ParamSet::from_varmap(initial_model.varmap()).unwrap();
-    let store = Store::open(dir.join("coordinator")).unwrap();
-    let engine = RoundEngine::open(store, cfg.clone(), initial).unwrap();
-    let coordinator = Coordinator::spawn(
-        engine,
-        cfg,
-        &fedflow_coordinator::security::Transport::InsecurePlaintext,
-    )
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, coordinator.clone(), std::future::pending()));
-    (coordinator, format!("http://{addr}"))
+    TestCoordinator::builder(toml).vocab(vocab).spawn().await
 }
 
 /// Per-site state of every round, from the coordinator's store.
@@ -69,10 +50,7 @@ async fn round_states(
     c.inspect(move |engine, _| {
         (1..=rounds)
             .map(|r| {
-                let rows = engine
-                    .store()
-                    .round_sites("dp", r)
-                    .map_err(|e| e.to_string())?;
+                let rows = engine.store().round_sites("dp", r)?;
                 Ok(rows
                     .into_iter()
                     .map(|s| (s.site_id, s.state, s.reason, s.delta_sha256))
@@ -86,7 +64,6 @@ async fn round_states(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
     let fed = generate(&SynthConfig {
         sites: 3,
         total_sessions: 900,
@@ -96,9 +73,8 @@ async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
     })
     .unwrap();
     let vocab = Vocab::from_events(fed.event_names.iter().cloned()).unwrap();
-    vocab.save(dir.path().join("vocab.json")).unwrap();
-    let cfg = config(dir.path(), 4, 3, 2);
-    let (coordinator, addr) = start_coordinator(dir.path(), cfg).await;
+    let c = coordinator(&vocab, 4, 3, 2).await;
+    let (dir, addr, coordinator) = (c.dir(), c.url(), &c.handle);
 
     let datasets: Vec<SiteDataset> = fed
         .sites
@@ -122,7 +98,7 @@ async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
     let mut tasks = Vec::new();
     for (i, (s, ds)) in fed.sites.iter().zip(datasets).enumerate() {
         let max = if i == 2 { limit } else { 1000.0 };
-        let privacy = SitePrivacy::open(&dir.path().join(&s.name), max, 1e-5, false).unwrap();
+        let privacy = SitePrivacy::open(&dir.join(&s.name), max, 1e-5, false).unwrap();
         let trainer =
             Arc::new(SiteTrainer::new(ds, &vocab, Device::Cpu).with_privacy(Arc::new(privacy)));
         tasks.push(tokio::spawn(run_site(
@@ -161,7 +137,7 @@ async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
     let snap = coordinator.snapshot().await.unwrap();
     assert_eq!((snap.phase, snap.committed_round), (Phase::Finished, 4));
     // The coordinator recorded the declines with the site's reason, and the rounds went on.
-    let states = round_states(&coordinator, 4).await;
+    let states = round_states(coordinator, 4).await;
     let limited_site = &fed.sites[2].name;
     for (r, rows) in states.iter().enumerate() {
         let mine = rows.iter().find(|x| &x.0 == limited_site).unwrap();
@@ -178,11 +154,11 @@ async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
     }
     // Each ledger holds exactly the releases, and the limited site stayed within its limit.
     for (i, s) in fed.sites.iter().enumerate() {
-        let ledger = Ledger::open(dir.path().join(&s.name)).unwrap();
+        let ledger = Ledger::open(dir.join(&s.name)).unwrap();
         let entries = ledger.entries().unwrap();
         assert_eq!(entries.len(), if i == 2 { 2 } else { 4 }, "{}", s.name);
         assert!(entries.iter().all(|e| e.released && !e.metrics_released));
-        let report = site_report(&dir.path().join(&s.name), 1e-5, Some(limit)).unwrap();
+        let report = site_report(&dir.join(&s.name), 1e-5, Some(limit)).unwrap();
         let eps = report.cumulative.epsilon.unwrap();
         if i == 2 {
             assert!((eps - two).abs() < 1e-9 * two, "{eps} vs {two}");
@@ -201,7 +177,6 @@ async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_crashed_between_recording_and_uploading_loses_and_double_counts_nothing() {
-    let dir = tempfile::tempdir().unwrap();
     let fed = generate(&SynthConfig {
         sites: 1,
         total_sessions: 300,
@@ -211,11 +186,11 @@ async fn a_client_crashed_between_recording_and_uploading_loses_and_double_count
     })
     .unwrap();
     let vocab = Vocab::from_events(fed.event_names.iter().cloned()).unwrap();
-    vocab.save(dir.path().join("vocab.json")).unwrap();
-    let data = dir.path().join("site.csv");
+    let c = coordinator(&vocab, 2, 1, 1).await;
+    let (dir, addr, coordinator) = (c.dir(), c.url(), &c.handle);
+    let data = dir.join("site.csv");
     write_sessions(&data, &fed.sites[0].records).unwrap();
-    let (coordinator, addr) = start_coordinator(dir.path(), config(dir.path(), 2, 1, 1)).await;
-    let privacy_dir = dir.path().join("privacy");
+    let privacy_dir = dir.join("privacy");
 
     let client = |failpoint: Option<&str>| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_fedflow-client"));
@@ -232,7 +207,7 @@ async fn a_client_crashed_between_recording_and_uploading_loses_and_double_count
         .arg("--data")
         .arg(&data)
         .arg("--vocab")
-        .arg(dir.path().join("vocab.json"))
+        .arg(dir.join("vocab.json"))
         .arg("--privacy-dir")
         .arg(&privacy_dir)
         .env("RUST_LOG", "info")
@@ -302,7 +277,7 @@ async fn a_client_crashed_between_recording_and_uploading_loses_and_double_count
         0
     );
     // The coordinator received exactly the recorded updates.
-    let states = round_states(&coordinator, 2).await;
+    let states = round_states(coordinator, 2).await;
     for e in &entries {
         let row = &states[e.round as usize - 1][0];
         assert_eq!(

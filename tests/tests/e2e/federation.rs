@@ -8,19 +8,16 @@ use fedflow_client::federation::{SiteOptions, run_site};
 use fedflow_client::site::SiteTrainer;
 use fedflow_common::data::{SiteDataset, Vocab};
 use fedflow_common::model::AttentionFlowModel;
-use fedflow_common::params::ParamSet;
 use fedflow_common::synth::{SynthConfig, generate};
 use fedflow_common::train::evaluate;
-use fedflow_coordinator::config::RunConfig;
-use fedflow_coordinator::round::{Phase, RoundEngine};
-use fedflow_coordinator::service::{Coordinator, serve};
-use fedflow_coordinator::store::Store;
+use fedflow_coordinator::round::Phase;
 use fedflow_proto::v1::admin_client::AdminClient;
 use fedflow_proto::v1::{GetStatusRequest, ListRoundsRequest, RunPhase};
+use fedflow_tests::TestCoordinator;
+use fedflow_tests::coordinator::MODEL_SEED;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sites_train_a_better_global_model_over_real_grpc() {
-    let dir = tempfile::tempdir().unwrap();
     let fed = generate(&SynthConfig {
         sites: 3,
         total_sessions: 1_500,
@@ -30,29 +27,16 @@ async fn three_sites_train_a_better_global_model_over_real_grpc() {
     })
     .unwrap();
     let vocab = Vocab::from_events(fed.event_names.iter().cloned()).unwrap();
-    vocab.save(dir.path().join("vocab.json")).unwrap();
     let toml = "[run]\nname = \"e2e\"\nseed = 3\nrounds = 3\n\
                 [model]\nvocab = \"vocab.json\"\nembed_dim = 16\nhidden_size = 16\nnum_layers = 1\ndropout = 0.0\n\
                 [train]\nepochs = 2\nlearning_rate = 0.01\n\
                 [sampling]\nfraction = 1.0\nmin_selected = 3\nmin_available = 3\n\
                 [rounds]\ndeadline_secs = 300\nmin_completed = 3\nheartbeat_timeout_secs = 120\n";
-    let cfg = RunConfig::from_toml_str(toml, dir.path()).unwrap();
-    let model_cfg = cfg.model_config().unwrap();
-    let initial_model = AttentionFlowModel::new(&model_cfg, &Device::Cpu, 1).unwrap();
-    let initial = ParamSet::from_varmap(initial_model.varmap()).unwrap();
-
-    let store = Store::open(dir.path().join("coordinator")).unwrap();
-    let engine = RoundEngine::open(store, cfg.clone(), initial.clone()).unwrap();
-    let coordinator = Coordinator::spawn(
-        engine,
-        cfg,
-        &fedflow_coordinator::security::Transport::InsecurePlaintext,
-    )
-    .unwrap();
-    let handle = coordinator.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, coordinator, std::future::pending()));
+    let c = TestCoordinator::builder(toml).vocab(&vocab).spawn().await;
+    let addr = c.addr;
+    let model_cfg = c.cfg.model_config().unwrap();
+    let initial_model = AttentionFlowModel::new(&model_cfg, &Device::Cpu, MODEL_SEED).unwrap();
+    let initial = c.initial.clone();
 
     let datasets: Vec<SiteDataset> = fed
         .sites
@@ -120,7 +104,7 @@ async fn three_sites_train_a_better_global_model_over_real_grpc() {
 
     // The run is finished after three committed rounds, and the global model is better than
     // the one it started from.
-    let snap = handle.snapshot().await.unwrap();
+    let snap = c.handle.snapshot().await.unwrap();
     assert_eq!(snap.phase, Phase::Finished);
     assert_eq!(snap.committed_round, 3);
     assert_ne!(snap.global_sha256, initial.sha256_hex().unwrap());

@@ -3,7 +3,7 @@
 //! when the quorum is met. Waits are on observable state (admin status), never on sleeps.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,150 +11,24 @@ use candle_core::{DType, Device, Tensor};
 use fedflow_client::federation::{SiteOptions, run_site};
 use fedflow_client::site::SiteTrainer;
 use fedflow_common::data::{SiteDataset, Vocab};
-use fedflow_common::hash::sha256_hex;
-use fedflow_common::model::AttentionFlowModel;
 use fedflow_common::params::ParamSet;
 use fedflow_common::synth::{SynthConfig, generate};
-use fedflow_coordinator::config::RunConfig;
-use fedflow_coordinator::round::RoundEngine;
-use fedflow_coordinator::service::{Coordinator, serve};
-use fedflow_coordinator::store::Store;
-use fedflow_proto::transfer::{MAX_MESSAGE_BYTES, update_chunks};
 use fedflow_proto::v1::admin_client::AdminClient;
-use fedflow_proto::v1::federation_client::FederationClient;
-use fedflow_proto::v1::{
-    DownloadModelRequest, EnrolRequest, ListRoundsRequest, Metrics, NextTaskRequest, RoundSummary,
-    Task, UpdateHeader, next_task_response,
-};
+use fedflow_proto::v1::{ListRoundsRequest, RoundSummary};
+use fedflow_tests::TestCoordinator;
+use fedflow_tests::site::{download, federation_client, heartbeat, task_for, upload};
 use prost::bytes::Bytes;
 use tonic::Code;
-use tonic::transport::Channel;
-
-struct Running {
-    addr: SocketAddr,
-    data: PathBuf,
-    _dir: tempfile::TempDir,
-}
 
 /// A coordinator serving on 127.0.0.1:0 with a tiny model running `rounds` rounds; `extra`
 /// is appended to its TOML.
-async fn coordinator(vocab: &Vocab, rounds: u64, extra: &str) -> Running {
-    let dir = tempfile::tempdir().unwrap();
-    vocab.save(dir.path().join("vocab.json")).unwrap();
+async fn coordinator(vocab: &Vocab, rounds: u64, extra: &str) -> TestCoordinator {
     let toml = format!(
         "[run]\nname = \"t\"\nseed = 3\nrounds = {rounds}\n\
          [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\ndropout = 0.0\n\
          [train]\nepochs = 1\nlearning_rate = 0.01\n{extra}"
     );
-    let cfg = RunConfig::from_toml_str(&toml, dir.path()).unwrap();
-    let model = AttentionFlowModel::new(&cfg.model_config().unwrap(), &Device::Cpu, 1).unwrap();
-    let initial = ParamSet::from_varmap(model.varmap()).unwrap();
-    let data = dir.path().join("coordinator");
-    let engine = RoundEngine::open(Store::open(&data).unwrap(), cfg.clone(), initial).unwrap();
-    let coordinator = Coordinator::spawn(
-        engine,
-        cfg,
-        &fedflow_coordinator::security::Transport::InsecurePlaintext,
-    )
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, coordinator, std::future::pending()));
-    Running {
-        addr,
-        data,
-        _dir: dir,
-    }
-}
-
-async fn federation_client(addr: SocketAddr) -> FederationClient<Channel> {
-    FederationClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
-}
-
-/// Enrols `site` and long-polls until it gets a task.
-async fn task_for(c: &mut FederationClient<Channel>, site: &str) -> Task {
-    c.enrol(EnrolRequest {
-        site_id: site.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    loop {
-        let r = c
-            .next_task(NextTaskRequest {
-                site_id: site.into(),
-                wait_ms: 5_000,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(next_task_response::Outcome::Task(t)) = r.outcome {
-            return t;
-        }
-    }
-}
-
-async fn download(c: &mut FederationClient<Channel>, site: &str, t: &Task) -> ParamSet {
-    let sha = t.model.as_ref().unwrap().sha256.clone();
-    let mut stream = c
-        .download_model(DownloadModelRequest {
-            site_id: site.into(),
-            task_id: t.task_id.clone(),
-            run_id: t.run_id.clone(),
-            round: t.round,
-            sha256: sha.clone(),
-            offset: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.message().await.unwrap() {
-        bytes.extend_from_slice(&chunk.data);
-    }
-    assert_eq!(sha256_hex(&bytes), sha);
-    ParamSet::from_safetensors_bytes(&bytes).unwrap()
-}
-
-/// Uploads `delta` for task `t`; `edit` may tamper with the header first.
-async fn upload(
-    c: &mut FederationClient<Channel>,
-    site: &str,
-    t: &Task,
-    delta: &ParamSet,
-    edit: impl FnOnce(&mut UpdateHeader),
-) -> Result<(), tonic::Status> {
-    let bytes = Bytes::from(delta.to_safetensors_bytes().unwrap());
-    let mut header = UpdateHeader {
-        site_id: site.into(),
-        task_id: t.task_id.clone(),
-        run_id: t.run_id.clone(),
-        round: t.round,
-        nonce: t.nonce.clone(),
-        base_model_sha256: t.model.as_ref().unwrap().sha256.clone(),
-        delta_sha256: sha256_hex(&bytes),
-        total_bytes: bytes.len() as u64,
-        weight: 10.0,
-        site_dp_unclipped: false,
-        metrics: Some(Metrics {
-            train_examples: 10,
-            validation_examples: 2,
-            train_loss: 1.0,
-            validation_loss: 1.0,
-            validation_accuracy: 0.5,
-            validation_macro_f1: 0.4,
-            epochs_run: 1,
-            train_seconds: 0.1,
-        }),
-    };
-    edit(&mut header);
-    c.upload_update(tokio_stream::iter(update_chunks(header, &bytes, 64 * 1024)))
-        .await
-        .map(|_| ())
+    TestCoordinator::builder(toml).vocab(vocab).spawn().await
 }
 
 async fn round(addr: SocketAddr, n: u64) -> Option<RoundSummary> {
@@ -292,12 +166,14 @@ async fn an_update_after_the_deadline_is_refused_as_late() {
         &vocab,
         1,
         "[sampling]\nmin_selected = 1\nmin_available = 1\n\
-         [rounds]\ndeadline_secs = 2\nmin_completed = 1\nheartbeat_timeout_secs = 1\n\
+         [rounds]\ndeadline_secs = 4\nmin_completed = 1\nheartbeat_timeout_secs = 3\n\
          on_quorum_failure = \"pause\"\n",
     )
     .await;
     let mut a = federation_client(c.addr).await;
     let ta = task_for(&mut a, "site-a").await;
+    // The site stays alive (heartbeating) so that only the deadline decides.
+    let _alive = heartbeat(&a, "site-a", &ta).await;
     let global = download(&mut a, "site-a", &ta).await;
     wait_for_round(c.addr, 1, |r| r.status == "failed").await;
     let s = upload(&mut a, "site-a", &ta, &global.scale(0.01).unwrap(), |_| {})
@@ -306,8 +182,8 @@ async fn an_update_after_the_deadline_is_refused_as_late() {
     assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
     assert!(s.message().contains("deadline"), "{}", s.message());
     let r1 = round(c.addr, 1).await.unwrap();
-    // It sent no heartbeats, so it was dropped or missed the deadline: no contribution.
-    assert_eq!((r1.uploaded, r1.late + r1.dropped), (0, 1));
+    // It heartbeated, so it was not dropped: it missed the deadline and contributed nothing.
+    assert_eq!((r1.uploaded, r1.late, r1.dropped), (0, 1, 0), "{r1:?}");
     assert_eq!(checkpoint_files(&c.data).len(), 1, "only the initial model");
 }
 
@@ -326,14 +202,16 @@ async fn a_site_killed_mid_round_does_not_stop_the_round_when_the_quorum_is_met(
         &vocab,
         1,
         "[sampling]\nmin_selected = 3\nmin_available = 3\n\
-         [rounds]\ndeadline_secs = 300\nmin_completed = 2\nheartbeat_timeout_secs = 2\n",
+         [rounds]\ndeadline_secs = 300\nmin_completed = 2\nheartbeat_timeout_secs = 6\n",
     )
     .await;
+    // The survivors heartbeat while they train; six seconds without one (many missed
+    // heartbeats, even on a loaded machine) is only ever the killed site's silence.
     let mut handles = Vec::new();
     for (i, s) in fed.sites.iter().enumerate() {
         let ds = SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap();
         let trainer = Arc::new(SiteTrainer::new(ds, &vocab, Device::Cpu));
-        let mut o = SiteOptions::new(format!("http://{}", c.addr), format!("site-{i}"));
+        let mut o = SiteOptions::new(c.url(), format!("site-{i}"));
         o.poll_wait = Duration::from_secs(1);
         if i == 2 {
             // This site never gets to train: it waits for a permit (heartbeating) until it
@@ -382,13 +260,10 @@ async fn a_site_with_another_vocabulary_is_refused_and_a_declined_task_is_record
     )];
     let ds = SiteDataset::from_records(&records, &other, 0.0).unwrap();
     let trainer = Arc::new(SiteTrainer::new(ds, &other, Device::Cpu));
-    let err = run_site(
-        SiteOptions::new(format!("http://{}", c.addr), "site-x"),
-        trainer,
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = run_site(SiteOptions::new(c.url(), "site-x"), trainer)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("another vocabulary"), "{err}");
 
     // A site that cannot do its task declines it; the round goes on without it.

@@ -12,28 +12,15 @@
 //! prepares the venv before the tests. Without python3, or when the venv cannot be built,
 //! the test FAILS saying what to install; it never skips.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use candle_core::Device;
-use fedflow_common::data::Vocab;
-use fedflow_common::hash::sha256_hex;
-use fedflow_common::model::AttentionFlowModel;
-use fedflow_common::params::ParamSet;
-use fedflow_coordinator::config::RunConfig;
-use fedflow_coordinator::round::RoundEngine;
-use fedflow_coordinator::service::{Coordinator, serve};
-use fedflow_coordinator::store::Store;
-use fedflow_proto::transfer::{MAX_MESSAGE_BYTES, update_chunks};
 use fedflow_proto::v1::admin_client::AdminClient;
 use fedflow_proto::v1::federation_client::FederationClient;
-use fedflow_proto::v1::{
-    DownloadModelRequest, EnrolRequest, GetStatusRequest, ListRoundsRequest, ListSitesRequest,
-    Metrics, NextTaskRequest, RunPhase, Task, UpdateHeader, next_task_response,
-};
-use prost::bytes::Bytes;
+use fedflow_proto::v1::{GetStatusRequest, ListRoundsRequest, ListSitesRequest, RunPhase, Task};
+use fedflow_tests::TestCoordinator;
+use fedflow_tests::site::{download, enrol, federation_client, next_task, upload};
 use serde_json::Value;
 use tokio::process::Command;
 use tonic::transport::Channel;
@@ -103,93 +90,20 @@ async fn interop_python() -> PathBuf {
 /// A coordinator on 127.0.0.1:0 running 3 rounds of a tiny model, one site per round,
 /// deadlines far off, and evaluation only after the last round (so nothing moves on its own
 /// while the Python client looks).
-async fn coordinator(dir: &Path) -> SocketAddr {
-    let vocab = Vocab::from_events(["open", "search", "click", "escalate"]).unwrap();
-    vocab.save(dir.join("vocab.json")).unwrap();
+async fn coordinator() -> TestCoordinator {
     let toml = "[run]\nname = \"interop\"\nseed = 5\nrounds = 3\n\
          [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\ndropout = 0.0\n\
          [train]\nepochs = 1\nlearning_rate = 0.01\n\
          [sampling]\nmin_selected = 1\nmin_available = 1\n\
          [rounds]\ndeadline_secs = 600\nmin_completed = 1\nheartbeat_timeout_secs = 300\n\
          [evaluation]\nevery = 3\n";
-    let cfg = RunConfig::from_toml_str(toml, dir).unwrap();
-    let model = AttentionFlowModel::new(&cfg.model_config().unwrap(), &Device::Cpu, 1).unwrap();
-    let initial = ParamSet::from_varmap(model.varmap()).unwrap();
-    let store = Store::open(dir.join("coordinator")).unwrap();
-    let engine = RoundEngine::open(store, cfg.clone(), initial).unwrap();
-    let coordinator = Coordinator::spawn(
-        engine,
-        cfg,
-        &fedflow_coordinator::security::Transport::InsecurePlaintext,
-    )
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, coordinator, std::future::pending()));
-    addr
-}
-
-/// Long-polls until `site` gets a task (the coordinator's answer, not a timer, decides).
-async fn task_for(c: &mut FederationClient<Channel>, site: &str) -> Task {
-    loop {
-        let r = c
-            .next_task(NextTaskRequest {
-                site_id: site.into(),
-                wait_ms: 5_000,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(next_task_response::Outcome::Task(t)) = r.outcome {
-            return t;
-        }
-    }
+    TestCoordinator::builder(toml).spawn().await
 }
 
 /// Trains round `t` the cheap way: downloads the global model and sends back a small delta.
 async fn complete(c: &mut FederationClient<Channel>, site: &str, t: &Task) {
-    let sha = t.model.as_ref().unwrap().sha256.clone();
-    let mut stream = c
-        .download_model(DownloadModelRequest {
-            site_id: site.into(),
-            task_id: t.task_id.clone(),
-            run_id: t.run_id.clone(),
-            round: t.round,
-            sha256: sha.clone(),
-            offset: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.message().await.unwrap() {
-        bytes.extend_from_slice(&chunk.data);
-    }
-    let global = ParamSet::from_safetensors_bytes(&bytes).unwrap();
-    let delta = Bytes::from(global.scale(0.01).unwrap().to_safetensors_bytes().unwrap());
-    let header = UpdateHeader {
-        site_id: site.into(),
-        task_id: t.task_id.clone(),
-        run_id: t.run_id.clone(),
-        round: t.round,
-        nonce: t.nonce.clone(),
-        base_model_sha256: sha,
-        delta_sha256: sha256_hex(&delta),
-        total_bytes: delta.len() as u64,
-        weight: 10.0,
-        site_dp_unclipped: false,
-        metrics: Some(Metrics {
-            train_examples: 10,
-            validation_examples: 2,
-            train_loss: 1.0,
-            validation_loss: 1.0,
-            validation_accuracy: 0.5,
-            validation_macro_f1: 0.4,
-            epochs_run: 1,
-            train_seconds: 0.1,
-        }),
-    };
-    c.upload_update(tokio_stream::iter(update_chunks(header, &delta, 64 * 1024)))
+    let global = download(c, site, t).await;
+    upload(c, site, t, &global.scale(0.01).unwrap(), |_| {})
         .await
         .unwrap();
 }
@@ -200,25 +114,15 @@ async fn a_python_grpcio_client_health_checks_and_reads_the_admin_status() {
     let python = interop_python().await;
 
     // A run with something to see: round 1 committed by a Rust site, round 2 open for it.
-    let dir = tempfile::tempdir().unwrap();
-    let addr = coordinator(dir.path()).await;
-    let url = format!("http://{addr}");
-    let mut fed = FederationClient::connect(url.clone())
-        .await
-        .unwrap()
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    fed.enrol(EnrolRequest {
-        site_id: "site-rust".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let t1 = task_for(&mut fed, "site-rust").await;
+    let c = coordinator().await;
+    let (addr, url) = (c.addr, c.url());
+    let mut fed = federation_client(addr).await;
+    enrol(&mut fed, "site-rust").await;
+    let t1 = next_task(&mut fed, "site-rust").await;
     assert_eq!(t1.round, 1);
     complete(&mut fed, "site-rust", &t1).await;
     // Round 2's task comes only once round 1 is committed.
-    let t2 = task_for(&mut fed, "site-rust").await;
+    let t2 = next_task(&mut fed, "site-rust").await;
     assert_eq!(t2.round, 2);
 
     // What the Rust side knows.

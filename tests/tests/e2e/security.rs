@@ -3,129 +3,26 @@
 //! one a run without them commits. The security audit log records it all and verifies; an
 //! edited line breaks verification at that line.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use fedflow_common::hash::sha256_hex;
-use fedflow_common::model::AttentionFlowModel;
 use fedflow_common::params::ParamSet;
-use fedflow_coordinator::config::RunConfig;
-use fedflow_coordinator::round::RoundEngine;
 use fedflow_coordinator::security::audit_log;
 use fedflow_coordinator::security::pki::{Ca, Validity};
-use fedflow_coordinator::security::{Role, SECURITY_LOG, Transport};
-use fedflow_coordinator::service::{Coordinator, serve};
-use fedflow_coordinator::store::Store;
-use fedflow_proto::transfer::{MAX_MESSAGE_BYTES, update_chunks};
+use fedflow_coordinator::security::{Role, SECURITY_LOG};
+use fedflow_proto::transfer::update_chunks;
 use fedflow_proto::v1::admin_client::AdminClient;
 use fedflow_proto::v1::federation_client::FederationClient;
 use fedflow_proto::v1::{
-    DownloadModelRequest, EnrolRequest, GetStatusRequest, ListRoundsRequest, ListSitesRequest,
-    Metrics, NextTaskRequest, RevokeRequest, RunActionRequest, Task, UpdateHeader,
-    next_task_response,
+    EnrolRequest, GetStatusRequest, ListRoundsRequest, ListSitesRequest, RevokeRequest,
+    RunActionRequest, Task,
 };
+use fedflow_tests::site::{download, header, task_for, upload, upload_bytes};
+use fedflow_tests::{Pki, TestCoordinator};
 use prost::bytes::Bytes;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-/// A PKI with everything the tests need.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::init(&dir.path().join("ca"), Validity::days(30)).unwrap();
-        ca.issue_server(
-            &["127.0.0.1".into()],
-            Validity::days(30),
-            &dir.path().join("coordinator"),
-        )
-        .unwrap();
-        for (role, name) in [
-            (Role::Site, "site-a"),
-            (Role::Site, "site-b"),
-            (Role::Site, "site-c"),
-            (Role::Viewer, "val"),
-            (Role::Admin, "ada"),
-        ] {
-            ca.issue(role, name, Validity::days(30), &dir.path().join(name))
-                .unwrap();
-        }
-        let now = time::OffsetDateTime::now_utc();
-        let expired = Validity {
-            not_before: now - time::Duration::days(10),
-            not_after: now - time::Duration::days(1),
-        };
-        ca.issue(Role::Site, "site-a", expired, &dir.path().join("expired"))
-            .unwrap();
-        let other = Ca::init(&dir.path().join("other-ca"), Validity::days(30)).unwrap();
-        other
-            .issue(
-                Role::Site,
-                "site-a",
-                Validity::days(30),
-                &dir.path().join("stranger"),
-            )
-            .unwrap();
-        other
-            .issue_server(
-                &["127.0.0.1".into()],
-                Validity::days(30),
-                &dir.path().join("impostor"),
-            )
-            .unwrap();
-        Pki { dir }
-    }
-
-    fn bundle(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn read(&self, bundle: &str, file: &str) -> Vec<u8> {
-        std::fs::read(self.bundle(bundle).join(file)).unwrap()
-    }
-
-    /// A channel presenting `identity`'s certificate (none for `None`), trusting `ca_of`'s CA.
-    async fn channel(
-        &self,
-        addr: SocketAddr,
-        identity: Option<&str>,
-        ca_of: &str,
-    ) -> Result<Channel, tonic::transport::Error> {
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(self.read(ca_of, "ca.pem")));
-        if let Some(id) = identity {
-            tls = tls.identity(Identity::from_pem(
-                self.read(id, "cert.pem"),
-                self.read(id, "key.pem"),
-            ));
-        }
-        Endpoint::from_shared(format!("https://{addr}"))?
-            .tls_config(tls)?
-            .connect()
-            .await
-    }
-
-    async fn site(&self, addr: SocketAddr, name: &str) -> FederationClient<Channel> {
-        FederationClient::new(self.channel(addr, Some(name), name).await.unwrap())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
-    }
-
-    async fn admin(&self, addr: SocketAddr, name: &str) -> AdminClient<Channel> {
-        AdminClient::new(self.channel(addr, Some(name), name).await.unwrap())
-    }
-}
-
-struct Running {
-    addr: SocketAddr,
-    data: PathBuf,
-    _dir: tempfile::TempDir,
-}
+use tonic::transport::Channel;
 
 /// Two rounds (the tests look at the first) of central site-level DP with a clip of 1 (so the coordinator checks a norm bound) and seeded
 /// coordinator randomness (so two runs given the same updates commit the same model).
@@ -136,106 +33,28 @@ const RUN: &str = "[run]\nname = \"sec\"\nseed = 5\nrounds = 2\n\
     [site_dp]\nmode = \"central\"\nclip_norm = 1.0\nnoise_multiplier = 0.5\nexpected_sites = 2\n\
     target_epsilon = 50.0\ntarget_delta = 1e-3\n";
 
-async fn coordinator(transport: Transport) -> Running {
-    coordinator_with(transport, "").await
+/// A coordinator for [`RUN`] under mutual TLS with `pki`'s coordinator bundle.
+async fn coordinator(pki: &Pki) -> TestCoordinator {
+    coordinator_with(pki, "").await
 }
 
 /// [`coordinator`] with `extra` appended to its TOML.
-async fn coordinator_with(transport: Transport, extra: &str) -> Running {
-    let dir = tempfile::tempdir().unwrap();
-    let vocab =
-        fedflow_common::data::Vocab::from_events(["open", "search", "click", "escalate"]).unwrap();
-    vocab.save(dir.path().join("vocab.json")).unwrap();
-    let cfg = RunConfig::from_toml_str(&format!("{RUN}{extra}"), dir.path()).unwrap();
-    let model = AttentionFlowModel::new(&cfg.model_config().unwrap(), &Device::Cpu, 1).unwrap();
-    let initial = ParamSet::from_varmap(model.varmap()).unwrap();
-    let data = dir.path().join("coordinator");
-    let mut engine = RoundEngine::open(Store::open(&data).unwrap(), cfg.clone(), initial).unwrap();
-    engine.seed_site_dp_randomness(11);
-    let coordinator = Coordinator::spawn(engine, cfg, &transport).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, coordinator, std::future::pending()));
-    Running {
-        addr,
-        data,
-        _dir: dir,
-    }
-}
-
-async fn task_for(c: &mut FederationClient<Channel>) -> Task {
-    c.enrol(EnrolRequest::default()).await.unwrap();
-    loop {
-        let r = c
-            .next_task(NextTaskRequest {
-                site_id: String::new(),
-                wait_ms: 5_000,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(next_task_response::Outcome::Task(t)) = r.outcome {
-            return t;
-        }
-    }
-}
-
-async fn download(c: &mut FederationClient<Channel>, t: &Task) -> ParamSet {
-    let sha = t.model.as_ref().unwrap().sha256.clone();
-    let mut stream = c
-        .download_model(DownloadModelRequest {
-            task_id: t.task_id.clone(),
-            run_id: t.run_id.clone(),
-            round: t.round,
-            sha256: sha.clone(),
-            ..Default::default()
-        })
+async fn coordinator_with(pki: &Pki, extra: &str) -> TestCoordinator {
+    TestCoordinator::builder(format!("{RUN}{extra}"))
+        .mutual_tls(pki.bundle("coordinator"))
+        .site_dp_seed(11)
+        .spawn()
         .await
-        .unwrap()
-        .into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.message().await.unwrap() {
-        bytes.extend_from_slice(&chunk.data);
-    }
-    assert_eq!(sha256_hex(&bytes), sha);
-    ParamSet::from_safetensors_bytes(&bytes).unwrap()
 }
 
-fn header(t: &Task, bytes: &Bytes) -> UpdateHeader {
-    UpdateHeader {
-        task_id: t.task_id.clone(),
-        run_id: t.run_id.clone(),
-        round: t.round,
-        nonce: t.nonce.clone(),
-        base_model_sha256: t.model.as_ref().unwrap().sha256.clone(),
-        delta_sha256: sha256_hex(bytes),
-        total_bytes: bytes.len() as u64,
-        weight: 1.0,
-        metrics: Some(Metrics {
-            train_examples: 10,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-async fn upload_bytes(
-    c: &mut FederationClient<Channel>,
-    h: UpdateHeader,
-    bytes: Bytes,
-) -> Result<bool, tonic::Status> {
-    c.upload_update(tokio_stream::iter(update_chunks(h, &bytes, 4096)))
-        .await
-        .map(|r| r.into_inner().duplicate)
-}
-
-async fn upload(
+/// Uploads `delta` for task `t` (the certificate names the site); whether it was a
+/// duplicate.
+async fn send(
     c: &mut FederationClient<Channel>,
     t: &Task,
     delta: &ParamSet,
 ) -> Result<bool, tonic::Status> {
-    let bytes = Bytes::from(delta.to_safetensors_bytes().unwrap());
-    upload_bytes(c, header(t, &bytes), bytes).await
+    upload(c, "", t, delta, |_| {}).await.map(|r| r.duplicate)
 }
 
 /// A delta of norm `norm` in the direction of the model itself.
@@ -263,6 +82,22 @@ async fn committed_model(admin: &mut AdminClient<Channel>) -> String {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("round 1 was never committed");
+}
+
+/// Waits (bounded) until the coordinator is receiving an upload: it has admitted the call
+/// and spills the update to `<data>/incoming/upload-N.part` as it arrives.
+async fn wait_for_upload_in_progress(data: &Path) {
+    for _ in 0..400 {
+        let spilling = std::fs::read_dir(data.join("incoming"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().ends_with(".part"));
+        if spilling {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the coordinator never started receiving the upload");
 }
 
 /// The audit log's events (verifying the chain on the way).
@@ -298,7 +133,7 @@ async fn wait_for_audit(data: &Path, event: &str, text: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_refuses_bad_callers_and_bad_updates_without_a_trace() {
     let pki = Pki::new();
-    let c = coordinator(Transport::MutualTls(pki.bundle("coordinator"))).await;
+    let c = coordinator(&pki).await;
 
     // Connections the handshake refuses: no certificate, another CA's, an expired one.
     // Each fails for the caller and is recorded with its reason.
@@ -383,8 +218,8 @@ async fn mutual_tls_refuses_bad_callers_and_bad_updates_without_a_trace() {
 
     // The round: two sites, both selected.
     let mut b = pki.site(c.addr, "site-b").await;
-    let (ta, tb) = tokio::join!(task_for(&mut a), task_for(&mut b));
-    let global = download(&mut a, &ta).await;
+    let (ta, tb) = tokio::join!(task_for(&mut a, ""), task_for(&mut b, ""));
+    let global = download(&mut a, "", &ta).await;
     let good_a = delta_of_norm(&global, 0.5);
     let good_b = delta_of_norm(&global, -0.25);
 
@@ -393,7 +228,7 @@ async fn mutual_tls_refuses_bad_callers_and_bad_updates_without_a_trace() {
     let mut big = bytes.to_vec();
     big.extend_from_slice(&[0u8; 4096]);
     let big = Bytes::from(big);
-    let s = upload_bytes(&mut a, header(&ta, &big), big.clone())
+    let s = upload_bytes(&mut a, header("", &ta, &big), &big)
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::ResourceExhausted, "oversized: {s:?}");
@@ -402,41 +237,41 @@ async fn mutual_tls_refuses_bad_callers_and_bad_updates_without_a_trace() {
         "head.bias".into(),
         Tensor::new(&[f32::NAN, 0.0, 0.0, 0.0, 0.0], &Device::Cpu).unwrap(),
     );
-    let s = upload(&mut a, &ta, &ParamSet::from_tensors(tensors).unwrap())
+    let s = send(&mut a, &ta, &ParamSet::from_tensors(tensors).unwrap())
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument, "NaN: {s:?}");
-    let s = upload(&mut a, &ta, &delta_of_norm(&global, 3.0))
+    let s = send(&mut a, &ta, &delta_of_norm(&global, 3.0))
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument, "norm: {s:?}");
     assert!(s.message().contains("norm"), "{}", s.message());
     // Site A cannot upload into site B's task, nor claim to be B in the header.
-    let s = upload(&mut a, &tb, &good_a).await.unwrap_err();
+    let s = send(&mut a, &tb, &good_a).await.unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
-    let mut h = header(&ta, &bytes);
+    let mut h = header("", &ta, &bytes);
     h.site_id = "site-b".into();
-    let s = upload_bytes(&mut a, h, bytes.clone()).await.unwrap_err();
+    let s = upload_bytes(&mut a, h, &bytes).await.unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
 
     // The good update, replayed: accepted once.
-    assert!(!upload(&mut a, &ta, &good_a).await.unwrap());
+    assert!(!send(&mut a, &ta, &good_a).await.unwrap());
     assert!(
-        upload(&mut a, &ta, &good_a).await.unwrap(),
+        send(&mut a, &ta, &good_a).await.unwrap(),
         "a resend is a duplicate"
     );
-    upload(&mut b, &tb, &good_b).await.unwrap();
+    send(&mut b, &tb, &good_b).await.unwrap();
     let with_attacks = committed_model(&mut admin).await;
 
     // The same two updates on a coordinator that never saw a bad call commit the same model.
-    let clean = coordinator(Transport::MutualTls(pki.bundle("coordinator"))).await;
+    let clean = coordinator(&pki).await;
     let (mut a2, mut b2) = (
         pki.site(clean.addr, "site-a").await,
         pki.site(clean.addr, "site-b").await,
     );
-    let (ta2, tb2) = tokio::join!(task_for(&mut a2), task_for(&mut b2));
-    upload(&mut a2, &ta2, &good_a).await.unwrap();
-    upload(&mut b2, &tb2, &good_b).await.unwrap();
+    let (ta2, tb2) = tokio::join!(task_for(&mut a2, ""), task_for(&mut b2, ""));
+    send(&mut a2, &ta2, &good_a).await.unwrap();
+    send(&mut b2, &tb2, &good_b).await.unwrap();
     let mut admin2 = pki.admin(clean.addr, "ada").await;
     assert_eq!(committed_model(&mut admin2).await, with_attacks);
     let rounds = admin
@@ -470,7 +305,7 @@ async fn mutual_tls_refuses_bad_callers_and_bad_updates_without_a_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_revocation_in_flight_and_admin_actions() {
     let pki = Pki::new();
-    let c = coordinator(Transport::MutualTls(pki.bundle("coordinator"))).await;
+    let c = coordinator(&pki).await;
     let mut admin = pki.admin(c.addr, "ada").await;
 
     // Site A rotates: a new certificate for the same identity, then the old one is revoked.
@@ -511,22 +346,29 @@ async fn rotation_revocation_in_flight_and_admin_actions() {
     // The new certificate is the same site: it trains and its history is one site's.
     let mut a = pki.site(c.addr, "site-a-2").await;
     let mut b = pki.site(c.addr, "site-b").await;
-    let (ta, tb) = tokio::join!(task_for(&mut a), task_for(&mut b));
-    let global = download(&mut a, &ta).await;
-    upload(&mut a, &ta, &delta_of_norm(&global, 0.5))
+    let (ta, tb) = tokio::join!(task_for(&mut a, ""), task_for(&mut b, ""));
+    let global = download(&mut a, "", &ta).await;
+    send(&mut a, &ta, &delta_of_norm(&global, 0.5))
         .await
         .unwrap();
 
-    // Site B is revoked while its update is arriving: the update is discarded.
+    // Site B is revoked while its update is arriving: the call was admitted, so it is the
+    // engine that discards the update. The test feeds the upload stream itself: the header
+    // and the first data chunk, then (once the coordinator has admitted the call and is
+    // spilling the update to `incoming/`) the revocation, then the rest.
     let delta = delta_of_norm(&global, 0.5);
     let bytes = Bytes::from(delta.to_safetensors_bytes().unwrap());
-    let mut chunks = update_chunks(header(&tb, &bytes), &bytes, 4096).into_iter();
+    let mut chunks = update_chunks(header("", &tb, &bytes), &bytes, bytes.len() / 4).into_iter();
+    assert!(chunks.len() > 2, "the update spans several data chunks");
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(chunks.next().unwrap()).await.unwrap();
     let sending = tokio::spawn(async move {
         b.upload_update(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
     });
+    // With room for one chunk, this returns once the call has taken the header.
+    tx.send(chunks.next().unwrap()).await.unwrap();
+    wait_for_upload_in_progress(&c.data).await;
     admin
         .revoke(RevokeRequest {
             role: "site".into(),
@@ -542,7 +384,49 @@ async fn rotation_revocation_in_flight_and_admin_actions() {
     drop(tx);
     let s = sending.await.unwrap().unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
-    assert!(s.message().contains("revoked"), "{}", s.message());
+    assert!(
+        s.message()
+            .contains("the site's identity or certificate has been revoked"),
+        "discarded by the engine, not refused at the start of the call: {}",
+        s.message()
+    );
+    let events = audit_events(&c.data);
+    let upload_events: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| {
+            let names_b = |k: &str| {
+                e["detail"][k]
+                    .as_str()
+                    .is_some_and(|v| v.contains("site-b"))
+            };
+            e["detail"]["method"] == "UploadUpdate" && (names_b("site") || names_b("caller"))
+        })
+        .collect();
+    assert_eq!(upload_events.len(), 1, "{upload_events:?}");
+    assert_eq!(upload_events[0]["event"], "update_rejected");
+    assert_eq!(upload_events[0]["detail"]["round"], 1);
+    assert!(
+        upload_events[0]["detail"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("has been revoked")),
+        "{}",
+        upload_events[0]
+    );
+    // The revocation withdrew its task (recorded with the reason) before the update came in.
+    let b_in_round_1 = c
+        .handle
+        .inspect(|engine, _| {
+            let rows = engine.store().round_sites("sec", 1)?;
+            Ok(rows.into_iter().find(|r| r.site_id == "site-b"))
+        })
+        .await
+        .unwrap()
+        .expect("site B was selected for round 1");
+    assert_eq!(
+        (b_in_round_1.state.as_str(), b_in_round_1.reason.as_deref()),
+        ("dropped", Some("revoked: compromised")),
+        "{b_in_round_1:?}"
+    );
 
     // Pause and resume (admin), then stop: the run ends where it stands (round 1 committed).
     let p = admin
@@ -623,7 +507,7 @@ async fn rotation_revocation_in_flight_and_admin_actions() {
 async fn a_caller_over_its_rate_limit_is_refused_and_others_are_served() {
     let pki = Pki::new();
     let c = coordinator_with(
-        Transport::MutualTls(pki.bundle("coordinator")),
+        &pki,
         "[limits]\nrequests_per_second = 0.001\nrequest_burst = 2\n",
     )
     .await;

@@ -2,35 +2,25 @@
 //! --json` follows a round (a site that goes silent shows as dropped), history commands
 //! agree, admin actions change the run and are refused for a viewer, and the exit codes are
 //! the documented ones. Waits poll observable state (the CLI's own output), bounded.
+//!
+//! The binary is another package's, found (and built when stale) by
+//! [`fedflow_tests::bin::cargo_bin`].
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use candle_core::Device;
 use fedflow_common::data::Vocab;
-use fedflow_common::hash::sha256_hex;
-use fedflow_common::model::AttentionFlowModel;
 use fedflow_common::params::ParamSet;
-use fedflow_coordinator::config::RunConfig;
-use fedflow_coordinator::round::RoundEngine;
-use fedflow_coordinator::security::pki::{Ca, Validity};
-use fedflow_coordinator::security::{Role, Transport};
-use fedflow_coordinator::service::{Coordinator, serve};
-use fedflow_coordinator::store::Store;
-use fedflow_proto::tls::{Bundle, connect};
-use fedflow_proto::transfer::{MAX_MESSAGE_BYTES, update_chunks};
-use fedflow_proto::v1::federation_client::FederationClient;
-use fedflow_proto::v1::{
-    DownloadModelRequest, EnrolRequest, Metrics, NextTaskRequest, Task, UpdateHeader,
-    next_task_response,
-};
+use fedflow_tests::bin::cargo_bin;
+use fedflow_tests::site::{download_bytes, header, heartbeat, task_for, upload_bytes};
+use fedflow_tests::{Pki, TestCoordinator, wait_serving};
 use prost::bytes::Bytes;
 use serde_json::Value;
-use tonic::transport::Channel;
 
 struct Ctl {
+    exe: PathBuf,
     addr: SocketAddr,
     pki: PathBuf,
 }
@@ -44,7 +34,7 @@ struct Out {
 impl Ctl {
     /// Runs `fedflow-ctl` as `who` with `args` (on a blocking thread).
     async fn run(&self, who: &str, args: &[&str]) -> Out {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fedflow-ctl"));
+        let mut cmd = Command::new(&self.exe);
         cmd.arg("--coordinator")
             .arg(format!("https://{}", self.addr))
             .arg("--identity")
@@ -91,104 +81,39 @@ fn site_state<'a>(s: &'a Value, site: &str) -> &'a str {
         .unwrap_or("absent")
 }
 
-async fn site_client(pki: &Path, addr: SocketAddr, name: &str) -> FederationClient<Channel> {
-    let bundle = Bundle::load(&pki.join(name)).unwrap();
-    FederationClient::new(
-        connect(&format!("https://{addr}"), Some(&bundle))
-            .await
-            .unwrap(),
-    )
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES)
-}
-
-async fn task_for(c: &mut FederationClient<Channel>) -> Task {
-    c.enrol(EnrolRequest::default()).await.unwrap();
-    loop {
-        let r = c
-            .next_task(NextTaskRequest {
-                site_id: String::new(),
-                wait_ms: 5_000,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(next_task_response::Outcome::Task(t)) = r.outcome {
-            return t;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_follows_a_run_and_acts_on_it_with_the_right_role() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    let ca = Ca::init(&pki.join("ca"), Validity::days(5)).unwrap();
-    ca.issue_server(
-        &["127.0.0.1".into()],
-        Validity::days(5),
-        &pki.join("coordinator"),
-    )
-    .unwrap();
-    for (role, name) in [
-        (Role::Site, "site-a"),
-        (Role::Site, "site-b"),
-        (Role::Viewer, "val"),
-        (Role::Admin, "ada"),
-    ] {
-        ca.issue(role, name, Validity::days(5), &pki.join(name))
-            .unwrap();
-    }
-    Vocab::from_events(["open", "search", "click"])
-        .unwrap()
-        .save(dir.path().join("vocab.json"))
-        .unwrap();
+    let pki = Pki::new();
+    // Site B's silence is what drops it: five seconds of it, while both sites heartbeat
+    // until the test stops B's heartbeats.
     let toml = "[run]\nname = \"ops\"\nseed = 2\nrounds = 2\n\
         [model]\nvocab = \"vocab.json\"\nembed_dim = 4\nhidden_size = 4\nnum_layers = 1\n\
         [sampling]\nmin_selected = 2\nmin_available = 2\n\
-        [rounds]\ndeadline_secs = 60\nmin_completed = 1\nheartbeat_timeout_secs = 2\n\
+        [rounds]\ndeadline_secs = 60\nmin_completed = 1\nheartbeat_timeout_secs = 5\n\
         [evaluation]\nevery = 0\nfinal_round = false\n";
-    let cfg = RunConfig::from_toml_str(toml, dir.path()).unwrap();
-    let model = AttentionFlowModel::new(&cfg.model_config().unwrap(), &Device::Cpu, 1).unwrap();
-    let initial = ParamSet::from_varmap(model.varmap()).unwrap();
-    let engine = RoundEngine::open(
-        Store::open(dir.path().join("data")).unwrap(),
-        cfg.clone(),
-        initial,
-    )
-    .unwrap();
-    let coordinator =
-        Coordinator::spawn(engine, cfg, &Transport::MutualTls(pki.join("coordinator"))).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics_addr = metrics.local_addr().unwrap();
-    tokio::spawn(fedflow_coordinator::service::serve_metrics(
-        metrics,
-        coordinator.clone(),
-        std::future::pending(),
-    ));
-    tokio::spawn(serve(listener, coordinator, std::future::pending()));
+    let c = TestCoordinator::builder(toml)
+        .vocab(&Vocab::from_events(["open", "search", "click"]).unwrap())
+        .mutual_tls(pki.bundle("coordinator"))
+        .metrics()
+        .spawn()
+        .await;
+    let (addr, metrics_addr) = (c.addr, c.metrics_addr.unwrap());
     let ctl = Ctl {
+        exe: cargo_bin("fedflow-coordinator", "fedflow-ctl"),
         addr,
-        pki: pki.clone(),
+        pki: pki.root().to_path_buf(),
     };
 
     // Ready (database open, run loaded) by gRPC health, once the probe has run.
-    let health = tonic_health::pb::health_client::HealthClient::new(
-        connect(
-            &format!("https://{addr}"),
-            Some(&Bundle::load(&pki.join("val")).unwrap()),
-        )
-        .await
-        .unwrap(),
-    );
-    wait_serving(health).await;
+    wait_serving(pki.channel(addr, Some("val"), "val").await.unwrap()).await;
 
     // Round 1 starts with both sites selected.
-    let mut a = site_client(&pki, addr, "site-a").await;
-    let mut b = site_client(&pki, addr, "site-b").await;
-    let (ta, _tb) = tokio::join!(task_for(&mut a), task_for(&mut b));
+    let mut a = pki.site(addr, "site-a").await;
+    let mut b = pki.site(addr, "site-b").await;
+    let (ta, tb) = tokio::join!(task_for(&mut a, ""), task_for(&mut b, ""));
+    // Both heartbeat (saying they train) until the test lets site B go silent.
+    let _a_alive = heartbeat(&a, "", &ta).await;
+    let b_alive = heartbeat(&b, "", &tb).await;
     let s = ctl.json(&["status"]).await;
     assert_eq!(s["schema"], "fedflow.status/1");
     assert_eq!(
@@ -197,8 +122,8 @@ async fn the_cli_follows_a_run_and_acts_on_it_with_the_right_role() {
     );
     assert_eq!(s["round"]["total"], 2);
     assert!(s["seconds_to_deadline"].as_f64().unwrap() > 0.0);
-    assert_eq!(site_state(&s, "site-a"), "selected");
-    assert_eq!(site_state(&s, "site-b"), "selected");
+    assert_eq!(site_state(&s, "site-a"), "training", "{s}");
+    assert_eq!(site_state(&s, "site-b"), "training", "{s}");
     let m = scrape(metrics_addr).await;
     assert_eq!(m["fedflow_current_round"], 1.0);
     assert_eq!(m["fedflow_sites_selected"], 2.0);
@@ -206,43 +131,14 @@ async fn the_cli_follows_a_run_and_acts_on_it_with_the_right_role() {
     assert_eq!(m["fedflow_phase{phase=waiting}"], 0.0);
 
     // Site A uploads; site B goes silent and is dropped; the round commits without it.
-    let sha = ta.model.as_ref().unwrap().sha256.clone();
-    let mut stream = a
-        .download_model(DownloadModelRequest {
-            task_id: ta.task_id.clone(),
-            run_id: ta.run_id.clone(),
-            round: 1,
-            sha256: sha.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut model_bytes = Vec::new();
-    while let Some(c) = stream.message().await.unwrap() {
-        model_bytes.extend_from_slice(&c.data);
-    }
+    b_alive.stop();
+    let model_bytes = download_bytes(&mut a, "", &ta).await;
     let delta = ParamSet::from_safetensors_bytes(&model_bytes)
         .unwrap()
         .scale(0.01)
         .unwrap();
     let bytes = Bytes::from(delta.to_safetensors_bytes().unwrap());
-    let header = UpdateHeader {
-        task_id: ta.task_id.clone(),
-        run_id: ta.run_id.clone(),
-        round: 1,
-        nonce: ta.nonce.clone(),
-        base_model_sha256: sha,
-        delta_sha256: sha256_hex(&bytes),
-        total_bytes: bytes.len() as u64,
-        weight: 5.0,
-        metrics: Some(Metrics {
-            train_examples: 5,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    a.upload_update(tokio_stream::iter(update_chunks(header, &bytes, 4096)))
+    upload_bytes(&mut a, header("", &ta, &bytes), &bytes)
         .await
         .unwrap();
     let s = ctl
@@ -314,7 +210,7 @@ async fn the_cli_follows_a_run_and_acts_on_it_with_the_right_role() {
     // Nobody home: exit code 3 and a message that says what to check.
     let gone = Ctl {
         addr: "127.0.0.1:1".parse().unwrap(),
-        pki,
+        ..ctl
     }
     .run("val", &["status"])
     .await;
@@ -324,25 +220,6 @@ async fn the_cli_follows_a_run_and_acts_on_it_with_the_right_role() {
         "{}",
         gone.stderr
     );
-}
-
-/// Polls gRPC health (bounded) until the coordinator reports SERVING.
-async fn wait_serving(mut health: tonic_health::pb::health_client::HealthClient<Channel>) {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
-    for _ in 0..100 {
-        let s = health
-            .check(HealthCheckRequest {
-                service: "fedflow.v1.Federation".into(),
-            })
-            .await
-            .map(|r| r.into_inner().status)
-            .ok();
-        if s == Some(ServingStatus::Serving as i32) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the coordinator never reported SERVING");
 }
 
 /// Scrapes `/metrics` (plain HTTP/1.0) and parses it with a Prometheus text-format parser;
