@@ -75,7 +75,8 @@ impl Federation for TestServer {
         let file = tempfile::tempfile().map_err(|e| Status::internal(e.to_string()))?;
         let (header, _file) =
             receive_update_into(&mut stream, std::io::BufWriter::new(file), 1 << 40, 1 << 20)
-                .await?;
+                .await
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(UploadUpdateResponse {
             delta_sha256: header.delta_sha256,
             duplicate: false,

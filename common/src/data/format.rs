@@ -1,6 +1,9 @@
 //! Reading and writing partner-site session files (CSV and JSON Lines), with row validation.
 //!
 //! The formats are specified in the [module docs](crate::data).
+//!
+//! Kept as one file (about 650 lines): the CSV and JSON Lines readers share the row sink,
+//! the row validation and the error wording, and are meant to be read side by side.
 
 use std::collections::HashMap;
 use std::fs::File;

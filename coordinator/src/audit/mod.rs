@@ -14,6 +14,9 @@
 //! The JSON (schema `fedflow.privacy-audit/1`) is documented field by field on
 //! [`PrivacyAudit`]; fields are only ever added. [`to_html`] renders it as a self-contained
 //! page, summary first.
+//!
+//! Kept as one file (about 680 lines): the report's types and the site- and record-level
+//! builders that fill them are read side by side, field by field.
 
 use std::collections::BTreeMap;
 

@@ -139,6 +139,85 @@ fn audit_log_survives_a_torn_tail_and_refuses_an_edited_one() {
     assert_eq!(verify_bytes(b"").unwrap().head, GENESIS);
 }
 
+/// The lines of a log of `events` events, each with its newline.
+fn lines_of(events: usize) -> Vec<String> {
+    let (_dir, path) = log_with(events);
+    std::fs::read_to_string(&path)
+        .unwrap()
+        .split_inclusive('\n')
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Verifies `lines` joined; the first bad line and its reason.
+fn first_break(lines: &[String]) -> (usize, String) {
+    let b = verify_bytes(lines.concat().as_bytes()).unwrap_err();
+    (b.line, b.reason)
+}
+
+/// Deleting any line but the last breaks the chain at the line that took its place.
+#[test]
+fn a_deleted_line_is_detected_where_it_was() {
+    let lines = lines_of(5);
+    assert_eq!(verify_bytes(lines.concat().as_bytes()).unwrap().lines, 5);
+    for gone in 0..4 {
+        let mut edited = lines.clone();
+        edited.remove(gone);
+        let (line, reason) = first_break(&edited);
+        assert_eq!(line, gone + 1, "deleting line {}: {reason}", gone + 1);
+        assert!(reason.contains("removed or inserted"), "{reason}");
+    }
+}
+
+/// A line inserted anywhere, even a valid record copied from elsewhere in the same log, is
+/// caught at the inserted line (or, for a copy put just before its original, at the
+/// original, which is then the one out of place).
+#[test]
+fn an_inserted_line_is_detected_where_it_was_put() {
+    let lines = lines_of(4);
+    for at in 0..=4 {
+        for copy in 0..4 {
+            let mut edited = lines.clone();
+            edited.insert(at, lines[copy].clone());
+            let (line, reason) = first_break(&edited);
+            let want = if at == copy { at + 2 } else { at + 1 };
+            assert_eq!(
+                line,
+                want,
+                "line {} copied to {}: {reason}",
+                copy + 1,
+                at + 1
+            );
+        }
+    }
+    // A record from another, independently valid log does not fit either.
+    let other = lines_of(2);
+    let mut edited = lines.clone();
+    edited.insert(2, other[1].clone());
+    assert_eq!(first_break(&edited).0, 3);
+}
+
+/// Swapping any two lines breaks the chain at the earlier of them.
+#[test]
+fn reordered_lines_are_detected_at_the_first_moved_one() {
+    let lines = lines_of(5);
+    for a in 0..5 {
+        for b in a + 1..5 {
+            let mut edited = lines.clone();
+            edited.swap(a, b);
+            let (line, reason) = first_break(&edited);
+            assert_eq!(
+                line,
+                a + 1,
+                "swapping lines {} and {}: {reason}",
+                a + 1,
+                b + 1
+            );
+            assert!(reason.contains("sequence number"), "{reason}");
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 

@@ -211,7 +211,7 @@ impl Admin for Coordinator {
         req: Request<wire::GetStatusRequest>,
     ) -> Result<Response<wire::RunStatus>, Status> {
         let _call = self.operator(&req, false, "GetStatus")?;
-        let s = self.inspect(|e, now| status(e, now)).await?;
+        let s = self.inspect(status).await?;
         Ok(Response::new(s))
     }
 
