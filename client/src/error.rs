@@ -38,6 +38,35 @@ pub enum Error {
     /// A task would take the site's record-level privacy spend past a limit.
     #[error("privacy budget: {0}")]
     Budget(String),
+    // What the coordinator answered (its gRPC status, mapped in `wire::status_error`).
+    /// The coordinator refused this site: it is not authenticated, or its identity may not do
+    /// what it asked (its certificate, revocation or site id).
+    #[error("coordinator refused this site: {message} ({code})")]
+    Refused {
+        /// The gRPC status code's name (e.g. `PermissionDenied`).
+        code: String,
+        /// The coordinator's message.
+        message: String,
+    },
+    /// The coordinator rejected the request as invalid (a malformed, stale or out-of-order
+    /// request, or an update it will not take).
+    #[error("coordinator rejected the request: {message} ({code})")]
+    Rejected {
+        /// The gRPC status code's name (e.g. `InvalidArgument`).
+        code: String,
+        /// The coordinator's message.
+        message: String,
+    },
+    /// The coordinator failed, or could not be reached, while answering (an internal error,
+    /// unavailable, a deadline passed, an RPC it does not implement).
+    #[error("coordinator failed: {message} ({code})")]
+    Coordinator {
+        /// The gRPC status code's name (e.g. `Internal`).
+        code: String,
+        /// The coordinator's (or the transport's) message.
+        message: String,
+    },
+    // Local checks.
     /// Received bytes do not hash to the SHA-256 they were announced with.
     #[error(
         "{what} hash mismatch: the bytes hash to {actual} but {expected} was expected; \

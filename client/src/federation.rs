@@ -6,27 +6,21 @@
 //! finished. Evaluation tasks download the model, evaluate it on the validation split and
 //! report the metrics. A heartbeat answered with `cancel_task` abandons the task. When the
 //! coordinator is unreachable the site waits with exponential backoff and jitter and carries
-//! on without operator action. Wire types are converted here and nowhere else in the client.
+//! on without operator action. Messages are built and read, and the coordinator's statuses
+//! mapped to errors, in [`crate::wire`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedflow_common::model::ModelConfig;
-use fedflow_common::train::{DpSgdConfig, OptimizerKind, TrainConfig};
 use fedflow_proto::transfer::{Assembler, MAX_MESSAGE_BYTES, update_chunks};
 use fedflow_proto::v1::federation_client::FederationClient;
-use fedflow_proto::v1::{
-    DeclineTaskRequest, DownloadModelRequest, EnrolRequest, EvaluationReport, HeartbeatRequest,
-    Metrics, NextTaskRequest, SiteState, Task, TaskKind, UpdateHeader, next_task_response,
-};
+use fedflow_proto::v1::{SiteState, Task, TaskKind, next_task_response};
 use rand::Rng;
 use tonic::transport::Channel;
 
-use crate::privacy::RecordDp;
-use crate::site::{SiteMetrics, TaskSpec};
+use crate::wire::{self, Limits, is_transient, refusal_reason, status_error};
 pub use crate::work::{ModelBuffer, SiteWork, Update};
 use crate::{Error, Result};
-use fedflow_common::privacy::dpfedavg::{SiteDpTask, TrustMode};
 
 /// How a site connects and behaves.
 #[derive(Debug, Clone)]
@@ -77,54 +71,6 @@ pub struct SiteSummary {
     pub reconnects: u32,
 }
 
-/// What the coordinator told the site at enrolment.
-#[derive(Debug, Clone, Copy)]
-struct Limits {
-    heartbeat: Duration,
-    chunk_bytes: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            heartbeat: Duration::from_secs(2),
-            chunk_bytes: 1 << 20,
-        }
-    }
-}
-
-impl Limits {
-    fn from_enrolment(r: &fedflow_proto::v1::EnrolResponse) -> Self {
-        let d = Limits::default();
-        // Never above what either side's message limit allows, never absurdly small.
-        let max_chunk = MAX_MESSAGE_BYTES - 64 * 1024;
-        Limits {
-            heartbeat: if r.heartbeat_interval_ms == 0 {
-                d.heartbeat
-            } else {
-                Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 60_000) as u64)
-            },
-            chunk_bytes: if r.max_chunk_bytes == 0 {
-                d.chunk_bytes
-            } else {
-                (r.max_chunk_bytes as usize).clamp(4096, max_chunk)
-            },
-        }
-    }
-}
-
-fn status_err(s: tonic::Status) -> Error {
-    Error::Usage(format!("coordinator: {} ({:?})", s.message(), s.code()))
-}
-
-/// Whether an error means "try again later" (coordinator away) rather than "this failed".
-fn transient(s: &tonic::Status) -> bool {
-    matches!(
-        s.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-    ) && !crate::tls::is_certificate_error(s)
-}
-
 /// Connects, retrying with backoff while the coordinator is unreachable; a certificate
 /// problem (ours refused, or the coordinator's not from the federation CA) is final.
 async fn connect(
@@ -160,107 +106,6 @@ async fn connect(
     }
 }
 
-/// The site's reading of a task message: validates every field and builds the
-/// [`TaskSpec`] the trainer runs, so what the coordinator's `[train]` says reaches the
-/// trainer unchanged.
-pub fn task_spec(task: &Task) -> Result<TaskSpec> {
-    let model = task
-        .model
-        .as_ref()
-        .ok_or_else(|| Error::Task("the task names no model".into()))?;
-    let t = task.train.clone().unwrap_or_default();
-    let model_config: ModelConfig = serde_json::from_str(&model.model_config_json)
-        .map_err(|e| Error::Task(format!("the task's model config is not valid: {e}")))?;
-    let optimizer: OptimizerKind = t
-        .optimizer
-        .parse()
-        .map_err(|e| Error::Task(format!("{e}")))?;
-    let train = TrainConfig {
-        epochs: t.local_epochs as usize,
-        batch_size: t.batch_size as usize,
-        learning_rate: t.learning_rate,
-        optimizer,
-        momentum: t.momentum,
-        weight_decay: t.weight_decay,
-        patience: t.patience as usize,
-        min_delta: t.min_delta,
-        seed: t.seed,
-        length_bucketing: t.length_bucketing,
-        fedprox_mu: t.fedprox_mu,
-    };
-    train
-        .validate()
-        .map_err(|e| Error::Task(format!("the task's training instructions: {e}")))?;
-    let record_dp = match &t.dp_sgd {
-        None => None,
-        Some(d) => Some(RecordDp {
-            sgd: DpSgdConfig {
-                clip_norm: d.clip_norm,
-                noise_multiplier: d.noise_multiplier,
-                expected_batch_size: d.expected_batch_size as usize,
-                sampling_rate: (d.sampling_rate > 0.0).then_some(d.sampling_rate),
-                unit: d.unit.parse().map_err(|e| Error::Task(format!("{e}")))?,
-                max_sessions_per_user: d.max_sessions_per_user as usize,
-            },
-            target_epsilon: d.target_epsilon,
-            target_delta: d.target_delta,
-        }),
-    };
-    if let Some(dp) = &record_dp {
-        dp.sgd
-            .validate()
-            .map_err(|e| Error::Task(format!("the task's DP-SGD instructions: {e}")))?;
-        if !(dp.target_epsilon > 0.0 && dp.target_delta > 0.0 && dp.target_delta < 1.0) {
-            return Err(Error::Task(format!(
-                "the task's record-level target ({}, {}) is not a valid (epsilon, delta)",
-                dp.target_epsilon, dp.target_delta
-            )));
-        }
-    }
-    let site_dp = match &t.site_dp {
-        None => None,
-        Some(d) => {
-            let mode = match d.mode.as_str() {
-                "central" => TrustMode::Central,
-                "distributed" => TrustMode::Distributed,
-                "local" => TrustMode::Local,
-                other => {
-                    return Err(Error::Task(format!(
-                        "the task's site-level DP mode {other:?} is not central, distributed \
-                         or local; upgrade this client"
-                    )));
-                }
-            };
-            let valid = d.clip_norm.is_finite()
-                && d.clip_norm > 0.0
-                && d.noise_std.is_finite()
-                && d.noise_std >= 0.0;
-            if !valid {
-                return Err(Error::Task(format!(
-                    "the task's site-level DP instructions (clip {}, noise std {}) are not valid",
-                    d.clip_norm, d.noise_std
-                )));
-            }
-            Some(SiteDpTask {
-                mode,
-                clip_norm: d.clip_norm,
-                noise_std: d.noise_std,
-            })
-        }
-    };
-    Ok(TaskSpec {
-        run_id: task.run_id.clone(),
-        round: task.round,
-        task_id: task.task_id.clone(),
-        record_dp,
-        site_dp,
-        model: model_config,
-        vocab_sha256: model.vocab_sha256.clone(),
-        expected_model_sha256: model.sha256.clone(),
-        train,
-    })
-}
-
 async fn download(
     client: &mut FederationClient<Channel>,
     opts: &SiteOptions,
@@ -269,14 +114,7 @@ async fn download(
     sink: ModelBuffer,
 ) -> Result<ModelBuffer, tonic::Status> {
     let mut stream = client
-        .download_model(DownloadModelRequest {
-            site_id: opts.site_id.clone(),
-            task_id: task.task_id.clone(),
-            run_id: task.run_id.clone(),
-            round: task.round,
-            sha256: sha.to_string(),
-            offset: 0,
-        })
+        .download_model(wire::download_request(&opts.site_id, task, sha))
         .await?
         .into_inner();
     let mut asm: Option<Assembler<ModelBuffer>> = None;
@@ -312,38 +150,31 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
     loop {
         if !enrolled {
             match client
-                .enrol(EnrolRequest {
-                    site_id: opts.site_id.clone(),
-                    client_version: env!("CARGO_PKG_VERSION").into(),
-                    vocab_sha256: trainer.vocab_sha256().to_string(),
-                })
+                .enrol(wire::enrol_request(&opts.site_id, trainer.vocab_sha256()))
                 .await
             {
                 Ok(r) => {
-                    limits = Limits::from_enrolment(&r.into_inner());
+                    limits = Limits::from(r.get_ref());
                     enrolled = true;
                 }
-                Err(s) if transient(&s) => {
+                Err(s) if is_transient(&s) => {
                     client = connect(&opts, &mut summary).await?;
                     continue;
                 }
-                Err(s) => return Err(status_err(s)),
+                Err(s) => return Err(status_error(&s)),
             }
         }
         let reply = client
-            .next_task(NextTaskRequest {
-                site_id: opts.site_id.clone(),
-                wait_ms: opts.poll_wait.as_millis() as u32,
-            })
+            .next_task(wire::next_task_request(&opts.site_id, opts.poll_wait))
             .await;
         let outcome = match reply {
             Ok(r) => r.into_inner().outcome,
-            Err(s) if transient(&s) => {
+            Err(s) if is_transient(&s) => {
                 enrolled = false;
                 client = connect(&opts, &mut summary).await?;
                 continue;
             }
-            Err(s) => return Err(status_err(s)),
+            Err(s) => return Err(status_error(&s)),
         };
         let task = match outcome {
             Some(next_task_response::Outcome::Task(t)) => t,
@@ -359,7 +190,7 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
                 tracing::warn!(site = %opts.site_id, round = task.round, "update refused: {msg}");
                 summary.rejected.push((task.round, msg));
             }
-            Err(TaskError::Transport(s)) if transient(&s) => {
+            Err(TaskError::Transport(s)) if is_transient(&s) => {
                 enrolled = false;
                 client = connect(&opts, &mut summary).await?;
             }
@@ -376,14 +207,7 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
                     tracing::error!(site = %opts.site_id, round = task.round, "cannot do the task, declining it: {e}");
                 }
                 let declined = client
-                    .decline_task(DeclineTaskRequest {
-                        site_id: opts.site_id.clone(),
-                        task_id: task.task_id.clone(),
-                        run_id: task.run_id.clone(),
-                        round: task.round,
-                        nonce: task.nonce.clone(),
-                        reason: e.to_string(),
-                    })
+                    .decline_task(wire::decline_request(&opts.site_id, &task, e.to_string()))
                     .await;
                 if let Err(s) = declined {
                     tracing::warn!(site = %opts.site_id, round = task.round, "declining the task failed: {}", s.message());
@@ -470,14 +294,13 @@ async fn beat_once(
 ) -> bool {
     let p = *progress.lock().expect("progress lock");
     let reply = client
-        .heartbeat(HeartbeatRequest {
-            site_id: opts.site_id.clone(),
-            task_id: task.task_id.clone(),
-            state: p.state as i32,
-            epoch: p.epoch,
-            epochs: p.epochs,
-            bytes_done: p.bytes_done,
-        })
+        .heartbeat(wire::heartbeat_request(
+            &opts.site_id,
+            task,
+            p.state,
+            (p.epoch, p.epochs),
+            p.bytes_done,
+        ))
         .await;
     matches!(reply, Ok(r) if r.get_ref().cancel_task)
 }
@@ -489,7 +312,7 @@ async fn run_task<W: SiteWork>(
     trainer: &Arc<W>,
     task: &Task,
 ) -> Result<(), TaskError> {
-    let spec = task_spec(task).map_err(TaskError::Local)?;
+    let spec = wire::task_spec(task).map_err(TaskError::Local)?;
     let round = task.round;
     let evaluate = task.kind == TaskKind::Evaluate as i32;
     tracing::info!(site = %opts.site_id, round, "round {round}: downloading the global model");
@@ -519,15 +342,7 @@ async fn run_task<W: SiteWork>(
             t.evaluate(&spec2, global)
         })
         .await?;
-        let report = EvaluationReport {
-            site_id: opts.site_id.clone(),
-            task_id: task.task_id.clone(),
-            run_id: task.run_id.clone(),
-            round,
-            nonce: task.nonce.clone(),
-            model_sha256: spec.expected_model_sha256.clone(),
-            metrics: Some(wire_metrics(&m)),
-        };
+        let report = wire::evaluation_report(&opts.site_id, task, &spec, &m);
         return match client.report_evaluation(report).await {
             Ok(_) => {
                 tracing::info!(
@@ -538,12 +353,8 @@ async fn run_task<W: SiteWork>(
                 );
                 Ok(())
             }
-            Err(s) if transient(&s) => Err(TaskError::Transport(s)),
-            Err(s) => Err(TaskError::Refused(format!(
-                "{} ({:?})",
-                s.message(),
-                s.code()
-            ))),
+            Err(s) if is_transient(&s) => Err(TaskError::Transport(s)),
+            Err(s) => Err(TaskError::Refused(refusal_reason(&s))),
         };
     }
 
@@ -565,23 +376,7 @@ async fn run_task<W: SiteWork>(
         })
     })
     .await?;
-    let m = &outcome.metrics;
-    let header = UpdateHeader {
-        site_id: opts.site_id.clone(),
-        task_id: task.task_id.clone(),
-        run_id: task.run_id.clone(),
-        round,
-        nonce: task.nonce.clone(),
-        base_model_sha256: spec.expected_model_sha256.clone(),
-        delta_sha256: outcome.sha256.clone(),
-        total_bytes: outcome.bytes.len() as u64,
-        weight: m.train_examples as f64,
-        metrics: Some(wire_metrics(m)),
-        // Only the trusted coordinator of central mode learns the bit.
-        site_dp_unclipped: spec
-            .site_dp
-            .is_some_and(|d| d.mode == TrustMode::Central && outcome.unclipped),
-    };
+    let header = wire::update_header(&opts.site_id, task, &spec, &outcome);
     tracing::info!(site = %opts.site_id, round, "round {round}: uploading {} bytes", outcome.bytes.len());
     let msgs = update_chunks(header, &outcome.bytes, limits.chunk_bytes);
     match client.upload_update(tokio_stream::iter(msgs)).await {
@@ -590,28 +385,11 @@ async fn run_task<W: SiteWork>(
             trainer.delivered(&spec);
             Ok(())
         }
-        Err(s) if transient(&s) => Err(TaskError::Transport(s)),
+        Err(s) if is_transient(&s) => Err(TaskError::Transport(s)),
         Err(s) => {
             // The coordinator has seen the bytes even though it refused them.
             trainer.delivered(&spec);
-            Err(TaskError::Refused(format!(
-                "{} ({:?})",
-                s.message(),
-                s.code()
-            )))
+            Err(TaskError::Refused(refusal_reason(&s)))
         }
-    }
-}
-
-fn wire_metrics(m: &SiteMetrics) -> Metrics {
-    Metrics {
-        train_examples: m.train_examples as u64,
-        validation_examples: m.validation_examples as u64,
-        train_loss: m.train_loss.unwrap_or(f64::NAN),
-        validation_loss: m.validation_loss.unwrap_or(f64::NAN),
-        validation_accuracy: m.validation_accuracy.unwrap_or(f64::NAN),
-        validation_macro_f1: m.validation_macro_f1.unwrap_or(f64::NAN),
-        epochs_run: m.epochs_run as u32,
-        train_seconds: m.train_seconds,
     }
 }

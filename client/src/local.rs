@@ -1,4 +1,4 @@
-//! Local commands: generate, validate, train, evaluate.
+//! Local commands: generate, validate, train, evaluate, and the pooled baseline.
 //!
 //! Each function takes an explicit options struct and returns a serialisable summary; the
 //! binary decides how to print it (table or JSON).
@@ -342,24 +342,24 @@ pub fn evaluate(
     })
 }
 
-/// What the demo did (`demo.json` in its directory).
+/// What the pooled baseline did (`baseline.json` in its directory).
 #[derive(Debug, Clone, Serialize)]
-pub struct DemoSummary {
+pub struct BaselineSummary {
     /// The generated federation.
     pub manifest: GenerateManifest,
     /// The centralised (pooled) training run.
     pub training: TrainSummary,
 }
 
-/// The end-to-end demo on the embedded default: generate a synthetic federation into
-/// `out/data`, train the centralised (pooled) baseline into `out/model` with the bag-of-events
-/// comparison, and write `out/demo.json`.
-pub fn demo(
+/// The centralised baseline end to end: generate a synthetic federation into `out/data`,
+/// train one model on all sites' data pooled into `out/model` with the bag-of-events
+/// comparison, and write `out/baseline.json`. (The federated demo is `fedflow-sim demo`.)
+pub fn pooled_baseline(
     out: &Path,
     synth: &SynthConfig,
     train_cfg: &TrainConfig,
     on_epoch: &mut dyn FnMut(&EpochReport),
-) -> Result<DemoSummary> {
+) -> Result<BaselineSummary> {
     let data_dir = out.join("data");
     let manifest = generate(&data_dir, synth, DataFormat::Csv)?;
     let opts = TrainOptions {
@@ -378,9 +378,9 @@ pub fn demo(
         baseline: true,
     };
     let training = train_local(&opts, on_epoch)?;
-    let summary = DemoSummary { manifest, training };
+    let summary = BaselineSummary { manifest, training };
     let json = serde_json::to_string_pretty(&summary).map_err(fedflow_common::Error::from)?;
-    fedflow_common::fsio::write_atomic(&out.join("demo.json"), json.as_bytes())?;
+    fedflow_common::fsio::write_atomic(&out.join("baseline.json"), json.as_bytes())?;
     Ok(summary)
 }
 

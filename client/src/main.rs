@@ -5,23 +5,22 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fedflow_client::federation::{SiteOptions, run_site};
 use fedflow_client::local::{self, DataFormat, EvalSplit, TrainFile, TrainOptions};
-use fedflow_client::privacy::SitePrivacy;
-use fedflow_client::site::SiteTrainer;
 use fedflow_common::data::{LoadOptions, Vocab};
 use fedflow_common::device::DeviceChoice;
 use fedflow_common::model::EncoderKind;
 use fedflow_common::synth::SynthConfig;
 use fedflow_common::train::{EpochReport, EvalMetrics, OptimizerKind, TrainConfig};
 
+#[path = "cli/join.rs"]
+mod join_cli;
 #[path = "cli/privacy.rs"]
 mod privacy_cli;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// fedflow partner-site client: data tools and local training.
+/// fedflow partner-site client: data tools, local training, and joining a federation.
 #[derive(Debug, Parser)]
 #[command(name = "fedflow-client", version, about)]
 struct Cli {
@@ -39,86 +38,38 @@ enum Command {
     /// Evaluate a saved model on data files.
     Evaluate(EvaluateArgs),
     /// Join a federation: train for the coordinator at ADDR until its run finishes.
-    Join(JoinArgs),
+    Join(join_cli::JoinArgs),
     /// Differential privacy: plan DP-SGD parameters, write the site's privacy report.
     #[command(subcommand)]
     Privacy(privacy_cli::PrivacyCommand),
-    /// The demo: generate a 20-site federation, train the pooled model, compare it with the
-    /// bag-of-events baseline and the Bayes-optimal ceiling.
-    Demo(DemoArgs),
+    /// The centralised baseline: one model trained on all sites' data pooled, no federation.
+    ///
+    /// Generates a 20-site federation, trains the pooled model and compares it with the
+    /// bag-of-events model and the Bayes-optimal ceiling. The federated demo is `fedflow-sim
+    /// demo`.
+    Baseline(BaselineArgs),
 }
 
-/// What a joining site does with training tasks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum TrainerKind {
-    /// Train on the site's data.
-    Local,
-    /// Answer without training (overhead measurements).
-    Noop,
-}
-
+/// Flags on reading a site's data files, shared by the subcommands that load them.
 #[derive(Debug, Args)]
-struct JoinArgs {
-    /// Coordinator address: https://HOST:PORT (mutual TLS, with --identity) or
-    /// http://HOST:PORT (a coordinator serving plaintext, with --insecure-plaintext).
-    #[arg(long)]
-    coordinator: String,
-    /// This site's certificate bundle (cert.pem, key.pem, ca.pem from `fedflow-coordinator
-    /// pki issue --role site`). The coordinator knows the site by this certificate.
-    #[arg(long)]
-    identity: Option<PathBuf>,
-    /// Talk to a coordinator serving plaintext (no TLS, no authentication).
-    #[arg(long)]
-    insecure_plaintext: bool,
-    /// This site's id (under mutual TLS it must match the certificate's, and may be left
-    /// out).
-    #[arg(long)]
-    site_id: Option<String>,
-    /// This site's data file (required by the local trainer).
-    #[arg(long, required_if_eq("trainer", "local"))]
-    data: Option<PathBuf>,
-    /// The federation's event vocabulary (required by the local trainer).
-    #[arg(long, required_if_eq("trainer", "local"))]
-    vocab: Option<PathBuf>,
-    /// What to do with training tasks: `local` trains on the site's data; `noop` returns a
-    /// small deterministic delta without training or data (to measure the coordinator's own
-    /// overhead).
-    #[arg(long, value_enum, default_value = "local")]
-    trainer: TrainerKind,
-    /// Training examples a `noop` site reports (its FedAvg weight).
-    #[arg(long, default_value_t = 100)]
-    noop_examples: usize,
-    /// Fraction of sessions held out for validation metrics.
+pub(crate) struct SiteDataArgs {
+    /// Fraction of sessions held out for validation (by hashed session id); with `evaluate
+    /// --validation-only`, give the fraction used at training time.
     #[arg(long, default_value_t = local::DEFAULT_VAL_FRACTION)]
-    val_fraction: f64,
-    /// Where to train: auto, cpu, cuda[:N], metal.
+    pub(crate) val_fraction: f64,
+    /// Where to train or evaluate: auto, cpu, cuda[:N], metal.
     #[arg(long, default_value = "auto")]
-    device: DeviceChoice,
+    pub(crate) device: DeviceChoice,
     /// Skip and count invalid rows instead of failing.
     #[arg(long)]
-    skip_invalid: bool,
-    /// Directory of this site's privacy ledger (created if needed). Required to take part in
-    /// runs with record-level DP; keep it for the site's whole life: it is the record of
-    /// every privacy spend.
-    #[arg(long)]
-    privacy_dir: Option<PathBuf>,
-    /// The most record-level epsilon this site's ledger may ever reach (at --delta); rounds
-    /// that would go past it are declined.
-    #[arg(long, requires = "privacy_dir")]
-    max_epsilon: Option<f64>,
-    /// delta at which the site's limit is checked.
-    #[arg(long, default_value_t = 1e-5)]
-    delta: f64,
-    /// Send metrics computed on the site's data (losses, accuracy) with DP updates and answer
-    /// evaluation tasks: they are outside the DP guarantee.
-    #[arg(long)]
-    release_metrics: bool,
+    pub(crate) skip_invalid: bool,
 }
 
+/// Arguments of `baseline`.
 #[derive(Debug, Args)]
-struct DemoArgs {
-    /// Output directory (data/, model/, demo.json).
-    #[arg(long, default_value = "runs/demo")]
+struct BaselineArgs {
+    /// Output directory (data/, model/, baseline.json).
+    #[arg(long, default_value = "runs/baseline")]
     out: PathBuf,
     /// Number of partner sites.
     #[arg(long, default_value_t = 20)]
@@ -227,15 +178,8 @@ struct TrainArgs {
     /// Seed for initialisation, shuffling and dropout.
     #[arg(long)]
     seed: Option<u64>,
-    /// Fraction of sessions held out for validation (by hashed session id).
-    #[arg(long, default_value_t = local::DEFAULT_VAL_FRACTION)]
-    val_fraction: f64,
-    /// Where to train: auto, cpu, cuda[:N], metal.
-    #[arg(long, default_value = "auto")]
-    device: DeviceChoice,
-    /// Skip and count invalid rows instead of failing.
-    #[arg(long)]
-    skip_invalid: bool,
+    #[command(flatten)]
+    site_data: SiteDataArgs,
     /// Also fit the bag-of-events baseline on the same split.
     #[arg(long)]
     baseline: bool,
@@ -255,15 +199,8 @@ struct EvaluateArgs {
     /// Evaluate only the validation split of the files (the part training held out).
     #[arg(long)]
     validation_only: bool,
-    /// Validation fraction used at training time (with --validation-only).
-    #[arg(long, default_value_t = local::DEFAULT_VAL_FRACTION)]
-    val_fraction: f64,
-    /// Where to run: auto, cpu, cuda[:N], metal.
-    #[arg(long, default_value = "auto")]
-    device: DeviceChoice,
-    /// Skip and count invalid rows instead of failing.
-    #[arg(long)]
-    skip_invalid: bool,
+    #[command(flatten)]
+    site_data: SiteDataArgs,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -386,9 +323,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out: a.out.clone(),
                 model: file.model,
                 train: file.train,
-                val_fraction: a.val_fraction,
-                device: a.device,
-                skip_invalid: a.skip_invalid,
+                val_fraction: a.site_data.val_fraction,
+                device: a.site_data.device,
+                skip_invalid: a.site_data.skip_invalid,
                 baseline: a.baseline,
             };
             let json = a.json;
@@ -424,7 +361,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("model saved to {}", a.out.display());
             }
         }
-        Command::Demo(a) => {
+        Command::Baseline(a) => {
             let synth = SynthConfig {
                 sites: a.sites,
                 total_sessions: a.sessions,
@@ -440,12 +377,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 a.sites,
                 a.out.join("data").display()
             );
-            let d = local::demo(&a.out, &synth, &tc, &mut print_epoch)?;
+            let d = local::pooled_baseline(&a.out, &synth, &tc, &mut print_epoch)?;
             let v = d
                 .training
                 .validation
                 .as_ref()
-                .context("the demo has validation data")?;
+                .context("the baseline has validation data")?;
             println!();
             println!("held-out sessions: {}", d.training.validation_sessions);
             println!(
@@ -462,72 +399,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "model: {}   summary: {}",
                 a.out.join("model").display(),
-                a.out.join("demo.json").display()
+                a.out.join("baseline.json").display()
             );
         }
-        Command::Join(a) if a.trainer == TrainerKind::Noop => {
-            let opts = site_options(&a)?;
-            println!(
-                "site {}: no-op trainer; joining {}",
-                opts.site_id, a.coordinator
-            );
-            let trainer =
-                std::sync::Arc::new(fedflow_client::noop::NoopTrainer::new(a.noop_examples));
-            let summary = tokio::runtime::Runtime::new()?.block_on(run_site(opts, trainer))?;
-            println!(
-                "run finished: contributed to rounds {:?}; {} update(s) refused; {} reconnect(s)",
-                summary.rounds_contributed,
-                summary.rejected.len(),
-                summary.reconnects
-            );
-        }
-        Command::Join(a) => {
-            let opts = site_options(&a)?;
-            let (Some(vocab_path), Some(data)) = (&a.vocab, &a.data) else {
-                anyhow::bail!("the local trainer needs --data and --vocab");
-            };
-            let vocab = Vocab::load(vocab_path)?;
-            let options = LoadOptions {
-                skip_invalid: a.skip_invalid,
-            };
-            let dataset =
-                fedflow_common::data::SiteDataset::load(data, &vocab, &options, a.val_fraction)?;
-            println!(
-                "site {}: {} training and {} validation sessions; joining {}",
-                opts.site_id,
-                dataset.train.len(),
-                dataset.validation.len(),
-                a.coordinator
-            );
-            let mut trainer = SiteTrainer::new(dataset, &vocab, a.device.open()?);
-            if let Some(dir) = &a.privacy_dir {
-                let Some(max) = a.max_epsilon else {
-                    anyhow::bail!("--privacy-dir needs --max-epsilon (this site's limit)");
-                };
-                let privacy = SitePrivacy::open(dir, max, a.delta, a.release_metrics)?;
-                let (spent, _) = privacy.ledger().accountant()?.epsilon(a.delta)?;
-                println!(
-                    "privacy ledger {}: epsilon {spent:.4} of {max} spent at delta {:e}",
-                    dir.display(),
-                    a.delta
-                );
-                trainer = trainer.with_privacy(std::sync::Arc::new(privacy));
-            }
-            let trainer = std::sync::Arc::new(trainer);
-            let summary = tokio::runtime::Runtime::new()?.block_on(run_site(opts, trainer))?;
-            println!(
-                "run finished: contributed to rounds {:?}; {} update(s) refused; {} reconnect(s)",
-                summary.rounds_contributed,
-                summary.rejected.len(),
-                summary.reconnects
-            );
-            for (round, why) in &summary.rejected {
-                println!("  round {round}: {why}");
-            }
-            for (round, why) in &summary.declined {
-                println!("  round {round} declined: {why}");
-            }
-        }
+        Command::Join(a) => join_cli::run(a)?,
         Command::Privacy(cmd) => privacy_cli::run(cmd)?,
         Command::Evaluate(a) => {
             let split = if a.validation_only {
@@ -539,9 +414,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &a.model,
                 &a.data,
                 split,
-                a.val_fraction,
-                a.device,
-                a.skip_invalid,
+                a.site_data.val_fraction,
+                a.site_data.device,
+                a.site_data.skip_invalid,
             )
             .with_context(|| format!("evaluating {}", a.model.display()))?;
             if a.json {
@@ -558,36 +433,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The site's connection options from `join`'s flags: the bundle (checked against the
-/// address's scheme) and the site id (from the certificate under mutual TLS).
-fn site_options(a: &JoinArgs) -> anyhow::Result<SiteOptions> {
-    let bundle = a
-        .identity
-        .as_deref()
-        .map(fedflow_client::tls::Bundle::load)
-        .transpose()?;
-    fedflow_client::tls::check_endpoint(&a.coordinator, bundle.as_ref(), a.insecure_plaintext)?;
-    let site_id = match (&bundle, &a.site_id) {
-        (Some(b), claimed) => {
-            let name = b.site_name()?;
-            if let Some(c) = claimed
-                && *c != name
-            {
-                anyhow::bail!(
-                    "--site-id {c} does not match the certificate in {}, which is for site {name}",
-                    b.dir().display()
-                );
-            }
-            name
-        }
-        (None, Some(id)) => id.clone(),
-        (None, None) => anyhow::bail!("--site-id is required without --identity"),
-    };
-    let mut opts = SiteOptions::new(a.coordinator.clone(), site_id);
-    opts.tls = bundle;
-    Ok(opts)
 }
 
 fn main() -> ExitCode {

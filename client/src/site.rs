@@ -318,12 +318,12 @@ impl SiteTrainer {
     }
 
     /// Split sizes only.
-    pub(crate) fn counts(&self) -> SiteMetrics {
+    fn counts(&self) -> SiteMetrics {
         SiteMetrics::counts_only(self.dataset.train.len(), self.dataset.validation.len())
     }
 
     /// Split sizes and validation metrics of `model`; training fields left empty.
-    pub(crate) fn validation_metrics(&self, model: &AttentionFlowModel) -> Result<SiteMetrics> {
+    fn validation_metrics(&self, model: &AttentionFlowModel) -> Result<SiteMetrics> {
         let validation = if self.dataset.validation.is_empty() {
             None
         } else {
@@ -342,7 +342,7 @@ impl SiteTrainer {
 /// task's L2 bound with the task's noise added (drawn from a ChaCha20 CSPRNG seeded from the
 /// operating system). Returns it with the adaptive-clipping bit (the delta's norm was within
 /// the clip).
-pub(crate) fn site_release(task: &TaskSpec, delta: ParamSet) -> Result<(ParamSet, bool)> {
+fn site_release(task: &TaskSpec, delta: ParamSet) -> Result<(ParamSet, bool)> {
     delta.check_finite()?;
     let Some(dp) = &task.site_dp else {
         return Ok((delta, true));
@@ -363,6 +363,8 @@ pub(crate) fn site_release(task: &TaskSpec, delta: ParamSet) -> Result<(ParamSet
     );
     Ok((out.delta, out.unclipped))
 }
+
+mod private;
 
 #[cfg(test)]
 mod tests;

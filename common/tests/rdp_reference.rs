@@ -3,7 +3,8 @@
 //! relative, and the same optimal order wherever the optimum is not a near-tie.
 
 use fedflow_common::privacy::rdp::{
-    RdpAccountant, SampledGaussian, default_orders, rdp_poisson_subsampled_gaussian,
+    RdpAccountant, SampledGaussian, compute_epsilon, default_orders,
+    rdp_poisson_subsampled_gaussian,
 };
 use serde_json::Value;
 
@@ -41,6 +42,35 @@ fn report_worst(what: &str) {
     );
 }
 
+/// Checks that our optimal order is the reference's, unless the two orders are a near-tie:
+/// ε at the reference's order, computed from our own RDP curve, within `REL_TOL` of our
+/// optimum. Returns whether the orders were compared strictly (not a near-tie).
+fn check_order(
+    acc: &RdpAccountant,
+    delta: f64,
+    ours: (f64, f64),
+    want_order: f64,
+    ctx: &str,
+) -> bool {
+    let (eps, order) = ours;
+    if order == want_order {
+        return true;
+    }
+    let i = acc
+        .orders()
+        .iter()
+        .position(|&a| a == want_order)
+        .unwrap_or_else(|| panic!("{ctx}: reference order {want_order} is not one of ours"));
+    let (at_theirs, _) = compute_epsilon(&[want_order], &[acc.rdp()[i]], delta).unwrap();
+    let rel = (at_theirs - eps).abs() / eps.abs().max(1e-12);
+    assert!(
+        rel <= REL_TOL,
+        "{ctx} delta={delta}: optimal order {order} (epsilon {eps}) but the reference's is \
+         {want_order} (epsilon there {at_theirs}), not a near-tie"
+    );
+    false
+}
+
 fn fixtures() -> Value {
     serde_json::from_str(FIXTURES).expect("fixtures parse")
 }
@@ -59,6 +89,7 @@ fn single_mechanism_matches_dp_accounting() {
     let settings = f["single"].as_array().unwrap();
     assert!(settings.len() >= 100, "{} settings", settings.len());
     let mut checked = 0;
+    let mut strict_orders = 0;
     for s in settings {
         let (q, z, steps) = (num(&s["q"]), num(&s["z"]), s["steps"].as_u64().unwrap());
         let ctx = format!("q={q} z={z} steps={steps}");
@@ -78,6 +109,9 @@ fn single_mechanism_matches_dp_accounting() {
                 close(eps, want),
                 "{ctx} delta={delta}: epsilon {eps} (order {order}) vs {want} (order {want_order})"
             );
+            if check_order(&acc, delta, (eps, order), want_order, &ctx) {
+                strict_orders += 1;
+            }
             checked += 1;
         }
         for d in s["deltas"].as_array().unwrap() {
@@ -93,6 +127,11 @@ fn single_mechanism_matches_dp_accounting() {
         }
     }
     assert!(checked >= 1000, "only {checked} figures checked");
+    // Most optima are not near-ties, so the order check is not vacuous.
+    assert!(
+        strict_orders >= 100,
+        "only {strict_orders} optimal orders matched exactly"
+    );
     report_worst("single mechanism");
 }
 

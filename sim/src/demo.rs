@@ -397,7 +397,12 @@ pub async fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoRepo
     let n = sites.len();
     run_cfg.sampling.min_available = n;
     run_cfg.sampling.min_selected = run_cfg.sampling.min_selected.min(n);
-    run_cfg.rounds.min_completed = run_cfg.rounds.min_completed.min(n.div_ceil(5) * 4).max(1);
+    run_cfg.rounds.min_completed = run_cfg
+        .rounds
+        .min_completed
+        .min(n.div_ceil(5) * 4)
+        .min(run_cfg.sampling.min_selected)
+        .max(1);
     let run_cfg = RunConfig::from_toml_str(&run_cfg.to_toml_string()?, out)?;
     fedflow_common::fsio::write_atomic(
         &out.join("run.toml"),

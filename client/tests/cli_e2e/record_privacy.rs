@@ -82,7 +82,9 @@ async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
         .map(|s| SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap())
         .collect();
     // The last site can afford exactly two rounds: its limit lies between the epsilon of two
-    // and three rounds of its own DP-SGD (computed here independently of the client).
+    // and three rounds of its own DP-SGD. These come from the planner's accountant, the one
+    // the client itself uses, so this checks the client stops at its limit, not the
+    // accountant's figures (those are checked against dp_accounting in common's tests).
     let n = datasets[2].train.len();
     let round = DpSgdConfig {
         expected_batch_size: 16,

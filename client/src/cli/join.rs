@@ -1,0 +1,170 @@
+//! `fedflow-client join`: a partner site joins a federation and trains (or answers without
+//! training) for the coordinator until its run finishes.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use fedflow_client::federation::{SiteOptions, run_site};
+use fedflow_client::privacy::SitePrivacy;
+use fedflow_client::site::SiteTrainer;
+use fedflow_common::data::{LoadOptions, Vocab};
+
+use crate::SiteDataArgs;
+
+/// What a joining site does with training tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum TrainerKind {
+    /// Train on the site's data.
+    Local,
+    /// Answer without training (overhead measurements).
+    Noop,
+}
+
+/// Arguments of `join`.
+#[derive(Debug, Args)]
+pub(crate) struct JoinArgs {
+    /// Coordinator address: https://HOST:PORT (mutual TLS, with --identity) or
+    /// http://HOST:PORT (a coordinator serving plaintext, with --insecure-plaintext).
+    #[arg(long)]
+    coordinator: String,
+    /// This site's certificate bundle (cert.pem, key.pem, ca.pem from `fedflow-coordinator
+    /// pki issue --role site`). The coordinator knows the site by this certificate.
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// Talk to a coordinator serving plaintext (no TLS, no authentication).
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// This site's id (under mutual TLS it must match the certificate's, and may be left
+    /// out).
+    #[arg(long)]
+    site_id: Option<String>,
+    /// This site's data file (required by the local trainer).
+    #[arg(long, required_if_eq("trainer", "local"))]
+    data: Option<PathBuf>,
+    /// The federation's event vocabulary (required by the local trainer).
+    #[arg(long, required_if_eq("trainer", "local"))]
+    vocab: Option<PathBuf>,
+    /// What to do with training tasks: `local` trains on the site's data; `noop` returns a
+    /// small deterministic delta without training or data (to measure the coordinator's own
+    /// overhead).
+    #[arg(long, value_enum, default_value = "local")]
+    trainer: TrainerKind,
+    /// Training examples a `noop` site reports (its FedAvg weight).
+    #[arg(long, default_value_t = 100)]
+    noop_examples: usize,
+    #[command(flatten)]
+    site_data: SiteDataArgs,
+    /// Directory of this site's privacy ledger (created if needed). Required to take part in
+    /// runs with record-level DP; keep it for the site's whole life: it is the record of
+    /// every privacy spend.
+    #[arg(long)]
+    privacy_dir: Option<PathBuf>,
+    /// The most record-level epsilon this site's ledger may ever reach (at --delta); rounds
+    /// that would go past it are declined.
+    #[arg(long, requires = "privacy_dir")]
+    max_epsilon: Option<f64>,
+    /// delta at which the site's limit is checked.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
+    /// Send metrics computed on the site's data (losses, accuracy) with DP updates and answer
+    /// evaluation tasks: they are outside the DP guarantee.
+    #[arg(long)]
+    release_metrics: bool,
+}
+
+/// Runs `join`: opens the site's data (or the no-op trainer) and its privacy ledger, then
+/// works for the coordinator until the run finishes, and prints what the site did.
+pub(crate) fn run(a: JoinArgs) -> anyhow::Result<()> {
+    if a.trainer == TrainerKind::Noop {
+        let opts = site_options(&a)?;
+        println!(
+            "site {}: no-op trainer; joining {}",
+            opts.site_id, a.coordinator
+        );
+        let trainer = std::sync::Arc::new(fedflow_client::noop::NoopTrainer::new(a.noop_examples));
+        let summary = tokio::runtime::Runtime::new()?.block_on(run_site(opts, trainer))?;
+        println!(
+            "run finished: contributed to rounds {:?}; {} update(s) refused; {} reconnect(s)",
+            summary.rounds_contributed,
+            summary.rejected.len(),
+            summary.reconnects
+        );
+        return Ok(());
+    }
+    let opts = site_options(&a)?;
+    let (Some(vocab_path), Some(data)) = (&a.vocab, &a.data) else {
+        anyhow::bail!("the local trainer needs --data and --vocab");
+    };
+    let vocab = Vocab::load(vocab_path)?;
+    let options = LoadOptions {
+        skip_invalid: a.site_data.skip_invalid,
+    };
+    let dataset =
+        fedflow_common::data::SiteDataset::load(data, &vocab, &options, a.site_data.val_fraction)?;
+    println!(
+        "site {}: {} training and {} validation sessions; joining {}",
+        opts.site_id,
+        dataset.train.len(),
+        dataset.validation.len(),
+        a.coordinator
+    );
+    let mut trainer = SiteTrainer::new(dataset, &vocab, a.site_data.device.open()?);
+    if let Some(dir) = &a.privacy_dir {
+        let Some(max) = a.max_epsilon else {
+            anyhow::bail!("--privacy-dir needs --max-epsilon (this site's limit)");
+        };
+        let privacy = SitePrivacy::open(dir, max, a.delta, a.release_metrics)?;
+        let (spent, _) = privacy.ledger().accountant()?.epsilon(a.delta)?;
+        println!(
+            "privacy ledger {}: epsilon {spent:.4} of {max} spent at delta {:e}",
+            dir.display(),
+            a.delta
+        );
+        trainer = trainer.with_privacy(std::sync::Arc::new(privacy));
+    }
+    let trainer = std::sync::Arc::new(trainer);
+    let summary = tokio::runtime::Runtime::new()?.block_on(run_site(opts, trainer))?;
+    println!(
+        "run finished: contributed to rounds {:?}; {} update(s) refused; {} reconnect(s)",
+        summary.rounds_contributed,
+        summary.rejected.len(),
+        summary.reconnects
+    );
+    for (round, why) in &summary.rejected {
+        println!("  round {round}: {why}");
+    }
+    for (round, why) in &summary.declined {
+        println!("  round {round} declined: {why}");
+    }
+    Ok(())
+}
+
+/// The site's connection options from `join`'s flags: the bundle (checked against the
+/// address's scheme) and the site id (from the certificate under mutual TLS).
+fn site_options(a: &JoinArgs) -> anyhow::Result<SiteOptions> {
+    let bundle = a
+        .identity
+        .as_deref()
+        .map(fedflow_client::tls::Bundle::load)
+        .transpose()?;
+    fedflow_client::tls::check_endpoint(&a.coordinator, bundle.as_ref(), a.insecure_plaintext)?;
+    let site_id = match (&bundle, &a.site_id) {
+        (Some(b), claimed) => {
+            let name = b.site_name()?;
+            if let Some(c) = claimed
+                && *c != name
+            {
+                anyhow::bail!(
+                    "--site-id {c} does not match the certificate in {}, which is for site {name}",
+                    b.dir().display()
+                );
+            }
+            name
+        }
+        (None, Some(id)) => id.clone(),
+        (None, None) => anyhow::bail!("--site-id is required without --identity"),
+    };
+    let mut opts = SiteOptions::new(a.coordinator.clone(), site_id);
+    opts.tls = bundle;
+    Ok(opts)
+}

@@ -1,0 +1,143 @@
+//! The DP-SGD path of a training task: re-send a recorded update, or check the site's and
+//! the run's limits, train with DP-SGD, record the release in the ledger, and return it.
+
+use fedflow_common::failpoint::failpoint;
+use fedflow_common::model::AttentionFlowModel;
+use fedflow_common::params::ParamSet;
+use fedflow_common::train::{EpochReport, privacy_units, train_dp};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+use super::{SiteTrainer, TaskOutcome, TaskSpec, site_release};
+use crate::ledger::NewEntry;
+use crate::privacy::{RecordDp, SitePrivacy};
+use crate::{Error, Result};
+
+impl SitePrivacy {
+    /// Marks a task's update delivered to the coordinator.
+    pub fn delivered(&self, task: &TaskSpec) -> Result<()> {
+        self.ledger()
+            .mark_released(&task.run_id, task.round, &task.task_id)
+    }
+}
+
+impl SiteTrainer {
+    /// The DP-SGD path of a training task, after the global model was verified and loaded
+    /// into `model`: re-send a recorded update, or check the limits, train, record, and
+    /// return the update for upload.
+    pub(super) fn train_private(
+        &self,
+        privacy: &SitePrivacy,
+        dp: &RecordDp,
+        task: &TaskSpec,
+        model: &AttentionFlowModel,
+        global: &ParamSet,
+        on_epoch: &mut dyn FnMut(&EpochReport),
+    ) -> Result<TaskOutcome> {
+        let dataset = self.dataset();
+        let counts = self.counts();
+        // A task already recorded is answered with the recorded bytes: never fresh noise.
+        if let Some((entry, bytes)) =
+            privacy
+                .ledger()
+                .find(&task.run_id, task.round, &task.task_id)?
+        {
+            let Some(bytes) = bytes else {
+                return Err(Error::Budget(format!(
+                    "run {} round {}: an update for this task was already recorded (ledger entry \
+                     {}) and its bytes are no longer held; declining rather than releasing a \
+                     second update for the same task",
+                    task.run_id, task.round, entry.id
+                )));
+            };
+            tracing::info!(
+                round = task.round,
+                "re-sending the update recorded in ledger entry {}",
+                entry.id
+            );
+            let delta = ParamSet::from_safetensors_bytes(&bytes)?;
+            return Ok(TaskOutcome {
+                delta,
+                delta_sha256: entry.update_sha256,
+                delta_bytes: bytes,
+                metrics: counts,
+                // The bit is not recorded; "clipped" only nudges adaptive clipping (its noisy
+                // count is accounted whatever the bits are).
+                unclipped: false,
+            });
+        }
+        let units = privacy_units(&dataset.train_users, &dp.sgd);
+        let event = dp.sgd.round_event(units.len(), task.train.epochs)?;
+        let mut acc = privacy.ledger().accountant()?;
+        let (before, _) = acc.epsilon(privacy.delta)?;
+        acc.compose(&event)?;
+        for (limit, delta, whose) in [
+            (privacy.max_epsilon, privacy.delta, "this site's own limit"),
+            (dp.target_epsilon, dp.target_delta, "the run's target"),
+        ] {
+            let (after, _) = acc.epsilon(delta)?;
+            if after > limit {
+                return Err(Error::Budget(format!(
+                    "run {} round {}: training would take this site's record-level epsilon to \
+                     {after:.4} at delta {delta:e}, above {whose} of {limit} (spent before: \
+                     {before:.4} at delta {:e}); declining",
+                    task.run_id, task.round, privacy.delta
+                )));
+            }
+        }
+        let mut rng = ChaCha20Rng::from_os_rng();
+        let report = train_dp(
+            model,
+            &dataset.train,
+            &units,
+            &task.train,
+            &dp.sgd,
+            &mut rng,
+            on_epoch,
+        )?;
+        let local = ParamSet::from_varmap(model.varmap())?;
+        let (delta, unclipped) = site_release(task, ParamSet::delta(&local, global)?)?;
+        let delta_bytes = delta.to_safetensors_bytes()?;
+        let entry = privacy.ledger().record(
+            &NewEntry {
+                run_id: task.run_id.clone(),
+                round: task.round,
+                task_id: task.task_id.clone(),
+                unit: dp.sgd.unit,
+                units: units.len() as u64,
+                clip_norm: dp.sgd.clip_norm,
+                expected_batch_size: (report.event.q * units.len() as f64).round() as u64,
+                epochs: task.train.epochs as u64,
+                event: report.event,
+                metrics_released: privacy.release_metrics,
+            },
+            &delta_bytes,
+        )?;
+        failpoint("after-ledger-record");
+        tracing::info!(
+            round = task.round,
+            "ledger entry {} recorded: q {:.5}, {} steps, z {}; {:.1}% of sampled units clipped",
+            entry.id,
+            report.event.q,
+            report.event.steps,
+            report.event.z,
+            100.0 * report.clipped_fraction
+        );
+        let mut m = if privacy.release_metrics {
+            let mut m = self.validation_metrics(model)?;
+            m.train_loss = report.train.epochs.last().map(|e| e.train_loss);
+            m
+        } else {
+            counts
+        };
+        m.epochs_run = report.train.epochs.len();
+        m.best_epoch = report.train.best_epoch;
+        Ok(TaskOutcome {
+            delta,
+            delta_sha256: entry.update_sha256,
+            delta_bytes,
+            metrics: m,
+            unclipped,
+        })
+    }
+}
