@@ -316,3 +316,35 @@ async fn health_goes_not_serving_while_the_engine_does_not_answer() {
     blocked.await.unwrap().unwrap();
     health_becomes(&channel, ServingStatus::Serving as i32).await;
 }
+
+/// Every `[train]` field of the run config reaches a remote site's trainer unchanged: the
+/// coordinator's task message, read by the site client's own conversion, gives exactly the
+/// training configuration the coordinator computes for that site and round.
+#[tokio::test]
+async fn a_run_configs_train_section_reaches_a_remote_sites_trainer_unchanged() {
+    let toml = "[run]\nname = \"train-fields\"\nseed = 11\nrounds = 1\n\
+                [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\n\
+                [train]\nepochs = 4\nbatch_size = 8\nlearning_rate = 0.02\noptimizer = \"sgd\"\n\
+                momentum = 0.3\nweight_decay = 0.002\npatience = 2\nmin_delta = 0.01\n\
+                length_bucketing = false\nfedprox_mu = 0.05\nseed_policy = \"per_round\"\n\
+                [sampling]\nfraction = 1.0\nmin_selected = 1\nmin_available = 1\n\
+                [rounds]\ndeadline_secs = 300\nmin_completed = 1\nheartbeat_timeout_secs = 120\n";
+    let c = fedflow_tests::TestCoordinator::builder(toml).spawn().await;
+    let mut client = fedflow_tests::site::federation_client(c.addr).await;
+    fedflow_tests::site::enrol(&mut client, "site-a").await;
+    let task = fedflow_tests::site::task_for(&mut client, "site-a").await;
+    let spec = fedflow_client::wire::task_spec(&task).expect("the site accepts its task");
+    let want = c.cfg.local_train_config(task.round, "site-a");
+    assert_eq!(spec.train, want);
+    // And the values are the file's, not defaults that happen to agree.
+    assert_eq!(
+        (
+            spec.train.patience,
+            spec.train.min_delta,
+            spec.train.length_bucketing
+        ),
+        (2, 0.01, false)
+    );
+    assert_eq!(spec.train.epochs, 4);
+    assert_eq!(spec.train.fedprox_mu, 0.05);
+}
