@@ -23,7 +23,7 @@ pub enum SeedPolicy {
 
 /// `[train]`: what every selected site does locally in a round.
 ///
-/// These become a [`TrainConfig`] for the site ([`RunConfig::local_train_config`]), with the
+/// These become a [`TrainConfig`] for the site ([`super::RunConfig::local_train_config`]), with the
 /// seed derived by `seed_policy`. Early stopping is off by default (`patience = 0`): a site's
 /// validation split is small and local, and stopping early would make sites train for
 /// different lengths; the federated evaluation is the run's measure of progress.
