@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use fedflow_common::params::{ParamSet, ParamSpec, SafetensorsLayout};
 use prost::bytes::Bytes;
 
-use crate::federation::{ModelBuffer, SiteWork, Update};
+use crate::work::{ModelBuffer, SiteWork, Update};
 use crate::site::{SiteMetrics, TaskSpec, sha256_hex};
 use crate::{Error, Result};
 
