@@ -17,8 +17,8 @@ use candle_core::{DType, Device, Tensor};
 use fedflow_common::params::{ParamSet, ParamSpec, SafetensorsLayout};
 use prost::bytes::Bytes;
 
-use crate::work::{ModelBuffer, SiteWork, Update};
 use crate::site::{SiteMetrics, TaskSpec, sha256_hex};
+use crate::work::{ModelBuffer, SiteWork, Update};
 use crate::{Error, Result};
 
 /// Largest magnitude of a no-op delta value.
