@@ -83,12 +83,7 @@ pub(crate) fn run(a: JoinArgs) -> anyhow::Result<()> {
         );
         let trainer = std::sync::Arc::new(fedflow_client::noop::NoopTrainer::new(a.noop_examples));
         let summary = tokio::runtime::Runtime::new()?.block_on(run_site(opts, trainer))?;
-        println!(
-            "run finished: contributed to rounds {:?}; {} update(s) refused; {} reconnect(s)",
-            summary.rounds_contributed,
-            summary.rejected.len(),
-            summary.reconnects
-        );
+        print_summary(&summary);
         return Ok(());
     }
     let opts = site_options(&a)?;
@@ -124,12 +119,7 @@ pub(crate) fn run(a: JoinArgs) -> anyhow::Result<()> {
     }
     let trainer = std::sync::Arc::new(trainer);
     let summary = tokio::runtime::Runtime::new()?.block_on(run_site(opts, trainer))?;
-    println!(
-        "run finished: contributed to rounds {:?}; {} update(s) refused; {} reconnect(s)",
-        summary.rounds_contributed,
-        summary.rejected.len(),
-        summary.reconnects
-    );
+    print_summary(&summary);
     for (round, why) in &summary.rejected {
         println!("  round {round}: {why}");
     }
@@ -167,4 +157,14 @@ fn site_options(a: &JoinArgs) -> anyhow::Result<SiteOptions> {
     let mut opts = SiteOptions::new(a.coordinator.clone(), site_id);
     opts.tls = bundle;
     Ok(opts)
+}
+
+/// What a site prints when its run is over.
+fn print_summary(summary: &fedflow_client::federation::SiteSummary) {
+    println!(
+        "run finished: contributed to rounds {:?}; {} update(s) refused; {} reconnect(s)",
+        summary.rounds_contributed,
+        summary.rejected.len(),
+        summary.reconnects
+    );
 }
