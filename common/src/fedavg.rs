@@ -41,8 +41,69 @@ pub struct FedAvgAccumulator {
     sums: Vec<Vec<f64>>,
     total_weight: f64,
     count: usize,
-    /// Largest L2 norm an update may have (site-level DP), if any.
-    norm_bound: Option<f64>,
+    /// The bound on every update's L2 norm, if any.
+    norm_bound: Option<NormBound>,
+}
+
+/// A bound on the L2 norm of every update (over all tensors, computed in f64 exactly as
+/// [`ParamSet::l2_norm`] does), and what happens to an update above it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NormBound {
+    /// Refuse it with [`Error::Aggregation`], changing nothing (site-level DP's check that
+    /// every site clipped).
+    Refuse(f64),
+    /// Scale it down to the bound before it is used (norm clipping, the defence of Sun et
+    /// al. 2019, "Can you really backdoor federated learning?"): its direction is kept, its
+    /// influence bounded.
+    Clip(f64),
+}
+
+impl NormBound {
+    /// The bound.
+    pub fn limit(&self) -> f64 {
+        match *self {
+            NormBound::Refuse(b) | NormBound::Clip(b) => b,
+        }
+    }
+
+    /// The factor an update of L2 norm `norm` is multiplied by before it is used (1 within
+    /// the bound), or the refusal.
+    fn scale(&self, norm: f64) -> Result<f64> {
+        match *self {
+            _ if norm <= self.limit() => Ok(1.0),
+            NormBound::Refuse(bound) => Err(Error::Aggregation(format!(
+                "update L2 norm {norm} exceeds the bound {bound} (each site must clip its \
+                 delta to it)"
+            ))),
+            NormBound::Clip(bound) => Ok(bound / norm),
+        }
+    }
+}
+
+/// What an accumulator did with an accepted update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Added {
+    /// The update's L2 norm as received.
+    pub norm: f64,
+    /// The factor it was multiplied by ([`NormBound::Clip`]; 1 when it was within the bound
+    /// or there is none).
+    pub scale: f64,
+}
+
+impl Added {
+    /// Whether the update was clipped to the bound.
+    pub fn clipped(&self) -> bool {
+        self.scale < 1.0
+    }
+}
+
+/// The factor an update of `norm` is used with under `bound` (see [`NormBound`]).
+pub(crate) fn bounded(bound: Option<NormBound>, norm: f64) -> Result<Added> {
+    let scale = match bound {
+        Some(b) => b.scale(norm)?,
+        None => 1.0,
+    };
+    Ok(Added { norm, scale })
 }
 
 impl FedAvgAccumulator {
@@ -64,35 +125,41 @@ impl FedAvgAccumulator {
         })
     }
 
-    /// The same accumulator refusing updates whose L2 norm (over all tensors, computed in f64
-    /// exactly as [`ParamSet::l2_norm`] does) exceeds `bound`, with [`Error::Aggregation`]
-    /// and no change: site-level DP's check that every site clipped.
-    pub fn with_norm_bound(mut self, bound: f64) -> Self {
+    /// The same accumulator bounding every update's L2 norm by `bound` (refusing or clipping
+    /// what exceeds it, see [`NormBound`]). A clipped update keeps its weight: its delta is
+    /// what is scaled.
+    pub fn with_norm_bound(mut self, bound: NormBound) -> Self {
         self.norm_bound = Some(bound);
         self
     }
 
-    /// Adds `weight · delta`.
+    /// The bound on every update's norm, if any.
+    pub fn norm_bound(&self) -> Option<NormBound> {
+        self.norm_bound
+    }
+
+    /// Adds `weight · scale · delta`, `scale` being 1 unless the norm bound clips it.
     ///
     /// Checks everything first and changes nothing on error: `weight` must be finite, positive
-    /// and at most [`MAX_WEIGHT`] ([`Error::Aggregation`]); `delta` must have exactly the spec's names, shapes
-    /// and dtypes ([`Error::ParamMismatch`]) and only finite values ([`Error::NonFinite`]).
-    pub fn add(&mut self, delta: &ParamSet, weight: f64) -> Result<()> {
+    /// and at most [`MAX_WEIGHT`] ([`Error::Aggregation`]); `delta` must have exactly the
+    /// spec's names, shapes and dtypes ([`Error::ParamMismatch`]), only finite values
+    /// ([`Error::NonFinite`]) and a norm within a refusing bound ([`Error::Aggregation`]).
+    pub fn add(&mut self, delta: &ParamSet, weight: f64) -> Result<Added> {
         // Reads every value once to check it; the accumulation below reads it a second time
         // rather than buffering a copy of the update.
-        check_update(&self.spec, self.norm_bound, delta, weight)?;
-        self.add_checked(delta, weight)
+        let added = check_update(&self.spec, self.norm_bound, delta, weight)?;
+        self.add_checked(delta, weight, added)
     }
 
     /// [`FedAvgAccumulator::add`] of an update that passed [`check_update`].
-    fn add_checked(&mut self, delta: &ParamSet, weight: f64) -> Result<()> {
+    fn add_checked(&mut self, delta: &ParamSet, weight: f64, added: Added) -> Result<Added> {
         // Same names in the same (sorted) order as the spec, so the zip lines up.
         for (sum, (_, t)) in self.sums.iter_mut().zip(delta.iter()) {
-            accumulate(sum, t, weight)?;
+            accumulate(sum, t, weight * added.scale)?;
         }
         self.total_weight += weight;
         self.count += 1;
-        Ok(())
+        Ok(added)
     }
 
     /// Adds `weight · delta` where `delta` is the safetensors file at `path`, streaming it
@@ -105,16 +172,18 @@ impl FedAvgAccumulator {
     /// only then does a second pass add. Errors: the weight ([`Error::Aggregation`]), the
     /// structure ([`Error::ParamMismatch`]), non-finite values ([`Error::NonFinite`]), a
     /// malformed or truncated file ([`Error::Safetensors`]) or reading it ([`Error::Io`]).
-    pub fn add_safetensors_file(&mut self, path: &Path, weight: f64) -> Result<()> {
+    pub fn add_safetensors_file(&mut self, path: &Path, weight: f64) -> Result<Added> {
         check_weight(weight)?;
         let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let mut buf = vec![0u8; READ_BLOCK];
         // Pass 1: everything but the weight (checked above).
         let checked = check_update_file(&self.spec, self.norm_bound, &mut file, path, &mut buf)?;
+        let added = checked.added;
         if let Some(parsed) = checked.parsed {
-            return self.add_checked(&parsed, weight);
+            return self.add_checked(&parsed, weight, added);
         }
         let layout = checked.layout;
+        let factor = weight * added.scale;
         // Pass 2: add. A read error here (the file changed under us) would leave a partial
         // sum; spill files are private to the coordinator, so this is an I/O failure of the
         // machine, reported as such.
@@ -122,13 +191,13 @@ impl FedAvgAccumulator {
             let range = layout.ranges[name].clone();
             stream_values(&mut file, path, range, t.dtype, &mut buf, |at, xs| {
                 for (s, &x) in sum[at..].iter_mut().zip(xs) {
-                    *s += weight * x;
+                    *s += factor * x;
                 }
             })?;
         }
         self.total_weight += weight;
         self.count += 1;
-        Ok(())
+        Ok(added)
     }
 
     /// The weighted mean of everything added, rounded once to each tensor's dtype and shaped
@@ -235,33 +304,20 @@ pub(crate) fn check_float_spec(spec: &ParamSpec, rule: &str) -> Result<()> {
     }
 }
 
-/// Fails with [`Error::Aggregation`] if `norm` exceeds `bound` (when there is one).
-fn check_norm(bound: Option<f64>, norm: f64) -> Result<()> {
-    match bound {
-        Some(bound) if norm > bound => Err(Error::Aggregation(format!(
-            "update L2 norm {norm} exceeds the bound {bound} of site-level DP (each site \
-             must clip its delta)"
-        ))),
-        _ => Ok(()),
-    }
-}
-
 /// Every check an in-memory update must pass before any aggregator keeps it: the weight
 /// ([`check_weight`]), exactly `spec`'s names, shapes and dtypes ([`Error::ParamMismatch`]),
-/// finite values ([`Error::NonFinite`]) and, with a `norm_bound`, an L2 norm within it
-/// ([`Error::Aggregation`]).
+/// finite values ([`Error::NonFinite`]) and the `norm_bound`, if any
+/// ([`Error::Aggregation`] for a refusing one). Returns its norm and the factor it is used
+/// with.
 pub(crate) fn check_update(
     spec: &ParamSpec,
-    norm_bound: Option<f64>,
+    norm_bound: Option<NormBound>,
     delta: &ParamSet,
     weight: f64,
-) -> Result<()> {
+) -> Result<Added> {
     check_weight(weight)?;
     delta.validate_against(spec)?;
-    if norm_bound.is_some() {
-        check_norm(norm_bound, delta.l2_norm()?)?;
-    }
-    Ok(())
+    bounded(norm_bound, delta.l2_norm()?)
 }
 
 /// A safetensors update that passed [`check_update_file`].
@@ -272,6 +328,8 @@ pub(crate) struct CheckedFile {
     /// The parsed update, for specs with a dtype other than f32/f64, whose values are not
     /// streamed but parsed (and checked) whole; `None` for f32/f64 specs.
     pub(crate) parsed: Option<ParamSet>,
+    /// Its norm and the factor it is used with.
+    pub(crate) added: Added,
 }
 
 /// The checks of [`check_update`] but the weight's (the caller checks it first, before any
@@ -285,7 +343,7 @@ pub(crate) struct CheckedFile {
 /// position.
 pub(crate) fn check_update_file(
     spec: &ParamSpec,
-    norm_bound: Option<f64>,
+    norm_bound: Option<NormBound>,
     file: &mut std::fs::File,
     path: &Path,
     buf: &mut [u8],
@@ -315,10 +373,11 @@ pub(crate) fn check_update_file(
         let parsed = ParamSet::from_safetensors_bytes(&bytes)?;
         drop(bytes);
         // The weight was checked by the caller; 1 passes.
-        check_update(spec, norm_bound, &parsed, 1.0)?;
+        let added = check_update(spec, norm_bound, &parsed, 1.0)?;
         return Ok(CheckedFile {
             layout,
             parsed: Some(parsed),
+            added,
         });
     }
     // Every value must be finite (and the norm within the bound, if any; the squares are
@@ -340,10 +399,11 @@ pub(crate) fn check_update_file(
             });
         }
     }
-    check_norm(norm_bound, squares.sqrt())?;
+    let added = bounded(norm_bound, squares.sqrt())?;
     Ok(CheckedFile {
         layout,
         parsed: None,
+        added,
     })
 }
 

@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::fedavg::{check_float_spec, check_update, check_update_file, check_weight};
+use crate::fedavg::{
+    Added, NormBound, check_float_spec, check_update, check_update_file, check_weight,
+};
 use crate::params::{ParamSet, ParamSpec, SafetensorsLayout};
 
 /// Coordinates read from every kept update at a time by [`RobustAccumulator::finish`].
@@ -114,6 +116,8 @@ struct Spilled {
     path: PathBuf,
     /// Each tensor's byte range in the file, in the spec's (name) order.
     ranges: Vec<Range<u64>>,
+    /// The factor its values are used with (below 1 when the norm bound clipped it).
+    scale: f64,
 }
 
 /// Collects client deltas for a [`RobustRule`] and yields their coordinate-wise median or
@@ -151,8 +155,8 @@ pub struct RobustAccumulator {
     spill_dir: PathBuf,
     /// The accepted updates, in arrival order.
     kept: Vec<Spilled>,
-    /// Largest L2 norm an update may have (site-level DP), if any.
-    norm_bound: Option<f64>,
+    /// The bound on every update's L2 norm, if any.
+    norm_bound: Option<NormBound>,
     /// Coordinates per block in `finish` ([`BLOCK`]; tests make it small).
     block: usize,
 }
@@ -178,12 +182,18 @@ impl RobustAccumulator {
         })
     }
 
-    /// The same accumulator refusing updates whose L2 norm (over all tensors, in f64, exactly
-    /// as [`crate::fedavg::FedAvgAccumulator::with_norm_bound`] computes it) exceeds `bound`,
-    /// with [`Error::Aggregation`] and no change.
-    pub fn with_norm_bound(mut self, bound: f64) -> Self {
+    /// The same accumulator bounding every update's L2 norm (in f64, exactly as
+    /// [`crate::fedavg::FedAvgAccumulator::with_norm_bound`] computes it) by `bound`: above
+    /// it an update is refused with no change, or kept and its values scaled down to the
+    /// bound when the aggregate is computed (see [`NormBound`]).
+    pub fn with_norm_bound(mut self, bound: NormBound) -> Self {
         self.norm_bound = Some(bound);
         self
+    }
+
+    /// The bound on every update's norm, if any.
+    pub fn norm_bound(&self) -> Option<NormBound> {
+        self.norm_bound
     }
 
     /// Keeps `delta` for the aggregate. `weight` is checked as FedAvg checks it (finite, > 0,
@@ -196,8 +206,8 @@ impl RobustAccumulator {
     /// bound, if any ([`Error::Aggregation`]). Then writes the update to a new file in the
     /// spill directory ([`Error::Io`] or [`Error::Safetensors`] if that fails, and the
     /// partial file is removed).
-    pub fn add(&mut self, delta: &ParamSet, weight: f64) -> Result<()> {
-        check_update(&self.spec, self.norm_bound, delta, weight)?;
+    pub fn add(&mut self, delta: &ParamSet, weight: f64) -> Result<Added> {
+        let added = check_update(&self.spec, self.norm_bound, delta, weight)?;
         let (spill, file) = self.create_spill()?;
         let mut w = std::io::BufWriter::with_capacity(64 * 1024, file);
         delta.write_safetensors(&mut w)?;
@@ -208,8 +218,8 @@ impl RobustAccumulator {
             .map_err(|e| Error::io(spill.path(), e))?;
         let layout = SafetensorsLayout::read(&mut file)?;
         debug_assert_eq!(layout.spec, self.spec, "a checked update matches the spec");
-        self.keep(spill, &layout);
-        Ok(())
+        self.keep(spill, &layout, added);
+        Ok(added)
     }
 
     /// Keeps the safetensors update at `path` for the aggregate, copying it into the spill
@@ -225,7 +235,7 @@ impl RobustAccumulator {
     /// non-finite values ([`Error::NonFinite`]), the norm bound ([`Error::Aggregation`]), a
     /// malformed or truncated file ([`Error::Safetensors`]), reading it or writing the copy
     /// ([`Error::Io`]).
-    pub fn add_safetensors_file(&mut self, path: &Path, weight: f64) -> Result<()> {
+    pub fn add_safetensors_file(&mut self, path: &Path, weight: f64) -> Result<Added> {
         check_weight(weight)?;
         let mut src = File::open(path).map_err(|e| Error::io(path, e))?;
         let (spill, mut file) = self.create_spill()?;
@@ -242,12 +252,12 @@ impl RobustAccumulator {
         }
         drop(src);
         let checked = check_update_file(&self.spec, self.norm_bound, &mut file, path, &mut buf)?;
-        self.keep(spill, &checked.layout);
-        Ok(())
+        self.keep(spill, &checked.layout, checked.added);
+        Ok(checked.added)
     }
 
     /// Records a checked spill file as accepted.
-    fn keep(&mut self, spill: SpillGuard, layout: &SafetensorsLayout) {
+    fn keep(&mut self, spill: SpillGuard, layout: &SafetensorsLayout, added: Added) {
         let ranges = self
             .spec
             .names()
@@ -256,6 +266,7 @@ impl RobustAccumulator {
         self.kept.push(Spilled {
             path: spill.keep(),
             ranges,
+            scale: added.scale,
         });
     }
 
@@ -324,7 +335,8 @@ impl RobustAccumulator {
                     file.seek(SeekFrom::Start(at))
                         .and_then(|_| file.read_exact(raw))
                         .map_err(|e| Error::io(&spilled.path, e))?;
-                    decode(t.dtype, raw, |j, x| values[j * n + i] = x)?;
+                    let scale = spilled.scale;
+                    decode(t.dtype, raw, |j, x| values[j * n + i] = scale * x)?;
                 }
                 for xs in values[..len * n].chunks_exact_mut(n) {
                     out.push(trimmed_mean(xs, k));

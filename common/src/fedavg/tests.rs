@@ -427,7 +427,7 @@ fn a_norm_bound_rejects_unclipped_updates_in_both_paths_without_a_trace() {
     let bound = norms[0];
     let mut acc = FedAvgAccumulator::new(&deltas[0].spec())
         .unwrap()
-        .with_norm_bound(bound);
+        .with_norm_bound(NormBound::Refuse(bound));
     acc.add(&deltas[0], 1.0).unwrap();
     acc.add_safetensors_file(&saved(&dir, "d0.safetensors", &deltas[0]), 1.0)
         .unwrap();
@@ -439,6 +439,60 @@ fn a_norm_bound_rejects_unclipped_updates_in_both_paths_without_a_trace() {
         .unwrap_err();
     assert!(err.to_string().contains("exceeds the bound"), "{err}");
     assert_eq!(sums_of(&acc), before);
+}
+
+#[test]
+fn a_clipping_bound_scales_large_updates_to_it_and_keeps_their_weight_in_both_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let deltas = reference_deltas();
+    let norms: Vec<f64> = deltas.iter().map(|d| d.l2_norm().unwrap()).collect();
+    let bound = norms[0];
+    assert!(norms[1] > bound);
+    let clipped = deltas[1].scale((bound / norms[1]) as f32).unwrap();
+    for from_file in [false, true] {
+        let mut acc = FedAvgAccumulator::new(&deltas[0].spec())
+            .unwrap()
+            .with_norm_bound(NormBound::Clip(bound));
+        let within = acc.add(&deltas[0], 2.0).unwrap();
+        assert_eq!(
+            within,
+            Added {
+                norm: norms[0],
+                scale: 1.0
+            }
+        );
+        assert!(!within.clipped());
+        let added = if from_file {
+            acc.add_safetensors_file(&saved(&dir, "d1.safetensors", &deltas[1]), 3.0)
+        } else {
+            acc.add(&deltas[1], 3.0)
+        }
+        .unwrap();
+        assert!(added.clipped(), "{added:?}");
+        assert_eq!(added.norm, norms[1]);
+        assert!((added.scale - bound / norms[1]).abs() < 1e-15);
+        assert_eq!(
+            acc.total_weight(),
+            5.0,
+            "clipping scales the delta, not the weight"
+        );
+        let mean = acc.finish().unwrap();
+        // The same as the mean of the pre-scaled update (to f32 rounding of the scaling).
+        let mut reference = FedAvgAccumulator::new(&deltas[0].spec()).unwrap();
+        reference.add(&deltas[0], 2.0).unwrap();
+        reference.add(&clipped, 3.0).unwrap();
+        let want = reference.finish().unwrap();
+        for (name, _) in deltas[0].spec().iter() {
+            for (a, b) in values(&mean, name).iter().zip(values(&want, name)) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                    "{name}: {a} vs {b}"
+                );
+            }
+        }
+        // Whatever the weights, the mean of clipped updates is within the bound.
+        assert!(mean.l2_norm().unwrap() <= bound * (1.0 + 1e-6));
+    }
 }
 
 #[test]

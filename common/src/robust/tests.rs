@@ -3,7 +3,7 @@
 //! and the spill files' lifetime.
 
 use super::*;
-use crate::fedavg::FedAvgAccumulator;
+use crate::fedavg::{Added, FedAvgAccumulator, NormBound};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
@@ -303,6 +303,54 @@ fn the_median_ignores_a_minority_of_arbitrary_outliers() {
 }
 
 #[test]
+fn a_clipping_bound_aggregates_large_updates_as_if_scaled_to_it_in_both_paths() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let mut deltas: Vec<ParamSet> = (0..5).map(|_| random_delta(&mut rng, false)).collect();
+    // Two far outside the bound, one in the file path.
+    deltas[1] = deltas[1].scale(40.0).unwrap();
+    deltas[3] = deltas[3].scale(7.0).unwrap();
+    let bound = 2.0;
+    let scaled: Vec<ParamSet> = deltas
+        .iter()
+        .map(|d| {
+            let norm = d.l2_norm().unwrap();
+            if norm > bound {
+                d.scale((bound / norm) as f32).unwrap()
+            } else {
+                d.clone()
+            }
+        })
+        .collect();
+    let spill = tempfile::tempdir().unwrap();
+    let incoming = tempfile::tempdir().unwrap();
+    for rule in [MEDIAN, trimmed(0.2)] {
+        let mut acc = RobustAccumulator::new(&deltas[0].spec(), rule, spill.path())
+            .unwrap()
+            .with_norm_bound(NormBound::Clip(bound));
+        for (i, d) in deltas.iter().enumerate() {
+            let added = if i % 2 == 1 {
+                let path = incoming.path().join(format!("{i}.safetensors"));
+                d.save(&path).unwrap();
+                acc.add_safetensors_file(&path, 1.0).unwrap()
+            } else {
+                acc.add(d, 1.0).unwrap()
+            };
+            let norm = d.l2_norm().unwrap();
+            assert_eq!(added.norm, norm);
+            assert_eq!(added.clipped(), norm > bound, "{added:?}");
+            if !added.clipped() {
+                assert_eq!(added, Added { norm, scale: 1.0 });
+            }
+        }
+        let got = flat(&acc.finish().unwrap());
+        let want = flat(&aggregate(rule, &scaled, BLOCK));
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-6, "{rule}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
 fn trimmed_mean_with_beta_zero_is_the_unweighted_mean_and_weights_are_ignored() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let deltas: Vec<ParamSet> = (0..6).map(|_| random_delta(&mut rng, false)).collect();
@@ -385,7 +433,12 @@ fn half_precision_updates_are_aggregated() {
 
 /// Adds `good` twice around `bad` (which must be rejected) in both paths, checks that `bad`
 /// left no file and no count, and that the result equals the one without it.
-fn check_rejected(rule: RobustRule, bound: Option<f64>, bad: &ParamSet, weight: f64) -> Error {
+fn check_rejected(
+    rule: RobustRule,
+    bound: Option<NormBound>,
+    bad: &ParamSet,
+    weight: f64,
+) -> Error {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let good: Vec<ParamSet> = (0..3).map(|_| random_delta(&mut rng, false)).collect();
     let spill = tempfile::tempdir().unwrap();
@@ -481,7 +534,7 @@ fn rejected_updates_leave_no_trace() {
         // Over the norm bound: the good updates have 29 values in (-1, 1), so norms below
         // √29 < 5.39; this one's is above √(13 · 1.5²) > 5.40.
         let big = with_tensor("w", t(&[1.5; 13], &[13]));
-        let err = check_rejected(rule, Some(5.39), &big, 1.0);
+        let err = check_rejected(rule, Some(NormBound::Refuse(5.39)), &big, 1.0);
         assert!(err.to_string().contains("exceeds the bound"), "{err}");
         // Bad weights, though the rules ignore weights.
         let mut rng = ChaCha8Rng::seed_from_u64(4);

@@ -84,6 +84,21 @@ pub struct AggregationSection {
     /// For `"trimmed_mean"`: the fraction of values dropped at each end, in [0, 0.5).
     /// Default 0.1.
     pub trim_fraction: f64,
+    /// The bound B on every update's L2 norm, > 0, whatever the rule: one site moves the
+    /// round's aggregate by a bounded amount (see [`AggregationSection::max_update_norm`]
+    /// for the bound each rule implies). Absent (default): the L2 norm of the run's initial
+    /// model (round 0), an update as large as the whole model. Under `[site_dp]` the
+    /// mechanism's own bound applies instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_update_norm: Option<f64>,
+    /// What happens to an update above the bound: `"clip"` (default: scaled down to B,
+    /// keeping its direction; recorded with the site's outcome) or `"refuse"` (rejected,
+    /// the site told why).
+    pub on_large_update: LargeUpdate,
+    /// The most training (and validation) examples one update (or evaluation report) is
+    /// weighted by, >= 1 (default 100000): a site claiming more counts as this many, so no
+    /// site's self-reported count buys it the round. Recorded as the update's weight.
+    pub max_examples: u64,
 }
 
 impl Default for AggregationSection {
@@ -91,8 +106,25 @@ impl Default for AggregationSection {
         AggregationSection {
             rule: AggregationRule::Mean,
             trim_fraction: 0.1,
+            max_update_norm: None,
+            on_large_update: LargeUpdate::Clip,
+            max_examples: DEFAULT_MAX_EXAMPLES,
         }
     }
+}
+
+/// Default `aggregation.max_examples`.
+pub const DEFAULT_MAX_EXAMPLES: u64 = 100_000;
+
+/// `aggregation.on_large_update`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LargeUpdate {
+    /// Scale the update down to the bound.
+    #[default]
+    Clip,
+    /// Refuse the update.
+    Refuse,
 }
 
 /// `aggregation.rule`.
@@ -109,12 +141,34 @@ pub enum AggregationRule {
 }
 
 impl AggregationSection {
+    /// The bound on every update's norm: `max_update_norm`, or `initial_norm` (the L2 norm
+    /// of the run's round-0 model) when absent.
+    ///
+    /// What it implies for the round's aggregate is
+    /// [`RoundAccumulator::aggregate_bound`](crate::strategy::RoundAccumulator::aggregate_bound).
+    pub fn max_update_norm(&self, initial_norm: f64) -> f64 {
+        self.max_update_norm.unwrap_or(initial_norm)
+    }
+
     pub(super) fn validate(&self, site_dp: bool) -> std::result::Result<(), String> {
         if !(0.0..0.5).contains(&self.trim_fraction) {
             return Err(format!(
                 "aggregation.trim_fraction: {} must be in [0, 0.5)",
                 self.trim_fraction
             ));
+        }
+        if let Some(b) = self.max_update_norm
+            && !(b.is_finite() && b > 0.0)
+        {
+            return Err(format!(
+                "aggregation.max_update_norm: {b} must be a positive number"
+            ));
+        }
+        if self.max_examples == 0 {
+            return Err(
+                "aggregation.max_examples: 0 would give every update no weight; use at least 1"
+                    .into(),
+            );
         }
         if site_dp && self.rule != AggregationRule::Mean {
             return Err(format!(

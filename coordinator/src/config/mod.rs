@@ -3,9 +3,10 @@
 //! A run is described by a TOML file with the tables `[run]`, `[model]`, `[train]`,
 //! `[sampling]`, `[rounds]`, `[evaluation]`, `[transport]`, `[limits]`, `[aggregation]`,
 //! `[record_dp]` and `[site_dp]`. The types here and in the submodules (`rounds.rs` holds
-//! `[train]`, `[rounds]`, `[evaluation]` and `[transport]`; `hardening.rs`, `record_dp.rs`
-//! and `site_dp.rs` the others) mirror the file one to one, so their docs are the reference of every key. Only `run.name` and
-//! `model.vocab` are required; everything else has a default, so this is a complete file:
+//! `[train]`, `[rounds]`, `[evaluation]` and `[transport]`; `sampling.rs`, `hardening.rs`,
+//! `record_dp.rs` and `site_dp.rs` the others) mirror the file one to one, so their docs
+//! are the reference of every key. Only `run.name` and `model.vocab` are required;
+//! everything else has a default, so this is a complete file:
 //!
 //! ```toml
 //! [run]
@@ -31,19 +32,22 @@ use fedflow_common::model::{EncoderKind, ModelConfig};
 use fedflow_common::train::TrainConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::strategy::{FedAvg, FedAvgM, SamplingConfig, Strategy};
 use crate::{Error, Result};
 
 mod hardening;
 mod record_dp;
 mod rounds;
+mod sampling;
 mod site_dp;
 
-pub use hardening::{AggregationRule, AggregationSection, LimitsSection};
+pub use hardening::{
+    AggregationRule, AggregationSection, DEFAULT_MAX_EXAMPLES, LargeUpdate, LimitsSection,
+};
 pub use record_dp::RecordDpSection;
 pub use rounds::{
     EvaluationSection, QuorumFailure, RoundsSection, SeedPolicy, TrainSection, TransportSection,
 };
+pub use sampling::SamplingConfig;
 pub use site_dp::SiteDpSection;
 
 /// The path named in errors about configurations that did not come from a file.
@@ -502,18 +506,6 @@ impl RunConfig {
             ));
         }
         Ok(())
-    }
-
-    /// The strategy the run uses, built from `run` and `sampling`.
-    pub fn build_strategy(&self) -> Result<Box<dyn Strategy>> {
-        Ok(match self.run.strategy {
-            StrategyKind::Fedavg => Box::new(FedAvg::new(self.sampling.clone())),
-            StrategyKind::Fedavgm => Box::new(FedAvgM::new(
-                self.sampling.clone(),
-                self.run.server_learning_rate() as f32,
-                self.run.server_momentum() as f32,
-            )?),
-        })
     }
 
     /// The model's configuration (`vocab_size` from the vocabulary).

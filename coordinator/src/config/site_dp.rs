@@ -7,9 +7,8 @@ use fedflow_common::privacy::dpfedavg::{AdaptiveClipping, SiteDp, SiteSampling, 
 use fedflow_common::privacy::planner;
 use serde::{Deserialize, Serialize};
 
-use super::common_reason;
+use super::{SamplingConfig, common_reason};
 use crate::Result;
-use crate::strategy::SamplingConfig;
 
 /// `[site_dp]`: DP-FedAvg with the fixed-denominator estimator (McMahan et al. 2018).
 ///

@@ -241,7 +241,7 @@ fn example_file_parses_and_validates() {
     assert_eq!(c.sampling.min_available, 20);
     assert_eq!(c.model.vocab_size, Some(5));
     assert_eq!(c.model_config().unwrap().vocab_size, 5);
-    assert_eq!(c.build_strategy().unwrap().name(), "fedavg");
+    assert_eq!(crate::strategy::build(&c, &[]).unwrap().name(), "fedavg");
     // Every key the example sets is its default except the demo's choices.
     assert_eq!(
         c.model.model_config().unwrap(),
@@ -521,7 +521,10 @@ fn toml_round_trip() {
     let back = RunConfig::from_toml_str(&written, "/elsewhere").unwrap();
     assert_eq!(back, c, "{written}");
     assert_eq!(back.to_toml_string().unwrap(), written);
-    assert_eq!(back.build_strategy().unwrap().name(), "fedavgm");
+    assert_eq!(
+        crate::strategy::build(&back, &[]).unwrap().name(),
+        "fedavgm"
+    );
 
     let demo = RunConfig::demo(dir.path().join("vocab.json")).unwrap();
     let back = RunConfig::from_toml_str(&demo.to_toml_string().unwrap(), "/").unwrap();

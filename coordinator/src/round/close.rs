@@ -7,8 +7,8 @@ use crate::store::{RunStatus, SiteOutcome, SiteState};
 use crate::{Error, Result};
 
 use super::{
-    Accepted, DeltaSource, Phase, Rejection, RoundEngine, Submission, TaskState, accumulator,
-    all_answered, drop_silent,
+    Accepted, DeltaSource, Phase, Rejection, RoundEngine, Submission, TaskState, all_answered,
+    drop_silent,
 };
 
 impl RoundEngine {
@@ -24,7 +24,14 @@ impl RoundEngine {
         match &verdict {
             Ok(Accepted::New) => self.close_if_complete(now_ms)?,
             Ok(Accepted::Duplicate) => {}
-            Err(r) => self.live.rejected(&s.site_id, r),
+            Err(r) => {
+                self.live.rejected(&s.site_id, r);
+                // Counted under the round the engine is working on (a site's claimed round
+                // number may be anything).
+                let round = s.round.min(self.committed + 1);
+                self.store
+                    .count_rejection(&self.run_id, round, &s.site_id, &r.to_string())?;
+            }
         }
         Ok(verdict)
     }
@@ -34,22 +41,15 @@ impl RoundEngine {
         s: &Submission,
         now_ms: i64,
     ) -> Result<std::result::Result<Accepted, Rejection>> {
-        if let Some(dp) = &self.site_dp {
-            // Whatever becomes of it (late, for a task a restart abandoned, invalid, ...),
-            // the coordinator has seen this update: it counts against the site's guarantee
-            // towards the coordinator.
-            let task = dp.task()?;
-            self.store.record_site_dp_upload(
-                &self.run_id,
-                &crate::store::SiteDpUpload {
-                    round: s.round,
-                    site_id: s.site_id.to_string(),
-                    task_id: s.task_id.to_string(),
-                    delta_sha256: s.delta_sha256.to_string(),
-                    site_noise_std: task.noise_std,
-                    clip_norm: task.clip_norm,
-                },
-            )?;
+        // Before anything is decided about it: a ledger of what the coordinator saw.
+        let received = crate::strategy::Received {
+            round: s.round,
+            site_id: &s.site_id,
+            task_id: &s.task_id,
+            delta_sha256: &s.delta_sha256,
+        };
+        if let Some(row) = self.strategy.received(received)? {
+            self.store.record_site_dp_upload(&self.run_id, &row)?;
         }
         // An update for the round that just closed missed its deadline (or the round ended
         // without it): say so rather than "no round is open".
@@ -92,13 +92,9 @@ impl RoundEngine {
                 got: s.base_model_sha256.to_string(),
             }));
         }
-        // Site-level DP weighs every update the same, so one site's influence is its clip.
-        let weight = match &open.site_dp {
-            Some(_) => Ok(1.0),
-            None => self.strategy.update_weight(&s.report),
-        };
-        let weight = match weight {
-            Ok(w) => w,
+        // No site's claimed count buys it the round: the weight is capped.
+        let weight = match self.strategy.update_weight(&s.report) {
+            Ok(w) => w.min(self.cfg.aggregation.max_examples as f64),
             Err(e) => return Ok(Err(Rejection::Invalid(e.to_string()))),
         };
         // The accumulator validates names, shapes, dtype, finiteness and the weight before it
@@ -107,23 +103,36 @@ impl RoundEngine {
             DeltaSource::Params(p) => open.acc.add(p, weight),
             DeltaSource::File(path) => open.acc.add_safetensors_file(path, weight),
         };
-        match added {
-            Ok(()) => {}
+        let added = match added {
+            Ok(added) => added,
             // The coordinator's own disk failing (spill copy, full disk) is not the site's
             // fault: an internal error, and the site may retry.
             Err(e @ Error::Common(fedflow_common::Error::Io { .. })) => return Err(e),
             Err(e) => return Ok(Err(Rejection::Invalid(e.to_string()))),
+        };
+        if added.clipped() {
+            tracing::warn!(
+                run = %self.run_id,
+                round = open.round,
+                site = %s.site_id,
+                "update L2 norm {:.4e} above the bound {:.4e}: clipped to it",
+                added.norm,
+                self.update_bound.limit()
+            );
         }
         task.state = TaskState::Uploaded {
             fingerprint: s.delta_sha256.to_string(),
         };
         open.means.add(&s.metrics);
         open.unclipped += u64::from(s.unclipped);
+        open.accepted.push((s.site_id.clone(), added.norm, weight));
         let outcome = SiteOutcome {
             train_examples: Some(s.report.train_examples),
             weight: Some(weight),
             metrics_json: Some(s.metrics.to_json()),
             delta_sha256: Some(s.delta_sha256.to_string()),
+            update_norm: Some(added.norm),
+            clipped: Some(added.clipped()),
             ..SiteOutcome::new(&s.site_id, SiteState::Uploaded, None)
         };
         let round = open.round;
@@ -244,49 +253,42 @@ impl RoundEngine {
             }
         }
         self.live.round_closed(round, &open.tasks, &self.last_seen);
-        let quorum = self.cfg.rounds.min_completed;
+        let quorum = self.strategy.quorum(self.cfg.rounds.min_completed);
         let completed = open.acc.count();
-        // Under site-level DP every round that closes is released (see `SiteDpSection`).
-        if completed < quorum && self.site_dp.is_none() {
+        if completed < quorum {
             let reason = format!("{completed} of the {quorum} updates needed arrived ({why})");
-            self.store.fail_round(&self.run_id, round, &reason)?;
-            self.failures += 1;
-            let pause = match self.cfg.rounds.on_quorum_failure {
-                QuorumFailure::Pause => true,
-                QuorumFailure::Retry => self.failures > self.cfg.rounds.max_retries,
-            };
-            tracing::warn!(run = %self.run_id, round, "round {round} failed: {reason}");
-            if pause {
-                self.store.set_run_status(
-                    &self.run_id,
-                    RunStatus::Paused,
-                    Some(&format!("round {round}: {reason}")),
-                )?;
-                self.phase = Phase::Paused;
-                self.held = true;
-            } else {
-                self.phase = Phase::Waiting;
-            }
-            return Ok(());
+            let pause = self.cfg.rounds.on_quorum_failure == QuorumFailure::Pause;
+            return self.fail_attempt(round, &reason, pause);
         }
         crate::memtrace::probe(format_args!("close round={round}"));
         let aggregating = std::time::Instant::now();
-        let selected = open.tasks.len() as u64;
-        let (mean, dp_record) = match (&mut self.site_dp, open.acc) {
-            (Some(dp), accumulator::RoundAccumulator::Mean(acc)) => {
-                let (mean, record) = dp.release(round, acc, selected, open.unclipped)?;
-                (mean, Some(record))
-            }
-            (Some(_), accumulator::RoundAccumulator::Robust(_)) => {
-                return Err(Error::Strategy(
-                    "site-level DP needs the mean (the config refuses a robust rule with it)"
-                        .into(),
-                ));
-            }
-            (None, acc) => (acc.finish()?, None),
+        let tally = crate::strategy::RoundTally {
+            selected: open.tasks.len() as u64,
+            unclipped: open.unclipped,
         };
+        let release = self.strategy.release(round, open.acc, tally);
         crate::memtrace::probe(format_args!("finished-mean round={round}"));
-        let next = self.strategy.aggregate_train(round, &self.global, &mean)?;
+        // The strategy's state (momentum) before this round, restored if the round's model
+        // is refused: a refused round must leave no trace.
+        let prior_state = self.strategy.state().cloned();
+        let next = release.and_then(|r| {
+            let next = check_release(&r)
+                .and_then(|()| self.strategy.aggregate_train(round, &self.global, &r.mean))
+                .and_then(|next| check_finite_model(next));
+            next.map(|next| (next, r))
+        });
+        let (next, crate::strategy::Release { mean, ledger, .. }) = match next {
+            Ok(done) => done,
+            Err(
+                e @ (Error::Common(fedflow_common::Error::Aggregation(_))
+                | Error::Common(fedflow_common::Error::NonFinite { .. })
+                | Error::Refused(_)),
+            ) => {
+                self.strategy.restore_state(prior_state);
+                return self.refuse_aggregate(round, &open.accepted, &e.to_string());
+            }
+            Err(e) => return Err(e),
+        };
         crate::memtrace::probe(format_args!("aggregated round={round}"));
         // Not needed any more: free it before the commit serialises `next`.
         drop(mean);
@@ -297,20 +299,9 @@ impl RoundEngine {
             &next,
             self.strategy.state(),
             Some(&metrics),
-            dp_record.as_ref(),
+            ledger.as_ref(),
         )?;
-        if let (Some(dp), Some(record)) = (&mut self.site_dp, &dp_record) {
-            dp.committed(record)?;
-            tracing::info!(
-                run = %self.run_id,
-                round,
-                "site-level DP: {} contribution(s), server noise std {:.4e}, epsilon {:.4} at delta {:e}",
-                record.contributions,
-                record.server_noise_std,
-                record.epsilon,
-                record.target_delta
-            );
-        }
+        self.strategy.committed(ledger.as_ref())?;
         crate::memtrace::probe(format_args!("committed round={round}"));
         self.aggregation.0 += aggregating.elapsed().as_secs_f64();
         self.aggregation.1 += 1;
@@ -330,6 +321,58 @@ impl RoundEngine {
         }
     }
 
+    /// Ends the open round's attempt as failed with `reason`: the next attempt follows, or
+    /// the run pauses when `pause` is set or the retries (`rounds.max_retries`) are spent.
+    fn fail_attempt(&mut self, round: u64, reason: &str, pause: bool) -> Result<()> {
+        self.store.fail_round(&self.run_id, round, reason)?;
+        self.failures += 1;
+        let pause = pause || self.failures > self.cfg.rounds.max_retries;
+        tracing::warn!(run = %self.run_id, round, "round {round} failed: {reason:?}");
+        if pause {
+            self.store.set_run_status(
+                &self.run_id,
+                RunStatus::Paused,
+                Some(&format!("round {round}: {reason}")),
+            )?;
+            self.phase = Phase::Paused;
+            self.held = true;
+        } else {
+            self.phase = Phase::Waiting;
+        }
+        Ok(())
+    }
+
+    /// The round's aggregate is not fit to commit (not finite, or outside the bound its
+    /// updates' bound implies): nothing is committed, the attempt fails with the reason, the
+    /// round is tried again, and the updates it was made of are named in the security log.
+    fn refuse_aggregate(
+        &mut self,
+        round: u64,
+        accepted: &[(String, f64, f64)],
+        why: &str,
+    ) -> Result<()> {
+        let reason = format!("the aggregate was refused: {why}");
+        tracing::error!(run = %self.run_id, round, "{reason:?}");
+        if let Some(log) = &self.security_log {
+            let updates: Vec<serde_json::Value> = accepted
+                .iter()
+                .map(|(site, norm, weight)| {
+                    serde_json::json!({ "site": site, "norm": norm, "weight": weight })
+                })
+                .collect();
+            log.record(
+                "aggregate_refused",
+                serde_json::json!({
+                    "run": self.run_id,
+                    "round": round,
+                    "reason": why,
+                    "updates": updates,
+                }),
+            );
+        }
+        self.fail_attempt(round, &reason, false)
+    }
+
     /// The committed round needs nothing more: finish the run or wait for the next round.
     pub(super) fn after_round_done(&mut self) -> Result<()> {
         if self.committed >= self.cfg.run.rounds {
@@ -342,4 +385,29 @@ impl RoundEngine {
         }
         Ok(())
     }
+}
+
+/// Refuses a release whose mean is not finite or exceeds the bound its updates imply.
+fn check_release(release: &crate::strategy::Release) -> Result<()> {
+    release.mean.check_finite()?;
+    if let Some(bound) = release.bound {
+        let norm = release.mean.l2_norm()?;
+        // The bound holds exactly in real arithmetic; allow for the f64 sums and the one
+        // rounding to f32.
+        if !(norm <= bound * (1.0 + 1e-5)) {
+            return Err(Error::Refused(format!(
+                "its L2 norm {norm:.6e} exceeds {bound:.6e}, the most the round's bounded \
+                 updates can give"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The next model, refused unless every value is finite.
+fn check_finite_model(
+    next: fedflow_common::params::ParamSet,
+) -> Result<fedflow_common::params::ParamSet> {
+    next.check_finite()?;
+    Ok(next)
 }

@@ -101,7 +101,7 @@ impl RoundEngine {
             round,
             deadline_ms: now_ms + (self.cfg.rounds.deadline_secs as i64) * 1000,
             tasks,
-            means: EvaluationMeans::default(),
+            means: EvaluationMeans::new(self.cfg.aggregation.max_examples),
         });
         self.live.round_started();
         self.phase = Phase::Evaluating;

@@ -5,9 +5,12 @@
 //! hand out *tasks* (a task id and a random nonce per selected site) → *collect* updates, each
 //! validated and folded into the round's accumulator (FedAvg's streaming sum, or a robust
 //! rule) as it arrives → *close* the round when every selected site has answered or been
-//! dropped, or at the deadline → if the quorum (`rounds.min_completed`) is met, *aggregate* (the strategy turns the mean delta into
-//! the next global model) and *commit* (checkpoint file, then database row); otherwise retry
-//! the round or pause the run, as configured, recording why. After a commit that the
+//! dropped, or at the deadline → if the strategy's quorum is met, *release* and *aggregate*
+//! (the strategy turns the released delta into the next global model) and *commit*
+//! (checkpoint file, then database row, with the release's ledger row); otherwise retry the
+//! round or pause the run, as configured, recording why. Every decision is the strategy's
+//! ([`crate::strategy::Strategy`]): site-level DP is a strategy wrapper, not a mode of the
+//! engine. After a commit that the
 //! evaluation schedule names, the available sites *evaluate* the new global model on their
 //! validation splits (see `evaluation.rs`) before the next round starts.
 //!
@@ -22,6 +25,7 @@
 
 use std::collections::BTreeMap;
 
+use fedflow_common::fedavg::NormBound;
 use fedflow_common::params::{ParamSet, ParamSpec};
 use fedflow_common::privacy::dpfedavg::SiteDpTask;
 use rand::{RngCore, SeedableRng};
@@ -30,18 +34,16 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::RunConfig;
 use crate::metrics::TrainingMeans;
 use crate::store::{RunStatus, Store};
-use crate::strategy::Strategy;
+use crate::strategy::{RoundAccumulator, Strategy};
 use crate::{Error, Result};
 // The test modules import this module with `use super::*` and rely on these names.
 #[cfg(test)]
 use crate::{store::SiteState, strategy::UpdateReport};
 
-mod accumulator;
 mod close;
 mod evaluation;
 mod operator;
 pub mod rejection;
-mod site_dp;
 mod types;
 mod view;
 
@@ -123,11 +125,14 @@ struct OpenRound {
     round: u64,
     deadline_ms: i64,
     tasks: BTreeMap<String, Task>,
-    acc: accumulator::RoundAccumulator,
+    acc: RoundAccumulator,
+    /// The accepted updates: site, norm as received, weight (named when the aggregate is
+    /// refused).
+    accepted: Vec<(String, f64, f64)>,
     means: TrainingMeans,
-    /// Site-level DP: what the round's tasks dictate.
+    /// The clip and noise the round's tasks dictate (site-level DP).
     site_dp: Option<SiteDpTask>,
-    /// Site-level DP: contributions whose sites reported an unclipped delta.
+    /// Contributions whose sites reported an unclipped delta (site-level DP's bit).
     unclipped: u64,
 }
 
@@ -158,10 +163,12 @@ pub struct RoundEngine {
     last_seen: BTreeMap<String, i64>,
     /// Live progress and notes for status views (not persisted).
     live: view::Live,
-    /// Site-level DP-FedAvg, when the run has `[site_dp]`.
-    site_dp: Option<site_dp::SiteDpState>,
     /// Paused by an operator: nothing new starts until resumed.
     held: bool,
+    /// The bound on every update's norm (`aggregation.max_update_norm`, resolved).
+    update_bound: NormBound,
+    /// Where refusals that concern the run's security are recorded, if anywhere.
+    security_log: Option<crate::security::SecurityLog>,
     /// Seconds spent aggregating and committing rounds since the engine opened, and how many.
     aggregation: (f64, u64),
 }
@@ -171,7 +178,8 @@ impl RoundEngine {
     /// resumes it at its last committed round (ignoring `initial`).
     pub fn open(mut store: Store, cfg: RunConfig, initial: ParamSet) -> Result<Self> {
         let run_id = cfg.run.name.clone();
-        let mut strategy = cfg.build_strategy()?;
+        check_privacy_unchanged(&store, &run_id, &cfg)?;
+        let mut strategy = crate::strategy::build(&cfg, &store.site_dp_rounds(&run_id)?)?;
         if store.run(&run_id)?.is_none() {
             let config_json = serde_json::to_string(&cfg)?;
             store.create_run(&run_id, &config_json, strategy.name(), &initial)?;
@@ -179,6 +187,7 @@ impl RoundEngine {
         // The model is read back from its checkpoint below; don't hold two copies.
         drop(initial);
         let resume = store.resume_point(&run_id)?;
+        let update_bound = update_bound(&cfg, &store, &run_id, &resume)?;
         strategy.restore_state(resume.strategy_state);
         let status = store.run(&run_id)?.map(|r| r.status);
         // A committed round whose scheduled evaluation never completed is evaluated first.
@@ -201,16 +210,7 @@ impl RoundEngine {
             cfg.run.seed ^ resume.round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
         crate::memtrace::probe(format_args!("engine-open round={}", resume.round));
-        check_privacy_unchanged(&store, &run_id, &cfg)?;
-        accumulator::reset_aggregation_dir(store.dir())?;
-        let site_dp = cfg
-            .site_dp
-            .clone()
-            .map(|s| site_dp::SiteDpState::open(s, &cfg.sampling, &store, &run_id))
-            .transpose()?;
-        if site_dp.is_some() {
-            tracing::info!(run = %run_id, "site-level DP: uniform weights, fixed denominator; rounds.min_completed does not apply");
-        }
+        crate::strategy::reset_aggregation_dir(store.dir())?;
         Ok(RoundEngine {
             spec: resume.model.spec(),
             run_id,
@@ -229,8 +229,9 @@ impl RoundEngine {
             failures: 0,
             last_seen: BTreeMap::new(),
             live: view::Live::default(),
-            site_dp,
             held: phase == Phase::Paused,
+            update_bound,
+            security_log: None,
             aggregation: (0.0, 0),
         })
     }
@@ -239,14 +240,22 @@ impl RoundEngine {
     /// otherwise drawn from the operating system. For statistical tests and simulations
     /// only: noise an observer can predict protects nobody.
     pub fn seed_site_dp_randomness(&mut self, seed: u64) {
-        if let Some(dp) = &mut self.site_dp {
-            dp.seed_noise(seed);
-        }
+        self.strategy.seed_privacy_randomness(seed);
     }
 
     /// The site-level ε spent so far at the run's target δ, when the run has `[site_dp]`.
     pub fn site_dp_spent(&self) -> Result<Option<f64>> {
-        self.site_dp.as_ref().map(|d| d.spent()).transpose()
+        self.strategy.privacy_spent()
+    }
+
+    /// Records refused aggregates (naming the round's updates) in the security audit log.
+    pub fn set_security_log(&mut self, log: crate::security::SecurityLog) {
+        self.security_log = Some(log);
+    }
+
+    /// The bound every update's L2 norm is held to (clipped or refused above it).
+    pub fn update_bound(&self) -> NormBound {
+        self.update_bound
     }
 
     /// Seconds spent aggregating and committing rounds since the engine opened, and how
@@ -376,21 +385,16 @@ impl RoundEngine {
             return Ok(());
         }
         let round = self.committed + 1;
-        if let Some(dp) = &self.site_dp
-            && let Some(reason) = dp.over_budget(round)?
-        {
+        if let Some(reason) = self.strategy.refuse_round(round)? {
             tracing::warn!(run = %self.run_id, round, "{reason}; the run ends");
             self.store
                 .set_run_status(&self.run_id, RunStatus::Finished, Some(&reason))?;
             self.phase = Phase::Finished;
             return Ok(());
         }
-        let selected = match &mut self.site_dp {
-            Some(dp) => dp.sample(&available, &self.cfg.sampling),
-            None => self
-                .strategy
-                .configure_train(round, &available, &mut self.rng)?,
-        };
+        let selected = self
+            .strategy
+            .configure_train(round, &available, &mut self.rng)?;
         let attempt = self.failures;
         let run_id = &self.run_id;
         let tasks = new_tasks(
@@ -404,26 +408,20 @@ impl RoundEngine {
             .collect();
         self.store.begin_round(&self.run_id, round, &pairs)?;
         tracing::info!(run = %self.run_id, round, selected = selected.len(), "round {round} started");
-        let (acc, site_dp) = match &self.site_dp {
-            Some(dp) => (
-                accumulator::RoundAccumulator::Mean(dp.accumulator(&self.spec)?),
-                Some(dp.task()?),
-            ),
-            None => (
-                accumulator::RoundAccumulator::new(
-                    &self.spec,
-                    &self.cfg.aggregation,
-                    self.store.dir(),
-                )?,
-                None,
-            ),
-        };
+        let acc = self.strategy.accumulator(
+            &self.spec,
+            &self.cfg.aggregation,
+            self.store.dir(),
+            self.update_bound,
+        )?;
+        let site_dp = self.strategy.task_privacy()?;
         self.open = Some(OpenRound {
             round,
             deadline_ms: now_ms + (self.cfg.rounds.deadline_secs as i64) * 1000,
             tasks,
             acc,
-            means: TrainingMeans::default(),
+            accepted: Vec::new(),
+            means: TrainingMeans::new(self.cfg.aggregation.max_examples),
             site_dp,
             unclipped: 0,
         });
@@ -432,6 +430,32 @@ impl RoundEngine {
         crate::memtrace::probe(format_args!("round-start round={round}"));
         Ok(())
     }
+}
+
+/// The run's bound on every update's norm: `aggregation.max_update_norm`, or the L2 norm of
+/// its round-0 model when that is absent (read back from its checkpoint after round 0).
+fn update_bound(
+    cfg: &RunConfig,
+    store: &Store,
+    run_id: &str,
+    resume: &crate::store::Resume,
+) -> Result<NormBound> {
+    let a = &cfg.aggregation;
+    let limit = match a.max_update_norm {
+        Some(b) => b,
+        None if resume.round == 0 => resume.model.l2_norm()?,
+        None => ParamSet::load(store.model_checkpoint_path(run_id, 0))?.l2_norm()?,
+    };
+    if !(limit.is_finite() && limit > 0.0) {
+        return Err(Error::Strategy(format!(
+            "the initial model's L2 norm is {limit}, which bounds nothing; set \
+             aggregation.max_update_norm"
+        )));
+    }
+    Ok(match a.on_large_update {
+        crate::config::LargeUpdate::Clip => NormBound::Clip(limit),
+        crate::config::LargeUpdate::Refuse => NormBound::Refuse(limit),
+    })
 }
 
 /// Refuses to resume a run whose `[site_dp]` (or, under it, `[sampling]`) differs from the
@@ -465,5 +489,9 @@ fn check_privacy_unchanged(store: &Store, run_id: &str, cfg: &RunConfig) -> Resu
 
 #[cfg(test)]
 mod hardening_tests;
+#[cfg(test)]
+mod influence_tests;
+#[cfg(test)]
+mod site_dp_tests;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -35,7 +35,7 @@
 //! `report` and `privacy-report` commands) need no lock: WAL gives each read a consistent
 //! snapshot of the last committed state while the coordinator keeps writing.
 //!
-//! # Schema (version 3, in `PRAGMA user_version`)
+//! # Schema (version 4, in `PRAGMA user_version`)
 //!
 //! Times are Unix milliseconds (`INTEGER`); `*_json` columns hold JSON text.
 //!
@@ -51,17 +51,21 @@
 //!   updated_at)`, keyed by `(run_id, round, site_id)`: each site's evaluation of a
 //!   committed round's global model.
 //! - `round_sites(run_id, round, site_id, task_id, state, reason, train_examples, weight,
-//!   metrics_json, delta_sha256, updated_at)`, keyed by `(run_id, round, site_id)`; `state`
+//!   metrics_json, delta_sha256, updated_at, update_norm, clipped)`, keyed by `(run_id, round, site_id)`; `state`
 //!   is `selected`, `uploaded`, `late`, `dropped`, `rejected` or `declined`.
 //! - `sites(site_id PK, first_seen, last_seen)`.
+//! - `round_attempts(run_id, round, attempt, started_at, failed_at, reason)`: every failed
+//!   attempt of a round, kept when it is retried; `update_rejections(run_id, round, site_id,
+//!   count, last_reason, updated_at)`: how many updates were refused (`history.rs`).
 //! - `checkpoints(run_id, round, kind, path, sha256, size_bytes, created_at)`, keyed by
 //!   `(run_id, round, kind)`; `kind` is `model` or `strategy`, `path` is relative to the
 //!   data directory.
 //!
 //! Version 2 adds the site-level privacy ledger (`site_dp_rounds`, `site_dp_uploads`,
 //! append-only; see `privacy.rs`); version 3 the revoked identities and certificates
-//! (`revocations`, append-only; see `revocations.rs`). Older databases are upgraded in
-//! place on open.
+//! (`revocations`, append-only; see `revocations.rs`); version 4 the ledger's
+//! `seeded_randomness` column, `round_sites.update_norm`, `round_sites.clipped` and the
+//! history tables. Older databases are upgraded in place on open.
 //!
 //! A database with a newer `user_version` than this build knows is refused.
 //!
@@ -83,12 +87,14 @@ use checkpoints::{CheckpointKind, insert_checkpoint};
 
 mod checkpoints;
 mod evaluation;
+mod history;
 mod privacy;
 mod reads;
 mod records;
 mod revocations;
 
 pub use evaluation::EvaluationRecord;
+pub use history::FailedAttempt;
 pub use privacy::{SiteDpRound, SiteDpUpload};
 pub use records::{
     Resume, RoundRecord, RoundSiteRecord, RoundStatus, RunRecord, RunStatus, SiteCounts,
@@ -97,7 +103,14 @@ pub use records::{
 pub use revocations::RevocationRecord;
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
+
+/// Version 4 of the round tables: each accepted update's norm and whether it was clipped
+/// (`round_sites`; empty for rows written before).
+const SCHEMA_V4: &str = "
+ALTER TABLE round_sites ADD COLUMN update_norm REAL;
+ALTER TABLE round_sites ADD COLUMN clipped INTEGER CHECK (clipped IN (0, 1));
+";
 
 /// The database's file name inside the data directory.
 pub const DB_FILE: &str = "fedflow.sqlite";
@@ -253,6 +266,11 @@ impl Store {
         }
         if version < 3 {
             tx.execute_batch(revocations::SCHEMA_V3)?;
+        }
+        if version < 4 {
+            tx.execute_batch(privacy::SCHEMA_V4)?;
+            tx.execute_batch(SCHEMA_V4)?;
+            tx.execute_batch(history::SCHEMA_V4)?;
         }
         if version < SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -434,13 +452,15 @@ impl Store {
         let examples = outcome.train_examples.map(to_i64).transpose()?;
         self.conn.execute(
             "INSERT INTO round_sites (run_id, round, site_id, state, reason, train_examples,
-                                      weight, metrics_json, delta_sha256, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                                      weight, metrics_json, delta_sha256, updated_at,
+                                      update_norm, clipped)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT (run_id, round, site_id) DO UPDATE SET
                  state = excluded.state, reason = excluded.reason,
                  train_examples = excluded.train_examples, weight = excluded.weight,
                  metrics_json = excluded.metrics_json, delta_sha256 = excluded.delta_sha256,
-                 updated_at = excluded.updated_at",
+                 updated_at = excluded.updated_at, update_norm = excluded.update_norm,
+                 clipped = excluded.clipped",
             params![
                 run_id,
                 to_i64(round)?,
@@ -451,20 +471,27 @@ impl Store {
                 outcome.weight,
                 outcome.metrics_json,
                 outcome.delta_sha256,
-                now_ms()
+                now_ms(),
+                outcome.update_norm,
+                outcome.clipped
             ],
         )?;
         Ok(())
     }
 
     /// Marks an open round failed (it may be begun again later).
+    /// The attempt is kept in the history ([`Store::failed_attempts`]) when the round is
+    /// begun again.
     pub fn fail_round(&mut self, run_id: &str, round: u64, reason: &str) -> Result<()> {
         self.require_open(run_id, round)?;
-        self.conn.execute(
+        let tx = self.conn.transaction()?;
+        history::record_failed_attempt(&tx, run_id, round, reason)?;
+        tx.execute(
             "UPDATE rounds SET status = 'failed', failure_reason = ?3
              WHERE run_id = ?1 AND round = ?2 AND status = 'open'",
             params![run_id, to_i64(round)?, reason],
         )?;
+        tx.commit()?;
         Ok(())
     }
 

@@ -62,6 +62,13 @@ CREATE TRIGGER site_dp_uploads_no_delete BEFORE DELETE ON site_dp_uploads
 BEGIN SELECT RAISE(ABORT, 'the site-level privacy ledger is append-only'); END;
 ";
 
+/// Version 4: whether a round's coordinator-side DP randomness was seeded (rows written
+/// before it were all drawn from the operating system: 0).
+pub(super) const SCHEMA_V4: &str = "
+ALTER TABLE site_dp_rounds ADD COLUMN seeded_randomness INTEGER NOT NULL DEFAULT 0
+    CHECK (seeded_randomness IN (0, 1));
+";
+
 /// One released round of site-level DP-FedAvg, as the ledger records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SiteDpRound {
@@ -107,6 +114,11 @@ pub struct SiteDpRound {
     /// This round's RDP increment at the accountant's orders (∞ where unbounded, stored as
     /// JSON null).
     pub rdp: Vec<f64>,
+    /// Whether the coordinator's DP randomness of the round (site sampling, its noise) came
+    /// from a fixed seed (simulations and statistical tests) instead of the operating
+    /// system: such a round protects nobody against whoever knows the seed.
+    #[serde(default)]
+    pub seeded_randomness: bool,
     /// When it was recorded (Unix ms; 0 before it is).
     pub recorded_at_ms: i64,
 }
@@ -135,9 +147,9 @@ pub(super) fn insert_round(tx: &Transaction<'_>, run_id: &str, r: &SiteDpRound) 
              noise_multiplier, update_noise_multiplier, clip_norm, expected_sites,
              site_noise_std, server_noise_std, bit_noise_std, selected, contributions,
              clipped_fraction, noisy_unclipped_fraction, next_clip_norm, epsilon, target_delta,
-             rdp_json, recorded_at)
+             rdp_json, recorded_at, seeded_randomness)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, ?19, ?20, ?21)",
+                 ?18, ?19, ?20, ?21, ?22)",
         params![
             run_id,
             to_i64(r.round)?,
@@ -159,7 +171,8 @@ pub(super) fn insert_round(tx: &Transaction<'_>, run_id: &str, r: &SiteDpRound) 
             r.epsilon,
             r.target_delta,
             rdp,
-            now_ms()
+            now_ms(),
+            r.seeded_randomness
         ],
     )?;
     Ok(())
@@ -173,7 +186,7 @@ impl Store {
                     update_noise_multiplier, clip_norm, expected_sites, site_noise_std,
                     server_noise_std, bit_noise_std, selected, contributions, clipped_fraction,
                     noisy_unclipped_fraction, next_clip_norm, epsilon, target_delta, rdp_json,
-                    recorded_at
+                    recorded_at, seeded_randomness
              FROM site_dp_rounds WHERE run_id = ?1 ORDER BY round",
         )?;
         let rows = stmt.query_map([run_id], |row| {
@@ -199,6 +212,7 @@ impl Store {
                     epsilon: row.get(16)?,
                     target_delta: row.get(17)?,
                     rdp: Vec::new(),
+                    seeded_randomness: row.get(20)?,
                     recorded_at_ms: row.get(19)?,
                 },
                 rdp,

@@ -72,7 +72,7 @@ impl Store {
         self.require_run(run_id)?;
         let mut stmt = self.conn.prepare(
             "SELECT site_id, task_id, state, reason, train_examples, weight, metrics_json,
-                    delta_sha256, updated_at
+                    delta_sha256, updated_at, update_norm, clipped
              FROM round_sites WHERE run_id = ?1 AND round = ?2 ORDER BY site_id",
         )?;
         let rows = stmt.query_map(params![run_id, to_i64(round)?], |row| {
@@ -88,6 +88,8 @@ impl Store {
                     weight: row.get(5)?,
                     metrics_json: row.get(6)?,
                     delta_sha256: row.get(7)?,
+                    update_norm: row.get(9)?,
+                    clipped: row.get(10)?,
                     updated_at_ms: row.get(8)?,
                 },
             ))
@@ -143,6 +145,10 @@ impl Store {
                 SiteState::Rejected => c.rejected += n,
                 SiteState::Declined => c.declined += n,
             }
+        }
+        // Refused updates change nothing in `round_sites`; they are counted apart.
+        for (site, n) in self.rejections_by_site()? {
+            out.entry(site).or_default().rejected += n;
         }
         Ok(out)
     }

@@ -156,6 +156,10 @@ pub struct RoundSiteRecord {
     pub metrics_json: Option<String>,
     /// SHA-256 of its uploaded delta.
     pub delta_sha256: Option<String>,
+    /// The L2 norm of its update as received.
+    pub update_norm: Option<f64>,
+    /// Whether its update was clipped to the run's bound on update norms.
+    pub clipped: Option<bool>,
     /// When this row last changed (Unix milliseconds).
     pub updated_at_ms: i64,
 }
@@ -207,6 +211,10 @@ pub struct SiteOutcome {
     pub metrics_json: Option<String>,
     /// SHA-256 of its uploaded delta.
     pub delta_sha256: Option<String>,
+    /// The L2 norm of its update as received.
+    pub update_norm: Option<f64>,
+    /// Whether its update was clipped to the run's bound on update norms.
+    pub clipped: Option<bool>,
 }
 
 impl SiteOutcome {
@@ -220,6 +228,8 @@ impl SiteOutcome {
             weight: None,
             metrics_json: None,
             delta_sha256: None,
+            update_norm: None,
+            clipped: None,
         }
     }
 }

@@ -146,8 +146,38 @@ fn dp_round(round: u64) -> SiteDpRound {
         epsilon: 0.7,
         target_delta: 1e-5,
         rdp: vec![0.1, f64::INFINITY],
+        seeded_randomness: false,
         recorded_at_ms: 0,
     }
+}
+
+#[test]
+fn a_version_3_ledger_gains_the_seeding_column_and_keeps_it_per_round() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch(super::SCHEMA_V1).unwrap();
+        conn.execute_batch(super::privacy::SCHEMA_V2).unwrap();
+        conn.execute_batch(super::revocations::SCHEMA_V3).unwrap();
+        conn.pragma_update(None, "user_version", 3).unwrap();
+    }
+    let mut store = Store::open(dir.path()).unwrap();
+    store.create_run("r", "{}", "fedavg", &model(1.0)).unwrap();
+    for (round, seeded) in [(1, false), (2, true)] {
+        store.begin_round("r", round, &sel(&["a"])).unwrap();
+        let row = SiteDpRound {
+            seeded_randomness: seeded,
+            ..dp_round(round)
+        };
+        store
+            .commit_round("r", round, &model(round as f32), None, None, Some(&row))
+            .unwrap();
+    }
+    let rows = store.site_dp_rounds("r").unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.seeded_randomness).collect::<Vec<_>>(),
+        vec![false, true]
+    );
 }
 
 #[test]
@@ -565,4 +595,42 @@ fn revocations_are_stored_once_and_append_only() {
             .collect::<Vec<_>>(),
         [(&site, "left"), (&serial, "rotated")]
     );
+}
+
+#[test]
+fn failed_attempts_and_refused_updates_are_kept_when_a_round_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    store.create_run("r", "{}", "fedavg", &model(1.0)).unwrap();
+    for why in ["too few updates", "the aggregate was refused: not finite"] {
+        store.begin_round("r", 1, &sel(&["a", "b"])).unwrap();
+        store.fail_round("r", 1, why).unwrap();
+    }
+    store.begin_round("r", 1, &sel(&["a"])).unwrap();
+    store.count_rejection("r", 1, "b", "wrong base").unwrap();
+    store.count_rejection("r", 1, "b", "late").unwrap();
+    store.count_rejection("r", 1, "c", "not selected").unwrap();
+    store
+        .commit_round("r", 1, &model(2.0), None, None, None)
+        .unwrap();
+    let attempts = store.failed_attempts("r").unwrap();
+    assert_eq!(
+        attempts
+            .iter()
+            .map(|a| (a.round, a.attempt, a.reason.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            (1, 1, "too few updates"),
+            (1, 2, "the aggregate was refused: not finite")
+        ]
+    );
+    assert!(attempts.iter().all(|a| a.failed_at_ms >= a.started_at_ms));
+    assert_eq!(
+        store.rejections_by_round("r").unwrap(),
+        BTreeMap::from([(1, 3)])
+    );
+    let counts = store.site_outcome_counts().unwrap();
+    assert_eq!(counts["b"].rejected, 2);
+    assert_eq!(counts["c"].rejected, 1);
+    assert_eq!(counts["a"].rejected, 0);
 }

@@ -9,9 +9,9 @@ use fedflow_common::privacy::dpfedavg::{TrustMode, privatize};
 use fedflow_common::privacy::{SampledGaussian, planner};
 use rand::SeedableRng;
 
-use super::super::*;
+use super::*;
+use crate::config::SamplingConfig;
 use crate::metrics::SiteReport;
-use crate::strategy::SamplingConfig;
 
 const T0: i64 = 1_000_000;
 

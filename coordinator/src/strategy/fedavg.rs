@@ -1,176 +1,10 @@
-//! Strategies: which sites train in a round, how much each update weighs, and how the
-//! round's averaged delta becomes the next global model.
-//!
-//! The split follows Flower's strategy API (`configure_train` / `aggregate_train`), adapted
-//! to streaming aggregation: the framework owns the round loop and a
-//! [`FedAvgAccumulator`](fedflow_common::fedavg::FedAvgAccumulator) that averages deltas as
-//! they arrive, weighted by [`Strategy::update_weight`]; the strategy only decides. So memory
-//! stays one model's worth whatever the number of sites, and a strategy never sees more than
-//! one update at a time. Differential-privacy wrappers (clipping, noise) wrap a strategy.
+//! FedAvg and FedAvgM: the server-side optimisers a run's `run.strategy` names.
 
 use fedflow_common::params::ParamSet;
-use rand::seq::IndexedRandom;
-use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
+use super::Strategy;
+use crate::config::SamplingConfig;
 use crate::{Error, Result};
-
-/// How many of the available sites a round selects.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SamplingConfig {
-    /// Fraction of the available sites to select (rounded up); ignored when `count` is set.
-    pub fraction: f64,
-    /// Exact number of sites to select (capped at the number available).
-    pub count: Option<usize>,
-    /// Never select fewer than this many sites (unless fewer are available).
-    pub min_selected: usize,
-    /// Do not start a round with fewer sites available than this.
-    pub min_available: usize,
-}
-
-impl Default for SamplingConfig {
-    fn default() -> Self {
-        SamplingConfig {
-            fraction: 1.0,
-            count: None,
-            min_selected: 1,
-            min_available: 1,
-        }
-    }
-}
-
-impl SamplingConfig {
-    /// Checks the fields, naming the first bad one.
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
-            return Err(format!(
-                "sampling.fraction: {} is outside (0, 1]",
-                self.fraction
-            ));
-        }
-        if self.count == Some(0) {
-            return Err("sampling.count: must be at least 1".into());
-        }
-        if self.min_selected == 0 {
-            return Err("sampling.min_selected: must be at least 1".into());
-        }
-        if self.min_available < self.min_selected {
-            return Err(format!(
-                "sampling.min_available: {} is below min_selected {}",
-                self.min_available, self.min_selected
-            ));
-        }
-        Ok(())
-    }
-
-    /// How many of `available` sites to select.
-    pub fn target(&self, available: usize) -> usize {
-        let wanted = match self.count {
-            Some(c) => c,
-            None => (self.fraction * available as f64).ceil() as usize,
-        };
-        wanted.max(self.min_selected).min(available)
-    }
-}
-
-/// What a site reported with its update, as the strategy sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpdateReport {
-    /// Training examples the site used.
-    pub train_examples: u64,
-    /// The weight the site claims (its example count in plain FedAvg).
-    pub claimed_weight: f64,
-}
-
-/// A federated-learning strategy.
-pub trait Strategy: Send + std::fmt::Debug {
-    /// A short name for logs and the database.
-    fn name(&self) -> &'static str;
-
-    /// How many sites a round samples.
-    fn sampling(&self) -> &SamplingConfig;
-
-    /// Chooses which of the `available` sites train in `round` (deterministic given `rng`).
-    /// Errs when too few sites are available to start the round. By default a uniform
-    /// sample of [`SamplingConfig::target`] sites.
-    fn configure_train(
-        &mut self,
-        _round: u64,
-        available: &[String],
-        rng: &mut ChaCha8Rng,
-    ) -> Result<Vec<String>> {
-        select(self.sampling(), available, rng)
-    }
-
-    /// The weight of one update in the round's weighted mean of deltas. By default its
-    /// training example count (FedAvg's weighting).
-    fn update_weight(&self, report: &UpdateReport) -> Result<f64> {
-        examples_weight(report)
-    }
-
-    /// Turns the round's weighted mean delta into the next global model.
-    fn aggregate_train(
-        &mut self,
-        round: u64,
-        global: &ParamSet,
-        mean_delta: &ParamSet,
-    ) -> Result<ParamSet>;
-
-    /// Server-side state to checkpoint with the global model (e.g. momentum), if any.
-    fn state(&self) -> Option<&ParamSet> {
-        None
-    }
-
-    /// Restores state saved by [`Strategy::state`] after a restart.
-    fn restore_state(&mut self, _state: Option<ParamSet>) {}
-}
-
-fn select(
-    sampling: &SamplingConfig,
-    available: &[String],
-    rng: &mut ChaCha8Rng,
-) -> Result<Vec<String>> {
-    if available.len() < sampling.min_available {
-        return Err(Error::Strategy(format!(
-            "{} site(s) available, the round needs at least {} (sampling.min_available)",
-            available.len(),
-            sampling.min_available
-        )));
-    }
-    Ok(sample_sorted(
-        available,
-        sampling.target(available.len()),
-        rng,
-    ))
-}
-
-/// A uniform sample of `k` of `available` (all of them if fewer), sorted. The sites are
-/// sorted before drawing, so the choice depends only on the set of sites and the random
-/// stream, not on the order in which sites happened to connect.
-pub fn sample_sorted<R: rand::Rng + ?Sized>(
-    available: &[String],
-    k: usize,
-    rng: &mut R,
-) -> Vec<String> {
-    let mut sorted: Vec<&String> = available.iter().collect();
-    sorted.sort();
-    let mut chosen: Vec<String> = sorted
-        .choose_multiple(rng, k)
-        .map(|s| (*s).clone())
-        .collect();
-    chosen.sort();
-    chosen
-}
-
-fn examples_weight(report: &UpdateReport) -> Result<f64> {
-    if report.train_examples == 0 {
-        return Err(Error::Strategy(
-            "an update trained on 0 examples has no weight".into(),
-        ));
-    }
-    Ok(report.train_examples as f64)
-}
 
 /// FedAvg (McMahan et al. 2017): sample sites, weight updates by their example counts, and
 /// add the weighted mean delta to the global model.
@@ -279,6 +113,8 @@ mod tests {
     use rand::SeedableRng;
 
     use super::*;
+    use crate::strategy::UpdateReport;
+    use rand_chacha::ChaCha8Rng;
 
     fn sites(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("site-{i:03}")).collect()
