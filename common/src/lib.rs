@@ -13,6 +13,7 @@
 //! - [`fsio`]: crash-safe file writes (temporary file, fsync, rename).
 //! - [`clock`]: wall-clock milliseconds, the one time unit fedflow records.
 //! - [`names`]: the one naming rule for runs, sites and operators.
+//! - [`text`]: text from sites and operators: checked at the edge, escaped where shown.
 //! - [`failpoint`]: named crash points for tests of the real binaries.
 //! - [`hash`]: lowercase hex SHA-256, the one content-hash form.
 //! - [`device`]: choosing where training runs (CPU, CUDA, Metal).
@@ -34,6 +35,7 @@ pub mod privacy;
 pub mod report;
 pub mod robust;
 pub mod synth;
+pub mod text;
 pub mod train;
 
 pub use error::{Error, Result};

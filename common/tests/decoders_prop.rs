@@ -19,7 +19,7 @@ use fedflow_common::data::{
     SkippedRow, Vocab, encode_sessions, read_sessions, read_sessions_from,
 };
 use fedflow_common::device::DeviceChoice;
-use fedflow_common::fedavg::{FedAvgAccumulator, MAX_WEIGHT};
+use fedflow_common::fedavg::{Added, FedAvgAccumulator, MAX_WEIGHT, NormBound};
 use fedflow_common::model::{
     AttentionFlowModel, Batch, CARD_FILE, EncoderKind, Mode, ModelConfig, PARAMS_FILE, VOCAB_FILE,
     load_model, save_model,
@@ -1371,7 +1371,7 @@ fn run_fedavg_case(
     let new = || {
         let acc = FedAvgAccumulator::new(spec).unwrap();
         match bound {
-            Some(b) => acc.with_norm_bound(b),
+            Some(b) => acc.with_norm_bound(NormBound::Refuse(b)),
             None => acc,
         }
     };
@@ -1382,7 +1382,7 @@ fn run_fedavg_case(
     let new_robust = |spill: &Path| {
         let acc = RobustAccumulator::new(spec, rule, spill).unwrap();
         match bound {
-            Some(b) => acc.with_norm_bound(b),
+            Some(b) => acc.with_norm_bound(NormBound::Refuse(b)),
             None => acc,
         }
     };
@@ -1447,7 +1447,7 @@ fn run_fedavg_case(
             got
         };
         match (&got, &expected) {
-            (Ok(()), Ok(())) => {
+            (Ok(_), Ok(())) => {
                 if !matches!(u.fault, Fault::Garbage(_) | Fault::Mutated(_)) {
                     good.add(&delta, weight).unwrap();
                 }
@@ -1531,11 +1531,11 @@ fn run_fedavg_case(
 /// The robust accumulator accepts and refuses exactly what FedAvg's does, with the same
 /// message.
 fn check_same_verdict(
-    fedavg: &fedflow_common::Result<()>,
-    robust: &fedflow_common::Result<()>,
+    fedavg: &fedflow_common::Result<Added>,
+    robust: &fedflow_common::Result<Added>,
 ) -> Result<(), TestCaseError> {
     match (fedavg, robust) {
-        (Ok(()), Ok(())) => Ok(()),
+        (Ok(a), Ok(b)) if a == b => Ok(()),
         (Err(f), Err(r)) => {
             prop_assert_eq!(f.to_string(), r.to_string());
             Ok(())

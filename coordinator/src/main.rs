@@ -340,17 +340,28 @@ fn main() -> ExitCode {
     // rustls needs a process-wide crypto provider for the server side (ring: no C build).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: a log written to a file stays plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Text from sites and operators reaches log lines: the text log escapes every message
+    // and field (one event, one line, no terminal control sequences), the JSON log is
+    // escaped by construction and made safe to print as well.
     match cli.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().flatten_event(true).init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            // Colour only on a terminal: a log written to a file stays plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .fmt_fields(fedflow_coordinator::security::logs::text_fields())
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(fedflow_coordinator::security::logs::SafeJson(
+                std::io::stderr,
+            ))
+            .with_ansi(false)
+            .json()
+            .flatten_event(true)
+            .init(),
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -10,7 +10,7 @@ use std::fmt::Write;
 use std::path::Path;
 
 use fedflow_common::params::ParamSet;
-use fedflow_common::report::{Series, escape, line_chart, page, table};
+use fedflow_common::report::{Series, line_chart, page, table};
 
 use crate::metrics::{EvaluationSummary, SiteReport, TrainingSummary};
 use crate::store::{RoundStatus, SiteState, Store};
@@ -36,6 +36,13 @@ struct RoundRow {
     seconds: Option<f64>,
     update_norm: Option<f64>,
     epsilon: Option<f64>,
+}
+
+/// Text from the store (names, statuses, reasons an operator or the engine wrote) as HTML:
+/// control and invisible formatting characters made visible (`fedflow_common::text`), then
+/// markup escaped.
+fn escape(text: &str) -> String {
+    fedflow_common::report::escape(&fedflow_common::text::escape(text))
 }
 
 fn fmt(v: Option<f64>, digits: usize) -> String {
@@ -353,5 +360,11 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
         ],
         &table_rows,
     ));
-    Ok(page(&format!("fedflow run report: {run_id}"), &body))
+    Ok(page(
+        &format!(
+            "fedflow run report: {}",
+            fedflow_common::text::escape(run_id)
+        ),
+        &body,
+    ))
 }

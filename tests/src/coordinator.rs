@@ -20,6 +20,17 @@ use tonic::transport::Channel;
 /// against the initial model rebuild it from [`TestCoordinator::initial`]).
 pub const MODEL_SEED: u64 = 1;
 
+/// The event vocabulary a [`TestCoordinator`] has unless its builder is given another:
+/// open, search, click, escalate.
+pub fn default_vocab() -> Vocab {
+    Vocab::from_events(["open", "search", "click", "escalate"]).expect("a valid vocabulary")
+}
+
+/// The SHA-256 of [`default_vocab`], what a site of such a coordinator enrols with.
+pub fn default_vocab_sha256() -> String {
+    fedflow_common::model::vocab_sha256(&default_vocab())
+}
+
 /// How a [`TestCoordinator`] is set up; start from [`TestCoordinator::builder`].
 #[derive(Debug)]
 pub struct Builder {
@@ -100,6 +111,7 @@ impl Builder {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(serve(listener, handle.clone(), shutdown()));
         TestCoordinator {
+            vocab_sha256: fedflow_common::model::vocab_sha256(&self.vocab),
             addr,
             metrics_addr,
             data,
@@ -127,6 +139,8 @@ pub struct TestCoordinator {
     pub cfg: RunConfig,
     /// The model round 0 committed.
     pub initial: ParamSet,
+    /// The SHA-256 of the run's vocabulary, what its sites enrol with.
+    pub vocab_sha256: String,
     _stop: tokio::sync::watch::Sender<bool>,
     dir: tempfile::TempDir,
 }
@@ -146,8 +160,7 @@ impl TestCoordinator {
     pub fn builder(toml: impl Into<String>) -> Builder {
         Builder {
             toml: toml.into(),
-            vocab: Vocab::from_events(["open", "search", "click", "escalate"])
-                .expect("a valid vocabulary"),
+            vocab: default_vocab(),
             transport: Transport::InsecurePlaintext,
             site_dp_seed: None,
             metrics: false,

@@ -28,10 +28,23 @@ pub async fn federation_client(addr: SocketAddr) -> FederationClient<Channel> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-/// Enrols `site`; panics if the coordinator refuses.
+/// Enrols `site` with the vocabulary of a [`crate::TestCoordinator`] built without
+/// another one ([`crate::coordinator::default_vocab`]); panics if the coordinator refuses.
+/// For a coordinator with another vocabulary, use [`enrol_with`].
 pub async fn enrol(c: &mut FederationClient<Channel>, site: &str) -> EnrolResponse {
+    enrol_with(c, site, &crate::coordinator::default_vocab_sha256()).await
+}
+
+/// Enrols `site` saying its data uses the vocabulary with SHA-256 `vocab_sha256` (see
+/// [`crate::TestCoordinator::vocab_sha256`]); panics if the coordinator refuses.
+pub async fn enrol_with(
+    c: &mut FederationClient<Channel>,
+    site: &str,
+    vocab_sha256: &str,
+) -> EnrolResponse {
     c.enrol(EnrolRequest {
         site_id: site.into(),
+        vocab_sha256: vocab_sha256.into(),
         ..Default::default()
     })
     .await
@@ -61,6 +74,16 @@ pub async fn next_task(c: &mut FederationClient<Channel>, site: &str) -> Task {
 /// [`enrol`]s `site`, then waits for its task with [`next_task`].
 pub async fn task_for(c: &mut FederationClient<Channel>, site: &str) -> Task {
     enrol(c, site).await;
+    next_task(c, site).await
+}
+
+/// [`enrol_with`] the vocabulary `vocab_sha256`, then waits for its task with [`next_task`].
+pub async fn task_for_with(
+    c: &mut FederationClient<Channel>,
+    site: &str,
+    vocab_sha256: &str,
+) -> Task {
+    enrol_with(c, site, vocab_sha256).await;
     next_task(c, site).await
 }
 

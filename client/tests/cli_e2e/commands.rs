@@ -314,6 +314,7 @@ fn the_audit_reports_recompute_command_reproduces_its_epsilon() {
             epsilon: acc.epsilon(1e-6).unwrap().0,
             target_delta: 1e-6,
             rdp: acc.rdp().to_vec(),
+            seeded_randomness: false,
             recorded_at_ms: 0,
         };
         store

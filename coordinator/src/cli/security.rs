@@ -7,6 +7,14 @@ use clap::Subcommand;
 use fedflow_coordinator::security::pki::{Ca, Validity};
 use fedflow_coordinator::security::{Role, audit_log};
 
+/// Longest validity accepted, in days (a hundred years).
+const MAX_DAYS: u32 = 36_500;
+
+/// `--days`: 1 to [`MAX_DAYS`]. Zero would write a certificate that has already expired.
+fn days() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=i64::from(MAX_DAYS))
+}
+
 /// The federation's certificate authority.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Pki {
@@ -15,8 +23,8 @@ pub(crate) enum Pki {
         /// The PKI directory (created, mode 0700).
         #[arg(long)]
         dir: PathBuf,
-        /// Validity of the CA certificate, in days.
-        #[arg(long, default_value_t = 3650)]
+        /// Validity of the CA certificate, in days (1 to 36500).
+        #[arg(long, default_value_t = 3650, value_parser = days())]
         days: u32,
     },
     /// Issue the coordinator's server certificate for the names sites connect to.
@@ -27,8 +35,8 @@ pub(crate) enum Pki {
         /// A DNS name or IP address of the coordinator (repeat for several).
         #[arg(long = "name", required = true)]
         names: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 825)]
+        /// Validity in days (1 to 36500).
+        #[arg(long, default_value_t = 825, value_parser = days())]
         days: u32,
         /// The bundle directory to write (default: DIR/coordinator).
         #[arg(long)]
@@ -47,8 +55,8 @@ pub(crate) enum Pki {
         /// The site id or operator name.
         #[arg(long)]
         name: String,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
+        /// Validity in days (1 to 36500).
+        #[arg(long, default_value_t = 365, value_parser = days())]
         days: u32,
         /// The bundle directory to write (default: DIR/<role>s/<name>).
         #[arg(long)]

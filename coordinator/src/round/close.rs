@@ -274,7 +274,7 @@ impl RoundEngine {
         let next = release.and_then(|r| {
             let next = check_release(&r)
                 .and_then(|()| self.strategy.aggregate_train(round, &self.global, &r.mean))
-                .and_then(|next| check_finite_model(next));
+                .and_then(check_finite_model);
             next.map(|next| (next, r))
         });
         let (next, crate::strategy::Release { mean, ledger, .. }) = match next {
@@ -394,7 +394,8 @@ fn check_release(release: &crate::strategy::Release) -> Result<()> {
         let norm = release.mean.l2_norm()?;
         // The bound holds exactly in real arithmetic; allow for the f64 sums and the one
         // rounding to f32.
-        if !(norm <= bound * (1.0 + 1e-5)) {
+        // (A NaN norm cannot occur: the mean was checked finite above.)
+        if norm > bound * (1.0 + 1e-5) {
             return Err(Error::Refused(format!(
                 "its L2 norm {norm:.6e} exceeds {bound:.6e}, the most the round's bounded \
                  updates can give"

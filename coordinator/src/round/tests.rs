@@ -7,8 +7,8 @@ use fedflow_common::model::AttentionFlowModel;
 use super::*;
 use crate::metrics::SiteReport;
 
-pub(super) const T0: i64 = 1_000_000;
-pub(super) const SEC: i64 = 1000;
+pub(crate) const T0: i64 = 1_000_000;
+pub(crate) const SEC: i64 = 1000;
 
 pub(crate) struct Fixture {
     pub(crate) dir: tempfile::TempDir,
@@ -42,7 +42,7 @@ pub(crate) fn engine(f: &Fixture) -> RoundEngine {
 pub(crate) const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 
 /// All three sites show up; the first poll after that starts round 1.
-pub(super) fn start(e: &mut RoundEngine) -> BTreeMap<String, TaskTicket> {
+pub(crate) fn start(e: &mut RoundEngine) -> BTreeMap<String, TaskTicket> {
     for s in SITES {
         e.site_seen(s, T0).unwrap();
     }
@@ -61,18 +61,18 @@ pub(super) fn first_value(p: &ParamSet) -> f32 {
     p.get("head.bias").unwrap().to_vec1::<f32>().unwrap()[0]
 }
 
-pub(super) struct Update {
-    pub(super) delta: ParamSet,
-    pub(super) sha: String,
+pub(crate) struct Update {
+    pub(crate) delta: ParamSet,
+    pub(crate) sha: String,
 }
 
-pub(super) fn update(f: &Fixture, scale: f32) -> Update {
+pub(crate) fn update(f: &Fixture, scale: f32) -> Update {
     let delta = f.initial.scale(scale).unwrap();
     let sha = delta.sha256_hex().unwrap();
     Update { delta, sha }
 }
 
-pub(super) fn submit(
+pub(crate) fn submit(
     e: &mut RoundEngine,
     site: &str,
     t: &TaskTicket,

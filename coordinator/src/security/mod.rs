@@ -6,6 +6,8 @@
 //! - [`tls`]: the mutual-TLS server configuration and the audited handshake loop.
 //! - [`audit_log`]: the append-only, hash-chained JSON-lines audit log.
 //! - [`limits`]: per-caller concurrency and request-rate limits.
+//! - [`logs`]: log output that text from callers cannot forge (escaped text log fields,
+//!   JSON log lines safe to print).
 //! - [`Revocations`]: revoked identities and certificates, persisted by the store and
 //!   checked on every call.
 //!
@@ -18,6 +20,7 @@ use std::sync::{Arc, Mutex, RwLock};
 pub mod audit_log;
 pub mod identity;
 pub mod limits;
+pub mod logs;
 pub mod pki;
 pub mod tls;
 

@@ -1,12 +1,14 @@
 //! The coordinator's TLS: a rustls server configuration that requires a client certificate
 //! chained to the federation's CA (mutual TLS), and the stream of accepted connections the
 //! gRPC server runs on, which does the handshakes itself so that every refused connection
-//! is logged and recorded in the audit log with its reason.
+//! is logged and recorded in the audit log with its reason, and so that idle connections
+//! cannot hold the handshake places (a short pre-handshake timeout, a limit per address).
 
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::ServerConfig;
@@ -15,19 +17,26 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_rustls::TlsAcceptor;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::SecurityLog;
 use super::pki::{BUNDLE_CERT, BUNDLE_KEY, CA_CERT};
 use crate::{Error, Result};
 
-/// How long a client may take to complete the TLS handshake.
+/// How long a client may take to complete the TLS handshake, from its connection.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a new connection may take to start its TLS handshake (its ClientHello
+/// arrives): a client sends it at once, so a connection that does not is idle.
+pub const PRE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Handshakes in progress at once; further connections wait to be accepted.
-const MAX_HANDSHAKES: usize = 64;
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// Handshakes in progress at once from one address (see [`address_key`]).
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 16;
 
 /// The crypto provider fedflow uses everywhere (ring: no C build of aws-lc).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -163,19 +172,31 @@ pub fn describe_handshake_error(e: &io::Error) -> String {
     }
 }
 
-/// Accepts TCP connections on `listener` and completes TLS handshakes concurrently (each
-/// limited to [`HANDSHAKE_TIMEOUT`], at most 64 at once); yields the established streams.
+/// Accepts TCP connections on `listener` and completes TLS handshakes concurrently; yields
+/// the established streams. A connection must start its handshake (send its ClientHello)
+/// within [`PRE_HANDSHAKE_TIMEOUT`] and complete it within [`HANDSHAKE_TIMEOUT`]; at most
+/// [`MAX_HANDSHAKES`] handshakes are in progress at once, and at most
+/// [`MAX_HANDSHAKES_PER_ADDRESS`] from one address (see [`address_key`]): a new connection
+/// from an address at its limit closes that address's oldest connection that has not
+/// started its handshake yet, or is itself closed when all of them have. So idle
+/// connections from one address can neither hold the handshake places nor keep a
+/// legitimate client from the same address (behind the same NAT) waiting.
+///
 /// A failed handshake is logged and recorded in `log` as `connection_refused` with the
-/// peer's address and the reason, and the server goes on serving everyone else. Stops when
-/// the returned stream is dropped.
+/// peer's address and the reason, and the server goes on serving everyone else. Connections
+/// closed before their handshake started (idle past the pre-handshake timeout, over the
+/// address's limit, or closed by the client without a word) are recorded once per address
+/// while it has connections waiting, then
+/// counted: the count is recorded when the address has none left, so a flood of them does
+/// not become a flood of audit records. Stops when the returned stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     log: SecurityLog,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(16);
-    let acceptor = TlsAcceptor::from(config);
     let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let pending = Pending::new(log.clone());
     tokio::spawn(async move {
         loop {
             let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -195,13 +216,75 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let config = config.clone();
             let tx = tx.clone();
             let log = log.clone();
+            let pending = pending.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let Some((mut slot, evicted)) = pending.admit(peer) else {
+                    pending.closed_early(
+                        peer,
+                        &format!(
+                            "{MAX_HANDSHAKES_PER_ADDRESS} handshakes from this address were \
+                             already in progress (the limit per address)"
+                        ),
+                    );
+                    return;
+                };
+                let began = tokio::time::Instant::now();
+                let hello = tokio::select! {
+                    _ = evicted => {
+                        pending.closed_early(
+                            peer,
+                            &format!(
+                                "it had not started its TLS handshake when more than \
+                                 {MAX_HANDSHAKES_PER_ADDRESS} connections from this address \
+                                 were waiting (the oldest idle one is closed for each new one)"
+                            ),
+                        );
+                        drop(slot);
+                        return;
+                    }
+                    r = tokio::time::timeout(
+                        PRE_HANDSHAKE_TIMEOUT,
+                        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp),
+                    ) => r,
+                };
+                let start = match hello {
+                    Ok(Ok(start)) => start,
+                    // Closed without a word: a port scan or a load balancer's health check.
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        pending.closed_early(
+                            peer,
+                            "the client closed the connection without starting a TLS handshake",
+                        );
+                        drop(slot);
+                        return;
+                    }
+                    Ok(Err(e)) => return refused(&log, peer, &describe_handshake_error(&e)),
+                    Err(_) => {
+                        // Recorded (or counted) while the slot still holds the address.
+                        pending.closed_early(
+                            peer,
+                            &format!(
+                                "it did not start its TLS handshake within {}s",
+                                PRE_HANDSHAKE_TIMEOUT.as_secs()
+                            ),
+                        );
+                        drop(slot);
+                        return;
+                    }
+                };
+                // Closed for a newer connection just as its ClientHello arrived: its place
+                // is gone.
+                if !slot.start() {
+                    return;
+                }
+                let left = HANDSHAKE_TIMEOUT.saturating_sub(began.elapsed());
+                match tokio::time::timeout(left, start.into_stream(config)).await {
                     Ok(Ok(stream)) => {
+                        drop(slot);
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(e)) => refused(&log, peer, &describe_handshake_error(&e)),
@@ -219,4 +302,252 @@ fn refused(log: &SecurityLog, peer: SocketAddr, reason: &str) {
         "connection_refused",
         json!({ "peer": peer.to_string(), "reason": reason }),
     );
+}
+
+/// What the per-address limit counts as one address: an IPv4 address (also when it arrives
+/// IPv4-mapped), or the /64 prefix of an IPv6 address (what one subscriber is usually
+/// given, so an attacker cannot pick a fresh address per connection).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
+/// Handshakes in progress per address, and which of them have not started (those can be
+/// closed to make room); cheap to clone.
+#[derive(Debug, Clone)]
+struct Pending {
+    table: Arc<Mutex<PendingTable>>,
+    log: SecurityLog,
+}
+
+#[derive(Debug, Default)]
+struct PendingTable {
+    next_id: u64,
+    addresses: HashMap<IpAddr, AddressPending>,
+}
+
+/// One address's handshakes in progress.
+#[derive(Debug, Default)]
+struct AddressPending {
+    /// Connections admitted and not yet finished or closed to make room.
+    admitted: usize,
+    /// Those that have not started their handshake, oldest first, each with the sender that
+    /// closes it.
+    idle: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// Whether a connection closed early has been recorded since the address had none
+    /// waiting, and how many have been closed since without a record.
+    reported: bool,
+    unreported: u64,
+}
+
+impl Pending {
+    fn new(log: SecurityLog) -> Pending {
+        Pending {
+            table: Arc::default(),
+            log,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a connection from `peer`, closing the address's oldest idle one if it is at
+    /// its limit; `None` if it is at its limit with none idle. The receiver resolves when
+    /// the connection is closed to make room for a newer one.
+    fn admit(&self, peer: SocketAddr) -> Option<(Slot, oneshot::Receiver<()>)> {
+        let key = address_key(peer.ip());
+        let mut table = self.lock();
+        let id = table.next_id;
+        table.next_id += 1;
+        let entry = table.addresses.entry(key).or_default();
+        if entry.admitted >= MAX_HANDSHAKES_PER_ADDRESS {
+            let (_, close) = entry.idle.pop_front()?;
+            // The closed connection no longer counts (its slot knows: it is not idle and
+            // has not started).
+            entry.admitted -= 1;
+            let _ = close.send(());
+        }
+        let (close, closed) = oneshot::channel();
+        entry.admitted += 1;
+        entry.idle.push_back((id, close));
+        Some((
+            Slot {
+                pending: self.clone(),
+                key,
+                id,
+                started: false,
+            },
+            closed,
+        ))
+    }
+
+    /// Logs and records (the first per address while it has connections waiting; the rest
+    /// are counted) a connection from `peer` closed before its handshake started.
+    fn closed_early(&self, peer: SocketAddr, reason: &str) {
+        let key = address_key(peer.ip());
+        let first = {
+            let mut table = self.lock();
+            match table.addresses.get_mut(&key) {
+                Some(entry) if entry.reported => {
+                    entry.unreported += 1;
+                    false
+                }
+                Some(entry) => {
+                    entry.reported = true;
+                    true
+                }
+                // Nothing waiting from this address any more: nothing to count it with.
+                None => true,
+            }
+        };
+        if first {
+            let reason = format!(
+                "closed before the TLS handshake started: {reason}; further such connections \
+                 from this address are counted, not recorded one by one"
+            );
+            refused(&self.log, peer, &reason);
+        }
+    }
+
+    /// Forgets slot `id` of `key`: `started` says whether it had left the idle list itself.
+    fn release(&self, key: IpAddr, id: u64, started: bool) {
+        let unreported = {
+            let mut table = self.lock();
+            let Some(entry) = table.addresses.get_mut(&key) else {
+                return;
+            };
+            if started {
+                entry.admitted -= 1;
+            } else if let Some(at) = entry.idle.iter().position(|(i, _)| *i == id) {
+                entry.idle.remove(at);
+                entry.admitted -= 1;
+            }
+            // Otherwise it was closed to make room, and no longer counted.
+            if entry.admitted > 0 {
+                return;
+            }
+            let unreported = entry.unreported;
+            table.addresses.remove(&key);
+            unreported
+        };
+        if unreported > 0 {
+            let reason = format!(
+                "{unreported} more connection(s) from this address were closed before their \
+                 TLS handshake started"
+            );
+            tracing::warn!(address = %key, "{reason}");
+            self.log.record(
+                "connection_refused",
+                json!({ "peer": key.to_string(), "reason": reason }),
+            );
+        }
+    }
+}
+
+/// A connection's place among its address's handshakes in progress; freed when dropped.
+#[derive(Debug)]
+struct Slot {
+    pending: Pending,
+    key: IpAddr,
+    id: u64,
+    started: bool,
+}
+
+impl Slot {
+    /// The connection's ClientHello has arrived: it can no longer be closed to make room.
+    /// False if it was closed to make room just before.
+    fn start(&mut self) -> bool {
+        let mut table = self.pending.lock();
+        let Some(entry) = table.addresses.get_mut(&self.key) else {
+            return false;
+        };
+        match entry.idle.iter().position(|(i, _)| *i == self.id) {
+            Some(at) => {
+                entry.idle.remove(at);
+                self.started = true;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.pending.release(self.key, self.id, self.started);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(ip: &str, port: u16) -> SocketAddr {
+        SocketAddr::new(ip.parse().unwrap(), port)
+    }
+
+    fn pending() -> (Pending, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SecurityLog::open(&dir.path().join("audit.jsonl")).unwrap();
+        (Pending::new(log), dir)
+    }
+
+    #[test]
+    fn an_address_is_an_ipv4_address_or_an_ipv6_slash_64() {
+        let key = |s: &str| address_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
+
+    /// An address at its limit makes room by closing its oldest connection that has not
+    /// started its handshake; when all of them have started, the new one is refused. Other
+    /// addresses are not affected, and places are freed when connections finish.
+    #[test]
+    fn idle_connections_make_room_for_new_ones_from_their_address() {
+        let (p, _dir) = pending();
+        let mut held: Vec<(Slot, oneshot::Receiver<()>)> = (0..MAX_HANDSHAKES_PER_ADDRESS)
+            .map(|i| p.admit(peer("10.0.0.1", 1000 + i as u16)).unwrap())
+            .collect();
+        // One more: the oldest idle one (the first) is told to close.
+        let (newest, newest_closed) = p.admit(peer("10.0.0.1", 2000)).unwrap();
+        let (mut first, mut first_closed) = held.remove(0);
+        assert_eq!(first_closed.try_recv(), Ok(()));
+        assert!(!first.start(), "a closed connection cannot start");
+        drop(first);
+        for (_, closed) in &mut held {
+            assert!(closed.try_recv().is_err(), "only the oldest is closed");
+        }
+        // Another address has its own places.
+        let other = p.admit(peer("10.0.0.2", 1000));
+        assert!(other.is_some());
+        // All of 10.0.0.1's connections start their handshakes: none can be closed, so a
+        // new one is refused until one finishes.
+        for (slot, _) in &mut held {
+            assert!(slot.start());
+        }
+        let mut newest = newest;
+        assert!(newest.start());
+        assert!(p.admit(peer("10.0.0.1", 3000)).is_none());
+        drop(held.pop());
+        let (_again, mut again_closed) = p.admit(peer("10.0.0.1", 3001)).unwrap();
+        assert!(again_closed.try_recv().is_err());
+        drop(newest_closed);
+        drop(newest);
+        drop(held);
+        drop(_again);
+        drop(other);
+        assert!(
+            p.lock().addresses.is_empty(),
+            "nothing is kept for addresses with no connection"
+        );
+    }
 }

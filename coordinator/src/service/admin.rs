@@ -1,7 +1,9 @@
 //! `fedflow.v1.Admin`: views for operators and the round-status CLI (roles viewer and admin)
 //! and operator actions (role admin: pause, resume, stop, revoke). Every answer is computed
 //! on the engine thread, so it is consistent with the round state at one instant; every
-//! action is recorded in the security audit log.
+//! action is recorded in the security audit log. Operators' reasons are short plain text
+//! (`fedflow_common::text`), serials are hex as fedflow prints them, and an admin does not
+//! revoke the identity or certificate it calls with unless it says `force`.
 
 use fedflow_proto::v1 as wire;
 use fedflow_proto::v1::admin_server::Admin;
@@ -9,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use serde_json::json;
 
+use super::auth::Operator;
 use super::{Command, Coordinator, RunAction};
 use crate::Error;
 use crate::metrics::{EvaluationSummary, TrainingSummary};
@@ -70,6 +73,11 @@ fn round_metrics(r: &RoundRecord) -> wire::RoundMetrics {
         evaluation_loss: nan(e.loss),
         evaluation_accuracy: nan(e.accuracy),
         evaluation_macro_f1: nan(e.macro_f1),
+        evaluation_accuracy_min: nan(e.accuracy_spread.map(|s| s.min)),
+        evaluation_accuracy_median: nan(e.accuracy_spread.map(|s| s.median)),
+        evaluation_accuracy_max: nan(e.accuracy_spread.map(|s| s.max)),
+        evaluation_loss_median: nan(e.loss_spread.map(|s| s.median)),
+        evaluation_macro_f1_median: nan(e.macro_f1_spread.map(|s| s.median)),
     }
 }
 
@@ -151,8 +159,34 @@ fn run_summary(engine: &RoundEngine, run: RunRecord) -> crate::Result<wire::RunS
 fn rounds(engine: &RoundEngine, run_id: &str) -> crate::Result<wire::ListRoundsResponse> {
     let store = engine.store();
     let mut out = Vec::new();
+    let rejected = store.rejections_by_round(run_id)?;
+    let mut attempts = store.failed_attempts(run_id)?.into_iter().peekable();
     for r in store.rounds(run_id)? {
+        // The round's earlier attempts, which failed; a failed latest attempt is the
+        // round's own row.
+        while let Some(a) = attempts.next_if(|a| a.round <= r.round) {
+            let latest = a.round == r.round
+                && r.status == crate::store::RoundStatus::Failed
+                && attempts.peek().is_none_or(|n| n.round != r.round);
+            if !latest {
+                out.push(wire::RoundSummary {
+                    round: a.round,
+                    status: "failed".into(),
+                    started_unix_ms: a.started_at_ms,
+                    failure_reason: a.reason,
+                    failed_attempt: a.attempt,
+                    // No metrics: a failed attempt released nothing.
+                    metrics: Some(round_metrics(&RoundRecord {
+                        metrics_json: None,
+                        evaluation_json: None,
+                        ..r.clone()
+                    })),
+                    ..Default::default()
+                });
+            }
+        }
         let mut s = wire::RoundSummary {
+            rejected: rejected.get(&r.round).copied().unwrap_or(0),
             round: r.round,
             status: r.status.to_string(),
             started_unix_ms: r.started_at_ms,
@@ -237,6 +271,10 @@ impl Admin for Coordinator {
     ) -> Result<Response<wire::ListRoundsResponse>, Status> {
         let _call = self.operator(&req, false, "ListRounds")?;
         let run_id = req.into_inner().run_id;
+        if !run_id.is_empty() {
+            fedflow_common::names::check_name(&run_id)
+                .map_err(|e| Error::BadRequest(format!("run_id: {e}")))?;
+        }
         let known = self
             .inspect(move |e, _| {
                 let id = if run_id.is_empty() {
@@ -298,20 +336,7 @@ impl Admin for Coordinator {
                     .map_err(|e| Error::BadRequest(format!("name: {e}")))?;
                 Revoked::Identity(role, r.name)
             }
-            (true, false) => {
-                let serial = r.serial.to_ascii_lowercase().replace(':', "");
-                if serial.is_empty()
-                    || !serial.len().is_multiple_of(2)
-                    || serial.len() > 40
-                    || !serial.bytes().all(|b| b.is_ascii_hexdigit())
-                {
-                    return Err(Error::BadRequest(
-                        "serial must be the certificate's serial number in hex".into(),
-                    )
-                    .into());
-                }
-                Revoked::Serial(serial)
-            }
+            (true, false) => Revoked::Serial(check_serial(&r.serial)?),
             _ => {
                 return Err(Error::BadRequest(
                     "name (with role) or serial, exactly one of them".into(),
@@ -319,6 +344,26 @@ impl Admin for Coordinator {
                 .into());
             }
         };
+        check_operator_reason(&r.reason)?;
+        // An admin revoking the identity or the certificate it calls with locks itself out
+        // (and, as the last admin, everyone): only on purpose.
+        if let Operator::Verified(id) = &op {
+            let own = match &what {
+                Revoked::Identity(role, name) => *role == id.role && *name == id.name,
+                Revoked::Serial(serial) => *serial == id.serial,
+            };
+            if own && !r.force {
+                return Err(Error::Refused(format!(
+                    "that is the {} this call is made with ({id}): revoking it locks you out; \
+                     set force (fedflow-ctl revoke --force) if that is what you mean",
+                    match what {
+                        Revoked::Identity(..) => "identity",
+                        Revoked::Serial(_) => "certificate",
+                    }
+                ))
+                .into());
+            }
+        }
         let reason = if r.reason.is_empty() {
             "no reason given".to_string()
         } else {
@@ -363,6 +408,38 @@ impl Admin for Coordinator {
     }
 }
 
+/// Fewest and most hex digits of a serial: 64 bits (what a CA must at least draw at random)
+/// to 20 octets (RFC 5280). fedflow's CA writes 32.
+const SERIAL_HEX_DIGITS: std::ops::RangeInclusive<usize> = 16..=40;
+
+/// A certificate serial as fedflow prints it (`pki issue`, `fedflow-ctl revocations`, the
+/// audit log): an even number of hex digits without separators, lowercased.
+fn check_serial(serial: &str) -> crate::Result<String> {
+    let well_formed = SERIAL_HEX_DIGITS.contains(&serial.len())
+        && serial.len().is_multiple_of(2)
+        && serial.bytes().all(|b| b.is_ascii_hexdigit());
+    if !well_formed {
+        return Err(Error::BadRequest(format!(
+            "serial \"{}\": write the serial as `pki issue` printed it: {} to {} hex digits, \
+             without ':' or spaces",
+            fedflow_common::text::shorten(serial, 80),
+            SERIAL_HEX_DIGITS.start(),
+            SERIAL_HEX_DIGITS.end()
+        )));
+    }
+    Ok(serial.to_ascii_lowercase())
+}
+
+/// An operator's reason (pause, resume, stop, revoke): short plain text on one line.
+fn check_operator_reason(reason: &str) -> crate::Result<()> {
+    fedflow_common::text::check(
+        "reason",
+        reason,
+        fedflow_common::text::MAX_OPERATOR_REASON_CHARS,
+    )
+    .map_err(Error::BadRequest)
+}
+
 fn revoked_json(r: &Revoked) -> serde_json::Value {
     match r {
         Revoked::Identity(role, name) => json!({ "role": role.as_str(), "name": name }),
@@ -380,6 +457,7 @@ impl Coordinator {
     ) -> Result<Response<wire::RunActionResponse>, Status> {
         let (op, _guard) = self.operator(&req, true, method)?;
         let reason = req.into_inner().reason;
+        check_operator_reason(&reason)?;
         let by = op.name();
         let full = if reason.is_empty() {
             format!("{method} by {by}")

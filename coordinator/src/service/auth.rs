@@ -201,6 +201,15 @@ impl Coordinator {
             }
             Some(id) => {
                 if !claimed.is_empty() && claimed != id.name {
+                    // Quoted below and in the audit log: a site id, nothing else.
+                    fedflow_common::names::check_name(claimed).map_err(|e| {
+                        self.refuse(
+                            method,
+                            &id.uri(),
+                            &peer,
+                            Error::BadRequest(format!("site_id: {e}")),
+                        )
+                    })?;
                     return Err(self.refuse(
                         method,
                         &id.uri(),

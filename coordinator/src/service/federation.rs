@@ -1,5 +1,7 @@
 //! `fedflow.v1.Federation`: what partner sites call. Converts wire types to the engine's and
-//! back; errors go out through [`super::status`].
+//! back; errors go out through [`super::status`]. Text fields are checked here, where they
+//! enter (`fedflow_common::text`): identifiers and hashes are refused when they are long or
+//! hold control characters, a decline's reason is kept but escaped and cut.
 
 use std::time::Duration;
 
@@ -35,7 +37,25 @@ impl Federation for Coordinator {
         let call = self.site(&req, &req.get_ref().site_id, "Enrol")?;
         let peer = super::auth::peer(&req);
         let req = req.into_inner();
-        if !req.vocab_sha256.is_empty() && req.vocab_sha256 != self.shared.vocab_sha256 {
+        check_text("client_version", &req.client_version)?;
+        if req.vocab_sha256.is_empty() {
+            // Under mutual TLS every site is a real one with a vocabulary; the plaintext
+            // mode (demos, tests, the no-op benchmark client) takes sites at their word.
+            if self.mutual_tls() {
+                return Err(Error::BadRequest(
+                    "vocab_sha256: empty; send the SHA-256 of the vocabulary the site's data \
+                     is encoded with (fedflow-client sends it)"
+                        .into(),
+                )
+                .into());
+            }
+        } else if !fedflow_common::text::is_sha256_hex(&req.vocab_sha256) {
+            return Err(Error::BadRequest(format!(
+                "vocab_sha256: \"{}\" is not a SHA-256 (64 lowercase hex digits)",
+                fedflow_common::text::shorten(&req.vocab_sha256, 80)
+            ))
+            .into());
+        } else if req.vocab_sha256 != self.shared.vocab_sha256 {
             return Err(Error::Refused(format!(
                 "site {}'s data is encoded with another vocabulary (sha256 {}) than this \
                  federation's ({}): encode the site's data with the federation's vocab.json",
@@ -105,6 +125,7 @@ impl Federation for Coordinator {
         req: Request<DownloadModelRequest>,
     ) -> Result<Response<Self::DownloadModelStream>, Status> {
         let call = self.site(&req, &req.get_ref().site_id, "DownloadModel")?;
+        check_text("sha256", &req.get_ref().sha256)?;
         let one_at_a_time = self.transfer_slot(
             &call.site,
             "download",
@@ -215,8 +236,20 @@ impl Federation for Coordinator {
         };
         drop(file);
         self.shared.telemetry.bytes_in.inc_by(h.total_bytes);
+        for (field, value) in [
+            ("task_id", &h.task_id),
+            ("run_id", &h.run_id),
+            ("base_model_sha256", &h.base_model_sha256),
+        ] {
+            if let Err(error) = check_text(field, value) {
+                self.rejected(METHOD, who, h.round, &error);
+                return Err(error.into());
+            }
+        }
         let call = match early {
             Some(call) if !h.site_id.is_empty() && h.site_id != call.site => {
+                fedflow_common::names::check_name(&h.site_id)
+                    .map_err(|e| Error::BadRequest(format!("site_id: {e}")))?;
                 return Err(self
                     .refuse(
                         METHOD,
@@ -279,6 +312,7 @@ impl Federation for Coordinator {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let call = self.site(&req, &req.get_ref().site_id, "Heartbeat")?;
         let req = req.into_inner();
+        check_text("task_id", &req.task_id)?;
         let work = match SiteState::try_from(req.state).unwrap_or(SiteState::Unspecified) {
             SiteState::Unspecified | SiteState::Idle => WorkState::Idle,
             SiteState::Downloading => WorkState::Downloading,
@@ -307,12 +341,19 @@ impl Federation for Coordinator {
     ) -> Result<Response<DeclineTaskResponse>, Status> {
         let call = self.site(&req, &req.get_ref().site_id, "DeclineTask")?;
         let req = req.into_inner();
+        check_text("task_id", &req.task_id)?;
         let d = Decline {
             site_id: call.site,
             round: req.round,
             task_id: req.task_id,
             nonce: req.nonce.to_vec(),
-            reason: req.reason,
+            // Kept whatever it holds (a decline is still a decline: the site's client may
+            // send a multi-line error), but made safe: control and formatting characters
+            // escaped, cut to the length the protocol promises to keep.
+            reason: fedflow_common::text::sanitize(
+                &req.reason,
+                fedflow_common::text::MAX_REASON_CHARS,
+            ),
         };
         match self.ask(|r| Command::Decline(Box::new(d), r)).await? {
             Ok(()) => Ok(Response::new(DeclineTaskResponse {})),
@@ -326,6 +367,8 @@ impl Federation for Coordinator {
     ) -> Result<Response<EvaluationReportResponse>, Status> {
         let call = self.site(&req, &req.get_ref().site_id, "ReportEvaluation")?;
         let req = req.into_inner();
+        check_text("task_id", &req.task_id)?;
+        check_text("model_sha256", &req.model_sha256)?;
         let site = call.site.clone();
         let eval = EvaluationSubmission {
             site_id: call.site,
@@ -346,6 +389,13 @@ impl Federation for Coordinator {
             }
         }
     }
+}
+
+/// Checks an identifier-like text field of a site's request (task ids, hashes, versions):
+/// short, plain, one line; refused with `INVALID_ARGUMENT` naming the field otherwise.
+fn check_text(field: &str, value: &str) -> Result<(), Error> {
+    fedflow_common::text::check(field, value, fedflow_common::text::MAX_ID_CHARS)
+        .map_err(Error::BadRequest)
 }
 
 /// Wire metrics to the engine's; NaN (not measured) becomes `None`.

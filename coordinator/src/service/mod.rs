@@ -169,7 +169,7 @@ impl Coordinator {
     /// read, the TLS bundle is unusable, or the security audit log
     /// (`<data>/security-audit.jsonl`) fails verification.
     pub fn spawn(
-        engine: RoundEngine,
+        mut engine: RoundEngine,
         cfg: RunConfig,
         transport: &Transport,
     ) -> crate::Result<Coordinator> {
@@ -210,6 +210,7 @@ impl Coordinator {
             n => n,
         }
         .min(cfg.transport.max_model_bytes);
+        engine.set_security_log(log.clone());
         let security = Security {
             tls,
             log,
@@ -392,8 +393,8 @@ pub const HTTP2_WINDOW: u32 = 65_535;
 /// Serves the coordinator on `listener` until `shutdown` resolves: the `Federation` and
 /// `Admin` services with fedflow's message limits, standard gRPC health checking
 /// (`grpc.health.v1`, `SERVING` only while the engine thread answers and the database holds
-/// the run, checked every second) and server reflection (so
-/// grpcurl and friends work).
+/// the run, checked every second) and server reflection, `grpc.reflection.v1` and
+/// `v1alpha` (so grpcurl, Python's grpcio-reflection and friends work).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     coordinator: Coordinator,
@@ -411,10 +412,24 @@ pub async fn serve(
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     let probe = readiness(coordinator.clone(), health);
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(fedflow_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both versions of server reflection: `v1`, and `v1alpha`, which Python's
+    // grpcio-reflection and older grpcurl speak. Each describes the whole server, both
+    // reflection services included.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(fedflow_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .include_reflection_service(false)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .expect("fedflow's descriptors are valid (they are generated at build time)");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .expect("fedflow's descriptors are valid (they are generated at build time)");
     // Admin requests are tiny; answers grow with sites and rounds (a 1,000-site status is
     // about 100 KB), so they get more room, but still a bound.
@@ -428,7 +443,8 @@ pub async fn serve(
         .initial_stream_window_size(HTTP2_WINDOW)
         .initial_connection_window_size(HTTP2_WINDOW)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(admin)
         .add_service(federation);
     let server = async {

@@ -4,7 +4,9 @@
 //! The rule: what the caller did wrong or may not do gets a code that says so
 //! (`INVALID_ARGUMENT`, `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED`, ...); what went wrong on
 //! the coordinator's side (its database, its disk, its own files) is `INTERNAL`, whatever
-//! request happened to meet it.
+//! request happened to meet it. A caller is told what is wrong, never where the coordinator
+//! keeps its files: an internal error says what failed (the full error goes to the
+//! coordinator's log) and every other message has its file paths redacted.
 
 use fedflow_proto::transfer::{Fault, ReceiveError};
 use tonic::{Code, Status};
@@ -65,13 +67,85 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = code(&e);
         let message = match code {
-            // The caller cannot act on the coordinator's own failure beyond retrying later;
-            // the message still says what failed, for the operator reading the site's log.
-            Code::Internal => format!("coordinator error: {e}"),
-            _ => e.to_string(),
+            // The caller cannot act on the coordinator's own failure beyond retrying later:
+            // it learns what failed, not where (the full error, with the coordinator's file
+            // names, goes to the coordinator's log).
+            Code::Internal => {
+                tracing::error!("a call failed on the coordinator's side: {e}");
+                format!(
+                    "coordinator error: {}; retry later (the coordinator's log has the details)",
+                    internal_summary(&e)
+                )
+            }
+            _ => redact_paths(&e.to_string()),
         };
         Status::new(code, message)
     }
+}
+
+/// What failed on the coordinator's side, without its file names.
+fn internal_summary(e: &Error) -> String {
+    let io = |source: &std::io::Error| {
+        format!(
+            "reading or writing one of its files failed ({})",
+            source.kind()
+        )
+    };
+    match e {
+        Error::Io { source, .. } => io(source),
+        Error::Common(fedflow_common::Error::Io { source, .. }) => io(source),
+        Error::Common(_) => "its model files or arithmetic failed".into(),
+        Error::Database(_) => "its database failed".into(),
+        Error::Store(_) => "its store failed".into(),
+        Error::Config { .. } | Error::ConfigMismatch(_) => {
+            "its run configuration is unusable".into()
+        }
+        Error::Json(_) => "reading or writing its own records failed".into(),
+        Error::Security(_) => "its security setup failed".into(),
+        Error::Receive(ReceiveError::Refused(_)) => "it could not store the upload".into(),
+        other => redact_paths(&other.to_string()),
+    }
+}
+
+/// Said instead of a file name of the coordinator's in what a caller is told.
+const REDACTED_PATH: &str = "(a coordinator file)";
+
+/// `message` with every absolute file path in it (a word starting with `/`, or with a drive
+/// letter and `\`) replaced by "(a coordinator file)": callers are told what is wrong, not where
+/// the coordinator keeps its files (e.g. the spill file of an upload).
+pub fn redact_paths(message: &str) -> String {
+    let chars: Vec<char> = message.chars().collect();
+    let mut out = String::with_capacity(message.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let at_word_start =
+            i == 0 || matches!(chars[i - 1], ' ' | '\t' | '"' | '\'' | '(' | '=' | '`');
+        let unix = chars[i] == '/';
+        let windows = chars[i].is_ascii_alphabetic()
+            && chars.get(i + 1) == Some(&':')
+            && chars.get(i + 2) == Some(&'\\');
+        if at_word_start && (unix || windows) {
+            let mut end = i;
+            while end < chars.len()
+                && !matches!(
+                    chars[end],
+                    ' ' | '\t' | '\n' | '"' | '\'' | ')' | ',' | ';' | '`'
+                )
+            {
+                end += 1;
+            }
+            // "PATH: what happened": the colon is the message's, not the path's.
+            while end > i + 1 && matches!(chars[end - 1], ':' | '.') {
+                end -= 1;
+            }
+            out.push_str(REDACTED_PATH);
+            i = end;
+        } else {
+            out.push(chars[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -107,5 +181,55 @@ mod tests {
             Code::AlreadyExists
         );
         assert_eq!(Status::from(Error::ShuttingDown).code(), Code::Unavailable);
+    }
+
+    /// What a caller is told names no file of the coordinator's; the operator's log has it.
+    #[test]
+    fn callers_learn_what_failed_not_where() {
+        let spill = "/srv/fedflow/data/incoming/upload-7.part";
+        let io = Error::io(
+            spill,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory"),
+        );
+        let s = Status::from(io);
+        assert_eq!(s.code(), Code::Internal);
+        assert!(!s.message().contains("/srv"), "{}", s.message());
+        assert!(
+            s.message()
+                .contains("reading or writing one of its files failed"),
+            "{}",
+            s.message()
+        );
+        assert!(s.message().contains("not found"), "{}", s.message());
+        let common = Error::Common(fedflow_common::Error::io(
+            "/srv/fedflow/data/checkpoints/r/round-000001.safetensors",
+            std::io::Error::other("disk on fire"),
+        ));
+        assert!(!Status::from(common).message().contains("/srv"));
+        // A refusal that happens to quote the spill file keeps its reason, not the path.
+        let invalid = Error::Rejected(Rejection::Invalid(format!(
+            "{spill} is 10 bytes but its header describes 12 bytes"
+        )));
+        let s = Status::from(invalid);
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(
+            s.message(),
+            "invalid update: (a coordinator file) is 10 bytes but its header describes 12 bytes"
+        );
+        for (message, shown) in [
+            ("open /a/b: denied", "open (a coordinator file): denied"),
+            (
+                "file=\"/x/y.db\" locked",
+                "file=\"(a coordinator file)\" locked",
+            ),
+            ("C:\\data\\x.part is short", "(a coordinator file) is short"),
+            (
+                "1/2 sites; limits.max_upload_bytes",
+                "1/2 sites; limits.max_upload_bytes",
+            ),
+            ("see https://example.org/x", "see https://example.org/x"),
+        ] {
+            assert_eq!(redact_paths(message), shown, "{message}");
+        }
     }
 }

@@ -97,3 +97,53 @@ async fn every_train_field_a_site_needs_is_in_its_task() {
     assert_eq!(t.fedprox_mu, want.fedprox_mu);
     assert_eq!(t.seed, want.seed);
 }
+
+#[tokio::test]
+async fn list_rounds_keeps_failed_attempts_and_counts_refused_updates() {
+    use crate::round::tests::{SEC, T0, start, submit, update};
+    use fedflow_proto::v1::ListRoundsRequest;
+
+    let f = fixture("");
+    let mut e = engine(&f);
+    // Attempt 1 of round 1 misses its quorum at the deadline.
+    start(&mut e);
+    e.tick(T0 + 61 * SEC).unwrap();
+    // Attempt 2: site-a sends an update for another site's task (refused), then all three
+    // answer and the round commits.
+    let now = T0 + 62 * SEC;
+    for s in crate::round::tests::SITES {
+        e.site_seen(s, now).unwrap();
+    }
+    let tickets: std::collections::BTreeMap<_, _> = crate::round::tests::SITES
+        .iter()
+        .map(|s| (*s, e.poll_task(s, now).unwrap().expect("selected")))
+        .collect();
+    let u = update(&f, 0.1);
+    assert!(submit(&mut e, "site-a", &tickets["site-b"], &u, 10, now).is_err());
+    for (s, t) in &tickets {
+        assert!(submit(&mut e, s, t, &u, 10, now).is_ok());
+    }
+    assert_eq!(e.committed_round(), 1);
+
+    let c = Coordinator::spawn(e, f.cfg.clone(), &Transport::InsecurePlaintext).unwrap();
+    let rounds = c
+        .list_rounds(Request::new(ListRoundsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .rounds;
+    let r1: Vec<_> = rounds.iter().filter(|r| r.round == 1).collect();
+    assert_eq!(r1.len(), 2, "{rounds:?}");
+    assert_eq!((r1[0].status.as_str(), r1[0].failed_attempt), ("failed", 1));
+    assert!(
+        r1[0].failure_reason.contains("updates needed arrived"),
+        "{}",
+        r1[0].failure_reason
+    );
+    assert_eq!(
+        (r1[1].status.as_str(), r1[1].failed_attempt),
+        ("committed", 0)
+    );
+    assert_eq!(r1[1].rejected, 1, "the refused update is counted");
+    assert_eq!(r1[1].uploaded, 3);
+}

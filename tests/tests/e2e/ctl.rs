@@ -14,7 +14,7 @@ use std::time::Duration;
 use fedflow_common::data::Vocab;
 use fedflow_common::params::ParamSet;
 use fedflow_tests::bin::cargo_bin;
-use fedflow_tests::site::{download_bytes, header, heartbeat, task_for, upload_bytes};
+use fedflow_tests::site::{download_bytes, header, heartbeat, task_for_with, upload_bytes};
 use fedflow_tests::{Pki, TestCoordinator, wait_serving};
 use prost::bytes::Bytes;
 use serde_json::Value;
@@ -110,7 +110,10 @@ async fn the_cli_follows_a_run_and_acts_on_it_with_the_right_role() {
     // Round 1 starts with both sites selected.
     let mut a = pki.site(addr, "site-a").await;
     let mut b = pki.site(addr, "site-b").await;
-    let (ta, tb) = tokio::join!(task_for(&mut a, ""), task_for(&mut b, ""));
+    let (ta, tb) = tokio::join!(
+        task_for_with(&mut a, "", &c.vocab_sha256),
+        task_for_with(&mut b, "", &c.vocab_sha256)
+    );
     // Both heartbeat (saying they train) until the test lets site B go silent.
     let _a_alive = heartbeat(&a, "", &ta).await;
     let b_alive = heartbeat(&b, "", &tb).await;
@@ -206,6 +209,21 @@ async fn the_cli_follows_a_run_and_acts_on_it_with_the_right_role() {
     assert_eq!(watch.code, 0, "{}", watch.stderr);
     let last: Value = serde_json::from_str(watch.stdout.lines().last().unwrap()).unwrap();
     assert_eq!(last["phase"], "finished");
+
+    // An admin does not revoke itself by accident: refused as it stands without --force.
+    let own = ctl.run("ada", &["revoke", "--admin", "ada"]).await;
+    assert_eq!(own.code, 5, "{}", own.stderr);
+    assert!(own.stderr.contains("--force"), "{}", own.stderr);
+    assert_eq!(ctl.run("ada", &["status"]).await.code, 0);
+    let forced = ctl
+        .run(
+            "ada",
+            &["revoke", "--admin", "ada", "--force", "--reason", "left"],
+        )
+        .await;
+    assert_eq!(forced.code, 0, "{}", forced.stderr);
+    let locked_out = ctl.run("ada", &["status"]).await;
+    assert_eq!(locked_out.code, 4, "{}", locked_out.stderr);
 
     // Nobody home: exit code 3 and a message that says what to check.
     let gone = Ctl {

@@ -320,7 +320,12 @@ async fn rotation_revocation_in_flight_and_admin_actions() {
         .unwrap();
     let old = pki.site(c.addr, "site-a").await;
     let mut old = old;
-    old.enrol(EnrolRequest::default()).await.unwrap();
+    old.enrol(EnrolRequest {
+        vocab_sha256: c.vocab_sha256.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let old_serial = {
         let pem = pki.read("site-a", "cert.pem");
         let (_, p) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
@@ -528,4 +533,356 @@ async fn a_caller_over_its_rate_limit_is_refused_and_others_are_served() {
     assert!(events.iter().any(|e| e["event"] == "call_refused"
         && e["detail"]["caller"] == "viewer:val"
         && e["detail"]["code"] == "ResourceExhausted"));
+}
+
+/// A model of about 13 MB: more than every flow-control window and buffer between the
+/// coordinator and a site that stops reading, so an unread download stays in progress.
+const LARGE_RUN: &str = "[run]\nname = \"large\"\nseed = 5\nrounds = 1\n\
+    [model]\nvocab = \"vocab.json\"\nembed_dim = 64\nhidden_size = 512\nnum_layers = 2\n\
+    [sampling]\nmin_selected = 2\nmin_available = 2\n\
+    [rounds]\ndeadline_secs = 300\nheartbeat_timeout_secs = 120\n";
+
+/// Asks for task `t`'s model; the stream, unread.
+async fn open_download(
+    c: &mut FederationClient<Channel>,
+    t: &Task,
+) -> Result<tonic::Streaming<fedflow_proto::v1::ModelChunk>, tonic::Status> {
+    c.download_model(fedflow_proto::v1::DownloadModelRequest {
+        task_id: t.task_id.clone(),
+        run_id: t.run_id.clone(),
+        round: t.round,
+        sha256: t.model.as_ref().unwrap().sha256.clone(),
+        ..Default::default()
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_has_one_download_and_one_upload_in_progress_at_a_time() {
+    let pki = Pki::new();
+    let c = TestCoordinator::builder(LARGE_RUN)
+        .mutual_tls(pki.bundle("coordinator"))
+        .spawn()
+        .await;
+    let mut a = pki.site(c.addr, "site-a").await;
+    let mut b = pki.site(c.addr, "site-b").await;
+    let (ta, tb) = tokio::join!(task_for(&mut a, ""), task_for(&mut b, ""));
+    let busy = |s: tonic::Status, kind: &str| {
+        assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+        assert!(
+            s.message()
+                .contains(&format!("a {kind} from this site is already in progress")),
+            "{}",
+            s.message()
+        );
+    };
+
+    // Site A's first download is admitted and left unread: a second one is refused, while
+    // another site downloads as usual.
+    let held = open_download(&mut a, &ta).await.unwrap();
+    busy(open_download(&mut a, &ta).await.unwrap_err(), "download");
+    let global = download(&mut b, "", &tb).await;
+    assert!(
+        global.to_safetensors_bytes().unwrap().len() > 12 << 20,
+        "the model outgrows the flow-control windows"
+    );
+    // Once the held stream is dropped the coordinator frees the slot (it notices the
+    // cancelled stream on its next send): the site may download again.
+    drop(held);
+    let mut again = None;
+    for _ in 0..200 {
+        match open_download(&mut a, &ta).await {
+            Ok(stream) => {
+                again = Some(stream);
+                break;
+            }
+            Err(s) => busy(s, "download"),
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut again = again.expect("the download slot is freed when its stream is dropped");
+    let mut bytes = 0;
+    while let Some(chunk) = again.message().await.unwrap() {
+        bytes += chunk.data.len();
+    }
+    assert_eq!(bytes, global.to_safetensors_bytes().unwrap().len());
+
+    // Site A's upload, held after its first data chunk once the coordinator is spilling it:
+    // a second upload from A is refused before a byte of it is read, a download from A is
+    // not (another kind), and B uploads as usual.
+    let delta = global.scale(1e-3).unwrap();
+    let bytes = Bytes::from(delta.to_safetensors_bytes().unwrap());
+    let mut chunks = update_chunks(header("", &ta, &bytes), &bytes, 1 << 20).into_iter();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(chunks.next().unwrap()).await.unwrap();
+    let mut sender = a.clone();
+    let first = tokio::spawn(async move {
+        sender
+            .upload_update(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    tx.send(chunks.next().unwrap()).await.unwrap();
+    wait_for_upload_in_progress(&c.data).await;
+    busy(send(&mut a, &ta, &delta).await.unwrap_err(), "upload");
+    let other = open_download(&mut a, &ta).await.unwrap();
+    drop(other);
+    assert!(
+        !send(&mut b, &tb, &delta).await.unwrap(),
+        "B's update is new"
+    );
+    for chunk in chunks {
+        tx.send(chunk).await.unwrap();
+    }
+    drop(tx);
+    let accepted = first.await.unwrap().unwrap().into_inner();
+    assert!(!accepted.duplicate, "A's held upload is accepted as new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_enrols_naming_its_vocabulary_in_plain_text() {
+    let pki = Pki::new();
+    let c = coordinator(&pki).await;
+    let mut a = pki.site(c.addr, "site-a").await;
+    let enrol = |vocab_sha256: &str, client_version: &str| EnrolRequest {
+        vocab_sha256: vocab_sha256.into(),
+        client_version: client_version.into(),
+        ..Default::default()
+    };
+    // No hash would skip the vocabulary check: refused, naming the field.
+    let s = a.enrol(enrol("", "")).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(
+        s.message().starts_with("vocab_sha256: empty"),
+        "{}",
+        s.message()
+    );
+    let s = a.enrol(enrol("ABCDEF", "")).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("is not a SHA-256"), "{}", s.message());
+    let s = a
+        .enrol(enrol(&c.vocab_sha256, "1.0\n\x1b[2Jforged"))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(
+        s.message().starts_with("client_version: "),
+        "{}",
+        s.message()
+    );
+    // Another site's id in the body, with a newline: refused as malformed, not quoted raw.
+    let s = a
+        .enrol(EnrolRequest {
+            site_id: "site-b\nFORGED".into(),
+            ..enrol(&c.vocab_sha256, "")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().starts_with("site_id: "), "{}", s.message());
+    assert!(!s.message().contains('\n'), "{}", s.message());
+    // The federation's vocabulary: enrolled.
+    a.enrol(enrol(&c.vocab_sha256, "fedflow-client 1.0"))
+        .await
+        .unwrap();
+}
+
+/// `serial` of bundle `name` of `pki`, as fedflow prints serials.
+fn serial_of(pki: &Pki, name: &str) -> String {
+    let pem = pki.read(name, "cert.pem");
+    let (_, p) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    fedflow_common::hash::hex(p.parse_x509().unwrap().raw_serial())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_take_serials_as_printed_and_an_admin_locks_itself_out_only_on_purpose() {
+    let pki = Pki::new();
+    let c = coordinator(&pki).await;
+    let mut admin = pki.admin(c.addr, "ada").await;
+    let revoke = |serial: &str| RevokeRequest {
+        serial: serial.into(),
+        reason: "test".into(),
+        ..Default::default()
+    };
+    // Serials as `openssl` prints them, too short to be one, or not hex: refused.
+    let val = serial_of(&pki, "val");
+    let colons: Vec<String> = val
+        .as_bytes()
+        .chunks(2)
+        .map(|p| String::from_utf8(p.to_vec()).unwrap())
+        .collect();
+    for bad in [
+        colons.join(":"),
+        "48:97:45:dd".into(),
+        "489745dd".into(),
+        format!("{val}zz"),
+    ] {
+        let s = admin.revoke(revoke(&bad)).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{bad}: {s:?}");
+        assert!(s.message().starts_with("serial "), "{}", s.message());
+    }
+    // An operator's reason is short plain text.
+    let s = admin
+        .revoke(RevokeRequest {
+            reason: "rotated\nFORGED".into(),
+            ..revoke(&val)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().starts_with("reason: "), "{}", s.message());
+    let s = admin
+        .pause_run(RunActionRequest {
+            reason: "x".repeat(201),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("at most 200"), "{}", s.message());
+    // The viewer's serial, as printed (upper case accepted too): revoked.
+    admin
+        .revoke(revoke(&val.to_ascii_uppercase()))
+        .await
+        .unwrap();
+    let s = pki
+        .admin(c.addr, "val")
+        .await
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+
+    // Ada's own identity or certificate: refused without force.
+    let own_identity = RevokeRequest {
+        role: "admin".into(),
+        name: "ada".into(),
+        reason: "leaving".into(),
+        ..Default::default()
+    };
+    for request in [own_identity.clone(), revoke(&serial_of(&pki, "ada"))] {
+        let s = admin.revoke(request).await.unwrap_err();
+        assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+        assert!(s.message().contains("locks you out"), "{}", s.message());
+    }
+    admin.get_status(GetStatusRequest {}).await.unwrap();
+    // With force it is done, and Ada is refused from then on.
+    admin
+        .revoke(RevokeRequest {
+            force: true,
+            ..own_identity
+        })
+        .await
+        .unwrap();
+    let s = admin.get_status(GetStatusRequest {}).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert_eq!(
+        audit_events(&c.data)
+            .iter()
+            .filter(|e| e["event"] == "revoked")
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn pki_refuses_a_validity_of_zero_days() {
+    let exe = fedflow_tests::bin::cargo_bin("fedflow-coordinator", "fedflow-coordinator");
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let run = |args: &[&str]| {
+        std::process::Command::new(&exe)
+            .arg("pki")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ca_arg = ca.to_str().unwrap();
+    let out = run(&["init", "--dir", ca_arg, "--days", "0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--days"), "{err}");
+    assert!(!ca.join("ca.key").exists(), "no CA was created");
+    let out = run(&["init", "--dir", ca_arg, "--days", "30"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bundle = dir.path().join("site-a");
+    let bundle_arg = bundle.to_str().unwrap();
+    for days in ["0", "36501"] {
+        let out = run(&[
+            "issue", "--dir", ca_arg, "--role", "site", "--name", "site-a", "--days", days,
+            "--out", bundle_arg,
+        ]);
+        assert!(!out.status.success(), "--days {days}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--days"), "{err}");
+        assert!(!bundle.exists(), "no bundle for --days {days}");
+    }
+    let out = run(&[
+        "issue", "--dir", ca_arg, "--role", "site", "--name", "site-a", "--days", "1", "--out",
+        bundle_arg,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The certificate written is valid now.
+    fedflow_client::tls::Bundle::load(&bundle).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_one_address_do_not_hold_up_a_handshake() {
+    use fedflow_coordinator::security::tls::{
+        HANDSHAKE_TIMEOUT, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDRESS, PRE_HANDSHAKE_TIMEOUT,
+    };
+    let pki = Pki::new();
+    let c = coordinator(&pki).await;
+    // Raw TCP connections from 127.0.0.1 that never start a TLS handshake, more than every
+    // handshake place three times over (and far more than one address may hold), then a
+    // real client from the same address, all within a bound timed from before the first
+    // idle connection. An accept loop that let each connection hold a handshake place for
+    // its full handshake time (64 places, 10 s) accepts connections in order, so it would
+    // take this client only once three batches of idle ones had timed out: 30 s after the
+    // first. The bound is far above the pre-handshake timeout (even a client made to wait
+    // for the idle ones to time out would fit), and below those three batches.
+    let idle_count = 3 * MAX_HANDSHAKES + MAX_HANDSHAKES_PER_ADDRESS;
+    let bound = Duration::from_secs(20);
+    assert!(bound > 4 * PRE_HANDSHAKE_TIMEOUT && bound < 3 * HANDSHAKE_TIMEOUT);
+    let (idle, status) = tokio::time::timeout(bound, async {
+        let mut idle = Vec::with_capacity(idle_count);
+        for _ in 0..idle_count {
+            idle.push(tokio::net::TcpStream::connect(c.addr).await.unwrap());
+        }
+        let status = pki
+            .admin(c.addr, "val")
+            .await
+            .get_status(GetStatusRequest {})
+            .await;
+        (idle, status)
+    })
+    .await
+    .expect("the handshake was held up by idle connections");
+    let status = status.unwrap();
+    assert_eq!(status.into_inner().run_id, "sec");
+    // The idle ones were closed to make room, recorded for the address (once while it has
+    // connections waiting, then counted; a slow machine may see a few such spells), not
+    // once each.
+    wait_for_audit(
+        &c.data,
+        "connection_refused",
+        "before the TLS handshake started",
+    )
+    .await;
+    let refused = audit_events(&c.data)
+        .iter()
+        .filter(|e| e["event"] == "connection_refused")
+        .count();
+    assert!(
+        refused < idle_count / 4,
+        "{refused} records for {idle_count} idle connections from one address"
+    );
+    drop(idle);
 }

@@ -3,7 +3,8 @@
 //! Every document has a `schema` member (`fedflow.status/1`, `fedflow.runs/1`,
 //! `fedflow.rounds/1`, `fedflow.sites/1`, `fedflow.revocations/1`); fields are only ever
 //! added within a version. Times are Unix milliseconds; a metric that was not measured is
-//! `null`; states and phases are lowercase words.
+//! `null`; states and phases are lowercase words. Strings hold exactly what the coordinator
+//! sent; characters a terminal would act on are `\uXXXX`-escaped in the printed text.
 //!
 //! `fedflow.status/1`:
 //! `{schema, run_id, phase ("waiting"|"training"|"evaluating"|"paused"|"finished"),
@@ -19,6 +20,13 @@
 
 use fedflow_proto::v1 as wire;
 use serde_json::{Value, json};
+
+/// `doc` as one line of JSON, safe to print on a terminal: the characters `serde_json`
+/// writes as they are but a terminal would act on (DEL, C1 controls, bidirectional
+/// overrides) are written as `\uXXXX` escapes, which encode the same value.
+pub(crate) fn print(doc: &Value) -> String {
+    fedflow_common::text::json_safe(&doc.to_string()).into_owned()
+}
 
 fn num(v: f64) -> Value {
     if v.is_finite() { json!(v) } else { Value::Null }

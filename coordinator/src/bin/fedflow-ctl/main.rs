@@ -5,7 +5,11 @@
 //! Exit codes scripts can rely on: 0 done; 1 any other error; 2 bad command line; 3 the
 //! coordinator cannot be reached; 4 refused: no or wrong certificate, revoked, or the role
 //! does not allow it; 5 the coordinator refused the request as it stands (e.g. resuming a
-//! finished run, an unknown run).
+//! finished run, an unknown run, a malformed reason or serial, revoking the caller's own
+//! identity without `--force`).
+//!
+//! Everything printed that came from the coordinator is escaped (`fedflow_common::text`):
+//! text chosen by sites and operators never sends a control sequence to the terminal.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -121,6 +125,10 @@ enum Command {
         /// Why (recorded).
         #[arg(long, default_value = "")]
         reason: String,
+        /// Revoke it even if it is the identity or certificate of --identity (which locks
+        /// you out); refused without.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -226,10 +234,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .into_inner();
             let finished = s.phase == RunPhase::Finished as i32;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&json::status(&s)).unwrap_or_default()
-                );
+                println!("{}", json::print(&json::status(&s)));
             } else {
                 if watch {
                     // Clear the screen and go home, then draw.
@@ -249,7 +254,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(st)?
                 .into_inner();
             if json {
-                println!("{}", json::runs(&r));
+                println!("{}", json::print(&json::runs(&r)));
             } else {
                 print!("{}", table::runs(&r));
             }
@@ -263,7 +268,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(st)?
                 .into_inner();
             if json {
-                println!("{}", json::rounds(&r));
+                println!("{}", json::print(&json::rounds(&r)));
             } else {
                 print!("{}", table::rounds(&r));
             }
@@ -275,7 +280,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(st)?
                 .into_inner();
             if json {
-                println!("{}", json::sites(&r));
+                println!("{}", json::print(&json::sites(&r)));
             } else {
                 print!("{}", table::sites(&r));
             }
@@ -287,7 +292,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(st)?
                 .into_inner();
             if json {
-                println!("{}", json::revocations(&r));
+                println!("{}", json::print(&json::revocations(&r)));
             } else {
                 print!("{}", table::revocations(&r));
             }
@@ -297,21 +302,30 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .pause_run(RunActionRequest { reason })
                 .await
                 .map_err(st)?;
-            println!("run {}", r.into_inner().status);
+            println!(
+                "run {}",
+                fedflow_common::text::escape(&r.into_inner().status)
+            );
         }
         Command::Resume { reason } => {
             let r = admin
                 .resume_run(RunActionRequest { reason })
                 .await
                 .map_err(st)?;
-            println!("run {}", r.into_inner().status);
+            println!(
+                "run {}",
+                fedflow_common::text::escape(&r.into_inner().status)
+            );
         }
         Command::Stop { reason } => {
             let r = admin
                 .stop_run(RunActionRequest { reason })
                 .await
                 .map_err(st)?;
-            println!("run {}", r.into_inner().status);
+            println!(
+                "run {}",
+                fedflow_common::text::escape(&r.into_inner().status)
+            );
         }
         Command::Revoke {
             site,
@@ -319,6 +333,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             admin: admin_name,
             serial,
             reason,
+            force,
         } => {
             let req = match (site, viewer, admin_name, serial) {
                 (Some(n), ..) => ("site", n, String::new()),
@@ -338,6 +353,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     name: req.1,
                     serial: req.2,
                     reason,
+                    force,
                 })
                 .await
                 .map_err(st)?
@@ -370,7 +386,9 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("error: {}", f.message);
+            // The message may quote the coordinator's answer: text a site or an operator
+            // chose, printed escaped.
+            eprintln!("error: {}", fedflow_common::text::escape(&f.message));
             ExitCode::from(f.code)
         }
     }

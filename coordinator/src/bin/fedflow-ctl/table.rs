@@ -1,10 +1,30 @@
-//! The tables `fedflow-ctl` prints for people.
+//! The tables `fedflow-ctl` prints for people. Every string from the coordinator (site
+//! ids, reasons, statuses: text that sites and operators chose) goes through [`cell`] or
+//! [`reason`]: escaped, so a control sequence in it never reaches the terminal, and reasons
+//! cut so a table stays readable.
 
 use std::fmt::Write;
 
+use fedflow_common::text;
 use fedflow_proto::v1 as wire;
 
 use crate::json::{phase, site_state};
+
+/// Longest reason shown in a table cell, in characters (`--json` has them whole).
+const REASON_CHARS: usize = 60;
+
+/// Longest run status reason shown in the status header line.
+const STATUS_REASON_CHARS: usize = 200;
+
+/// A string from the coordinator, safe to print (escaped).
+fn cell(s: &str) -> String {
+    text::escape(s).into_owned()
+}
+
+/// A reason from the coordinator, safe to print and cut to `max` characters.
+fn reason(s: &str, max: usize) -> String {
+    text::shorten(s, max)
+}
 
 /// Left-aligned columns, two spaces apart.
 fn grid(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -52,12 +72,12 @@ pub(crate) fn status(s: &wire::RunStatus) -> String {
     let _ = writeln!(
         out,
         "run {}: {}{}",
-        s.run_id,
+        cell(&s.run_id),
         phase(s.phase),
         if s.status_reason.is_empty() {
             String::new()
         } else {
-            format!(" ({})", s.status_reason)
+            format!(" ({})", reason(&s.status_reason, STATUS_REASON_CHARS))
         }
     );
     let round = if s.current_round > 0 {
@@ -97,7 +117,7 @@ pub(crate) fn status(s: &wire::RunStatus) -> String {
         let _ = writeln!(
             out,
             "site-level privacy ({}): epsilon {} of {} spent at delta {:e}",
-            p.mode,
+            cell(&p.mode),
             f(p.epsilon_spent, 3),
             p.target_epsilon,
             p.target_delta
@@ -109,7 +129,7 @@ pub(crate) fn status(s: &wire::RunStatus) -> String {
             .iter()
             .map(|p| {
                 vec![
-                    p.site_id.clone(),
+                    cell(&p.site_id),
                     site_state(p.state).to_string(),
                     if p.epochs > 0 {
                         format!("{}/{}", p.epoch, p.epochs)
@@ -117,7 +137,7 @@ pub(crate) fn status(s: &wire::RunStatus) -> String {
                         "-".into()
                     },
                     bytes(p.bytes_done),
-                    p.reason.clone(),
+                    reason(&p.reason, REASON_CHARS),
                 ]
             })
             .collect();
@@ -134,11 +154,11 @@ pub(crate) fn runs(r: &wire::ListRunsResponse) -> String {
         .iter()
         .map(|x| {
             vec![
-                x.run_id.clone(),
-                x.status.clone(),
+                cell(&x.run_id),
+                cell(&x.status),
                 format!("{}/{}", x.committed_round, x.total_rounds),
-                x.strategy.clone(),
-                x.status_reason.clone(),
+                cell(&x.strategy),
+                reason(&x.status_reason, REASON_CHARS),
             ]
         })
         .collect();
@@ -160,20 +180,25 @@ pub(crate) fn rounds(r: &wire::ListRoundsResponse) -> String {
             } else {
                 "-".into()
             };
+            let round = match x.failed_attempt {
+                0 => x.round.to_string(),
+                n => format!("{} (try {n})", x.round),
+            };
             vec![
-                x.round.to_string(),
-                x.status.clone(),
+                round,
+                cell(&x.status),
                 format!("{}/{}", x.uploaded, x.selected),
                 format!("{}/{}/{}/{}", x.late, x.dropped, x.rejected, x.declined),
                 f(m.train_loss, 4),
                 f(m.evaluation_loss, 4),
                 f(m.evaluation_accuracy, 4),
+                f(m.evaluation_accuracy_median, 4),
                 secs,
-                x.failure_reason.clone(),
+                reason(&x.failure_reason, REASON_CHARS),
             ]
         })
         .collect();
-    let mut out = format!("run {}\n", r.run_id);
+    let mut out = format!("run {}\n", cell(&r.run_id));
     out.push_str(&grid(
         &[
             "ROUND",
@@ -183,6 +208,7 @@ pub(crate) fn rounds(r: &wire::ListRoundsResponse) -> String {
             "TRAIN LOSS",
             "EVAL LOSS",
             "EVAL ACC",
+            "MEDIAN",
             "SECONDS",
             "REASON",
         ],
@@ -198,7 +224,7 @@ pub(crate) fn sites(r: &wire::ListSitesResponse) -> String {
         .iter()
         .map(|s| {
             vec![
-                s.site_id.clone(),
+                cell(&s.site_id),
                 s.rounds_contributed.to_string(),
                 s.rejected.to_string(),
                 s.late.to_string(),
@@ -229,14 +255,14 @@ pub(crate) fn revocations(r: &wire::ListRevocationsResponse) -> String {
         .iter()
         .map(|x| {
             vec![
-                x.kind.clone(),
+                cell(&x.kind),
                 if x.role.is_empty() {
-                    x.value.clone()
+                    cell(&x.value)
                 } else {
-                    format!("{} {}", x.role, x.value)
+                    format!("{} {}", cell(&x.role), cell(&x.value))
                 },
-                x.reason.clone(),
-                x.revoked_by.clone(),
+                reason(&x.reason, REASON_CHARS),
+                cell(&x.revoked_by),
             ]
         })
         .collect();
