@@ -36,6 +36,8 @@ struct RoundRow {
     seconds: Option<f64>,
     update_norm: Option<f64>,
     epsilon: Option<f64>,
+    /// Updates clipped to the run's bound on update norms.
+    clipped: u64,
 }
 
 /// Text from the store (names, statuses, reasons an operator or the engine wrote) as HTML:
@@ -100,6 +102,7 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
     let mut rows = Vec::new();
     let mut per_site: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut previous: Option<ParamSet> = None;
+    let mut initial_norm = None;
     for r in store.rounds(run_id)? {
         // The global update of a committed round: its model minus the previous one.
         let model = match (r.status, &r.model_sha256) {
@@ -116,6 +119,7 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
             previous = model;
         }
         if r.round == 0 {
+            initial_norm = previous.as_ref().and_then(|m| m.l2_norm().ok());
             continue;
         }
         for e in store.evaluations(run_id, r.round)? {
@@ -153,6 +157,7 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
                 .map(|c| (c - r.started_at_ms) as f64 / 1000.0),
             update_norm,
             epsilon: epsilons.get(&r.round).copied(),
+            clipped: sites.iter().filter(|s| s.clipped == Some(true)).count() as u64,
         });
     }
 
@@ -203,12 +208,47 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
         let _ = write!(
             body,
             "<p id=\"summary\">Latest federated evaluation (round {round}, {} sites, {} \
-             sessions): accuracy <b>{}</b>, macro-F1 <b>{}</b>, loss {}.</p>",
+             sessions): accuracy <b>{}</b>, macro-F1 <b>{}</b>, loss {} (weighted by each \
+             site's validation sessions, at most {} each); over sites, accuracy median \
+             <b>{}</b>, from {} to {}.</p>",
             e.sites,
             e.examples,
             fmt(e.accuracy, 4),
             fmt(e.macro_f1, 4),
-            fmt(e.loss, 4)
+            fmt(e.loss, 4),
+            cfg["aggregation"]["max_examples"]
+                .as_u64()
+                .unwrap_or(crate::config::DEFAULT_MAX_EXAMPLES),
+            fmt(e.accuracy_spread.map(|s| s.median), 4),
+            fmt(e.accuracy_spread.map(|s| s.min), 4),
+            fmt(e.accuracy_spread.map(|s| s.max), 4)
+        );
+    }
+    // The bound on every update (site-level DP has its own, stated in the audit report).
+    let bound = cfg["aggregation"]["max_update_norm"]
+        .as_f64()
+        .or(initial_norm)
+        .filter(|_| cfg.get("site_dp").is_none_or(|v| v.is_null()));
+    if let Some(b) = bound {
+        let refuse = cfg["aggregation"]["on_large_update"].as_str() == Some("refuse");
+        let _ = write!(
+            body,
+            "<p id=\"influence\">Bounded influence: every update's L2 norm is held to {} \
+             ({}; above it an update is {}), every site's count to {} examples. So a \
+             round's mean delta moves the model by at most that norm (times the server \
+             learning rate), a median or trimmed mean of k updates by at most √k times it. \
+             Updates clipped in this run: {}.</p>",
+            fmt(Some(b), 4),
+            if cfg["aggregation"]["max_update_norm"].is_f64() {
+                "aggregation.max_update_norm"
+            } else {
+                "the initial model's norm"
+            },
+            if refuse { "refused" } else { "clipped to it" },
+            cfg["aggregation"]["max_examples"]
+                .as_u64()
+                .unwrap_or(crate::config::DEFAULT_MAX_EXAMPLES),
+            rows.iter().map(|r| r.clipped).sum::<u64>()
         );
     }
 
@@ -221,6 +261,14 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
             series(
                 "evaluation accuracy",
                 pts(&|r| r.eval.as_ref().and_then(|e| e.accuracy)),
+            ),
+            series(
+                "evaluation accuracy, median over sites",
+                pts(&|r| {
+                    r.eval
+                        .as_ref()
+                        .and_then(|e| e.accuracy_spread.map(|s| s.median))
+                }),
             ),
             series(
                 "evaluation macro-F1",
@@ -294,7 +342,13 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
         "||global(r) - global(r-1)||",
         "round",
         "L2 norm",
-        &[series("update norm", pts(&|r| r.update_norm))],
+        &[
+            series("update norm", pts(&|r| r.update_norm)),
+            series(
+                "bound on one update's norm",
+                bound.map_or_else(Vec::new, |b| pts(&|_| Some(b))),
+            ),
+        ],
         size,
     )?);
     body.push_str("<h2>Round durations</h2>");
@@ -367,4 +421,39 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
         ),
         &body,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::round::tests::{SEC, SITES, T0, engine, fixture, start, submit, update};
+
+    #[test]
+    fn the_report_states_the_bound_on_updates_and_how_many_were_clipped() {
+        let f = fixture("[aggregation]\nmax_update_norm = 0.5\nmax_examples = 700\n");
+        let mut e = engine(&f);
+        let tickets = start(&mut e);
+        assert!(
+            f.initial.l2_norm().unwrap() > 0.5,
+            "a whole-model update is clipped"
+        );
+        for (i, s) in SITES.iter().enumerate() {
+            let scale = if i == 0 { 1.0 } else { 1e-3 };
+            submit(&mut e, s, &tickets[*s], &update(&f, scale), 10, T0 + SEC).unwrap();
+        }
+        assert_eq!(e.committed_round(), 1);
+        let html = super::build(e.store(), "t").unwrap();
+        let at = html.find("id=\"influence\"").expect("the bound is stated");
+        let paragraph = &html[at..at + html[at..].find("</p>").unwrap()];
+        assert!(paragraph.contains("held to 0.5000"), "{paragraph}");
+        assert!(
+            paragraph.contains("aggregation.max_update_norm"),
+            "{paragraph}"
+        );
+        assert!(paragraph.contains("clipped to it"), "{paragraph}");
+        assert!(paragraph.contains("to 700 examples"), "{paragraph}");
+        assert!(
+            paragraph.contains("Updates clipped in this run: 1."),
+            "{paragraph}"
+        );
+    }
 }
