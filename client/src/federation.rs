@@ -2,7 +2,7 @@
 //!
 //! Enrol → long-poll for a task → download the global model in chunks (verified) → train
 //! locally ([`SiteTrainer`](crate::site::SiteTrainer), on a blocking thread, with heartbeats carrying the epoch
-//! meanwhile) → upload the delta in chunks → repeat until the coordinator says the run is
+//! meanwhile, unless [`SiteWork::reports_progress`] says no) → upload the delta in chunks → repeat until the coordinator says the run is
 //! finished. Evaluation tasks download the model, evaluate it on the validation split and
 //! report the metrics. A heartbeat answered with `cancel_task` abandons the task. When the
 //! coordinator is unreachable the site waits with exponential backoff and jitter and carries
@@ -363,9 +363,14 @@ async fn run_task<W: SiteWork>(
     let p = progress.clone();
     let site = opts.site_id.clone();
     let epochs = spec.train.epochs;
+    // The epoch reached stays at the site when it says so (record-level DP, withheld metrics):
+    // heartbeats then say only that it is training.
+    let report_progress = trainer.reports_progress(&spec);
     let outcome = with_heartbeats(client, opts, task, limits.heartbeat, &progress, move || {
         t.train(&spec2, global, &mut |e| {
-            p.lock().expect("progress lock").epoch = e.epoch as u32;
+            if report_progress {
+                p.lock().expect("progress lock").epoch = e.epoch as u32;
+            }
             tracing::info!(
                 site = %site,
                 round,

@@ -16,12 +16,35 @@
 //! nothing new, so nothing is double-counted, and no fresh noise is ever drawn for a task
 //! that already has an entry, so no retry is free. Entries are never deleted or changed
 //! except for the `released` mark.
+//!
+//! # One privacy unit per ledger, and what a ledger bounds for each unit
+//!
+//! A ledger records releases of one privacy unit: [`Ledger::record`] refuses an entry whose
+//! unit differs from the entries already there (the site declines such tasks before
+//! training). Ledgers written before that rule may mix units; for every ledger,
+//! [`bound`] states what its releases bound for each unit and each neighbouring
+//! relation, charging every entry by this rule (RDP curves per step, composed by adding them):
+//!
+//! | bound about \ entry of | the same unit | session bound, user entry | user bound, session entry |
+//! |---|---|---|---|
+//! | add/remove one unit | add/remove curve | replace-one curve | no bound |
+//! | replace one unit | replace-one curve | replace-one of the replace-one curve | no bound |
+//!
+//! Removing one session of a user from a user-level release changes that user's unit (the
+//! step's sum moves by up to 2C: a substitution of the unit, or its removal if it was the
+//! user's only used session), hence the replace-one curve; replacing a session by another can
+//! change two users' units, hence the two-step bound applied twice. A session-level release
+//! gives no user-level bound at all (a user may have any number of sessions). The
+//! replace-one curve is [`fedflow_common::privacy::neighbours`]' weak-triangle bound (Mironov
+//! 2017, Prop. 11).
 
 use std::path::{Path, PathBuf};
 
 use fedflow_common::clock::now_ms;
 use fedflow_common::fsio::write_atomic;
 use fedflow_common::hash::sha256_hex;
+use fedflow_common::privacy::neighbours::two_step_rdp;
+use fedflow_common::privacy::rdp::{default_orders, rdp_poisson_subsampled_gaussian};
 use fedflow_common::privacy::{RdpAccountant, SampledGaussian};
 use fedflow_common::train::PrivacyUnit;
 use rusqlite::{Connection, params};
@@ -97,6 +120,128 @@ impl LedgerEntry {
             z: self.noise_multiplier,
             steps: self.steps,
         }
+    }
+}
+
+/// The neighbouring relation a bound is stated for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Relation {
+    /// Datasets differ by one unit more or fewer (the relation DP-SGD is accounted under).
+    AddRemove,
+    /// Datasets of the same size differ in one unit (substitution).
+    ReplaceOne,
+}
+
+impl std::fmt::Display for Relation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Relation::AddRemove => "add/remove one",
+            Relation::ReplaceOne => "replace one",
+        })
+    }
+}
+
+/// What a per-step curve depends on: the bound's unit and relation, the entry's unit, and
+/// the bits of its q and z.
+type ChargeKey = (PrivacyUnit, Relation, PrivacyUnit, u64, u64);
+
+/// The per-step RDP curves of ledger entries, computed once per distinct setting (see the
+/// module docs for the rule by which an entry is charged).
+#[derive(Debug)]
+pub struct Charges {
+    orders: Vec<f64>,
+    cache: std::collections::HashMap<ChargeKey, Option<Vec<f64>>>,
+}
+
+impl Default for Charges {
+    fn default() -> Self {
+        Charges {
+            orders: default_orders(),
+            cache: Default::default(),
+        }
+    }
+}
+
+impl Charges {
+    /// The RDP orders of every curve (`dp_accounting`'s default orders).
+    pub fn orders(&self) -> &[f64] {
+        &self.orders
+    }
+
+    /// The per-step RDP curve an entry of `entry_unit` with sampling rate `q` and noise
+    /// multiplier `z` costs a bound about `unit` under `relation`; `None` when such an entry
+    /// leaves that unit without a bound.
+    pub fn per_step(
+        &mut self,
+        unit: PrivacyUnit,
+        relation: Relation,
+        entry_unit: PrivacyUnit,
+        q: f64,
+        z: f64,
+    ) -> Result<Option<&[f64]>> {
+        let key = (unit, relation, entry_unit, q.to_bits(), z.to_bits());
+        if !self.cache.contains_key(&key) {
+            let add = |o: &[f64]| rdp_poisson_subsampled_gaussian(q, z, o);
+            let two = |o: &[f64]| two_step_rdp(o, add);
+            // How many add/remove changes of an entry's own unit one change of `unit` is.
+            let changes = match (unit, entry_unit, relation) {
+                (u, e, Relation::AddRemove) if u == e => Some(1),
+                (u, e, Relation::ReplaceOne) if u == e => Some(2),
+                (PrivacyUnit::Session, PrivacyUnit::User, Relation::AddRemove) => Some(2),
+                (PrivacyUnit::Session, PrivacyUnit::User, Relation::ReplaceOne) => Some(4),
+                _ => None,
+            };
+            let curve = match changes {
+                None => None,
+                Some(1) => Some(add(&self.orders)?),
+                Some(2) => Some(two(&self.orders)?),
+                Some(_) => Some(two_step_rdp(&self.orders, two)?),
+            };
+            self.cache.insert(key, curve);
+        }
+        Ok(self.cache[&key].as_deref())
+    }
+}
+
+/// The unit a ledger's guarantee is stated for: the user when every entry is user-level
+/// (and there is at least one), else the session (the only unit a mixed ledger bounds).
+pub fn stated_unit(entries: &[LedgerEntry]) -> PrivacyUnit {
+    if !entries.is_empty() && entries.iter().all(|e| e.unit == PrivacyUnit::User) {
+        PrivacyUnit::User
+    } else {
+        PrivacyUnit::Session
+    }
+}
+
+/// What `entries` bound for `unit` under `relation` (the rule of the module docs), as an
+/// accountant over `dp_accounting`'s default orders; `None` when they bound nothing.
+pub fn bound(
+    entries: &[LedgerEntry],
+    unit: PrivacyUnit,
+    relation: Relation,
+    charges: &mut Charges,
+) -> Result<Option<RdpAccountant>> {
+    let mut total = vec![0.0; charges.orders().len()];
+    for e in entries {
+        let Some(curve) = charges.per_step(unit, relation, e.unit, e.q, e.noise_multiplier)? else {
+            return Ok(None);
+        };
+        add_steps(&mut total, curve, e.steps);
+    }
+    Ok(Some(RdpAccountant::with_rdp(
+        charges.orders().to_vec(),
+        total,
+    )?))
+}
+
+/// `total += steps · curve`, with no steps spending nothing (0 · ∞ would be NaN).
+pub(crate) fn add_steps(total: &mut [f64], curve: &[f64], steps: u64) {
+    if steps == 0 {
+        return;
+    }
+    for (t, r) in total.iter_mut().zip(curve) {
+        *t += steps as f64 * r;
     }
 }
 
@@ -231,26 +376,22 @@ impl Ledger {
             .pop())
     }
 
-    /// An accountant holding every recorded release.
+    /// An accountant holding every recorded release, for the ledger's stated unit
+    /// ([`stated_unit`]) under add/remove: the figure the site's limit is checked against.
     pub fn accountant(&self) -> Result<RdpAccountant> {
-        // RDP is linear in the number of steps, so releases with the same (q, z) are composed
-        // once with their steps summed: a long ledger costs one RDP curve per distinct setting.
-        let mut grouped: Vec<SampledGaussian> = Vec::new();
-        for e in self.entries()? {
-            let ev = e.event();
-            match grouped
-                .iter_mut()
-                .find(|g| g.q.to_bits() == ev.q.to_bits() && g.z.to_bits() == ev.z.to_bits())
-            {
-                Some(g) => g.steps += ev.steps,
-                None => grouped.push(ev),
-            }
-        }
-        let mut acc = RdpAccountant::default();
-        for g in &grouped {
-            acc.compose(g)?;
-        }
-        Ok(acc)
+        let entries = self.entries()?;
+        let unit = stated_unit(&entries);
+        Ok(
+            bound(&entries, unit, Relation::AddRemove, &mut Charges::default())?
+                .expect("a ledger always bounds its stated unit"),
+        )
+    }
+
+    /// The privacy unit of the ledger's entries; `None` while it is empty. A ledger written
+    /// before units were kept apart may mix them: then the session (see [`stated_unit`]).
+    pub fn unit(&self) -> Result<Option<PrivacyUnit>> {
+        let entries = self.entries()?;
+        Ok((!entries.is_empty()).then(|| stated_unit(&entries)))
     }
 
     /// The recorded entry of a task and, while it is not yet acknowledged, its update bytes.
@@ -274,8 +415,33 @@ impl Ledger {
     }
 
     /// Records a release: first the update bytes (fsync'd), then the entry (one durable
-    /// transaction). Fails if the task already has an entry.
+    /// transaction). Fails if the task already has an entry, or if the ledger holds entries
+    /// of another privacy unit (one ledger accounts for one unit, see the module docs).
     pub fn record(&mut self, entry: &NewEntry, update: &[u8]) -> Result<LedgerEntry> {
+        if let Some(other) = self
+            .entries()?
+            .iter()
+            .map(|e| e.unit)
+            .find(|&u| u != entry.unit)
+        {
+            return Err(self.err(format!(
+                "run {} round {}: this ledger holds {other}-level releases and the new one is \
+                 {}-level; one ledger accounts for one privacy unit, so the release is refused",
+                entry.run_id, entry.round, entry.unit
+            )));
+        }
+        self.insert(entry, update)
+    }
+
+    /// [`Ledger::record`] without the one-unit rule, as ledgers written before it could hold
+    /// entries (tests of how such ledgers are charged).
+    #[cfg(test)]
+    pub(crate) fn record_legacy(&mut self, entry: &NewEntry, update: &[u8]) -> Result<LedgerEntry> {
+        self.insert(entry, update)
+    }
+
+    /// Writes the update bytes (fsync'd), then the entry (one durable transaction).
+    fn insert(&mut self, entry: &NewEntry, update: &[u8]) -> Result<LedgerEntry> {
         if self
             .entry(&entry.run_id, entry.round, &entry.task_id)?
             .is_some()
@@ -388,6 +554,120 @@ mod tests {
         assert_eq!(bytes.as_deref(), Some(&b"update two"[..]));
         assert_eq!(l.find("run-1", 1, "t1").unwrap().unwrap().1, None);
         assert!(l.find("run-1", 3, "t3").unwrap().is_none());
+    }
+
+    /// Writes an entry as a ledger from before units were kept apart could hold it
+    /// (bypassing [`Ledger::record`]'s one-unit rule).
+    fn insert_legacy(l: &Ledger, round: u64, unit: &str, q: f64, z: f64, steps: u64) {
+        l.conn
+            .execute(
+                "INSERT INTO entries (recorded_unix_ms, run_id, round, task_id, unit, units,
+                    clip_norm, noise_multiplier, expected_batch_size, epochs, q, steps,
+                    update_sha256, metrics_released)
+                 VALUES (0, 'old', ?1, ?2, ?3, 1000, 1.0, ?4, 50, 1, ?5, ?6, 'x', 0)",
+                params![round as i64, format!("t{round}"), unit, z, q, steps as i64],
+            )
+            .unwrap();
+    }
+
+    const REFERENCE: &str = include_str!("../../common/tests/privacy/replace_one_fixtures.json");
+
+    fn num(v: &serde_json::Value) -> Option<f64> {
+        match v {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) if s == "inf" => Some(f64::INFINITY),
+            v => Some(v.as_f64().expect("a number")),
+        }
+    }
+
+    #[test]
+    fn a_ledger_refuses_a_second_privacy_unit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
+        assert_eq!(l.unit().unwrap(), None);
+        let user = NewEntry {
+            unit: PrivacyUnit::User,
+            ..entry(1, "t1")
+        };
+        l.record(&user, b"user-level").unwrap();
+        let refused = l.record(&entry(2, "t2"), b"session-level");
+        let Err(Error::Ledger { reason, .. }) = refused else {
+            panic!("{refused:?}");
+        };
+        assert!(
+            reason.contains("user-level releases") && reason.contains("one privacy unit"),
+            "{reason}"
+        );
+        assert_eq!(l.entries().unwrap().len(), 1);
+        assert_eq!(l.unit().unwrap(), Some(PrivacyUnit::User));
+        assert!(l.find("run-1", 2, "t2").unwrap().is_none());
+    }
+
+    #[test]
+    fn every_unit_is_charged_by_the_stated_rule_as_the_reference_computes_it() {
+        // Ledgers mixing units (as written before the one-unit rule) and ledgers of one unit,
+        // against the reference computed from dp_accounting's RDP values
+        // (common/tests/privacy/make_replace_one_fixtures.py).
+        let fx: serde_json::Value = serde_json::from_str(REFERENCE).unwrap();
+        let ledgers = fx["ledgers"].as_array().unwrap();
+        assert_eq!(ledgers.len(), 3);
+        let mut charges = Charges::default();
+        for (i, case) in ledgers.iter().enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            let l = Ledger::open(dir.path()).unwrap();
+            let rows = case["entries"].as_array().unwrap();
+            for (r, e) in rows.iter().enumerate() {
+                insert_legacy(
+                    &l,
+                    r as u64 + 1,
+                    e["unit"].as_str().unwrap(),
+                    e["q"].as_f64().unwrap(),
+                    e["z"].as_f64().unwrap(),
+                    e["steps"].as_u64().unwrap(),
+                );
+            }
+            let entries = l.entries().unwrap();
+            let delta = case["delta"].as_f64().unwrap();
+            for (unit, name) in [
+                (PrivacyUnit::Session, "session"),
+                (PrivacyUnit::User, "user"),
+            ] {
+                for (relation, key) in [
+                    (Relation::AddRemove, "add_remove"),
+                    (Relation::ReplaceOne, "replace_one"),
+                ] {
+                    let want = num(&case["bounds"][name][key]);
+                    let ours = bound(&entries, unit, relation, &mut charges)
+                        .unwrap()
+                        .map(|acc| acc.epsilon(delta).unwrap().0);
+                    match (ours, want) {
+                        (Some(a), Some(b)) => assert!(
+                            (a - b).abs() <= 1e-6 * b,
+                            "ledger {i}, {name} {key}: {a} vs {b}"
+                        ),
+                        (None, None) => {}
+                        other => panic!("ledger {i}, {name} {key}: {other:?}"),
+                    }
+                }
+            }
+            // The figure the site's limit is checked against is the stated unit's add/remove
+            // bound, by the same rule: for the mixed ledger, each user-level release counts as
+            // a substitution of a session's user, not as an add/remove of one session.
+            let stated = if i == 1 { "user" } else { "session" };
+            let (eps, _) = l.accountant().unwrap().epsilon(delta).unwrap();
+            let want = num(&case["bounds"][stated]["add_remove"]).unwrap();
+            assert!(
+                (eps - want).abs() <= 1e-6 * want,
+                "ledger {i}: {eps} vs {want}"
+            );
+            if i == 0 {
+                let mut naive = RdpAccountant::default();
+                for e in &entries {
+                    naive.compose(&e.event()).unwrap();
+                }
+                assert!(naive.epsilon(delta).unwrap().0 < 0.8 * eps);
+            }
+        }
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //!
 //! Not covered (the site report says so): metrics computed on the site's data, which are
 //! withheld unless the site opts in with `release_metrics`; the number of training sessions,
-//! which is sent as the FedAvg weight and sets the sampling rate (treated as public, as in
-//! DP-SGD practice); the fact that the site takes part at all.
+//! which is sent as the FedAvg weight and sets the sampling rate (so the report states the
+//! replace-one bound, which is what holds with n public, beside the add/remove one); the fact
+//! that the site takes part at all, when it answers, and whether it declines (the reason
+//! names the limit, without epsilon figures).
 
 use std::path::Path;
 use std::sync::Mutex;

@@ -6,8 +6,11 @@
 //! Top-level keys (stable; new keys may be added, none removed or changed in meaning):
 //! - `schema`: the string above; `generated_unix_ms`; `code_version` (`fedflow-client X.Y.Z`);
 //! - `ledger`: path of the ledger database the figures come from;
-//! - `privacy_unit`: `"session"` or `"user"` (the weakest unit over all releases), and
-//!   `neighbouring_relation`: a sentence;
+//! - `privacy_unit`: `"session"` or `"user"` (`"user"` only when every release is
+//!   user-level), and `neighbouring_relation`: a sentence;
+//! - `bounds`: array, one per unit and neighbouring relation: `unit`, `relation`
+//!   (`"add_remove"` or `"replace_one"`), `epsilon` (null when the ledger gives no bound for
+//!   it), `order`, `rule` (a sentence: how each release is charged);
 //! - `mechanism`: `name`, `clipping`, `noise`, `denominator` (sentences);
 //! - `sampling`: `method` (`"poisson"`), `assumption`, `implementation_matches` (bool), `detail`;
 //! - `accountant`: `name`, `reference`, `orders` (array), `conversion`;
@@ -18,6 +21,8 @@
 //!   `round`, `unit`, `units`, `clip_norm`, `noise_multiplier`, `expected_batch_size`,
 //!   `epochs`, `q`, `steps`, `update_sha256`, `released`, `metrics_released`, and
 //!   `epsilon_after` / `order_after` (cumulative, at `cumulative.delta`);
+//! - `caveats`: array of sentences (what the figures mean given what else leaves the site);
+//! - `warnings`: array of sentences (e.g. δ not below 1/n);
 //! - `not_covered`: array of sentences;
 //! - `recompute`: the command that recomputes every figure from the ledger.
 
@@ -29,7 +34,7 @@ use fedflow_common::train::PrivacyUnit;
 use serde::Serialize;
 
 use crate::Result;
-use crate::ledger::{Ledger, LedgerEntry};
+use crate::ledger::{Charges, Ledger, LedgerEntry, Relation, add_steps, bound, stated_unit};
 
 /// The schema identifier of the JSON report.
 pub const SCHEMA: &str = "fedflow.site-privacy-report/1";
@@ -72,6 +77,22 @@ pub struct Release {
     pub order_after: f64,
 }
 
+/// What the ledger bounds for one privacy unit under one neighbouring relation.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnitBound {
+    /// The privacy unit.
+    pub unit: PrivacyUnit,
+    /// The neighbouring relation.
+    pub relation: Relation,
+    /// ε at the report's δ; `None` (JSON null) when the ledger bounds nothing for it (or ε
+    /// is infinite).
+    pub epsilon: Option<f64>,
+    /// The optimal RDP order (0 without a bound).
+    pub order: f64,
+    /// How each release is charged for it, in words.
+    pub rule: String,
+}
+
 /// The site privacy report (see the module docs for the schema).
 #[derive(Debug, Clone, Serialize)]
 pub struct SitePrivacyReport {
@@ -99,6 +120,12 @@ pub struct SitePrivacyReport {
     pub cumulative: Cumulative,
     /// Every release.
     pub releases: Vec<Release>,
+    /// What the ledger bounds per unit and neighbouring relation.
+    pub bounds: Vec<UnitBound>,
+    /// What the figures mean given what else leaves the site.
+    pub caveats: Vec<String>,
+    /// Warnings about the figures (e.g. δ not below 1/n).
+    pub warnings: Vec<String>,
     /// What the guarantee does not cover.
     pub not_covered: Vec<String>,
     /// The command that recomputes every figure.
@@ -110,47 +137,134 @@ pub struct SitePrivacyReport {
 pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<SitePrivacyReport> {
     let ledger = Ledger::open(dir)?;
     let entries = ledger.entries()?;
-    let mut acc = RdpAccountant::default();
+    let unit = stated_unit(&entries);
+    let mut charges = Charges::default();
+    // Cumulative ε after each release, charged by the ledger's rule for the stated unit.
+    let mut total = vec![0.0; charges.orders().len()];
     let mut releases = Vec::with_capacity(entries.len());
-    for e in entries {
-        acc.compose(&e.event())?;
-        let (eps, order) = acc.epsilon(delta)?;
+    for e in &entries {
+        let curve = charges
+            .per_step(unit, Relation::AddRemove, e.unit, e.q, e.noise_multiplier)?
+            .expect("a ledger always bounds its stated unit");
+        add_steps(&mut total, curve, e.steps);
+        let (eps, order) =
+            RdpAccountant::with_rdp(charges.orders().to_vec(), total.clone())?.epsilon(delta)?;
         releases.push(Release {
-            entry: e,
+            entry: e.clone(),
             epsilon_after: finite(eps),
             order_after: order,
         });
     }
+    let acc = RdpAccountant::with_rdp(charges.orders().to_vec(), total)?;
     let (eps, order) = acc.epsilon(delta)?;
     let others = OTHER_DELTAS
         .iter()
         .map(|&d| acc.epsilon_at(d))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let unit = if releases.iter().all(|r| r.entry.unit == PrivacyUnit::User) && !releases.is_empty()
-    {
-        PrivacyUnit::User
-    } else {
-        PrivacyUnit::Session
-    };
-    let relation = match unit {
-        PrivacyUnit::Session => {
+    let mixed = entries.iter().any(|e| e.unit != unit);
+    let relation = match (unit, mixed) {
+        (PrivacyUnit::Session, false) => {
             "add or remove one session (one row of the site's data)".to_string()
         }
-        PrivacyUnit::User => "add or remove one end user with all of their sessions (at most \
-            max_sessions_per_user of them are used)"
+        (PrivacyUnit::Session, true) => "add or remove one session (one row of the site's \
+            data); this ledger also holds user-level releases, each charged as a change of one \
+            user's unit (see bounds), and gives no user-level bound"
+            .to_string(),
+        (PrivacyUnit::User, _) => "add or remove one end user with all of their sessions (at \
+            most max_sessions_per_user of them are used)"
             .to_string(),
     };
-    let mut not_covered = vec![
-        "The number of training sessions at the site: it is sent with every update as its \
-         FedAvg weight and sets the sampling rate q = B / n; like the DP-SGD literature \
-         (Abadi et al. 2016, Opacus, TF Privacy), this report treats it as public."
+    let mut bounds = Vec::new();
+    for u in [PrivacyUnit::Session, PrivacyUnit::User] {
+        for rel in [Relation::AddRemove, Relation::ReplaceOne] {
+            let (epsilon, order) = match bound(&entries, u, rel, &mut charges)? {
+                Some(acc) => {
+                    let (e, o) = acc.epsilon(delta)?;
+                    (finite(e), o)
+                }
+                None => (None, 0.0),
+            };
+            bounds.push(UnitBound {
+                unit: u,
+                relation: rel,
+                epsilon,
+                order,
+                rule: bound_rule(u, rel, &entries),
+            });
+        }
+    }
+    let replace_one = bounds
+        .iter()
+        .find(|b| b.unit == unit && b.relation == Relation::ReplaceOne)
+        .and_then(|b| b.epsilon);
+    let mut caveats = vec![
+        format!(
+            "The site's n is public: the exact number of training sessions goes out with every \
+             update (its FedAvg weight), and the sampling rate q, the number of steps and the \
+             denominator q*n all follow from it. A dataset with one {unit} more or fewer is \
+             therefore told apart by n itself: the add/remove epsilon above is the standard \
+             DP-SGD figure for the mechanism with those parameters fixed, and against someone \
+             who sees n it protects only datasets of the same size, in effect a replace-one \
+             guarantee, for which this ledger gives epsilon = {} at delta = {delta:e} (an upper \
+             bound: Mironov 2017, Prop. 11, over two add/remove steps).",
+            fmt_eps(replace_one)
+        ),
+        "Floating-point noise: the Gaussian noise is drawn in f64 by rand_distr's Ziggurat \
+         sampler and rounded to f32 before it is added. Attacks on floating-point samplers \
+         (Mironov 2012, \"On significance of the least significant bits for differential \
+         privacy\"; Jin et al. 2022, \"Are we there yet? Timing and floating-point attacks on \
+         differential privacy systems\") have not been shown to apply to this sampler, nor \
+         ruled out: the figures are for ideal real-valued Gaussian noise."
             .to_string(),
+    ];
+    if unit == PrivacyUnit::User {
+        caveats.push(
+            "For the user unit, the count sent is the number of sessions in the site's whole \
+             training split (not the number of users), so with it public the replace-one \
+             figure covers replacing one user by another with the same number of sessions."
+                .to_string(),
+        );
+    }
+    let mut warnings = Vec::new();
+    if let Some(n) = entries.iter().map(|e| e.units).min().filter(|&n| n > 0) {
+        let at_least = |d: f64| d * n as f64 >= 1.0;
+        if at_least(delta) {
+            warnings.push(format!(
+                "delta = {delta:e} is not below 1/n = 1/{n} (the smallest number of privacy \
+                 units of any release): a mechanism that publishes one unit in n outright meets \
+                 delta = 1/n, so this guarantee is weak whatever epsilon says; choose delta \
+                 well below 1/n"
+            ));
+        }
+        let weak: Vec<String> = OTHER_DELTAS
+            .iter()
+            .filter(|&&d| at_least(d) && d != delta)
+            .map(|d| format!("{d:e}"))
+            .collect();
+        if !weak.is_empty() {
+            warnings.push(format!(
+                "the epsilon stated at delta = {} (other deltas) is at a delta not below \
+                 1/n = 1/{n}: disregard it",
+                weak.join(", ")
+            ));
+        }
+    }
+    let mut not_covered = vec![
         "Whether the site takes part in a run, and when: site-level privacy (DP-FedAvg) is a \
-         separate guarantee."
+         separate guarantee. The times at which the site answers, sends heartbeats and uploads \
+         (they depend on how long training took, which depends on the sampled units) are not \
+         covered either; the site sends no training time and no epoch progress under DP."
+            .to_string(),
+        "Declined tasks: a site declines a task that would pass its own limit or the run's \
+         target, or one of another privacy unit than its ledger, saying which limit (without \
+         epsilon figures); that it declined reveals that its spending, in all runs together, \
+         is near its limit. A task whose DP-SGD training fails (say, a non-finite update) is \
+         declined with a generic reason, and that outcome is not in this ledger."
             .to_string(),
         "Hyper-parameter choices made by looking at this site's data outside fedflow.".to_string(),
         "Validation data is not used for training or model selection under DP-SGD and is \
-         covered only as far as no metric computed on it is released (see below)."
+         covered only as far as no metric computed on it is released (see below); the number \
+         of validation sessions is not sent unless metrics are released."
             .to_string(),
     ];
     let with_metrics = releases.iter().filter(|r| r.entry.metrics_released).count();
@@ -162,9 +276,10 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
             releases.len()
         )
     } else {
-        "Metrics computed on the site's data: none were released with updates (only counts), \
-         and evaluation tasks are declined unless the site opts in with --release-metrics, \
-         which this ledger does not record for evaluations."
+        "Metrics computed on the site's data: none were released with updates (only the \
+         number of training sessions and of epochs), and evaluation tasks are declined unless \
+         the site opts in with --release-metrics, which this ledger does not record for \
+         evaluations."
             .to_string()
     });
     let orders = acc.orders().to_vec();
@@ -178,7 +293,8 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
         mechanism: serde_json::json!({
             "name": "DP-SGD (Abadi et al. 2016, Algorithm 1) with Poisson sampling",
             "clipping": "each sampled unit's gradient, over all parameters together, scaled to L2 norm at most C (per entry: clip_norm)",
-            "noise": "N(0, (z*C)^2) added to every coordinate of the sum of clipped gradients of each step (z: noise_multiplier), drawn from ChaCha20 seeded by the operating system",
+            "noise": "N(0, (z*C)^2) added to every coordinate of the sum of clipped gradients of each step (z: noise_multiplier), drawn in f64 from ChaCha20 seeded by the operating system and rounded to f32 (see caveats)",
+            "dropout": "each unit's dropout masks at each step come from SHA-256 of a key drawn per task from the same CSPRNG, the step and the unit's own sessions: they do not depend on which other units were sampled and are unknown outside the site",
             "denominator": "the noisy sum is divided by the expected batch size B, not the sampled size, so one unit changes it by at most C/B",
         }),
         sampling: serde_json::json!({
@@ -188,7 +304,7 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
             "detail": "each unit is included in a step by an independent Bernoulli(q) draw from the same CSPRNG as the noise; batch sizes vary; an epoch is ceil(n / B) steps",
         }),
         accountant: serde_json::json!({
-            "name": "Renyi DP of the Poisson-subsampled Gaussian mechanism (Mironov 2017; Mironov, Talwar, Zhang 2019), composed over all releases of the site, in every run",
+            "name": "Renyi DP of the Poisson-subsampled Gaussian mechanism (Mironov 2017; Mironov, Talwar, Zhang 2019), composed over all releases of the site, in every run; replace-one bounds by the weak triangle inequality (Mironov 2017, Prop. 11) over two add/remove steps",
             "reference": "a port of Google's dp_accounting 0.6.0 RdpAccountant, checked against it to 1e-6 relative on 480 settings (common/tests/rdp_reference.rs)",
             "orders": orders,
             "conversion": "RDP to (epsilon, delta) by Canonne, Kamath, Steinke 2020, Prop. 12 (as dp_accounting.rdp.compute_epsilon)",
@@ -202,6 +318,9 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
             other_deltas: others,
         },
         releases,
+        bounds,
+        caveats,
+        warnings,
         not_covered,
         recompute: format!(
             "fedflow-client privacy report --privacy-dir {} --delta {delta:e}{}",
@@ -211,6 +330,41 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
                 .unwrap_or_default()
         ),
     })
+}
+
+/// How each release of `entries` is charged for a bound about `unit` under `relation`
+/// (the rule of [`crate::ledger`]'s module docs), in words.
+fn bound_rule(unit: PrivacyUnit, relation: Relation, entries: &[LedgerEntry]) -> String {
+    let has = |u: PrivacyUnit| entries.iter().any(|e| e.unit == u);
+    let own = match relation {
+        Relation::AddRemove => "its add/remove RDP (dp_accounting's Poisson-subsampled Gaussian)",
+        Relation::ReplaceOne => {
+            "its replace-one RDP (two add/remove steps, Mironov 2017, Prop. 11)"
+        }
+    };
+    match unit {
+        PrivacyUnit::User if has(PrivacyUnit::Session) => "no user-level bound: session-level \
+            releases bound nothing for a user, who may have any number of sessions"
+            .to_string(),
+        PrivacyUnit::User => format!("each user-level release at {own}"),
+        PrivacyUnit::Session => {
+            let mut rule = format!("each session-level release at {own}");
+            if has(PrivacyUnit::User) {
+                rule.push_str(match relation {
+                    Relation::AddRemove => {
+                        "; each user-level release at its replace-one RDP, \
+                        since removing one session changes one user's unit (up to 2C)"
+                    }
+                    Relation::ReplaceOne => {
+                        "; each user-level release at the two-step bound of \
+                        its replace-one RDP, since replacing one session can change two users' \
+                        units"
+                    }
+                });
+            }
+            rule
+        }
+    }
 }
 
 fn fmt_eps(e: Option<f64>) -> String {
@@ -228,8 +382,8 @@ pub fn to_html(r: &SitePrivacyReport) -> Result<String> {
     body.push_str("<h1>Site privacy report</h1>");
     body.push_str(&format!(
         "<div class=\"summary\"><p class=\"big\">ε = {} at δ = {delta:e}</p>\
-         <p>Record-level differential privacy of everything this site released: {} update(s), \
-         privacy unit <b>{}</b> ({}).{}</p></div>",
+         <p>Record-level differential privacy of every model update this site released: {} \
+         update(s), privacy unit <b>{}</b> ({}).{}</p>{}</div>",
         fmt_eps(eps),
         r.releases.len(),
         r.privacy_unit,
@@ -239,7 +393,11 @@ pub fn to_html(r: &SitePrivacyReport) -> Result<String> {
             (Some(m), _) =>
                 format!(" <span class=\"warn\">Beyond the site's limit of ε = {m}.</span>"),
             (None, _) => String::new(),
-        }
+        },
+        r.warnings
+            .iter()
+            .map(|w| format!("<p class=\"warn\">Warning: {}</p>", escape(w)))
+            .collect::<String>()
     ));
     let mut series = vec![Series {
         label: "cumulative ε".into(),
@@ -311,6 +469,34 @@ pub fn to_html(r: &SitePrivacyReport) -> Result<String> {
         ],
         &rows,
     ));
+    body.push_str("<h2>Bounds per privacy unit</h2>");
+    let per_unit: Vec<Vec<String>> = r
+        .bounds
+        .iter()
+        .map(|b| {
+            vec![
+                b.unit.to_string(),
+                b.relation.to_string(),
+                b.epsilon
+                    .map_or_else(|| "no bound".to_string(), |e| format!("{e:.4}")),
+                escape(&b.rule),
+            ]
+        })
+        .collect();
+    body.push_str(&table(
+        &[
+            "unit",
+            "neighbours",
+            &format!("ε at δ = {delta:e}"),
+            "how releases are charged",
+        ],
+        &per_unit,
+    ));
+    body.push_str("<h2>Caveats</h2><ul>");
+    for c in &r.caveats {
+        body.push_str(&format!("<li>{}</li>", escape(c)));
+    }
+    body.push_str("</ul>");
     body.push_str("<h2>Guarantee at other δ</h2>");
     let others: Vec<Vec<String>> = r
         .cumulative
@@ -459,16 +645,90 @@ mod tests {
     }
 
     #[test]
+    fn the_report_states_n_public_floating_point_and_small_delta_caveats() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut l = Ledger::open(dir.path()).unwrap();
+            for r in 1..=2 {
+                let mut e = entry(r, PrivacyUnit::Session, false);
+                e.units = 1000;
+                l.record(&e, format!("s{r}").as_bytes()).unwrap();
+            }
+        }
+        let r = site_report(dir.path(), 1e-5, None).unwrap();
+        let replace = r
+            .bounds
+            .iter()
+            .find(|b| b.unit == PrivacyUnit::Session && b.relation == Relation::ReplaceOne)
+            .unwrap();
+        let (add, rep) = (r.cumulative.epsilon.unwrap(), replace.epsilon.unwrap());
+        assert!(rep > add, "{rep} vs {add}");
+        let n_public = r
+            .caveats
+            .iter()
+            .find(|c| c.contains("n is public"))
+            .unwrap();
+        assert!(n_public.contains("replace-one"), "{n_public}");
+        assert!(n_public.contains(&format!("{rep:.4}")), "{n_public}");
+        let float = r
+            .caveats
+            .iter()
+            .find(|c| c.contains("Floating-point"))
+            .unwrap();
+        assert!(float.contains("Mironov 2012") && float.contains("Jin et al. 2022"));
+        // delta 1e-5 is below 1/1000, but the other deltas include 1e-3 = 1/n.
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(r.warnings[0].contains("1e-3") && r.warnings[0].contains("1/1000"));
+        let weak = site_report(dir.path(), 1e-3, None).unwrap();
+        assert!(
+            weak.warnings[0].contains("not below 1/n = 1/1000"),
+            "{:?}",
+            weak.warnings
+        );
+        let html = to_html(&weak).unwrap();
+        assert!(html.contains("every model update this site released"));
+        assert!(!html.contains("everything this site released"));
+        assert!(html.contains("Warning: delta = 1e-3 is not below"));
+        // What still goes out is listed, not claimed covered.
+        for what in [
+            "heartbeats",
+            "declines a task",
+            "number of validation sessions",
+        ] {
+            assert!(r.not_covered.iter().any(|n| n.contains(what)), "{what}");
+        }
+    }
+
+    #[test]
     fn released_metrics_and_mixed_units_weaken_what_is_claimed() {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut l = Ledger::open(dir.path()).unwrap();
             l.record(&entry(1, PrivacyUnit::User, true), b"a").unwrap();
-            l.record(&entry(2, PrivacyUnit::Session, false), b"b")
+            l.record_legacy(&entry(2, PrivacyUnit::Session, false), b"b")
                 .unwrap();
         }
         let r = site_report(dir.path(), 1e-5, None).unwrap();
         assert_eq!(r.privacy_unit, PrivacyUnit::Session);
+        assert!(r.neighbouring_relation.contains("no user-level bound"));
+        // Per unit: the session bound exists (and is the cumulative figure), the user one not.
+        let find = |u, rel| {
+            r.bounds
+                .iter()
+                .find(|b| b.unit == u && b.relation == rel)
+                .unwrap()
+        };
+        let session = find(PrivacyUnit::Session, Relation::AddRemove);
+        assert_eq!(session.epsilon, r.cumulative.epsilon);
+        assert!(
+            session.rule.contains("changes one user's unit"),
+            "{}",
+            session.rule
+        );
+        let user = find(PrivacyUnit::User, Relation::AddRemove);
+        assert_eq!(user.epsilon, None);
+        assert!(user.rule.contains("no user-level bound"), "{}", user.rule);
+        assert!(to_html(&r).unwrap().contains("no bound"));
         assert!(
             r.not_covered
                 .iter()

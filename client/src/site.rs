@@ -125,6 +125,8 @@ pub struct SiteTrainer {
     vocab_size: usize,
     device: Device,
     privacy: Option<Arc<SitePrivacy>>,
+    withhold_metrics: bool,
+    min_site_noise: Option<f64>,
 }
 
 impl SiteTrainer {
@@ -136,7 +138,76 @@ impl SiteTrainer {
             vocab_size: vocab.len(),
             device,
             privacy: None,
+            withhold_metrics: false,
+            min_site_noise: None,
         }
+    }
+
+    /// The same site, withholding every metric computed on its data (losses, accuracy,
+    /// macro-F1, the epoch early stopping kept, epochs run, training time, the validation
+    /// count; and, under site-level DP, where it carries no weight, the training count):
+    /// updates carry counts only and evaluation tasks are declined. For sites whose only
+    /// protection is site-level DP, whose guarantee covers the update and nothing sent beside
+    /// it.
+    pub fn withholding_metrics(mut self, withhold: bool) -> Self {
+        self.withhold_metrics = withhold;
+        self
+    }
+
+    /// Whether the site withholds metrics (see [`SiteTrainer::withholding_metrics`]).
+    pub fn withholds_metrics(&self) -> bool {
+        self.withhold_metrics
+    }
+
+    /// The same site, declining every training task in which it would itself add less
+    /// site-level noise than `multiplier` times the task's clip (`noise_std / clip_norm`,
+    /// the multiplier of the Gaussian mechanism the site's own release is against the
+    /// coordinator): tasks without site-level DP, central mode (no noise at the site), and
+    /// local or distributed tasks below the floor. Refuses a multiplier that is not a
+    /// positive number.
+    pub fn with_min_site_noise(mut self, multiplier: f64) -> Result<Self> {
+        if !(multiplier.is_finite() && multiplier > 0.0) {
+            return Err(Error::Usage(format!(
+                "the site's minimum site-level noise multiplier must be a positive number, \
+                 got {multiplier}"
+            )));
+        }
+        self.min_site_noise = Some(multiplier);
+        Ok(self)
+    }
+
+    /// Refuses a task below the site's own site-level noise floor, if it has one.
+    fn check_site_noise(&self, task: &TaskSpec) -> Result<()> {
+        let Some(min) = self.min_site_noise else {
+            return Ok(());
+        };
+        let (own, what) = match &task.site_dp {
+            None => (0.0, "no site-level DP".to_string()),
+            Some(d) => (
+                d.noise_std / d.clip_norm,
+                format!("site-level DP in {} mode", d.mode),
+            ),
+        };
+        if own < min {
+            return Err(Error::Policy(format!(
+                "run {} round {}: the task has {what}, in which this site would add noise of \
+                 {own:.4} times the clip itself, below its own floor of {min} \
+                 (--min-site-noise); declining: run local or distributed site-level DP with \
+                 at least that much noise at each site",
+                task.run_id, task.round
+            )));
+        }
+        Ok(())
+    }
+
+    /// What a site withholding metrics reports for a training task.
+    fn withheld(&self, task: &TaskSpec) -> SiteMetrics {
+        let train = if task.site_dp.is_some() {
+            0
+        } else {
+            self.dataset.train.len()
+        };
+        SiteMetrics::counts_only(train, 0)
     }
 
     /// The same site with its record-level privacy settings and ledger: tasks with DP-SGD
@@ -198,6 +269,7 @@ impl SiteTrainer {
                 task.run_id, task.round
             )));
         }
+        self.check_site_noise(task)?;
         if let Some(dp) = &task.record_dp {
             let privacy = self.privacy.as_ref().ok_or_else(|| {
                 Error::Task(format!(
@@ -208,7 +280,17 @@ impl SiteTrainer {
             })?;
             let started = Instant::now();
             let mut outcome = self.train_private(privacy, dp, task, &model, &global, on_epoch)?;
-            outcome.metrics.train_seconds = started.elapsed().as_secs_f64();
+            // How long training took depends on the sampled units: sent only with metrics.
+            if privacy.release_metrics && !self.withhold_metrics {
+                outcome.metrics.train_seconds = started.elapsed().as_secs_f64();
+            }
+            if self.withhold_metrics {
+                outcome.metrics = SiteMetrics {
+                    epochs_run: outcome.metrics.epochs_run,
+                    best_epoch: outcome.metrics.best_epoch,
+                    ..self.withheld(task)
+                };
+            }
             return Ok(outcome);
         }
         let started = Instant::now();
@@ -224,6 +306,15 @@ impl SiteTrainer {
         let (delta, unclipped) = site_release(task, ParamSet::delta(&local, &global)?)?;
         let delta_bytes = delta.to_safetensors_bytes()?;
         let delta_sha256 = sha256_hex(&delta_bytes);
+        if self.withhold_metrics {
+            return Ok(TaskOutcome {
+                delta,
+                delta_bytes,
+                delta_sha256,
+                metrics: self.withheld(task),
+                unclipped,
+            });
+        }
         let mut metrics = self.validation_metrics(&model)?;
         metrics.train_loss = report
             .epochs
@@ -244,6 +335,13 @@ impl SiteTrainer {
     /// Runs an evaluation-only task: verify and load the global model, then report its
     /// metrics on the site's validation split. Fails when that split is empty.
     pub fn evaluate_task(&self, task: &TaskSpec, global_bytes: &[u8]) -> Result<SiteMetrics> {
+        if self.withhold_metrics {
+            return Err(Error::Policy(format!(
+                "run {} round {}: this site withholds metrics computed on its data \
+                 (--withhold-metrics), so it does not answer evaluation tasks",
+                task.run_id, task.round
+            )));
+        }
         let withheld = match &self.privacy {
             Some(p) => !p.release_metrics,
             None => task.record_dp.is_some(),

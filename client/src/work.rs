@@ -38,6 +38,14 @@ pub trait SiteWork: Send + Sync + 'static {
     /// Called once the coordinator has received the task's update (accepted or refused):
     /// the site's privacy ledger marks it released. Nothing by default.
     fn delivered(&self, _task: &TaskSpec) {}
+
+    /// Whether heartbeats may carry the epoch a task's training has reached. Yes by default;
+    /// the [`SiteTrainer`] says no under record-level DP (how fast epochs go depends on the
+    /// sampled units) and when it withholds metrics (when training stops early depends on
+    /// its validation data).
+    fn reports_progress(&self, _task: &TaskSpec) -> bool {
+        true
+    }
 }
 
 /// The update a [`SiteWork`] returns for upload.
@@ -75,6 +83,10 @@ impl SiteWork for SiteTrainer {
 
     fn evaluate(&self, task: &TaskSpec, model: ModelBuffer) -> Result<SiteMetrics> {
         self.evaluate_task(task, model.bytes())
+    }
+
+    fn reports_progress(&self, task: &TaskSpec) -> bool {
+        task.record_dp.is_none() && !self.withholds_metrics()
     }
 
     fn delivered(&self, task: &TaskSpec) {

@@ -68,8 +68,20 @@ pub(crate) struct JoinArgs {
     delta: f64,
     /// Send metrics computed on the site's data (losses, accuracy) with DP updates and answer
     /// evaluation tasks: they are outside the DP guarantee.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "withhold_metrics")]
     release_metrics: bool,
+    /// Send no metric computed on the site's data in any run (losses, accuracy, macro-F1, the
+    /// epoch kept, epochs run, training time, the validation count, epoch progress in
+    /// heartbeats; under site-level DP also the training count), and decline evaluation tasks.
+    /// For sites protected by site-level DP alone, whose guarantee covers only the update.
+    #[arg(long)]
+    withhold_metrics: bool,
+    /// Decline training tasks in which this site would add less site-level noise itself than
+    /// this multiple of the task's clip: tasks without site-level DP, central mode (the site
+    /// adds no noise) and local or distributed tasks below it. Sets the per-round protection
+    /// this site has against the coordinator, whatever the run configuration says.
+    #[arg(long)]
+    min_site_noise: Option<f64>,
 }
 
 /// Runs `join`: opens the site's data (or the no-op trainer) and its privacy ledger, then
@@ -103,7 +115,12 @@ pub(crate) fn run(a: JoinArgs) -> anyhow::Result<()> {
         dataset.validation.len(),
         a.coordinator
     );
-    let mut trainer = SiteTrainer::new(dataset, &vocab, a.site_data.device.open()?);
+    let sessions = dataset.train.len();
+    let mut trainer = SiteTrainer::new(dataset, &vocab, a.site_data.device.open()?)
+        .withholding_metrics(a.withhold_metrics);
+    if let Some(z) = a.min_site_noise {
+        trainer = trainer.with_min_site_noise(z)?;
+    }
     if let Some(dir) = &a.privacy_dir {
         let Some(max) = a.max_epsilon else {
             anyhow::bail!("--privacy-dir needs --max-epsilon (this site's limit)");
@@ -115,6 +132,14 @@ pub(crate) fn run(a: JoinArgs) -> anyhow::Result<()> {
             dir.display(),
             a.delta
         );
+        if a.delta * sessions as f64 >= 1.0 {
+            eprintln!(
+                "warning: --delta {:e} is not below 1/n = 1/{sessions} (this site's training sessions): \
+                 a mechanism publishing one session in n outright meets it, so the site's limit \
+                 is weak whatever epsilon says; choose a delta well below 1/n",
+                a.delta
+            );
+        }
         trainer = trainer.with_privacy(std::sync::Arc::new(privacy));
     }
     let trainer = std::sync::Arc::new(trainer);

@@ -180,6 +180,23 @@ fn report(a: ReportArgs) -> anyhow::Result<()> {
         a.delta,
         r.privacy_unit
     );
+    for b in r
+        .bounds
+        .iter()
+        .filter(|b| b.relation == fedflow_client::ledger::Relation::ReplaceOne)
+    {
+        println!(
+            "  replace one {}: epsilon = {} at delta = {:e} (n is sent with every update: see \
+             the report's caveats)",
+            b.unit,
+            b.epsilon
+                .map_or("no bound".to_string(), |e| format!("{e:.4}")),
+            a.delta
+        );
+    }
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
     println!("wrote {} and {}", json.display(), html.display());
     Ok(())
 }

@@ -1,5 +1,11 @@
 //! The DP-SGD path of a training task: re-send a recorded update, or check the site's and
 //! the run's limits, train with DP-SGD, record the release in the ledger, and return it.
+//!
+//! What leaves the site besides the update is kept to what the guarantee can live with: no
+//! training time, no validation count and no metrics unless the site releases metrics, and
+//! decline reasons that name the limit but carry no epsilon figures (those would reveal the
+//! site's spending in other runs); the figures go to the site's own log. A training failure
+//! is declined with a generic reason for the same reason.
 
 use fedflow_common::failpoint::failpoint;
 use fedflow_common::model::AttentionFlowModel;
@@ -8,7 +14,7 @@ use fedflow_common::train::{EpochReport, privacy_units, train_dp};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use super::{SiteTrainer, TaskOutcome, TaskSpec, site_release};
+use super::{SiteMetrics, SiteTrainer, TaskOutcome, TaskSpec, site_release};
 use crate::ledger::NewEntry;
 use crate::privacy::{RecordDp, SitePrivacy};
 use crate::{Error, Result};
@@ -35,7 +41,11 @@ impl SiteTrainer {
         on_epoch: &mut dyn FnMut(&EpochReport),
     ) -> Result<TaskOutcome> {
         let dataset = self.dataset();
-        let counts = self.counts();
+        // Without released metrics only the training count goes out (the FedAvg weight).
+        let counts = SiteMetrics {
+            validation_examples: 0,
+            ..self.counts()
+        };
         // A task already recorded is answered with the recorded bytes: never fresh noise.
         if let Some((entry, bytes)) =
             privacy
@@ -66,7 +76,31 @@ impl SiteTrainer {
                 unclipped: false,
             });
         }
+        if let Some(held) = privacy.ledger().unit()?
+            && held != dp.sgd.unit
+        {
+            return Err(Error::Policy(format!(
+                "run {} round {}: this site's privacy ledger accounts for {held}-level releases \
+                 and the task asks for {}-level DP-SGD; one ledger accounts for one privacy unit \
+                 (a session-level release gives no user-level bound), so this site declines",
+                task.run_id, task.round, dp.sgd.unit
+            )));
+        }
         let units = privacy_units(&dataset.train_users, &dp.sgd);
+        for (delta, whose) in [
+            (privacy.delta, "the site's"),
+            (dp.target_delta, "the run's"),
+        ] {
+            if delta * units.len() as f64 >= 1.0 {
+                tracing::warn!(
+                    round = task.round,
+                    "{whose} delta {delta:e} is not below 1/n = 1/{} (this site's privacy \
+                     units): a mechanism publishing one unit in n outright meets it, so the \
+                     guarantee is weak whatever epsilon says; choose delta well below 1/n",
+                    units.len()
+                );
+            }
+        }
         let event = dp.sgd.round_event(units.len(), task.train.epochs)?;
         let mut acc = privacy.ledger().accountant()?;
         let (before, _) = acc.epsilon(privacy.delta)?;
@@ -77,15 +111,31 @@ impl SiteTrainer {
         ] {
             let (after, _) = acc.epsilon(delta)?;
             if after > limit {
-                return Err(Error::Budget(format!(
-                    "run {} round {}: training would take this site's record-level epsilon to \
+                // The figures stay in the site's log: sent, they would tell the coordinator
+                // how much this site spent in other runs.
+                tracing::warn!(
+                    round = task.round,
+                    "declining: training would take this site's record-level epsilon to \
                      {after:.4} at delta {delta:e}, above {whose} of {limit} (spent before: \
-                     {before:.4} at delta {:e}); declining",
-                    task.run_id, task.round, privacy.delta
+                     {before:.4} at delta {:e})",
+                    privacy.delta
+                );
+                return Err(Error::Budget(format!(
+                    "run {} round {}: training would take this site's record-level epsilon \
+                     above {whose}; declining",
+                    task.run_id, task.round
                 )));
             }
         }
         let mut rng = ChaCha20Rng::from_os_rng();
+        let generic = |what: &str, e: Error| {
+            tracing::error!(round = task.round, "{what}: {e}");
+            Error::Task(format!(
+                "run {} round {}: {what} at this site (the reason is in the site's log: under \
+                 record-level DP it is not sent)",
+                task.run_id, task.round
+            ))
+        };
         let report = train_dp(
             model,
             &dataset.train,
@@ -94,9 +144,21 @@ impl SiteTrainer {
             &dp.sgd,
             &mut rng,
             on_epoch,
-        )?;
+        )
+        .map_err(|e| generic("DP-SGD training failed", e.into()))?;
+        if report.non_finite > 0 {
+            tracing::warn!(
+                round = task.round,
+                "{} sampled unit(s) had a non-finite gradient and contributed zero; consider a \
+                 lower learning rate",
+                report.non_finite
+            );
+        }
         let local = ParamSet::from_varmap(model.varmap())?;
-        let (delta, unclipped) = site_release(task, ParamSet::delta(&local, global)?)?;
+        let (delta, unclipped) = ParamSet::delta(&local, global)
+            .map_err(Error::from)
+            .and_then(|d| site_release(task, d))
+            .map_err(|e| generic("the DP-SGD update could not be released", e))?;
         let delta_bytes = delta.to_safetensors_bytes()?;
         let entry = privacy.ledger().record(
             &NewEntry {
@@ -123,7 +185,7 @@ impl SiteTrainer {
             report.event.z,
             100.0 * report.clipped_fraction
         );
-        let mut m = if privacy.release_metrics {
+        let mut m = if privacy.release_metrics && !self.withholds_metrics() {
             let mut m = self.validation_metrics(model)?;
             m.train_loss = report.train.epochs.last().map(|e| e.train_loss);
             m

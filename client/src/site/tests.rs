@@ -371,6 +371,64 @@ mod private {
     }
 
     #[test]
+    fn a_dp_update_carries_no_timing_validation_count_or_epoch_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let (site, f) = private_site(dir.path(), 50.0, false);
+        let task = dp_task(&f.task);
+        let out = site
+            .train_task(&task, &f.global_bytes, &mut |_| {})
+            .unwrap();
+        assert_eq!(out.metrics.train_seconds, 0.0);
+        assert_eq!(out.metrics.validation_examples, 0);
+        assert_eq!(out.metrics.train_examples, site.dataset().train.len());
+        assert!(!crate::work::SiteWork::reports_progress(&site, &task));
+        assert!(crate::work::SiteWork::reports_progress(&f.site, &f.task));
+    }
+
+    #[test]
+    fn a_decline_names_the_limit_without_epsilon_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        let (site, f) = private_site(dir.path(), 1e-3, false);
+        let task = dp_task(&f.task);
+        let declined = site.train_task(&task, &f.global_bytes, &mut |_| {});
+        let Err(e @ Error::Budget(_)) = declined else {
+            panic!("{declined:?}");
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "privacy budget: run {} round {}: training would take this site's \
+                 record-level epsilon above this site's own limit; declining",
+                task.run_id, task.round
+            )
+        );
+    }
+
+    #[test]
+    fn a_ledger_of_one_unit_declines_tasks_of_another_before_training() {
+        let dir = tempfile::tempdir().unwrap();
+        let (site, f) = private_site(dir.path(), 50.0, false);
+        let session = dp_task(&f.task);
+        site.train_task(&session, &f.global_bytes, &mut |_| {})
+            .unwrap();
+        let mut user = dp_task(&f.task);
+        user.round = 4;
+        user.task_id = "task-2".into();
+        user.record_dp.as_mut().unwrap().sgd.unit = fedflow_common::train::PrivacyUnit::User;
+        let mut epochs = 0;
+        let declined = site.train_task(&user, &f.global_bytes, &mut |_| epochs += 1);
+        let Err(Error::Policy(why)) = declined else {
+            panic!("{declined:?}");
+        };
+        assert!(why.contains("session-level releases") && why.contains("one privacy unit"));
+        assert_eq!(epochs, 0, "declined before training");
+        assert_eq!(
+            Ledger::open(dir.path()).unwrap().entries().unwrap().len(),
+            1
+        );
+    }
+
+    #[test]
     fn released_metrics_are_sent_and_marked_in_the_ledger() {
         let dir = tempfile::tempdir().unwrap();
         let (site, f) = private_site(dir.path(), 50.0, true);
@@ -398,6 +456,79 @@ mod site_level {
             }),
             ..f.task.clone()
         }
+    }
+
+    /// The fixture's site, rebuilt by `with` (the builders take the trainer by value).
+    fn rebuilt(f: &mut Fixture, with: impl FnOnce(SiteTrainer) -> SiteTrainer) -> SiteTrainer {
+        let site = std::mem::replace(
+            &mut f.site,
+            SiteTrainer::new(SiteDataset::default(), &f.vocab, Device::Cpu),
+        );
+        with(site)
+    }
+
+    #[test]
+    fn a_site_withholding_metrics_sends_counts_only_and_declines_evaluation() {
+        let mut f = fixture();
+        let site = rebuilt(&mut f, |s| s.withholding_metrics(true));
+        let n = site.dataset().train.len();
+        let plain = site
+            .train_task(&f.task, &f.global_bytes, &mut |_| {})
+            .unwrap();
+        // Without site-level DP the training count is the FedAvg weight: it stays.
+        assert_eq!(plain.metrics, SiteMetrics::counts_only(n, 0));
+        let local = with_site_dp(&f, TrustMode::Local, 1.0, 0.5);
+        let out = site
+            .train_task(&local, &f.global_bytes, &mut |_| {})
+            .unwrap();
+        assert_eq!(out.metrics, SiteMetrics::counts_only(0, 0));
+        let eval = site.evaluate_task(&local, &f.global_bytes);
+        assert!(
+            matches!(&eval, Err(Error::Policy(w)) if w.contains("--withhold-metrics")),
+            "{eval:?}"
+        );
+        assert!(!crate::work::SiteWork::reports_progress(&site, &local));
+        // The coordinator reads such an update as counts with nothing measured.
+        let wire = fedflow_proto::v1::Metrics::from(&out.metrics);
+        assert!(wire.validation_loss.is_nan() && wire.train_loss.is_nan());
+        assert_eq!((wire.train_seconds, wire.epochs_run), (0.0, 0));
+    }
+
+    #[test]
+    fn a_site_noise_floor_declines_tasks_that_would_add_less_noise_at_the_site() {
+        let mut f = fixture();
+        assert!(matches!(
+            SiteTrainer::new(SiteDataset::default(), &f.vocab, Device::Cpu)
+                .with_min_site_noise(0.0),
+            Err(Error::Usage(_))
+        ));
+        let site = rebuilt(&mut f, |s| s.with_min_site_noise(0.5).unwrap());
+        for (task, what) in [
+            (f.task.clone(), "no site-level DP"),
+            (
+                with_site_dp(&f, TrustMode::Central, 1.0, 0.0),
+                "central mode",
+            ),
+            (
+                with_site_dp(&f, TrustMode::Distributed, 2.0, 0.5),
+                "distributed mode",
+            ),
+            (with_site_dp(&f, TrustMode::Local, 1.0, 0.4), "local mode"),
+        ] {
+            let mut epochs = 0;
+            let r = site.train_task(&task, &f.global_bytes, &mut |_| epochs += 1);
+            let Err(Error::Policy(why)) = r else {
+                panic!("{what}: {r:?}");
+            };
+            assert!(
+                why.contains(what) && why.contains("--min-site-noise"),
+                "{why}"
+            );
+            assert_eq!(epochs, 0, "{what}: declined before training");
+        }
+        // At or above the floor: trained.
+        let ok = with_site_dp(&f, TrustMode::Local, 1.0, 0.5);
+        assert!(site.train_task(&ok, &f.global_bytes, &mut |_| {}).is_ok());
     }
 
     #[test]

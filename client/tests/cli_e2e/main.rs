@@ -1,6 +1,7 @@
 //! End-to-end tests of the partner-site client, in one test binary (the tree is linked once):
-//! the `fedflow-client` commands on real files, and record-level DP against a real
-//! coordinator over gRPC, crash included.
+//! the `fedflow-client` commands on real files, record-level DP against a real coordinator
+//! over gRPC, crash included, and sites' own protections under site-level DP.
 
 mod commands;
 mod record_privacy;
+mod site_privacy;

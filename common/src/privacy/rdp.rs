@@ -310,6 +310,19 @@ impl RdpAccountant {
         Ok(RdpAccountant { orders, rdp })
     }
 
+    /// An accountant holding an RDP curve computed elsewhere (for instance under another
+    /// neighbouring relation, see [`super::neighbours`]): `rdp[i]` at `orders[i]`, each a
+    /// number >= 0 or +∞.
+    pub fn with_rdp(orders: Vec<f64>, rdp: Vec<f64>) -> Result<Self> {
+        check_orders(&orders, &rdp)?;
+        if let Some(r) = rdp.iter().find(|&&r| r.is_nan() || r < 0.0) {
+            return Err(Error::Privacy(format!(
+                "an RDP value must be >= 0 or infinite, found {r}"
+            )));
+        }
+        Ok(RdpAccountant { orders, rdp })
+    }
+
     /// Adds `event` to what has been spent.
     pub fn compose(&mut self, event: &SampledGaussian) -> Result<()> {
         let one = rdp_poisson_subsampled_gaussian(event.q, event.z, &self.orders)?;

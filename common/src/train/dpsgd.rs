@@ -18,6 +18,23 @@
 //! [`SampledGaussian`] event of [`dpsgd_round`], which is what the site's ledger records.
 //! Validation data is not used for model selection (that would be a release outside the
 //! accounting): the weights after the last step are the result.
+//!
+//! # Dropout under DP-SGD
+//!
+//! The subsampled-Gaussian analysis needs each sampled unit's clipped gradient to be a
+//! function of that unit (and the step's weights) alone: then adding or removing one unit
+//! changes the step's sum by at most C. Dropout masks are random, so where they come from
+//! matters. Each unit's masks at step `t` are drawn from a ChaCha8 stream seeded with
+//! `SHA-256(domain ‖ K ‖ t ‖ the unit's sessions)`, where K is a 256-bit key drawn from the
+//! caller's CSPRNG at the start of [`train_dp`] (so it is fresh per call and known only to
+//! the site). A unit's masks therefore depend on nothing but the key, the step and the unit
+//! itself: not on which other units were sampled, nor on the unit's position in the data, nor
+//! on the coordinator's `seed`. For every fixed K the per-step sensitivity bound holds exactly;
+//! the key's secrecy additionally keeps the masks unknown outside the site. Two units with
+//! identical sessions get identical masks, which the argument allows (each is still a
+//! function of its own unit). A unit whose gradient is not finite contributes zero (a
+//! function of that unit alone, so within the same bound) instead of aborting training, so
+//! the outcome of a task reveals nothing about single units; the count is reported locally.
 
 use std::time::Instant;
 
@@ -27,6 +44,7 @@ use rand::{CryptoRng, Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::{EpochReport, MetricsAccumulator, TrainConfig, TrainReport, argmax, optim, scalar};
 use crate::data::EncodedSession;
@@ -36,7 +54,7 @@ use crate::privacy::{SampledGaussian, add_gaussian};
 use crate::{Error, Result};
 
 /// What one unit of privacy protection is: the neighbouring datasets differ by one of these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PrivacyUnit {
     /// One session (one row of the site's data).
@@ -198,6 +216,46 @@ pub struct DpTrainReport {
     pub sampled: u64,
     /// Fraction of sampled units whose gradient norm exceeded C.
     pub clipped_fraction: f64,
+    /// Sampled units whose gradient was not finite and which contributed zero (see the
+    /// module docs); kept for the site's own log.
+    pub non_finite: u64,
+}
+
+/// The secret key of one [`train_dp`] call, from which every unit's dropout masks are
+/// derived (see the module docs).
+#[derive(Clone)]
+pub struct DropoutKey([u8; 32]);
+
+impl std::fmt::Debug for DropoutKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DropoutKey(..)")
+    }
+}
+
+impl DropoutKey {
+    /// A fresh key drawn from `rng` (the site's CSPRNG).
+    pub fn draw<R: Rng + CryptoRng>(rng: &mut R) -> Self {
+        DropoutKey(rng.random())
+    }
+
+    /// The dropout stream of the unit made of `sessions` at DP-SGD step `step` (0-based):
+    /// ChaCha8 seeded with `SHA-256(domain ‖ key ‖ step ‖ sessions)`, every field fixed-width
+    /// or length-prefixed so that distinct inputs never encode alike.
+    pub fn unit_rng(&self, step: u64, sessions: &[&EncodedSession]) -> ChaCha8Rng {
+        let mut h = Sha256::new();
+        h.update(b"fedflow/dp-sgd/dropout/v1\0");
+        h.update(self.0);
+        h.update(step.to_le_bytes());
+        h.update((sessions.len() as u64).to_le_bytes());
+        for s in sessions {
+            h.update(s.class.to_le_bytes());
+            h.update((s.events.len() as u64).to_le_bytes());
+            for e in &s.events {
+                h.update(e.to_le_bytes());
+            }
+        }
+        ChaCha8Rng::from_seed(h.finalize().into())
+    }
 }
 
 /// Per-unit gradient clipping and summation into flat f32 buffers, one per parameter.
@@ -211,6 +269,10 @@ pub struct ClippedSum {
     pub units: u64,
     /// Of which had a gradient norm above C.
     pub clipped: u64,
+    /// Of which had a gradient that was not finite (added as zero, see
+    /// [`ClippedSum::zeroing_non_finite`]).
+    pub non_finite: u64,
+    zero_non_finite: bool,
 }
 
 impl ClippedSum {
@@ -233,7 +295,17 @@ impl ClippedSum {
             clip_norm,
             units: 0,
             clipped: 0,
+            non_finite: 0,
+            zero_non_finite: false,
         }
+    }
+
+    /// The same sums, but a unit whose gradient is not finite is added as zero (and counted
+    /// in [`ClippedSum::non_finite`]) instead of failing [`ClippedSum::add_unit`]: how
+    /// [`train_dp`] adds units, so that no error depends on a single unit.
+    pub fn zeroing_non_finite(mut self) -> Self {
+        self.zero_non_finite = true;
+        self
     }
 
     /// The parameters, sorted by name, in the order of [`ClippedSum::sums`].
@@ -255,6 +327,8 @@ impl ClippedSum {
             clip_norm: self.clip_norm,
             units: 0,
             clipped: 0,
+            non_finite: 0,
+            zero_non_finite: self.zero_non_finite,
         }
     }
 
@@ -267,6 +341,7 @@ impl ClippedSum {
         }
         self.units += other.units;
         self.clipped += other.clipped;
+        self.non_finite += other.non_finite;
     }
 
     /// Zeroes the sums and counters.
@@ -276,6 +351,7 @@ impl ClippedSum {
         }
         self.units = 0;
         self.clipped = 0;
+        self.non_finite = 0;
     }
 
     /// The gradient of the mean loss over `sessions` (one privacy unit), flattened over all
@@ -302,7 +378,8 @@ impl ClippedSum {
     }
 
     /// Adds one unit's gradient, scaled to L2 norm at most C. Returns the norm before
-    /// clipping and the loss and logits.
+    /// clipping and the loss and logits. A gradient that is not finite is an error, or adds
+    /// nothing with [`ClippedSum::zeroing_non_finite`].
     pub fn add_unit(
         &mut self,
         model: &AttentionFlowModel,
@@ -316,6 +393,11 @@ impl ClippedSum {
             .map(|&g| f64::from(g) * f64::from(g))
             .sum::<f64>()
             .sqrt();
+        if !norm.is_finite() && self.zero_non_finite {
+            self.units += 1;
+            self.non_finite += 1;
+            return Ok((norm, loss, logits));
+        }
         if !norm.is_finite() {
             return Err(Error::Training(format!(
                 "a per-example gradient is {norm}: lower the learning rate"
@@ -365,11 +447,12 @@ impl ClippedSum {
 /// Trains `model` in place with DP-SGD for `cfg.epochs` epochs over the given privacy `units`
 /// (indices into `train`, see [`privacy_units`]).
 ///
-/// `noise_rng` draws both the Poisson sampling and the Gaussian noise: it must be a
-/// cryptographically secure generator seeded from the operating system in production
-/// (tests pass a seeded one). The learning rate, optimiser and weight decay come from `cfg`;
-/// `cfg.batch_size`, early stopping and FedProx do not apply, and no validation data is
-/// looked at (model selection on it would be a release outside the accounting).
+/// `noise_rng` draws the dropout key (see the module docs), the Poisson sampling and the
+/// Gaussian noise: it must be a cryptographically secure generator seeded from the
+/// operating system in production (tests pass a seeded one). The learning rate, optimiser
+/// and weight decay come from `cfg`; `cfg.seed`, `cfg.batch_size`, early stopping and
+/// FedProx do not apply, and no validation data is looked at (model selection on it would be
+/// a release outside the accounting).
 pub fn train_dp<R: Rng + CryptoRng>(
     model: &AttentionFlowModel,
     train: &[EncodedSession],
@@ -378,6 +461,31 @@ pub fn train_dp<R: Rng + CryptoRng>(
     dp: &DpSgdConfig,
     noise_rng: &mut R,
     on_epoch: &mut dyn FnMut(&EpochReport),
+) -> Result<DpTrainReport> {
+    train_dp_observed(
+        model,
+        train,
+        units,
+        cfg,
+        dp,
+        noise_rng,
+        on_epoch,
+        &mut |_, _| {},
+    )
+}
+
+/// [`train_dp`], calling `on_step(step, sum)` with each step's clipped sum before the noise
+/// is added (tests look at what one unit changes).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_dp_observed<R: Rng + CryptoRng>(
+    model: &AttentionFlowModel,
+    train: &[EncodedSession],
+    units: &[Vec<usize>],
+    cfg: &TrainConfig,
+    dp: &DpSgdConfig,
+    noise_rng: &mut R,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+    on_step: &mut dyn FnMut(u64, &ClippedSum),
 ) -> Result<DpTrainReport> {
     cfg.validate()?;
     dp.validate()?;
@@ -402,10 +510,12 @@ pub fn train_dp<R: Rng + CryptoRng>(
         cfg.momentum,
         cfg.weight_decay,
     )?;
-    let mut dropout_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed_d20b_0000_0001);
-    let mut acc_sum = ClippedSum::new(model, dp.clip_norm);
+    // Drawn before anything else, from the secret generator: never from `cfg.seed`, which
+    // the coordinator chose.
+    let dropout_key = DropoutKey::draw(noise_rng);
+    let mut acc_sum = ClippedSum::new(model, dp.clip_norm).zeroing_non_finite();
     let std = dp.noise_multiplier * dp.clip_norm;
-    let (mut sampled, mut clipped) = (0u64, 0u64);
+    let (mut sampled, mut clipped, mut non_finite) = (0u64, 0u64, 0u64);
     let mut reports = Vec::new();
     let mut steps = 0;
     for epoch in 1..=cfg.epochs {
@@ -414,12 +524,13 @@ pub fn train_dp<R: Rng + CryptoRng>(
         let mut seen = 0usize;
         for _ in 0..steps_per_epoch {
             acc_sum.reset();
-            // Poisson sampling, then one dropout seed per sampled unit, both drawn in unit
-            // order, so the result does not depend on how the units are spread over threads.
-            let batch: Vec<(&Vec<usize>, u64)> = units
+            // Poisson sampling, drawn in unit order, so the result does not depend on how the
+            // units are spread over threads; each unit's dropout stream is derived from the
+            // key, the step and the unit alone.
+            let step = steps as u64;
+            let batch: Vec<&Vec<usize>> = units
                 .iter()
                 .filter(|_| noise_rng.random::<f64>() < event.q)
-                .map(|u| (u, dropout_rng.random::<u64>()))
                 .collect();
             // Per-unit backward passes are independent: fixed chunks run in parallel, each
             // into its own partial sum, merged in chunk order (bit-identical on any core count).
@@ -428,10 +539,10 @@ pub fn train_dp<R: Rng + CryptoRng>(
                 .map(|chunk| {
                     let mut part = acc_sum.empty_like();
                     let mut seen = Vec::with_capacity(chunk.len());
-                    for &(unit, seed) in chunk {
+                    for &unit in chunk {
                         let sessions: Vec<&EncodedSession> =
                             unit.iter().map(|&i| &train[i]).collect();
-                        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                        let mut rng = dropout_key.unit_rng(step, &sessions);
                         let (_, loss, logits) =
                             part.add_unit(model, &sessions, &mut Mode::Train(&mut rng))?;
                         let truth: Vec<u32> = sessions.iter().map(|s| s.class).collect();
@@ -447,10 +558,12 @@ pub fn train_dp<R: Rng + CryptoRng>(
                     seen += truth.len();
                 }
             }
+            on_step(step, &acc_sum);
             acc_sum.add_noise(std, noise_rng);
             optimizer.step(&acc_sum.gradients(expected_batch)?)?;
             sampled += acc_sum.units;
             clipped += acc_sum.clipped;
+            non_finite += acc_sum.non_finite;
             steps += 1;
         }
         let seconds = started.elapsed().as_secs_f64();
@@ -483,6 +596,7 @@ pub fn train_dp<R: Rng + CryptoRng>(
         } else {
             clipped as f64 / sampled as f64
         },
+        non_finite,
     })
 }
 

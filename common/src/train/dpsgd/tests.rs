@@ -377,3 +377,115 @@ fn a_shared_sampling_rate_fixes_q_and_the_batch_follows_the_site_size() {
         assert!(bad.validate().is_err(), "{bad:?}");
     }
 }
+
+/// Every step's clipped sum (before noise) of a DP-SGD run over `data` with every unit
+/// sampled (q = 1), no noise and a learning rate too small to move the weights, so that
+/// what changes between runs is the dropout masks and the units present.
+fn step_sums(data: &[EncodedSession], noise_seed: u64, coordinator_seed: u64) -> Vec<Vec<f32>> {
+    let cfg = ModelConfig {
+        dropout: 0.4,
+        ..config(EncoderKind::Lstm)
+    };
+    let model = AttentionFlowModel::new(&cfg, &Device::Cpu, 7).unwrap();
+    let dp = DpSgdConfig {
+        clip_norm: 1.0,
+        noise_multiplier: 0.0,
+        expected_batch_size: 0,
+        sampling_rate: Some(1.0),
+        ..DpSgdConfig::default()
+    };
+    let units = privacy_units(&(0..data.len() as u32).collect::<Vec<_>>(), &dp);
+    let tc = TrainConfig {
+        seed: coordinator_seed,
+        learning_rate: 1e-12,
+        ..sgd(4, 1)
+    };
+    let mut sums = Vec::new();
+    let report = train_dp_observed(
+        &model,
+        data,
+        &units,
+        &tc,
+        &dp,
+        &mut ChaCha20Rng::seed_from_u64(noise_seed),
+        &mut |_| {},
+        &mut |step, sum| {
+            assert_eq!(step as usize, sums.len());
+            sums.push(sum.sums().concat());
+        },
+    )
+    .unwrap();
+    assert_eq!((report.train.steps, sums.len()), (4, 4));
+    sums
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn a_units_presence_leaves_every_other_units_dropout_masks_unchanged() {
+    // D, the unit x alone, and D with x first: with every unit in every step, each step's
+    // sum over D + x must be the sum over D plus x's own contribution, at the same step and
+    // every later one. Were masks drawn per sampled unit in order, x would shift every other
+    // unit's masks and the difference would be far from x's contribution.
+    let data = sessions(10, 21);
+    let x = sessions(1, 22);
+    let with_x: Vec<EncodedSession> = x.iter().chain(&data).cloned().collect();
+    let (without, alone, both) = (
+        step_sums(&data, 5, 1),
+        step_sums(&x, 5, 1),
+        step_sums(&with_x, 5, 1),
+    );
+    for step in 0..4 {
+        let predicted: Vec<f32> = without[step]
+            .iter()
+            .zip(&alone[step])
+            .map(|(a, b)| a + b)
+            .collect();
+        let off = max_abs_diff(&both[step], &predicted);
+        assert!(off < 1e-5, "step {step}: off by {off}");
+    }
+    // The masks really are in play and fresh at every step: x's own contribution changes from
+    // step to step although the weights do not.
+    assert!(max_abs_diff(&alone[0], &alone[1]) > 1e-3);
+    // They come from the site's secret generator, not from the coordinator's seed.
+    assert!(max_abs_diff(&step_sums(&x, 6, 1)[0], &alone[0]) > 1e-3);
+    assert_eq!(step_sums(&x, 5, 99), alone);
+}
+
+#[test]
+fn a_unit_with_a_non_finite_gradient_contributes_zero_instead_of_failing() {
+    let data = sessions(3, 30);
+    let model = AttentionFlowModel::new(&config(EncoderKind::Lstm), &Device::Cpu, 3).unwrap();
+    // Poison one weight: every unit's loss, hence gradient, becomes NaN.
+    {
+        let vars = model.varmap().data().lock().unwrap();
+        let (_, v) = vars.iter().find(|(n, _)| n.starts_with("head")).unwrap();
+        let mut w = v
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        w[0] = f32::NAN;
+        v.set(
+            &Tensor::from_vec(w, v.shape(), v.device())
+                .unwrap()
+                .to_dtype(v.dtype())
+                .unwrap(),
+        )
+        .unwrap();
+    }
+    let strict = ClippedSum::new(&model, 1.0).add_unit(&model, &[&data[0]], &mut Mode::Eval);
+    assert!(matches!(strict, Err(Error::Training(_))), "{strict:?}");
+    let mut zeroing = ClippedSum::new(&model, 1.0).zeroing_non_finite();
+    for s in &data {
+        zeroing.add_unit(&model, &[s], &mut Mode::Eval).unwrap();
+    }
+    assert_eq!((zeroing.units, zeroing.non_finite), (3, 3));
+    assert!(zeroing.sums().iter().flatten().all(|&v| v == 0.0));
+}
