@@ -52,6 +52,13 @@ pub fn to_html(r: &PrivacyAudit) -> Result<String> {
         r.run.committed_rounds,
         r.run.configured_rounds
     );
+    if !r.warnings.is_empty() {
+        body.push_str("<div class=\"warn\"><h2>Warnings</h2><ul>");
+        for w in &r.warnings {
+            body.push_str(&format!("<li><b>{}</b></li>", escape(w)));
+        }
+        body.push_str("</ul></div>");
+    }
     if let Some(s) = &r.site_level {
         body.push_str(&site_section(s)?);
     }
@@ -95,6 +102,7 @@ fn site_section(s: &SiteLevel) -> Result<String> {
                 s.sampling.assumption
             ),
         ),
+        ("coordinator randomness", s.coordinator_randomness.clone()),
         ("mechanism", s.mechanism.name.clone()),
         (
             "charged per round",
@@ -172,6 +180,7 @@ fn site_section(s: &SiteLevel) -> Result<String> {
                 l.clipped_fraction
                     .map_or("–".into(), |c| format!("{:.0}%", 100.0 * c)),
                 fmt_eps(r.epsilon_recomputed),
+                if l.seeded_randomness { "SEEDED" } else { "OS" }.into(),
             ]
         })
         .collect();
@@ -188,6 +197,7 @@ fn site_section(s: &SiteLevel) -> Result<String> {
             "contributions",
             "clipped",
             "ε after",
+            "randomness",
         ],
         &rows,
     ));
@@ -213,6 +223,37 @@ fn site_section(s: &SiteLevel) -> Result<String> {
             })
             .collect();
         out.push_str(&table(&["site", "updates seen", "ε"], &rows));
+    }
+    if let Some(a) = &s.against_sites {
+        out.push_str("<h3>Each site against other sites</h3>");
+        out.push_str(&format!(
+            "<p>{} {}.</p>",
+            escape(&a.neighbouring_relation),
+            escape(&a.assumption)
+        ));
+        let rows: Vec<Vec<String>> = a
+            .coalitions
+            .iter()
+            .map(|c| {
+                vec![
+                    c.colluding_sites.map_or_else(
+                        || "every other contributing site".to_string(),
+                        |t| t.to_string(),
+                    ),
+                    c.min_noise_multiplier
+                        .map_or("–".into(), |z| format!("{z:.4}")),
+                    fmt_eps(c.cumulative[0].epsilon),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "colluding sites t",
+                "smallest multiplier of a round",
+                &format!("ε at δ = {:e}", s.target.delta),
+            ],
+            &rows,
+        ));
     }
     Ok(out)
 }
@@ -241,6 +282,7 @@ fn record_section(r: &RecordLevel) -> Result<String> {
                 r.target.epsilon, r.target.delta
             ),
         ),
+        ("what is counted", r.counting.clone()),
         ("authoritative figures", r.authoritative.clone()),
     ]));
     if !r.every_round_epsilon.is_empty() {
@@ -277,15 +319,23 @@ fn record_section(r: &RecordLevel) -> Result<String> {
             vec![
                 escape(&s.site_id),
                 s.rounds_contributed.to_string(),
+                opt(s.updates_received),
                 opt(s.train_examples),
                 s.epsilon
-                    .map_or("in the site's report".into(), |e| format!("{e:.4}")),
+                    .map_or("in the site's report".into(), |e| format!("≥ {e:.4}")),
                 escape(&s.declined.join("; ")),
             ]
         })
         .collect();
     out.push_str(&table(
-        &["site", "rounds contributed", "examples", "ε", "declined"],
+        &[
+            "site",
+            "rounds contributed",
+            "updates received",
+            "examples",
+            "ε (lower bound)",
+            "declined",
+        ],
         &rows,
     ));
     Ok(out)

@@ -1,34 +1,40 @@
 //! The run's privacy-audit report: what privacy guarantee a run actually delivered, at both
 //! levels, with every parameter needed to check it and the commands that recompute it.
 //!
-//! - **Site level** (`[site_dp]`), from the coordinator's append-only ledger
+//! - **Site level** (`[site_dp]`, [`site`]), from the coordinator's append-only ledger
 //!   (`site_dp_rounds`, `site_dp_uploads`): the trust mode and whom it protects against, the
-//!   privacy unit and neighbouring relation, the sampling and its assumption, the
-//!   accountant, ε per round and cumulative at the target δ and other δ, and in the
-//!   distributed and local modes each site's guarantee against the coordinator itself.
-//! - **Record level** (`[record_dp]`), from the DP-SGD parameters the run dictated and what
-//!   each site reported: the ε every site spent (computable here when sites share a
-//!   sampling rate; otherwise it depends on the site's size, which only its own ledger
-//!   knows), and the sites' declines.
+//!   privacy unit and neighbouring relation, the sampling and its assumption, where the
+//!   coordinator's randomness came from, the accountant, ε per round and cumulative at the
+//!   target δ and other δ, in the distributed and local modes each site's guarantee against
+//!   the coordinator itself, and in the distributed mode against other sites (which know
+//!   their own noise shares).
+//! - **Record level** (`[record_dp]`, [`record`]), from the DP-SGD parameters the run
+//!   dictated and what the coordinator saw of each site: a lower bound on the ε every site
+//!   spent (computable here when sites share a sampling rate; otherwise it depends on the
+//!   site's number of privacy units), and the sites' declines. Each site's own ledger holds
+//!   the exact figure.
+//! - **Warnings** a reader must see before any figure: the coordinator's randomness seeded
+//!   (simulations, tests), and a δ that is not below 1/n.
 //!
 //! The JSON (schema `fedflow.privacy-audit/1`) is documented field by field on
 //! [`PrivacyAudit`]; fields are only ever added. [`to_html`] renders it as a self-contained
-//! page, summary first.
-//!
-//! Kept as one file (about 680 lines): the report's types and the site- and record-level
-//! builders that fill them are read side by side, field by field.
-
-use std::collections::BTreeMap;
+//! page, summary and warnings first. This file holds the report's types and the parts that
+//! span both levels (summary, warnings, what is not covered, the commands); each level's
+//! builder is its own module.
 
 use fedflow_common::privacy::{RdpAccountant, SampledGaussian};
-use fedflow_common::report::finite;
 use serde::Serialize;
 
 use crate::Result;
 use crate::config::RunConfig;
-use crate::store::{SiteDpRound, SiteState, Store};
+use crate::store::{SiteDpRound, Store};
 
+mod caveats;
 mod html;
+pub mod record;
+pub mod site;
+#[cfg(test)]
+mod tests;
 
 pub use html::to_html;
 
@@ -50,6 +56,11 @@ pub struct PrivacyAudit {
     pub run: RunInfo,
     /// One line: what the run guarantees, at which level.
     pub summary: String,
+    /// What a reader must know before trusting any figure below: the coordinator's
+    /// randomness seeded (a simulation or test, not a deployment), a δ not below 1/n for
+    /// the sites (site level) or a site's reported examples (record level). Empty when none
+    /// applies.
+    pub warnings: Vec<String>,
     /// Site-level DP, if the run had it.
     pub site_level: Option<SiteLevel>,
     /// Record-level DP, if the run had it.
@@ -104,10 +115,24 @@ pub struct SiteLevel {
     /// Committed rounds without a ledger row (0 unless the run's DP settings were changed
     /// outside fedflow): each voids the guarantee.
     pub unrecorded_rounds: u64,
+    /// Released rounds whose coordinator-side randomness (site sampling, the noise top-up,
+    /// adaptive clipping's bit noise) came from a fixed seed (simulations and tests) instead
+    /// of the operating system, as the ledger recorded (`seeded_randomness`).
+    pub seeded_rounds: u64,
+    /// Where the coordinator's randomness came from, and what a seed means for the
+    /// guarantee.
+    pub coordinator_randomness: String,
+    /// The sites this coordinator has seen (every run in its data directory): the
+    /// population a site-level δ is compared with (δ should be well below 1 / sites).
+    pub sites_seen: u64,
     /// Every released round as the ledger recorded it, with ε recomputed here.
     pub rounds: Vec<SiteRound>,
     /// The distributed and local modes: each site's guarantee against the coordinator.
     pub against_coordinator: Option<AgainstCoordinator>,
+    /// The distributed mode: each site's guarantee against other sites, which see the
+    /// released models and know their own noise shares (null in the central and local
+    /// modes, where the guarantee downstream already holds against sites).
+    pub against_sites: Option<AgainstSites>,
 }
 
 /// Sampling of sites (or records).
@@ -186,6 +211,37 @@ pub struct SiteAgainstCoordinator {
     pub epsilon: Option<f64>,
 }
 
+/// The coalition sizes t for which the distributed mode's guarantee against colluding
+/// sites is stated (those below a run's largest number of contributions), besides "every
+/// other contributing site".
+pub const COLLUDING_SITES: [u64; 4] = [1, 2, 5, 10];
+
+/// Each site's guarantee against other sites in the distributed mode (see
+/// [`site::colluding_multiplier`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct AgainstSites {
+    /// The relation (zero-out, as downstream).
+    pub neighbouring_relation: String,
+    /// What the figures assume and how each round is charged.
+    pub assumption: String,
+    /// One entry per coalition size: t = 1 first, every other contributing site last.
+    pub coalitions: Vec<Coalition>,
+}
+
+/// A site's guarantee against t colluding sites.
+#[derive(Debug, Clone, Serialize)]
+pub struct Coalition {
+    /// t: how many sites (never the protected one) pool their noise shares; null: every
+    /// other site that contributed to a round.
+    pub colluding_sites: Option<u64>,
+    /// The smallest noise multiplier any released round carries against them (null: no
+    /// round released).
+    pub min_noise_multiplier: Option<f64>,
+    /// ε after all released rounds at the target δ and at [`OTHER_DELTAS`] (null:
+    /// unbounded, or a committed round is missing from the ledger).
+    pub cumulative: Vec<EpsilonAt>,
+}
+
 /// Record-level DP-SGD at the sites.
 #[derive(Debug, Clone, Serialize)]
 pub struct RecordLevel {
@@ -203,9 +259,14 @@ pub struct RecordLevel {
     pub accountant: String,
     /// The run's per-site target.
     pub target: Target,
-    /// Per site: rounds contributed, declines, and ε when computable here.
+    /// What the per-site figures count, and why each is a lower bound on what the site
+    /// spent.
+    pub counting: String,
+    /// Per site: rounds contributed, updates received, declines, and a lower bound on its
+    /// ε when computable here.
     pub sites: Vec<RecordSite>,
-    /// The largest per-site ε computable here (null: none computable, or unbounded).
+    /// The largest per-site lower bound computable here (null: none computable, or
+    /// unbounded).
     pub worst_epsilon: Option<f64>,
     /// ε at the target δ after r rounds of a site that contributed to every round, for
     /// r = 1, 2, ... up to the rounds released (empty when ε depends on each site's size).
@@ -221,11 +282,18 @@ pub struct RecordSite {
     pub site_id: String,
     /// Rounds it contributed an update to (committed).
     pub rounds_contributed: u64,
+    /// Every update of the site that reached the round engine, refused ones and those of
+    /// re-run rounds included, when the run has site-level DP (whose ledger records them);
+    /// null otherwise.
+    pub updates_received: Option<u64>,
     /// Rounds it declined, with the reasons.
     pub declined: Vec<String>,
-    /// Training examples it reported last.
+    /// Training examples it reported last (unverified; not its number of privacy units
+    /// under user-level DP).
     pub train_examples: Option<u64>,
-    /// ε at the target δ, when the shared sampling rate makes it computable here.
+    /// A lower bound on its ε at the target δ, when the shared sampling rate makes it
+    /// computable here: the cost of the updates counted (`updates_received` when recorded,
+    /// else `rounds_contributed`; see [`RecordLevel::counting`]).
     pub epsilon: Option<f64>,
 }
 
@@ -313,64 +381,16 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
     let site_level = cfg
         .site_dp
         .as_ref()
-        .map(|dp| site_level(store, run_id, cfg, dp, committed.len() as u64))
+        .map(|dp| site::site_level(store, run_id, cfg, dp, committed.len() as u64))
         .transpose()?;
     let record_level = cfg
         .record_dp
         .as_ref()
-        .map(|dp| record_level(store, run_id, cfg, dp, &committed))
+        .map(|dp| record::record_level(store, run_id, cfg, dp, &committed))
         .transpose()?;
-    let fmt = |e: Option<f64>| e.map_or("∞".to_string(), |e| format!("{e:.4}"));
-    let mut summary = Vec::new();
-    if let Some(s) = &site_level {
-        summary.push(format!(
-            "site level ({} mode): ε = {} at δ = {:e} over {} released round(s), against {}",
-            s.trust_mode,
-            fmt(s.cumulative[0].epsilon),
-            s.target.delta,
-            s.rounds.len(),
-            s.protects_against
-        ));
-    }
-    if let Some(r) = &record_level {
-        summary.push(format!(
-            "record level (DP-SGD at every site): ε ≤ {} at δ = {:e} per site (target {})",
-            r.worst_epsilon.map_or(
-                "the figure in each site's own report".to_string(),
-                |e| format!("{e:.4}")
-            ),
-            r.target.delta,
-            r.target.epsilon
-        ));
-    }
-    let summary = if summary.is_empty() {
-        "no differential privacy: this run's released models carry no formal privacy \
-         guarantee (ε = ∞) for sites or their records"
-            .to_string()
-    } else {
-        summary.join("; ")
-    };
-    let mut not_covered = vec![
-        "metrics the sites reported (training loss, validation and evaluation metrics) unless \
-         they withheld them: they are computed on site data and released without noise"
-            .to_string(),
-        "hyper-parameter tuning and any run not recorded in this data directory: repeated runs \
-         on the same data compose, and their cost is not in this report"
-            .to_string(),
-        "the number of training examples each site reports (its FedAvg weight, ignored under \
-         site-level DP) and the fact that a site is enrolled"
-            .to_string(),
-    ];
-    if site_level.is_some() {
-        not_covered.push(
-            "per-round participation figures — selected, contributions, the exact clipped \
-             fraction — which the coordinator's ledger and THIS REPORT show (share the report \
-             only with those the coordinator is trusted with, or drop its per-round table), and \
-             round timing (a round closes as soon as every sampled site has answered, which \
-             tells its sites how many were sampled)"
-                .to_string(),
-        );
-    }
+    let summary = summary(site_level.as_ref(), record_level.as_ref());
+    let warnings = caveats::warnings(site_level.as_ref(), record_level.as_ref());
+    let not_covered = caveats::not_covered(site_level.as_ref());
     let data = store.dir().display().to_string();
     let mut recompute = vec![format!(
         "fedflow-coordinator privacy-report --data {data} --run {run_id} --out OUT_DIR"
@@ -389,7 +409,8 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
         recompute.push(match dp.sampling_rate {
             Some(q) => format!(
                 "fedflow-client privacy plan --q {q} --noise-multiplier {} --steps {} \
-                 --rounds R --delta {:e}   (R = the rounds a site contributed to)",
+                 --rounds R --delta {:e}   (R = the updates a site released in this run; \
+                 its own ledger counts them)",
                 dp.noise_multiplier,
                 fedflow_common::privacy::planner::dpsgd_round_at_rate(
                     1,
@@ -413,6 +434,7 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
         code_version: format!("fedflow-coordinator {}", env!("CARGO_PKG_VERSION")),
         run: info,
         summary,
+        warnings,
         site_level,
         record_level,
         not_covered,
@@ -420,261 +442,74 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
     })
 }
 
-fn site_level(
-    store: &Store,
-    run_id: &str,
-    cfg: &RunConfig,
-    dp: &crate::config::SiteDpSection,
-    committed: u64,
-) -> Result<SiteLevel> {
-    use fedflow_common::privacy::dpfedavg::{Relation, SiteSampling, TrustMode};
-    let ledger = store.site_dp_rounds(run_id)?;
-    // Every committed round must be in the ledger; one that is not (impossible while the
-    // engine refuses to resume with another [site_dp]) makes the guarantee unbounded.
-    let unrecorded_rounds = committed.saturating_sub(ledger.len() as u64);
-    let mut acc = RdpAccountant::default();
-    let mut rounds = Vec::with_capacity(ledger.len());
-    for row in ledger {
-        acc.compose(&SampledGaussian {
-            q: row.sampling_rate,
-            z: row.noise_multiplier,
-            steps: 1,
-        })?;
-        let (e, _) = acc.epsilon(dp.target_delta)?;
-        rounds.push(SiteRound {
-            ledger: row,
-            epsilon_recomputed: finite(e),
-        });
-    }
-    let mech = dp.site_dp();
-    let (protects, not) = match dp.mode {
-        TrustMode::Central => (
-            "everyone who sees the released models (model users, other sites, outsiders)",
-            "the coordinator and its operators, who see every clipped update in the clear",
-        ),
-        TrustMode::Distributed => (
-            "everyone who sees the released models; against the coordinator only each \
-             update's own share of the noise (see against_coordinator)",
-            "a coordinator that publishes individual updates or skips its top-up (no secure \
-             aggregation yet); sites that skip their share",
-        ),
-        TrustMode::Local => (
-            "everyone, the coordinator included (each update carries the full noise)",
-            "nothing beyond what the stated ε allows; a coordinator that skips its top-up \
-             when nobody contributed",
-        ),
-    };
-    let against_coordinator = match mech.coordinator_event()? {
-        None => None,
-        Some(event) => {
-            let mut per_site: BTreeMap<String, u64> = BTreeMap::new();
-            for u in store.site_dp_uploads(run_id)? {
-                *per_site.entry(u.site_id).or_default() += 1;
-            }
-            let mut sites = Vec::new();
-            for (site_id, updates) in per_site {
-                let mut a = RdpAccountant::default();
-                a.compose(&SampledGaussian {
-                    steps: updates,
-                    ..event
-                })?;
-                sites.push(SiteAgainstCoordinator {
-                    site_id,
-                    updates,
-                    epsilon: finite(a.epsilon(dp.target_delta)?.0),
-                });
-            }
-            let worst = if sites.iter().any(|s| s.epsilon.is_none()) {
-                None
-            } else {
-                sites.iter().filter_map(|s| s.epsilon).reduce(f64::max)
-            };
-            Some(AgainstCoordinator {
-                neighbouring_relation: "zero-out: the site's data replaced by data whose update \
-                                        is zero (Kairouz et al. 2021); the coordinator knows \
-                                        which sites sent updates"
-                    .into(),
-                per_update_noise_multiplier: event.z,
-                sites,
-                worst_epsilon: worst,
-            })
-        }
-    };
-    let event = dp.round_event(&cfg.sampling);
-    let central = dp.mode == TrustMode::Central;
-    let assumption = match dp.sampling(&cfg.sampling) {
-        SiteSampling::Poisson(q) if central => format!(
-            "each available site takes part in each round independently with probability \
-             q = {q}, drawn from the coordinator's CSPRNG (seeded from the operating system) and \
-             kept secret from the sites; a site that is not connected is included with \
-             probability 0 ≤ q, which the bound covers; amplification by subsampling is used"
-        ),
-        SiteSampling::Poisson(q) => format!(
-            "Poisson sampling at q = {q}, but no amplification is claimed (rate 1 in the \
-             accountant): under the zero-out relation of this mode a site's own noise share \
-             makes the noise depend on whether it takes part"
-        ),
-        SiteSampling::All => {
-            "every available site in every round: no amplification (rate 1)".to_string()
-        }
-        SiteSampling::FixedSize if central => "a sample of the size [sampling] sets, drawn \
-             uniformly from the available sites with the coordinator's CSPRNG: no amplification \
-             (rate 1), and adding a site can displace another, so one site changes a round's \
-             sum by up to 2C: charged with z/2"
-            .to_string(),
-        SiteSampling::FixedSize => "a sample of the size [sampling] sets, drawn uniformly with \
-             the coordinator's CSPRNG: no amplification (rate 1); under zero-out the site takes \
-             part either way, so the sensitivity stays C"
-            .to_string(),
-    };
-    let sampling = Sampling {
-        method: dp.sampling(&cfg.sampling).name().into(),
-        rate: Some(event.q),
-        assumption,
-    };
-    let relation = match dp.site_dp().relation() {
-        Relation::AddRemove => "add or remove one site: hides whether a site took part",
-        Relation::ZeroOut => {
-            "zero-out: one site's data replaced by data whose update is zero (Kairouz et al. \
-             2021): hides what a site contributed, not whether it took part"
-        }
-    };
-    Ok(SiteLevel {
-        trust_mode: dp.mode.to_string(),
-        protects_against: protects.into(),
-        does_not_protect_against: not.into(),
-        privacy_unit: "a partner site: all of its updates in every round".into(),
-        neighbouring_relation: relation.into(),
-        round_event: event,
-        sampling,
-        mechanism: SiteMechanism {
-            name: "DP-FedAvg with the fixed-denominator estimator (McMahan et al. 2018, \
-                   Algorithm 1)"
-                .into(),
-            clip_norm: dp.clip_norm,
-            noise_multiplier: dp.noise_multiplier,
-            expected_sites: dp.expected_sites,
-            weighting: "uniform (every update weighs 1; example counts ignored), sum divided \
-                        by expected_sites: unbiased for the expected sum, shorter steps when \
-                        fewer sites contribute"
-                .into(),
-            adaptive_clipping: dp
-                .adaptive_clipping
-                .as_ref()
-                .map(|a| serde_json::to_value(a).unwrap_or_default()),
-            noise: "sites clip their delta to C and add their share (0 central, zC/√expected \
-                    distributed, zC local); the coordinator tops the sum's noise up to \
-                    N(0, (zC)²) per coordinate whatever the number of contributions, so every \
-                    round is a Gaussian mechanism with noise std zC over the sensitivity (C, or \
-                    2C for a fixed-size sample in central mode: see round_event; adaptive \
-                    clipping: z is the effective multiplier of the updates and the centred noisy \
-                    bit count together, Andrew et al. 2021 Thm. 1)"
-                .into(),
-        },
-        accountant: "Rényi DP of the Poisson-subsampled Gaussian mechanism, a port of \
-                     dp_accounting 0.6.0 RdpAccountant (orders 1.1 to 1024), converted with \
-                     Canonne, Kamath, Steinke 2020"
-            .into(),
-        target: Target {
-            epsilon: dp.target_epsilon,
-            delta: dp.target_delta,
-        },
-        cumulative: at_deltas(&acc, dp.target_delta)?
-            .into_iter()
-            .map(|e| EpsilonAt {
-                epsilon: e.epsilon.filter(|_| unrecorded_rounds == 0),
-                ..e
-            })
-            .collect(),
-        unrecorded_rounds,
-        rounds,
-        against_coordinator,
-    })
+/// ε for a sentence (∞ when unbounded).
+fn fmt_eps(e: Option<f64>) -> String {
+    e.map_or("∞".to_string(), |e| format!("{e:.4}"))
 }
 
-fn record_level(
-    store: &Store,
-    run_id: &str,
-    cfg: &RunConfig,
-    dp: &crate::config::RecordDpSection,
-    committed: &[u64],
-) -> Result<RecordLevel> {
-    let mut sites: BTreeMap<String, RecordSite> = BTreeMap::new();
-    for &round in committed {
-        for s in store.round_sites(run_id, round)? {
-            let e = sites
-                .entry(s.site_id.clone())
-                .or_insert_with(|| RecordSite {
-                    site_id: s.site_id.clone(),
-                    rounds_contributed: 0,
-                    declined: Vec::new(),
-                    train_examples: None,
-                    epsilon: None,
-                });
-            match s.state {
-                SiteState::Uploaded => {
-                    e.rounds_contributed += 1;
-                    e.train_examples = s.train_examples.or(e.train_examples);
-                }
-                SiteState::Declined => e
-                    .declined
-                    .push(format!("round {round}: {}", s.reason.unwrap_or_default())),
-                _ => {}
-            }
-        }
-    }
-    let every_round_epsilon = match dp.sampling_rate {
-        Some(_) => (1..=committed.len() as u64)
-            .map(|r| Ok(finite(dp.site_epsilon(1, cfg.train.epochs, r)?)))
-            .collect::<Result<Vec<_>>>()?,
-        None => Vec::new(),
-    };
-    let mut worst: Option<f64> = None;
-    for s in sites.values_mut() {
-        // With a shared sampling rate every site's round costs the same, whatever its size.
-        if dp.sampling_rate.is_some() && s.rounds_contributed > 0 {
-            let e = dp.site_epsilon(1, cfg.train.epochs, s.rounds_contributed)?;
-            s.epsilon = finite(e);
-            worst = Some(worst.map_or(e, |w: f64| w.max(e)));
-        }
-    }
-    let sampling = match (dp.sampling_rate, dp.expected_batch_size) {
-        (Some(q), _) => Sampling {
-            method: "poisson".into(),
-            rate: Some(q),
-            assumption: "each privacy unit joins each DP-SGD step independently with \
-                         probability q, drawn from the site's CSPRNG"
-                .into(),
-        },
-        (None, b) => Sampling {
-            method: "poisson".into(),
-            rate: None,
-            assumption: format!(
-                "each privacy unit joins each step independently with probability B / n \
-                 (B = {}), so ε depends on each site's n, known only to the site",
-                b.unwrap_or(0)
+/// The report's one line: each level's headline figure and whom it holds against.
+fn summary(site: Option<&SiteLevel>, record: Option<&RecordLevel>) -> String {
+    let mut parts = Vec::new();
+    if let Some(s) = site {
+        let head = format!(
+            "site level ({} mode): ε = {} at δ = {:e} over {} released round(s)",
+            s.trust_mode,
+            fmt_eps(s.cumulative[0].epsilon),
+            s.target.delta,
+            s.rounds.len(),
+        );
+        let one_site = s.against_sites.as_ref().and_then(|a| {
+            a.coalitions
+                .iter()
+                .find(|c| c.colluding_sites == Some(1))
+                .or(a.coalitions.last())
+        });
+        parts.push(match one_site {
+            Some(c) => format!(
+                "{head} against those who see only the released models; against {} only \
+                 ε = {}, and against the coordinator each update's own share (see \
+                 against_sites and against_coordinator)",
+                match c.colluding_sites {
+                    Some(1) => "any one other site (which knows its own noise share)",
+                    _ => "the other contributing sites together (which know their own shares)",
+                },
+                fmt_eps(c.cumulative[0].epsilon)
             ),
-        },
-    };
-    Ok(RecordLevel {
-        dp_sgd: serde_json::to_value(dp).unwrap_or_default(),
-        protects_against: "everyone outside the site, the coordinator included: each site's \
-                           update is DP-SGD output on its own records"
-            .into(),
-        privacy_unit: dp.unit.to_string(),
-        neighbouring_relation: "add or remove one privacy unit at one site".into(),
-        sampling,
-        accountant: "the same RDP accountant, one Poisson-subsampled Gaussian event per round"
-            .into(),
-        target: Target {
-            epsilon: dp.target_epsilon,
-            delta: dp.target_delta,
-        },
-        sites: sites.into_values().collect(),
-        worst_epsilon: worst,
-        every_round_epsilon,
-        authoritative: "each site's own ledger (fedflow-client privacy report), which also \
-                        counts its releases to other runs and retries"
-            .into(),
-    })
+            None => format!("{head}, against {}", s.protects_against),
+        });
+        if s.seeded_rounds > 0 {
+            parts.insert(
+                0,
+                format!(
+                    "WARNING: the coordinator's randomness was SEEDED in {} of {} round(s) (a \
+                 simulation or test, not the operating system): see warnings",
+                    s.seeded_rounds,
+                    s.rounds.len()
+                ),
+            );
+        }
+    }
+    if let Some(r) = record {
+        parts.push(format!(
+            "record level (DP-SGD at every site): ε ≤ {} at δ = {:e} per site as each \
+             fedflow site's own ledger enforces (it declines rounds past the run's target); \
+             {}",
+            r.target.epsilon,
+            r.target.delta,
+            match r.worst_epsilon {
+                Some(e) => format!(
+                    "from the updates this coordinator counted, at least {e:.4} for the \
+                     site that sent the most (a lower bound: see counting)"
+                ),
+                None => "each site's exact figure is in its own report".to_string(),
+            }
+        ));
+    }
+    if parts.is_empty() {
+        "no differential privacy: this run's released models carry no formal privacy \
+         guarantee (ε = ∞) for sites or their records"
+            .to_string()
+    } else {
+        parts.join("; ")
+    }
 }
