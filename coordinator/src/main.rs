@@ -170,6 +170,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let out = out.unwrap_or_else(|| data.join("reports").join(&run));
             let report = fedflow_coordinator::audit::write(&store, Some(&run), &out)?;
             println!("{}", report.summary);
+            for warning in &report.warnings {
+                println!("warning: {warning}");
+            }
             println!(
                 "wrote {} and {}",
                 out.join(fedflow_coordinator::audit::JSON_FILE).display(),
