@@ -331,7 +331,10 @@ async fn a_site_dp_run_killed_after_recording_keeps_every_spend_and_stops_at_the
     assert!(data.join("reports/budget/privacy-audit.html").is_file());
     // The command prints the summary and every warning the report has.
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains(json["summary"].as_str().unwrap()), "{stdout}");
+    assert!(
+        stdout.contains(json["summary"].as_str().unwrap()),
+        "{stdout}"
+    );
     for w in json["warnings"].as_array().unwrap() {
         let line = format!("warning: {}", w.as_str().unwrap());
         assert!(stdout.contains(&line), "{line} not in {stdout}");
