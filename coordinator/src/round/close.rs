@@ -125,7 +125,6 @@ impl RoundEngine {
         };
         open.means.add(&s.metrics);
         open.unclipped += u64::from(s.unclipped);
-        open.accepted.push((s.site_id.clone(), added.norm, weight));
         let outcome = SiteOutcome {
             train_examples: Some(s.report.train_examples),
             weight: Some(weight),
@@ -285,7 +284,7 @@ impl RoundEngine {
                 | Error::Refused(_)),
             ) => {
                 self.strategy.restore_state(prior_state);
-                return self.refuse_aggregate(round, &open.accepted, &e.to_string());
+                return self.refuse_aggregate(round, &e.to_string());
             }
             Err(e) => return Err(e),
         };
@@ -345,19 +344,22 @@ impl RoundEngine {
     /// The round's aggregate is not fit to commit (not finite, or outside the bound its
     /// updates' bound implies): nothing is committed, the attempt fails with the reason, the
     /// round is tried again, and the updates it was made of are named in the security log.
-    fn refuse_aggregate(
-        &mut self,
-        round: u64,
-        accepted: &[(String, f64, f64)],
-        why: &str,
-    ) -> Result<()> {
+    fn refuse_aggregate(&mut self, round: u64, why: &str) -> Result<()> {
         let reason = format!("the aggregate was refused: {why}");
         tracing::error!(run = %self.run_id, round, "{reason:?}");
         if let Some(log) = &self.security_log {
-            let updates: Vec<serde_json::Value> = accepted
-                .iter()
-                .map(|(site, norm, weight)| {
-                    serde_json::json!({ "site": site, "norm": norm, "weight": weight })
+            // The round's accepted updates, as recorded with each site's outcome.
+            let updates: Vec<serde_json::Value> = self
+                .store
+                .round_sites(&self.run_id, round)?
+                .into_iter()
+                .filter(|s| s.state == SiteState::Uploaded)
+                .map(|s| {
+                    serde_json::json!({
+                        "site": s.site_id,
+                        "norm": s.update_norm,
+                        "weight": s.weight,
+                    })
                 })
                 .collect();
             log.record(
@@ -389,12 +391,15 @@ impl RoundEngine {
 
 /// Refuses a release whose mean is not finite or exceeds the bound its updates imply.
 fn check_release(release: &crate::strategy::Release) -> Result<()> {
-    release.mean.check_finite()?;
+    // One pass: the squares of finite f32 values cannot overflow their f64 sum, so the
+    // norm is finite exactly when every value is.
+    let norm = release.mean.l2_norm()?;
+    if !norm.is_finite() {
+        return Err(Error::Refused("its values are not all finite".into()));
+    }
     if let Some(bound) = release.bound {
-        let norm = release.mean.l2_norm()?;
         // The bound holds exactly in real arithmetic; allow for the f64 sums and the one
         // rounding to f32.
-        // (A NaN norm cannot occur: the mean was checked finite above.)
         if norm > bound * (1.0 + 1e-5) {
             return Err(Error::Refused(format!(
                 "its L2 norm {norm:.6e} exceeds {bound:.6e}, the most the round's bounded \

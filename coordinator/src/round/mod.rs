@@ -126,9 +126,6 @@ struct OpenRound {
     deadline_ms: i64,
     tasks: BTreeMap<String, Task>,
     acc: RoundAccumulator,
-    /// The accepted updates: site, norm as received, weight (named when the aggregate is
-    /// refused).
-    accepted: Vec<(String, f64, f64)>,
     means: TrainingMeans,
     /// The clip and noise the round's tasks dictate (site-level DP).
     site_dp: Option<SiteDpTask>,
@@ -420,7 +417,6 @@ impl RoundEngine {
             deadline_ms: now_ms + (self.cfg.rounds.deadline_secs as i64) * 1000,
             tasks,
             acc,
-            accepted: Vec::new(),
             means: TrainingMeans::new(self.cfg.aggregation.max_examples),
             site_dp,
             unclipped: 0,
