@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 mod hardening;
+mod lifecycle;
 mod record_dp;
 mod rounds;
 mod sampling;
@@ -42,6 +43,10 @@ mod site_dp;
 
 pub use hardening::{
     AggregationRule, AggregationSection, DEFAULT_MAX_EXAMPLES, LargeUpdate, LimitsSection,
+};
+pub use lifecycle::{
+    DEFAULT_KEEP_LAST, PublishConfig, PublishMetric, PublishRule, RetentionConfig, ScheduleConfig,
+    ScheduleMode,
 };
 pub use record_dp::RecordDpSection;
 pub use rounds::{
@@ -101,6 +106,15 @@ pub struct RunConfig {
     /// `[aggregation]`: the mean (default) or a robust rule (median, trimmed mean).
     #[serde(default)]
     pub aggregation: AggregationSection,
+    /// `[schedule]`: a fixed number of rounds (default) or a continuous run.
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    /// `[publish]`: which committed versions are published for the sites to serve.
+    #[serde(default)]
+    pub publish: PublishConfig,
+    /// `[retention]`: which checkpoints are kept.
+    #[serde(default)]
+    pub retention: RetentionConfig,
     /// `[record_dp]`: DP-SGD every site applies to its own records; absent (default) means
     /// no record-level differential privacy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -136,7 +150,8 @@ pub struct RunSection {
     /// integers are signed 64-bit. Default 0.
     #[serde(default)]
     pub seed: u64,
-    /// Number of federated rounds, at least 1. Default 10.
+    /// Number of federated rounds, at least 1. Default 10. Not used by a continuous run
+    /// (`[schedule] mode = "continuous"`).
     #[serde(default = "default_rounds")]
     pub rounds: u64,
     /// Aggregation strategy: `"fedavg"` (default) or `"fedavgm"`.
@@ -382,6 +397,8 @@ impl RunConfig {
         self.sampling.validate()?;
         self.validate_rounds()?;
         self.validate_evaluation()?;
+        self.schedule.validate()?;
+        self.publish.validate()?;
         if let Some(dp) = &self.record_dp {
             dp.validate()?;
         }
@@ -474,6 +491,15 @@ impl RunConfig {
 
     fn validate_evaluation(&self) -> std::result::Result<(), String> {
         let e = &self.evaluation;
+        if self.schedule.continuous() {
+            if self.publish.rule == PublishRule::Evaluation && e.every == 0 {
+                return Err(
+                    "evaluation.every: 0 in a continuous run never evaluates, so publish.rule                      \"evaluation\" could never publish; evaluate every N rounds or choose                      another publish.rule"
+                        .into(),
+                );
+            }
+            return Ok(());
+        }
         if e.every > self.run.rounds && !e.final_round {
             return Err(format!(
                 "evaluation.every: {} exceeds run.rounds {} and evaluation.final_round is \
@@ -531,7 +557,12 @@ impl RunConfig {
     pub fn evaluates_after(&self, round: u64) -> bool {
         let e = &self.evaluation;
         (e.every > 0 && round.is_multiple_of(e.every))
-            || (e.final_round && round == self.run.rounds)
+            || (e.final_round && !self.schedule.continuous() && round == self.run.rounds)
+    }
+
+    /// Whether the run is finished after `committed` rounds (never, for a continuous run).
+    pub fn finished_after(&self, committed: u64) -> bool {
+        !self.schedule.continuous() && committed >= self.run.rounds
     }
 }
 

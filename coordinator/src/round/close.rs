@@ -311,12 +311,14 @@ impl RoundEngine {
         crate::memtrace::probe(format_args!("global-replaced round={round}"));
         self.committed = round;
         self.failures = 0;
+        self.prune(now_ms)?;
         if self.cfg.evaluates_after(round) {
             self.eval_due = Some(round);
             self.phase = Phase::Evaluating;
             self.try_start_evaluation(now_ms)
         } else {
-            self.after_round_done()
+            self.gate_pending = Some(round);
+            self.run_gate(now_ms)
         }
     }
 
@@ -377,7 +379,7 @@ impl RoundEngine {
 
     /// The committed round needs nothing more: finish the run or wait for the next round.
     pub(super) fn after_round_done(&mut self) -> Result<()> {
-        if self.committed >= self.cfg.run.rounds {
+        if self.cfg.finished_after(self.committed) {
             self.store
                 .set_run_status(&self.run_id, RunStatus::Finished, None)?;
             self.phase = Phase::Finished;

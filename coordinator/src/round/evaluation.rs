@@ -22,6 +22,10 @@ use std::collections::BTreeMap;
 pub(super) struct OpenEvaluation {
     /// The committed round whose model is evaluated.
     pub(super) round: u64,
+    /// The evaluated model's SHA-256.
+    pub(super) model_sha256: String,
+    /// When this evaluates the published version again: what the gate compares it with.
+    baseline_for: Option<super::registry::BaselineDue>,
     pub(super) deadline_ms: i64,
     pub(super) tasks: BTreeMap<String, Task>,
     means: EvaluationMeans,
@@ -69,12 +73,14 @@ impl RoundEngine {
     /// (`rounds.min_completed`, or `sampling.min_available` if lower), so that a site lost
     /// in the round just committed cannot stall the run; every available site gets a task.
     pub(super) fn try_start_evaluation(&mut self, now_ms: i64) -> Result<()> {
-        let Some(round) = self.eval_due else {
-            return Ok(());
-        };
         if self.eval.is_some() {
             return Ok(());
         }
+        let (round, baseline_for) = match (self.eval_due, &self.baseline_due) {
+            (Some(round), _) => (round, None),
+            (None, Some(due)) => (due.baseline, Some(due.clone())),
+            (None, None) => return Ok(()),
+        };
         if self.held && self.phase != Phase::Finished {
             self.phase = Phase::Paused;
             return Ok(());
@@ -89,16 +95,38 @@ impl RoundEngine {
         if available.len() < needed {
             return Ok(());
         }
-        self.store.begin_evaluation(&self.run_id, round)?;
         let run_id = &self.run_id;
-        let tasks = new_tasks(
-            &available,
-            |site| format!("{run_id}-e{round}-{site}"),
-            &mut self.rng,
-        );
+        let (tasks, model_sha256) = match &baseline_for {
+            None => {
+                self.store.begin_evaluation(run_id, round)?;
+                let tasks = new_tasks(
+                    &available,
+                    |site| format!("{run_id}-e{round}-{site}"),
+                    &mut self.rng,
+                );
+                (tasks, self.global_sha256.clone())
+            }
+            Some(due) => {
+                self.store.begin_baseline_evaluation(run_id, due.round)?;
+                // Only the sites that evaluated the candidate can be compared.
+                let sites: Vec<String> = available
+                    .into_iter()
+                    .filter(|s| due.sites.contains(s))
+                    .collect();
+                let candidate = due.round;
+                let tasks = new_tasks(
+                    &sites,
+                    |site| format!("{run_id}-b{candidate}-{site}"),
+                    &mut self.rng,
+                );
+                (tasks, due.baseline_sha256.clone())
+            }
+        };
         tracing::info!(run = %self.run_id, round, sites = tasks.len(), "evaluating the model of round {round}");
         self.eval = Some(OpenEvaluation {
             round,
+            model_sha256,
+            baseline_for,
             deadline_ms: now_ms + (self.cfg.rounds.deadline_secs as i64) * 1000,
             tasks,
             means: EvaluationMeans::new(self.cfg.aggregation.max_examples),
@@ -120,7 +148,7 @@ impl RoundEngine {
         match &verdict {
             Ok(Accepted::New) => {
                 if self.eval.as_ref().is_some_and(|e| all_answered(&e.tasks)) {
-                    self.close_evaluation("every site answered")?;
+                    self.close_evaluation("every site answered", now_ms)?;
                 }
             }
             Ok(Accepted::Duplicate) => {}
@@ -163,9 +191,9 @@ impl RoundEngine {
         if now_ms > ev.deadline_ms {
             return Ok(Err(Rejection::Late(ev.round)));
         }
-        if s.model_sha256 != self.global_sha256 {
+        if s.model_sha256 != ev.model_sha256 {
             return Ok(Err(Rejection::WrongBase {
-                want: self.global_sha256.clone(),
+                want: ev.model_sha256.clone(),
                 got: s.model_sha256.to_string(),
             }));
         }
@@ -179,8 +207,15 @@ impl RoundEngine {
             metrics_json: fingerprint.clone(),
             updated_at_ms: now_ms,
         };
-        self.store
-            .record_evaluation(&self.run_id, ev.round, &record)?;
+        match &ev.baseline_for {
+            None => self
+                .store
+                .record_evaluation(&self.run_id, ev.round, &record)?,
+            Some(due) => {
+                self.store
+                    .record_baseline_evaluation(&self.run_id, due.round, ev.round, &record)?
+            }
+        }
         task.state = TaskState::Uploaded { fingerprint };
         ev.means.add(&s.metrics);
         Ok(Ok(Accepted::New))
@@ -197,15 +232,15 @@ impl RoundEngine {
             tracing::warn!(run = %self.run_id, round = ev.round, %site, "a site went silent during the evaluation");
         }
         if now_ms > ev.deadline_ms {
-            self.close_evaluation("deadline passed")
+            self.close_evaluation("deadline passed", now_ms)
         } else if all_answered(&ev.tasks) {
-            self.close_evaluation("every site answered")
+            self.close_evaluation("every site answered", now_ms)
         } else {
             Ok(())
         }
     }
 
-    fn close_evaluation(&mut self, why: &str) -> Result<()> {
+    fn close_evaluation(&mut self, why: &str, now_ms: i64) -> Result<()> {
         let Some(mut ev) = self.eval.take() else {
             return Ok(());
         };
@@ -216,6 +251,12 @@ impl RoundEngine {
         }
         self.live.round_closed(ev.round, &ev.tasks, &self.last_seen);
         let summary = ev.means.summary();
+        if let Some(due) = ev.baseline_for.take() {
+            tracing::info!(run = %self.run_id, round = ev.round, candidate = due.round,
+                sites = summary.sites, "published version evaluated again ({why})");
+            self.baseline_due = None;
+            return self.decide_paired(due, now_ms);
+        }
         let json = serde_json::to_string(&summary)?;
         self.store
             .finish_evaluation(&self.run_id, ev.round, &json)?;
@@ -228,6 +269,7 @@ impl RoundEngine {
             "evaluation of round {} done ({why})", ev.round
         );
         self.eval_due = None;
-        self.after_round_done()
+        self.gate_pending = Some(ev.round);
+        self.run_gate(now_ms)
     }
 }

@@ -43,6 +43,7 @@ use crate::{store::SiteState, strategy::UpdateReport};
 mod close;
 mod evaluation;
 mod operator;
+mod registry;
 pub mod rejection;
 mod types;
 mod view;
@@ -168,6 +169,14 @@ pub struct RoundEngine {
     security_log: Option<crate::security::SecurityLog>,
     /// Seconds spent aggregating and committing rounds since the engine opened, and how many.
     aggregation: (f64, u64),
+    /// The published version (what the sites should serve), verified at start.
+    published: Option<crate::store::Publication>,
+    /// A committed round the publish gate has not decided about yet.
+    gate_pending: Option<u64>,
+    /// A baseline evaluation of the published version the gate waits for.
+    baseline_due: Option<registry::BaselineDue>,
+    /// When the last training round started (`schedule.interval_secs` counts from it).
+    last_round_started_ms: Option<i64>,
 }
 
 impl RoundEngine {
@@ -192,13 +201,26 @@ impl RoundEngine {
             && cfg.evaluates_after(resume.round)
             && store.evaluation_pending(&run_id, resume.round)?)
         .then_some(resume.round);
+        // A committed round the gate never decided about (a crash in between) is decided
+        // after its evaluation, or at the first occasion.
+        let gate_pending = (resume.round > 0
+            && eval_due.is_none()
+            && !store.gate_decided(&run_id, resume.round)?)
+        .then_some(resume.round);
         let phase = match status {
             Some(RunStatus::Paused) => Phase::Paused,
             Some(RunStatus::Finished) | Some(RunStatus::Stopped) => Phase::Finished,
             _ if eval_due.is_some() => Phase::Evaluating,
-            _ if resume.round >= cfg.run.rounds => Phase::Finished,
+            _ if gate_pending.is_some() => Phase::Waiting,
+            _ if cfg.finished_after(resume.round) => Phase::Finished,
             _ => Phase::Waiting,
         };
+        let last_round_started_ms = store
+            .rounds(&run_id)?
+            .iter()
+            .filter(|r| r.round > 0)
+            .map(|r| r.started_at_ms)
+            .max();
         if let Some(r) = resume.open_round {
             tracing::info!(run = %run_id, round = r, "round {r} was open at shutdown: it will be run again");
         }
@@ -208,7 +230,7 @@ impl RoundEngine {
         );
         crate::memtrace::probe(format_args!("engine-open round={}", resume.round));
         crate::strategy::reset_aggregation_dir(store.dir())?;
-        Ok(RoundEngine {
+        let mut engine = RoundEngine {
             spec: resume.model.spec(),
             run_id,
             cfg,
@@ -230,7 +252,13 @@ impl RoundEngine {
             update_bound,
             security_log: None,
             aggregation: (0.0, 0),
-        })
+            published: None,
+            gate_pending,
+            baseline_due: None,
+            last_round_started_ms,
+        };
+        engine.load_published()?;
+        Ok(engine)
     }
 
     /// Seeds the coordinator's site-level DP randomness (site sampling and noise), which is
@@ -318,13 +346,14 @@ impl RoundEngine {
     pub fn poll_task(&mut self, site: &str, now_ms: i64) -> Result<Option<TaskTicket>> {
         self.site_seen(site, now_ms)?;
         self.start_due_work(now_ms)?;
-        let (tasks, round, deadline_ms, kind, site_dp) = if let Some(open) = &self.open {
+        let (tasks, round, deadline_ms, kind, site_dp, model) = if let Some(open) = &self.open {
             (
                 &open.tasks,
                 open.round,
                 open.deadline_ms,
                 TaskKind::Train,
                 open.site_dp,
+                &self.global_sha256,
             )
         } else if let Some(eval) = &self.eval {
             (
@@ -333,6 +362,7 @@ impl RoundEngine {
                 eval.deadline_ms,
                 TaskKind::Evaluate,
                 None,
+                &eval.model_sha256,
             )
         } else {
             return Ok(None);
@@ -343,7 +373,7 @@ impl RoundEngine {
                 round,
                 kind,
                 nonce: t.nonce.clone(),
-                model_sha256: self.global_sha256.clone(),
+                model_sha256: model.clone(),
                 deadline_ms,
                 site_dp,
             }),
@@ -359,6 +389,12 @@ impl RoundEngine {
         if self.held && self.phase != Phase::Finished {
             self.phase = Phase::Paused;
             return Ok(());
+        }
+        if self.gate_pending.is_some() && self.baseline_due.is_none() && self.eval_due.is_none() {
+            self.run_gate(now_ms)?;
+            if self.eval.is_some() {
+                return Ok(());
+            }
         }
         match self.phase {
             Phase::Evaluating => self.try_start_evaluation(now_ms),
@@ -379,6 +415,14 @@ impl RoundEngine {
     fn try_start_round(&mut self, now_ms: i64) -> Result<()> {
         let available = self.available(now_ms);
         if available.len() < self.cfg.sampling.min_available {
+            return Ok(());
+        }
+        let interval_ms = (self.cfg.schedule.interval_secs as i64) * 1000;
+        if interval_ms > 0
+            && self
+                .last_round_started_ms
+                .is_some_and(|t| now_ms < t + interval_ms)
+        {
             return Ok(());
         }
         let round = self.committed + 1;
@@ -404,6 +448,7 @@ impl RoundEngine {
             .map(|(s, t)| (s.clone(), t.task_id.clone()))
             .collect();
         self.store.begin_round(&self.run_id, round, &pairs)?;
+        self.last_round_started_ms = Some(now_ms);
         tracing::info!(run = %self.run_id, round, selected = selected.len(), "round {round} started");
         let acc = self.strategy.accumulator(
             &self.spec,
@@ -487,6 +532,8 @@ fn check_privacy_unchanged(store: &Store, run_id: &str, cfg: &RunConfig) -> Resu
 mod hardening_tests;
 #[cfg(test)]
 mod influence_tests;
+#[cfg(test)]
+mod registry_tests;
 #[cfg(test)]
 mod site_dp_tests;
 #[cfg(test)]

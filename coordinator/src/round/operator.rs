@@ -44,9 +44,9 @@ impl RoundEngine {
         self.failures = 0;
         if self.open.is_some() {
             self.phase = Phase::Training;
-        } else if self.eval.is_some() || self.eval_due.is_some() {
+        } else if self.eval.is_some() || self.eval_due.is_some() || self.baseline_due.is_some() {
             self.phase = Phase::Evaluating;
-        } else if self.committed >= self.cfg.run.rounds {
+        } else if self.cfg.finished_after(self.committed) {
             self.store
                 .set_run_status(&self.run_id, RunStatus::Finished, None)?;
             self.phase = Phase::Finished;
@@ -76,6 +76,7 @@ impl RoundEngine {
         }
         self.eval = None;
         self.eval_due = None;
+        self.baseline_due = None;
         self.held = false;
         self.phase = Phase::Finished;
         tracing::info!(run = %self.run_id, "run stopped: {reason}");

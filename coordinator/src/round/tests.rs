@@ -383,7 +383,7 @@ fn a_round_open_at_a_crash_is_run_again_from_the_committed_model() {
     assert_eq!(e.committed_round(), 1);
 }
 
-fn report(val_examples: u64, accuracy: f64) -> SiteReport {
+pub(crate) fn report(val_examples: u64, accuracy: f64) -> SiteReport {
     SiteReport {
         train_examples: 10,
         validation_examples: val_examples,
@@ -396,14 +396,14 @@ fn report(val_examples: u64, accuracy: f64) -> SiteReport {
     }
 }
 
-fn evaluate(
+pub(crate) fn evaluate(
     e: &mut RoundEngine,
     site: &str,
     t: &TaskTicket,
     metrics: SiteReport,
     now: i64,
 ) -> std::result::Result<Accepted, Rejection> {
-    let sha = e.global().1.to_string();
+    let sha = t.model_sha256.clone();
     e.submit_evaluation(
         EvaluationSubmission {
             site_id: site.to_owned(),
@@ -419,7 +419,7 @@ fn evaluate(
 }
 
 /// Every site polls at `now`; returns the tickets.
-fn poll_all(e: &mut RoundEngine, now: i64) -> BTreeMap<String, TaskTicket> {
+pub(crate) fn poll_all(e: &mut RoundEngine, now: i64) -> BTreeMap<String, TaskTicket> {
     for s in SITES {
         e.site_seen(s, now).unwrap();
     }

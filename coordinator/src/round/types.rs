@@ -42,7 +42,9 @@ pub struct TaskTicket {
     pub kind: TaskKind,
     /// The nonce the update must echo.
     pub nonce: Vec<u8>,
-    /// SHA-256 of the global model to train from.
+    /// SHA-256 of the model to train from or evaluate: the current global model, except in
+    /// the publish gate's baseline evaluation, whose tasks (round = the published version's
+    /// round) evaluate the published version (`RoundEngine::model_file` finds its file).
     pub model_sha256: String,
     /// When updates stop being accepted (Unix ms).
     pub deadline_ms: i64,

@@ -320,16 +320,9 @@ fn engine_loop(
                 let _ = reply.send(r);
             }
             Some(Command::Model(sha, reply)) => {
-                // The committed checkpoint file holds exactly the bytes the model hash is
+                // A committed checkpoint file holds exactly the bytes the model hash is
                 // taken of, so it is served as is.
-                let r = (sha == engine.global().1).then(|| {
-                    let round = engine.committed_round();
-                    (
-                        round,
-                        engine.store().model_checkpoint_path(engine.run_id(), round),
-                    )
-                });
-                let _ = reply.send(Ok(r));
+                let _ = reply.send(Ok(engine.model_file(&sha)));
             }
             Some(Command::Submit(s, reply))
                 if s.caller

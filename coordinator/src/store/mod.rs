@@ -35,7 +35,7 @@
 //! `report` and `privacy-report` commands) need no lock: WAL gives each read a consistent
 //! snapshot of the last committed state while the coordinator keeps writing.
 //!
-//! # Schema (version 4, in `PRAGMA user_version`)
+//! # Schema (version 5, in `PRAGMA user_version`)
 //!
 //! Times are Unix milliseconds (`INTEGER`); `*_json` columns hold JSON text.
 //!
@@ -65,7 +65,9 @@
 //! append-only; see `privacy.rs`); version 3 the revoked identities and certificates
 //! (`revocations`, append-only; see `revocations.rs`); version 4 the ledger's
 //! `seeded_randomness` column, `round_sites.update_norm`, `round_sites.clipped` and the
-//! history tables. Older databases are upgraded in place on open.
+//! history tables; version 5 the model registry (`publications`, `gate_decisions`,
+//! `baseline_evaluations`, `rounds.pruned_at`; see `registry.rs`). Older databases are
+//! upgraded in place on open.
 //!
 //! A database with a newer `user_version` than this build knows is refused.
 //!
@@ -92,6 +94,7 @@ mod history;
 mod privacy;
 mod reads;
 mod records;
+mod registry;
 mod revocations;
 
 pub use evaluation::EvaluationRecord;
@@ -101,10 +104,11 @@ pub use records::{
     Resume, RoundRecord, RoundSiteRecord, RoundStatus, RunRecord, RunStatus, SiteCounts,
     SiteOutcome, SiteRecord, SiteState,
 };
+pub use registry::{GateDecision, Publication, PublishAction};
 pub use revocations::RevocationRecord;
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Version 4 of the round tables: each accepted update's norm and whether it was clipped
 /// (`round_sites`; empty for rows written before).
@@ -272,6 +276,9 @@ impl Store {
             tx.execute_batch(privacy::SCHEMA_V4)?;
             tx.execute_batch(SCHEMA_V4)?;
             tx.execute_batch(history::SCHEMA_V4)?;
+        }
+        if version < 5 {
+            tx.execute_batch(registry::SCHEMA_V5)?;
         }
         if version < SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
