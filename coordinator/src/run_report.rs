@@ -86,6 +86,43 @@ pub fn write(store: &Store, run_id: &str, out: &Path) -> Result<std::path::PathB
     Ok(path)
 }
 
+/// The published version, how long ago it was published, and every change of it.
+fn registry_section(store: &Store, run_id: &str, now_ms: i64) -> Result<String> {
+    let mut out = String::from("<h2>Published versions</h2>");
+    let history = store.publications(run_id)?;
+    match history.last() {
+        None => out.push_str("<p>No version has been published.</p>"),
+        Some(p) => {
+            let _ = write!(
+                out,
+                "<p id=\"published\">Version <b>{}</b> is published (by {}, {}), {:.1} hours \
+                 before this report was made.</p>",
+                p.round,
+                escape(&p.by),
+                utc(p.published_at_ms),
+                (now_ms - p.published_at_ms).max(0) as f64 / 3_600_000.0
+            );
+            out.push_str(
+                "<table><tr><th>version</th><th>action</th><th>by</th><th>when</th>\
+                 <th>reason</th></tr>",
+            );
+            for p in &history {
+                let _ = write!(
+                    out,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    p.round,
+                    p.action.as_str(),
+                    escape(&p.by),
+                    utc(p.published_at_ms),
+                    escape(&p.reason)
+                );
+            }
+            out.push_str("</table>");
+        }
+    }
+    Ok(out)
+}
+
 /// The report's HTML.
 pub fn build(store: &Store, run_id: &str) -> Result<String> {
     let run = store
@@ -115,7 +152,9 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
             (Some(p), Some(m)) => ParamSet::delta(m, p).and_then(|d| d.l2_norm()).ok(),
             _ => None,
         };
-        if model.is_some() {
+        // A failed round leaves the previous model in place; a committed round whose
+        // checkpoint retention deleted has no norm, and neither has the one after it.
+        if r.status == RoundStatus::Committed {
             previous = model;
         }
         if r.round == 0 {
@@ -377,6 +416,11 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
             crate::audit::HTML_FILE
         );
     }
+    body.push_str(&registry_section(
+        store,
+        run_id,
+        fedflow_common::clock::now_ms(),
+    )?);
     body.push_str("<h2>Rounds</h2>");
     let table_rows: Vec<Vec<String>> = rows
         .iter()

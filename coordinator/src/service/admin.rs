@@ -116,6 +116,8 @@ fn status(engine: &RoundEngine, now_ms: i64) -> crate::Result<wire::RunStatus> {
         latest,
         sites_connected: view.sites_connected as u32,
         now_unix_ms: now_ms,
+        published: engine.published().map(super::models::publication),
+        continuous: engine.config().schedule.continuous(),
         privacy: match (&engine.config().site_dp, engine.site_dp_spent()?) {
             (Some(dp), Some(spent)) => Some(wire::PrivacySpent {
                 mode: dp.mode.to_string(),
@@ -291,6 +293,35 @@ impl Admin for Coordinator {
         Ok(Response::new(known))
     }
 
+    async fn list_models(
+        &self,
+        req: Request<wire::ListModelsRequest>,
+    ) -> Result<Response<wire::ListModelsResponse>, Status> {
+        let _call = self.operator(&req, false, "ListModels")?;
+        let m = self.inspect(|e, _| super::models::list(e)).await?;
+        Ok(Response::new(m))
+    }
+
+    async fn publish(
+        &self,
+        req: Request<wire::PublishRequest>,
+    ) -> Result<Response<wire::PublishResponse>, Status> {
+        let (meta, ext, body) = req.into_parts();
+        let req = Request::from_parts(meta, ext, ());
+        self.change_published(req, Some(body.round), body.reason, "Publish")
+            .await
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<wire::RunActionRequest>,
+    ) -> Result<Response<wire::PublishResponse>, Status> {
+        let (meta, ext, body) = req.into_parts();
+        let req = Request::from_parts(meta, ext, ());
+        self.change_published(req, None, body.reason, "Rollback")
+            .await
+    }
+
     async fn list_sites(
         &self,
         req: Request<wire::ListSitesRequest>,
@@ -431,7 +462,7 @@ fn check_serial(serial: &str) -> crate::Result<String> {
 }
 
 /// An operator's reason (pause, resume, stop, revoke): short plain text on one line.
-fn check_operator_reason(reason: &str) -> crate::Result<()> {
+pub(super) fn check_operator_reason(reason: &str) -> crate::Result<()> {
     fedflow_common::text::check(
         "reason",
         reason,

@@ -10,9 +10,9 @@ use fedflow_proto::v1::federation_server::Federation;
 use fedflow_proto::v1::{
     DeclineTaskRequest, DeclineTaskResponse, DownloadModelRequest, DpSgdInstructions, EnrolRequest,
     EnrolResponse, EvaluationReport, EvaluationReportResponse, HeartbeatRequest, HeartbeatResponse,
-    Metrics, ModelChunk, ModelRef, NextTaskRequest, NextTaskResponse, NoTask, SiteDpInstructions,
-    SiteState, Task, TaskKind as WireKind, TrainInstructions, UpdateChunk, UploadUpdateResponse,
-    next_task_response,
+    Metrics, ModelChunk, ModelRef, NextTaskRequest, NextTaskResponse, NoTask, PublishedModel,
+    SiteDpInstructions, SiteState, Task, TaskKind as WireKind, TrainInstructions, UpdateChunk,
+    UploadUpdateResponse, next_task_response,
 };
 use prost::bytes::Bytes;
 use tonic::{Request, Response, Status, Streaming};
@@ -89,12 +89,14 @@ impl Federation for Coordinator {
             tokio::time::Instant::now() + Duration::from_millis(req.wait_ms as u64).min(MAX_POLL);
         loop {
             let site = call.site.clone();
-            let (ticket, phase) = self.ask(|r| Command::Poll(site, r)).await?;
+            let (ticket, phase, published) = self.ask(|r| Command::Poll(site, r)).await?;
+            let published = published.map(|p| self.published_message(p));
             if let Some(t) = ticket {
                 return Ok(Response::new(NextTaskResponse {
                     outcome: Some(next_task_response::Outcome::Task(
                         self.task_message(&call.site, t),
                     )),
+                    published,
                 }));
             }
             let finished = phase == Phase::Finished;
@@ -112,6 +114,7 @@ impl Federation for Coordinator {
                         retry_after_ms: 500,
                         run_finished: finished,
                     })),
+                    published,
                 }));
             }
             tokio::time::sleep(POLL_EVERY).await;
@@ -413,6 +416,20 @@ fn site_report(m: Metrics) -> SiteReport {
 }
 
 impl Coordinator {
+    /// The published version as the wire tells it.
+    fn published_message(&self, p: crate::store::Publication) -> PublishedModel {
+        PublishedModel {
+            round: p.round,
+            model: Some(ModelRef {
+                sha256: p.model_sha256,
+                size_bytes: 0,
+                model_config_json: self.shared.model_config_json.clone(),
+                vocab_sha256: self.shared.vocab_sha256.clone(),
+            }),
+            published_at_unix_ms: p.published_at_ms,
+        }
+    }
+
     fn task_message(&self, site: &str, t: TaskTicket) -> Task {
         let cfg = &self.shared.cfg;
         let train = cfg.local_train_config(t.round, site);

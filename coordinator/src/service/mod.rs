@@ -29,6 +29,7 @@ use crate::security::Transport;
 pub mod admin;
 mod auth;
 pub mod federation;
+mod models;
 pub mod status;
 mod telemetry;
 mod transfer;
@@ -86,7 +87,7 @@ enum Command {
     Seen(String),
     Heartbeat(Heartbeat, Reply<bool>),
     Inspect(Inspection),
-    Poll(String, Reply<(Option<TaskTicket>, Phase)>),
+    Poll(String, Reply<Polled>),
     Model(String, Reply<Option<(u64, std::path::PathBuf)>>),
     Submit(Box<Upload>, Reply<Result<Accepted, Rejection>>),
     Evaluation(
@@ -96,6 +97,13 @@ enum Command {
     Decline(Box<Decline>, Reply<Result<(), Rejection>>),
     /// An operator action; answered with the phase after it (or why it was refused).
     Act(RunAction, String, Reply<Phase>),
+    /// An operator publishes a round (`Some`) or rolls back (`None`), with who and why.
+    Publish(
+        Option<u64>,
+        String,
+        String,
+        Reply<crate::store::Publication>,
+    ),
     /// A revocation (stored, then in force); answered with whether it is new.
     Revoke(crate::security::Revoked, String, String, Reply<bool>),
 }
@@ -112,10 +120,15 @@ impl std::fmt::Debug for Command {
             Command::Evaluation(..) => "Evaluation",
             Command::Decline(..) => "Decline",
             Command::Act(..) => "Act",
+            Command::Publish(..) => "Publish",
             Command::Revoke(..) => "Revoke",
         })
     }
 }
+
+/// What a poll answers: the site's task if it has one, the run's phase and the published
+/// version.
+type Polled = (Option<TaskTicket>, Phase, Option<crate::store::Publication>);
 
 /// Handle to the engine thread; cheap to clone.
 #[derive(Debug, Clone)]
@@ -316,7 +329,9 @@ fn engine_loop(
             }
             Some(Command::Inspect(f)) => f(&engine, now),
             Some(Command::Poll(site, reply)) => {
-                let r = engine.poll_task(&site, now).map(|t| (t, engine.phase()));
+                let r = engine
+                    .poll_task(&site, now)
+                    .map(|t| (t, engine.phase(), engine.published().cloned()));
                 let _ = reply.send(r);
             }
             Some(Command::Model(sha, reply)) => {
@@ -337,6 +352,13 @@ fn engine_loop(
                     RunAction::Pause => engine.pause(&reason),
                     RunAction::Resume => engine.resume(&reason),
                     RunAction::Stop => engine.stop(&reason),
+                };
+                let _ = reply.send(r);
+            }
+            Some(Command::Publish(round, by, reason, reply)) => {
+                let r = match round {
+                    Some(round) => engine.publish_version(round, &by, &reason, now),
+                    None => engine.rollback(&by, &reason, now),
                 };
                 let _ = reply.send(r);
             }

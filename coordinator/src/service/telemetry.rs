@@ -61,6 +61,9 @@ struct EngineFigures {
     sites_dropped: u64,
     aggregation_seconds: (f64, u64),
     epsilon: Option<f64>,
+    /// The published version and when it was published.
+    published: Option<(u64, i64)>,
+    now_ms: i64,
 }
 
 fn figures(e: &RoundEngine, now_ms: i64) -> crate::Result<EngineFigures> {
@@ -97,6 +100,8 @@ fn figures(e: &RoundEngine, now_ms: i64) -> crate::Result<EngineFigures> {
         sites_dropped: count(LiveState::Dropped),
         aggregation_seconds: e.aggregation_seconds(),
         epsilon: e.site_dp_spent()?,
+        published: e.published().map(|p| (p.round, p.published_at_ms)),
+        now_ms,
     })
 }
 
@@ -135,6 +140,20 @@ pub(crate) async fn render(c: &Coordinator) -> crate::Result<String> {
         "The round being trained or evaluated (0: none)",
         f.current_round as f64,
     );
+    if let Some((round, at)) = f.published {
+        gauge(
+            &mut r,
+            "published_round",
+            "The published version (the round the sites should serve); absent while none is",
+            round as f64,
+        );
+        gauge(
+            &mut r,
+            "published_age_seconds",
+            "Seconds since the published version was published",
+            ((f.now_ms - at) as f64 / 1000.0).max(0.0),
+        );
+    }
     gauge(
         &mut r,
         "committed_round",

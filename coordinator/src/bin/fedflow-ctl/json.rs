@@ -1,7 +1,8 @@
 //! The JSON `fedflow-ctl` prints with `--json`: stable, versioned schemas for scripts.
 //!
 //! Every document has a `schema` member (`fedflow.status/1`, `fedflow.runs/1`,
-//! `fedflow.rounds/1`, `fedflow.sites/1`, `fedflow.revocations/1`); fields are only ever
+//! `fedflow.rounds/1`, `fedflow.sites/1`, `fedflow.revocations/1`, `fedflow.models/1`);
+//! fields are only ever
 //! added within a version. Times are Unix milliseconds; a metric that was not measured is
 //! `null`; states and phases are lowercase words. Strings hold exactly what the coordinator
 //! sent; characters a terminal would act on are `\uXXXX`-escaped in the printed text.
@@ -16,7 +17,13 @@
 //! local_validation_loss, local_validation_accuracy, local_validation_macro_f1,
 //! evaluated_sites, evaluation_examples, evaluation_loss, evaluation_accuracy,
 //! evaluation_macro_f1} | null, privacy: {mode, epsilon_spent, target_epsilon,
-//! target_delta} | null}`.
+//! target_delta} | null, continuous, published: {round, model_sha256, action, by, reason,
+//! published_at_unix_ms, seconds_since} | null}`.
+//!
+//! `fedflow.models/1`: `{schema, run_id, versions: [{round, model_sha256,
+//! committed_at_unix_ms, evaluation_accuracy, evaluation_macro_f1, evaluation_sites,
+//! published, ever_published, gate_reason, kept}], publications: [{round, model_sha256,
+//! action ("gate"|"publish"|"rollback"), by, reason, published_at_unix_ms}]}`.
 
 use fedflow_proto::v1 as wire;
 use serde_json::{Value, json};
@@ -107,6 +114,13 @@ pub(crate) fn status(s: &wire::RunStatus) -> Value {
             "last_seen_unix_ms": p.last_seen_unix_ms,
         })).collect::<Vec<_>>(),
         "latest": s.latest.as_ref().filter(|m| m.round > 0).map(metrics),
+        "continuous": s.continuous,
+        "published": s.published.as_ref().map(|p| {
+            let mut v = publication(p);
+            v["seconds_since"] =
+                json!(((s.now_unix_ms - p.published_at_unix_ms) as f64 / 1000.0).max(0.0));
+            v
+        }),
         "privacy": s.privacy.as_ref().map(|p| json!({
             "mode": p.mode,
             "epsilon_spent": num(p.epsilon_spent),
@@ -184,5 +198,37 @@ pub(crate) fn revocations(r: &wire::ListRevocationsResponse) -> Value {
             "revoked_by": x.revoked_by,
             "revoked_at_ms": x.revoked_at_ms,
         })).collect::<Vec<_>>(),
+    })
+}
+
+fn publication(p: &wire::Publication) -> Value {
+    json!({
+        "round": p.round,
+        "model_sha256": p.model_sha256,
+        "action": p.action,
+        "by": p.by,
+        "reason": p.reason,
+        "published_at_unix_ms": p.published_at_unix_ms,
+    })
+}
+
+/// `fedflow.models/1`.
+pub(crate) fn models(r: &wire::ListModelsResponse) -> Value {
+    json!({
+        "schema": "fedflow.models/1",
+        "run_id": r.run_id,
+        "versions": r.versions.iter().map(|v| json!({
+            "round": v.round,
+            "model_sha256": v.model_sha256,
+            "committed_at_unix_ms": v.committed_at_unix_ms,
+            "evaluation_accuracy": num(v.evaluation_accuracy),
+            "evaluation_macro_f1": num(v.evaluation_macro_f1),
+            "evaluation_sites": v.evaluation_sites,
+            "published": v.published,
+            "ever_published": v.ever_published,
+            "gate_reason": v.gate_reason,
+            "kept": v.kept,
+        })).collect::<Vec<_>>(),
+        "publications": r.publications.iter().map(publication).collect::<Vec<_>>(),
     })
 }

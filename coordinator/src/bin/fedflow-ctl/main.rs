@@ -19,8 +19,8 @@ use clap::{Parser, Subcommand};
 use fedflow_proto::tls::{Bundle, check_endpoint, connect, error_chain, is_certificate_error};
 use fedflow_proto::v1::admin_client::AdminClient;
 use fedflow_proto::v1::{
-    GetStatusRequest, ListRevocationsRequest, ListRoundsRequest, ListRunsRequest, ListSitesRequest,
-    RevokeRequest, RunActionRequest, RunPhase,
+    GetStatusRequest, ListModelsRequest, ListRevocationsRequest, ListRoundsRequest,
+    ListRunsRequest, ListSitesRequest, PublishRequest, RevokeRequest, RunActionRequest, RunPhase,
 };
 use tonic::transport::Channel;
 
@@ -89,6 +89,27 @@ enum Command {
         /// Print JSON (schema `fedflow.revocations/1`).
         #[arg(long)]
         json: bool,
+    },
+    /// The run's model versions: evaluation, the publish gate's decision, which is
+    /// published and since when, which checkpoints are kept.
+    Models {
+        /// Print JSON (schema `fedflow.models/1`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish a committed version (admin): the sites serve it from their next poll.
+    Publish {
+        /// The version (its round).
+        round: u64,
+        /// Why (recorded).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Publish again the version published before the current one (admin).
+    Rollback {
+        /// Why (recorded).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
     /// Pause the run (admin): the open round completes, no new one starts.
     Pause {
@@ -295,6 +316,38 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", json::print(&json::revocations(&r)));
             } else {
                 print!("{}", table::revocations(&r));
+            }
+        }
+        Command::Models { json } => {
+            let r = admin
+                .list_models(ListModelsRequest {})
+                .await
+                .map_err(st)?
+                .into_inner();
+            if json {
+                println!("{}", json::print(&json::models(&r)));
+            } else {
+                print!("{}", table::models(&r, fedflow_common::clock::now_ms()));
+            }
+        }
+        Command::Publish { round, reason } => {
+            let r = admin
+                .publish(PublishRequest { round, reason })
+                .await
+                .map_err(st)?
+                .into_inner();
+            let round = r.published.map(|p| p.round).unwrap_or(round);
+            println!("version {round} published");
+        }
+        Command::Rollback { reason } => {
+            let r = admin
+                .rollback(RunActionRequest { reason })
+                .await
+                .map_err(st)?
+                .into_inner();
+            match r.published {
+                Some(p) => println!("version {} published again", p.round),
+                None => println!("rolled back"),
             }
         }
         Command::Pause { reason } => {

@@ -80,13 +80,14 @@ pub(crate) fn status(s: &wire::RunStatus) -> String {
             format!(" ({})", reason(&s.status_reason, STATUS_REASON_CHARS))
         }
     );
-    let round = if s.current_round > 0 {
-        format!("round {} of {}", s.current_round, s.total_rounds)
-    } else {
-        format!(
+    let round = match (s.current_round, s.continuous) {
+        (0, true) => format!("{} rounds committed (continuous)", s.committed_round),
+        (r, true) => format!("round {r} (continuous)"),
+        (0, false) => format!(
             "{} of {} rounds committed",
             s.committed_round, s.total_rounds
-        )
+        ),
+        (r, false) => format!("round {r} of {}", s.total_rounds),
     };
     let deadline = if s.deadline_unix_ms > 0 {
         format!(
@@ -112,6 +113,19 @@ pub(crate) fn status(s: &wire::RunStatus) -> String {
             f(m.evaluation_macro_f1, 4),
             m.evaluated_sites
         );
+    }
+    match &s.published {
+        Some(p) => {
+            let _ = writeln!(
+                out,
+                "published: version {} ({}, by {}) {} ago",
+                p.round,
+                cell(&p.action),
+                cell(&p.by),
+                age(s.now_unix_ms - p.published_at_unix_ms)
+            );
+        }
+        None => out.push_str("published: none yet\n"),
     }
     if let Some(p) = &s.privacy {
         let _ = writeln!(
@@ -143,6 +157,78 @@ pub(crate) fn status(s: &wire::RunStatus) -> String {
             .collect();
         out.push('\n');
         out.push_str(&grid(&["SITE", "STATE", "EPOCH", "BYTES", "REASON"], &rows));
+    }
+    out
+}
+
+/// A duration in milliseconds, for a person (`42s`, `3m 5s`, `2h 10m`, `4d 3h`).
+pub(crate) fn age(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m {}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// The model versions, for a person (newest last), then the publication history.
+pub(crate) fn models(r: &wire::ListModelsResponse, now_ms: i64) -> String {
+    let rows: Vec<Vec<String>> = r
+        .versions
+        .iter()
+        .map(|v| {
+            vec![
+                v.round.to_string(),
+                if v.published {
+                    "published".into()
+                } else if v.ever_published {
+                    "was published".into()
+                } else {
+                    "-".into()
+                },
+                f(v.evaluation_accuracy, 4),
+                f(v.evaluation_macro_f1, 4),
+                v.evaluation_sites.to_string(),
+                if v.kept { "kept" } else { "pruned" }.into(),
+                cell(&v.model_sha256.chars().take(12).collect::<String>()),
+                reason(&v.gate_reason, REASON_CHARS),
+            ]
+        })
+        .collect();
+    let mut out = format!("run {}\n", cell(&r.run_id));
+    out.push_str(&grid(
+        &[
+            "VERSION",
+            "STATE",
+            "ACCURACY",
+            "MACRO-F1",
+            "SITES",
+            "CHECKPOINT",
+            "SHA256",
+            "GATE",
+        ],
+        &rows,
+    ));
+    if !r.publications.is_empty() {
+        let rows: Vec<Vec<String>> = r
+            .publications
+            .iter()
+            .map(|p| {
+                vec![
+                    p.round.to_string(),
+                    cell(&p.action),
+                    cell(&p.by),
+                    format!("{} ago", age(now_ms - p.published_at_unix_ms)),
+                    reason(&p.reason, REASON_CHARS),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&grid(
+            &["PUBLISHED", "ACTION", "BY", "WHEN", "REASON"],
+            &rows,
+        ));
     }
     out
 }
