@@ -23,6 +23,9 @@ pub enum Error {
     /// data (the message says why and what to do).
     #[error("task refused: {0}")]
     Task(String),
+    /// The site's published-model folder cannot be read or written.
+    #[error("{0}")]
+    Published(String),
     /// The site's privacy ledger could not be read or written (nothing is released then).
     #[error("privacy ledger {path}: {reason}")]
     Ledger {

@@ -40,6 +40,9 @@ pub struct SiteOptions {
     /// (heartbeats go on while waiting). Simulations of many sites on one machine share one,
     /// so sites take turns instead of all training at once.
     pub work_permits: Option<Arc<tokio::sync::Semaphore>>,
+    /// When set, the federation's published version is downloaded and installed here
+    /// whenever it changes ([`crate::published`]).
+    pub published: Option<crate::published::PublishedSink>,
 }
 
 impl SiteOptions {
@@ -52,6 +55,7 @@ impl SiteOptions {
             poll_wait: Duration::from_secs(10),
             max_backoff: Duration::from_secs(30),
             work_permits: None,
+            published: None,
         }
     }
 }
@@ -63,6 +67,8 @@ pub struct SiteSummary {
     pub rounds_contributed: Vec<u64>,
     /// Rounds whose global model this site evaluated.
     pub rounds_evaluated: Vec<u64>,
+    /// Published versions this site installed, in order.
+    pub published: Vec<u64>,
     /// Tasks this site declined (it could not do them), with the reason it gave.
     pub declined: Vec<(u64, String)>,
     /// Uploads the coordinator refused, with its reason.
@@ -108,15 +114,12 @@ async fn connect(
 
 async fn download(
     client: &mut FederationClient<Channel>,
-    opts: &SiteOptions,
-    task: &Task,
-    sha: &str,
+    request: fedflow_proto::v1::DownloadModelRequest,
     sink: ModelBuffer,
 ) -> Result<ModelBuffer, tonic::Status> {
-    let mut stream = client
-        .download_model(wire::download_request(&opts.site_id, task, sha))
-        .await?
-        .into_inner();
+    let sha = request.sha256.clone();
+    let sha = sha.as_str();
+    let mut stream = client.download_model(request).await?.into_inner();
     let mut asm: Option<Assembler<ModelBuffer>> = None;
     let mut sink = Some(sink);
     while let Some(chunk) = stream.message().await? {
@@ -168,7 +171,19 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
             .next_task(wire::next_task_request(&opts.site_id, opts.poll_wait))
             .await;
         let outcome = match reply {
-            Ok(r) => r.into_inner().outcome,
+            Ok(r) => {
+                let r = r.into_inner();
+                if let (Some(sink), Some(p)) = (&opts.published, &r.published) {
+                    match follow_published(&mut client, &opts.site_id, sink, p).await {
+                        Ok(Some(c)) => summary.published.push(c.round),
+                        Ok(None) => {}
+                        // The site keeps serving what it has; the next poll tries again.
+                        Err(e) => tracing::warn!(site = %opts.site_id, round = p.round,
+                            "cannot install the published version: {e}"),
+                    }
+                }
+                r.outcome
+            }
             Err(s) if is_transient(&s) => {
                 enrolled = false;
                 client = connect(&opts, &mut summary).await?;
@@ -216,6 +231,54 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
             }
         }
     }
+}
+
+/// Downloads and installs the published version `p` when it is not the one installed;
+/// returns what was installed.
+async fn follow_published(
+    client: &mut FederationClient<Channel>,
+    site_id: &str,
+    sink: &crate::published::PublishedSink,
+    p: &fedflow_proto::v1::PublishedModel,
+) -> Result<Option<crate::published::Current>> {
+    let model = p
+        .model
+        .as_ref()
+        .ok_or_else(|| Error::Task("the published version names no model".into()))?;
+    if sink
+        .current()?
+        .is_some_and(|c| c.model_sha256 == model.sha256)
+    {
+        return Ok(None);
+    }
+    if !fedflow_common::text::is_sha256_hex(&model.sha256) {
+        return Err(Error::Task(format!(
+            "the published version's sha256 {:?} is not a SHA-256",
+            fedflow_common::text::shorten(&model.sha256, 80)
+        )));
+    }
+    let config: fedflow_common::model::ModelConfig = serde_json::from_str(&model.model_config_json)
+        .map_err(|e| Error::Task(format!("the published version's model config: {e}")))?;
+    tracing::info!(site = %site_id, round = p.round, "downloading the published version {}", p.round);
+    let request = fedflow_proto::v1::DownloadModelRequest {
+        site_id: site_id.to_string(),
+        sha256: model.sha256.clone(),
+        round: p.round,
+        ..Default::default()
+    };
+    let bytes = download(client, request, ModelBuffer::Whole(Vec::new()))
+        .await
+        .map_err(|s| status_error(&s))?;
+    let installed = sink.install(
+        p.round,
+        &model.sha256,
+        p.published_at_unix_ms,
+        &config,
+        &model.vocab_sha256,
+        bytes.bytes(),
+    )?;
+    tracing::info!(site = %site_id, round = p.round, "now serving the published version {}", p.round);
+    Ok(Some(installed))
 }
 
 enum TaskError {
@@ -318,9 +381,7 @@ async fn run_task<W: SiteWork>(
     tracing::info!(site = %opts.site_id, round, "round {round}: downloading the global model");
     let global = download(
         client,
-        opts,
-        task,
-        &spec.expected_model_sha256,
+        wire::download_request(&opts.site_id, task, &spec.expected_model_sha256),
         trainer.model_buffer(),
     )
     .await

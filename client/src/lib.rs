@@ -22,6 +22,7 @@ pub mod ledger;
 pub mod local;
 pub mod noop;
 pub mod privacy;
+pub mod published;
 pub mod report;
 pub mod site;
 pub mod tls;

@@ -82,6 +82,11 @@ pub(crate) struct JoinArgs {
     /// this site has against the coordinator, whatever the run configuration says.
     #[arg(long)]
     min_site_noise: Option<f64>,
+    /// Keep the federation's published version installed in this folder (a model directory
+    /// under `versions/`, named by `current.json`), downloading each newly published
+    /// version; needs --vocab.
+    #[arg(long)]
+    published_dir: Option<PathBuf>,
 }
 
 /// Runs `join`: opens the site's data (or the no-op trainer) and its privacy ledger, then
@@ -98,11 +103,18 @@ pub(crate) fn run(a: JoinArgs) -> anyhow::Result<()> {
         print_summary(&summary);
         return Ok(());
     }
-    let opts = site_options(&a)?;
+    let mut opts = site_options(&a)?;
     let (Some(vocab_path), Some(data)) = (&a.vocab, &a.data) else {
         anyhow::bail!("the local trainer needs --data and --vocab");
     };
     let vocab = Vocab::load(vocab_path)?;
+    opts.published = a
+        .published_dir
+        .clone()
+        .map(|dir| fedflow_client::published::PublishedSink {
+            dir,
+            vocab: vocab.clone(),
+        });
     let options = LoadOptions {
         skip_invalid: a.site_data.skip_invalid,
     };
