@@ -340,3 +340,149 @@ async fn a_site_dp_run_killed_after_recording_keeps_every_spend_and_stops_at_the
         assert!(stdout.contains(&line), "{line} not in {stdout}");
     }
 }
+
+/// The model registry across crashes of the real binary in a continuous run (no-op sites,
+/// every second round published, one recent checkpoint kept): aborted while pruning (after
+/// the rows are gone, before the files are), and aborted inside the transaction that
+/// publishes a version. Each restart finds a consistent registry: the published version
+/// present and hash-verified, every kept checkpoint there and nothing else, and the gate
+/// decides again about a round whose publication never committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_survives_crashes_while_pruning_and_while_publishing() {
+    use fedflow_proto::v1::{ListModelsRequest, RunActionRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = Vocab::from_events(["open", "search", "escalate"]).unwrap();
+    vocab.save(dir.path().join("vocab.json")).unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        "[run]\nname = \"live\"\nseed = 5\n\
+         [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\n\
+         [sampling]\nmin_selected = 2\nmin_available = 2\n\
+         [rounds]\ndeadline_secs = 300\nmin_completed = 2\nheartbeat_timeout_secs = 30\n\
+         [evaluation]\nevery = 0\n\
+         [schedule]\nmode = \"continuous\"\n\
+         [publish]\nrule = \"every\"\nevery = 2\n\
+         [retention]\nkeep_last = 1\n",
+    )
+    .unwrap();
+    let data = dir.path().join("coordinator");
+    let checkpoints = data.join("checkpoints/live");
+    let files = || -> Vec<u64> {
+        let mut rounds: Vec<u64> = std::fs::read_dir(&checkpoints)
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                name.strip_prefix("round-")?
+                    .strip_suffix(".safetensors")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        rounds.sort();
+        rounds
+    };
+    let sites = |addr: &str| -> Vec<_> {
+        ["site-a", "site-b"]
+            .iter()
+            .map(|name| {
+                let trainer = Arc::new(fedflow_client::noop::NoopTrainer::new(10));
+                let mut o = SiteOptions::new(format!("http://{addr}"), *name);
+                o.poll_wait = Duration::from_secs(1);
+                o.max_backoff = Duration::from_millis(200);
+                tokio::spawn(run_site(o, trainer))
+            })
+            .collect()
+    };
+    let aborted = |mut child: Child| async move {
+        let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            !exit.success(),
+            "the failpoint aborts the coordinator: {exit:?}"
+        );
+    };
+
+    // 1. Round 2's commit prunes round 1; the abort comes after the rows are deleted and
+    // before the file is.
+    let (first, addr) = start_with(&config, &data, "127.0.0.1:0", Some("during-prune"));
+    let clients = sites(&addr);
+    aborted(first).await;
+    assert_eq!(files(), [0, 1, 2], "the crash left round 1's file behind");
+    // 2. Restarted: the orphan goes, the gate decides about round 2 and publishes it; the
+    // run goes on until the transaction publishing round 6 is aborted.
+    let (second, _) = start_with(&config, &data, &addr, Some("during-publish-round-6"));
+    aborted(second).await;
+    {
+        let store = fedflow_coordinator::store::Store::open(&data).unwrap();
+        let published: Vec<u64> = store
+            .publications("live")
+            .unwrap()
+            .iter()
+            .map(|p| p.round)
+            .collect();
+        assert_eq!(published, [2, 4], "round 6's publication never committed");
+        assert!(!store.gate_decided("live", 6).unwrap());
+        assert_eq!(store.kept_rounds("live").unwrap(), [0, 2, 4, 6]);
+    }
+    assert_eq!(
+        files(),
+        [0, 2, 4, 6],
+        "round 6's commit pruned round 5 before the gate ran"
+    );
+    // 3. Restarted again: round 6 is published now, and the run goes on.
+    let (mut third, _) = start(&config, &data, &addr);
+    wait_until(&addr, "round 8 committed", |s, _| s.committed_round >= 8).await;
+    let mut admin = AdminClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    admin
+        .stop_run(RunActionRequest {
+            reason: "test over".into(),
+        })
+        .await
+        .unwrap();
+    let models = admin
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let status = admin
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    third.kill().unwrap();
+    third.wait().unwrap();
+    for c in clients {
+        c.abort();
+    }
+    let published: Vec<u64> = models.publications.iter().map(|p| p.round).collect();
+    let last = status.committed_round;
+    let expected: Vec<u64> = (2..=last).step_by(2).collect();
+    assert_eq!(published, expected, "each even round once, none twice");
+    assert_eq!(status.published.unwrap().round, *expected.last().unwrap());
+    let kept: Vec<u64> = models
+        .versions
+        .iter()
+        .filter(|v| v.kept)
+        .map(|v| v.round)
+        .collect();
+    let mut want: Vec<u64> = [0, last]
+        .into_iter()
+        .chain(expected.iter().copied())
+        .collect();
+    want.sort();
+    want.dedup();
+    assert_eq!(kept, want);
+    assert_eq!(files(), want, "exactly the kept checkpoints are on disk");
+    // A resumed engine verified the published version's bytes against the registry.
+    let store = fedflow_coordinator::store::Store::open(&data).unwrap();
+    let p = store.published("live").unwrap().unwrap();
+    let (_, _, sha) =
+        fedflow_common::params::ParamSet::load_hashed(store.model_checkpoint_path("live", p.round))
+            .unwrap();
+    assert_eq!(sha, p.model_sha256);
+}
