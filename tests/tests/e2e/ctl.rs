@@ -242,7 +242,7 @@ async fn the_cli_follows_a_run_and_acts_on_it_with_the_right_role() {
 
 /// Scrapes `/metrics` (plain HTTP/1.0) and parses it with a Prometheus text-format parser;
 /// samples by name, with labels as `name{k=v}`; histograms as `name_count`.
-async fn scrape(addr: SocketAddr) -> std::collections::BTreeMap<String, f64> {
+pub(crate) async fn scrape(addr: SocketAddr) -> std::collections::BTreeMap<String, f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")

@@ -10,6 +10,7 @@ mod grpc_failures;
 mod malicious;
 mod protocol;
 mod python_interop;
+mod registry;
 mod safe_text;
 mod security;
 mod sequence_model_quality;
