@@ -611,3 +611,32 @@ fn validate_catches_changes_after_loading() {
     c.model.vocab_size = None;
     assert!(c.validate().unwrap_err().starts_with("model.vocab_size:"));
 }
+
+#[test]
+fn schedule_publish_and_retention_are_validated_naming_the_field() {
+    check_rejected("[schedule]\nmode = \"forever\"\n", "mode");
+    check_rejected("[schedule]\nevery = 3\n", "every");
+    check_rejected("[publish]\ntolerance = 1.5\n", "publish.tolerance");
+    check_rejected("[publish]\nmin_sites = 0\n", "publish.min_sites");
+    check_rejected("[publish]\nrule = \"every\"\nevery = 0\n", "publish.every");
+    check_rejected("[publish]\nmetric = \"loss\"\n", "metric");
+    check_rejected("[retention]\nkeep = 3\n", "keep");
+    check_rejected(
+        "[schedule]\nmode = \"continuous\"\n[evaluation]\nevery = 0\n",
+        "evaluation.every",
+    );
+    let dir = dir_with_vocab();
+    // Continuous: run.rounds does not end it, retention keeps 20 by default, the last
+    // "round" is never the final evaluation.
+    let c = RunConfig::from_toml_str(
+        &format!("{MINIMAL}[schedule]\nmode = \"continuous\"\n"),
+        dir.path(),
+    )
+    .unwrap();
+    assert!(!c.finished_after(1_000_000));
+    assert_eq!(c.retention.keep_last(&c.schedule), Some(DEFAULT_KEEP_LAST));
+    let fixed = RunConfig::from_toml_str(MINIMAL, dir.path()).unwrap();
+    assert!(fixed.finished_after(10) && !fixed.finished_after(9));
+    assert_eq!(fixed.retention.keep_last(&fixed.schedule), None);
+    assert_eq!(fixed.publish.rule, PublishRule::Evaluation);
+}
