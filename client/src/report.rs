@@ -222,6 +222,19 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
          ruled out: the figures are for ideal real-valued Gaussian noise."
             .to_string(),
     ];
+    let (smallest, largest) = entries.iter().fold((u64::MAX, 0), |(lo, hi), e| {
+        (lo.min(e.units), hi.max(e.units))
+    });
+    if !entries.is_empty() && smallest != largest {
+        caveats.push(format!(
+            "The site's data changed between rounds: its rounds were run on {smallest} to \
+             {largest} {unit}s. Each round is charged with its own sampling rate q = B/n of \
+             that round, and every round is charged to every {unit}, including those that \
+             arrived after it: a {unit} that was not there was not at risk in that round, so \
+             the epsilon above is a valid upper bound for every {unit}, conservative for the \
+             late ones. Erasing a {unit} does not refund what its rounds spent."
+        ));
+    }
     if unit == PrivacyUnit::User {
         caveats.push(
             "For the user unit, the count sent is the number of sessions in the site's whole \

@@ -120,7 +120,10 @@ pub struct TaskOutcome {
 /// A partner site's data and device, ready to run federated tasks.
 #[derive(Debug)]
 pub struct SiteTrainer {
-    dataset: SiteDataset,
+    /// The data of the task being run; replaced between tasks when the source changed.
+    dataset: std::sync::RwLock<Arc<SiteDataset>>,
+    /// Where the data comes from, when it is re-read before every task.
+    source: Option<source::DataSource>,
     vocab_sha256: String,
     vocab_size: usize,
     device: Device,
@@ -133,7 +136,8 @@ impl SiteTrainer {
     /// A site whose `dataset` was encoded with `vocab`, training on `device`.
     pub fn new(dataset: SiteDataset, vocab: &Vocab, device: Device) -> Self {
         Self {
-            dataset,
+            dataset: std::sync::RwLock::new(Arc::new(dataset)),
+            source: None,
             vocab_sha256: vocab_sha256(vocab),
             vocab_size: vocab.len(),
             device,
@@ -205,7 +209,7 @@ impl SiteTrainer {
         let train = if task.site_dp.is_some() {
             0
         } else {
-            self.dataset.train.len()
+            self.dataset().train.len()
         };
         SiteMetrics::counts_only(train, 0)
     }
@@ -222,9 +226,40 @@ impl SiteTrainer {
         self.privacy.as_ref()
     }
 
-    /// The site's data.
-    pub fn dataset(&self) -> &SiteDataset {
-        &self.dataset
+    /// The site's data as the current task sees it.
+    pub fn dataset(&self) -> Arc<SiteDataset> {
+        self.dataset
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The same site, re-reading `source` before every task when it changed (see
+    /// [`source`]); the dataset given to [`SiteTrainer::new`] is what the source held.
+    pub fn with_source(mut self, source: source::DataSource) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// Takes in the data the source holds now, if it changed since the last task; returns
+    /// how many sessions were added (0 without a source or a change). A source that cannot
+    /// be read fails the task with the reason (file and line): the site declines it rather
+    /// than train on data it cannot vouch for.
+    pub fn refresh(&self) -> Result<usize> {
+        let Some(src) = &self.source else {
+            return Ok(0);
+        };
+        let Some(fresh) = src.reload_if_changed()? else {
+            return Ok(0);
+        };
+        let mut current = self
+            .dataset
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = current.train.len() + current.validation.len();
+        let after = fresh.train.len() + fresh.validation.len();
+        *current = Arc::new(fresh);
+        Ok(after.saturating_sub(before))
     }
 
     /// SHA-256 (hex) of the site's vocabulary.
@@ -252,13 +287,13 @@ impl SiteTrainer {
         on_epoch: &mut dyn FnMut(&EpochReport),
     ) -> Result<TaskOutcome> {
         let (model, global) = self.prepare(task, global_bytes)?;
-        if self.dataset.train.is_empty() {
+        if self.dataset().train.is_empty() {
             return Err(Error::Task(format!(
                 "run {} round {}: this site has no training sessions ({} validation); \
                  add data or lower the validation fraction, or leave this site out of training",
                 task.run_id,
                 task.round,
-                self.dataset.validation.len()
+                self.dataset().validation.len()
             )));
         }
         if self.privacy.is_some() && task.record_dp.is_none() {
@@ -296,8 +331,8 @@ impl SiteTrainer {
         let started = Instant::now();
         let report = train(
             &model,
-            &self.dataset.train,
-            &self.dataset.validation,
+            &self.dataset().train,
+            &self.dataset().validation,
             &task.train,
             on_epoch,
         )?;
@@ -355,7 +390,7 @@ impl SiteTrainer {
             )));
         }
         let (model, _global) = self.prepare(task, global_bytes)?;
-        if self.dataset.validation.is_empty() {
+        if self.dataset().validation.is_empty() {
             return Err(Error::Task(format!(
                 "run {} round {}: this site has no validation sessions to evaluate on; \
                  raise the validation fraction or leave this site out of evaluation",
@@ -417,15 +452,15 @@ impl SiteTrainer {
 
     /// Split sizes only.
     fn counts(&self) -> SiteMetrics {
-        SiteMetrics::counts_only(self.dataset.train.len(), self.dataset.validation.len())
+        SiteMetrics::counts_only(self.dataset().train.len(), self.dataset().validation.len())
     }
 
     /// Split sizes and validation metrics of `model`; training fields left empty.
     fn validation_metrics(&self, model: &AttentionFlowModel) -> Result<SiteMetrics> {
-        let validation = if self.dataset.validation.is_empty() {
+        let validation = if self.dataset().validation.is_empty() {
             None
         } else {
-            Some(evaluate(model, &self.dataset.validation, EVAL_BATCH)?)
+            Some(evaluate(model, &self.dataset().validation, EVAL_BATCH)?)
         };
         Ok(SiteMetrics {
             validation_loss: validation.as_ref().map(|m| m.loss),
@@ -463,6 +498,9 @@ fn site_release(task: &TaskSpec, delta: ParamSet) -> Result<(ParamSet, bool)> {
 }
 
 mod private;
+pub mod source;
 
+#[cfg(test)]
+mod growing_tests;
 #[cfg(test)]
 mod tests;

@@ -72,6 +72,14 @@ impl SiteWork for SiteTrainer {
         model: ModelBuffer,
         on_epoch: &mut dyn FnMut(&EpochReport),
     ) -> Result<Update> {
+        let added = self.refresh()?;
+        if added > 0 {
+            tracing::info!(
+                round = task.round,
+                added,
+                "the site's data grew: {added} new session(s)"
+            );
+        }
         let outcome = self.train_task(task, model.bytes(), on_epoch)?;
         Ok(Update {
             bytes: Bytes::from(outcome.delta_bytes),
@@ -82,6 +90,7 @@ impl SiteWork for SiteTrainer {
     }
 
     fn evaluate(&self, task: &TaskSpec, model: ModelBuffer) -> Result<SiteMetrics> {
+        self.refresh()?;
         self.evaluate_task(task, model.bytes())
     }
 

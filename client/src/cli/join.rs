@@ -38,7 +38,9 @@ pub(crate) struct JoinArgs {
     /// out).
     #[arg(long)]
     site_id: Option<String>,
-    /// This site's data file (required by the local trainer).
+    /// This site's data file (required by the local trainer). It is read again before every
+    /// task when it changed (appended or replaced), with the same validation and the same
+    /// split by session id; a task is declined while the file has a bad row.
     #[arg(long, required_if_eq("trainer", "local"))]
     data: Option<PathBuf>,
     /// The federation's event vocabulary (required by the local trainer).
@@ -118,8 +120,14 @@ pub(crate) fn run(a: JoinArgs) -> anyhow::Result<()> {
     let options = LoadOptions {
         skip_invalid: a.site_data.skip_invalid,
     };
-    let dataset =
-        fedflow_common::data::SiteDataset::load(data, &vocab, &options, a.site_data.val_fraction)?;
+    // Read again before every task when the file changed: feedback appended between rounds
+    // is trained on in the next one.
+    let (dataset, source) = fedflow_client::site::source::DataSource::open(
+        data,
+        &vocab,
+        options,
+        a.site_data.val_fraction,
+    )?;
     println!(
         "site {}: {} training and {} validation sessions; joining {}",
         opts.site_id,
@@ -129,6 +137,7 @@ pub(crate) fn run(a: JoinArgs) -> anyhow::Result<()> {
     );
     let sessions = dataset.train.len();
     let mut trainer = SiteTrainer::new(dataset, &vocab, a.site_data.device.open()?)
+        .with_source(source)
         .withholding_metrics(a.withhold_metrics);
     if let Some(z) = a.min_site_noise {
         trainer = trainer.with_min_site_noise(z)?;

@@ -1,7 +1,7 @@
 //! SiteTrainer tests: the plain path, and the DP path (policies, the ledger protocol,
 //! withheld metrics).
 
-mod support {
+pub(super) mod support {
     use super::super::*;
     use fedflow_common::synth::{SynthConfig, generate};
 
@@ -233,7 +233,7 @@ mod plain {
     #[test]
     fn empty_training_split_is_refused() {
         let f = fixture();
-        let mut dataset = f.site.dataset().clone();
+        let mut dataset = (*f.site.dataset()).clone();
         dataset.train.clear();
         let site = SiteTrainer::new(dataset, &f.vocab, Device::Cpu);
         let msg = site
