@@ -6,6 +6,7 @@
 mod claims;
 mod ctl;
 mod federation;
+mod growing;
 mod grpc_failures;
 mod malicious;
 mod protocol;
