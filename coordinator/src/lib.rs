@@ -30,6 +30,7 @@ pub mod security;
 pub mod service;
 pub mod store;
 pub mod strategy;
+pub mod versions;
 
 pub use error::{Error, Result};
 

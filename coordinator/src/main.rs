@@ -6,8 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use fedflow_common::model::AttentionFlowModel;
-use fedflow_common::params::ParamSet;
 use fedflow_coordinator::config::RunConfig;
 use fedflow_coordinator::round::RoundEngine;
 use fedflow_coordinator::security::Transport;
@@ -113,6 +111,29 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Write a model version as a model directory (model.safetensors, model.json with both
+    /// hashes, vocab.json): the format `fedflow-client evaluate` loads, and a warm start's
+    /// `[init] model_dir`.
+    Export {
+        /// The coordinator's data directory (read-only: works while the coordinator runs).
+        #[arg(long)]
+        data: PathBuf,
+        /// The run (default: the only run in the data directory).
+        #[arg(long)]
+        run: Option<String>,
+        /// The version: a committed round.
+        #[arg(long, conflicts_with = "published", required_unless_present = "published")]
+        round: Option<u64>,
+        /// The version: the published one.
+        #[arg(long)]
+        published: bool,
+        /// The model directory to write (refused if it exists and is not empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace a non-empty --out.
+        #[arg(long)]
+        force: bool,
+    },
     /// The federation's certificate authority: create it, issue certificates.
     #[command(subcommand)]
     Pki(cli::security::Pki),
@@ -152,6 +173,30 @@ enum AuditLogCommand {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Pki(cmd) => cli::security::pki(cmd)?,
+        Command::Export {
+            data,
+            run,
+            round,
+            published,
+            out,
+            force,
+        } => {
+            let store = Store::open_read_only(&data)
+                .with_context(|| format!("opening the data directory {}", data.display()))?;
+            let run = fedflow_coordinator::audit::resolve_run(&store, run.as_deref())?;
+            let version = match (round, published) {
+                (Some(r), _) => fedflow_coordinator::versions::Version::Round(r),
+                (None, _) => fedflow_coordinator::versions::Version::Published,
+            };
+            let (round, card) =
+                fedflow_coordinator::versions::export(&store, &run, version, &out, force)?;
+            println!(
+                "run {run} round {round} exported to {} (parameters sha256 {}, vocabulary                  sha256 {})",
+                out.display(),
+                card.params_sha256,
+                card.vocab_sha256
+            );
+        }
         Command::Report { data, run, out } => {
             let store = Store::open_read_only(&data)
                 .with_context(|| format!("opening the data directory {}", data.display()))?;
@@ -258,17 +303,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
             };
             let cfg = RunConfig::load(&config)?;
-            let initial = {
-                let model = AttentionFlowModel::new(
-                    &cfg.model_config()?,
-                    &candle_core::Device::Cpu,
-                    cfg.run.seed,
-                )?;
-                ParamSet::from_varmap(model.varmap())?
-            };
-            fedflow_coordinator::memtrace::probe(format_args!("startup-initial-model"));
             let store = Store::open(&data)
                 .with_context(|| format!("opening the data directory {}", data.display()))?;
+            let (initial, source) = fedflow_coordinator::versions::initial_model(&cfg, &store)?;
+            if let Some(s) = source {
+                tracing::info!(
+                    "run {} starts from {} (sha256 {})",
+                    cfg.run.name,
+                    s.what,
+                    s.sha256
+                );
+            }
+            fedflow_coordinator::memtrace::probe(format_args!("startup-initial-model"));
             let engine = RoundEngine::open(store, cfg.clone(), initial)?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await

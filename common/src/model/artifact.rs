@@ -45,21 +45,34 @@ pub fn vocab_sha256(vocab: &Vocab) -> String {
 /// Writes `model` and `vocab` into `dir` (created if missing); each file is replaced
 /// atomically, the card last, so a crash never leaves a card describing other parameters.
 pub fn save_model(dir: &Path, model: &AttentionFlowModel, vocab: &Vocab) -> Result<ModelCard> {
-    if vocab.len() != model.config().vocab_size {
+    let params = ParamSet::from_varmap(model.varmap())?;
+    save_params(dir, &params, model.config(), vocab)
+}
+
+/// [`save_model`] for parameters held as a [`ParamSet`] (a checkpoint, a downloaded
+/// version), checked against `config`'s shapes and `vocab`'s size first.
+pub fn save_params(
+    dir: &Path,
+    params: &ParamSet,
+    config: &ModelConfig,
+    vocab: &Vocab,
+) -> Result<ModelCard> {
+    if vocab.len() != config.vocab_size {
         return Err(Error::ParamMismatch(format!(
             "vocabulary has {} ids but the model expects {}",
             vocab.len(),
-            model.config().vocab_size
+            config.vocab_size
         )));
     }
+    let expected = AttentionFlowModel::new(config, &Device::Cpu, 0)?;
+    params.validate_against(&ParamSet::from_varmap(expected.varmap())?.spec())?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let params = ParamSet::from_varmap(model.varmap())?;
-    params.save(dir.join(PARAMS_FILE))?;
+    let (_, params_sha256) = params.save(dir.join(PARAMS_FILE))?;
     vocab.save(dir.join(VOCAB_FILE))?;
     let card = ModelCard {
         format: MODEL_FORMAT.to_string(),
-        model: model.config().clone(),
-        params_sha256: params.sha256_hex()?,
+        model: config.clone(),
+        params_sha256,
         vocab_sha256: vocab_sha256(vocab),
         parameters: params.num_elements(),
     };

@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 
 pub use artifact::{
     CARD_FILE, MODEL_FORMAT, ModelCard, PARAMS_FILE, VOCAB_FILE, load_model, save_model,
-    vocab_sha256,
+    save_params, vocab_sha256,
 };
 pub use batch::Batch;
 pub use config::{EncoderKind, ModelConfig};

@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 mod hardening;
+mod init;
 mod lifecycle;
 mod record_dp;
 mod rounds;
@@ -44,6 +45,7 @@ mod site_dp;
 pub use hardening::{
     AggregationRule, AggregationSection, DEFAULT_MAX_EXAMPLES, LargeUpdate, LimitsSection,
 };
+pub use init::InitConfig;
 pub use lifecycle::{
     DEFAULT_KEEP_LAST, PublishConfig, PublishMetric, PublishRule, RetentionConfig, ScheduleConfig,
     ScheduleMode,
@@ -115,6 +117,9 @@ pub struct RunConfig {
     /// `[retention]`: which checkpoints are kept.
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// `[init]`: start a new run from a previous version instead of a fresh model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitConfig>,
     /// `[record_dp]`: DP-SGD every site applies to its own records; absent (default) means
     /// no record-level differential privacy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -374,6 +379,11 @@ impl RunConfig {
             }
             _ => self.model.vocab_size = Some(vocab.len()),
         }
+        if let Some(dir) = self.init.as_mut().and_then(|i| i.model_dir.as_mut()) {
+            let joined = base_dir.join(&*dir);
+            *dir = std::path::absolute(&joined)
+                .map_err(|e| format!("init.model_dir: cannot resolve {}: {e}", joined.display()))?;
+        }
         self.validate()?;
         Ok(self)
     }
@@ -399,6 +409,9 @@ impl RunConfig {
         self.validate_evaluation()?;
         self.schedule.validate()?;
         self.publish.validate()?;
+        if let Some(init) = &self.init {
+            init.validate()?;
+        }
         if let Some(dp) = &self.record_dp {
             dp.validate()?;
         }

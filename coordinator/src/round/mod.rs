@@ -189,6 +189,10 @@ impl RoundEngine {
         if store.run(&run_id)?.is_none() {
             let config_json = serde_json::to_string(&cfg)?;
             store.create_run(&run_id, &config_json, strategy.name(), &initial)?;
+            // Kept with the run: its versions are exported and warm-started with it. (A crash
+            // between the two leaves a run without one, which export treats as an old run.)
+            let vocab = fedflow_common::data::Vocab::load(&cfg.model.vocab)?;
+            store.record_vocabulary(&run_id, &vocab.to_json_string())?;
         }
         // The model is read back from its checkpoint below; don't hold two copies.
         drop(initial);

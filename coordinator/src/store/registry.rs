@@ -18,6 +18,9 @@
 //!   each site's evaluation of the published version `baseline_round`, measured right after
 //!   its evaluation of the candidate `round`.
 //! - `rounds.pruned_at`: when retention deleted the round's checkpoints (`NULL`: kept).
+//! - `run_vocabularies(run_id PK, vocab_json, vocab_sha256)`: the vocabulary a run was
+//!   created with, so its versions can be exported and warm-started from whatever happens
+//!   to the file later.
 //!
 //! Pruning deletes the checkpoint rows in one transaction and the files afterwards; a crash
 //! in between leaves files no row points to, which [`Store::open`] deletes. A published
@@ -72,6 +75,11 @@ CREATE TABLE baseline_evaluations (
     PRIMARY KEY (run_id, round, site_id)
 );
 ALTER TABLE rounds ADD COLUMN pruned_at INTEGER;
+CREATE TABLE run_vocabularies (
+    run_id        TEXT PRIMARY KEY NOT NULL REFERENCES runs(run_id),
+    vocab_json    TEXT NOT NULL,
+    vocab_sha256  TEXT NOT NULL
+);
 ";
 
 /// Who changed the published version.
@@ -149,6 +157,38 @@ pub struct GateDecision {
 }
 
 impl Store {
+    /// Records the vocabulary (canonical JSON) run `run_id` was created with; a second call
+    /// must give the same one.
+    pub fn record_vocabulary(&mut self, run_id: &str, vocab_json: &str) -> Result<()> {
+        let sha = fedflow_common::hash::sha256_hex(vocab_json.as_bytes());
+        if let Some((_, known)) = self.run_vocabulary(run_id)? {
+            if known != sha {
+                return Err(Error::ConfigMismatch(format!(
+                    "run {run_id} was created with vocabulary {known}, not {sha}"
+                )));
+            }
+            return Ok(());
+        }
+        self.conn.execute(
+            "INSERT INTO run_vocabularies (run_id, vocab_json, vocab_sha256) VALUES (?1, ?2, ?3)",
+            params![run_id, vocab_json, sha],
+        )?;
+        Ok(())
+    }
+
+    /// The vocabulary a run was created with (canonical JSON and its SHA-256), when it is
+    /// recorded (runs created before schema version 5 have none).
+    pub fn run_vocabulary(&self, run_id: &str) -> Result<Option<(String, String)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT vocab_json, vocab_sha256 FROM run_vocabularies WHERE run_id = ?1",
+                [run_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
     /// The run's published version, if any.
     pub fn published(&self, run_id: &str) -> Result<Option<Publication>> {
         self.require_run(run_id)?;
