@@ -122,7 +122,11 @@ enum Command {
         #[arg(long)]
         run: Option<String>,
         /// The version: a committed round.
-        #[arg(long, conflicts_with = "published", required_unless_present = "published")]
+        #[arg(
+            long,
+            conflicts_with = "published",
+            required_unless_present = "published"
+        )]
         round: Option<u64>,
         /// The version: the published one.
         #[arg(long)]

@@ -45,9 +45,9 @@ pub struct LoadedVersion {
 
 /// Reads `version` of run `run_id` from `store`, verified against its recorded hash.
 pub fn load_version(store: &Store, run_id: &str, version: Version) -> Result<LoadedVersion> {
-    let run = store
-        .run(run_id)?
-        .ok_or_else(|| Error::NotFound(format!("no run named {run_id:?} in this data directory")))?;
+    let run = store.run(run_id)?.ok_or_else(|| {
+        Error::NotFound(format!("no run named {run_id:?} in this data directory"))
+    })?;
     let round = match version {
         Version::Round(r) => r,
         Version::Published => {
@@ -131,10 +131,14 @@ pub fn export(
             out.display()
         )));
     }
-    let name = out
-        .file_name()
-        .ok_or_else(|| Error::BadRequest(format!("--out {}: not a directory name", out.display())))?;
-    let tmp = out.with_file_name(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let name = out.file_name().ok_or_else(|| {
+        Error::BadRequest(format!("--out {}: not a directory name", out.display()))
+    })?;
+    let tmp = out.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     let card = save_params(&tmp, &v.params, &v.config, &v.vocab)?;
     if card.params_sha256 != v.sha256 {
@@ -181,8 +185,7 @@ pub fn initial_model(cfg: &RunConfig, store: &Store) -> Result<(ParamSet, Option
         return Ok((fresh()?, None));
     }
     let vocab = Vocab::load(&cfg.model.vocab)?;
-    let (params, source_config, source_vocab, source) = match (&init.from_run, &init.model_dir)
-    {
+    let (params, source_config, source_vocab, source) = match (&init.from_run, &init.model_dir) {
         (Some(run), _) => {
             let version = match init.round {
                 Some(r) => Version::Round(r),
@@ -261,8 +264,15 @@ mod tests {
         let mut e = engine(&f);
         let tickets = start(&mut e);
         for s in SITES {
-            submit(&mut e, s, &tickets[s], &update(&f, 0.05), 10, crate::round::tests::T0)
-                .unwrap();
+            submit(
+                &mut e,
+                s,
+                &tickets[s],
+                &update(&f, 0.05),
+                10,
+                crate::round::tests::T0,
+            )
+            .unwrap();
         }
         assert_eq!(e.committed_round(), 1);
         (f, e.global().1.to_string())
@@ -331,7 +341,10 @@ mod tests {
             let e = RoundEngine::open(store, cfg, initial).unwrap();
             assert_eq!(e.global().1, sha, "{name}");
             let round0 = std::fs::read(e.store().model_checkpoint_path(name, 0)).unwrap();
-            assert_eq!(round0, source_file, "{name}: round 0 is the source, bit for bit");
+            assert_eq!(
+                round0, source_file,
+                "{name}: round 0 is the source, bit for bit"
+            );
         }
     }
 
@@ -348,14 +361,20 @@ mod tests {
         wider.model.hidden_size = 8;
         let store = Store::open(&data).unwrap();
         let err = initial_model(&wider, &store).unwrap_err().to_string();
-        assert!(err.contains("model.hidden_size: source 4, this run 8"), "{err}");
+        assert!(
+            err.contains("model.hidden_size: source 4, this run 8"),
+            "{err}"
+        );
         // Dropout changes no parameter: allowed.
         let mut other_dropout = with_init(&f.cfg, "dropout", init.clone());
         other_dropout.model.dropout = 0.5;
         initial_model(&other_dropout, &store).unwrap();
         // Another vocabulary of the same size.
         let vocab = f.dir.path().join("other-vocab.json");
-        Vocab::from_events(["x", "y", "z"]).unwrap().save(&vocab).unwrap();
+        Vocab::from_events(["x", "y", "z"])
+            .unwrap()
+            .save(&vocab)
+            .unwrap();
         let mut other = with_init(&f.cfg, "other", init);
         other.model.vocab = vocab;
         let err = initial_model(&other, &store).unwrap_err().to_string();

@@ -40,8 +40,7 @@ impl InitConfig {
                     .map_err(|e| format!("init.from_run: {e}"))?;
                 match (self.round, self.published) {
                     (Some(_), true) => Err(
-                        "init.published: give either init.round or init.published, not both"
-                            .into(),
+                        "init.published: give either init.round or init.published, not both".into(),
                     ),
                     (None, false) => Err(
                         "init.round: with init.from_run, name the version: init.round = N or \

@@ -286,6 +286,65 @@ async fn a_poisoned_round_is_committed_but_not_published_and_admins_publish_and_
         );
     }
 
+    // The published version exported by the real binary (reading the running coordinator's
+    // data) loads in the real `fedflow-client evaluate`, with the predictions of the
+    // coordinator's checkpoint evaluated here.
+    let out = c.dir().join("export");
+    let ok = std::process::Command::new(fedflow_tests::bin::cargo_bin(
+        "fedflow-coordinator",
+        "fedflow-coordinator",
+    ))
+    .args(["export", "--published", "--data"])
+    .arg(&c.data)
+    .arg("--out")
+    .arg(&out)
+    .output()
+    .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let csv = c.dir().join("site-a.csv");
+    fedflow_common::data::write_sessions(&csv, &fed.sites[0].records).unwrap();
+    let eval = std::process::Command::new(fedflow_tests::bin::cargo_bin(
+        "fedflow-client",
+        "fedflow-client",
+    ))
+    .args(["evaluate", "--device", "cpu", "--json", "--model"])
+    .arg(&out)
+    .arg("--data")
+    .arg(&csv)
+    .output()
+    .unwrap();
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let theirs: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    let checkpoint =
+        ParamSet::load(c.data.join("checkpoints/reg/round-000001.safetensors")).unwrap();
+    let model = fedflow_common::model::AttentionFlowModel::new(
+        &c.cfg.model_config().unwrap(),
+        &Device::Cpu,
+        0,
+    )
+    .unwrap();
+    checkpoint.load_into_varmap(model.varmap()).unwrap();
+    let sessions: Vec<_> = fed.sites[0]
+        .records
+        .iter()
+        .map(|r| fedflow_common::data::encode_session(r, &vocab).unwrap())
+        .collect();
+    let ours = fedflow_common::train::evaluate(&model, &sessions, 256).unwrap();
+    assert_eq!(
+        theirs["metrics"]["examples"].as_u64(),
+        Some(ours.examples as u64)
+    );
+    assert_eq!(theirs["metrics"]["accuracy"].as_f64(), Some(ours.accuracy));
+    assert!((theirs["metrics"]["loss"].as_f64().unwrap() - ours.loss).abs() < 1e-9);
+
     // Stopped for good, the honest sites end; site-c's held task is discarded.
     admin
         .stop_run(RunActionRequest {
