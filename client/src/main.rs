@@ -113,6 +113,10 @@ struct GenerateArgs {
     /// File format of the site files.
     #[arg(long, value_enum, default_value_t = FormatArg::Csv)]
     format: FormatArg,
+    /// Hashed out-of-vocabulary buckets in vocab.json: extra embedding rows that keep event
+    /// names the vocabulary does not list apart (0: they all become the unknown id).
+    #[arg(long, default_value_t = 0)]
+    oov_buckets: u32,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -263,6 +267,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 FormatArg::Jsonl => DataFormat::Jsonl,
             };
             let m = local::generate(&a.out, &cfg, format)?;
+            if a.oov_buckets > 0 {
+                let path = a.out.join("vocab.json");
+                Vocab::load(&path)?
+                    .with_oov_buckets(a.oov_buckets)?
+                    .save(&path)?;
+            }
             println!(
                 "generated {} sessions for {} sites in {} (Bayes-optimal accuracy {:.4})",
                 m.sessions,
@@ -283,13 +293,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     let s = &r.stats;
                     println!(
-                        "{}: ok, {} sessions ({} train / {} validation), {} events ({} unknown), mean length {:.1}, max {}, labels 1-5 {:?}, {} rows skipped",
+                        "{}: ok, {} sessions ({} train / {} validation), {} events ({} unknown: {} distinct names, {} in out-of-vocabulary buckets), mean length {:.1}, max {}, labels 1-5 {:?}, {} rows skipped",
                         f.display(),
                         s.sessions,
                         s.train,
                         s.validation,
                         s.events_total,
                         s.unknown_events,
+                        s.distinct_unknown_names,
+                        s.oov_bucket_events,
                         s.mean_len,
                         s.max_len,
                         s.class_counts,

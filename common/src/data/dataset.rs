@@ -21,8 +21,14 @@ pub struct DatasetStats {
     pub validation: usize,
     /// Events over all sessions.
     pub events_total: usize,
-    /// Events not in the vocabulary (encoded as [`UNK_ID`]).
+    /// Events not in the vocabulary (encoded as [`UNK_ID`], or into a hashed bucket when
+    /// the vocabulary has them).
     pub unknown_events: usize,
+    /// Of those, events that fell in the vocabulary's out-of-vocabulary buckets.
+    pub oov_bucket_events: usize,
+    /// Distinct event names not in the vocabulary (a count: the names are site data and
+    /// are never logged or sent; for pooled datasets the sum over sites, an upper bound).
+    pub distinct_unknown_names: usize,
     /// Sessions per class (`class_counts[label - 1]`), over both splits.
     pub class_counts: [usize; NUM_LABELS],
     /// Invalid rows skipped while loading (see [`LoadOptions::skip_invalid`]).
@@ -35,14 +41,21 @@ pub struct DatasetStats {
 
 impl DatasetStats {
     /// Adds one encoded session (before `mean_len` is finalised).
-    fn add(&mut self, session: &EncodedSession, split: Split) {
+    fn add(&mut self, session: &EncodedSession, split: Split, vocab: &Vocab) {
         self.sessions += 1;
         match split {
             Split::Train => self.train += 1,
             Split::Validation => self.validation += 1,
         }
         self.events_total += session.events.len();
-        self.unknown_events += session.events.iter().filter(|&&id| id == UNK_ID).count();
+        let buckets = session
+            .events
+            .iter()
+            .filter(|&&id| vocab.is_oov_bucket(id))
+            .count();
+        self.oov_bucket_events += buckets;
+        self.unknown_events +=
+            buckets + session.events.iter().filter(|&&id| id == UNK_ID).count();
         self.class_counts[session.class as usize] += 1;
         self.max_len = self.max_len.max(session.events.len());
     }
@@ -117,6 +130,7 @@ impl SiteDataset {
         let mut dataset = SiteDataset::default();
         let mut users: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
         let mut next_user = 0u32;
+        let mut unknown_names: std::collections::HashSet<&str> = Default::default();
         for (i, record) in records.iter().enumerate() {
             let encoded = encode_session(record, vocab).map_err(|e| match e {
                 Error::DataFile { path, reason } => Error::DataFile {
@@ -126,7 +140,12 @@ impl SiteDataset {
                 other => other,
             })?;
             let split = split_of(&record.session_id, val_fraction);
-            dataset.stats.add(&encoded, split);
+            dataset.stats.add(&encoded, split, vocab);
+            for e in &record.events {
+                if vocab.id(e).is_none() {
+                    unknown_names.insert(e.as_str());
+                }
+            }
             match split {
                 Split::Train => {
                     let user = match record.user_id.as_deref() {
@@ -145,6 +164,7 @@ impl SiteDataset {
                 Split::Validation => dataset.validation.push(encoded),
             }
         }
+        dataset.stats.distinct_unknown_names = unknown_names.len();
         dataset.stats.finalise_mean();
         Ok(dataset)
     }
@@ -183,6 +203,9 @@ impl SiteDataset {
             p.validation += s.validation;
             p.events_total += s.events_total;
             p.unknown_events += s.unknown_events;
+            p.oov_bucket_events += s.oov_bucket_events;
+            // Names two sites share are counted twice: in a pool this is an upper bound.
+            p.distinct_unknown_names += s.distinct_unknown_names;
             for (pc, sc) in p.class_counts.iter_mut().zip(s.class_counts) {
                 *pc += sc;
             }

@@ -84,9 +84,12 @@
 //! `format` must be exactly `"fedflow-vocab/1"`, `pad_id` must be 0 and `unk_id` 1 (padding
 //! and unknown events). `events` maps each event name (non-empty, no whitespace, each listed
 //! once) to its id; with `n` events the ids are exactly 2, 3, ..., `n + 1`, each used once, in
-//! any order in the file. No other keys are allowed. Event names in session files that are not
-//! in the vocabulary are encoded as the unknown id. The model's vocabulary size is
-//! [`Vocab::len`], that is `n + 2`.
+//! any order in the file. The optional key `oov_buckets` (an integer K, 0 to
+//! [`MAX_OOV_BUCKETS`], default 0 and then not written) declares K hashed out-of-vocabulary
+//! buckets with ids `n + 2` .. `n + K + 1`. No other keys are allowed. Event names in session
+//! files that are not in the vocabulary are encoded as the unknown id, or with buckets as
+//! bucket `first 8 bytes of SHA-256(name), big-endian, mod K`. The model's vocabulary size is
+//! [`Vocab::len`], that is `n + 2 + K`.
 //!
 //! # Split
 //!
@@ -108,4 +111,4 @@ pub use format::{
 };
 pub use records::{EncodedSession, NUM_LABELS, SessionRecord};
 pub use split::{Split, hashed_id, split_of, split_unit};
-pub use vocab::{FIRST_EVENT_ID, PAD_ID, UNK_ID, VOCAB_FORMAT, Vocab};
+pub use vocab::{FIRST_EVENT_ID, MAX_OOV_BUCKETS, PAD_ID, UNK_ID, VOCAB_FORMAT, Vocab};

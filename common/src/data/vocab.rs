@@ -20,6 +20,9 @@ pub const FIRST_EVENT_ID: u32 = 2;
 /// The `format` tag of the vocabulary's JSON file.
 pub const VOCAB_FORMAT: &str = "fedflow-vocab/1";
 
+/// Most hashed out-of-vocabulary buckets a vocabulary may declare.
+pub const MAX_OOV_BUCKETS: u32 = 65_536;
+
 /// Path used in errors about vocabularies that did not come from a file.
 const MEMORY: &str = "<memory>";
 
@@ -41,12 +44,21 @@ pub(crate) fn check_event_name(name: &str) -> std::result::Result<(), String> {
 /// Id [`PAD_ID`] (0) is padding, [`UNK_ID`] (1) stands for any event not in the vocabulary,
 /// and the vocabulary's events have ids 2, 3, ... in order. All partner sites and the
 /// coordinator must use the same vocabulary, since ids index the model's embedding table.
+///
+/// A vocabulary may declare K *hashed out-of-vocabulary buckets* (`oov_buckets`, chosen
+/// when the run is created): K more ids after the events, and an unknown event name goes to
+/// bucket `u64::from_be_bytes(SHA-256(name)[..8]) mod K` instead of [`UNK_ID`], so new events
+/// stay distinguishable (up to collisions) without changing the model's shape. With buckets
+/// nothing is encoded as [`UNK_ID`]; the id stays reserved. K = 0 (the default) is the
+/// vocabulary without buckets, whose file and hash are unchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vocab {
     /// Event names; `names[i]` has id `i + FIRST_EVENT_ID`.
     names: Vec<String>,
     /// The inverse of `names`.
     ids: HashMap<String, u32>,
+    /// Hashed out-of-vocabulary buckets after the events (0: none).
+    oov_buckets: u32,
 }
 
 impl Vocab {
@@ -81,7 +93,43 @@ impl Vocab {
         if names.is_empty() {
             return Err(err("vocabulary has no events".to_owned()));
         }
-        Ok(Vocab { names, ids })
+        Ok(Vocab {
+            names,
+            ids,
+            oov_buckets: 0,
+        })
+    }
+
+    /// The same vocabulary with `k` hashed out-of-vocabulary buckets (at most
+    /// [`MAX_OOV_BUCKETS`]).
+    pub fn with_oov_buckets(mut self, k: u32) -> Result<Self> {
+        if k > MAX_OOV_BUCKETS {
+            return Err(Error::Vocab {
+                path: MEMORY.into(),
+                reason: format!("oov_buckets: {k} is more than {MAX_OOV_BUCKETS}"),
+            });
+        }
+        id_for_index(self.names.len() + k as usize).ok_or_else(|| Error::Vocab {
+            path: MEMORY.into(),
+            reason: "too many ids".into(),
+        })?;
+        self.oov_buckets = k;
+        Ok(self)
+    }
+
+    /// Number of hashed out-of-vocabulary buckets.
+    pub fn oov_buckets(&self) -> u32 {
+        self.oov_buckets
+    }
+
+    /// The first bucket's id (one past the last event's).
+    pub fn first_oov_id(&self) -> u32 {
+        FIRST_EVENT_ID + self.names.len() as u32
+    }
+
+    /// Whether `id` is one of the out-of-vocabulary buckets.
+    pub fn is_oov_bucket(&self, id: u32) -> bool {
+        id >= self.first_oov_id() && id < self.first_oov_id() + self.oov_buckets
     }
 
     /// Reads and validates a vocabulary file (see the [module docs](crate::data) for the format).
@@ -104,6 +152,7 @@ impl Vocab {
             format: VOCAB_FORMAT,
             pad_id: PAD_ID,
             unk_id: UNK_ID,
+            oov_buckets: self.oov_buckets,
             events: EventsOut(&self.names),
         };
         serde_json::to_string_pretty(&file).expect("a vocabulary always serialises")
@@ -170,7 +219,20 @@ impl Vocab {
         }
         // n names, n distinct ids, all within a range of n: every slot is filled.
         let names = slots.into_iter().map(|s| s.expect("ids cover the range"));
-        Self::build(names, path)
+        let vocab = Self::build(names, path)?;
+        let k = u32::try_from(file.oov_buckets)
+            .ok()
+            .filter(|&k| k <= MAX_OOV_BUCKETS)
+            .ok_or_else(|| {
+                err(format!(
+                    "oov_buckets: {} is more than {MAX_OOV_BUCKETS}",
+                    file.oov_buckets
+                ))
+            })?;
+        vocab.with_oov_buckets(k).map_err(|e| match e {
+            Error::Vocab { reason, .. } => err(reason),
+            other => other,
+        })
     }
 
     /// The id of a known event.
@@ -178,9 +240,19 @@ impl Vocab {
         self.ids.get(name).copied()
     }
 
-    /// The id of an event, [`UNK_ID`] when it is not in the vocabulary.
+    /// The id of an event: its own, else its out-of-vocabulary bucket, else [`UNK_ID`].
     pub fn encode(&self, name: &str) -> u32 {
-        self.id(name).unwrap_or(UNK_ID)
+        self.id(name).unwrap_or_else(|| self.oov_id(name))
+    }
+
+    /// The id an event missing from the vocabulary is encoded as.
+    fn oov_id(&self, name: &str) -> u32 {
+        if self.oov_buckets == 0 {
+            return UNK_ID;
+        }
+        let digest = crate::hash::sha256(name.as_bytes());
+        let h = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+        self.first_oov_id() + (h % u64::from(self.oov_buckets)) as u32
     }
 
     /// The name of a real event's id; `None` for [`PAD_ID`], [`UNK_ID`] and ids out of range.
@@ -192,7 +264,7 @@ impl Vocab {
     /// Total number of ids including padding and unknown: the model's vocabulary size.
     #[allow(clippy::len_without_is_empty)] // never empty: padding and unknown always exist
     pub fn len(&self) -> usize {
-        self.names.len() + FIRST_EVENT_ID as usize
+        self.names.len() + FIRST_EVENT_ID as usize + self.oov_buckets as usize
     }
 
     /// Number of real events (excluding padding and unknown).
@@ -216,7 +288,13 @@ struct VocabFileOut<'a> {
     format: &'static str,
     pad_id: u32,
     unk_id: u32,
+    #[serde(skip_serializing_if = "is_zero")]
+    oov_buckets: u32,
     events: EventsOut<'a>,
+}
+
+fn is_zero(k: &u32) -> bool {
+    *k == 0
 }
 
 struct EventsOut<'a>(&'a [String]);
@@ -239,6 +317,8 @@ struct VocabFileIn {
     format: String,
     pad_id: u64,
     unk_id: u64,
+    #[serde(default)]
+    oov_buckets: u64,
     events: EventsIn,
 }
 
@@ -428,5 +508,39 @@ mod tests {
         assert!(vocab_err(r#"{"format": "fedflow-vocab/1"}"#).contains("missing field"));
         let extra = r#"{"format": "fedflow-vocab/1", "pad_id": 0, "unk_id": 1, "events": {"a": 2}, "x": 1}"#;
         assert!(vocab_err(extra).contains("unknown field `x`"));
+    }
+
+    #[test]
+    fn hashed_buckets_keep_unknown_events_apart_without_changing_known_ids() {
+        let plain = Vocab::from_events(["open", "search"]).unwrap();
+        let v = plain.clone().with_oov_buckets(8).unwrap();
+        assert_eq!((v.len(), v.first_oov_id(), v.oov_buckets()), (12, 4, 8));
+        assert_eq!((v.encode("open"), v.encode("search")), (2, 3));
+        // The bucket is SHA-256's first 8 bytes, big-endian, mod K: computed here apart.
+        use sha2::{Digest, Sha256};
+        for name in ["new_feature", "chat_opened", "x"] {
+            let d = Sha256::digest(name.as_bytes());
+            let h = u64::from_be_bytes(d[..8].try_into().unwrap());
+            assert_eq!(v.encode(name), 4 + (h % 8) as u32, "{name}");
+            assert!(v.is_oov_bucket(v.encode(name)));
+            assert_eq!(plain.encode(name), UNK_ID);
+        }
+        // Many new names spread over the buckets.
+        let used: HashSet<u32> = (0..200).map(|i| v.encode(&format!("ev{i}"))).collect();
+        assert_eq!(used.len(), 8);
+        assert!(!used.contains(&UNK_ID));
+        // The file: K = 0 is written exactly as before; K > 0 round-trips and changes the hash.
+        assert_eq!(
+            plain.to_json_string(),
+            "{\n  \"format\": \"fedflow-vocab/1\",\n  \"pad_id\": 0,\n  \"unk_id\": 1,\n  \"events\": {\n    \"open\": 2,\n    \"search\": 3\n  }\n}"
+        );
+        let back = Vocab::from_json_str(&v.to_json_string()).unwrap();
+        assert_eq!(back, v);
+        assert_ne!(v.to_json_string(), plain.to_json_string());
+        let err = vocab_err(
+            r#"{"format": "fedflow-vocab/1", "pad_id": 0, "unk_id": 1, "oov_buckets": 70000, "events": {"a": 2}}"#,
+        );
+        assert!(err.contains("oov_buckets"), "{err}");
+        assert!(plain.with_oov_buckets(MAX_OOV_BUCKETS + 1).is_err());
     }
 }
