@@ -119,9 +119,16 @@ async fn sixty_sites_run_a_federation_in_one_process() {
         );
     }
     let (registry, rounds) = html.split_once("<h2>Rounds</h2>").unwrap();
-    assert_eq!(rounds.matches("<tr>").count(), 1 + 2, "header and rounds 1-2");
+    assert_eq!(
+        rounds.matches("<tr>").count(),
+        1 + 2,
+        "header and rounds 1-2"
+    );
     // The default gate publishes the first version evaluated by enough sites: round 2.
-    assert!(registry.contains("<h2>Published versions</h2>"), "{registry}");
+    assert!(
+        registry.contains("<h2>Published versions</h2>"),
+        "{registry}"
+    );
     assert!(
         registry.contains("id=\"published\">Version <b>2</b> is published"),
         "{registry}"

@@ -54,8 +54,7 @@ impl DatasetStats {
             .filter(|&&id| vocab.is_oov_bucket(id))
             .count();
         self.oov_bucket_events += buckets;
-        self.unknown_events +=
-            buckets + session.events.iter().filter(|&&id| id == UNK_ID).count();
+        self.unknown_events += buckets + session.events.iter().filter(|&&id| id == UNK_ID).count();
         self.class_counts[session.class as usize] += 1;
         self.max_len = self.max_len.max(session.events.len());
     }
