@@ -352,9 +352,20 @@ async fn a_poisoned_round_is_committed_but_not_published_and_admins_publish_and_
         })
         .await
         .unwrap();
-    for h in honest {
+    // Site-a was watched installing 1, 2 and 1 again; site-b polls on its own clock and may
+    // have missed version 2's short spell, but it served version 1 first and nothing else
+    // than the two published versions.
+    for (i, h) in honest.into_iter().enumerate() {
         let summary = h.await.unwrap().unwrap();
-        assert!(summary.published.starts_with(&[1, 2, 1]), "{summary:?}");
+        if i == 0 {
+            assert!(summary.published.starts_with(&[1, 2, 1]), "{summary:?}");
+        } else {
+            assert_eq!(summary.published.first(), Some(&1), "{summary:?}");
+            assert!(
+                summary.published.iter().all(|r| [1, 2].contains(r)),
+                "{summary:?}"
+            );
+        }
         assert!(summary.rounds_evaluated.contains(&2), "{summary:?}");
     }
 }
