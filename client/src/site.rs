@@ -117,13 +117,22 @@ pub struct TaskOutcome {
     pub unclipped: bool,
 }
 
+/// How a site's data changed before a task: sessions held before and after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataChange {
+    /// Sessions (both splits) before.
+    pub before: usize,
+    /// Sessions (both splits) after.
+    pub after: usize,
+}
+
 /// A partner site's data and device, ready to run federated tasks.
 #[derive(Debug)]
 pub struct SiteTrainer {
     /// The data of the task being run; replaced between tasks when the source changed.
     dataset: std::sync::RwLock<Arc<SiteDataset>>,
-    /// Where the data comes from, when it is re-read before every task.
-    source: Option<source::DataSource>,
+    /// Where the data comes from, when it is taken in again before every task.
+    source: Option<Box<dyn source::SiteSource>>,
     vocab_sha256: String,
     vocab_size: usize,
     device: Device,
@@ -234,32 +243,34 @@ impl SiteTrainer {
             .clone()
     }
 
-    /// The same site, re-reading `source` before every task when it changed (see
-    /// [`source`]); the dataset given to [`SiteTrainer::new`] is what the source held.
-    pub fn with_source(mut self, source: source::DataSource) -> Self {
-        self.source = Some(source);
+    /// The same site, asking `source` for its data before every task (see [`source`]); the
+    /// dataset given to [`SiteTrainer::new`] is what the source held.
+    pub fn with_source(mut self, source: impl source::SiteSource + 'static) -> Self {
+        self.source = Some(Box::new(source));
         self
     }
 
-    /// Takes in the data the source holds now, if it changed since the last task; returns
-    /// how many sessions were added (0 without a source or a change). A source that cannot
-    /// be read fails the task with the reason (file and line): the site declines it rather
-    /// than train on data it cannot vouch for.
-    pub fn refresh(&self) -> Result<usize> {
+    /// Takes in the data the source holds for the task `start`, if it changed since the last
+    /// task; returns the sizes before and after (`None` without a source or a change). A
+    /// source that cannot be read fails the task with the reason (file and line): the site
+    /// declines it rather than train on data it cannot vouch for, and keeps what it had.
+    pub fn refresh(&self, start: source::TaskStart) -> Result<Option<DataChange>> {
         let Some(src) = &self.source else {
-            return Ok(0);
+            return Ok(None);
         };
-        let Some(fresh) = src.reload_if_changed()? else {
-            return Ok(0);
+        let Some(fresh) = src.poll(start)? else {
+            return Ok(None);
         };
         let mut current = self
             .dataset
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let before = current.train.len() + current.validation.len();
-        let after = fresh.train.len() + fresh.validation.len();
+        let change = DataChange {
+            before: current.train.len() + current.validation.len(),
+            after: fresh.train.len() + fresh.validation.len(),
+        };
         *current = Arc::new(fresh);
-        Ok(after.saturating_sub(before))
+        Ok(Some(change))
     }
 
     /// SHA-256 (hex) of the site's vocabulary.

@@ -7,6 +7,7 @@ use fedflow_common::train::EpochReport;
 use prost::bytes::Bytes;
 
 use crate::Result;
+use crate::site::source::TaskStart;
 use crate::site::{SiteMetrics, SiteTrainer, TaskSpec};
 
 /// What a site does with a training task, as [`run_site`](crate::federation::run_site) needs it: the real
@@ -72,12 +73,14 @@ impl SiteWork for SiteTrainer {
         model: ModelBuffer,
         on_epoch: &mut dyn FnMut(&EpochReport),
     ) -> Result<Update> {
-        let added = self.refresh()?;
-        if added > 0 {
+        if let Some(c) = self.refresh(TaskStart::Training(task.round))? {
             tracing::info!(
                 round = task.round,
-                added,
-                "the site's data grew: {added} new session(s)"
+                before = c.before,
+                after = c.after,
+                "the site's data changed: {} session(s), {} before",
+                c.after,
+                c.before
             );
         }
         let outcome = self.train_task(task, model.bytes(), on_epoch)?;
@@ -90,7 +93,7 @@ impl SiteWork for SiteTrainer {
     }
 
     fn evaluate(&self, task: &TaskSpec, model: ModelBuffer) -> Result<SiteMetrics> {
-        self.refresh()?;
+        self.refresh(TaskStart::Evaluation(task.round))?;
         self.evaluate_task(task, model.bytes())
     }
 

@@ -120,6 +120,29 @@ fn registry_section(store: &Store, run_id: &str, now_ms: i64) -> Result<String> 
             out.push_str("</table>");
         }
     }
+    let decisions = store.gate_decisions(run_id)?;
+    let point = |v: fn(&crate::store::GateDecision) -> Option<f64>| {
+        decisions
+            .iter()
+            .filter_map(|d| v(d).filter(|x| x.is_finite()).map(|x| (d.round as f64, x)))
+            .collect::<Vec<_>>()
+    };
+    let (candidate, baseline) = (point(|d| d.candidate), point(|d| d.baseline));
+    if !candidate.is_empty() {
+        out.push_str(
+            "<p>Each candidate's federated evaluation next to the published version's,              measured again by the same sites on the same data in the same evaluation phase              (the gate's metric, weighted over those sites). When the sites' data changes,              the published version's figure moves with it.</p>",
+        );
+        out.push_str(&line_chart(
+            "Publish gate: candidate and published version",
+            "round",
+            "gate metric",
+            &[
+                series("candidate", candidate),
+                series("published version, measured again", baseline),
+            ],
+            (900, 320),
+        )?);
+    }
     Ok(out)
 }
 

@@ -212,6 +212,7 @@ pub(crate) fn generate_sites(
             name: s.name.clone(),
             dataset,
             privacy: None,
+            source: None,
         });
     }
     Ok((manifest.bayes_accuracy, vocab_path, vocab, loaded))
@@ -296,12 +297,12 @@ fn baselines(
 /// Prints a one-line summary of the run's live view when it changes (in place on a
 /// terminal).
 #[derive(Debug, Default)]
-struct ProgressLine {
+pub(crate) struct ProgressLine {
     last: String,
 }
 
 impl ProgressLine {
-    fn show(&mut self, v: &RunView) {
+    pub(crate) fn show(&mut self, v: &RunView) {
         let count = |s: LiveState| v.sites.iter().filter(|x| x.state == s).count();
         let line = match v.phase {
             Phase::Waiting => format!(

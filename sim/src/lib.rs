@@ -19,16 +19,19 @@ use candle_core::Device;
 use fedflow_client::federation::{SiteOptions, SiteSummary, run_site};
 use fedflow_client::privacy::SitePrivacy;
 use fedflow_client::site::SiteTrainer;
+use fedflow_client::site::source::SiteSource;
 use fedflow_common::data::{SiteDataset, Vocab};
 use fedflow_common::model::AttentionFlowModel;
 use fedflow_common::params::ParamSet;
 use fedflow_coordinator::config::RunConfig;
 use fedflow_coordinator::round::{Phase, RoundEngine, RunView};
 use fedflow_coordinator::security::Transport;
+use fedflow_coordinator::service::RunAction;
 use fedflow_coordinator::service::{Coordinator, serve};
-use fedflow_coordinator::store::{RoundRecord, Store};
+use fedflow_coordinator::store::{Publication, RoundRecord, Store};
 
 pub mod demo;
+pub mod live;
 pub mod privacy_curve;
 pub mod site_curve;
 
@@ -66,6 +69,9 @@ pub struct SimSite {
     pub dataset: SiteDataset,
     /// Its record-level privacy settings and ledger (needed for runs with `[record_dp]`).
     pub privacy: Option<Arc<SitePrivacy>>,
+    /// Where its data comes from between tasks, when it changes during the run (`dataset`
+    /// is what the source holds at the start).
+    pub source: Option<Arc<dyn SiteSource>>,
 }
 
 /// How a simulation runs.
@@ -80,6 +86,9 @@ pub struct SimOptions {
     /// a CA, the coordinator's certificate for 127.0.0.1 and one certificate per site, each
     /// site then known by its certificate); `None` serves plaintext on loopback.
     pub pki_dir: Option<std::path::PathBuf>,
+    /// When notified, the run is stopped as an operator stops it (how a continuous run
+    /// ends in a simulation); the sites then end.
+    pub stop: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Default for SimOptions {
@@ -88,6 +97,7 @@ impl Default for SimOptions {
             concurrent_work: 1,
             progress_every: Duration::from_millis(500),
             pki_dir: None,
+            stop: None,
         }
     }
 }
@@ -115,6 +125,8 @@ pub struct SimOutcome {
     pub privacy_summary: String,
     /// The run report (HTML with charts), next to the privacy-audit report.
     pub run_report: std::path::PathBuf,
+    /// The run's publications in order, each with its model's checkpoint file.
+    pub publications: Vec<(Publication, std::path::PathBuf)>,
 }
 
 /// The run's initial global model: the architecture of `cfg`, initialised from its seed.
@@ -196,6 +208,9 @@ pub async fn run_federation(
         if let Some(p) = site.privacy {
             trainer = trainer.with_privacy(p);
         }
+        if let Some(source) = site.source {
+            trainer = trainer.with_source(source);
+        }
         let trainer = Arc::new(trainer);
         let mut o = SiteOptions::new(format!("{scheme}://{addr}"), site.name.clone());
         if let Some(dir) = &opts.pki_dir {
@@ -215,8 +230,21 @@ pub async fn run_federation(
 
     let mut summaries = Vec::new();
     let mut tick = tokio::time::interval(opts.progress_every);
+    let stop_asked = async {
+        match &opts.stop {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop_asked);
+    let mut stopping = false;
     let failure = loop {
         tokio::select! {
+            biased;
+            () = &mut stop_asked, if !stopping => {
+                stopping = true;
+                coordinator.operate(RunAction::Stop, "the simulation is over").await?;
+            }
             joined = clients.join_next() => match joined {
                 None => break None,
                 Some(Ok((name, Ok(summary)))) => summaries.push((name, summary)),
@@ -226,7 +254,7 @@ pub async fn run_federation(
             _ = tick.tick() => {
                 let view = coordinator.view().await?;
                 on_progress(&view);
-                if view.phase == Phase::Paused {
+                if view.phase == Phase::Paused && !stopping {
                     let reason = coordinator
                         .inspect(|e, _| Ok(e.store().run(e.run_id()).ok().flatten().and_then(|r| r.status_reason)))
                         .await
@@ -243,6 +271,19 @@ pub async fn run_federation(
     let view = coordinator.view().await;
     let rounds = coordinator
         .inspect(|e, _| e.store().rounds(e.run_id()))
+        .await;
+    let publications = coordinator
+        .inspect(|e, _| {
+            let store = e.store();
+            Ok(store
+                .publications(e.run_id())?
+                .into_iter()
+                .map(|p| {
+                    let path = store.model_checkpoint_path(e.run_id(), p.round);
+                    (p, path)
+                })
+                .collect::<Vec<_>>())
+        })
         .await;
     // The run's privacy-audit report, where `fedflow-coordinator privacy-report` puts it.
     let audit_dir = data_dir.join("reports").join(&run_name);
@@ -261,6 +302,7 @@ pub async fn run_federation(
     }
     let snapshot = snapshot?;
     let rounds = rounds?;
+    let publications = publications?;
     let privacy_summary = audit?;
     if let Ok(v) = view {
         on_progress(&v);
@@ -277,5 +319,6 @@ pub async fn run_federation(
         privacy_audit: audit_dir.join(fedflow_coordinator::audit::HTML_FILE),
         run_report: audit_dir.join(fedflow_coordinator::run_report::REPORT_FILE),
         privacy_summary,
+        publications,
     })
 }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fedflow_sim::demo::{self, DemoConfig, DemoReport};
+use fedflow_sim::live::{self, LiveConfig, LiveReport};
 use fedflow_sim::privacy_curve::{self, CurveConfig};
 use fedflow_sim::site_curve::{self, SiteCurveConfig};
 
@@ -32,6 +33,91 @@ enum Command {
     /// DP-FedAvg (central, adaptive clipping) per target epsilon next to non-private FedAvg,
     /// with and without server momentum, through the real round engine in one process.
     SiteCurve(SiteCurveArgs),
+    /// A continuous federation through a drift: sites collect new sessions every period and
+    /// hold a sliding window of them, the label function changes mid-run, and the publish
+    /// gate keeps the served model up to date; reports the served version, a version frozen
+    /// at the drift and the exact ceiling per round (live.json, live.html).
+    Live(LiveArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LiveArgs {
+    /// Output folder (coordinator/, vocab.json, run.toml, live.json, live.html).
+    #[arg(long, default_value = "runs/live")]
+    out: PathBuf,
+    /// Partner sites.
+    #[arg(long, default_value_t = 6)]
+    sites: usize,
+    /// Sessions all sites collect per period.
+    #[arg(long, default_value_t = 3_000)]
+    sessions_per_period: usize,
+    /// Periods simulated.
+    #[arg(long, default_value_t = 8)]
+    periods: usize,
+    /// The first period (1-based) with the drifted label function.
+    #[arg(long, default_value_t = 4)]
+    drift_period: usize,
+    /// Training rounds per period.
+    #[arg(long, default_value_t = 4)]
+    rounds_per_period: u64,
+    /// Periods of sessions each site holds.
+    #[arg(long, default_value_t = 2)]
+    window: usize,
+    /// Simulated hours between rounds (the report's time axis).
+    #[arg(long, default_value_t = 24.0)]
+    round_hours: f64,
+    /// Seed of the data, labels and training.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Sites that may train at the same time.
+    #[arg(long, default_value_t = 1)]
+    concurrent: usize,
+    /// A run configuration instead of the embedded sim/examples/live.toml (made continuous,
+    /// its quorum fitted to the sites).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn print_live(r: &LiveReport) {
+    println!();
+    println!(
+        "{:>5} {:>6} {:>8} {:>7} {:>8} {:>8} {:>8}",
+        "round", "period", "labels", "served", "served%", "frozen%", "ceiling%"
+    );
+    for p in &r.points {
+        println!(
+            "{:>5} {:>6} {:>8} {:>7} {:>8} {:>8} {:>8.1}",
+            p.round,
+            p.period,
+            if p.drifted { "drifted" } else { "original" },
+            p.served.map_or("-".into(), |v| v.to_string()),
+            p.served_accuracy
+                .map_or("-".into(), |a| format!("{:.1}", 100.0 * a)),
+            p.frozen_accuracy
+                .map_or("-".into(), |a| format!("{:.1}", 100.0 * a)),
+            100.0 * p.ceiling
+        );
+    }
+    println!();
+    println!(
+        "gap to the ceiling of the served version: {:.1} points before the drift (which began \
+         in round {}), {:.1} at worst after; the frozen version {} averages {:.1} below after it",
+        100.0 * r.gap_before_drift,
+        r.drift_round,
+        100.0 * r.worst_gap_after_drift,
+        r.frozen_version,
+        100.0 * r.frozen_mean_gap_after_drift
+    );
+    match (r.recovery_rounds, r.recovery_hours) {
+        (Some(n), Some(h)) => println!(
+            "recovered {n} round(s) after the drift began ({:.1} simulated days)",
+            h / 24.0
+        ),
+        _ => println!("the served version did not recover within the simulation"),
+    }
+    println!("federated run: {:.0} s", r.seconds);
+    println!("report: {}", r.html.display());
+    println!("the coordinator's run report: {}", r.run_report.display());
 }
 
 #[derive(Debug, clap::Args)]
@@ -241,6 +327,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let report = demo::run(&cfg, &mut |line| eprintln!("{line}")).await?;
             print_table(&report);
+        }
+        Command::Live(a) => {
+            let cfg = LiveConfig {
+                out: a.out,
+                sites: a.sites,
+                sessions_per_period: a.sessions_per_period,
+                periods: a.periods,
+                drift_period: a.drift_period,
+                rounds_per_period: a.rounds_per_period,
+                window: a.window,
+                round_hours: a.round_hours,
+                seed: a.seed,
+                concurrent_work: a.concurrent,
+                run_config: a
+                    .config
+                    .map(|p| {
+                        std::fs::read_to_string(&p)
+                            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+                    })
+                    .transpose()?,
+                ..LiveConfig::default()
+            };
+            let report = live::run(&cfg, &mut |line| eprintln!("{line}")).await?;
+            print_live(&report);
         }
         Command::PrivacyCurve(a) => {
             let run_config = match &a.config {

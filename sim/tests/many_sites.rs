@@ -39,6 +39,7 @@ async fn sixty_sites_run_a_federation_in_one_process() {
             name: s.name.clone(),
             dataset: SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap(),
             privacy: None,
+            source: None,
         })
         .collect();
     let opts = SimOptions {
@@ -46,6 +47,7 @@ async fn sixty_sites_run_a_federation_in_one_process() {
         progress_every: Duration::from_millis(200),
         // Every site over mutual TLS with its own certificate.
         pki_dir: Some(dir.path().join("pki")),
+        stop: None,
     };
     let mut views = 0;
     let outcome = run_federation(
@@ -237,12 +239,14 @@ async fn forty_sites_run_distributed_site_level_dp_over_grpc() {
             name: s.name.clone(),
             dataset: SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap(),
             privacy: None,
+            source: None,
         })
         .collect();
     let opts = SimOptions {
         concurrent_work: 2,
         progress_every: Duration::from_millis(200),
         pki_dir: None,
+        stop: None,
     };
     let outcome = run_federation(
         cfg,

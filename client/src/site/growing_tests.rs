@@ -8,7 +8,7 @@ use fedflow_common::data::{LoadOptions, SessionRecord, write_sessions};
 use fedflow_common::synth::{SynthConfig, generate};
 use fedflow_common::train::DpSgdConfig;
 
-use super::source::DataSource;
+use super::source::{DataSource, TaskStart};
 use super::tests::support::{fixture, model_config};
 use super::*;
 use crate::ledger::Ledger;
@@ -51,7 +51,11 @@ fn a_growing_file_is_read_again_before_each_task_and_each_round_is_charged_its_o
     let site = SiteTrainer::new(dataset, &vocab, Device::Cpu)
         .with_source(source)
         .with_privacy(Arc::new(privacy));
-    assert_eq!(site.refresh().unwrap(), 0, "nothing changed yet");
+    assert_eq!(
+        site.refresh(TaskStart::Training(1)).unwrap(),
+        None,
+        "nothing changed yet"
+    );
     let cfg = model_config(vocab.len());
     let global_model = AttentionFlowModel::new(&cfg, &Device::Cpu, 5).unwrap();
     let global_bytes = ParamSet::from_varmap(global_model.varmap())
@@ -79,7 +83,12 @@ fn a_growing_file_is_read_again_before_each_task_and_each_round_is_charged_its_o
     for (round, upto) in [(1, 200), (2, 400), (3, 600)] {
         if upto > 200 {
             write_sessions(&file, &all[..upto]).unwrap();
-            assert_eq!(site.refresh().unwrap(), 200, "200 new sessions");
+            let change = site.refresh(TaskStart::Training(round)).unwrap().unwrap();
+            assert_eq!(
+                (change.before, change.after),
+                (upto - 200, upto),
+                "200 new sessions"
+            );
             let now = site.dataset();
             // Sessions keep their split as the file grows.
             assert!(sessions(&previous.train).is_subset(&sessions(&now.train)));
@@ -132,7 +141,10 @@ fn a_growing_file_is_read_again_before_each_task_and_each_round_is_charged_its_o
     let mut text = std::fs::read_to_string(&file).unwrap();
     text.push_str("broken,,9\n");
     std::fs::write(&file, text).unwrap();
-    let err = site.refresh().unwrap_err().to_string();
+    let err = site
+        .refresh(TaskStart::Evaluation(3))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("site.csv:602"), "{err}");
     assert_eq!(site.dataset().train.len(), previous.train.len());
 }

@@ -1,7 +1,9 @@
-//! A site's data file, re-read before every task when it changed, so that feedback which
-//! arrived since the last round is used by the next one.
+//! Where a site's data comes from between tasks: [`SiteSource`], asked before every task
+//! for the data the site holds then, and its file implementation [`DataSource`], re-read
+//! when it changed, so that feedback which arrived since the last round is used by the next
+//! one.
 //!
-//! A change is seen from the file's size and modification time (and its identity, inode
+//! A file's change is seen from the file's size and modification time (and its identity, inode
 //! and device, where the platform has them): a file that grew, was rewritten or replaced is
 //! read again, with exactly the validation of the first read (every row checked, errors
 //! naming file and line) and the same hashed train/validation split by session id
@@ -17,6 +19,27 @@ use std::time::SystemTime;
 use fedflow_common::data::{LoadOptions, SiteDataset, Vocab};
 
 use crate::Result;
+
+/// The task a [`SiteSource`] is asked for data before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskStart {
+    /// A training task of this round.
+    Training(u64),
+    /// An evaluation task of the model of this round (the publish gate's baseline
+    /// evaluations measure an older round again, on the data the site holds now).
+    Evaluation(u64),
+}
+
+/// The data a site trains and evaluates on, taken in again before each task.
+///
+/// A source returns a new dataset when what the site holds changed since it was last asked
+/// (`None`: keep the current one). It must keep each session's train/validation split
+/// ([`fedflow_common::data::split_of`]) and validate as the first load did; an error
+/// fails the task with that reason and the site keeps the data it had.
+pub trait SiteSource: Send + Sync + std::fmt::Debug {
+    /// The data the site holds when the task `start` begins, if it changed.
+    fn poll(&self, start: TaskStart) -> Result<Option<SiteDataset>>;
+}
 
 /// What identifies one version of the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,5 +117,19 @@ impl DataSource {
         // The stamp taken before reading: a write during the read is seen next time.
         *seen = Some(now);
         Ok(Some(dataset))
+    }
+}
+
+impl SiteSource for DataSource {
+    /// The file as it is now, whatever the task: feedback appended at any time is used by
+    /// the next task.
+    fn poll(&self, _start: TaskStart) -> Result<Option<SiteDataset>> {
+        self.reload_if_changed()
+    }
+}
+
+impl<T: SiteSource + ?Sized> SiteSource for std::sync::Arc<T> {
+    fn poll(&self, start: TaskStart) -> Result<Option<SiteDataset>> {
+        (**self).poll(start)
     }
 }

@@ -84,8 +84,10 @@ pub const ORACLE_DIM: usize = 8;
 
 /// Weights of the satisfaction score on [`FlowFeatures::oracle_vector`] (the last entry is the
 /// intercept). They are integers, so that most scores sit on a class and the label is fairly
-/// predictable from the events.
-const SCORE_WEIGHTS: [f64; ORACLE_DIM] = [
+/// predictable from the events. Other weights over the same features
+/// ([`FlowFeatures::label_probs_with`]) give another label function with an exact ceiling
+/// too: a simulated change of what satisfies users.
+pub const SCORE_WEIGHTS: [f64; ORACLE_DIM] = [
     2.0,  // ends resolved
     1.0,  // smooth: no failure at all
     -1.0, // prolonged frustration: longest failure streak >= LONG_STREAK
@@ -188,16 +190,31 @@ impl FlowFeatures {
 
     /// The satisfaction score `s` (roughly 0 = very unhappy .. 4 = very happy).
     pub fn score(&self) -> f64 {
+        self.score_with(&SCORE_WEIGHTS)
+    }
+
+    /// The score with other `weights` on [`FlowFeatures::oracle_vector`].
+    pub fn score_with(&self, weights: &[f64; ORACLE_DIM]) -> f64 {
         self.oracle_vector()
             .iter()
-            .zip(SCORE_WEIGHTS)
+            .zip(weights)
             .map(|(x, w)| x * w)
             .sum()
     }
 
     /// `p(label = k + 1)` for `k` in 0..5, given these features and the label noise.
     pub fn label_probs(&self, label_noise: f64) -> [f64; NUM_LABELS] {
-        let s = self.score();
+        self.label_probs_with(&SCORE_WEIGHTS, label_noise)
+    }
+
+    /// `p(label = k + 1)` for `k` in 0..5 when the score has other `weights`: the same
+    /// ordinal softmax around [`FlowFeatures::score_with`], mixed with the label noise.
+    pub fn label_probs_with(
+        &self,
+        weights: &[f64; ORACLE_DIM],
+        label_noise: f64,
+    ) -> [f64; NUM_LABELS] {
+        let s = self.score_with(weights);
         let mut logits = [0.0; NUM_LABELS];
         for (k, l) in logits.iter_mut().enumerate() {
             let d = s - k as f64;

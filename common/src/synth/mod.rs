@@ -86,7 +86,7 @@ use serde::{Deserialize, Serialize};
 
 pub use labels::{
     EVENT_NAMES, EventKind, FINAL_STREAK, FlowFeatures, KAPPA, LATE_ESCALATION_STREAK,
-    LONG_SESSION, LONG_STREAK, ORACLE_DIM, argmax, event_kind, label_probs,
+    LONG_SESSION, LONG_STREAK, ORACLE_DIM, SCORE_WEIGHTS, argmax, event_kind, label_probs,
 };
 use process::{BASE_MIX, generate_site, site_sizes};
 

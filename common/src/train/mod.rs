@@ -319,5 +319,26 @@ pub fn evaluate(
     Ok(acc.finish())
 }
 
+/// The class `model` (dropout off) predicts for each session of `data`, in `data`'s order,
+/// computed in batches of `batch_size`.
+pub fn predict(
+    model: &AttentionFlowModel,
+    data: &[EncodedSession],
+    batch_size: usize,
+) -> Result<Vec<u32>> {
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    order.sort_by_key(|&i| data[i].events.len());
+    let mut out = vec![0u32; data.len()];
+    for chunk in order.chunks(batch_size.max(1)) {
+        let sessions: Vec<&EncodedSession> = chunk.iter().map(|&i| &data[i]).collect();
+        let batch = Batch::new(&sessions, model.config(), model.device())?;
+        let logits = model.forward(&batch, &mut Mode::Eval)?;
+        for (&i, class) in chunk.iter().zip(argmax(&logits)?) {
+            out[i] = class;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests;

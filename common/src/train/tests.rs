@@ -209,3 +209,36 @@ fn fedprox_keeps_weights_near_the_starting_point() {
             .contains("fedprox_mu")
     );
 }
+
+#[test]
+fn predictions_come_in_the_sessions_order_and_agree_with_evaluate() {
+    let data = random_sessions(70, 9);
+    let model = AttentionFlowModel::new(&small_model(EncoderKind::Lstm), &Device::Cpu, 4).unwrap();
+    let cfg = TrainConfig {
+        epochs: 5,
+        batch_size: 16,
+        learning_rate: 1e-2,
+        ..TrainConfig::default()
+    };
+    train(&model, &data, &[], &cfg, &mut |_| {}).unwrap();
+    // Batches of 8 sorted by length: many batches, each out of the input order.
+    let predicted = predict(&model, &data, 8).unwrap();
+    assert_eq!(predicted.len(), data.len());
+    let right = predicted
+        .iter()
+        .zip(&data)
+        .filter(|(p, s)| **p == s.class)
+        .count();
+    let m = evaluate(&model, &data, 256).unwrap();
+    assert_eq!(right as f64 / data.len() as f64, m.accuracy);
+    assert!(
+        predicted.iter().any(|&p| p != predicted[0]),
+        "{predicted:?}"
+    );
+    // Each prediction belongs to its session: one session alone gets the same class.
+    for i in [0, 33, 69] {
+        let alone = predict(&model, &data[i..=i], 8).unwrap();
+        assert_eq!(alone, [predicted[i]], "session {i}");
+    }
+    assert!(predict(&model, &[], 8).unwrap().is_empty());
+}

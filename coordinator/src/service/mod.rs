@@ -77,9 +77,12 @@ type Inspection = Box<dyn FnOnce(&RoundEngine, i64) + Send>;
 
 /// What an operator asks of the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RunAction {
+pub enum RunAction {
+    /// Hold the run: no new round starts (the open one goes on).
     Pause,
+    /// Go on after a pause.
     Resume,
+    /// End the run for good (an open round is abandoned).
     Stop,
 }
 
@@ -293,6 +296,14 @@ impl Coordinator {
             }))
         })
         .await
+    }
+
+    /// An operator action taken inside this process (a simulation ending its continuous
+    /// run), answered with the phase after it. Remote operators go through the admin
+    /// service, which authenticates them and records the action in the audit log.
+    pub async fn operate(&self, action: RunAction, reason: &str) -> crate::Result<Phase> {
+        let reason = reason.to_string();
+        self.ask(|reply| Command::Act(action, reason, reply)).await
     }
 
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> crate::Result<T> {
