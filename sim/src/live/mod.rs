@@ -42,21 +42,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::Device;
-use fedflow_client::site::source::{SiteSource, TaskStart};
-use fedflow_common::data::{
-    EncodedSession, NUM_LABELS, SessionRecord, SiteDataset, Split, Vocab, encode_session, split_of,
-};
+use fedflow_common::data::{SessionRecord, SiteDataset};
 use fedflow_common::model::AttentionFlowModel;
 use fedflow_common::params::ParamSet;
-use fedflow_common::report::{Series, escape, line_chart, page, table};
-use fedflow_common::synth::{FlowFeatures, ORACLE_DIM, SynthConfig, generate};
 use fedflow_coordinator::config::RunConfig;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, weighted::WeightedIndex};
 use serde::Serialize;
 
 use crate::{Error, Result, SimOptions, SimSite, run_federation};
+
+mod page;
+#[cfg(test)]
+mod tests;
+mod world;
+
+pub use world::{DRIFTED_WEIGHTS, LiveFeed};
+use world::{TestSet, build_world, mean};
 
 /// Sessions per forward pass when scoring.
 const EVAL_BATCH: usize = 256;
@@ -65,16 +65,8 @@ const EVAL_BATCH: usize = 256;
 /// gap it had before the drift to count as recovered.
 pub const RECOVERY_SLACK: f64 = 0.02;
 
-/// Score weights after the drift, on [`FlowFeatures::oracle_vector`]'s features (compare
-/// [`fedflow_common::synth::SCORE_WEIGHTS`]): ending resolved is taken for granted (+1
-/// instead of +2), a smooth session is worth more (+2 instead of +1), prolonged frustration
-/// hurts more (-2 instead of -1), a late escalation no longer hurts (the new agent team
-/// rescues it: 0 instead of -2), and long sessions no longer count against (0 instead of
-/// -1). Integers, as before, so the labels stay about as predictable.
-pub const DRIFTED_WEIGHTS: [f64; ORACLE_DIM] = [1.0, 2.0, -2.0, -1.0, 0.0, -1.0, 0.0, 1.0];
-
 /// The run configuration of the live simulation (continuous, evaluation gate).
-pub const RUN_TOML: &str = include_str!("../examples/live.toml");
+pub const RUN_TOML: &str = include_str!("../../examples/live.toml");
 
 /// What the live simulation does.
 #[derive(Debug, Clone)]
@@ -182,141 +174,6 @@ impl LiveConfig {
     fn period_of(&self, round: u64) -> usize {
         ((round.max(1) - 1) / self.rounds_per_period) as usize
     }
-}
-
-/// A site's data in the live simulation: the window of the period a training round falls in.
-#[derive(Debug)]
-pub struct LiveFeed {
-    /// The site's window at each period.
-    windows: Vec<SiteDataset>,
-    rounds_per_period: u64,
-    last_round: u64,
-    /// The period handed out last.
-    given: Mutex<usize>,
-    /// Notified when a round beyond the last period asks for data.
-    ended: Arc<tokio::sync::Notify>,
-}
-
-impl SiteSource for LiveFeed {
-    fn poll(&self, start: TaskStart) -> fedflow_client::Result<Option<SiteDataset>> {
-        let TaskStart::Training(round) = start else {
-            // Evaluations measure on what the site holds: the gate compares like with like.
-            return Ok(None);
-        };
-        if round > self.last_round {
-            self.ended.notify_one();
-            return Err(fedflow_client::Error::Task(format!(
-                "the simulation ends after round {}",
-                self.last_round
-            )));
-        }
-        let period = ((round.max(1) - 1) / self.rounds_per_period) as usize;
-        let mut given = self
-            .given
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *given == period {
-            return Ok(None);
-        }
-        *given = period;
-        Ok(Some(self.windows[period].clone()))
-    }
-}
-
-/// One period's held-out sessions with their exact label distributions.
-#[derive(Debug, Clone, Default)]
-struct TestSet {
-    sessions: Vec<EncodedSession>,
-    probs: Vec<[f64; NUM_LABELS]>,
-}
-
-impl TestSet {
-    /// `E[max_k p(k | events)]` over the sessions.
-    fn ceiling(&self) -> f64 {
-        mean(
-            self.probs
-                .iter()
-                .map(|p| p.iter().copied().fold(0.0, f64::max)),
-        )
-    }
-
-    /// Expected accuracy of `predicted` classes.
-    fn expected_accuracy(&self, predicted: &[u32]) -> f64 {
-        mean(
-            self.probs
-                .iter()
-                .zip(predicted)
-                .map(|(p, &c)| p[c as usize]),
-        )
-    }
-}
-
-fn mean(values: impl Iterator<Item = f64>) -> f64 {
-    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
-    if n == 0 { f64::NAN } else { sum / n as f64 }
-}
-
-/// The generated world: every site's sessions per period (labels of the drift periods
-/// drawn from the drifted label function) and each period's test set.
-#[derive(Debug)]
-struct World {
-    vocab: Vocab,
-    /// `chunks[site][period]`.
-    chunks: Vec<Vec<Vec<SessionRecord>>>,
-    names: Vec<String>,
-    tests: Vec<TestSet>,
-}
-
-fn build_world(cfg: &LiveConfig) -> Result<World> {
-    let synth = SynthConfig {
-        sites: cfg.sites,
-        total_sessions: cfg.sessions_per_period * cfg.periods,
-        size_skew: 0.5,
-        min_site_sessions: (cfg.sessions_per_period * cfg.periods / cfg.sites / 3).max(1),
-        seed: cfg.seed,
-        ..SynthConfig::default()
-    };
-    let fed = generate(&synth)?;
-    let vocab = Vocab::from_events(fed.event_names.iter().cloned())?;
-    let drift = cfg.drift_period - 1;
-    let mut tests = vec![TestSet::default(); cfg.periods];
-    let mut chunks = Vec::with_capacity(fed.sites.len());
-    let mut names = Vec::with_capacity(fed.sites.len());
-    for (index, site) in fed.sites.into_iter().enumerate() {
-        // The drifted labels have their own stream per site, apart from the generator's.
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6c69_7665);
-        rng.set_stream(index as u64 + 1);
-        let n = site.records.len();
-        let mut periods = vec![Vec::new(); cfg.periods];
-        for (i, (mut record, old)) in site.records.into_iter().zip(site.label_probs).enumerate() {
-            let period = i * cfg.periods / n;
-            let probs = if period >= drift {
-                let p = FlowFeatures::from_events(&record.events)
-                    .label_probs_with(&DRIFTED_WEIGHTS, fed.label_noise);
-                let pick = WeightedIndex::new(p)
-                    .map_err(|e| Error::Other(format!("drifted label distribution: {e}")))?;
-                record.label = pick.sample(&mut rng) as u8 + 1;
-                p
-            } else {
-                old
-            };
-            if split_of(&record.session_id, cfg.val_fraction) == Split::Validation {
-                tests[period]
-                    .sessions
-                    .push(encode_session(&record, &vocab)?);
-                tests[period].probs.push(probs);
-            }
-            periods[period].push(record);
-        }
-        chunks.push(periods);
-        names.push(site.name);
-    }
-    Ok(World {
-        vocab,
-        chunks,
-        names,
-        tests,
-    })
 }
 
 /// One round of the simulation as the report shows it.
@@ -587,256 +444,6 @@ pub async fn run(cfg: &LiveConfig, say: &mut dyn FnMut(&str)) -> Result<LiveRepo
     let json =
         serde_json::to_vec_pretty(&report).map_err(|e| Error::Other(format!("live.json: {e}")))?;
     fedflow_common::fsio::write_atomic(&out.join("live.json"), &json)?;
-    fedflow_common::fsio::write_atomic(&report.html, html(&report)?.as_bytes())?;
+    fedflow_common::fsio::write_atomic(&report.html, page::html(&report)?.as_bytes())?;
     Ok(report)
-}
-
-fn pct(x: Option<f64>) -> String {
-    x.filter(|x| x.is_finite())
-        .map_or("-".into(), |x| format!("{:.1}", 100.0 * x))
-}
-
-/// The report's page: the three lines over simulated time and the table behind them.
-fn html(r: &LiveReport) -> Result<String> {
-    let days = |p: &RoundPoint| p.hours / 24.0;
-    let series = vec![
-        Series {
-            label: "served (published) version".into(),
-            points: r
-                .points
-                .iter()
-                .filter_map(|p| p.served_accuracy.map(|a| (days(p), a)))
-                .collect(),
-            dashed: false,
-        },
-        Series {
-            label: format!("version {} frozen at the drift", r.frozen_version),
-            points: r
-                .points
-                .iter()
-                .filter_map(|p| p.frozen_accuracy.map(|a| (days(p), a)))
-                .collect(),
-            dashed: false,
-        },
-        Series {
-            label: "Bayes ceiling".into(),
-            points: r.points.iter().map(|p| (days(p), p.ceiling)).collect(),
-            dashed: true,
-        },
-    ];
-    let chart = line_chart(
-        "Expected accuracy on each period's held-out sessions",
-        "simulated days",
-        "expected accuracy",
-        &series,
-        (900, 420),
-    )?;
-    let rows: Vec<Vec<String>> = r
-        .points
-        .iter()
-        .map(|p| {
-            vec![
-                p.round.to_string(),
-                p.period.to_string(),
-                format!("{:.1}", p.hours / 24.0),
-                if p.drifted { "drifted" } else { "original" }.into(),
-                p.served.map_or("-".into(), |v| v.to_string()),
-                pct(p.served_accuracy),
-                pct(p.frozen_accuracy),
-                pct(Some(p.ceiling)),
-            ]
-        })
-        .collect();
-    let recovery = match (r.recovery_rounds, r.recovery_hours) {
-        (Some(n), Some(h)) => format!(
-            "recovered {n} round(s) after the drift began ({:.1} simulated days)",
-            h / 24.0
-        ),
-        _ => "did not recover within the simulation".into(),
-    };
-    let body = format!(
-        "<h1>Continuous federation through a drift</h1>\
-         <p>{} sites; {} periods of {} rounds, one round every {} simulated hours; each site \
-         holds the last {} period(s) of sessions. The label function changes in round {} \
-         (period {}). Accuracies are expected accuracies in percent (exact given the label \
-         function) on each period's held-out sessions.</p>\
-         <p>Gap to the ceiling of the served version just before the drift: <b>{}</b> points; \
-         worst after: <b>{}</b>. Back within {} points of the gap before, it {recovery}. The \
-         frozen version {} stays <b>{}</b> points below the ceiling on average after the \
-         drift. Versions published: {}.</p>{chart}{}\
-         <p>The coordinator's own view (federated evaluations, the gate's decisions): \
-         <code>{}</code>.</p>",
-        r.sites,
-        r.periods,
-        r.rounds_per_period,
-        r.round_hours,
-        r.window,
-        r.drift_round,
-        r.points
-            .iter()
-            .find(|p| p.round == r.drift_round)
-            .map_or(0, |p| p.period),
-        pct(Some(r.gap_before_drift)),
-        pct(Some(r.worst_gap_after_drift)),
-        pct(Some(RECOVERY_SLACK)),
-        r.frozen_version,
-        pct(Some(r.frozen_mean_gap_after_drift)),
-        r.published
-            .iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
-        table(
-            &[
-                "round",
-                "period",
-                "day",
-                "labels",
-                "version served",
-                "served %",
-                "frozen %",
-                "ceiling %"
-            ],
-            &rows
-        ),
-        escape(&r.run_report.display().to_string()),
-    );
-    Ok(page("fedflow live simulation", &body))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The drift is real: the old Bayes decision is much worse under the new label function,
-    /// and the new ceiling is about as high as the old one.
-    #[test]
-    fn the_drift_moves_the_bayes_decision_and_keeps_the_labels_predictable() {
-        let fed = generate(&SynthConfig {
-            sites: 4,
-            total_sessions: 8_000,
-            seed: 5,
-            ..SynthConfig::default()
-        })
-        .unwrap();
-        let (mut old_ceiling, mut new_ceiling, mut old_on_new, mut n) = (0.0, 0.0, 0.0, 0.0);
-        for s in &fed.sites {
-            for (r, old) in s.records.iter().zip(&s.label_probs) {
-                let new = FlowFeatures::from_events(&r.events)
-                    .label_probs_with(&DRIFTED_WEIGHTS, fed.label_noise);
-                let argmax = fedflow_common::synth::argmax;
-                old_ceiling += old[argmax(old)];
-                new_ceiling += new[argmax(&new)];
-                old_on_new += new[argmax(old)];
-                n += 1.0;
-            }
-        }
-        let (old_ceiling, new_ceiling, old_on_new) =
-            (old_ceiling / n, new_ceiling / n, old_on_new / n);
-        assert!((old_ceiling - fed.bayes_accuracy).abs() < 1e-9);
-        assert!(
-            (new_ceiling - old_ceiling).abs() < 0.08,
-            "{old_ceiling} -> {new_ceiling}"
-        );
-        assert!(
-            new_ceiling - old_on_new > 0.15,
-            "the old decision on new labels: {old_on_new}, ceiling {new_ceiling}"
-        );
-    }
-
-    #[test]
-    fn a_feed_hands_out_each_periods_window_once_and_ends_after_the_last_round() {
-        let world = build_world(&LiveConfig {
-            sites: 1,
-            sessions_per_period: 60,
-            periods: 3,
-            drift_period: 2,
-            ..LiveConfig::default()
-        })
-        .unwrap();
-        let vocab = &world.vocab;
-        let windows: Vec<SiteDataset> = (0..3)
-            .map(|p| SiteDataset::from_records(&world.chunks[0][p], vocab, 0.2).unwrap())
-            .collect();
-        let sizes: Vec<usize> = windows.iter().map(|w| w.train.len()).collect();
-        let ended = Arc::new(tokio::sync::Notify::new());
-        let feed = LiveFeed {
-            windows,
-            rounds_per_period: 2,
-            last_round: 6,
-            given: Mutex::new(0),
-            ended: ended.clone(),
-        };
-        let got = |s| feed.poll(s).unwrap().map(|d| d.train.len());
-        assert_eq!(
-            got(TaskStart::Training(1)),
-            None,
-            "period 1 is held already"
-        );
-        assert_eq!(got(TaskStart::Training(2)), None);
-        assert_eq!(got(TaskStart::Training(3)), Some(sizes[1]));
-        assert_eq!(
-            got(TaskStart::Evaluation(1)),
-            None,
-            "evaluations keep the data"
-        );
-        assert_eq!(
-            got(TaskStart::Training(3)),
-            None,
-            "a retried round keeps it too"
-        );
-        assert_eq!(got(TaskStart::Training(6)), Some(sizes[2]));
-        let err = feed.poll(TaskStart::Training(7)).unwrap_err().to_string();
-        assert!(err.contains("ends after round 6"), "{err}");
-        // The notification is kept for the simulation's loop to take.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(ended.notified());
-        // Periods 2 and 3 follow the drifted label function; the test sets cover every
-        // period and hold only validation sessions.
-        assert_eq!(world.tests.len(), 3);
-        for t in &world.tests {
-            assert_eq!(t.sessions.len(), t.probs.len());
-            assert!(!t.sessions.is_empty());
-            assert!((0.0..=1.0).contains(&t.ceiling()));
-        }
-    }
-
-    #[test]
-    fn bad_settings_are_refused_naming_the_field() {
-        for (cfg, field) in [
-            (
-                LiveConfig {
-                    drift_period: 1,
-                    ..LiveConfig::default()
-                },
-                "drift_period",
-            ),
-            (
-                LiveConfig {
-                    window: 0,
-                    ..LiveConfig::default()
-                },
-                "window",
-            ),
-            (
-                LiveConfig {
-                    rounds_per_period: 0,
-                    ..LiveConfig::default()
-                },
-                "rounds_per_period",
-            ),
-            (
-                LiveConfig {
-                    sessions_per_period: 10,
-                    ..LiveConfig::default()
-                },
-                "sessions_per_period",
-            ),
-        ] {
-            let err = cfg.validate().unwrap_err().to_string();
-            assert!(err.contains(field), "{err}");
-        }
-    }
 }
