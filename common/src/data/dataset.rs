@@ -279,6 +279,51 @@ mod tests {
     }
 
     #[test]
+    fn unknown_events_fall_in_buckets_counted_apart_and_a_model_embeds_them() {
+        let v = vocab().with_oov_buckets(4).unwrap();
+        let records = [
+            record("s1", &["a", "zzz", "c", "zzz"], 1),
+            record("s2", &["yyy", "b"], 5),
+        ];
+        let d = SiteDataset::from_records(&records, &v, 0.0).unwrap();
+        let s = &d.stats;
+        assert_eq!(
+            (s.events_total, s.unknown_events, s.oov_bucket_events),
+            (6, 3, 3)
+        );
+        assert_eq!(s.distinct_unknown_names, 2);
+        // The same name always lands in the same bucket, never on UNK.
+        let e = &d.train[0].events;
+        assert_eq!(e[1], e[3]);
+        assert!(v.is_oov_bucket(e[1]) && v.is_oov_bucket(d.train[1].events[0]));
+        // Without buckets the same sessions count unknowns but no bucket events.
+        let plain = SiteDataset::from_records(&records, &vocab(), 0.0).unwrap();
+        assert_eq!(
+            (plain.stats.unknown_events, plain.stats.oov_bucket_events),
+            (3, 0)
+        );
+        // A model sized by the vocabulary has a row for every bucket and runs on them.
+        let cfg = crate::model::ModelConfig {
+            vocab_size: v.len(),
+            embed_dim: 8,
+            hidden_size: 8,
+            num_layers: 1,
+            ..crate::model::ModelConfig::default()
+        };
+        let model =
+            crate::model::AttentionFlowModel::new(&cfg, &candle_core::Device::Cpu, 1).unwrap();
+        let params = crate::params::ParamSet::from_varmap(model.varmap()).unwrap();
+        let rows = params
+            .iter()
+            .find(|(n, _)| n.contains("embed"))
+            .map(|(_, t)| t.dims()[0])
+            .unwrap();
+        assert_eq!(rows, 3 + crate::data::FIRST_EVENT_ID as usize + 4);
+        let predicted = crate::train::predict(&model, &d.train, 8).unwrap();
+        assert_eq!(predicted.len(), 2);
+    }
+
+    #[test]
     fn training_sessions_are_grouped_by_user() {
         let mut records: Vec<SessionRecord> = (0..6)
             .map(|i| record(&format!("s{i}"), &["a"], 1))
