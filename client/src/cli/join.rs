@@ -129,10 +129,14 @@ pub(crate) fn run(a: JoinArgs) -> anyhow::Result<()> {
         a.site_data.val_fraction,
     )?;
     println!(
-        "site {}: {} training and {} validation sessions; joining {}",
+        "site {}: {} training and {} validation sessions ({} of {} events unknown to the \
+         vocabulary, {} of them in its out-of-vocabulary buckets); joining {}",
         opts.site_id,
         dataset.train.len(),
         dataset.validation.len(),
+        dataset.stats.unknown_events,
+        dataset.stats.events_total,
+        dataset.stats.oov_bucket_events,
         a.coordinator
     );
     let sessions = dataset.train.len();

@@ -114,6 +114,54 @@ fn generate_validate_train_evaluate_round_trip() {
 }
 
 #[test]
+fn generated_buckets_keep_new_event_names_apart_and_validate_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fed");
+    ok(&[
+        "data",
+        "generate",
+        "--out",
+        p(&data),
+        "--sites",
+        "1",
+        "--sessions",
+        "100",
+        "--oov-buckets",
+        "16",
+    ]);
+    let vocab = data.join("vocab.json");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&vocab).unwrap()).unwrap();
+    assert_eq!(v["oov_buckets"], 16, "{v}");
+    // Two new event names (one twice) next to known ones.
+    let file = dir.path().join("new.csv");
+    std::fs::write(
+        &file,
+        "session_id,events,label
+         s1,opened_help chat_v2_opened searched,4
+         s2,opened_help voice_search chat_v2_opened,2
+",
+    )
+    .unwrap();
+    let out = ok(&["data", "validate", p(&file), "--vocab", p(&vocab), "--json"]);
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let s = &r["stats"];
+    assert_eq!(
+        (
+            &s["unknown_events"],
+            &s["oov_bucket_events"],
+            &s["distinct_unknown_names"]
+        ),
+        (&3.into(), &3.into(), &2.into()),
+        "{r}"
+    );
+    let text = ok(&["data", "validate", p(&file), "--vocab", p(&vocab)]);
+    assert!(
+        text.contains("3 unknown: 2 distinct names, 3 in out-of-vocabulary buckets"),
+        "{text}"
+    );
+}
+
+#[test]
 fn a_bad_row_fails_with_file_line_and_reason() {
     let dir = tempfile::tempdir().unwrap();
     let vocab = dir.path().join("vocab.json");
