@@ -105,15 +105,16 @@ async fn sixty_sites_run_a_federation_in_one_process() {
         "{}",
         outcome.privacy_summary
     );
-    // And its run report: self-contained (no scripts, styles or images fetched), six
+    // And its run report: self-contained (no scripts, styles or images fetched), seven
     // charts, a table row per round, a link to the privacy-audit report next to it.
     let html = std::fs::read_to_string(&outcome.run_report).unwrap();
     assert!(html.contains("<h1>Run report: "), "{html}");
     assert_eq!(
         html.matches("<svg").count(),
-        6,
-        "accuracy, loss, per site, participation, norm, durations"
+        7,
+        "accuracy, loss, per site, participation, norm, durations, publish gate"
     );
+    assert!(html.contains("Publish gate: candidate and published version"));
     for external in ["<script", "<link", "<img", "src=", "@import"] {
         assert!(
             !html.contains(external),
@@ -142,7 +143,7 @@ async fn sixty_sites_run_a_federation_in_one_process() {
 
 /// Renders `page` in headless Chromium (installed from Debian's packages by
 /// tests/browser/install-chromium.sh when missing): the browser must parse it into the
-/// same six charts, and its screenshot must be a full-size image with content (a blank or
+/// same seven charts, and its screenshot must be a full-size image with content (a blank or
 /// broken page compresses to almost nothing).
 fn render_in_a_browser(page: &std::path::Path) {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -182,8 +183,8 @@ fn render_in_a_browser(page: &std::path::Path) {
     let dom = String::from_utf8(run(&["--dump-dom"])).unwrap();
     assert_eq!(
         dom.matches("<svg").count(),
-        6,
-        "the browser sees the six charts"
+        7,
+        "the browser sees the seven charts"
     );
     let png = page.with_extension("png");
     run(&[
