@@ -23,6 +23,9 @@ pub enum Error {
     /// data (the message says why and what to do).
     #[error("task refused: {0}")]
     Task(String),
+    /// The site's feedback store cannot be read or written (nothing is acknowledged then).
+    #[error("feedback store {0}")]
+    Store(String),
     /// The site's published-model folder cannot be read or written.
     #[error("{0}")]
     Published(String),

@@ -14,8 +14,12 @@
 //! mapped to an [`Error`], in [`wire`]. [`noop`] is a site that answers without training, for
 //! measuring the coordinator's own overhead; [`report`] writes the site's privacy report.
 //!
+//! The site agent ([`agent`]): the site's feedback store, fed by the application, that the
+//! site trains from.
+//!
 //! The binary `fedflow-client` is a thin command-line layer over these functions.
 
+pub mod agent;
 pub mod error;
 pub mod federation;
 pub mod ledger;

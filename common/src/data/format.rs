@@ -170,8 +170,9 @@ pub fn encode_sessions(
     }
 }
 
-/// Checks the rules every session obeys, whatever its source; returns the reason it fails.
-fn validate_record(record: &SessionRecord) -> std::result::Result<(), String> {
+/// Checks the rules every session obeys, whatever its source (a file, an API); returns the
+/// reason it fails.
+pub fn validate_record(record: &SessionRecord) -> std::result::Result<(), String> {
     if record.session_id.trim().is_empty() {
         return Err("session_id is empty".to_owned());
     }

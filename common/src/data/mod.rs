@@ -107,7 +107,7 @@ mod vocab;
 pub use dataset::{DatasetStats, SiteDataset, encode_session, pool};
 pub use format::{
     ALLOWED_COLUMNS, FileFormat, LoadOptions, Loaded, REQUIRED_COLUMNS, SkippedRow,
-    encode_sessions, read_sessions, read_sessions_from, write_sessions,
+    encode_sessions, read_sessions, read_sessions_from, validate_record, write_sessions,
 };
 pub use records::{EncodedSession, NUM_LABELS, SessionRecord};
 pub use split::{Split, hashed_id, split_of, split_unit};
