@@ -8,6 +8,7 @@
 
 pub mod bin;
 pub mod coordinator;
+pub mod http;
 pub mod pki;
 pub mod site;
 

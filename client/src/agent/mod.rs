@@ -1,9 +1,14 @@
 //! The site agent: one long-running service per partner site that takes in the feedback the
 //! application collects ([`store`]), trains on it when the coordinator asks ([`source`]:
-//! the store as the trainer's data source), and serves the federation's published model.
+//! the store as the trainer's data source), and serves the federation's published model
+//! ([`serving`]) through a local HTTP API ([`http`]).
 
+pub mod http;
+pub mod serving;
 pub mod source;
 pub mod store;
 
+#[cfg(test)]
+mod http_tests;
 #[cfg(test)]
 mod tests;

@@ -326,15 +326,40 @@ pub fn predict(
     data: &[EncodedSession],
     batch_size: usize,
 ) -> Result<Vec<u32>> {
+    Ok(probabilities(model, data, batch_size)?
+        .iter()
+        .map(|p| {
+            // The first of equal maxima, as `argmax` over the logits.
+            let mut best = 0;
+            for (k, &v) in p.iter().enumerate() {
+                if v > p[best] {
+                    best = k;
+                }
+            }
+            best as u32
+        })
+        .collect())
+}
+
+/// The class probabilities (softmax of the logits, dropout off) of each session of `data`,
+/// in `data`'s order, computed in batches of `batch_size` sorted by length. A session's
+/// figures do not depend on the others in its batch (padding is masked).
+pub fn probabilities(
+    model: &AttentionFlowModel,
+    data: &[EncodedSession],
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>> {
     let mut order: Vec<usize> = (0..data.len()).collect();
     order.sort_by_key(|&i| data[i].events.len());
-    let mut out = vec![0u32; data.len()];
+    let mut out = vec![Vec::new(); data.len()];
     for chunk in order.chunks(batch_size.max(1)) {
         let sessions: Vec<&EncodedSession> = chunk.iter().map(|&i| &data[i]).collect();
         let batch = Batch::new(&sessions, model.config(), model.device())?;
         let logits = model.forward(&batch, &mut Mode::Eval)?;
-        for (&i, class) in chunk.iter().zip(argmax(&logits)?) {
-            out[i] = class;
+        let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(candle_core::DType::F32)?)?
+            .to_vec2::<f32>()?;
+        for (&i, p) in chunk.iter().zip(probs) {
+            out[i] = p;
         }
     }
     Ok(out)
