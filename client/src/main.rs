@@ -12,6 +12,8 @@ use fedflow_common::model::EncoderKind;
 use fedflow_common::synth::SynthConfig;
 use fedflow_common::train::{EpochReport, EvalMetrics, OptimizerKind, TrainConfig};
 
+#[path = "cli/agent.rs"]
+mod agent_cli;
 #[path = "cli/join.rs"]
 mod join_cli;
 #[path = "cli/privacy.rs"]
@@ -39,6 +41,9 @@ enum Command {
     Evaluate(EvaluateArgs),
     /// Join a federation: train for the coordinator at ADDR until its run finishes.
     Join(join_cli::JoinArgs),
+    /// The site agent: join the federation and train on the feedback the application posts
+    /// to the local HTTP API, which also serves predictions of the published version.
+    Agent(agent_cli::AgentArgs),
     /// Differential privacy: plan DP-SGD parameters, write the site's privacy report.
     #[command(subcommand)]
     Privacy(privacy_cli::PrivacyCommand),
@@ -415,6 +420,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Join(a) => join_cli::run(a)?,
+        Command::Agent(a) => agent_cli::run(a)?,
         Command::Privacy(cmd) => privacy_cli::run(cmd)?,
         Command::Evaluate(a) => {
             let split = if a.validation_only {

@@ -3,7 +3,9 @@
 //! the store as the trainer's data source), and serves the federation's published model
 //! ([`serving`]) through a local HTTP API ([`http`]).
 
+pub mod config;
 pub mod http;
+pub mod run;
 pub mod serving;
 pub mod source;
 pub mod store;

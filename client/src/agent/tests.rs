@@ -154,3 +154,64 @@ fn the_source_snapshots_the_store_before_tasks_and_counts_what_arrived_since_tra
             .all(|s| grown.validation.contains(s))
     );
 }
+
+#[test]
+fn the_example_site_config_parses_and_bad_fields_are_named() {
+    use super::config::AgentConfig;
+    let base = std::path::Path::new("/srv/site");
+    let text = include_str!("../../examples/site.toml");
+    let c = AgentConfig::parse(text, base).unwrap();
+    assert_eq!(c.site.data_dir, base.join("site-data"));
+    assert_eq!(
+        c.coordinator.identity.as_deref(),
+        Some(base.join("bundle").as_path())
+    );
+    assert_eq!(c.http.listen.to_string(), "127.0.0.1:8088");
+    assert!(c.privacy.is_none());
+    let with = |extra: &str| AgentConfig::parse(&format!("{text}\n{extra}"), base);
+    for (extra, field) in [
+        (
+            "[privacy]\ndir = \"l\"\nmax_epsilon = -1.0",
+            "privacy.max_epsilon",
+        ),
+        (
+            "[privacy]\ndir = \"l\"\nmax_epsilon = 1.0\ndelta = 1.0",
+            "privacy.delta",
+        ),
+        (
+            "[privacy]\ndir = \"l\"\nmax_epsilon = 1.0\ncolour = 1",
+            "unknown field `colour`",
+        ),
+    ] {
+        let err = with(extra).unwrap_err();
+        assert!(err.contains(field), "{extra}: {err}");
+    }
+    for (from, to, field) in [
+        (
+            "listen = \"127.0.0.1:8088\"",
+            "listen = \"0.0.0.0:8088\"",
+            "http.listen",
+        ),
+        ("max_events = 1000", "max_events = 0", "http.max_events"),
+        (
+            "val_fraction = 0.2",
+            "val_fraction = 1.5",
+            "training.val_fraction",
+        ),
+        ("device = \"cpu\"", "device = \"tpu\"", "device"),
+        (
+            "unknown_events = \"accept\"",
+            "unknown_events = \"maybe\"",
+            "unknown_events",
+        ),
+        (
+            "# max_sessions = 1000000",
+            "max_sessions = 0",
+            "retention.max_sessions",
+        ),
+    ] {
+        assert!(text.contains(from), "{from}");
+        let err = AgentConfig::parse(&text.replace(from, to), base).unwrap_err();
+        assert!(err.contains(field), "{to}: {err}");
+    }
+}

@@ -1,0 +1,185 @@
+//! Starting the agent: the feedback store, the trainer over it, the federation loop, the
+//! published version followed into the served model, and the HTTP API, all in one process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedflow_common::clock::now_ms;
+use fedflow_common::data::Vocab;
+
+use super::config::AgentConfig;
+use super::http::{AgentState, router};
+use super::serving::Served;
+use super::source::StoreSource;
+use super::store::FeedbackStore;
+use crate::federation::{SiteOptions, SiteSummary, run_site};
+use crate::privacy::SitePrivacy;
+use crate::published::PublishedSink;
+use crate::site::SiteTrainer;
+use crate::{Error, Result};
+
+/// The store's folder inside `site.data_dir`.
+pub const FEEDBACK_DIR: &str = "feedback";
+/// The published folder inside `site.data_dir`.
+pub const PUBLISHED_DIR: &str = "published";
+
+/// How often the agent looks for a newly installed version (and applies retention).
+const FOLLOW_EVERY: Duration = Duration::from_millis(500);
+/// Retention is applied every this many follow ticks.
+const RETENTION_EVERY_TICKS: u64 = 120;
+
+/// A running agent.
+#[derive(Debug)]
+pub struct RunningAgent {
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    /// What the API serves from.
+    pub state: Arc<AgentState>,
+    /// The site's federation loop; ends when the run finishes.
+    pub federation: tokio::task::JoinHandle<Result<SiteSummary>>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+    follower: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl RunningAgent {
+    /// Stops serving and following; the federation loop is aborted.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.federation.abort();
+        let _ = self.http.await;
+        let _ = self.follower.await;
+    }
+}
+
+/// The site's connection options: the bundle (checked against the address's scheme) and
+/// the site id (the certificate's under mutual TLS).
+pub fn site_options(cfg: &AgentConfig) -> Result<SiteOptions> {
+    let c = &cfg.coordinator;
+    let bundle = c
+        .identity
+        .as_deref()
+        .map(crate::tls::Bundle::load)
+        .transpose()?;
+    crate::tls::check_endpoint(&c.url, bundle.as_ref(), c.insecure_plaintext)?;
+    let site_id = match (&bundle, &cfg.site.id) {
+        (Some(b), claimed) => {
+            let name = b.site_name()?;
+            if let Some(claimed) = claimed
+                && *claimed != name
+            {
+                return Err(Error::Usage(format!(
+                    "site.id {claimed} does not match the certificate in {}, which is for \
+                     site {name}",
+                    b.dir().display()
+                )));
+            }
+            name
+        }
+        (None, Some(id)) => id.clone(),
+        (None, None) => {
+            return Err(Error::Usage(
+                "site.id is required without coordinator.identity".into(),
+            ));
+        }
+    };
+    let mut o = SiteOptions::new(c.url.clone(), site_id);
+    o.tls = bundle;
+    Ok(o)
+}
+
+/// Starts the agent of `cfg`, its API on `listen` (else `http.listen`).
+pub async fn start(cfg: &AgentConfig, listen: Option<SocketAddr>) -> Result<RunningAgent> {
+    let mut opts = site_options(cfg)?;
+    let vocab = Vocab::load(&cfg.site.vocab)?;
+    let limits = cfg.api_limits()?;
+    let store = Arc::new(FeedbackStore::open(cfg.site.data_dir.join(FEEDBACK_DIR))?);
+    let retention = (
+        cfg.retention
+            .max_age_days
+            .map(|d| (d * 86_400_000.0).round() as i64),
+        cfg.retention.max_sessions,
+    );
+    store.enforce_retention(retention.0, retention.1, now_ms())?;
+    let (dataset, source) = StoreSource::open(store.clone(), &vocab, cfg.training.val_fraction)?;
+    let mut trainer =
+        SiteTrainer::new(dataset, &vocab, cfg.training.device.open()?).with_source(source);
+    if let Some(p) = &cfg.privacy {
+        trainer = trainer.with_privacy(Arc::new(SitePrivacy::open(
+            &p.dir,
+            p.max_epsilon,
+            p.delta,
+            p.release_metrics,
+        )?));
+    }
+    let sink = PublishedSink {
+        dir: cfg.site.data_dir.join(PUBLISHED_DIR),
+        vocab: vocab.clone(),
+    };
+    opts.published = Some(sink.clone());
+    let served = Arc::new(Served::default());
+    // Serve the version installed last at once, coordinator or not.
+    if let Some(round) = served.follow(&sink)? {
+        tracing::info!(round, "serving the installed version {round}");
+    }
+    let state = Arc::new(AgentState {
+        store: store.clone(),
+        served: served.clone(),
+        vocab,
+        limits,
+    });
+
+    let listener = tokio::net::TcpListener::bind(listen.unwrap_or(cfg.http.listen))
+        .await
+        .map_err(|e| Error::Usage(format!("http.listen: cannot listen: {e}")))?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut http_stop = stopped.clone();
+    let app = router(state.clone());
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let mut follow_stop = stopped;
+    let follower = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(FOLLOW_EVERY);
+        let mut ticks = 0u64;
+        loop {
+            tokio::select! {
+                _ = follow_stop.wait_for(|s| *s) => return,
+                _ = tick.tick() => {}
+            }
+            ticks += 1;
+            let (served, sink, store) = (served.clone(), sink.clone(), store.clone());
+            let prune = ticks % RETENTION_EVERY_TICKS == 0;
+            let done = tokio::task::spawn_blocking(move || -> Result<Option<u64>> {
+                if prune {
+                    store.enforce_retention(retention.0, retention.1, now_ms())?;
+                }
+                served.follow(&sink)
+            })
+            .await;
+            match done {
+                Ok(Ok(Some(round))) => tracing::info!(round, "now serving version {round}"),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::warn!("following the published version: {e}"),
+                Err(e) => tracing::error!("the follower's work failed: {e}"),
+            }
+        }
+    });
+    let federation = tokio::spawn(run_site(opts, Arc::new(trainer)));
+    Ok(RunningAgent {
+        http_addr,
+        state,
+        federation,
+        http,
+        follower,
+        stop,
+    })
+}
