@@ -157,7 +157,7 @@ pub async fn start(cfg: &AgentConfig, listen: Option<SocketAddr>) -> Result<Runn
             }
             ticks += 1;
             let (served, sink, store) = (served.clone(), sink.clone(), store.clone());
-            let prune = ticks % RETENTION_EVERY_TICKS == 0;
+            let prune = ticks.is_multiple_of(RETENTION_EVERY_TICKS);
             let done = tokio::task::spawn_blocking(move || -> Result<Option<u64>> {
                 if prune {
                     store.enforce_retention(retention.0, retention.1, now_ms())?;
