@@ -3,6 +3,7 @@
 //!
 //! Run one group with e.g. `cargo test -p fedflow-tests --test e2e python_interop`.
 
+mod agent;
 mod claims;
 mod ctl;
 mod federation;
