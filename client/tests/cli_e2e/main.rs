@@ -2,6 +2,7 @@
 //! the `fedflow-client` commands on real files, record-level DP against a real coordinator
 //! over gRPC, crash included, and sites' own protections under site-level DP.
 
+mod agent_crash;
 mod commands;
 mod record_privacy;
 mod site_privacy;
