@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepares the Python environment of the gRPC interop test (tests/tests/e2e/python_interop.rs):
+# Prepares the Python environment of the gRPC interop test (tests/tests/e2e/python_interop.rs)
+# and of the agent API description's check (tests/tests/e2e/agent.rs):
 # a venv with the exact packages of tests/python/requirements.txt, from PyPI, wheels only.
 #
 #   venv:   $FEDFLOW_PY_VENV, default ${XDG_CACHE_HOME:-$HOME/.cache}/fedflow/py-venv
@@ -43,7 +44,7 @@ rm -rf "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
   --only-binary=:all: --requirement "$req" >&2 ||
   die "pip could not install $req (it needs PyPI, or a mirror set with PIP_INDEX_URL)"
-"$venv/bin/python" -c 'import grpc, grpc_tools.protoc, grpc_health.v1.health_pb2' >&2 ||
+"$venv/bin/python" -c 'import grpc, grpc_tools.protoc, grpc_health.v1.health_pb2, openapi_spec_validator' >&2 ||
   die "the installed packages do not import"
 echo "$want" >"$stamp"
 echo "setup-venv.sh: venv ready in $((SECONDS - start)) s" >&2

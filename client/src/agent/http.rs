@@ -8,6 +8,7 @@
 //!   the version that answered (one version for the whole request).
 //! - `DELETE /v1/users/{user_id}`: erases the user's sessions → `{"erased"}`.
 //! - `GET /v1/status`: the store's counts and the version serving.
+//! - `GET /v1/openapi.json`: the API's OpenAPI 3.1 description ([`OPENAPI`]).
 //!
 //! Errors are `{"error": reason}` with 400 (malformed JSON, unknown or missing fields),
 //! 401 (a token is configured and the request lacks it), 409 (a session id stored with
@@ -32,6 +33,9 @@ use serde_json::json;
 
 use super::serving::Served;
 use super::store::{FeedbackStore, Refusal};
+
+/// The API's OpenAPI 3.1 description (`client/src/agent/openapi.json`).
+pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// What the API accepts.
 #[derive(Debug, Clone)]
@@ -116,6 +120,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/predict", post(predict))
         .route("/v1/users/{user_id}", delete(erase_user))
         .route("/v1/status", get(status))
+        .route("/v1/openapi.json", get(openapi))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -369,6 +374,16 @@ async fn erase_user(
         .map_err(internal)?
         .map_err(internal)?;
     Ok(json_response(StatusCode::OK, &json!({ "erased": erased })))
+}
+
+async fn openapi(State(state): State<Arc<AgentState>>, headers: HeaderMap) -> ApiResult {
+    authorised(&state, &headers)?;
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response())
 }
 
 async fn status(State(state): State<Arc<AgentState>>, headers: HeaderMap) -> ApiResult {

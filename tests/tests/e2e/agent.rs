@@ -218,3 +218,95 @@ async fn an_agent_trains_on_posted_feedback_and_serves_each_published_version() 
     admin.stop_run(RunActionRequest::default()).await.unwrap();
     agent.shutdown().await;
 }
+
+/// The API description is a valid OpenAPI document (checked by `openapi-spec-validator`),
+/// the agent serves it, and every path and method it names is a route of the real API,
+/// and the other way round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_description_is_valid_and_names_exactly_the_apis_routes() {
+    use fedflow_client::agent::http::OPENAPI;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("openapi.json");
+    std::fs::write(&file, OPENAPI).unwrap();
+    let python = crate::python_interop::interop_python().await;
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.args([
+        "-c",
+        "import json, sys; from openapi_spec_validator import validate; \
+         validate(json.load(open(sys.argv[1]))); print('valid')",
+    ])
+    .arg(&file);
+    let out =
+        crate::python_interop::run(cmd, "openapi-spec-validator", Duration::from_secs(60)).await;
+    assert_eq!(out.trim(), "valid");
+
+    let vocab = Vocab::from_events(["searched"]).unwrap();
+    vocab.save(dir.path().join("vocab.json")).unwrap();
+    std::fs::write(
+        dir.path().join("site.toml"),
+        "[site]\nid = \"s\"\ndata_dir = \"data\"\nvocab = \"vocab.json\"\n\
+         [coordinator]\nurl = \"http://127.0.0.1:9\"\ninsecure_plaintext = true\n\
+         [http]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let cfg = AgentConfig::load(&dir.path().join("site.toml")).unwrap();
+    let agent = fedflow_client::agent::run::start(&cfg, None).await.unwrap();
+    let api = agent.http_addr;
+    let served = request(api, "GET", "/v1/openapi.json", &[], b"").await;
+    assert_eq!(
+        served.json(),
+        serde_json::from_str::<serde_json::Value>(OPENAPI).unwrap()
+    );
+
+    let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+    let mut documented = Vec::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            documented.push((method.to_uppercase(), path.replace("{user_id}", "u1")));
+        }
+    }
+    documented.sort();
+    let routes = [
+        ("DELETE", "/v1/users/u1"),
+        ("GET", "/v1/openapi.json"),
+        ("GET", "/v1/status"),
+        ("POST", "/v1/feedback"),
+        ("POST", "/v1/predict"),
+    ];
+    let want: Vec<(String, String)> = routes
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(documented, want);
+    for (method, path) in &documented {
+        let r = request(api, method, path, &[], b"{}").await;
+        assert!(
+            ![404, 405].contains(&r.status),
+            "{method} {path}: {}",
+            r.status
+        );
+        let documented_statuses = doc["paths"][path.replace("u1", "{user_id}")]
+            [method.to_lowercase()]["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>();
+        assert!(
+            documented_statuses.contains(&r.status.to_string()),
+            "{method} {path} answered {} ({}), not documented",
+            r.status,
+            r.body
+        );
+    }
+    // A path the description does not name is not a route.
+    assert_eq!(
+        request(api, "GET", "/v1/feedback", &[], b"").await.status,
+        405
+    );
+    assert_eq!(
+        request(api, "GET", "/v2/status", &[], b"").await.status,
+        404
+    );
+    agent.shutdown().await;
+}

@@ -36,7 +36,7 @@ fn python_dir() -> PathBuf {
 
 /// Runs `cmd` to completion within `limit`, killing it past the limit; returns its stdout,
 /// panicking with its stderr when it fails.
-async fn run(mut cmd: Command, what: &str, limit: Duration) -> String {
+pub(crate) async fn run(mut cmd: Command, what: &str, limit: Duration) -> String {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -61,7 +61,7 @@ async fn run(mut cmd: Command, what: &str, limit: Duration) -> String {
 }
 
 /// The venv's python, after `setup-venv.sh` made sure the venv matches the requirements.
-async fn interop_python() -> PathBuf {
+pub(crate) async fn interop_python() -> PathBuf {
     let base = std::env::var("FEDFLOW_PYTHON").unwrap_or_else(|_| "python3".into());
     match std::process::Command::new(&base)
         .arg("--version")
