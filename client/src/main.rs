@@ -93,6 +93,18 @@ enum DataCommand {
     Generate(GenerateArgs),
     /// Validate data files against a vocabulary: every row, with line numbers.
     Validate(ValidateArgs),
+    /// Import a CSV or JSON Lines file into a site agent's feedback store (the agent may be
+    /// running): every row is validated first, and a file with a bad row imports nothing.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+struct ImportArgs {
+    /// The file (.csv or .jsonl).
+    file: PathBuf,
+    /// The agent's configuration (its site.data_dir holds the store).
+    #[arg(long)]
+    config: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -284,6 +296,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 m.sites.len(),
                 a.out.display(),
                 m.bayes_accuracy
+            );
+        }
+        Command::Data(DataCommand::Import(a)) => {
+            let cfg = fedflow_client::agent::config::AgentConfig::load(&a.config)?;
+            let r = fedflow_client::agent::store::import(
+                &a.file,
+                &cfg.site
+                    .data_dir
+                    .join(fedflow_client::agent::run::FEEDBACK_DIR),
+            )?;
+            println!(
+                "{}: {} sessions stored, {} already there",
+                a.file.display(),
+                r.stored,
+                r.duplicates
             );
         }
         Command::Data(DataCommand::Validate(a)) => {

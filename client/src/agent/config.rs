@@ -90,6 +90,10 @@ pub struct HttpSection {
     pub max_events: usize,
     /// `"accept"` (default) or `"refuse"` feedback with unknown event names.
     pub unknown_events: UnknownEvents,
+    /// Feedback and predict requests per second, sustained (unset: unlimited).
+    pub rate_per_second: Option<f64>,
+    /// Requests at once above that rate (default 100).
+    pub burst: u32,
 }
 
 impl Default for HttpSection {
@@ -102,6 +106,8 @@ impl Default for HttpSection {
             max_sessions: d.max_sessions,
             max_events: d.max_events,
             unknown_events: UnknownEvents::Accept,
+            rate_per_second: d.rate_per_second,
+            burst: d.burst,
         }
     }
 }
@@ -210,6 +216,16 @@ impl AgentConfig {
                 return Err(format!("{field}: must be at least 1"));
             }
         }
+        if let Some(r) = self.http.rate_per_second
+            && !(r.is_finite() && r > 0.0)
+        {
+            return Err(format!(
+                "http.rate_per_second: {r} is not a positive number"
+            ));
+        }
+        if self.http.burst == 0 {
+            return Err("http.burst: must be at least 1".into());
+        }
         let f = self.training.val_fraction;
         if !(f > 0.0 && f < 1.0) {
             return Err(format!("training.val_fraction: {f} is not in (0, 1)"));
@@ -268,6 +284,8 @@ impl AgentConfig {
             max_events: self.http.max_events,
             refuse_unknown_events: self.http.unknown_events == UnknownEvents::Refuse,
             token,
+            rate_per_second: self.http.rate_per_second,
+            burst: self.http.burst,
         })
     }
 }

@@ -13,8 +13,8 @@
 //! Errors are `{"error": reason}` with 400 (malformed JSON, unknown or missing fields),
 //! 401 (a token is configured and the request lacks it), 409 (a session id stored with
 //! other content), 413 (body or batch too large), 422 (a value breaks a rule: empty events,
-//! label outside 1-5, too many events, unknown event names when refused), 503 (no version
-//! published yet); nothing of a refused request is stored. Sessions are named by their
+//! label outside 1-5, too many events, unknown event names when refused), 429 (feedback and
+//! predict requests beyond the rate limit, a token bucket), 503 (no version published yet); nothing of a refused request is stored. Sessions are named by their
 //! position in the request, never by their ids (personal data). Model work runs on the
 //! blocking pool, never on the async executor's threads.
 
@@ -51,6 +51,11 @@ pub struct ApiLimits {
     pub refuse_unknown_events: bool,
     /// A bearer token every request must carry (`Authorization: Bearer ...`).
     pub token: Option<String>,
+    /// Feedback and predict requests per second, sustained (`None`: unlimited); beyond it
+    /// they are refused with 429.
+    pub rate_per_second: Option<f64>,
+    /// Requests that may come at once above the sustained rate.
+    pub burst: u32,
 }
 
 impl Default for ApiLimits {
@@ -61,6 +66,8 @@ impl Default for ApiLimits {
             max_events: 1_000,
             refuse_unknown_events: false,
             token: None,
+            rate_per_second: None,
+            burst: 100,
         }
     }
 }
@@ -76,6 +83,50 @@ pub struct AgentState {
     pub vocab: Vocab,
     /// The API's limits.
     pub limits: ApiLimits,
+    /// The rate limit's bucket: tokens left and when it was last filled.
+    pub bucket: std::sync::Mutex<Option<(f64, std::time::Instant)>>,
+}
+
+impl AgentState {
+    /// The state of an API over `store` serving `served`.
+    pub fn new(
+        store: Arc<FeedbackStore>,
+        served: Arc<Served>,
+        vocab: Vocab,
+        limits: ApiLimits,
+    ) -> AgentState {
+        AgentState {
+            store,
+            served,
+            vocab,
+            limits,
+            bucket: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Takes one request from the rate limit's token bucket, or refuses with 429.
+    fn admit(&self) -> Result<(), ApiError> {
+        let Some(rate) = self.limits.rate_per_second else {
+            return Ok(());
+        };
+        let burst = f64::from(self.limits.burst.max(1));
+        let now = std::time::Instant::now();
+        let mut bucket = self
+            .bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (tokens, at) = bucket.unwrap_or((burst, now));
+        let tokens = (tokens + rate * now.duration_since(at).as_secs_f64()).min(burst);
+        if tokens < 1.0 {
+            *bucket = Some((tokens, now));
+            return Err(ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("more than {rate} requests per second (burst {burst}); retry later"),
+            ));
+        }
+        *bucket = Some((tokens - 1.0, now));
+        Ok(())
+    }
 }
 
 /// An answer of the API.
@@ -235,6 +286,7 @@ async fn feedback(
     body: Bytes,
 ) -> ApiResult {
     authorised(&state, &headers)?;
+    state.admit()?;
     let sessions: Vec<FeedbackSession> = sessions_of(&body, false)?;
     check_count(&state, sessions.len())?;
     let mut records = Vec::with_capacity(sessions.len());
@@ -302,6 +354,7 @@ async fn predict(
     body: Bytes,
 ) -> ApiResult {
     authorised(&state, &headers)?;
+    state.admit()?;
     let sessions: Vec<PredictSession> = sessions_of(&body, true)?;
     check_count(&state, sessions.len())?;
     let model = state.served.current().ok_or_else(|| {

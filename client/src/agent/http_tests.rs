@@ -25,12 +25,12 @@ struct Api {
 
 async fn api(limits: ApiLimits) -> Api {
     let dir = tempfile::tempdir().unwrap();
-    let state = Arc::new(AgentState {
-        store: Arc::new(FeedbackStore::open(dir.path().join("store")).unwrap()),
-        served: Arc::new(Served::default()),
-        vocab: Vocab::from_events(EVENTS).unwrap(),
+    let state = Arc::new(AgentState::new(
+        Arc::new(FeedbackStore::open(dir.path().join("store")).unwrap()),
+        Arc::new(Served::default()),
+        Vocab::from_events(EVENTS).unwrap(),
         limits,
-    });
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = router(state.clone());
@@ -74,7 +74,7 @@ async fn feedback_is_stored_once_and_every_bad_request_is_refused_storing_nothin
         max_sessions: 3,
         max_events: 5,
         refuse_unknown_events: true,
-        token: None,
+        ..ApiLimits::default()
     })
     .await;
     let ok = a.post("/v1/feedback", &session("s1", 4).to_string()).await;
@@ -265,4 +265,31 @@ async fn predictions_come_from_one_version_and_a_swap_fails_no_request() {
         2,
         "both versions answered: {seen:?}, {swaps} swaps"
     );
+}
+
+#[tokio::test]
+async fn requests_beyond_the_rate_limit_are_refused_and_store_nothing() {
+    // One request per ten seconds sustained, two at once: the third in a row is refused.
+    let a = api(ApiLimits {
+        rate_per_second: Some(0.1),
+        burst: 2,
+        ..ApiLimits::default()
+    })
+    .await;
+    for id in ["s1", "s2"] {
+        let r = a.post("/v1/feedback", &session(id, 3).to_string()).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let r = a.post("/v1/feedback", &session("s3", 3).to_string()).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("requests per second")
+    );
+    assert_eq!(a.stored().len(), 2);
+    // Reading the status is not limited.
+    let r = request(a.addr, "GET", "/v1/status", &[], b"").await;
+    assert_eq!(r.status, 200);
 }

@@ -123,12 +123,12 @@ pub async fn start(cfg: &AgentConfig, listen: Option<SocketAddr>) -> Result<Runn
     if let Some(round) = served.follow(&sink)? {
         tracing::info!(round, "serving the installed version {round}");
     }
-    let state = Arc::new(AgentState {
-        store: store.clone(),
-        served: served.clone(),
+    let state = Arc::new(AgentState::new(
+        store.clone(),
+        served.clone(),
         vocab,
         limits,
-    });
+    ));
 
     let listener = tokio::net::TcpListener::bind(listen.unwrap_or(cfg.http.listen))
         .await

@@ -351,3 +351,24 @@ fn bump(conn: &Connection) -> rusqlite::Result<()> {
     )?;
     Ok(())
 }
+
+/// Imports `file` (CSV or JSON Lines, validated row by row as data files are, errors naming
+/// the line) into the store in `store_dir`, in one transaction: a bad row, or a session id
+/// stored with other content, imports nothing.
+pub fn import(file: &Path, store_dir: &Path) -> Result<Appended> {
+    let loaded = fedflow_common::data::read_sessions(file, &Default::default())?;
+    let store = FeedbackStore::open(store_dir)?;
+    match store.append(&loaded.records, fedflow_common::clock::now_ms())? {
+        Ok(a) => Ok(a),
+        Err(Refusal::Conflict { index }) => Err(Error::Usage(format!(
+            "{}: record {}: its session_id is already stored with other content; nothing \
+             was imported",
+            file.display(),
+            index + 1
+        ))),
+        Err(r) => Err(Error::Usage(format!(
+            "{}: {r}; nothing was imported",
+            file.display()
+        ))),
+    }
+}

@@ -384,3 +384,59 @@ fn the_audit_reports_recompute_command_reproduces_its_epsilon() {
         "{command}: {recomputed} vs {stated}"
     );
 }
+
+#[test]
+fn data_import_fills_an_agents_store_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fedflow_common::data::Vocab::from_events(["opened_help", "searched"])
+        .unwrap()
+        .save(d.join("vocab.json"))
+        .unwrap();
+    let config = d.join("site.toml");
+    std::fs::write(
+        &config,
+        "[site]\nid = \"s\"\ndata_dir = \"data\"\nvocab = \"vocab.json\"\n\
+         [coordinator]\nurl = \"http://127.0.0.1:9\"\ninsecure_plaintext = true\n",
+    )
+    .unwrap();
+    let good = d.join("good.csv");
+    std::fs::write(
+        &good,
+        "session_id,events,label\ns1,opened_help searched,4\ns2,searched,2\ns3,opened_help,5\n",
+    )
+    .unwrap();
+    let out = ok(&["data", "import", p(&good), "--config", p(&config)]);
+    assert!(out.contains("3 sessions stored, 0 already there"), "{out}");
+    let out = ok(&["data", "import", p(&good), "--config", p(&config)]);
+    assert!(out.contains("0 sessions stored, 3 already there"), "{out}");
+    let stored = || {
+        fedflow_client::agent::store::FeedbackStore::open(d.join("data/feedback"))
+            .unwrap()
+            .snapshot()
+            .unwrap()
+            .records
+    };
+    let before = stored();
+    assert_eq!(before.len(), 3);
+    for (name, text, reason) in [
+        (
+            "bad.csv",
+            "session_id,events,label\ns4,searched,3\ns5,searched,9\n",
+            "bad.csv:3",
+        ),
+        (
+            "conflict.csv",
+            "session_id,events,label\ns6,searched,3\ns1,searched,1\n",
+            "record 2: its session_id is already stored with other content",
+        ),
+    ] {
+        let f = d.join(name);
+        std::fs::write(&f, text).unwrap();
+        let out = client(&["data", "import", p(&f), "--config", p(&config)]);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(reason), "{name}: {err}");
+        assert_eq!(stored(), before, "{name} changed the store");
+    }
+}
