@@ -8,6 +8,7 @@
 mod artifact;
 mod batch;
 mod config;
+mod explain;
 mod gru;
 mod init;
 mod kernels;
@@ -25,6 +26,7 @@ pub use artifact::{
 };
 pub use batch::Batch;
 pub use config::{EncoderKind, ModelConfig};
+pub use explain::{Attribution, IG_STEPS, integrated_gradients};
 pub use lstm::kernel_threads;
 
 use crate::Result;
@@ -247,8 +249,8 @@ impl AttentionFlowModel {
         let mask = batch.mask.to_dtype(self.dtype)?;
         let summary = match &self.encoder {
             Encoder::Lstm(layers) if self.fused => self.lstm_fused(layers, batch, &mask, mode)?,
-            Encoder::Lstm(layers) => self.rnn_steps(layers, batch, &mask, mode, 4)?,
-            Encoder::Gru(layers) => self.rnn_steps(layers, batch, &mask, mode, 3)?,
+            Encoder::Lstm(layers) => self.rnn_steps(layers, batch, None, &mask, mode, 4)?,
+            Encoder::Gru(layers) => self.rnn_steps(layers, batch, None, &mask, mode, 3)?,
             Encoder::Transformer(enc) => {
                 let (b, t) = (batch.size, batch.steps);
                 let x = self
@@ -259,6 +261,37 @@ impl AttentionFlowModel {
             }
         };
         let summary = self.dropout.apply(&summary, mode)?;
+        Ok(summary
+            .matmul(&self.head_w.t()?)?
+            .broadcast_add(&self.head_b)?)
+    }
+
+    /// The embeddings of a batch's events (B, T, E).
+    pub fn embed(&self, batch: &Batch) -> Result<Tensor> {
+        Ok(self
+            .embedding
+            .index_select(&batch.ids.flatten_all()?, 0)?
+            .reshape((batch.size, batch.steps, self.config.embed_dim))?)
+    }
+
+    /// Class logits (B, num_classes) of `batch` with its event embeddings replaced by
+    /// `embedded` (B, T, E), dropout off, through candle's differentiable ops (never the
+    /// fused kernel): what attributions take gradients of. With [`AttentionFlowModel::embed`]'s
+    /// output it computes [`AttentionFlowModel::forward`]'s logits.
+    pub fn forward_embedded(&self, embedded: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let mask = batch.mask.to_dtype(self.dtype)?;
+        let mode = &mut Mode::Eval;
+        let summary = match &self.encoder {
+            Encoder::Lstm(layers) => {
+                self.rnn_steps(layers, batch, Some(embedded), &mask, mode, 4)?
+            }
+            Encoder::Gru(layers) => {
+                self.rnn_steps(layers, batch, Some(embedded), &mask, mode, 3)?
+            }
+            Encoder::Transformer(enc) => {
+                enc.forward(embedded, &batch.positions, &mask, &self.dropout, mode)?
+            }
+        };
         Ok(summary
             .matmul(&self.head_w.t()?)?
             .broadcast_add(&self.head_b)?)
@@ -318,10 +351,13 @@ impl AttentionFlowModel {
     }
 
     /// LSTM or GRU from per-step candle ops (reference path; any device and dtype).
+    /// The recurrent encoders through candle's ops (differentiable in every input).
+    /// `embedded` (B, T, E) replaces the embedding lookup of `batch.ids` when given.
     fn rnn_steps(
         &self,
         layers: &[RnnLayer],
         batch: &Batch,
+        embedded: Option<&Tensor>,
         mask: &Tensor,
         mode: &mut Mode<'_>,
         gates: usize,
@@ -333,7 +369,22 @@ impl AttentionFlowModel {
         let mut steps: Vec<Tensor> = Vec::new();
         for (l, layer) in layers.iter().enumerate() {
             let lstm = gates == 4;
-            let xproj: Vec<Tensor> = if l == 0 {
+            let xproj: Vec<Tensor> = if let (0, Some(x)) = (l, embedded) {
+                let w_t = layer.w_ih.t()?;
+                let bias = if lstm {
+                    (&layer.b_ih + &layer.b_hh)?
+                } else {
+                    layer.b_ih.clone()
+                };
+                (0..t)
+                    .map(|s| {
+                        x.narrow(1, s, 1)?
+                            .squeeze(1)?
+                            .matmul(&w_t)?
+                            .broadcast_add(&bias)
+                    })
+                    .collect::<candle_core::Result<_>>()?
+            } else if l == 0 {
                 // Per-step gathers from the folded table: no slicing of a (B, T, *) tensor,
                 // whose backward would cost O(T²).
                 let table = self.input_table(layer, lstm)?;
