@@ -6,6 +6,11 @@
 //! - `POST /v1/predict`: `{"sessions": [{"events": [...]}, ...]}` → per session the class
 //!   probabilities (label 1 first), the predicted label and the expected satisfaction, with
 //!   the version that answered (one version for the whole request).
+//! - `POST /v1/explain`: the same sessions (and optionally `"label"` to explain, default
+//!   the predicted one, and `"steps"`, default [`IG_STEPS`]) → the predictions and per
+//!   event the integrated-gradients attribution of that label's logit, with the
+//!   completeness gap (how far the attributions' sum is from the logit's change from the
+//!   all-zero-embedding baseline).
 //! - `DELETE /v1/users/{user_id}`: erases the user's sessions → `{"erased"}`.
 //! - `GET /v1/status`: the store's counts and the version serving.
 //! - `GET /v1/openapi.json`: the API's OpenAPI 3.1 description ([`OPENAPI`]).
@@ -27,7 +32,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use fedflow_common::clock::now_ms;
-use fedflow_common::data::{SessionRecord, Vocab, encode_session};
+use fedflow_common::data::{EncodedSession, SessionRecord, Vocab, encode_session};
+use fedflow_common::model::IG_STEPS;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -169,6 +175,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
     Router::new()
         .route("/v1/feedback", post(feedback))
         .route("/v1/predict", post(predict))
+        .route("/v1/explain", post(explain))
         .route("/v1/users/{user_id}", delete(erase_user))
         .route("/v1/status", get(status))
         .route("/v1/openapi.json", get(openapi))
@@ -348,15 +355,13 @@ struct Prediction {
     expected: f32,
 }
 
-async fn predict(
-    State(state): State<Arc<AgentState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
-    authorised(&state, &headers)?;
-    state.admit()?;
-    let sessions: Vec<PredictSession> = sessions_of(&body, true)?;
-    check_count(&state, sessions.len())?;
+/// Checks and encodes the sessions of a predict or explain request, with the version that
+/// answers it.
+fn prepared(
+    state: &AgentState,
+    sessions: &[PredictSession],
+) -> Result<(Arc<super::serving::ServedModel>, Vec<EncodedSession>), ApiError> {
+    check_count(state, sessions.len())?;
     let model = state.served.current().ok_or_else(|| {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -365,7 +370,7 @@ async fn predict(
     })?;
     let mut encoded = Vec::with_capacity(sessions.len());
     for (i, s) in sessions.iter().enumerate() {
-        check_events(&state, i, &s.events)?;
+        check_events(state, i, &s.events)?;
         if s.events.is_empty() {
             return Err(unprocessable(format!("session {i}: events is empty")));
         }
@@ -382,33 +387,131 @@ async fn predict(
                 .map_err(|e| unprocessable(format!("session {i}: {e}")))?,
         );
     }
+    Ok((model, encoded))
+}
+
+fn prediction(p: Vec<f32>) -> Prediction {
+    let mut best = 0;
+    for k in 1..p.len() {
+        if p[k] > p[best] {
+            best = k;
+        }
+    }
+    Prediction {
+        expected: p.iter().enumerate().map(|(k, v)| (k + 1) as f32 * v).sum(),
+        label: best as u8 + 1,
+        probabilities: p,
+    }
+}
+
+fn version(model: &super::serving::ServedModel) -> serde_json::Value {
+    json!({ "round": model.round, "model_sha256": model.model_sha256 })
+}
+
+async fn predict(
+    State(state): State<Arc<AgentState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    authorised(&state, &headers)?;
+    state.admit()?;
+    let sessions: Vec<PredictSession> = sessions_of(&body, true)?;
+    let (model, encoded) = prepared(&state, &sessions)?;
     let answering = model.clone();
     let probs = tokio::task::spawn_blocking(move || answering.probabilities(&encoded))
         .await
         .map_err(internal)?
         .map_err(internal)?;
-    let predictions: Vec<Prediction> = probs
+    let predictions: Vec<Prediction> = probs.into_iter().map(prediction).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "version": version(&model), "predictions": predictions }),
+    ))
+}
+
+/// An explain request: the sessions, and optionally the label to explain and the steps.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExplainRequest {
+    sessions: Vec<serde_json::Value>,
+    #[serde(default)]
+    label: Option<i64>,
+    #[serde(default)]
+    steps: Option<usize>,
+}
+
+/// Most integration steps one request may ask for.
+const MAX_IG_STEPS: usize = 1_024;
+
+async fn explain(
+    State(state): State<Arc<AgentState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    authorised(&state, &headers)?;
+    state.admit()?;
+    let req: ExplainRequest = serde_json::from_slice(&body).map_err(|e| {
+        bad(format!(
+            "expected {{\"sessions\": [...], \"label\"?, \"steps\"?}}: {e}"
+        ))
+    })?;
+    let sessions = req
+        .sessions
         .into_iter()
-        .map(|p| {
-            let mut best = 0;
-            for k in 1..p.len() {
-                if p[k] > p[best] {
-                    best = k;
-                }
-            }
-            Prediction {
-                expected: p.iter().enumerate().map(|(k, v)| (k + 1) as f32 * v).sum(),
-                label: best as u8 + 1,
-                probabilities: p,
-            }
+        .enumerate()
+        .map(|(i, v)| {
+            serde_json::from_value::<PredictSession>(v)
+                .map_err(|e| bad(format!("session {i}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let class = match req.label {
+        None => None,
+        Some(l) if (1..=5).contains(&l) => Some(l as usize - 1),
+        Some(l) => return Err(unprocessable(format!("label {l} is outside 1..=5"))),
+    };
+    let steps = req.steps.unwrap_or(IG_STEPS);
+    if !(1..=MAX_IG_STEPS).contains(&steps) {
+        return Err(unprocessable(format!(
+            "steps {steps} is outside 1..={MAX_IG_STEPS}"
+        )));
+    }
+    let (model, encoded) = prepared(&state, &sessions)?;
+    let answering = model.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let probs = answering.probabilities(&encoded)?;
+        probs
+            .into_iter()
+            .zip(&encoded)
+            .map(|(p, s)| {
+                let pred = prediction(p);
+                let c = class.unwrap_or(pred.label as usize - 1);
+                let a = answering.explain(s, c, steps)?;
+                Ok((pred, a))
+            })
+            .collect::<crate::Result<Vec<_>>>()
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
+    let explanations: Vec<serde_json::Value> = out
+        .into_iter()
+        .zip(&sessions)
+        .map(|((pred, a), s)| {
+            json!({
+                "prediction": pred,
+                "explained_label": a.class + 1,
+                "logit": a.logit,
+                "baseline_logit": a.baseline_logit,
+                "completeness_gap": a.completeness_gap,
+                "events": s.events.iter().zip(&a.per_event)
+                    .map(|(e, v)| json!({ "event": e, "attribution": v }))
+                    .collect::<Vec<_>>(),
+            })
         })
         .collect();
     Ok(json_response(
         StatusCode::OK,
-        &json!({
-            "version": { "round": model.round, "model_sha256": model.model_sha256 },
-            "predictions": predictions,
-        }),
+        &json!({ "version": version(&model), "steps": steps, "explanations": explanations }),
     ))
 }
 

@@ -293,3 +293,61 @@ async fn requests_beyond_the_rate_limit_are_refused_and_store_nothing() {
     let r = request(a.addr, "GET", "/v1/status", &[], b"").await;
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test]
+async fn explanations_attribute_each_event_and_add_up_to_the_logits_change() {
+    let a = api(ApiLimits::default()).await;
+    let model = a.model(3, 7);
+    a.state.served.swap(model);
+    let body = json!({
+        "sessions": [{"events": ["opened_help", "searched", "search_no_results", "escalated"]}],
+        "steps": 256,
+    })
+    .to_string();
+    let r = a.post("/v1/explain", &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(
+        (j["version"]["round"].as_u64(), j["steps"].as_u64()),
+        (Some(3), Some(256))
+    );
+    let e = &j["explanations"][0];
+    let events = e["events"].as_array().unwrap();
+    assert_eq!(events.len(), 4);
+    assert_eq!(events[2]["event"], "search_no_results");
+    let sum: f64 = events
+        .iter()
+        .map(|v| v["attribution"].as_f64().unwrap())
+        .sum();
+    let change = e["logit"].as_f64().unwrap() - e["baseline_logit"].as_f64().unwrap();
+    let gap = e["completeness_gap"].as_f64().unwrap();
+    assert!(((sum - change).abs() - gap).abs() < 1e-6, "{e}");
+    assert!(gap <= 0.01 * change.abs().max(1e-3) + 1e-4, "{e}");
+    // By default the predicted label is explained; another can be asked for.
+    assert_eq!(e["explained_label"], e["prediction"]["label"]);
+    let other = json!({"sessions": [{"events": ["searched"]}], "label": 5}).to_string();
+    let r = a.post("/v1/explain", &other).await;
+    assert_eq!(r.json()["explanations"][0]["explained_label"], 5);
+    for (body, status) in [
+        (
+            json!({"sessions": [{"events": ["searched"]}], "label": 0}),
+            422,
+        ),
+        (
+            json!({"sessions": [{"events": ["searched"]}], "steps": 0}),
+            422,
+        ),
+        (
+            json!({"sessions": [{"events": ["searched"]}], "steps": 5000}),
+            422,
+        ),
+        (json!({"sessions": [{"events": []}]}), 422),
+        (
+            json!({"sessions": [{"events": ["searched"]}], "why": 1}),
+            400,
+        ),
+    ] {
+        let r = a.post("/v1/explain", &body.to_string()).await;
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+    }
+}

@@ -50,6 +50,22 @@ impl ServedModel {
         &self.vocab
     }
 
+    /// Integrated-gradients attribution of `class`'s logit over the events of `session`
+    /// (see [`fedflow_common::model::integrated_gradients`]).
+    pub fn explain(
+        &self,
+        session: &EncodedSession,
+        class: usize,
+        steps: usize,
+    ) -> Result<fedflow_common::model::Attribution> {
+        Ok(fedflow_common::model::integrated_gradients(
+            &self.model,
+            session,
+            class,
+            steps,
+        )?)
+    }
+
     /// Class probabilities of each session (index `k` is label `k + 1`).
     pub fn probabilities(&self, sessions: &[EncodedSession]) -> Result<Vec<Vec<f32>>> {
         Ok(fedflow_common::train::probabilities(

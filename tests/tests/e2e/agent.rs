@@ -270,6 +270,7 @@ async fn the_openapi_description_is_valid_and_names_exactly_the_apis_routes() {
         ("DELETE", "/v1/users/u1"),
         ("GET", "/v1/openapi.json"),
         ("GET", "/v1/status"),
+        ("POST", "/v1/explain"),
         ("POST", "/v1/feedback"),
         ("POST", "/v1/predict"),
     ];
