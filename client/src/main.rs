@@ -225,6 +225,10 @@ struct EvaluateArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Also explain the model: per event name, the mean integrated-gradients attribution
+    /// over the first N sessions (to the predicted label, to label 1 and to label 5).
+    #[arg(long, value_name = "N")]
+    explain: Option<usize>,
 }
 
 fn print_metrics(m: &EvalMetrics) {
@@ -464,8 +468,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 a.site_data.skip_invalid,
             )
             .with_context(|| format!("evaluating {}", a.model.display()))?;
+            let explained = a
+                .explain
+                .map(|n| {
+                    local::explain_events(
+                        &a.model,
+                        &a.data,
+                        split,
+                        a.site_data.val_fraction,
+                        a.site_data.device,
+                        n,
+                    )
+                })
+                .transpose()?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                let mut v = serde_json::to_value(&r)?;
+                if let Some(e) = &explained {
+                    v["explanations"] = serde_json::to_value(e)?;
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_metrics(&r.metrics);
                 if r.skipped_rows > 0 {
@@ -473,6 +494,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "{} invalid rows were skipped and are not covered",
                         r.skipped_rows
                     );
+                }
+                if let Some(e) = &explained {
+                    println!("mean attribution per occurrence (integrated gradients):");
+                    println!(
+                        "  {:<24} {:>6} {:>10} {:>10} {:>10}",
+                        "event", "count", "predicted", "label 1", "label 5"
+                    );
+                    for x in e {
+                        println!(
+                            "  {:<24} {:>6} {:>10.4} {:>10.4} {:>10.4}",
+                            x.event, x.occurrences, x.to_predicted, x.to_label_1, x.to_label_5
+                        );
+                    }
                 }
             }
         }

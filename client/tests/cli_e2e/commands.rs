@@ -111,6 +111,41 @@ fn generate_validate_train_evaluate_round_trip() {
     assert_eq!(eval["metrics"]["examples"], summary["validation_sessions"]);
     assert_eq!(eval["skipped_rows"], 0);
     assert!((eval["metrics"]["accuracy"].as_f64().unwrap() - trained_acc).abs() < 1e-12);
+
+    // --explain N: per event name, mean attributions over the first N sessions.
+    let explained: serde_json::Value = serde_json::from_str(&ok(&[
+        "evaluate",
+        "--model",
+        p(&model),
+        "--json",
+        "--explain",
+        "10",
+        "--data",
+        &sites[0],
+    ]))
+    .unwrap();
+    let rows = explained["explanations"].as_array().unwrap();
+    let records = fedflow_common::data::read_sessions(&sites[0], &Default::default())
+        .unwrap()
+        .records;
+    let events: usize = records[..10].iter().map(|r| r.events.len()).sum();
+    let counted: u64 = rows
+        .iter()
+        .map(|r| r["occurrences"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, events as u64);
+    let pulls: Vec<f64> = rows
+        .iter()
+        .map(|r| r["to_label_1"].as_f64().unwrap())
+        .collect();
+    assert!(
+        pulls.windows(2).all(|w| w[0] >= w[1]),
+        "sorted by the pull to label 1"
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r["to_predicted"].as_f64().unwrap().is_finite())
+    );
 }
 
 #[test]
