@@ -58,6 +58,56 @@ impl SiteOptions {
             published: None,
         }
     }
+
+    /// Options for joining the coordinator at `endpoint`: the certificate bundle in
+    /// `identity` (checked against the endpoint's scheme, with `insecure_plaintext` for an
+    /// `http://` one) and the site id, the certificate's under mutual TLS (a `site_id`
+    /// given too must be the same). `names` are how the caller's settings are called in
+    /// error messages (command-line flags, or configuration fields).
+    pub fn for_coordinator(
+        endpoint: &str,
+        identity: Option<&std::path::Path>,
+        insecure_plaintext: bool,
+        site_id: Option<&str>,
+        names: SettingNames,
+    ) -> Result<SiteOptions> {
+        let bundle = identity.map(crate::tls::Bundle::load).transpose()?;
+        crate::tls::check_endpoint(endpoint, bundle.as_ref(), insecure_plaintext)?;
+        let site_id = match (&bundle, site_id) {
+            (Some(b), claimed) => {
+                let name = b.site_name()?;
+                if let Some(c) = claimed
+                    && c != name
+                {
+                    return Err(Error::Usage(format!(
+                        "{} {c} does not match the certificate in {}, which is for site {name}",
+                        names.site_id,
+                        b.dir().display()
+                    )));
+                }
+                name
+            }
+            (None, Some(id)) => id.to_string(),
+            (None, None) => {
+                return Err(Error::Usage(format!(
+                    "{} is required without {}",
+                    names.site_id, names.identity
+                )));
+            }
+        };
+        let mut o = SiteOptions::new(endpoint, site_id);
+        o.tls = bundle;
+        Ok(o)
+    }
+}
+
+/// How a caller names the site id and identity settings, for error messages.
+#[derive(Debug, Clone, Copy)]
+pub struct SettingNames {
+    /// E.g. `--site-id` or `site.id`.
+    pub site_id: &'static str,
+    /// E.g. `--identity` or `coordinator.identity`.
+    pub identity: &'static str,
 }
 
 /// What a site did over a run.

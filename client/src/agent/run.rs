@@ -13,7 +13,7 @@ use super::http::{AgentState, router};
 use super::serving::Served;
 use super::source::StoreSource;
 use super::store::FeedbackStore;
-use crate::federation::{SiteOptions, SiteSummary, run_site};
+use crate::federation::{SettingNames, SiteOptions, SiteSummary, run_site};
 use crate::privacy::SitePrivacy;
 use crate::published::PublishedSink;
 use crate::site::SiteTrainer;
@@ -53,40 +53,19 @@ impl RunningAgent {
     }
 }
 
-/// The site's connection options: the bundle (checked against the address's scheme) and
-/// the site id (the certificate's under mutual TLS).
+/// The site's connection options from `[coordinator]` and `site.id`.
 pub fn site_options(cfg: &AgentConfig) -> Result<SiteOptions> {
     let c = &cfg.coordinator;
-    let bundle = c
-        .identity
-        .as_deref()
-        .map(crate::tls::Bundle::load)
-        .transpose()?;
-    crate::tls::check_endpoint(&c.url, bundle.as_ref(), c.insecure_plaintext)?;
-    let site_id = match (&bundle, &cfg.site.id) {
-        (Some(b), claimed) => {
-            let name = b.site_name()?;
-            if let Some(claimed) = claimed
-                && *claimed != name
-            {
-                return Err(Error::Usage(format!(
-                    "site.id {claimed} does not match the certificate in {}, which is for \
-                     site {name}",
-                    b.dir().display()
-                )));
-            }
-            name
-        }
-        (None, Some(id)) => id.clone(),
-        (None, None) => {
-            return Err(Error::Usage(
-                "site.id is required without coordinator.identity".into(),
-            ));
-        }
-    };
-    let mut o = SiteOptions::new(c.url.clone(), site_id);
-    o.tls = bundle;
-    Ok(o)
+    SiteOptions::for_coordinator(
+        &c.url,
+        c.identity.as_deref(),
+        c.insecure_plaintext,
+        cfg.site.id.as_deref(),
+        SettingNames {
+            site_id: "site.id",
+            identity: "coordinator.identity",
+        },
+    )
 }
 
 /// Starts the agent of `cfg`, its API on `listen` (else `http.listen`).

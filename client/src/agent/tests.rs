@@ -215,3 +215,41 @@ fn the_example_site_config_parses_and_bad_fields_are_named() {
         assert!(err.contains(field), "{to}: {err}");
     }
 }
+
+#[test]
+fn the_site_id_comes_from_the_certificate_and_a_contradiction_is_refused_by_name() {
+    use super::config::AgentConfig;
+    use super::run::site_options;
+    let pki = fedflow_tests::Pki::new();
+    let bundle = pki.bundle("site-a");
+    let cfg = |id: &str, url: &str, identity: bool| {
+        let text = format!(
+            "[site]\n{id}data_dir = \"d\"\nvocab = \"v.json\"\n[coordinator]\nurl = \"{url}\"\n{}",
+            if identity {
+                format!("identity = \"{}\"\n", bundle.display())
+            } else {
+                "insecure_plaintext = true\n".to_string()
+            }
+        );
+        AgentConfig::parse(&text, std::path::Path::new("/")).unwrap()
+    };
+    let o = site_options(&cfg("", "https://127.0.0.1:1", true)).unwrap();
+    assert_eq!(o.site_id, "site-a");
+    assert!(o.tls.is_some());
+    let err = site_options(&cfg("id = \"site-b\"\n", "https://127.0.0.1:1", true))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("site.id site-b does not match the certificate"),
+        "{err}"
+    );
+    let err = site_options(&cfg("", "http://127.0.0.1:1", false))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("site.id is required without coordinator.identity"),
+        "{err}"
+    );
+    let o = site_options(&cfg("id = \"site-c\"\n", "http://127.0.0.1:1", false)).unwrap();
+    assert_eq!((o.site_id.as_str(), o.tls.is_none()), ("site-c", true));
+}

@@ -179,34 +179,18 @@ pub(crate) fn run(a: JoinArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The site's connection options from `join`'s flags: the bundle (checked against the
-/// address's scheme) and the site id (from the certificate under mutual TLS).
+/// The site's connection options from `join`'s flags.
 fn site_options(a: &JoinArgs) -> anyhow::Result<SiteOptions> {
-    let bundle = a
-        .identity
-        .as_deref()
-        .map(fedflow_client::tls::Bundle::load)
-        .transpose()?;
-    fedflow_client::tls::check_endpoint(&a.coordinator, bundle.as_ref(), a.insecure_plaintext)?;
-    let site_id = match (&bundle, &a.site_id) {
-        (Some(b), claimed) => {
-            let name = b.site_name()?;
-            if let Some(c) = claimed
-                && *c != name
-            {
-                anyhow::bail!(
-                    "--site-id {c} does not match the certificate in {}, which is for site {name}",
-                    b.dir().display()
-                );
-            }
-            name
-        }
-        (None, Some(id)) => id.clone(),
-        (None, None) => anyhow::bail!("--site-id is required without --identity"),
-    };
-    let mut opts = SiteOptions::new(a.coordinator.clone(), site_id);
-    opts.tls = bundle;
-    Ok(opts)
+    Ok(SiteOptions::for_coordinator(
+        &a.coordinator,
+        a.identity.as_deref(),
+        a.insecure_plaintext,
+        a.site_id.as_deref(),
+        fedflow_client::federation::SettingNames {
+            site_id: "--site-id",
+            identity: "--identity",
+        },
+    )?)
 }
 
 /// What a site prints when its run is over.
