@@ -221,6 +221,10 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
          differential privacy systems\") have not been shown to apply to this sampler, nor \
          ruled out: the figures are for ideal real-valued Gaussian noise."
             .to_string(),
+        "Erasure refunds nothing: sessions deleted later (a user erased through the agent's \
+         DELETE /v1/users, retention, or a data file edited) were at risk in the rounds that \
+         used them, and the ledger keeps those spends; the epsilon above still covers them."
+            .to_string(),
     ];
     let (smallest, largest) = entries.iter().fold((u64::MAX, 0), |(lo, hi), e| {
         (lo.min(e.units), hi.max(e.units))

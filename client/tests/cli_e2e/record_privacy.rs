@@ -161,6 +161,14 @@ async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
         assert_eq!(entries.len(), if i == 2 { 2 } else { 4 }, "{}", s.name);
         assert!(entries.iter().all(|e| e.released && !e.metrics_released));
         let report = site_report(&dir.join(&s.name), 1e-5, Some(limit)).unwrap();
+        assert!(
+            report
+                .caveats
+                .iter()
+                .any(|c| c.starts_with("Erasure refunds nothing")),
+            "{:?}",
+            report.caveats
+        );
         let eps = report.cumulative.epsilon.unwrap();
         if i == 2 {
             assert!((eps - two).abs() < 1e-9 * two, "{eps} vs {two}");
