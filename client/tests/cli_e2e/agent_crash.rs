@@ -106,7 +106,9 @@ fn an_agent_killed_mid_stream_keeps_every_acknowledged_session_and_no_half_batch
     child.kill().unwrap();
     child.wait().unwrap();
     let (acked, attempted) = rt.block_on(poster).unwrap();
-    assert!(acked.len() >= 20, "{} batches acknowledged", acked.len());
+    // 100 sessions were stored: 20 batches, the last of which may have been committed with
+    // its answer lost in the kill.
+    assert!(acked.len() >= 19, "{} batches acknowledged", acked.len());
 
     let store = FeedbackStore::open(&store_dir).unwrap();
     let stored: BTreeSet<String> = store
