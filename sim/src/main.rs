@@ -304,6 +304,12 @@ fn print_table(r: &DemoReport) {
     );
 }
 
+/// The text of a run configuration given with `--config`.
+fn read_config(path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(a) => {
@@ -316,13 +322,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 local_epochs: a.local_epochs,
                 baseline_epochs: a.baseline_epochs,
                 concurrent_work: a.concurrent,
-                run_config: a
-                    .config
-                    .map(|p| {
-                        std::fs::read_to_string(&p)
-                            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
-                    })
-                    .transpose()?,
+                run_config: a.config.as_deref().map(read_config).transpose()?,
                 ..DemoConfig::default()
             };
             let report = demo::run(&cfg, &mut |line| eprintln!("{line}")).await?;
@@ -340,13 +340,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 round_hours: a.round_hours,
                 seed: a.seed,
                 concurrent_work: a.concurrent,
-                run_config: a
-                    .config
-                    .map(|p| {
-                        std::fs::read_to_string(&p)
-                            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
-                    })
-                    .transpose()?,
+                run_config: a.config.as_deref().map(read_config).transpose()?,
                 ..LiveConfig::default()
             };
             let report = live::run(&cfg, &mut |line| eprintln!("{line}")).await?;
@@ -354,8 +348,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::PrivacyCurve(a) => {
             let run_config = match &a.config {
-                Some(p) => std::fs::read_to_string(p)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?,
+                Some(p) => read_config(p)?,
                 None => include_str!("../examples/privacy_curve.toml").to_string(),
             };
             let cfg = CurveConfig {
@@ -407,8 +400,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::SiteCurve(a) => {
             let run_config = match &a.config {
-                Some(p) => std::fs::read_to_string(p)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?,
+                Some(p) => read_config(p)?,
                 None => include_str!("../examples/site_curve.toml").to_string(),
             };
             let cfg = SiteCurveConfig {

@@ -29,15 +29,14 @@ impl StoreSource {
         vocab: &Vocab,
         val_fraction: f64,
     ) -> Result<(SiteDataset, StoreSource)> {
+        let snap = store.snapshot()?;
+        let dataset = SiteDataset::from_records(&snap.records, vocab, val_fraction)?;
         let source = StoreSource {
             store,
             vocab: vocab.clone(),
             val_fraction,
-            seen: Mutex::new(None),
+            seen: Mutex::new(Some((snap.generation, snap.last_seq))),
         };
-        let dataset = source
-            .poll(TaskStart::Training(0))?
-            .expect("a first poll always reads");
         Ok((dataset, source))
     }
 }
@@ -51,7 +50,7 @@ impl SiteSource for StoreSource {
             .seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let training = matches!(start, TaskStart::Training(round) if round > 0);
+        let training = matches!(start, TaskStart::Training(_));
         if let Some((generation, last_seq)) = *seen
             && generation == self.store.generation()?
         {
