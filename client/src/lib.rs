@@ -14,8 +14,10 @@
 //! mapped to an [`Error`], in [`wire`]. [`noop`] is a site that answers without training, for
 //! measuring the coordinator's own overhead; [`report`] writes the site's privacy report.
 //!
-//! The site agent ([`agent`]): the site's feedback store, fed by the application, that the
-//! site trains from.
+//! The site agent ([`agent`]): one service per site that keeps the feedback the application
+//! posts, trains on it when the coordinator asks, and serves predictions and explanations
+//! from the published version ([`published`]), or from that version fine-tuned on the
+//! site's own data when it predicts the site better ([`personalise`]).
 //!
 //! The binary `fedflow-client` is a thin command-line layer over these functions.
 
@@ -25,6 +27,7 @@ pub mod federation;
 pub mod ledger;
 pub mod local;
 pub mod noop;
+pub mod personalise;
 pub mod privacy;
 pub mod published;
 pub mod report;

@@ -342,6 +342,37 @@ pub fn evaluate(
     })
 }
 
+/// Fine-tunes the model saved in `model_dir` on the sessions of `data` (one site's files)
+/// as the agent does after a publish ([`crate::personalise`]), with the split of
+/// `val_fraction`; writes the fine-tuned model to `out` when it is the better one.
+pub fn personalise_model(
+    model_dir: &Path,
+    data: &[PathBuf],
+    val_fraction: f64,
+    cfg: &crate::personalise::PersonaliseConfig,
+    out: Option<&Path>,
+) -> Result<crate::personalise::PersonalisationReport> {
+    if data.is_empty() {
+        return Err(Error::Usage("no data files given".into()));
+    }
+    if !(val_fraction > 0.0 && val_fraction < 1.0) {
+        return Err(Error::Usage(format!(
+            "--val-fraction {val_fraction} is not in (0, 1)"
+        )));
+    }
+    let (model, vocab, _card) = load_model(model_dir, &candle_core::Device::Cpu)?;
+    let mut records = Vec::new();
+    for f in data {
+        records.extend(read_sessions(f, &LoadOptions::default())?.records);
+    }
+    let dataset = SiteDataset::from_records(&records, &vocab, val_fraction)?;
+    let done = crate::personalise::personalise(&model, &dataset, cfg)?;
+    if let (Some(out), Some(tuned)) = (out, &done.model) {
+        save_model(out, tuned, &vocab)?;
+    }
+    Ok(done.report)
+}
+
 /// What a model attributes to one event name, over the sessions explained.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventAttribution {

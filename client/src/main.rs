@@ -39,6 +39,9 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate a saved model on data files.
     Evaluate(EvaluateArgs),
+    /// Fine-tune a saved (published) model on one site's files, as the agent's
+    /// personalisation does, and compare both on the site's validation split.
+    Personalise(PersonaliseArgs),
     /// Join a federation: train for the coordinator at ADDR until its run finishes.
     Join(join_cli::JoinArgs),
     /// The site agent: join the federation and train on the feedback the application posts
@@ -229,6 +232,28 @@ struct EvaluateArgs {
     /// over the first N sessions (to the predicted label, to label 1 and to label 5).
     #[arg(long, value_name = "N")]
     explain: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+struct PersonaliseArgs {
+    /// Model directory (e.g. `fedflow-coordinator export --published`).
+    #[arg(long)]
+    model: PathBuf,
+    /// The site's data files.
+    #[arg(long = "data", required = true, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Fraction of sessions held out for validation (by hashed session id).
+    #[arg(long, default_value_t = local::DEFAULT_VAL_FRACTION)]
+    val_fraction: f64,
+    /// The settings, as the `[personalisation]` table of site.toml (a TOML file).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Write the fine-tuned model here when it is the better one.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn print_metrics(m: &EvalMetrics) {
@@ -452,6 +477,51 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Join(a) => join_cli::run(a)?,
         Command::Agent(a) => agent_cli::run(a)?,
+        Command::Personalise(a) => {
+            let cfg = match &a.config {
+                None => fedflow_client::personalise::PersonaliseConfig::default(),
+                Some(p) => {
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    let cfg: fedflow_client::personalise::PersonaliseConfig = toml::from_str(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                    cfg.validate("")
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                    cfg
+                }
+            };
+            let r =
+                local::personalise_model(&a.model, &a.data, a.val_fraction, &cfg, a.out.as_deref())
+                    .with_context(|| format!("personalising {}", a.model.display()))?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                if let (Some(p), Some(f)) = (&r.published, &r.personalised) {
+                    println!(
+                        "validation ({} sessions): published accuracy {:.4} macro-F1 {:.4}; \
+                         personalised {:.4} macro-F1 {:.4} (epoch {} of {})",
+                        r.validation_sessions,
+                        p.accuracy,
+                        p.macro_f1,
+                        f.accuracy,
+                        f.macro_f1,
+                        r.best_epoch,
+                        r.epochs_run
+                    );
+                }
+                match (&r.reason, r.chosen, &a.out) {
+                    (_, true, Some(out)) => {
+                        println!(
+                            "the personalised model is better: written to {}",
+                            out.display()
+                        )
+                    }
+                    (_, true, None) => println!("the personalised model is better"),
+                    (Some(why), false, _) => println!("kept the published model: {why}"),
+                    (None, false, _) => println!("kept the published model"),
+                }
+            }
+        }
         Command::Privacy(cmd) => privacy_cli::run(cmd)?,
         Command::Evaluate(a) => {
             let split = if a.validation_only {

@@ -8,11 +8,16 @@
 //! ```text
 //! <dir>/versions/<round>-<sha12>/{model.safetensors, model.json, vocab.json}
 //! <dir>/current.json    {"round", "model_sha256", "published_at_unix_ms", "path"}
+//! <dir>/previous.json   the version current before it (same fields)
+//! <dir>/pin.json        a version the site serves instead, while the file exists
 //! ```
 //!
 //! A version directory is written under a temporary name, fsync'd and renamed; then
-//! `current.json` is replaced atomically, so a reader sees the old version or the new one,
-//! whole. The previous version is kept (a quick way back), older ones are removed.
+//! `previous.json` and `current.json` are replaced atomically, so a reader sees the old
+//! version or the new one, whole. The previous version is kept (a quick way back) and so is
+//! a pinned one; older ones are removed. A site pins a kept version locally
+//! ([`PublishedSink::pin`], `fedflow-client agent pin`): the agent then serves it whatever
+//! the federation publishes, until it is unpinned.
 
 use std::path::{Path, PathBuf};
 
@@ -48,13 +53,128 @@ pub struct Current {
     pub path: String,
 }
 
-/// The file naming the version being served.
+/// The file naming the federation's published version.
 pub const CURRENT_FILE: &str = "current.json";
+/// The file naming the version published before it.
+pub const PREVIOUS_FILE: &str = "previous.json";
+/// The file naming a version pinned locally.
+pub const PIN_FILE: &str = "pin.json";
+
+/// Which version the site serves, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Serving {
+    /// The version.
+    pub version: Current,
+    /// Whether it is pinned locally (else it is the federation's published version).
+    pub pinned: bool,
+}
+
+/// Which kept version to pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinTarget {
+    /// The version of this round (the current or the previous one).
+    Round(u64),
+    /// The version published before the current one: a rollback.
+    Previous,
+}
 
 impl PublishedSink {
-    /// The version installed now, if any.
+    /// The federation's version installed now, if any.
     pub fn current(&self) -> Result<Option<Current>> {
-        let path = self.dir.join(CURRENT_FILE);
+        self.read_record(CURRENT_FILE)
+    }
+
+    /// The version installed before the current one, if it is kept.
+    pub fn previous(&self) -> Result<Option<Current>> {
+        self.read_record(PREVIOUS_FILE)
+    }
+
+    /// The version pinned locally, if any.
+    pub fn pinned(&self) -> Result<Option<Current>> {
+        self.read_record(PIN_FILE)
+    }
+
+    /// The version to serve: the pinned one, else the current one.
+    pub fn serving(&self) -> Result<Option<Serving>> {
+        if let Some(version) = self.pinned()? {
+            return Ok(Some(Serving {
+                version,
+                pinned: true,
+            }));
+        }
+        Ok(self.current()?.map(|version| Serving {
+            version,
+            pinned: false,
+        }))
+    }
+
+    /// Pins a kept version: the site serves it from now on, whatever is published, until
+    /// [`unpin`](Self::unpin). Only the current and the previous version are kept, so only
+    /// they can be pinned (a version pinned already stays pinnable too).
+    pub fn pin(&self, target: PinTarget) -> Result<Current> {
+        let kept = [self.current()?, self.previous()?, self.pinned()?];
+        let found = match target {
+            PinTarget::Previous => kept[1].clone().ok_or_else(|| {
+                Error::Published(format!(
+                    "{}: no previous version is kept (a version has to be published twice \
+                     before there is one)",
+                    self.dir.display()
+                ))
+            })?,
+            PinTarget::Round(round) => kept
+                .iter()
+                .flatten()
+                .find(|c| c.round == round)
+                .cloned()
+                .ok_or_else(|| {
+                    let rounds: Vec<String> =
+                        kept.iter().flatten().map(|c| c.round.to_string()).collect();
+                    Error::Published(format!(
+                        "version {round} is not kept in {} (kept: {})",
+                        self.dir.display(),
+                        if rounds.is_empty() {
+                            "none".to_string()
+                        } else {
+                            rounds.join(", ")
+                        }
+                    ))
+                })?,
+        };
+        self.write_record(PIN_FILE, &found)?;
+        // An install running at the same moment may have removed it before it was pinned.
+        if !self.dir.join(&found.path).join(CARD_FILE).exists() {
+            let _ = self.unpin();
+            return Err(Error::Published(format!(
+                "version {} was removed while it was being pinned; pin again",
+                found.round
+            )));
+        }
+        Ok(found)
+    }
+
+    /// Removes the pin: the site serves the federation's current version again. Returns
+    /// whether there was one.
+    pub fn unpin(&self) -> Result<bool> {
+        let path = self.dir.join(PIN_FILE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                sync_dir(&self.dir)?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io(&path, e)),
+        }
+    }
+
+    fn write_record(&self, file: &str, record: &Current) -> Result<()> {
+        let json = serde_json::to_string_pretty(record)
+            .map_err(|e| Error::Published(format!("cannot write {file}: {e}")))?;
+        write_atomic(&self.dir.join(file), json.as_bytes())?;
+        Ok(())
+    }
+
+    fn read_record(&self, file: &str) -> Result<Option<Current>> {
+        let path = self.dir.join(file);
         match std::fs::read_to_string(&path) {
             Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
                 Error::Published(format!(
@@ -118,25 +238,32 @@ impl PublishedSink {
             std::fs::rename(&tmp, &target).map_err(|e| io(&target, e))?;
             sync_dir(&versions)?;
         }
-        let previous = self.current()?;
         let current = Current {
             round,
             model_sha256: sha256.to_string(),
             published_at_unix_ms,
             path: format!("versions/{name}"),
         };
-        let json = serde_json::to_string_pretty(&current)
-            .map_err(|e| Error::Published(format!("cannot write {CURRENT_FILE}: {e}")))?;
-        write_atomic(&self.dir.join(CURRENT_FILE), json.as_bytes())?;
-        self.remove_old(&current, previous.as_ref())?;
+        // previous.json first: a crash between the two leaves previous == current, and the
+        // old previous version's directory still on disk until the next install.
+        let previous = match self.current()? {
+            Some(old) if old.model_sha256 != current.model_sha256 => {
+                self.write_record(PREVIOUS_FILE, &old)?;
+                Some(old)
+            }
+            _ => self.previous()?,
+        };
+        self.write_record(CURRENT_FILE, &current)?;
+        let pinned = self.pinned()?;
+        self.remove_old(&[Some(&current), previous.as_ref(), pinned.as_ref()])?;
         Ok(current)
     }
 
-    /// Removes version directories other than the current and the previous one.
-    fn remove_old(&self, current: &Current, previous: Option<&Current>) -> Result<()> {
+    /// Removes version directories other than those of `keep`.
+    fn remove_old(&self, keep: &[Option<&Current>]) -> Result<()> {
         let versions = self.dir.join("versions");
-        let keep: Vec<&str> = [Some(current), previous]
-            .into_iter()
+        let keep: Vec<&str> = keep
+            .iter()
             .flatten()
             .filter_map(|c| c.path.strip_prefix("versions/"))
             .collect();
@@ -227,5 +354,69 @@ mod tests {
             .to_string();
         assert!(err.contains("vocabulary"), "{err}");
         assert_eq!(sink.current().unwrap().unwrap().round, 8);
+        assert_eq!(sink.previous().unwrap().unwrap().round, 5);
+    }
+
+    fn install_seeded(sink: &PublishedSink, config: &ModelConfig, round: u64) -> Current {
+        let model = AttentionFlowModel::new(config, &Device::Cpu, round).unwrap();
+        let bytes = ParamSet::from_varmap(model.varmap())
+            .unwrap()
+            .to_safetensors_bytes()
+            .unwrap();
+        let sha = fedflow_common::hash::sha256_hex(&bytes);
+        sink.install(round, &sha, 0, config, &vocab_sha256(&sink.vocab), &bytes)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_pinned_version_is_served_and_kept_while_newer_ones_are_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let vocab = Vocab::from_events(["open", "search"]).unwrap();
+        let config = ModelConfig {
+            vocab_size: vocab.len(),
+            embed_dim: 4,
+            hidden_size: 4,
+            num_layers: 1,
+            ..ModelConfig::default()
+        };
+        let sink = PublishedSink {
+            dir: dir.path().join("published"),
+            vocab,
+        };
+        assert_eq!(sink.serving().unwrap(), None);
+        let err = sink.pin(PinTarget::Previous).unwrap_err().to_string();
+        assert!(err.contains("no previous version"), "{err}");
+        let v1 = install_seeded(&sink, &config, 1);
+        let v2 = install_seeded(&sink, &config, 2);
+        let serving = sink.serving().unwrap().unwrap();
+        assert_eq!((serving.version.round, serving.pinned), (2, false));
+        // A rollback pins the previous version.
+        assert_eq!(sink.pin(PinTarget::Previous).unwrap(), v1);
+        // Newer versions are installed as current, but the pin is what is served, and its
+        // directory survives the removal of old versions.
+        install_seeded(&sink, &config, 3);
+        let v4 = install_seeded(&sink, &config, 4);
+        assert_eq!(sink.current().unwrap().unwrap(), v4);
+        let serving = sink.serving().unwrap().unwrap();
+        assert_eq!(
+            (serving.version.clone(), serving.pinned),
+            (v1.clone(), true)
+        );
+        assert!(sink.dir.join(&v1.path).join(CARD_FILE).exists());
+        assert!(!sink.dir.join(&v2.path).exists());
+        // A version no longer kept cannot be pinned; the message lists the kept ones.
+        let err = sink.pin(PinTarget::Round(2)).unwrap_err().to_string();
+        assert!(
+            err.contains("version 2 is not kept") && err.contains("4, 3, 1"),
+            "{err}"
+        );
+        assert_eq!(sink.pin(PinTarget::Round(4)).unwrap(), v4);
+        assert!(sink.unpin().unwrap());
+        assert!(!sink.unpin().unwrap());
+        let serving = sink.serving().unwrap().unwrap();
+        assert_eq!((serving.version, serving.pinned), (v4, false));
+        // Unpinned, the old pin's directory goes at the next install.
+        install_seeded(&sink, &config, 5);
+        assert!(!sink.dir.join(&v1.path).exists());
     }
 }

@@ -9,6 +9,7 @@ use fedflow_common::device::DeviceChoice;
 use serde::Deserialize;
 
 use super::http::ApiLimits;
+use crate::personalise::PersonaliseConfig;
 use crate::{Error, Result};
 
 /// The whole file.
@@ -32,6 +33,10 @@ pub struct AgentConfig {
     /// DP-SGD).
     #[serde(default)]
     pub privacy: Option<PrivacySection>,
+    /// `[personalisation]`: fine-tune each published version on the site's data and serve
+    /// the result when it predicts the site better (off without the section).
+    #[serde(default)]
+    pub personalisation: Option<PersonaliseConfig>,
 }
 
 /// `[site]`.
@@ -78,10 +83,17 @@ pub enum UnknownEvents {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSection {
     /// Where the API listens; default 127.0.0.1:8088. Any other than a loopback address
-    /// needs `token_file`.
+    /// needs TLS (`tls_cert`, `tls_key`) and a way to authenticate callers (`token_file`
+    /// or `tls_client_ca`).
     pub listen: SocketAddr,
     /// A file holding the bearer token every request must carry.
     pub token_file: Option<PathBuf>,
+    /// The API's certificate chain (PEM): serve HTTPS instead of HTTP.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Callers must present a certificate chained to this CA (PEM): mutual TLS.
+    pub tls_client_ca: Option<PathBuf>,
     /// Largest request body, bytes (default 1 MiB).
     pub max_body_bytes: usize,
     /// Most sessions in one request (default 1000).
@@ -102,6 +114,9 @@ impl Default for HttpSection {
         HttpSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8088)),
             token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
             max_body_bytes: d.max_body_bytes,
             max_sessions: d.max_sessions,
             max_events: d.max_events,
@@ -188,7 +203,15 @@ impl AgentConfig {
         if let Some(p) = &mut c.coordinator.identity {
             resolve(p);
         }
-        if let Some(p) = &mut c.http.token_file {
+        for p in [
+            &mut c.http.token_file,
+            &mut c.http.tls_cert,
+            &mut c.http.tls_key,
+            &mut c.http.tls_client_ca,
+        ]
+        .into_iter()
+        .flatten()
+        {
             resolve(p);
         }
         if let Some(p) = &mut c.privacy {
@@ -200,12 +223,34 @@ impl AgentConfig {
 
     /// Checks the values, naming the first bad field.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if !self.http.listen.ip().is_loopback() && self.http.token_file.is_none() {
-            return Err(format!(
-                "http.listen: {} is not a loopback address; set http.token_file so that other \
-                 hosts must authenticate",
-                self.http.listen
-            ));
+        let h = &self.http;
+        match (&h.tls_cert, &h.tls_key) {
+            (Some(_), None) => return Err("http.tls_key: tls_cert is set, its key is not".into()),
+            (None, Some(_)) => {
+                return Err("http.tls_cert: tls_key is set, its certificate is not".into());
+            }
+            _ => {}
+        }
+        if h.tls_client_ca.is_some() && h.tls_cert.is_none() {
+            return Err(
+                "http.tls_client_ca: needs tls_cert and tls_key (mutual TLS is TLS)".into(),
+            );
+        }
+        if !h.listen.ip().is_loopback() {
+            if h.tls_cert.is_none() {
+                return Err(format!(
+                    "http.listen: {} is not a loopback address; set http.tls_cert and \
+                     http.tls_key so that other hosts talk to the API over TLS",
+                    h.listen
+                ));
+            }
+            if h.token_file.is_none() && h.tls_client_ca.is_none() {
+                return Err(format!(
+                    "http.listen: {} is not a loopback address; set http.token_file or \
+                     http.tls_client_ca so that other hosts must authenticate",
+                    h.listen
+                ));
+            }
         }
         for (field, v) in [
             ("http.max_body_bytes", self.http.max_body_bytes),
@@ -241,6 +286,9 @@ impl AgentConfig {
             return Err(
                 "retention.max_sessions: must be at least 1 (leave it out to keep all)".into(),
             );
+        }
+        if let Some(p) = &self.personalisation {
+            p.validate("personalisation.")?;
         }
         if let Some(p) = &self.privacy {
             if !(p.max_epsilon.is_finite() && p.max_epsilon > 0.0) {

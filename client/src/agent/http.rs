@@ -405,7 +405,12 @@ fn prediction(p: Vec<f32>) -> Prediction {
 }
 
 fn version(model: &super::serving::ServedModel) -> serde_json::Value {
-    json!({ "round": model.round, "model_sha256": model.model_sha256 })
+    json!({
+        "round": model.round,
+        "model_sha256": model.model_sha256,
+        "pinned": model.pinned,
+        "personalised": model.personalised,
+    })
 }
 
 async fn predict(
@@ -549,12 +554,13 @@ async fn status(State(state): State<Arc<AgentState>>, headers: HeaderMap) -> Api
         .await
         .map_err(internal)?
         .map_err(internal)?;
-    let serving = state
-        .served
-        .current()
-        .map(|m| json!({ "round": m.round, "model_sha256": m.model_sha256 }));
+    let serving = state.served.current().map(|m| version(&m));
     Ok(json_response(
         StatusCode::OK,
-        &json!({ "store": counts, "serving": serving }),
+        &json!({
+            "store": counts,
+            "serving": serving,
+            "personalisation": state.served.personalisation(),
+        }),
     ))
 }

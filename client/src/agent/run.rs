@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedflow_common::clock::now_ms;
-use fedflow_common::data::Vocab;
+use fedflow_common::data::{SiteDataset, Vocab};
 
 use super::config::AgentConfig;
 use super::http::{AgentState, router};
@@ -34,6 +34,8 @@ const RETENTION_EVERY_TICKS: u64 = 120;
 pub struct RunningAgent {
     /// Where the HTTP API listens.
     pub http_addr: SocketAddr,
+    /// Whether it serves HTTPS.
+    pub https: bool,
     /// What the API serves from.
     pub state: Arc<AgentState>,
     /// The site's federation loop; ends when the run finishes.
@@ -71,6 +73,14 @@ pub fn site_options(cfg: &AgentConfig) -> Result<SiteOptions> {
 /// Starts the agent of `cfg`, its API on `listen` (else `http.listen`).
 pub async fn start(cfg: &AgentConfig, listen: Option<SocketAddr>) -> Result<RunningAgent> {
     let mut opts = site_options(cfg)?;
+    let tls = match (&cfg.http.tls_cert, &cfg.http.tls_key) {
+        (Some(cert), Some(key)) => Some(super::https::server_config(
+            cert,
+            key,
+            cfg.http.tls_client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
     let vocab = Vocab::load(&cfg.site.vocab)?;
     let limits = cfg.api_limits()?;
     let store = Arc::new(FeedbackStore::open(cfg.site.data_dir.join(FEEDBACK_DIR))?);
@@ -118,14 +128,23 @@ pub async fn start(cfg: &AgentConfig, listen: Option<SocketAddr>) -> Result<Runn
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut http_stop = stopped.clone();
     let app = router(state.clone());
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let https = tls.is_some();
+    let http = match tls {
+        Some(tls) => tokio::spawn(super::https::serve(listener, tls, app, http_stop)),
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = http_stop.wait_for(|s| *s).await;
+                })
+                .await
+        }),
+    };
     let mut follow_stop = stopped;
+    let personalisation = cfg.personalisation.clone();
+    let val_fraction = cfg.training.val_fraction;
+    let site_vocab = state.vocab.clone();
+    // The published version's hash the follower last tried to personalise.
+    let mut personalised_from: Option<String> = None;
     let follower = tokio::spawn(async move {
         let mut tick = tokio::time::interval(FOLLOW_EVERY);
         let mut ticks = 0u64;
@@ -137,17 +156,47 @@ pub async fn start(cfg: &AgentConfig, listen: Option<SocketAddr>) -> Result<Runn
             ticks += 1;
             let (served, sink, store) = (served.clone(), sink.clone(), store.clone());
             let prune = ticks.is_multiple_of(RETENTION_EVERY_TICKS);
+            // Personalise each published version once (at start, the one installed then);
+            // a pinned version is served as it is, and when the pin goes, tried again.
+            if served.current().is_some_and(|m| m.pinned) {
+                personalised_from = None;
+            }
+            let personalise = personalisation.clone().filter(|_| {
+                served.current().is_some_and(|m| {
+                    !m.pinned && personalised_from.as_deref() != Some(&m.model_sha256)
+                })
+            });
+            if personalise.is_some() {
+                personalised_from = served.current().map(|m| m.model_sha256.clone());
+            }
+            let vocab = site_vocab.clone();
             let done = tokio::task::spawn_blocking(move || -> Result<Option<u64>> {
                 if prune {
                     store.enforce_retention(retention.0, retention.1, now_ms())?;
                 }
-                served.follow(&sink)
+                let swapped = served.follow(&sink)?;
+                if swapped.is_none()
+                    && let Some(p) = personalise
+                {
+                    let snap = store.snapshot()?;
+                    let data = SiteDataset::from_records(&snap.records, &vocab, val_fraction)?;
+                    if let Some(r) = served.personalise(&data, &p)? {
+                        tracing::info!(
+                            chosen = r.chosen,
+                            "personalisation: {}",
+                            r.reason.as_deref().unwrap_or("the fine-tuned model serves")
+                        );
+                    }
+                }
+                Ok(swapped)
             })
             .await;
             match done {
                 Ok(Ok(Some(round))) => tracing::info!(round, "now serving version {round}"),
                 Ok(Ok(None)) => {}
-                Ok(Err(e)) => tracing::warn!("following the published version: {e}"),
+                Ok(Err(e)) => {
+                    tracing::warn!("following (or personalising) the published version: {e}")
+                }
                 Err(e) => tracing::error!("the follower's work failed: {e}"),
             }
         }
@@ -155,6 +204,7 @@ pub async fn start(cfg: &AgentConfig, listen: Option<SocketAddr>) -> Result<Runn
     let federation = tokio::spawn(run_site(opts, Arc::new(trainer)));
     Ok(RunningAgent {
         http_addr,
+        https,
         state,
         federation,
         http,

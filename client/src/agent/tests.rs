@@ -167,7 +167,16 @@ fn the_example_site_config_parses_and_bad_fields_are_named() {
         Some(base.join("bundle").as_path())
     );
     assert_eq!(c.http.listen.to_string(), "127.0.0.1:8088");
-    assert!(c.privacy.is_none());
+    assert!(c.privacy.is_none() && c.personalisation.is_none());
+    let p = AgentConfig::parse(&format!("{text}\n[personalisation]\nepochs = 3"), base)
+        .unwrap()
+        .personalisation
+        .unwrap();
+    assert_eq!(p.epochs, 3);
+    assert_eq!(
+        p.patience,
+        crate::personalise::PersonaliseConfig::default().patience
+    );
     let with = |extra: &str| AgentConfig::parse(&format!("{text}\n{extra}"), base);
     for (extra, field) in [
         (
@@ -182,6 +191,11 @@ fn the_example_site_config_parses_and_bad_fields_are_named() {
             "[privacy]\ndir = \"l\"\nmax_epsilon = 1.0\ncolour = 1",
             "unknown field `colour`",
         ),
+        (
+            "[personalisation]\ntuning_fraction = 0",
+            "personalisation.tuning_fraction",
+        ),
+        ("[personalisation]\nepoch = 3", "unknown field `epoch`"),
     ] {
         let err = with(extra).unwrap_err();
         assert!(err.contains(field), "{extra}: {err}");
@@ -190,7 +204,22 @@ fn the_example_site_config_parses_and_bad_fields_are_named() {
         (
             "listen = \"127.0.0.1:8088\"",
             "listen = \"0.0.0.0:8088\"",
-            "http.listen",
+            "http.tls_cert",
+        ),
+        (
+            "listen = \"127.0.0.1:8088\"",
+            "listen = \"0.0.0.0:8088\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"",
+            "http.token_file or http.tls_client_ca",
+        ),
+        (
+            "# tls_cert = \"api/cert.pem\"",
+            "tls_cert = \"api/cert.pem\"",
+            "http.tls_key",
+        ),
+        (
+            "# tls_client_ca = \"api/clients-ca.pem\"",
+            "tls_client_ca = \"ca.pem\"",
+            "http.tls_client_ca",
         ),
         ("max_events = 1000", "max_events = 0", "http.max_events"),
         (

@@ -31,7 +31,12 @@ const DP: &str = "[record_dp]\nclip_norm = 1.0\nnoise_multiplier = 1.0\nexpected
 
 /// A coordinator for `rounds` rounds of record-level DP over `sites` sites, `quorum` of
 /// them needed; `vocab.json` in its directory.
-async fn coordinator(vocab: &Vocab, rounds: u64, sites: usize, quorum: usize) -> TestCoordinator {
+pub(crate) async fn coordinator(
+    vocab: &Vocab,
+    rounds: u64,
+    sites: usize,
+    quorum: usize,
+) -> TestCoordinator {
     let toml = format!(
         "[run]\nname = \"dp\"\nseed = 3\nrounds = {rounds}\n\
          [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\ndropout = 0.0\n\
@@ -43,7 +48,7 @@ async fn coordinator(vocab: &Vocab, rounds: u64, sites: usize, quorum: usize) ->
 }
 
 /// Per-site state of every round, from the coordinator's store.
-async fn round_states(
+pub(crate) async fn round_states(
     c: &Coordinator,
     rounds: u64,
 ) -> Vec<Vec<(String, SiteState, Option<String>, Option<String>)>> {
