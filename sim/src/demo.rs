@@ -213,6 +213,7 @@ pub(crate) fn generate_sites(
             dataset,
             privacy: None,
             source: None,
+            published: None,
         });
     }
     Ok((manifest.bayes_accuracy, vocab_path, vocab, loaded))

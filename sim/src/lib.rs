@@ -72,6 +72,8 @@ pub struct SimSite {
     /// Where its data comes from between tasks, when it changes during the run (`dataset`
     /// is what the source holds at the start).
     pub source: Option<Arc<dyn SiteSource>>,
+    /// Where it installs each version the federation publishes (a site agent's folder).
+    pub published: Option<fedflow_client::published::PublishedSink>,
 }
 
 /// How a simulation runs.
@@ -224,6 +226,7 @@ pub async fn run_federation(
         }
         o.work_permits = Some(permits.clone());
         o.poll_wait = Duration::from_secs(2);
+        o.published = site.published;
         let name = site.name;
         clients.spawn(async move { (name, run_site(o, trainer).await) });
     }

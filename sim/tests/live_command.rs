@@ -1,6 +1,8 @@
-//! `fedflow-sim live` run as a binary on a small federation: a continuous run through a
-//! change of the label function, stopped after its last period, whose publish gate keeps
-//! the served version close to the ceiling while a version frozen at the drift falls behind.
+//! `fedflow-sim live` run as a binary on a small federation of site agents fed over HTTP: a
+//! continuous run through a change of the label function, stopped after its last period,
+//! whose publish gate keeps the served version close to the ceiling while a version frozen
+//! at the drift falls behind; the agents answer with the published version, as its
+//! checkpoint does.
 
 use std::process::Command;
 
@@ -63,6 +65,23 @@ fn a_continuous_run_through_a_drift_keeps_the_served_version_near_the_ceiling() 
         assert!((0.6..0.9).contains(&ceiling), "{p}");
         // The frozen line starts at the drift.
         assert_eq!(p["frozen_accuracy"].is_null(), round < 7, "{p}");
+        // Every agent served the published version; its answers over HTTP score what its
+        // checkpoint scores.
+        assert_eq!(p["agents_served"], p["served"], "{p}");
+        match (p["agents_accuracy"].as_f64(), p["served_accuracy"].as_f64()) {
+            (Some(a), Some(c)) => assert!((a - c).abs() < 1e-9, "{p}"),
+            (None, None) => {}
+            other => panic!("{other:?}: {p}"),
+        }
+    }
+    // The agents' stores hold the last window (one period, withdrawn as it left).
+    for site in std::fs::read_dir(out_dir.join("agents")).unwrap() {
+        let store = fedflow_client::agent::store::FeedbackStore::open(
+            site.unwrap().path().join("data/feedback"),
+        )
+        .unwrap();
+        let held = store.counts().unwrap().sessions;
+        assert!(held > 0 && held < 900, "{held}");
     }
 
     // The drift hurts a model that stays as it was; the federation adapts.

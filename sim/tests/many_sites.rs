@@ -40,6 +40,7 @@ async fn sixty_sites_run_a_federation_in_one_process() {
             dataset: SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap(),
             privacy: None,
             source: None,
+            published: None,
         })
         .collect();
     let opts = SimOptions {
@@ -241,6 +242,7 @@ async fn forty_sites_run_distributed_site_level_dp_over_grpc() {
             dataset: SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap(),
             privacy: None,
             source: None,
+            published: None,
         })
         .collect();
     let opts = SimOptions {

@@ -176,6 +176,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/feedback", post(feedback))
         .route("/v1/predict", post(predict))
         .route("/v1/explain", post(explain))
+        .route("/v1/feedback/delete", post(delete_sessions))
         .route("/v1/users/{user_id}", delete(erase_user))
         .route("/v1/status", get(status))
         .route("/v1/openapi.json", get(openapi))
@@ -517,6 +518,36 @@ async fn explain(
     Ok(json_response(
         StatusCode::OK,
         &json!({ "version": version(&model), "steps": steps, "explanations": explanations }),
+    ))
+}
+
+/// A request to withdraw sessions by id.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteRequest {
+    session_ids: Vec<String>,
+}
+
+async fn delete_sessions(
+    State(state): State<Arc<AgentState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    authorised(&state, &headers)?;
+    let request: DeleteRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("malformed request: {e}")))?;
+    check_count(&state, request.session_ids.len())?;
+    if let Some(i) = request.session_ids.iter().position(|id| id.is_empty()) {
+        return Err(unprocessable(format!("session_ids[{i}] is empty")));
+    }
+    let store = state.store.clone();
+    let deleted = tokio::task::spawn_blocking(move || store.delete_sessions(&request.session_ids))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "deleted": deleted }),
     ))
 }
 

@@ -174,6 +174,54 @@ async fn a_token_guards_every_endpoint_and_erasure_deletes_a_users_sessions() {
     assert!(a.stored().is_empty());
 }
 
+#[tokio::test]
+async fn sessions_are_withdrawn_by_id_and_a_bad_withdrawal_deletes_nothing() {
+    let a = api(ApiLimits {
+        max_sessions: 3,
+        ..ApiLimits::default()
+    })
+    .await;
+    let body = json!({"sessions": [session("s1", 4), session("s2", 2), session("s3", 5)]});
+    assert_eq!(a.post("/v1/feedback", &body.to_string()).await.status, 200);
+    let generation = a.state.store.generation().unwrap();
+    for (bad, status, reason) in [
+        (
+            r#"{"session_ids": ["s1"], "also": 1}"#,
+            400,
+            "unknown field `also`",
+        ),
+        (r#"{"session_ids": "s1"}"#, 400, "malformed request"),
+        (r#"{"session_ids": []}"#, 422, "no sessions"),
+        (
+            r#"{"session_ids": ["s1", ""]}"#,
+            422,
+            "session_ids[1] is empty",
+        ),
+        (r#"{"session_ids": ["a", "b", "c", "d"]}"#, 413, "at most 3"),
+    ] {
+        let r = a.post("/v1/feedback/delete", bad).await;
+        assert_eq!(r.status, status, "{bad}: {}", r.body);
+        assert!(
+            r.json()["error"].as_str().unwrap().contains(reason),
+            "{bad}: {}",
+            r.body
+        );
+    }
+    assert_eq!(a.stored().len(), 3);
+    assert_eq!(a.state.store.generation().unwrap(), generation);
+    // Ids not stored are passed over; the answer counts what was deleted.
+    let r = a
+        .post(
+            "/v1/feedback/delete",
+            r#"{"session_ids": ["s1", "s3", "nope"]}"#,
+        )
+        .await;
+    assert_eq!((r.status, r.json()), (200, json!({"deleted": 2})));
+    let left: Vec<String> = a.stored().into_iter().map(|r| r.session_id).collect();
+    assert_eq!(left, ["s2"]);
+    assert_ne!(a.state.store.generation().unwrap(), generation);
+}
+
 fn encoded(vocab: &Vocab, events: &[&str]) -> EncodedSession {
     encode_session(&SessionRecord::new("x", events, 1), vocab).unwrap()
 }

@@ -1,5 +1,8 @@
-//! Starting the agent: the feedback store, the trainer over it, the federation loop, the
-//! published version followed into the served model, and the HTTP API, all in one process.
+//! Starting the agent: the feedback store, the published version followed into the served
+//! model, and the HTTP API (the site's local half, [`serve`]), then the trainer over the
+//! store and the federation loop ([`start`]), all in one process. A simulation that runs
+//! many sites in one process uses the local half and runs the federation loop itself over
+//! the same store source ([`StoreSource`]) and published folder ([`LocalAgent::sink`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,7 +32,53 @@ const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 /// Retention is applied every this many follow ticks.
 const RETENTION_EVERY_TICKS: u64 = 120;
 
-/// A running agent.
+/// The site's local half: the store, the served model following the published folder, and
+/// the HTTP API.
+#[derive(Debug)]
+pub struct LocalAgent {
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    /// Whether it serves HTTPS.
+    pub https: bool,
+    /// What the API serves from.
+    pub state: Arc<AgentState>,
+    /// Where published versions are installed (the federation loop's sink).
+    pub sink: PublishedSink,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+    follower: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl LocalAgent {
+    /// The site's trainer over the store as `cfg` sets it up (device, privacy ledger).
+    fn trainer(&self, cfg: &AgentConfig) -> Result<SiteTrainer> {
+        let (dataset, source) = StoreSource::open(
+            self.state.store.clone(),
+            &self.state.vocab,
+            cfg.training.val_fraction,
+        )?;
+        let mut trainer = SiteTrainer::new(dataset, &self.state.vocab, cfg.training.device.open()?)
+            .with_source(source);
+        if let Some(p) = &cfg.privacy {
+            trainer = trainer.with_privacy(Arc::new(SitePrivacy::open(
+                &p.dir,
+                p.max_epsilon,
+                p.delta,
+                p.release_metrics,
+            )?));
+        }
+        Ok(trainer)
+    }
+
+    /// Stops serving and following.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.http.await;
+        let _ = self.follower.await;
+    }
+}
+
+/// A running agent: the local half and the federation loop.
 #[derive(Debug)]
 pub struct RunningAgent {
     /// Where the HTTP API listens.
@@ -40,18 +89,14 @@ pub struct RunningAgent {
     pub state: Arc<AgentState>,
     /// The site's federation loop; ends when the run finishes.
     pub federation: tokio::task::JoinHandle<Result<SiteSummary>>,
-    http: tokio::task::JoinHandle<std::io::Result<()>>,
-    follower: tokio::task::JoinHandle<()>,
-    stop: tokio::sync::watch::Sender<bool>,
+    local: LocalAgent,
 }
 
 impl RunningAgent {
     /// Stops serving and following; the federation loop is aborted.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
         self.federation.abort();
-        let _ = self.http.await;
-        let _ = self.follower.await;
+        self.local.shutdown().await;
     }
 }
 
@@ -73,6 +118,23 @@ pub fn site_options(cfg: &AgentConfig) -> Result<SiteOptions> {
 /// Starts the agent of `cfg`, its API on `listen` (else `http.listen`).
 pub async fn start(cfg: &AgentConfig, listen: Option<SocketAddr>) -> Result<RunningAgent> {
     let mut opts = site_options(cfg)?;
+    let local = serve(cfg, listen).await?;
+    let trainer = local.trainer(cfg)?;
+    opts.published = Some(local.sink.clone());
+    let federation = tokio::spawn(run_site(opts, Arc::new(trainer)));
+    Ok(RunningAgent {
+        http_addr: local.http_addr,
+        https: local.https,
+        state: local.state.clone(),
+        federation,
+        local,
+    })
+}
+
+/// Starts the local half of the agent of `cfg`: opens the store (applying retention), serves
+/// the installed version and follows the published folder, and serves the API on `listen`
+/// (else `http.listen`).
+pub async fn serve(cfg: &AgentConfig, listen: Option<SocketAddr>) -> Result<LocalAgent> {
     let tls = match (&cfg.http.tls_cert, &cfg.http.tls_key) {
         (Some(cert), Some(key)) => Some(super::https::server_config(
             cert,
@@ -91,22 +153,10 @@ pub async fn start(cfg: &AgentConfig, listen: Option<SocketAddr>) -> Result<Runn
         cfg.retention.max_sessions,
     );
     store.enforce_retention(retention.0, retention.1, now_ms())?;
-    let (dataset, source) = StoreSource::open(store.clone(), &vocab, cfg.training.val_fraction)?;
-    let mut trainer =
-        SiteTrainer::new(dataset, &vocab, cfg.training.device.open()?).with_source(source);
-    if let Some(p) = &cfg.privacy {
-        trainer = trainer.with_privacy(Arc::new(SitePrivacy::open(
-            &p.dir,
-            p.max_epsilon,
-            p.delta,
-            p.release_metrics,
-        )?));
-    }
     let sink = PublishedSink {
         dir: cfg.site.data_dir.join(PUBLISHED_DIR),
         vocab: vocab.clone(),
     };
-    opts.published = Some(sink.clone());
     let served = Arc::new(Served::default());
     // Serve the version installed last at once, coordinator or not.
     if let Some(round) = served.follow(&sink)? {
@@ -145,7 +195,9 @@ pub async fn start(cfg: &AgentConfig, listen: Option<SocketAddr>) -> Result<Runn
     let site_vocab = state.vocab.clone();
     // The published version's hash the follower last tried to personalise.
     let mut personalised_from: Option<String> = None;
+    let follower_sink = sink.clone();
     let follower = tokio::spawn(async move {
+        let sink = follower_sink;
         let mut tick = tokio::time::interval(FOLLOW_EVERY);
         let mut ticks = 0u64;
         loop {
@@ -201,12 +253,11 @@ pub async fn start(cfg: &AgentConfig, listen: Option<SocketAddr>) -> Result<Runn
             }
         }
     });
-    let federation = tokio::spawn(run_site(opts, Arc::new(trainer)));
-    Ok(RunningAgent {
+    Ok(LocalAgent {
         http_addr,
         https,
         state,
-        federation,
+        sink,
         http,
         follower,
         stop,

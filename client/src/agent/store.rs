@@ -4,7 +4,8 @@
 //! Sessions are keyed by `session_id`: a re-sent identical session is acknowledged as a
 //! duplicate and stored once; a re-send that differs (events, label, user or timestamp) is
 //! refused as a conflict, and a batch holding one changes nothing (one transaction per
-//! batch). Erasing a user deletes their sessions; retention deletes sessions older than a
+//! batch). Erasing a user deletes their sessions; the application may withdraw sessions by
+//! id; retention deletes sessions older than a
 //! maximum age or beyond a maximum count (oldest first). Every change bumps the store's
 //! *generation*, so a reader (the training source) knows when to take a new snapshot.
 //! Session and user ids are personal data: errors name a session by its position in the
@@ -208,6 +209,31 @@ impl FeedbackStore {
     /// Deletes every session of `user_id`; returns how many.
     pub fn erase_user(&self, user_id: &str) -> Result<usize> {
         self.delete_where("user_id = ?1", params![user_id])
+    }
+
+    /// Deletes the sessions of `session_ids` (ids not stored are passed over), in one
+    /// transaction; returns how many were deleted.
+    pub fn delete_sessions(&self, session_ids: &[String]) -> Result<usize> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| store_err(&self.path, e))?;
+        let mut n = 0;
+        {
+            let mut delete = tx
+                .prepare("DELETE FROM sessions WHERE session_id = ?1")
+                .map_err(|e| store_err(&self.path, e))?;
+            for id in session_ids {
+                n += delete
+                    .execute(params![id])
+                    .map_err(|e| store_err(&self.path, e))?;
+            }
+        }
+        if n > 0 {
+            bump(&tx).map_err(|e| store_err(&self.path, e))?;
+        }
+        tx.commit().map_err(|e| store_err(&self.path, e))?;
+        Ok(n)
     }
 
     /// Deletes sessions received before `now_ms - max_age_ms` (if set) and the oldest ones

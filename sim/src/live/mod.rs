@@ -15,12 +15,15 @@
 //! is exact too.
 //!
 //! The coordinator runs a real continuous run ([`run_federation`], `[schedule] mode =
-//! "continuous"`, the evaluation publish gate); each site's data comes from a [`LiveFeed`]
-//! keyed by the training round: a training task of round `r` gets the window of period
-//! `(r - 1) / rounds_per_period`, and evaluations measure on what the site holds (so the
-//! gate compares candidate and published version on the same data). When the first round
-//! beyond the last period asks for data, the feed declines it and the simulation stops the
-//! run as an operator would.
+//! "continuous"`, the evaluation publish gate). Every site is a site agent ([`agents`]:
+//! its feedback store, published folder and HTTP API, in this process); the simulation
+//! plays each site's application through the agent's HTTP API: it posts every period's
+//! sessions as feedback and withdraws those that left the window, so a training task of
+//! round `r` trains on the window of period `(r - 1) / rounds_per_period` as the store holds
+//! it, and evaluations measure on the data of the site's last training (so the gate compares
+//! candidate and published version on the same data). When the first round beyond the last
+//! period asks for data, the site declines it and the simulation stops the run as an
+//! operator would.
 //!
 //! # What is measured
 //!
@@ -33,16 +36,19 @@
 //! - the version that was published when the drift began, served forever (*frozen*), and
 //! - the Bayes classifier of the period's label function (the ceiling).
 //!
+//! The served version's accuracy is measured twice: from its checkpoint, and from the
+//! predictions every agent answers over HTTP with the version it serves at the start of the
+//! round (which must be the same version, with the same predictions).
+//!
 //! Recovery is the first round from the drift on whose served version is again within
 //! [`RECOVERY_SLACK`] of the ceiling-gap it had just before the drift. Only the simulation
 //! knows the ground truth, so these curves live in its report (`live.json`, `live.html`);
 //! the coordinator's run report charts what the federation itself measured.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::Device;
-use fedflow_common::data::{SessionRecord, SiteDataset};
 use fedflow_common::model::AttentionFlowModel;
 use fedflow_common::params::ParamSet;
 use fedflow_coordinator::config::RunConfig;
@@ -50,12 +56,14 @@ use serde::Serialize;
 
 use crate::{Error, Result, SimOptions, SimSite, run_federation};
 
+mod agents;
 mod page;
 #[cfg(test)]
 mod tests;
 mod world;
 
-pub use world::{DRIFTED_WEIGHTS, LiveFeed};
+use agents::{RoundClock, SiteAgent};
+pub use world::DRIFTED_WEIGHTS;
 use world::{TestSet, build_world, mean};
 
 /// Sessions per forward pass when scoring.
@@ -196,6 +204,11 @@ pub struct RoundPoint {
     pub frozen_accuracy: Option<f64>,
     /// The period's Bayes ceiling on them.
     pub ceiling: f64,
+    /// The version every site agent served at the start of the round (asked over HTTP).
+    pub agents_served: Option<u64>,
+    /// The expected accuracy of the agents' answers on the period's held-out sessions
+    /// (every agent answered the same).
+    pub agents_accuracy: Option<f64>,
 }
 
 /// Everything the live simulation measured (also written to `live.json`).
@@ -302,34 +315,33 @@ pub async fn run(cfg: &LiveConfig, say: &mut dyn FnMut(&str)) -> Result<LiveRepo
     )?;
 
     let ended = Arc::new(tokio::sync::Notify::new());
+    let clock = RoundClock::new(cfg.last_round(), ended.clone());
+    let agents_dir = out.join("agents");
+    if agents_dir.exists() {
+        std::fs::remove_dir_all(&agents_dir)
+            .map_err(|e| Error::Other(format!("cannot clear {}: {e}", agents_dir.display())))?;
+    }
+    let mut agents = Vec::with_capacity(world.names.len());
     let mut sites = Vec::with_capacity(world.names.len());
     for (name, periods) in world.names.iter().zip(&world.chunks) {
-        let windows = (0..cfg.periods)
-            .map(|p| {
-                let from = (p + 1).saturating_sub(cfg.window);
-                let held: Vec<SessionRecord> = periods[from..=p].concat();
-                SiteDataset::from_records(&held, &world.vocab, cfg.val_fraction)
-            })
-            .collect::<fedflow_common::Result<Vec<_>>>()?;
-        let feed = LiveFeed {
-            windows,
-            rounds_per_period: cfg.rounds_per_period,
-            last_round: cfg.last_round(),
-            given: Mutex::new(0),
-            ended: ended.clone(),
-        };
+        let agent = SiteAgent::start(name, &agents_dir.join(name), &vocab_path).await?;
+        agent.post(&periods[0]).await?;
+        let (dataset, gate) = agent.source(&clock)?;
         sites.push(SimSite {
             name: name.clone(),
-            dataset: feed.windows[0].clone(),
+            dataset,
             privacy: None,
-            source: Some(Arc::new(feed)),
+            source: Some(Arc::new(gate)),
+            published: Some(agent.sink()),
         });
+        agents.push(agent);
     }
     say(&format!(
         "continuous federation: {} rounds a period, sites hold the last {} period(s); \
-         coordinator data in {}",
+         every site is an agent fed over HTTP (agents in {}); coordinator data in {}",
         cfg.rounds_per_period,
         cfg.window,
+        agents_dir.display(),
         coordinator_dir.display()
     ));
     let opts = SimOptions {
@@ -338,15 +350,40 @@ pub async fn run(cfg: &LiveConfig, say: &mut dyn FnMut(&str)) -> Result<LiveRepo
         ..SimOptions::default()
     };
     let mut progress = crate::demo::ProgressLine::default();
-    let outcome = run_federation(
-        run_cfg.clone(),
-        &coordinator_dir,
-        sites,
-        &world.vocab,
-        &opts,
-        |v| progress.show(v),
-    )
-    .await?;
+    let (outcome, driven) = {
+        let federation = run_federation(
+            run_cfg.clone(),
+            &coordinator_dir,
+            sites,
+            &world.vocab,
+            &opts,
+            |v| progress.show(v),
+        );
+        let driver = drive(cfg, &world, &agents, &clock);
+        tokio::pin!(federation, driver);
+        let mut driven = None;
+        let outcome = loop {
+            tokio::select! {
+                out = &mut federation => break out,
+                d = &mut driver, if driven.is_none() => {
+                    if d.is_err() {
+                        clock.abort();
+                    }
+                    driven = Some(d);
+                }
+            }
+        };
+        (outcome, driven)
+    };
+    for agent in agents {
+        agent.shutdown().await;
+    }
+    let by_agents = match driven {
+        Some(Ok(points)) => points,
+        Some(Err(e)) => return Err(e),
+        None => Vec::new(),
+    };
+    let outcome = outcome?;
     if outcome.committed_round < cfg.last_round() {
         return Err(Error::Other(format!(
             "the run stopped after round {} of {}",
@@ -405,6 +442,8 @@ pub async fn run(cfg: &LiveConfig, say: &mut dyn FnMut(&str)) -> Result<LiveRepo
                 false => None,
             },
             ceiling: world.tests[period].ceiling(),
+            agents_served: by_agents.get(round as usize - 1).and_then(|a| a.0),
+            agents_accuracy: by_agents.get(round as usize - 1).and_then(|a| a.1),
         });
     }
     let gap = |p: &RoundPoint| p.served_accuracy.map_or(f64::NAN, |a| p.ceiling - a);
@@ -446,4 +485,71 @@ pub async fn run(cfg: &LiveConfig, say: &mut dyn FnMut(&str)) -> Result<LiveRepo
     fedflow_common::fsio::write_atomic(&out.join("live.json"), &json)?;
     fedflow_common::fsio::write_atomic(&report.html, page::html(&report)?.as_bytes())?;
     Ok(report)
+}
+
+/// Plays every site's application for the whole run: before each round starts training,
+/// posts the round's period through the agents' APIs when it is a new one (withdrawing the
+/// sessions that left the window), then asks every agent to predict the period's held-out
+/// sessions and releases the round. Returns, per round, the version the agents served and
+/// the expected accuracy of their answers.
+async fn drive(
+    cfg: &LiveConfig,
+    world: &world::World,
+    agents: &[SiteAgent],
+    clock: &RoundClock,
+) -> Result<Vec<(Option<u64>, Option<f64>)>> {
+    let mut points = Vec::new();
+    for round in 1..=cfg.last_round() {
+        // A site asking for round r means round r - 1 has committed.
+        clock.asked(round).await?;
+        let period = cfg.period_of(round);
+        if round > 1 && period != cfg.period_of(round - 1) {
+            for (agent, periods) in agents.iter().zip(&world.chunks) {
+                agent.post(&periods[period]).await?;
+                if period >= cfg.window {
+                    agent.withdraw(&periods[period - cfg.window]).await?;
+                }
+            }
+        }
+        // The newest version any site installed is the one published for this round; every
+        // agent serves it once its site has polled for the round's task.
+        let mut newest: Option<fedflow_client::published::Current> = None;
+        for agent in agents {
+            if let Some(c) = agent.installed()?
+                && newest.as_ref().is_none_or(|n| c.round > n.round)
+            {
+                newest = Some(c);
+            }
+        }
+        let point = match newest {
+            None => (None, None),
+            Some(version) => {
+                let test = &world.tests[period];
+                let mut accuracies = Vec::with_capacity(agents.len());
+                for agent in agents {
+                    agent.wait_serving(&version).await?;
+                    let (answered, classes) = agent.predict(&test.events).await?;
+                    if answered != version.round {
+                        return Err(Error::Other(format!(
+                            "{}: version {answered} answered, {} is published",
+                            agent.name, version.round
+                        )));
+                    }
+                    accuracies.push(test.expected_accuracy(&classes));
+                }
+                let first = accuracies[0];
+                if accuracies.iter().any(|a| (a - first).abs() > 1e-12) {
+                    return Err(Error::Other(format!(
+                        "round {round}: the agents serving version {} answered differently \
+                         ({accuracies:?})",
+                        version.round
+                    )));
+                }
+                (Some(version.round), Some(first))
+            }
+        };
+        points.push(point);
+        clock.release(round);
+    }
+    Ok(points)
 }

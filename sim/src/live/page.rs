@@ -71,10 +71,12 @@ pub(super) fn html(r: &LiveReport) -> Result<String> {
     };
     let body = format!(
         "<h1>Continuous federation through a drift</h1>\
-         <p>{} sites; {} periods of {} rounds, one round every {} simulated hours; each site \
-         holds the last {} period(s) of sessions. The label function changes in round {} \
-         (period {}). Accuracies are expected accuracies in percent (exact given the label \
-         function) on each period's held-out sessions.</p>\
+         <p>{} sites, each a site agent fed through its HTTP API; {} periods of {} rounds, one \
+         round every {} simulated hours; each site holds the last {} period(s) of sessions. \
+         The label function changes in round {} (period {}). Accuracies are expected \
+         accuracies in percent (exact given the label function) on each period's held-out \
+         sessions; the served version's are the agents' own answers over HTTP (the same as \
+         its checkpoint's in {} of {} rounds).</p>\
          <p>Gap to the ceiling of the served version just before the drift: <b>{}</b> points; \
          worst after: <b>{}</b>. Back within {} points of the gap before, it {recovery}. The \
          frozen version {} stays <b>{}</b> points below the ceiling on average after the \
@@ -91,6 +93,15 @@ pub(super) fn html(r: &LiveReport) -> Result<String> {
             .iter()
             .find(|p| p.round == r.drift_round)
             .map_or(0, |p| p.period),
+        r.points
+            .iter()
+            .filter(|p| p.agents_served == p.served
+                && match (p.agents_accuracy, p.served_accuracy) {
+                    (Some(a), Some(c)) => (a - c).abs() < 1e-9,
+                    (a, c) => a.is_none() && c.is_none(),
+                })
+            .count(),
+        r.points.len(),
         pct(Some(r.gap_before_drift)),
         pct(Some(r.worst_gap_after_drift)),
         pct(Some(RECOVERY_SLACK)),

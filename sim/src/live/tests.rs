@@ -1,11 +1,14 @@
-//! The drift's premise, the feed and the settings' validation.
+//! The drift's premise, the gate in front of the agents' stores and the settings'
+//! validation.
 
-use super::world::{LiveFeed, build_world};
+use super::agents::{Gate, RoundClock};
+use super::world::build_world;
 use super::*;
+use fedflow_client::agent::source::StoreSource;
+use fedflow_client::agent::store::FeedbackStore;
 use fedflow_client::site::source::{SiteSource, TaskStart};
-use fedflow_common::data::SiteDataset;
 use fedflow_common::synth::{FlowFeatures, SynthConfig, generate};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// The drift is real: the old Bayes decision is much worse under the new label function,
 /// and the new ceiling is about as high as the old one.
@@ -42,8 +45,8 @@ fn the_drift_moves_the_bayes_decision_and_keeps_the_labels_predictable() {
     );
 }
 
-#[test]
-fn a_feed_hands_out_each_periods_window_once_and_ends_after_the_last_round() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_holds_training_until_its_round_is_released_and_ends_after_the_last_round() {
     let world = build_world(&LiveConfig {
         sites: 1,
         sessions_per_period: 60,
@@ -52,50 +55,51 @@ fn a_feed_hands_out_each_periods_window_once_and_ends_after_the_last_round() {
         ..LiveConfig::default()
     })
     .unwrap();
-    let vocab = &world.vocab;
-    let windows: Vec<SiteDataset> = (0..3)
-        .map(|p| SiteDataset::from_records(&world.chunks[0][p], vocab, 0.2).unwrap())
-        .collect();
-    let sizes: Vec<usize> = windows.iter().map(|w| w.train.len()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FeedbackStore::open(dir.path()).unwrap());
+    let periods = &world.chunks[0];
+    store.append(&periods[0], 0).unwrap().unwrap();
+    let (first, inner) = StoreSource::open(store.clone(), &world.vocab, 0.2).unwrap();
     let ended = Arc::new(tokio::sync::Notify::new());
-    let feed = LiveFeed {
-        windows,
-        rounds_per_period: 2,
-        last_round: 6,
-        given: Mutex::new(0),
-        ended: ended.clone(),
+    let clock = RoundClock::new(6, ended.clone());
+    let gate = Arc::new(Gate::new(inner, clock.clone()));
+    let poll = |start| {
+        let gate = gate.clone();
+        tokio::task::spawn_blocking(move || gate.poll(start).map(|d| d.map(|d| d.train.len())))
     };
-    let got = |s| feed.poll(s).unwrap().map(|d| d.train.len());
-    assert_eq!(
-        got(TaskStart::Training(1)),
-        None,
-        "period 1 is held already"
+    // Round 1 waits; the simulation sees that it was asked for.
+    let round1 = poll(TaskStart::Training(1));
+    clock.asked(1).await.unwrap();
+    // Feedback that arrives before the release is in the round's data.
+    store.append(&periods[1], 0).unwrap().unwrap();
+    clock.release(1);
+    let grown = round1.await.unwrap().unwrap().unwrap();
+    assert!(
+        grown > first.train.len(),
+        "{grown} <= {}",
+        first.train.len()
     );
-    assert_eq!(got(TaskStart::Training(2)), None);
-    assert_eq!(got(TaskStart::Training(3)), Some(sizes[1]));
-    assert_eq!(
-        got(TaskStart::Evaluation(1)),
-        None,
-        "evaluations keep the data"
-    );
-    assert_eq!(
-        got(TaskStart::Training(3)),
-        None,
-        "a retried round keeps it too"
-    );
-    assert_eq!(got(TaskStart::Training(6)), Some(sizes[2]));
-    let err = feed.poll(TaskStart::Training(7)).unwrap_err().to_string();
+    // Released rounds go through; evaluations keep the data whatever the store holds.
+    store.append(&periods[2], 0).unwrap().unwrap();
+    assert_eq!(poll(TaskStart::Evaluation(1)).await.unwrap().unwrap(), None);
+    let round2 = poll(TaskStart::Training(2));
+    clock.asked(2).await.unwrap();
+    clock.release(6);
+    assert!(round2.await.unwrap().unwrap().unwrap() > grown);
+    // Beyond the last round the site declines and the simulation is told.
+    let err = poll(TaskStart::Training(7))
+        .await
+        .unwrap()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("ends after round 6"), "{err}");
-    // The notification is kept for the simulation's loop to take.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    rt.block_on(ended.notified());
+    ended.notified().await;
     // Periods 2 and 3 follow the drifted label function; the test sets cover every
-    // period and hold only validation sessions.
+    // period and hold only validation sessions, with their event names.
     assert_eq!(world.tests.len(), 3);
     for t in &world.tests {
         assert_eq!(t.sessions.len(), t.probs.len());
+        assert_eq!(t.sessions.len(), t.events.len());
         assert!(!t.sessions.is_empty());
         assert!((0.0..=1.0).contains(&t.ceiling()));
     }

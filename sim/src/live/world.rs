@@ -1,12 +1,8 @@
-//! The simulated world: every site's sessions per period, the drifted labels, each period's
-//! held-out test set with its exact label distributions, and the feed that hands a site the
-//! window of the period a training round falls in.
+//! The simulated world: every site's sessions per period, the drifted labels, and each
+//! period's held-out test set with its exact label distributions.
 
-use std::sync::{Arc, Mutex};
-
-use fedflow_client::site::source::{SiteSource, TaskStart};
 use fedflow_common::data::{
-    EncodedSession, NUM_LABELS, SessionRecord, SiteDataset, Split, Vocab, encode_session, split_of,
+    EncodedSession, NUM_LABELS, SessionRecord, Split, Vocab, encode_session, split_of,
 };
 use fedflow_common::synth::{FlowFeatures, ORACLE_DIM, SynthConfig, generate};
 use rand::SeedableRng;
@@ -24,49 +20,12 @@ use crate::{Error, Result};
 /// -1). Integers, as before, so the labels stay about as predictable.
 pub const DRIFTED_WEIGHTS: [f64; ORACLE_DIM] = [1.0, 2.0, -2.0, -1.0, 0.0, -1.0, 0.0, 1.0];
 
-/// A site's data in the live simulation: the window of the period a training round falls in.
-#[derive(Debug)]
-pub struct LiveFeed {
-    /// The site's window at each period.
-    pub(super) windows: Vec<SiteDataset>,
-    pub(super) rounds_per_period: u64,
-    pub(super) last_round: u64,
-    /// The period handed out last.
-    pub(super) given: Mutex<usize>,
-    /// Notified when a round beyond the last period asks for data.
-    pub(super) ended: Arc<tokio::sync::Notify>,
-}
-
-impl SiteSource for LiveFeed {
-    fn poll(&self, start: TaskStart) -> fedflow_client::Result<Option<SiteDataset>> {
-        let TaskStart::Training(round) = start else {
-            // Evaluations measure on what the site holds: the gate compares like with like.
-            return Ok(None);
-        };
-        if round > self.last_round {
-            self.ended.notify_one();
-            return Err(fedflow_client::Error::Task(format!(
-                "the simulation ends after round {}",
-                self.last_round
-            )));
-        }
-        let period = ((round.max(1) - 1) / self.rounds_per_period) as usize;
-        let mut given = self
-            .given
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *given == period {
-            return Ok(None);
-        }
-        *given = period;
-        Ok(Some(self.windows[period].clone()))
-    }
-}
-
 /// One period's held-out sessions with their exact label distributions.
 #[derive(Debug, Clone, Default)]
 pub(super) struct TestSet {
     pub(super) sessions: Vec<EncodedSession>,
+    /// The same sessions' event names, as an application sends them to an agent.
+    pub(super) events: Vec<Vec<String>>,
     pub(super) probs: Vec<[f64; NUM_LABELS]>,
 }
 
@@ -144,6 +103,7 @@ pub(super) fn build_world(cfg: &LiveConfig) -> Result<World> {
                 tests[period]
                     .sessions
                     .push(encode_session(&record, &vocab)?);
+                tests[period].events.push(record.events.clone());
                 tests[period].probs.push(probs);
             }
             periods[period].push(record);

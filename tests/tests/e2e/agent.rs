@@ -272,6 +272,7 @@ async fn the_openapi_description_is_valid_and_names_exactly_the_apis_routes() {
         ("GET", "/v1/status"),
         ("POST", "/v1/explain"),
         ("POST", "/v1/feedback"),
+        ("POST", "/v1/feedback/delete"),
         ("POST", "/v1/predict"),
     ];
     let want: Vec<(String, String)> = routes
