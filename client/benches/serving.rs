@@ -1,7 +1,8 @@
 //! The agent's prediction speed: single-session `POST /v1/predict` latency over HTTP on
 //! loopback (p50, p99; one connection per request, as the test client opens them) and batch
 //! throughput (256 sessions per request over HTTP, and the model alone), for the default
-//! model (embedding 64, two LSTM layers of 64) at sequence lengths 20 and 100.
+//! model (embedding 64, two LSTM layers of 64) at sequence lengths 20 and 100; the model
+//! alone's single-session latency beside it. The PyTorch side: `bench/run.sh serving`.
 //!
 //! `cargo bench -p fedflow-client --bench serving`
 
@@ -55,8 +56,14 @@ fn main() {
     });
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     println!(
-        "{:>6} {:>10} {:>10} {:>16} {:>16}",
-        "length", "p50 ms", "p99 ms", "HTTP batch s/s", "model batch s/s"
+        "{:>6} {:>10} {:>10} {:>14} {:>14} {:>16} {:>16}",
+        "length",
+        "p50 ms",
+        "p99 ms",
+        "model p50 ms",
+        "model p99 ms",
+        "HTTP batch s/s",
+        "model batch s/s"
     );
     for len in [20usize, 100] {
         let session = |rng: &mut rand_chacha::ChaCha8Rng| -> Vec<&'static str> {
@@ -100,15 +107,29 @@ fn main() {
             })
             .collect();
         let m = served.current().unwrap();
+        let single: Vec<EncodedSession> = encoded[..1].to_vec();
+        for _ in 0..100 {
+            m.probabilities(&single).unwrap();
+        }
+        let mut model_lat: Vec<f64> = (0..2_000)
+            .map(|_| {
+                let t = Instant::now();
+                m.probabilities(&single).unwrap();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        model_lat.sort_by(f64::total_cmp);
         let t = Instant::now();
         for _ in 0..20 {
             m.probabilities(&encoded).unwrap();
         }
         let model_rate = 20.0 * 256.0 / t.elapsed().as_secs_f64();
         println!(
-            "{len:>6} {:>10.3} {:>10.3} {http_rate:>16.0} {model_rate:>16.0}",
+            "{len:>6} {:>10.3} {:>10.3} {:>14.3} {:>14.3} {http_rate:>16.0} {model_rate:>16.0}",
             percentile(&lat, 0.5),
-            percentile(&lat, 0.99)
+            percentile(&lat, 0.99),
+            percentile(&model_lat, 0.5),
+            percentile(&model_lat, 0.99)
         );
     }
 }
