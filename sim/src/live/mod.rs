@@ -15,7 +15,7 @@
 //! is exact too.
 //!
 //! The coordinator runs a real continuous run ([`run_federation`], `[schedule] mode =
-//! "continuous"`, the evaluation publish gate). Every site is a site agent ([`agents`]:
+//! "continuous"`, the evaluation publish gate). Every site is a site agent (`agents.rs`:
 //! its feedback store, published folder and HTTP API, in this process); the simulation
 //! plays each site's application through the agent's HTTP API: it posts every period's
 //! sessions as feedback and withdraws those that left the window, so a training task of
