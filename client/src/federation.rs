@@ -43,6 +43,10 @@ pub struct SiteOptions {
     /// When set, the federation's published version is downloaded and installed here
     /// whenever it changes ([`crate::published`]).
     pub published: Option<crate::published::PublishedSink>,
+    /// When this turns true the site takes no new task and leaves: at once while it waits
+    /// for a task or for the coordinator, after the task in progress otherwise (its caller
+    /// bounds that wait). SIGTERM sets it in the binaries.
+    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl SiteOptions {
@@ -56,6 +60,7 @@ impl SiteOptions {
             max_backoff: Duration::from_secs(30),
             work_permits: None,
             published: None,
+            stop: None,
         }
     }
 
@@ -125,21 +130,45 @@ pub struct SiteSummary {
     pub rejected: Vec<(u64, String)>,
     /// Reconnections after the coordinator was unreachable.
     pub reconnects: u32,
+    /// The site left because it was asked to ([`SiteOptions::stop`]), before the run
+    /// finished.
+    pub stopped: bool,
+}
+
+/// Resolves when `stop` turns true; never without one.
+async fn stop_asked(stop: &Option<tokio::sync::watch::Receiver<bool>>) {
+    match stop {
+        Some(rx) => {
+            let mut rx = rx.clone();
+            if rx.wait_for(|s| *s).await.is_err() {
+                // The sender is gone: nobody can ask any more.
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn stop_is_asked(stop: &Option<tokio::sync::watch::Receiver<bool>>) -> bool {
+    stop.as_ref().is_some_and(|rx| *rx.borrow())
 }
 
 /// Connects, retrying with backoff while the coordinator is unreachable; a certificate
 /// problem (ours refused, or the coordinator's not from the federation CA) is final.
+/// `None` when the site was asked to stop meanwhile.
 async fn connect(
     opts: &SiteOptions,
     summary: &mut SiteSummary,
-) -> Result<FederationClient<Channel>> {
+) -> Result<Option<FederationClient<Channel>>> {
     let mut backoff = Duration::from_millis(100);
     loop {
         match crate::tls::connect(&opts.endpoint, opts.tls.as_ref()).await {
             Ok(channel) => {
-                return Ok(FederationClient::new(channel)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES));
+                return Ok(Some(
+                    FederationClient::new(channel)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                ));
             }
             Err(e) if crate::tls::is_certificate_error(&e) => {
                 return Err(Error::Usage(format!(
@@ -154,7 +183,10 @@ async fn connect(
                 let jitter = rand::rng().random_range(0.5..1.5);
                 let wait = backoff.mul_f64(jitter);
                 tracing::warn!(site = %opts.site_id, "cannot reach the coordinator at {}: {}; retrying in {wait:?}", opts.endpoint, crate::tls::error_chain(&e));
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = stop_asked(&opts.stop) => return Ok(None),
+                }
                 backoff = (backoff * 2).min(opts.max_backoff);
                 summary.reconnects += 1;
             }
@@ -194,13 +226,65 @@ async fn download(
         .map_err(|e| tonic::Status::data_loss(e.to_string()))
 }
 
+/// Runs one site until the run finishes or `signal` resolves (SIGTERM, Ctrl-C); then it
+/// takes no new task and leaves ([`SiteOptions::stop`]), waiting at most `grace` for a task
+/// in progress, which is abandoned after it (the coordinator's deadline and heartbeat
+/// timeout then treat the site as gone; under record-level DP a recorded release is re-sent
+/// when the site comes back).
+pub async fn run_site_until<W: SiteWork + 'static>(
+    mut opts: SiteOptions,
+    trainer: Arc<W>,
+    signal: impl std::future::Future<Output = ()>,
+    grace: Duration,
+) -> Result<SiteSummary> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    opts.stop = Some(stopped);
+    let site_id = opts.site_id.clone();
+    let mut site = tokio::spawn(run_site(opts, trainer));
+    let joined = |done: std::result::Result<Result<SiteSummary>, tokio::task::JoinError>| {
+        done.map_err(|e| Error::Task(format!("the site's loop failed: {e}")))?
+    };
+    tokio::select! {
+        done = &mut site => return joined(done),
+        () = signal => {}
+    }
+    tracing::info!(site = %site_id, "stopping: no new tasks; a task in progress has {grace:?} to finish");
+    let _ = stop.send(true);
+    match tokio::time::timeout(grace, &mut site).await {
+        Ok(done) => joined(done),
+        Err(_) => {
+            site.abort();
+            tracing::warn!(site = %site_id, "abandoned the task in progress after {grace:?}");
+            Ok(SiteSummary {
+                stopped: true,
+                ..SiteSummary::default()
+            })
+        }
+    }
+}
+
 /// Runs one site until the coordinator reports the run finished.
 pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result<SiteSummary> {
     let mut summary = SiteSummary::default();
-    let mut client = connect(&opts, &mut summary).await?;
+    macro_rules! connected {
+        ($c:expr) => {
+            match $c {
+                Some(c) => c,
+                None => {
+                    summary.stopped = true;
+                    return Ok(summary);
+                }
+            }
+        };
+    }
+    let mut client = connected!(connect(&opts, &mut summary).await?);
     let mut enrolled = false;
     let mut limits = Limits::default();
     loop {
+        if stop_is_asked(&opts.stop) {
+            summary.stopped = true;
+            return Ok(summary);
+        }
         if !enrolled {
             match client
                 .enrol(wire::enrol_request(&opts.site_id, trainer.vocab_sha256()))
@@ -211,15 +295,19 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
                     enrolled = true;
                 }
                 Err(s) if is_transient(&s) => {
-                    client = connect(&opts, &mut summary).await?;
+                    client = connected!(connect(&opts, &mut summary).await?);
                     continue;
                 }
                 Err(s) => return Err(status_error(&s)),
             }
         }
-        let reply = client
-            .next_task(wire::next_task_request(&opts.site_id, opts.poll_wait))
-            .await;
+        let reply = tokio::select! {
+            reply = client.next_task(wire::next_task_request(&opts.site_id, opts.poll_wait)) => reply,
+            () = stop_asked(&opts.stop) => {
+                summary.stopped = true;
+                return Ok(summary);
+            }
+        };
         let outcome = match reply {
             Ok(r) => {
                 let r = r.into_inner();
@@ -236,7 +324,7 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
             }
             Err(s) if is_transient(&s) => {
                 enrolled = false;
-                client = connect(&opts, &mut summary).await?;
+                client = connected!(connect(&opts, &mut summary).await?);
                 continue;
             }
             Err(s) => return Err(status_error(&s)),
@@ -257,7 +345,7 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
             }
             Err(TaskError::Transport(s)) if is_transient(&s) => {
                 enrolled = false;
-                client = connect(&opts, &mut summary).await?;
+                client = connected!(connect(&opts, &mut summary).await?);
             }
             Err(TaskError::Transport(s)) => {
                 tracing::warn!(site = %opts.site_id, round = task.round, "task failed: {}", s.message());

@@ -18,6 +18,8 @@ mod agent_cli;
 mod join_cli;
 #[path = "cli/privacy.rs"]
 mod privacy_cli;
+#[path = "cli/signal.rs"]
+mod signal;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -97,6 +97,12 @@ enum Command {
         /// after the run finishes, once sites have been told.
         #[arg(long)]
         stay_up: bool,
+        /// On SIGTERM or Ctrl-C, `serve` stops taking connections and new calls, lets the
+        /// calls in progress (transfers, long polls) finish for at most this many seconds,
+        /// then exits 0. Every committed state is on disk already; a restart resumes the
+        /// open round.
+        #[arg(long, default_value_t = 10)]
+        grace_secs: u64,
     },
     /// Write a run's report (run-report.html: accuracy, loss, participation, update norms,
     /// durations and epsilon per round, as charts; self-contained).
@@ -283,6 +289,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             allow_insecure_remote,
             metrics_listen,
             stay_up,
+            grace_secs,
         } => {
             let transport = match (tls, insecure_plaintext) {
                 (Some(bundle), _) => Transport::MutualTls(bundle),
@@ -343,9 +350,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 let c = coordinator.clone();
                 tokio::spawn(async move {
-                    let stop = async {
-                        let _ = tokio::signal::ctrl_c().await;
-                    };
+                    let stop = terminated();
                     if let Err(e) =
                         fedflow_coordinator::service::serve_metrics(metrics, c, stop).await
                     {
@@ -354,18 +359,60 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 });
             }
             let finished = run_finished(coordinator.clone());
+            let (signalled, signal) = tokio::sync::oneshot::channel::<()>();
             let shutdown = async move {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
+                    () = terminated() => {
+                        tracing::info!(
+                            "stopping: no new connections or calls; calls in progress have \
+                             {grace_secs}s to finish"
+                        );
+                        let _ = signalled.send(());
+                    }
                     () = finished, if !stay_up => {
                         tracing::info!("the run has finished; shutting down (--stay-up keeps serving)");
                     }
                 }
             };
-            serve(listener, coordinator, shutdown).await?;
+            let served = serve(listener, coordinator, shutdown);
+            tokio::pin!(served);
+            let grace_over = async move {
+                if signal.await.is_ok() {
+                    tokio::time::sleep(std::time::Duration::from_secs(grace_secs)).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                done = &mut served => done?,
+                () = grace_over => tracing::warn!(
+                    "the grace period is over: exiting with calls in progress (a restart \
+                     resumes the open round)"
+                ),
+            }
+            println!("serve: stopped");
         }
     }
     Ok(())
+}
+
+/// Resolves at the first Ctrl-C or SIGTERM (what Kubernetes and systemd send).
+async fn terminated() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
 }
 
 /// How long `serve` keeps answering after its run finished, so that sites polling for

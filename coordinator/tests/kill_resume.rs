@@ -1,6 +1,7 @@
-//! `kill -9` of the real coordinator binary in the middle of a run: restarted on the same
-//! data directory, it resumes at its last committed round with the identical global model
-//! (same SHA-256), the sites reconnect on their own, and the run finishes.
+//! `kill -9` of the real coordinator binary in the middle of a run, and SIGTERM (a graceful
+//! stop that exits 0 within its grace period): restarted on the same data directory, it
+//! resumes at its last committed round with the identical global model (same SHA-256), the
+//! sites reconnect on their own, and the run finishes.
 //!
 //! Waits are on observable state (the admin service), never on sleeps.
 
@@ -35,7 +36,14 @@ fn start_with(
         command.env(fedflow_coordinator::FAILPOINT_ENV, f);
     }
     let mut child = command
-        .args(["serve", "--insecure-plaintext", "--listen", listen])
+        .args([
+            "serve",
+            "--insecure-plaintext",
+            "--grace-secs",
+            "2",
+            "--listen",
+            listen,
+        ])
         .arg("--config")
         .arg(config)
         .arg("--data")
@@ -102,8 +110,26 @@ fn committed(rounds: &[RoundSummary]) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// How the first coordinator is stopped.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stop {
+    /// SIGKILL: no shutdown code runs.
+    Kill,
+    /// SIGTERM: a graceful stop.
+    Term,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_killed_mid_run_resumes_with_the_identical_model_and_finishes() {
+    stopped_mid_run_resumes(Stop::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_sent_sigterm_exits_0_in_its_grace_period_and_resumes() {
+    stopped_mid_run_resumes(Stop::Term).await;
+}
+
+async fn stopped_mid_run_resumes(how: Stop) {
     let dir = tempfile::tempdir().unwrap();
     let fed = generate(&SynthConfig {
         sites: 3,
@@ -141,13 +167,34 @@ async fn a_coordinator_killed_mid_run_resumes_with_the_identical_model_and_finis
         })
         .collect();
 
-    // Let round 1 commit, then kill -9 (SIGKILL: no shutdown code runs).
+    // Let round 1 commit, then stop it.
     let (_, before) = wait_until(&addr, "round 1 committed", |_, r| {
         committed(r).iter().any(|(n, _)| *n == 1)
     })
     .await;
-    first.kill().unwrap();
-    first.wait().unwrap();
+    match how {
+        Stop::Kill => {
+            first.kill().unwrap();
+            first.wait().unwrap();
+        }
+        Stop::Term => {
+            let sent = Command::new("kill")
+                .args(["-TERM", &first.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+            // The grace period is 2 s; the bound here only keeps a broken stop from
+            // hanging the test.
+            let exit = tokio::time::timeout(
+                Duration::from_secs(60),
+                tokio::task::spawn_blocking(move || first.wait().unwrap()),
+            )
+            .await
+            .expect("serve exits after SIGTERM")
+            .unwrap();
+            assert_eq!(exit.code(), Some(0), "a graceful stop exits 0: {exit:?}");
+        }
+    }
     let before = committed(&before);
 
     // Restarted on the same directory and port, it resumes where the database says.

@@ -89,6 +89,7 @@ pub struct RunningAgent {
     pub state: Arc<AgentState>,
     /// The site's federation loop; ends when the run finishes.
     pub federation: tokio::task::JoinHandle<Result<SiteSummary>>,
+    stop_federation: tokio::sync::watch::Sender<bool>,
     local: LocalAgent,
 }
 
@@ -97,6 +98,26 @@ impl RunningAgent {
     pub async fn shutdown(self) {
         self.federation.abort();
         self.local.shutdown().await;
+    }
+
+    /// Stops gracefully: the federation loop takes no new task and leaves, a task in
+    /// progress has `grace` to finish (then it is abandoned); then serving stops. Returns
+    /// whether the loop left within the grace period.
+    pub async fn stop(mut self, grace: Duration) -> bool {
+        let _ = self.stop_federation.send(true);
+        let left = if self.federation.is_finished() {
+            true
+        } else {
+            match tokio::time::timeout(grace, &mut self.federation).await {
+                Ok(_) => true,
+                Err(_) => {
+                    self.federation.abort();
+                    false
+                }
+            }
+        };
+        self.local.shutdown().await;
+        left
     }
 }
 
@@ -121,12 +142,15 @@ pub async fn start(cfg: &AgentConfig, listen: Option<SocketAddr>) -> Result<Runn
     let local = serve(cfg, listen).await?;
     let trainer = local.trainer(cfg)?;
     opts.published = Some(local.sink.clone());
+    let (stop_federation, stop) = tokio::sync::watch::channel(false);
+    opts.stop = Some(stop);
     let federation = tokio::spawn(run_site(opts, Arc::new(trainer)));
     Ok(RunningAgent {
         http_addr: local.http_addr,
         https: local.https,
         state: local.state.clone(),
         federation,
+        stop_federation,
         local,
     })
 }

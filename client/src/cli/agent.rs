@@ -24,6 +24,10 @@ pub(crate) struct AgentArgs {
     /// Join this coordinator instead of the file's coordinator.url.
     #[arg(long)]
     coordinator: Option<String>,
+    /// On SIGTERM or Ctrl-C the agent takes no new task; a task in progress has this many
+    /// seconds to finish before it is abandoned; then the API stops.
+    #[arg(long, default_value_t = 30)]
+    grace_secs: u64,
 }
 
 /// Which version the agent serves, chosen at the site (a running agent follows within a
@@ -152,12 +156,12 @@ pub(crate) fn run(a: AgentArgs) -> anyhow::Result<()> {
                 )),
             cfg.coordinator.url
         );
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let terminated = crate::signal::terminated();
+        tokio::pin!(terminated);
         let mut running = true;
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
-                _ = term.recv() => break,
+                () = &mut terminated => break,
                 done = &mut agent.federation, if running => {
                     running = false;
                     match done {
@@ -171,8 +175,16 @@ pub(crate) fn run(a: AgentArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        println!("agent: stopping");
-        agent.shutdown().await;
+        println!(
+            "agent: stopping (a task in progress has {}s to finish)",
+            a.grace_secs
+        );
+        if !agent
+            .stop(std::time::Duration::from_secs(a.grace_secs))
+            .await
+        {
+            println!("agent: the task in progress was abandoned");
+        }
         anyhow::Ok(())
     })
 }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use fedflow_client::federation::{SiteOptions, run_site};
+use fedflow_client::federation::{SiteOptions, run_site_until};
 use fedflow_client::privacy::SitePrivacy;
 use fedflow_client::site::SiteTrainer;
 use fedflow_common::data::{LoadOptions, Vocab};
@@ -89,6 +89,21 @@ pub(crate) struct JoinArgs {
     /// version; needs --vocab.
     #[arg(long)]
     published_dir: Option<PathBuf>,
+    /// On SIGTERM or Ctrl-C the site takes no new task and leaves; a task in progress has
+    /// this many seconds to finish before it is abandoned.
+    #[arg(long, default_value_t = 30.0, value_parser = parse_grace)]
+    grace_secs: f64,
+}
+
+fn parse_grace(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s} is not a number of seconds >= 0")),
+    }
+}
+
+fn grace(a: &JoinArgs) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(a.grace_secs)
 }
 
 /// Runs `join`: opens the site's data (or the no-op trainer) and its privacy ledger, then
@@ -101,7 +116,12 @@ pub(crate) fn run(a: JoinArgs) -> anyhow::Result<()> {
             opts.site_id, a.coordinator
         );
         let trainer = std::sync::Arc::new(fedflow_client::noop::NoopTrainer::new(a.noop_examples));
-        let summary = tokio::runtime::Runtime::new()?.block_on(run_site(opts, trainer))?;
+        let summary = tokio::runtime::Runtime::new()?.block_on(run_site_until(
+            opts,
+            trainer,
+            crate::signal::terminated(),
+            grace(&a),
+        ))?;
         print_summary(&summary);
         return Ok(());
     }
@@ -168,7 +188,12 @@ pub(crate) fn run(a: JoinArgs) -> anyhow::Result<()> {
         trainer = trainer.with_privacy(std::sync::Arc::new(privacy));
     }
     let trainer = std::sync::Arc::new(trainer);
-    let summary = tokio::runtime::Runtime::new()?.block_on(run_site(opts, trainer))?;
+    let summary = tokio::runtime::Runtime::new()?.block_on(run_site_until(
+        opts,
+        trainer,
+        crate::signal::terminated(),
+        grace(&a),
+    ))?;
     print_summary(&summary);
     for (round, why) in &summary.rejected {
         println!("  round {round}: {why}");
@@ -196,7 +221,12 @@ fn site_options(a: &JoinArgs) -> anyhow::Result<SiteOptions> {
 /// What a site prints when its run is over.
 fn print_summary(summary: &fedflow_client::federation::SiteSummary) {
     println!(
-        "run finished: contributed to rounds {:?}; {} update(s) refused; {} reconnect(s)",
+        "{}: contributed to rounds {:?}; {} update(s) refused; {} reconnect(s)",
+        if summary.stopped {
+            "left when asked to stop"
+        } else {
+            "run finished"
+        },
         summary.rounds_contributed,
         summary.rejected.len(),
         summary.reconnects

@@ -1,8 +1,9 @@
 //! End-to-end tests of the partner-site client, in one test binary (the tree is linked once):
 //! the `fedflow-client` commands on real files, record-level DP against a real coordinator
-//! over gRPC, crash included, and sites' own protections under site-level DP.
+//! over gRPC, crash included, sites' own protections under site-level DP, and SIGTERM.
 
 mod agent_crash;
 mod commands;
 mod record_privacy;
+mod signals;
 mod site_privacy;
