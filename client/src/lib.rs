@@ -22,6 +22,7 @@
 //! The binary `fedflow-client` is a thin command-line layer over these functions.
 
 pub mod agent;
+pub mod enrol;
 pub mod error;
 pub mod federation;
 pub mod ledger;

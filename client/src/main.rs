@@ -46,6 +46,18 @@ enum Command {
     Personalise(PersonaliseArgs),
     /// Join a federation: train for the coordinator at ADDR until its run finishes.
     Join(join_cli::JoinArgs),
+    /// Make this site's private key and a certificate request, so that the key never
+    /// leaves the site: send DIR/request.pem to the federation's operator, who signs it
+    /// (`fedflow-coordinator pki sign`); put the cert.pem and ca.pem you get back into DIR,
+    /// which is then the site's certificate bundle (`join --identity DIR`).
+    EnrolRequest {
+        /// The site id (the operator signs the request under this name).
+        #[arg(long)]
+        name: String,
+        /// The bundle directory to create (key.pem, request.pem).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// The site agent: join the federation and train on the feedback the application posts
     /// to the local HTTP API, which also serves predictions of the published version.
     Agent(agent_cli::AgentArgs),
@@ -478,6 +490,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Join(a) => join_cli::run(a)?,
+        Command::EnrolRequest { name, out } => {
+            let request = fedflow_client::enrol::make_request(&name, &out)?;
+            println!(
+                "made {} (mode 0600, stays here) and the request {}: send the request to the \
+                 federation's operator; put the cert.pem and ca.pem you get back into {}",
+                out.join(fedflow_client::enrol::KEY_FILE).display(),
+                request.display(),
+                out.display()
+            );
+        }
         Command::Agent(a) => agent_cli::run(a)?,
         Command::Personalise(a) => {
             let cfg = match &a.config {

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::Subcommand;
 use fedflow_coordinator::security::pki::{Ca, Validity};
 use fedflow_coordinator::security::{Role, audit_log};
@@ -62,6 +62,30 @@ pub(crate) enum Pki {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Sign a certificate request a site (or operator) made with its own key
+    /// (`fedflow-client enrol-request`): writes cert.pem and ca.pem, and no key, to --out;
+    /// send both back, to go beside the requester's key.pem. The request's name must be
+    /// --name; the role, validity and usages are decided here.
+    Sign {
+        /// The PKI directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The request (PEM).
+        #[arg(long)]
+        request: PathBuf,
+        /// site, viewer or admin.
+        #[arg(long)]
+        role: String,
+        /// The site id or operator name the request must be for.
+        #[arg(long)]
+        name: String,
+        /// Validity in days (1 to 36500).
+        #[arg(long, default_value_t = 365, value_parser = days())]
+        days: u32,
+        /// The directory to write cert.pem and ca.pem to (default: DIR/<role>s/<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// Runs a `pki` command.
@@ -108,6 +132,32 @@ pub(crate) fn pki(cmd: Pki) -> anyhow::Result<()> {
             let issued = ca.issue(role, &name, Validity::days(days), &out)?;
             println!(
                 "issued {} (serial {}) into {}",
+                issued.uri,
+                issued.serial,
+                out.display()
+            );
+        }
+        Pki::Sign {
+            dir,
+            request,
+            role,
+            name,
+            days,
+            out,
+        } => {
+            let Some(role) = Role::parse(&role) else {
+                bail!("--role {role:?}: use site, viewer or admin");
+            };
+            let pem = std::fs::read_to_string(&request)
+                .with_context(|| format!("reading {}", request.display()))?;
+            let ca = Ca::load(&dir)?;
+            let out = out.unwrap_or_else(|| dir.join(format!("{role}s")).join(&name));
+            let issued = ca
+                .sign_request(&pem, role, &name, Validity::days(days), &out)
+                .with_context(|| format!("signing {}", request.display()))?;
+            println!(
+                "signed {} (serial {}) into {}: send cert.pem and ca.pem to the requester, to \
+                 go beside its key.pem (its key never came here)",
                 issued.uri,
                 issued.serial,
                 out.display()

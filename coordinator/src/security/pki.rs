@@ -7,6 +7,13 @@
 //! and `ca.pem`: what the site's client (`fedflow-client join --identity DIR`), an operator's
 //! tools, or the coordinator (`fedflow-coordinator serve --tls DIR`) load. Keep `ca.key`
 //! offline: whoever holds it can mint identities.
+//!
+//! A site can keep its private key from ever leaving it: it makes its key and a certificate
+//! request itself (`fedflow-client enrol-request`), and the CA signs the request
+//! ([`Ca::sign_request`], `pki sign`) into a bundle holding only `cert.pem` and `ca.pem`,
+//! which the site puts beside its key. The request proves possession of the key (its
+//! signature is verified); everything else in the certificate — the role, the name, the
+//! validity, the usages — is the CA's decision, not the request's.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -207,6 +214,7 @@ impl Ca {
             uri,
             "server",
             json!({ "names": names }),
+            SubjectKey::Generate,
         )
     }
 
@@ -215,6 +223,57 @@ impl Ca {
     /// new one carries the same identity (and so the same history) and a new serial; revoke
     /// the old serial once the site has switched.
     pub fn issue(&self, role: Role, name_: &str, validity: Validity, out: &Path) -> Result<Issued> {
+        self.issue_identity(role, name_, validity, out, SubjectKey::Generate)
+    }
+
+    /// Signs the certificate request `request_pem` (PEM, from `fedflow-client
+    /// enrol-request`) for `name_` in `role` into the bundle `out`, which gets `cert.pem`
+    /// and `ca.pem` and no key: the key stays where the request was made. The request's
+    /// signature must verify (it proves the requester holds the key) and its common name
+    /// must be `name_`; nothing else of it is used.
+    pub fn sign_request(
+        &self,
+        request_pem: &str,
+        role: Role,
+        name_: &str,
+        validity: Validity,
+        out: &Path,
+    ) -> Result<Issued> {
+        let request = rcgen::CertificateSigningRequestParams::from_pem(request_pem)
+            .map_err(|e| pki_err(format!("not a valid certificate request: {e}")))?;
+        let requested = request
+            .params
+            .distinguished_name
+            .get(&DnType::CommonName)
+            .map(|v| match v {
+                rcgen::DnValue::PrintableString(s) => s.to_string(),
+                rcgen::DnValue::Utf8String(s) => s.clone(),
+                other => format!("{other:?}"),
+            });
+        if requested.as_deref() != Some(name_) {
+            return Err(pki_err(format!(
+                "the request is for {}, not {name_:?}: sign it under the name it asks for, \
+                 or ask the site for a request for {name_:?}",
+                requested.map_or("no name".to_string(), |n| format!("{n:?}"))
+            )));
+        }
+        self.issue_identity(
+            role,
+            name_,
+            validity,
+            out,
+            SubjectKey::Requested(request.public_key),
+        )
+    }
+
+    fn issue_identity(
+        &self,
+        role: Role,
+        name_: &str,
+        validity: Validity,
+        out: &Path,
+        key: SubjectKey,
+    ) -> Result<Issued> {
         if !valid_name(name_) {
             return Err(pki_err(format!(
                 "{role} name {name_:?} is invalid: use 1-128 characters of [A-Za-z0-9._-]"
@@ -232,9 +291,11 @@ impl Ca {
             uri,
             role.as_str(),
             json!({ "name": name_ }),
+            key,
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn issue_with(
         &self,
         mut params: CertificateParams,
@@ -243,8 +304,9 @@ impl Ca {
         uri: String,
         kind: &str,
         detail: serde_json::Value,
+        key: SubjectKey,
     ) -> Result<Issued> {
-        if out.join(BUNDLE_KEY).exists() {
+        if out.join(BUNDLE_KEY).exists() || out.join(BUNDLE_CERT).exists() {
             return Err(pki_err(format!(
                 "{} already holds a certificate bundle: choose another --out (e.g. for a \
                  rotated certificate) or remove it first",
@@ -257,10 +319,27 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         let serial = random_serial();
         params.serial_number = Some(serial.clone());
-        let key = KeyPair::generate().map_err(pki_err)?;
-        let cert = params.signed_by(&key, &self.issuer).map_err(pki_err)?;
+        let (cert, generated) = match key {
+            SubjectKey::Generate => {
+                let key = KeyPair::generate().map_err(pki_err)?;
+                (
+                    params.signed_by(&key, &self.issuer).map_err(pki_err)?,
+                    Some(key),
+                )
+            }
+            SubjectKey::Requested(public) => (
+                params.signed_by(&public, &self.issuer).map_err(pki_err)?,
+                None,
+            ),
+        };
         private_dir(out)?;
-        write_file(&out.join(BUNDLE_KEY), key.serialize_pem().as_bytes(), 0o600)?;
+        let key_source = match &generated {
+            Some(key) => {
+                write_file(&out.join(BUNDLE_KEY), key.serialize_pem().as_bytes(), 0o600)?;
+                "generated by the CA"
+            }
+            None => "the requester's own (signed request)",
+        };
         write_file(&out.join(BUNDLE_CERT), cert.pem().as_bytes(), 0o644)?;
         write_file(&out.join(CA_CERT), self.cert_pem.as_bytes(), 0o644)?;
         let issued = Issued {
@@ -277,9 +356,19 @@ impl Ca {
         detail["not_before"] = json!(validity.not_before.unix_timestamp());
         detail["not_after"] = json!(issued.not_after);
         detail["bundle"] = json!(out.display().to_string());
+        detail["key"] = json!(key_source);
         log.append("certificate_issued", detail)?;
         Ok(issued)
     }
+}
+
+/// Where an issued certificate's key comes from.
+enum SubjectKey {
+    /// A new key made by the CA and written to the bundle.
+    Generate,
+    /// The public key of a verified certificate request; the private key stays with the
+    /// requester.
+    Requested(rcgen::PublicKey),
 }
 
 fn name(common_name: &str) -> DistinguishedName {

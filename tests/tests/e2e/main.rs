@@ -6,6 +6,7 @@
 mod agent;
 mod claims;
 mod ctl;
+mod enrolment;
 mod federation;
 mod growing;
 mod grpc_failures;

@@ -1,0 +1,159 @@
+//! Enrolment that keeps a site's private key at the site, with the real binaries: the site
+//! makes its key and request (`fedflow-client enrol-request`), the operator signs the request
+//! (`fedflow-coordinator pki sign`); the signed certificate beside the site's own key is a
+//! bundle the coordinator accepts under mutual TLS, and the key exists nowhere on the
+//! operator's side. A request signed under another name, or altered, is refused.
+
+use std::path::Path;
+use std::process::Command;
+
+use fedflow_proto::v1::ListSitesRequest;
+use fedflow_proto::v1::admin_client::AdminClient;
+use fedflow_proto::v1::federation_client::FederationClient;
+use fedflow_tests::bin::cargo_bin;
+use fedflow_tests::site::enrol;
+use fedflow_tests::{Pki, TestCoordinator};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+const RUN: &str = "[run]\nname = \"enrol\"\nseed = 5\nrounds = 1\n\
+    [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\n\
+    [sampling]\nmin_selected = 2\nmin_available = 2\n";
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_enrols_with_a_certificate_signed_for_its_own_key() {
+    let pki = Pki::new();
+    let c = TestCoordinator::builder(RUN)
+        .mutual_tls(pki.bundle("coordinator"))
+        .spawn()
+        .await;
+    let client = cargo_bin("fedflow-client", "fedflow-client");
+    let coordinator = cargo_bin("fedflow-coordinator", "fedflow-coordinator");
+    let site_dir = tempfile::tempdir().unwrap();
+    let bundle = site_dir.path().join("site-n");
+
+    // At the site: the key and the request.
+    let (ok, out) = run(Command::new(&client)
+        .args(["enrol-request", "--name", "site-n", "--out"])
+        .arg(&bundle));
+    assert!(ok, "{out}");
+    let key = std::fs::read(bundle.join("key.pem")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(bundle.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A second request in the same place would orphan the first key: refused.
+    let (ok, out) = run(Command::new(&client)
+        .args(["enrol-request", "--name", "site-n", "--out"])
+        .arg(&bundle));
+    assert!(!ok && out.contains("holds a key already"), "{out}");
+
+    // At the operator: only the request travels. Under another name, or altered, it is
+    // refused, and nothing is written.
+    let request = std::fs::read_to_string(bundle.join("request.pem")).unwrap();
+    let operator = tempfile::tempdir().unwrap();
+    let incoming = operator.path().join("request.pem");
+    std::fs::write(&incoming, &request).unwrap();
+    let sign = |name: &str, request: &Path, out: &Path| {
+        run(Command::new(&coordinator)
+            .args(["pki", "sign", "--role", "site", "--name", name, "--dir"])
+            .arg(pki.root().join("ca"))
+            .arg("--request")
+            .arg(request)
+            .arg("--out")
+            .arg(out))
+    };
+    let signed = operator.path().join("signed");
+    let (ok, out) = sign("site-m", &incoming, &signed);
+    assert!(
+        !ok && out.contains("the request is for \"site-n\""),
+        "{out}"
+    );
+    assert!(!signed.exists());
+    let mut body: Vec<char> = request.chars().collect();
+    let at = request.find("-----END").unwrap() - 10;
+    body[at] = if body[at] == 'A' { 'B' } else { 'A' };
+    let altered = operator.path().join("altered.pem");
+    std::fs::write(&altered, body.iter().collect::<String>()).unwrap();
+    let (ok, out) = sign("site-n", &altered, &signed);
+    assert!(
+        !ok && out.contains("not a valid certificate request"),
+        "{out}"
+    );
+    let (ok, out) = sign("site-n", &incoming, &signed);
+    assert!(ok, "{out}");
+    let mut written: Vec<String> = files(&signed)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        ["ca.pem", "cert.pem"],
+        "no key on the operator's side"
+    );
+    // Back at the site: cert.pem and ca.pem beside the key make the bundle.
+    for f in ["cert.pem", "ca.pem"] {
+        std::fs::copy(signed.join(f), bundle.join(f)).unwrap();
+    }
+    let read = |f: &str| std::fs::read(bundle.join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(read("cert.pem"), read("key.pem")));
+    let channel = Endpoint::from_shared(format!("https://{}", c.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut site = FederationClient::new(channel);
+    // (A refusal panics, naming the status.)
+    enrol(&mut site, "").await;
+    let mut admin = AdminClient::new(pki.channel(c.addr, Some("ada"), "ada").await.unwrap());
+    let sites = admin
+        .list_sites(ListSitesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .sites;
+    assert!(
+        sites.iter().any(|s| s.site_id == "site-n"),
+        "the coordinator knows the site by its signed certificate: {sites:?}"
+    );
+    // After all that, the site's key is in no file the operator has (the CA directory, its
+    // log, the signed bundle, the request), nor in the coordinator's data directory.
+    for root in [pki.root(), operator.path(), c.data.as_path()] {
+        for f in files(root) {
+            let bytes = std::fs::read(&f).unwrap();
+            assert!(
+                !bytes.windows(key.len()).any(|w| w == key.as_slice()),
+                "{} holds the site's key",
+                f.display()
+            );
+        }
+    }
+}
