@@ -6,6 +6,7 @@
 mod agent;
 mod claims;
 mod ctl;
+mod deploy;
 mod enrolment;
 mod federation;
 mod growing;
