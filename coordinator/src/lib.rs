@@ -14,12 +14,15 @@
 //! - [`security`]: certificates, mutual TLS, identities, revocation, per-caller limits and
 //!   the hash-chained audit log.
 //! - [`audit`] and [`run_report`]: the privacy-audit report and the run report (HTML).
+//! - [`backup`]: a consistent backup of the data directory while the coordinator serves,
+//!   and its restore.
 //! - [`metrics`]: what sites report and its weighted summaries.
 //! - [`memtrace`]: prints the process's memory at fixed points when `FEDFLOW_MEMTRACE` is
 //!   set (for the overhead benchmark's breakdown).
 //! - [`error`]: the crate's one error type.
 
 pub mod audit;
+pub mod backup;
 pub mod config;
 pub mod error;
 pub mod memtrace;

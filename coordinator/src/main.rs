@@ -117,6 +117,27 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Back up the data directory, also while `serve` runs: a consistent snapshot of the
+    /// database, the checkpoints it records (hash-checked) and the security audit log, in
+    /// the new directory --out (complete once it exists; `backup.json` describes it).
+    Backup {
+        /// The coordinator's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// The backup directory to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into a new data directory (empty or absent), after checking every
+    /// checkpoint's hash and the audit log's chain; `serve --data` it to resume.
+    Restore {
+        /// The backup directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// The data directory to create.
+        #[arg(long)]
+        data: PathBuf,
+    },
     /// Write a model version as a model directory (model.safetensors, model.json with both
     /// hashes, vocab.json): the format `fedflow-client evaluate` loads, and a warm start's
     /// `[init] model_dir`.
@@ -183,6 +204,38 @@ enum AuditLogCommand {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Pki(cmd) => cli::security::pki(cmd)?,
+        Command::Backup { data, out } => {
+            let m = fedflow_coordinator::backup::backup(&data, &out)
+                .with_context(|| format!("backing up {}", data.display()))?;
+            for r in &m.runs {
+                println!(
+                    "run {}: committed round {} (model sha256 {})",
+                    r.run_id, r.committed_round, r.model_sha256
+                );
+            }
+            println!(
+                "backed up {} into {}: {} checkpoint(s), {} bytes; {} audit record(s)",
+                data.display(),
+                out.display(),
+                m.checkpoints,
+                m.checkpoint_bytes,
+                m.audit_records
+            );
+        }
+        Command::Restore { from, data } => {
+            let m = fedflow_coordinator::backup::restore(&from, &data)
+                .with_context(|| format!("restoring {}", from.display()))?;
+            println!(
+                "restored {} into {}: {} run(s), {} checkpoint(s), {} audit record(s) verified; \
+                 serve --data {} resumes",
+                from.display(),
+                data.display(),
+                m.runs.len(),
+                m.checkpoints,
+                m.audit_records,
+                data.display()
+            );
+        }
         Command::Export {
             data,
             run,

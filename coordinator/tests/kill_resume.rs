@@ -1,7 +1,8 @@
-//! `kill -9` of the real coordinator binary in the middle of a run, and SIGTERM (a graceful
-//! stop that exits 0 within its grace period): restarted on the same data directory, it
-//! resumes at its last committed round with the identical global model (same SHA-256), the
-//! sites reconnect on their own, and the run finishes.
+//! `kill -9` of the real coordinator binary in the middle of a run, SIGTERM (a graceful
+//! stop that exits 0 within its grace period), and a backup taken while it serves then
+//! restored into a new data directory: restarted, it resumes at its last committed round
+//! (the backup's) with the identical global model (same SHA-256), the sites reconnect on
+//! their own, and the run finishes.
 //!
 //! Waits are on observable state (the admin service), never on sleeps.
 
@@ -102,6 +103,39 @@ async fn wait_until(
     panic!("the coordinator at {addr} never reached: {what}");
 }
 
+/// One in-process site per generated site, training against the coordinator at `addr`
+/// and reconnecting quickly when it is away.
+fn spawn_sites(
+    fed: &fedflow_common::synth::SynthFederation,
+    vocab: &Vocab,
+    addr: &str,
+) -> Vec<tokio::task::JoinHandle<fedflow_client::Result<fedflow_client::federation::SiteSummary>>> {
+    fed.sites
+        .iter()
+        .map(|s| {
+            let ds = SiteDataset::from_records(&s.records, vocab, 0.2).unwrap();
+            let trainer = Arc::new(SiteTrainer::new(ds, vocab, Device::Cpu));
+            let mut o = SiteOptions::new(format!("http://{addr}"), s.name.clone());
+            o.poll_wait = Duration::from_secs(1);
+            o.max_backoff = Duration::from_millis(500);
+            tokio::spawn(run_site(o, trainer))
+        })
+        .collect()
+}
+
+/// Copies the directory tree `from` to `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
 fn committed(rounds: &[RoundSummary]) -> Vec<(u64, String)> {
     rounds
         .iter()
@@ -117,6 +151,9 @@ enum Stop {
     Kill,
     /// SIGTERM: a graceful stop.
     Term,
+    /// A backup taken while it serves, then SIGKILL; the second coordinator runs on the
+    /// backup restored into a new data directory.
+    BackupThenKill,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,6 +164,23 @@ async fn a_coordinator_killed_mid_run_resumes_with_the_identical_model_and_finis
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_sent_sigterm_exits_0_in_its_grace_period_and_resumes() {
     stopped_mid_run_resumes(Stop::Term).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_while_serving_restores_to_a_coordinator_that_resumes_the_run() {
+    stopped_mid_run_resumes(Stop::BackupThenKill).await;
+}
+
+/// Runs `fedflow-coordinator` with `args`; its success and output.
+fn coordinator_command(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fedflow-coordinator"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 async fn stopped_mid_run_resumes(how: Stop) {
@@ -151,31 +205,86 @@ async fn stopped_mid_run_resumes(how: Stop) {
          [rounds]\ndeadline_secs = 300\nmin_completed = 3\nheartbeat_timeout_secs = 30\n",
     )
     .unwrap();
-    let data = dir.path().join("coordinator");
+    let mut data = dir.path().join("coordinator");
 
     let (mut first, addr) = start(&config, &data, "127.0.0.1:0");
-    let sites: Vec<_> = fed
-        .sites
-        .iter()
-        .map(|s| {
-            let ds = SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap();
-            let trainer = Arc::new(SiteTrainer::new(ds, &vocab, Device::Cpu));
-            let mut o = SiteOptions::new(format!("http://{addr}"), s.name.clone());
-            o.poll_wait = Duration::from_secs(1);
-            o.max_backoff = Duration::from_millis(500);
-            tokio::spawn(run_site(o, trainer))
-        })
-        .collect();
+    let sites = spawn_sites(&fed, &vocab, &addr);
 
     // Let round 1 commit, then stop it.
     let (_, before) = wait_until(&addr, "round 1 committed", |_, r| {
         committed(r).iter().any(|(n, _)| *n == 1)
     })
     .await;
+    let mut backed_up = None;
     match how {
         Stop::Kill => {
             first.kill().unwrap();
             first.wait().unwrap();
+        }
+        Stop::BackupThenKill => {
+            let backup = dir.path().join("backup");
+            let (ok, out) = coordinator_command(&[
+                "backup".as_ref(),
+                "--data".as_ref(),
+                data.as_os_str(),
+                "--out".as_ref(),
+                backup.as_os_str(),
+            ]);
+            assert!(ok, "{out}");
+            first.kill().unwrap();
+            first.wait().unwrap();
+            let manifest: fedflow_coordinator::backup::Manifest =
+                serde_json::from_slice(&std::fs::read(backup.join("backup.json")).unwrap())
+                    .unwrap();
+            // A damaged backup is refused, and leaves nothing to start from.
+            let damaged = dir.path().join("damaged");
+            copy_tree(&backup, &damaged);
+            let checkpoint = std::fs::read_dir(damaged.join("checkpoints/resume"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.to_string_lossy().ends_with("round-000001.safetensors"))
+                .unwrap();
+            let mut bytes = std::fs::read(&checkpoint).unwrap();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 1;
+            std::fs::write(&checkpoint, bytes).unwrap();
+            let refused = dir.path().join("refused");
+            let (ok, out) = coordinator_command(&[
+                "restore".as_ref(),
+                "--from".as_ref(),
+                damaged.as_os_str(),
+                "--data".as_ref(),
+                refused.as_os_str(),
+            ]);
+            assert!(!ok && out.contains("the backup is damaged"), "{out}");
+            assert!(!refused.join("fedflow.sqlite").exists());
+            // Restored into a new directory, with a verifying audit log.
+            let restored = dir.path().join("restored");
+            let (ok, out) = coordinator_command(&[
+                "restore".as_ref(),
+                "--from".as_ref(),
+                backup.as_os_str(),
+                "--data".as_ref(),
+                restored.as_os_str(),
+            ]);
+            assert!(ok, "{out}");
+            let (ok, out) = coordinator_command(&[
+                "audit-log".as_ref(),
+                "verify".as_ref(),
+                restored.join("security-audit.jsonl").as_os_str(),
+            ]);
+            assert!(ok, "{out}");
+            // Not over an existing directory.
+            let (ok, out) = coordinator_command(&[
+                "restore".as_ref(),
+                "--from".as_ref(),
+                backup.as_os_str(),
+                "--data".as_ref(),
+                restored.as_os_str(),
+            ]);
+            assert!(!ok && out.contains("is not empty"), "{out}");
+            backed_up = Some(manifest);
+            data = restored;
         }
         Stop::Term => {
             let sent = Command::new("kill")
@@ -209,6 +318,13 @@ async fn stopped_mid_run_resumes(how: Stop) {
     let (last_round, last_sha) = after.last().unwrap().clone();
     assert!(last_round >= 1);
     assert_eq!(status.committed_round, last_round);
+    if let Some(m) = &backed_up {
+        // The restored coordinator stands where the backup did.
+        assert_eq!(
+            (m.runs[0].committed_round, m.runs[0].model_sha256.as_str()),
+            (last_round, last_sha.as_str())
+        );
+    }
     assert_eq!(
         status.global_model_sha256, last_sha,
         "the resumed global model is the last committed one"
@@ -280,18 +396,7 @@ async fn a_site_dp_run_killed_after_recording_keeps_every_spend_and_stops_at_the
     let data = dir.path().join("coordinator");
 
     let (mut first, addr) = start_with(&config, &data, "127.0.0.1:0", Some("after-commit-round-2"));
-    let sites: Vec<_> = fed
-        .sites
-        .iter()
-        .map(|s| {
-            let ds = SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap();
-            let trainer = Arc::new(SiteTrainer::new(ds, &vocab, Device::Cpu));
-            let mut o = SiteOptions::new(format!("http://{addr}"), s.name.clone());
-            o.poll_wait = Duration::from_secs(1);
-            o.max_backoff = Duration::from_millis(500);
-            tokio::spawn(run_site(o, trainer))
-        })
-        .collect();
+    let sites = spawn_sites(&fed, &vocab, &addr);
     let exit = tokio::task::spawn_blocking(move || first.wait().unwrap())
         .await
         .unwrap();
