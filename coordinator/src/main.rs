@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use fedflow_coordinator::config::RunConfig;
 use fedflow_coordinator::round::RoundEngine;
 use fedflow_coordinator::security::Transport;
-use fedflow_coordinator::service::{Coordinator, serve};
+use fedflow_coordinator::service::{Coordinator, serve_with_health};
 use fedflow_coordinator::store::Store;
 
 mod cli;
@@ -103,6 +103,12 @@ enum Command {
         /// open round.
         #[arg(long, default_value_t = 10)]
         grace_secs: u64,
+        /// Also serve gRPC health alone (`grpc.health.v1`), in plaintext, here: for probes
+        /// that present no client certificate (Kubernetes' gRPC probes, `fedflow-ctl
+        /// health` in a container health check). It tells only whether the coordinator is
+        /// ready; keep it on a network only the probes reach.
+        #[arg(long)]
+        health_listen: Option<SocketAddr>,
     },
     /// Write a run's report (run-report.html: accuracy, loss, participation, update norms,
     /// durations and epsilon per round, as charts; self-contained).
@@ -343,6 +349,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_listen,
             stay_up,
             grace_secs,
+            health_listen,
         } => {
             let transport = match (tls, insecure_plaintext) {
                 (Some(bundle), _) => Transport::MutualTls(bundle),
@@ -427,7 +434,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
             };
-            let served = serve(listener, coordinator, shutdown);
+            let health = match health_listen {
+                Some(addr) => {
+                    let l = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr} for health"))?;
+                    println!(
+                        "gRPC health (plaintext) on {}",
+                        l.local_addr().unwrap_or(addr)
+                    );
+                    Some(l)
+                }
+                None => None,
+            };
+            let served = serve_with_health(listener, health, coordinator, shutdown);
             tokio::pin!(served);
             let grace_over = async move {
                 if signal.await.is_ok() {

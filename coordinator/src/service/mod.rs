@@ -426,18 +426,54 @@ pub async fn serve(
     coordinator: Coordinator,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with_health(listener, None, coordinator, shutdown).await
+}
+
+/// [`serve`], and when `health` is given, gRPC health alone (`grpc.health.v1`, the same
+/// statuses) in plaintext on that listener too, for probes that cannot present a client
+/// certificate (Kubernetes' gRPC probes, container health checks). It says only whether
+/// the coordinator is ready; keep it on a network only the probes reach.
+pub async fn serve_with_health(
+    listener: tokio::net::TcpListener,
+    health: Option<tokio::net::TcpListener>,
+    coordinator: Coordinator,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
     use fedflow_proto::transfer::MAX_MESSAGE_BYTES;
     use fedflow_proto::v1::admin_server::AdminServer;
     use fedflow_proto::v1::federation_server::FederationServer;
 
     let tls = coordinator.shared.security.tls.clone();
     let log = coordinator.shared.security.log.clone();
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // tonic-health starts the whole server ("") as SERVING; nothing is until the probe says.
-    health
+    health_reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    let probe = readiness(coordinator.clone(), health);
+    let probe = readiness(coordinator.clone(), health_reporter);
+    let (stopped, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopped.send(true);
+    };
+    let health_only = health.map(|listener| {
+        let mut stop = stop_rx.clone();
+        let service = health_service.clone();
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                )
+                .await;
+            if let Err(e) = served {
+                tracing::error!("the plaintext health endpoint stopped: {e}");
+            }
+        })
+    });
     // Both versions of server reflection: `v1`, and `v1alpha`, which Python's
     // grpcio-reflection and older grpcurl speak. Each describes the whole server, both
     // reflection services included.
@@ -494,10 +530,14 @@ pub async fn serve(
         }
     };
     // The readiness probe runs as long as the server does.
-    tokio::select! {
+    let served = tokio::select! {
         r = server => r,
         () = probe => Ok(()),
+    };
+    if let Some(h) = health_only {
+        h.abort();
     }
+    served
 }
 
 /// How often gRPC health is brought up to date.

@@ -1,7 +1,11 @@
 //! The deployment files under `deploy/` checked against the binaries they run: the systemd
 //! units pass `systemd-analyze verify` (with `ExecStart` pointed at the binaries built for
 //! this test), their hardening scores an exposure of at most 2.0 in `systemd-analyze
-//! security`, and the command line each starts is one its binary accepts.
+//! security`, and the command line each starts is one its binary accepts; the container
+//! images build from local material (podman, vfs) with the user, stop signal and health
+//! check they declare, and, since containers cannot start on this machine, the image's
+//! command and health check run in a copy of the image's own root file system (chroot, as
+//! its unprivileged user).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -95,4 +99,193 @@ fn the_systemd_units_verify_are_hardened_and_start_commands_the_binaries_accept(
             String::from_utf8_lossy(&parsed.stderr)
         );
     }
+}
+
+/// Runs `cmd`; its success and output, both streams.
+fn output(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// `podman --storage-driver=vfs ARGS`.
+fn podman(args: &[&str]) -> (bool, String) {
+    output(
+        Command::new("podman")
+            .arg("--storage-driver=vfs")
+            .args(args),
+    )
+}
+
+/// Copies the tree `from` into `to`, keeping modes, owners and links (`cp -a`).
+fn copy_tree(from: &Path, to: &Path) {
+    let (ok, out) = output(Command::new("cp").arg("-a").arg(from).arg(to));
+    assert!(ok, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_images_build_from_local_material_and_their_entrypoints_and_health_check_work() {
+    use std::io::BufRead;
+    let root = workspace();
+    let (ok, out) = output(&mut Command::new(
+        root.join("deploy/container/install-podman.sh"),
+    ));
+    assert!(ok, "podman is needed: {out}");
+    let coordinator = cargo_bin("fedflow-coordinator", "fedflow-coordinator");
+    cargo_bin("fedflow-coordinator", "fedflow-ctl");
+    cargo_bin("fedflow-client", "fedflow-client");
+    let bin_dir = coordinator.parent().unwrap();
+    let (ok, out) = output(
+        Command::new(root.join("deploy/container/build-local.sh"))
+            .arg("--bin-dir")
+            .arg(bin_dir),
+    );
+    assert!(ok, "{out}");
+
+    // What the image says about itself.
+    let (ok, inspect) = podman(&["image", "inspect", "fedflow-coordinator:local"]);
+    assert!(ok, "{inspect}");
+    let image = &serde_json::from_str::<serde_json::Value>(&inspect).unwrap()[0];
+    let config = &image["Config"];
+    assert_eq!(config["User"], "65532:65532", "{config}");
+    assert_eq!(config["StopSignal"], "SIGTERM");
+    assert_eq!(
+        config["Entrypoint"][0],
+        "/usr/local/bin/fedflow-coordinator"
+    );
+    // (podman shows a docker-format image's health check beside its OCI config.)
+    let check: Vec<String> = image["Healthcheck"]["Test"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(check[..3], ["CMD", "/usr/local/bin/fedflow-ctl", "health"]);
+    let cmd: Vec<String> = config["Cmd"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+
+    // Containers cannot start on this machine: run the entrypoint in a copy of the image's
+    // own root file system instead, as its unprivileged user.
+    let (ok, mounted) = podman(&["image", "mount", "fedflow-coordinator:local"]);
+    assert!(ok, "{mounted}");
+    let dir = tempfile::tempdir().unwrap();
+    let fs = dir.path().join("rootfs");
+    copy_tree(Path::new(mounted.trim()), &fs);
+    podman(&["image", "unmount", "fedflow-coordinator:local"]);
+    let chrooted = |args: &[&str]| {
+        let mut c = Command::new("chroot");
+        c.arg("--userspec=65532:65532").arg(&fs).args(args);
+        c
+    };
+    let (ok, out) = output(&mut chrooted(&[
+        "/usr/local/bin/fedflow-coordinator",
+        "--version",
+    ]));
+    assert!(ok && out.starts_with("fedflow-coordinator "), "{out}");
+    // The configuration the image expects under /etc/fedflow, made with the host's tools.
+    let etc = fs.join("etc/fedflow");
+    let pki = dir.path().join("pki");
+    for args in [
+        vec!["pki", "init", "--dir", pki.to_str().unwrap()],
+        vec![
+            "pki",
+            "server",
+            "--dir",
+            pki.to_str().unwrap(),
+            "--name",
+            "127.0.0.1",
+            "--out",
+            etc.join("tls").to_str().unwrap(),
+        ],
+    ] {
+        let (ok, out) = output(Command::new(&coordinator).args(&args));
+        assert!(ok, "{out}");
+    }
+    fedflow_common::data::Vocab::from_events(["open", "search"])
+        .unwrap()
+        .save(etc.join("vocab.json"))
+        .unwrap();
+    std::fs::write(
+        etc.join("run.toml"),
+        "[run]\nname = \"image\"\nrounds = 1\n[model]\nvocab = \"vocab.json\"\n",
+    )
+    .unwrap();
+    let (ok, out) = output(Command::new("chmod").args(["-R", "a+rX"]).arg(&etc));
+    assert!(ok, "{out}");
+    // The image's command, on ports of its own.
+    let args: Vec<String> = cmd
+        .iter()
+        .map(|a| match a.as_str() {
+            "0.0.0.0:50051" | "0.0.0.0:50052" | "0.0.0.0:9100" => "127.0.0.1:0".to_string(),
+            _ => a.clone(),
+        })
+        .collect();
+    let mut serve = chrooted(&["/usr/local/bin/fedflow-coordinator"]);
+    let mut child = serve
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let health = loop {
+        let Some(line) = lines.next() else {
+            panic!(
+                "serve ended without saying where its health endpoint is:\n{}",
+                std::fs::read_to_string(dir.path().join("serve.log")).unwrap()
+            );
+        };
+        let line = line.unwrap();
+        if let Some(addr) = line.strip_prefix("gRPC health (plaintext) on ") {
+            break addr.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    // The image's health check, as the container runtime would run it (readiness is
+    // checked every second: NOT_SERVING until the first check).
+    let mut probe: Vec<String> = check[1..].to_vec();
+    let at = probe.iter().position(|a| a == "--address").unwrap();
+    probe[at + 1] = health.clone();
+    let probe: Vec<&str> = probe.iter().map(String::as_str).collect();
+    let mut serving = false;
+    for _ in 0..100 {
+        let (ok, out) = output(&mut chrooted(&probe));
+        if ok && out.contains("SERVING") {
+            serving = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(serving, "the health check never passed");
+    // The data directory is the only place it wrote; SIGTERM stops it with exit 0.
+    assert!(fs.join("var/lib/fedflow/fedflow.sqlite").exists());
+    let (ok, out) = output(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    assert!(ok, "{out}");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    // Unreachable health: exit 3.
+    let (ok, _) = output(&mut chrooted(&probe));
+    assert!(!ok);
+
+    // The site image's entrypoint runs in its root file system too.
+    let (ok, mounted) = podman(&["image", "mount", "fedflow-site:local"]);
+    assert!(ok, "{mounted}");
+    let site = dir.path().join("site");
+    copy_tree(Path::new(mounted.trim()), &site);
+    podman(&["image", "unmount", "fedflow-site:local"]);
+    let (ok, out) = output(
+        Command::new("chroot")
+            .arg("--userspec=65532:65532")
+            .arg(&site)
+            .args(["/usr/local/bin/fedflow-client", "--version"]),
+    );
+    assert!(ok && out.starts_with("fedflow-client "), "{out}");
 }

@@ -97,6 +97,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask a coordinator's plaintext health endpoint (`serve --health-listen`) whether it
+    /// is ready: exit 0 when SERVING, 1 when not, 3 when unreachable (container health
+    /// checks, scripts). Needs no identity.
+    Health {
+        /// The health endpoint, HOST:PORT.
+        #[arg(long, default_value = "127.0.0.1:50052")]
+        address: String,
+    },
     /// Publish a committed version (admin): the sites serve it from their next poll.
     Publish {
         /// The version (its round).
@@ -238,7 +246,42 @@ async fn client(cli: &Cli) -> Result<AdminClient<Channel>, Failure> {
     Ok(AdminClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
+/// `health`: the plaintext gRPC health check.
+async fn health(address: &str) -> Result<(), Failure> {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| Failure::new(2, format!("--address {address}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| Failure::new(3, format!("cannot reach {address}: {e}")))?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .map_err(|s| Failure::new(3, format!("{address}: {}", s.message())))?
+        .into_inner();
+    if reply.status == ServingStatus::Serving as i32 {
+        println!("SERVING");
+        Ok(())
+    } else {
+        Err(Failure::new(
+            1,
+            format!(
+                "{address}: {}",
+                ServingStatus::try_from(reply.status).map_or("unknown status".to_string(), |s| s
+                    .as_str_name()
+                    .to_string())
+            ),
+        ))
+    }
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::Health { address } = &cli.command {
+        return health(address).await;
+    }
     let mut admin = client(&cli).await?;
     let at = cli.coordinator.as_str();
     let st = |s| from_status(s, at);
@@ -330,6 +373,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print!("{}", table::models(&r, fedflow_common::clock::now_ms()));
             }
         }
+        Command::Health { .. } => unreachable!("answered before connecting"),
         Command::Publish { round, reason } => {
             let r = admin
                 .publish(PublishRequest { round, reason })
