@@ -21,7 +21,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ -z "$bin_dir" ]; then
-  cargo build --release --locked -p fedflow-coordinator -p fedflow-client >&2
+  cargo build --release --locked -p fedflow-coordinator -p fedflow-client -p fedflow-sim >&2
   bin_dir="${CARGO_TARGET_DIR:-target}/release"
 fi
 work="${rootfs_only:-$(mktemp -d)}"
@@ -50,6 +50,8 @@ rootfs "$work/coordinator/rootfs" fedflow-coordinator fedflow-ctl
 mkdir -p "$work/coordinator/rootfs/etc/fedflow" "$work/coordinator/data"
 rootfs "$work/site/rootfs" fedflow-client
 mkdir -p "$work/site/rootfs/etc/fedflow-site" "$work/site/data"
+rootfs "$work/loadtest/rootfs" fedflow-sim
+mkdir -p "$work/loadtest/data"
 
 # The image instructions: the Containerfile's runtime stage, FROM scratch plus the root fs
 # (its binaries come from rootfs/, its empty data directory from data/).
@@ -65,15 +67,15 @@ containerfile() {
 }
 containerfile coordinator > "$work/coordinator/Containerfile"
 containerfile site > "$work/site/Containerfile"
+containerfile loadtest > "$work/loadtest/Containerfile"
 if [ -n "$rootfs_only" ]; then
-  echo "fedflow-coordinator:local $work/coordinator/rootfs"
-  echo "fedflow-site:local $work/site/rootfs"
+  for image in coordinator site loadtest; do echo "fedflow-$image:local $work/$image/rootfs"; done
   exit 0
 fi
 
 command -v podman >/dev/null 2>&1 ||
   { echo "build-local.sh: podman is needed (Debian: apt-get install podman)" >&2; exit 1; }
-for image in coordinator site; do
+for image in coordinator site loadtest; do
   podman --storage-driver=vfs build --quiet --format docker \
     -t "fedflow-$image:local" -f "$work/$image/Containerfile" "$work/$image" >&2
   echo "fedflow-$image:local $work/$image/rootfs"

@@ -34,6 +34,7 @@ pub mod demo;
 pub mod live;
 pub mod privacy_curve;
 pub mod site_curve;
+pub mod swarm;
 
 /// Errors of a simulation.
 #[derive(Debug, thiserror::Error)]

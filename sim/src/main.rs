@@ -38,6 +38,9 @@ enum Command {
     /// gate keeps the served model up to date; reports the served version, a version frozen
     /// at the drift and the exact ceiling per round (live.json, live.html).
     Live(LiveArgs),
+    /// Many simulated sites in this process against a coordinator elsewhere: a load
+    /// generator (one per pod of deploy/kubernetes/loadtest). Ends when the run does.
+    Swarm(SwarmArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -214,6 +217,40 @@ struct CurveArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct SwarmArgs {
+    /// The coordinator: https://HOST:PORT (with --identities) or http://HOST:PORT (a
+    /// coordinator serving plaintext, for load tests only).
+    #[arg(long)]
+    coordinator: String,
+    /// Sites in this process.
+    #[arg(long, default_value_t = 100)]
+    sites: usize,
+    /// This process's index: its sites are <prefix>-<index>-<n> (an indexed Job's
+    /// JOB_COMPLETION_INDEX).
+    #[arg(long, default_value_t = 0)]
+    index: usize,
+    /// The sites' name prefix.
+    #[arg(long, default_value = "load")]
+    prefix: String,
+    /// A folder holding one certificate bundle per site name (mutual TLS).
+    #[arg(long)]
+    identities: Option<PathBuf>,
+    /// Train for real on this many generated sessions per site (needs --vocab) instead
+    /// of answering with the no-op trainer.
+    #[arg(long)]
+    local_sessions: Option<usize>,
+    /// The federation's vocabulary (with --local-sessions).
+    #[arg(long)]
+    vocab: Option<PathBuf>,
+    /// Training examples each no-op site reports.
+    #[arg(long, default_value_t = 100)]
+    noop_examples: usize,
+    /// Sites that may train at the same time.
+    #[arg(long, default_value_t = 1)]
+    concurrent: usize,
+}
+
+#[derive(Debug, clap::Args)]
 struct DemoArgs {
     /// Output folder (data/, coordinator/, run.toml, demo.json); an earlier demo's products
     /// in it are replaced.
@@ -327,6 +364,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let report = demo::run(&cfg, &mut |line| eprintln!("{line}")).await?;
             print_table(&report);
+        }
+        Command::Swarm(a) => {
+            let cfg = fedflow_sim::swarm::SwarmConfig {
+                coordinator: a.coordinator,
+                sites: a.sites,
+                index: a.index,
+                prefix: a.prefix,
+                identities: a.identities,
+                local_sessions: a.local_sessions,
+                vocab: a.vocab,
+                noop_examples: a.noop_examples,
+                concurrent_work: a.concurrent,
+            };
+            let summaries = fedflow_sim::swarm::run(&cfg).await?;
+            let contributions: usize = summaries
+                .iter()
+                .map(|(_, s)| s.rounds_contributed.len())
+                .sum();
+            println!(
+                "swarm {}: {} site(s) done, {contributions} contribution(s) in all",
+                cfg.index,
+                summaries.len()
+            );
         }
         Command::Live(a) => {
             let cfg = LiveConfig {

@@ -32,6 +32,7 @@ pub mod federation;
 mod models;
 pub mod status;
 mod telemetry;
+pub use telemetry::METRIC_FAMILIES;
 mod transfer;
 
 pub use telemetry::serve_metrics;

@@ -117,6 +117,35 @@ fn counter(r: &mut Registry, name: &str, help: &str, v: u64) {
     r.register(name, help, c);
 }
 
+/// Every metric family `/metrics` may hold, with the `fedflow_` prefix and counters'
+/// `_total` suffix as scrapers see them. Some appear only in some runs: the published
+/// version's once one is published, epsilon under site-level DP, the refusals' once a call
+/// or update was refused. Dashboards are checked against this list, and the list against
+/// what a coordinator exports.
+pub const METRIC_FAMILIES: &[&str] = &[
+    "fedflow_rounds_completed_total",
+    "fedflow_rounds_failed_total",
+    "fedflow_current_round",
+    "fedflow_published_round",
+    "fedflow_published_age_seconds",
+    "fedflow_committed_round",
+    "fedflow_total_rounds",
+    "fedflow_phase",
+    "fedflow_sites_connected",
+    "fedflow_sites_selected",
+    "fedflow_sites_completed",
+    "fedflow_sites_dropped",
+    "fedflow_updates_accepted_total",
+    "fedflow_updates_rejected_total",
+    "fedflow_calls_refused_total",
+    "fedflow_received_bytes_total",
+    "fedflow_sent_bytes_total",
+    "fedflow_round_duration_seconds",
+    "fedflow_aggregation_seconds_sum",
+    "fedflow_aggregations",
+    "fedflow_site_dp_epsilon_spent",
+];
+
 /// The Prometheus text exposition of the coordinator's metrics.
 pub(crate) async fn render(c: &Coordinator) -> crate::Result<String> {
     let f = c.inspect(figures).await?;

@@ -136,6 +136,7 @@ async fn the_images_build_from_local_material_and_their_entrypoints_and_health_c
     let coordinator = cargo_bin("fedflow-coordinator", "fedflow-coordinator");
     cargo_bin("fedflow-coordinator", "fedflow-ctl");
     cargo_bin("fedflow-client", "fedflow-client");
+    cargo_bin("fedflow-sim", "fedflow-sim");
     let bin_dir = coordinator.parent().unwrap();
     let (ok, out) = output(
         Command::new(root.join("deploy/container/build-local.sh"))
@@ -288,4 +289,226 @@ async fn the_images_build_from_local_material_and_their_entrypoints_and_health_c
             .args(["/usr/local/bin/fedflow-client", "--version"]),
     );
     assert!(ok && out.starts_with("fedflow-client "), "{out}");
+    let (ok, inspect) = podman(&["image", "inspect", "fedflow-loadtest:local"]);
+    assert!(ok, "{inspect}");
+    let config = &serde_json::from_str::<serde_json::Value>(&inspect).unwrap()[0]["Config"];
+    assert_eq!(config["Entrypoint"][0], "/usr/local/bin/fedflow-sim");
+    assert_eq!(config["User"], "65532:65532");
+}
+
+/// `path` (YAML) as JSON, read by the test venv's PyYAML.
+async fn yaml(python: &Path, path: &Path) -> serde_json::Value {
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.args([
+        "-c",
+        "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+    ])
+    .arg(path);
+    let out = crate::python_interop::run(cmd, "PyYAML", std::time::Duration::from_secs(60)).await;
+    serde_json::from_str(&out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kubernetes_overlay_renders_and_validates_against_the_schemas() {
+    use fedflow_client::agent::config::AgentConfig;
+    let root = workspace().join("deploy/kubernetes");
+    let kubectl = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output();
+    assert!(
+        kubectl.is_ok_and(|o| o.status.success()),
+        "kubectl is needed (its built-in kustomize renders the manifests)"
+    );
+    let python = crate::python_interop::interop_python().await;
+    let validator = python.with_file_name("kubernetes-validate");
+    let dir = tempfile::tempdir().unwrap();
+    let mut kinds = std::collections::BTreeSet::new();
+    for overlay in [
+        "coordinator",
+        "site",
+        "loadtest",
+        "overlays/coordinator-networkpolicy",
+        "overlays/coordinator-full",
+    ] {
+        let (ok, rendered) = output(
+            Command::new("kubectl")
+                .arg("kustomize")
+                .arg(root.join(overlay)),
+        );
+        assert!(ok, "{overlay}: {rendered}");
+        let file = dir
+            .path()
+            .join(format!("{}.yaml", overlay.replace('/', "-")));
+        std::fs::write(&file, &rendered).unwrap();
+        let (ok, report) = output(Command::new(&validator).arg("--strict").arg(&file));
+        assert!(ok && !report.contains("ERROR"), "{overlay}:\n{report}");
+        for doc in yaml(&python, &file).await.as_array().unwrap() {
+            let kind = doc["kind"].as_str().unwrap().to_string();
+            if kind != "ServiceMonitor" {
+                assert!(
+                    report.contains(&format!("passed for resource {}", kind.to_lowercase())),
+                    "{overlay}: {kind} was not validated:\n{report}"
+                );
+            }
+            // Every workload runs as the unprivileged user with a read-only root.
+            let pod = match kind.as_str() {
+                "StatefulSet" | "Job" => &doc["spec"]["template"]["spec"],
+                _ => continue,
+            };
+            assert_eq!(
+                pod["securityContext"]["runAsNonRoot"], true,
+                "{overlay} {kind}"
+            );
+            for c in pod["containers"].as_array().unwrap() {
+                let sc = &c["securityContext"];
+                assert_eq!(sc["readOnlyRootFilesystem"], true, "{overlay} {kind}");
+                assert_eq!(sc["allowPrivilegeEscalation"], false, "{overlay} {kind}");
+                assert!(c["resources"]["requests"].is_object(), "{overlay} {kind}");
+            }
+            kinds.insert(kind);
+        }
+    }
+    for kind in ["StatefulSet", "Job"] {
+        assert!(kinds.contains(kind), "{kinds:?}");
+    }
+    // The configurations shipped in them parse.
+    let coordinator = cargo_bin("fedflow-coordinator", "fedflow-coordinator");
+    let (ok, out) = output(
+        Command::new(&coordinator)
+            .arg("check-config")
+            .arg(root.join("coordinator/run.toml")),
+    );
+    assert!(ok, "{out}");
+    let site = root.join("site/site.toml");
+    AgentConfig::parse(&std::fs::read_to_string(&site).unwrap(), &root.join("site"))
+        .unwrap_or_else(|e| panic!("{}: {e}", site.display()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_federation_mounts_what_prepare_makes_and_its_dashboard_queries_real_metrics() {
+    use fedflow_client::agent::config::AgentConfig;
+    use fedflow_coordinator::service::METRIC_FAMILIES;
+    let root = workspace().join("deploy/compose");
+    let python = crate::python_interop::interop_python().await;
+    let coordinator = cargo_bin("fedflow-coordinator", "fedflow-coordinator");
+    cargo_bin("fedflow-client", "fedflow-client");
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    let (ok, out) = output(
+        Command::new(root.join("prepare.sh"))
+            .arg("--out")
+            .arg(&local)
+            .arg("--bin-dir")
+            .arg(coordinator.parent().unwrap()),
+    );
+    assert!(ok, "{out}");
+    let compose = yaml(&python, &root.join("compose.yaml")).await[0].clone();
+    let services = compose["services"].as_object().unwrap();
+    for s in [
+        "coordinator",
+        "site-a",
+        "site-b",
+        "site-c",
+        "prometheus",
+        "grafana",
+    ] {
+        assert!(services.contains_key(s), "{s}");
+    }
+    // Every host path a service mounts exists (./local/ is what prepare.sh made).
+    for (name, service) in services {
+        for v in service["volumes"].as_array().into_iter().flatten() {
+            let host = v.as_str().unwrap().split(':').next().unwrap();
+            let Some(rel) = host.strip_prefix("./") else {
+                assert!(
+                    compose["volumes"].get(host).is_some(),
+                    "{name}: {host} is neither a path nor a named volume"
+                );
+                continue;
+            };
+            let path = match rel.strip_prefix("local/") {
+                Some(r) => local.join(r),
+                None => root.join(rel),
+            };
+            assert!(path.exists(), "{name} mounts {host}, which does not exist");
+        }
+    }
+    // What the containers read parses.
+    let (ok, out) = output(
+        Command::new(&coordinator)
+            .arg("check-config")
+            .arg(local.join("coordinator/run.toml")),
+    );
+    assert!(ok, "{out}");
+    for site in ["site-a", "site-b", "site-c"] {
+        let d = local.join("sites").join(site);
+        let cfg =
+            AgentConfig::parse(&std::fs::read_to_string(d.join("site.toml")).unwrap(), &d).unwrap();
+        // The bundle is complete: the site's own key and the CA-signed certificate.
+        let bundle =
+            fedflow_client::tls::Bundle::load(cfg.coordinator.identity.as_ref().unwrap()).unwrap();
+        assert_eq!(bundle.site_name().unwrap(), site);
+    }
+    // Prometheus scrapes the coordinator's metrics port.
+    let prometheus = yaml(&python, &root.join("prometheus.yml")).await[0].clone();
+    let target = prometheus["scrape_configs"][0]["static_configs"][0]["targets"][0]
+        .as_str()
+        .unwrap();
+    assert_eq!(target, "coordinator:9100");
+    // The dashboard asks only for metrics the coordinator exports, and the list of those is
+    // true of a running coordinator.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("grafana/fedflow-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let known = |name: &str| {
+        METRIC_FAMILIES.contains(&name)
+            || ["_bucket", "_count", "_sum"].iter().any(|s| {
+                name.strip_suffix(s)
+                    .is_some_and(|base| METRIC_FAMILIES.contains(&base))
+            })
+    };
+    let mut asked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("fedflow_"))
+            {
+                assert!(
+                    known(name),
+                    "panel {}: {name} is not exported",
+                    panel["title"]
+                );
+                asked += 1;
+            }
+        }
+    }
+    assert!(asked >= 15, "{asked}");
+    let c = fedflow_tests::TestCoordinator::builder(
+        "[run]\nname = \"m\"\nrounds = 1\n[model]\nvocab = \"vocab.json\"\nembed_dim = 8\n\
+         hidden_size = 8\nnum_layers = 1\n",
+    )
+    .metrics()
+    .spawn()
+    .await;
+    let exported =
+        fedflow_tests::http::request(c.metrics_addr.unwrap(), "GET", "/metrics", &[], b"").await;
+    let mut families = 0;
+    for line in exported.body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            let name = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            assert!(
+                METRIC_FAMILIES.contains(&name.as_str()),
+                "{name} is exported, not listed"
+            );
+            families += 1;
+        }
+    }
+    assert!(families >= 15, "{}", exported.body);
 }
