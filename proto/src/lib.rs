@@ -10,6 +10,7 @@
 //! outside the coordinator's and client's gRPC layers should touch [`v1`] types.
 
 pub mod codec;
+pub mod compat;
 pub mod tls;
 pub mod transfer;
 

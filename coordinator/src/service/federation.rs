@@ -38,6 +38,19 @@ impl Federation for Coordinator {
         let peer = super::auth::peer(&req);
         let req = req.into_inner();
         check_text("client_version", &req.client_version)?;
+        use fedflow_proto::compat::{ClientVersion, check_client};
+        match check_client(&req.client_version, env!("CARGO_PKG_VERSION")) {
+            ClientVersion::Compatible => {}
+            ClientVersion::Unversioned => tracing::info!(
+                site = %call.site,
+                "site {} enrols with client version {:?} (not a fedflow version): taken at its word",
+                call.site,
+                fedflow_common::text::shorten(&req.client_version, 40)
+            ),
+            ClientVersion::Incompatible(why) => {
+                return Err(Error::Refused(format!("site {}: {why}", call.site)).into());
+            }
+        }
         if req.vocab_sha256.is_empty() {
             // Under mutual TLS every site is a real one with a vocabulary; the plaintext
             // mode (demos, tests, the no-op benchmark client) takes sites at their word.

@@ -687,6 +687,37 @@ async fn a_site_enrols_naming_its_vocabulary_in_plain_text() {
         .unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_client_of_an_incompatible_version_is_refused_saying_what_to_install() {
+    let pki = Pki::new();
+    let c = coordinator(&pki).await;
+    let mut a = pki.site(c.addr, "site-a").await;
+    let ours = env!("CARGO_PKG_VERSION");
+    let (major, minor, _) = fedflow_proto::compat::parse(ours).unwrap();
+    // The next release that breaks compatibility, and a compatible later patch.
+    let (breaking, patch) = if major == 0 {
+        (format!("0.{}.0", minor + 1), format!("0.{minor}.99"))
+    } else {
+        (format!("{}.0.0", major + 1), format!("{major}.99.0"))
+    };
+    let enrol = |client_version: &str| EnrolRequest {
+        vocab_sha256: c.vocab_sha256.clone(),
+        client_version: client_version.into(),
+        ..Default::default()
+    };
+    let s = a.enrol(enrol(&breaking)).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(
+        s.message()
+            .contains(&format!("fedflow-client {breaking} is newer"))
+            && s.message().contains("install fedflow-client"),
+        "{}",
+        s.message()
+    );
+    a.enrol(enrol(&patch)).await.unwrap();
+    a.enrol(enrol(ours)).await.unwrap();
+}
+
 /// `serial` of bundle `name` of `pki`, as fedflow prints serials.
 fn serial_of(pki: &Pki, name: &str) -> String {
     let pem = pki.read(name, "cert.pem");
