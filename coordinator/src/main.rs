@@ -418,6 +418,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 });
             }
+            // SIGHUP: read the server certificate and the revocations again.
+            {
+                let c = coordinator.clone();
+                let mut hup =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        match c.reload().await {
+                            Ok(r) => {
+                                if let Some(t) = &r.tls {
+                                    warn_if_expiring(t.not_after);
+                                }
+                                tracing::info!(
+                                    certificate = r.tls.as_ref().map(|t| t.serial.as_str()),
+                                    revocations = r.revocations,
+                                    "reloaded the server certificate and the revocations"
+                                );
+                            }
+                            Err(e) => tracing::error!(
+                                "reload refused, still serving the previous certificate: {e}"
+                            ),
+                        }
+                    }
+                });
+            }
+            if let Some(not_after) = coordinator.certificate_not_after() {
+                warn_if_expiring(not_after);
+            }
             let finished = run_finished(coordinator.clone());
             let (signalled, signal) = tokio::sync::oneshot::channel::<()>();
             let shutdown = async move {
@@ -467,6 +495,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// How long before its certificate expires the coordinator starts warning.
+const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// Warns when the server certificate expires within [`EXPIRY_WARNING_DAYS`].
+fn warn_if_expiring(not_after: i64) {
+    let days = (not_after - fedflow_common::clock::now_ms() / 1000) / 86_400;
+    if days < EXPIRY_WARNING_DAYS {
+        tracing::warn!(
+            days,
+            "the server certificate expires in {days} day(s): issue a new one (`pki server`) \
+             into the --tls bundle and send SIGHUP"
+        );
+    }
 }
 
 /// Resolves at the first Ctrl-C or SIGTERM (what Kubernetes and systemd send).

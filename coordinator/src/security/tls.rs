@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -103,6 +103,78 @@ pub fn server_config(bundle: &Path) -> Result<Arc<ServerConfig>> {
     Ok(Arc::new(config))
 }
 
+/// The server configuration in force, replaceable while the coordinator serves: each new
+/// connection's handshake takes the configuration current at that moment; connections
+/// already established keep theirs.
+#[derive(Debug)]
+pub struct ServerTls {
+    bundle: PathBuf,
+    current: std::sync::RwLock<Arc<ServerConfig>>,
+    not_after: std::sync::atomic::AtomicI64,
+}
+
+/// What a reload installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The server certificate's serial, as fedflow prints serials.
+    pub serial: String,
+    /// When it expires (Unix seconds).
+    pub not_after: i64,
+}
+
+impl ServerTls {
+    /// Loads the bundle directory `bundle` ([`server_config`]).
+    pub fn load(bundle: &Path) -> Result<ServerTls> {
+        let config = server_config(bundle)?;
+        let (_, not_after) = certificate_facts(&bundle.join(BUNDLE_CERT))?;
+        Ok(ServerTls {
+            bundle: bundle.to_path_buf(),
+            current: std::sync::RwLock::new(config),
+            not_after: std::sync::atomic::AtomicI64::new(not_after),
+        })
+    }
+
+    /// The configuration new handshakes use.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// When the server certificate in force expires (Unix seconds).
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reads the bundle again and, when it is a usable identity, serves new connections with
+    /// it; an unusable bundle (a half-copied file, an expired certificate) changes nothing
+    /// and says why.
+    pub fn reload(&self) -> Result<Reloaded> {
+        let config = server_config(&self.bundle)?;
+        let (serial, not_after) = certificate_facts(&self.bundle.join(BUNDLE_CERT))?;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+        self.not_after
+            .store(not_after, std::sync::atomic::Ordering::Relaxed);
+        Ok(Reloaded { serial, not_after })
+    }
+}
+
+/// The serial (hex) and expiry (Unix seconds) of the first certificate in `path`.
+fn certificate_facts(path: &Path) -> Result<(String, i64)> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let certs = read_certs(path)?;
+    let (_, parsed) = X509Certificate::from_der(&certs[0])
+        .map_err(|e| tls_err(format!("{}: not a certificate: {e}", path.display())))?;
+    Ok((
+        fedflow_common::hash::hex(parsed.raw_serial()),
+        parsed.validity().not_after.timestamp(),
+    ))
+}
+
 /// Refuses a certificate outside its validity period, naming the file and the dates.
 pub fn check_validity(cert: &CertificateDer<'_>, path: &Path) -> Result<()> {
     use x509_parser::prelude::{FromDer, X509Certificate};
@@ -191,7 +263,7 @@ pub fn describe_handshake_error(e: &io::Error) -> String {
 /// not become a flood of audit records. Stops when the returned stream is dropped.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: Arc<ServerTls>,
     log: SecurityLog,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(16);
@@ -282,7 +354,7 @@ pub fn incoming(
                     return;
                 }
                 let left = HANDSHAKE_TIMEOUT.saturating_sub(began.elapsed());
-                match tokio::time::timeout(left, start.into_stream(config)).await {
+                match tokio::time::timeout(left, start.into_stream(config.current())).await {
                     Ok(Ok(stream)) => {
                         drop(slot);
                         let _ = tx.send(Ok(stream)).await;

@@ -166,7 +166,7 @@ struct Shared {
 #[derive(Debug)]
 struct Security {
     /// The mutual-TLS server configuration; `None` in plaintext mode.
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<crate::security::tls::ServerTls>>,
     log: crate::security::SecurityLog,
     revocations: crate::security::Revocations,
     limiter: crate::security::limits::CallLimiter,
@@ -196,7 +196,9 @@ impl Coordinator {
         let incoming = dir.join(INCOMING_DIR);
         transfer::reset_incoming(&incoming)?;
         let tls = match transport {
-            Transport::MutualTls(bundle) => Some(crate::security::tls::server_config(bundle)?),
+            Transport::MutualTls(bundle) => {
+                Some(Arc::new(crate::security::tls::ServerTls::load(bundle)?))
+            }
             Transport::InsecurePlaintext => None,
         };
         let log = crate::security::SecurityLog::open(&dir.join(crate::security::SECURITY_LOG))?;
@@ -539,6 +541,57 @@ pub async fn serve_with_health(
         h.abort();
     }
     served
+}
+
+/// What [`Coordinator::reload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reload {
+    /// The server certificate now in force (mutual TLS only).
+    pub tls: Option<crate::security::tls::Reloaded>,
+    /// Revocations in force.
+    pub revocations: usize,
+}
+
+impl Coordinator {
+    /// Reads the server certificate bundle and the revocations again (`serve` does on
+    /// SIGHUP): new connections are served with the new certificate, connections already
+    /// established and the run go on. An unusable bundle changes nothing; either way the
+    /// outcome is in the security audit log.
+    pub async fn reload(&self) -> crate::Result<Reload> {
+        let security = &self.shared.security;
+        let tls = match &security.tls {
+            None => None,
+            Some(t) => match t.reload() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    security.log.record(
+                        "configuration_reload_failed",
+                        serde_json::json!({ "reason": e.to_string() }),
+                    );
+                    return Err(e);
+                }
+            },
+        };
+        let revoked = self.inspect(|e, _| e.store().revocations()).await?;
+        let revocations = revoked.len();
+        for r in revoked {
+            security.revocations.add(r.revoked);
+        }
+        security.log.record(
+            "configuration_reloaded",
+            serde_json::json!({
+                "certificate": tls.as_ref().map(|t| t.serial.clone()),
+                "not_after": tls.as_ref().map(|t| t.not_after),
+                "revocations": revocations,
+            }),
+        );
+        Ok(Reload { tls, revocations })
+    }
+
+    /// When the server certificate in force expires (Unix seconds); `None` in plaintext.
+    pub fn certificate_not_after(&self) -> Option<i64> {
+        self.shared.security.tls.as_ref().map(|t| t.not_after())
+    }
 }
 
 /// How often gRPC health is brought up to date.

@@ -144,6 +144,7 @@ pub const METRIC_FAMILIES: &[&str] = &[
     "fedflow_aggregation_seconds_sum",
     "fedflow_aggregations",
     "fedflow_site_dp_epsilon_spent",
+    "fedflow_certificate_expiry_seconds",
 ];
 
 /// The Prometheus text exposition of the coordinator's metrics.
@@ -270,6 +271,14 @@ pub(crate) async fn render(c: &Coordinator) -> crate::Result<String> {
         "Rounds aggregated since start",
         f.aggregation_seconds.1 as f64,
     );
+    if let Some(not_after) = c.certificate_not_after() {
+        gauge(
+            &mut r,
+            "certificate_expiry_seconds",
+            "Seconds until the coordinator's server certificate expires (negative: expired)",
+            (not_after - fedflow_common::clock::now_ms() / 1000) as f64,
+        );
+    }
     if let Some(eps) = f.epsilon {
         gauge(
             &mut r,

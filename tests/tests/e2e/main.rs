@@ -15,6 +15,7 @@ mod malicious;
 mod protocol;
 mod python_interop;
 mod registry;
+mod reload;
 mod safe_text;
 mod security;
 mod sequence_model_quality;
