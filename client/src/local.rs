@@ -342,6 +342,75 @@ pub fn evaluate(
     })
 }
 
+/// What [`build_vocab`] found.
+#[derive(Debug, Clone, Serialize)]
+pub struct VocabReport {
+    /// Sessions read.
+    pub sessions: usize,
+    /// Events read.
+    pub events: usize,
+    /// Distinct event names seen.
+    pub distinct: usize,
+    /// Names kept (seen at least `min_count` times).
+    pub kept: usize,
+    /// Names left out as rarer; they become unknown (or fall into the buckets).
+    pub left_out: usize,
+}
+
+/// The federation's vocabulary from real session files: every event name seen at least
+/// `min_count` times (most frequent first, ties by name, so the same files always give the
+/// same ids), with `oov_buckets` hashed buckets for the names it lacks. Every row is
+/// validated as `data validate` does; a bad row is an error naming file and line.
+///
+/// The vocabulary goes to every site: a name seen fewer than `min_count` times stays out
+/// of it, so a rare event name (which can identify a user or a site) is not shared.
+pub fn build_vocab(
+    files: &[PathBuf],
+    min_count: usize,
+    oov_buckets: u32,
+) -> Result<(Vocab, VocabReport)> {
+    if files.is_empty() {
+        return Err(Error::Usage("no data files given".into()));
+    }
+    if min_count == 0 {
+        return Err(Error::Usage("--min-count must be at least 1".into()));
+    }
+    let mut counts: std::collections::HashMap<String, usize> = Default::default();
+    let (mut sessions, mut events) = (0, 0);
+    for f in files {
+        for r in read_sessions(f, &LoadOptions::default())?.records {
+            sessions += 1;
+            events += r.events.len();
+            for e in r.events {
+                *counts.entry(e).or_default() += 1;
+            }
+        }
+    }
+    let distinct = counts.len();
+    let mut kept: Vec<(String, usize)> = counts
+        .into_iter()
+        .filter(|(_, n)| *n >= min_count)
+        .collect();
+    kept.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    if kept.is_empty() {
+        return Err(Error::Usage(format!(
+            "no event name is seen {min_count} times or more in these files: lower --min-count"
+        )));
+    }
+    let report = VocabReport {
+        sessions,
+        events,
+        distinct,
+        kept: kept.len(),
+        left_out: distinct - kept.len(),
+    };
+    let mut vocab = Vocab::from_events(kept.into_iter().map(|(name, _)| name))?;
+    if oov_buckets > 0 {
+        vocab = vocab.with_oov_buckets(oov_buckets)?;
+    }
+    Ok((vocab, report))
+}
+
 /// Fine-tunes the model saved in `model_dir` on the sessions of `data` (one site's files)
 /// as the agent does after a publish ([`crate::personalise`]), with the split of
 /// `val_fraction`; writes the fine-tuned model to `out` when it is the better one.

@@ -113,6 +113,32 @@ enum DataCommand {
     /// Import a CSV or JSON Lines file into a site agent's feedback store (the agent may be
     /// running): every row is validated first, and a file with a bad row imports nothing.
     Import(ImportArgs),
+    /// The federation's vocabulary.
+    #[command(subcommand)]
+    Vocab(VocabCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum VocabCommand {
+    /// Build the vocabulary from real session files: every event name seen at least
+    /// --min-count times (rarer names stay out, so they are not shared with every site).
+    Build(VocabBuildArgs),
+}
+
+#[derive(Debug, Args)]
+struct VocabBuildArgs {
+    /// Session files (.csv, .jsonl); every row is validated.
+    #[arg(required = true, num_args = 1..)]
+    files: Vec<PathBuf>,
+    /// Where to write vocab.json (refused if it exists).
+    #[arg(long)]
+    out: PathBuf,
+    /// Keep names seen at least this many times.
+    #[arg(long, default_value_t = 5)]
+    min_count: usize,
+    /// Hashed out-of-vocabulary buckets for names the vocabulary lacks.
+    #[arg(long, default_value_t = 0)]
+    oov_buckets: u32,
 }
 
 #[derive(Debug, Args)]
@@ -354,6 +380,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 a.file.display(),
                 r.stored,
                 r.duplicates
+            );
+        }
+        Command::Data(DataCommand::Vocab(VocabCommand::Build(a))) => {
+            if a.out.exists() {
+                anyhow::bail!("{} exists: choose another --out", a.out.display());
+            }
+            let (vocab, r) = local::build_vocab(&a.files, a.min_count, a.oov_buckets)?;
+            vocab.save(&a.out)?;
+            println!(
+                "{}: {} event names from {} sessions ({} events); {} of {} distinct names seen \
+                 fewer than {} times left out; {} out-of-vocabulary buckets; sha256 {}",
+                a.out.display(),
+                r.kept,
+                r.sessions,
+                r.events,
+                r.left_out,
+                r.distinct,
+                a.min_count,
+                a.oov_buckets,
+                fedflow_common::model::vocab_sha256(&vocab)
             );
         }
         Command::Data(DataCommand::Validate(a)) => {

@@ -475,3 +475,79 @@ fn data_import_fills_an_agents_store_whole_or_not_at_all() {
         assert_eq!(stored(), before, "{name} changed the store");
     }
 }
+
+#[test]
+fn a_vocabulary_is_built_from_session_files_leaving_rare_names_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.csv");
+    let b = dir.path().join("b.jsonl");
+    // searched x4, opened_help x3, escalated x2, one_off x1.
+    std::fs::write(
+        &a,
+        "session_id,events,label\ns1,opened_help searched searched,4\ns2,searched escalated one_off,2\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &b,
+        "{\"session_id\": \"s3\", \"events\": [\"opened_help\", \"searched\", \"escalated\"], \"label\": 3}\n\
+         {\"session_id\": \"s4\", \"events\": [\"opened_help\"], \"label\": 5}\n",
+    )
+    .unwrap();
+    let out_path = dir.path().join("vocab.json");
+    let out = ok(&[
+        "data",
+        "vocab",
+        "build",
+        p(&a),
+        p(&b),
+        "--out",
+        p(&out_path),
+        "--min-count",
+        "2",
+        "--oov-buckets",
+        "8",
+    ]);
+    assert!(
+        out.contains("3 event names from 4 sessions (10 events); 1 of 4"),
+        "{out}"
+    );
+    let vocab = fedflow_common::data::Vocab::load(&out_path).unwrap();
+    // Most frequent first; the one-off name is not in it, and lands in a bucket.
+    let names: Vec<&str> = vocab.event_names().iter().map(String::as_str).collect();
+    assert_eq!(names, ["searched", "opened_help", "escalated"]);
+    assert_eq!(vocab.oov_buckets(), 8);
+    assert!(vocab.is_oov_bucket(vocab.encode("one_off")));
+    // The same files give the same vocabulary; an existing --out is refused; a bad row is
+    // an error naming its file and line.
+    let again = dir.path().join("again.json");
+    ok(&[
+        "data",
+        "vocab",
+        "build",
+        p(&b),
+        p(&a),
+        "--out",
+        p(&again),
+        "--min-count",
+        "2",
+        "--oov-buckets",
+        "8",
+    ]);
+    assert_eq!(
+        std::fs::read(&out_path).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+    let refused = client(&["data", "vocab", "build", p(&a), "--out", p(&out_path)]);
+    assert!(!refused.status.success());
+    std::fs::write(&a, "session_id,events,label\ns1,searched,9\n").unwrap();
+    let bad = client(&[
+        "data",
+        "vocab",
+        "build",
+        p(&a),
+        "--out",
+        p(&dir.path().join("x.json")),
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("a.csv:2:"), "{err}");
+}
