@@ -14,6 +14,8 @@
 //! - [`security`]: certificates, mutual TLS, identities, revocation, per-caller limits and
 //!   the hash-chained audit log.
 //! - [`audit`] and [`run_report`]: the privacy-audit report and the run report (HTML).
+//! - [`handover`]: the package a new partner site receives (CA certificate, address,
+//!   vocabulary, a `site.toml`, the run's terms in plain words).
 //! - [`backup`]: a consistent backup of the data directory while the coordinator serves,
 //!   and its restore.
 //! - [`metrics`]: what sites report and its weighted summaries.
@@ -25,6 +27,7 @@ pub mod audit;
 pub mod backup;
 pub mod config;
 pub mod error;
+pub mod handover;
 pub mod memtrace;
 pub mod metrics;
 pub mod round;

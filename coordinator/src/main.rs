@@ -123,6 +123,24 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Write the hand-over package for a new partner site into the new directory --out: the
+    /// federation's CA certificate, the vocabulary, a site.toml pointing at --address, and
+    /// TERMS.md, the run's terms in plain words (what leaves a site; the privacy promised,
+    /// with what it costs sites of a few sizes).
+    Handover {
+        /// The run's TOML file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The federation's CA certificate (ca.pem of the PKI directory).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The coordinator's address as sites reach it, https://HOST:PORT.
+        #[arg(long)]
+        address: String,
+        /// The package directory to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Back up the data directory, also while `serve` runs: a consistent snapshot of the
     /// database, the checkpoints it records (hash-checked) and the security audit log, in
     /// the new directory --out (complete once it exists; `backup.json` describes it).
@@ -210,6 +228,21 @@ enum AuditLogCommand {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Pki(cmd) => cli::security::pki(cmd)?,
+        Command::Handover {
+            config,
+            ca,
+            address,
+            out,
+        } => {
+            let cfg = RunConfig::load(&config)?;
+            fedflow_coordinator::handover::write(&cfg, &ca, &address, &out)?;
+            println!(
+                "wrote the hand-over package for run {} into {}: ca.pem, vocab.json, site.toml, {}",
+                cfg.run.name,
+                out.display(),
+                fedflow_coordinator::handover::TERMS_FILE
+            );
+        }
         Command::Backup { data, out } => {
             let m = fedflow_coordinator::backup::backup(&data, &out)
                 .with_context(|| format!("backing up {}", data.display()))?;
