@@ -12,6 +12,7 @@ mod federation;
 mod growing;
 mod grpc_failures;
 mod malicious;
+mod netns;
 mod protocol;
 mod python_interop;
 mod registry;
