@@ -234,6 +234,7 @@ fn sites(engine: &RoundEngine) -> crate::Result<wire::ListSitesResponse> {
                 late: c.late,
                 dropped: c.dropped,
                 declined: c.declined,
+                certificate_not_after_unix_ms: 0,
             }
         })
         .collect();
@@ -327,7 +328,13 @@ impl Admin for Coordinator {
         req: Request<wire::ListSitesRequest>,
     ) -> Result<Response<wire::ListSitesResponse>, Status> {
         let _call = self.operator(&req, false, "ListSites")?;
-        let s = self.inspect(|e, _| sites(e)).await?;
+        let mut s = self.inspect(|e, _| sites(e)).await?;
+        let certs = self.site_certificates();
+        for site in &mut s.sites {
+            site.certificate_not_after_unix_ms = certs
+                .get(&site.site_id)
+                .map_or(0, |secs| secs.saturating_mul(1000));
+        }
         Ok(Response::new(s))
     }
 

@@ -229,6 +229,9 @@ impl Coordinator {
             }
         };
         let guard = self.admit(&format!("site:{site}"), method, &peer)?;
+        if let Some(id) = &identity {
+            self.saw_site_certificate(&site, id.not_after);
+        }
         Ok(SiteCall {
             site,
             identity,

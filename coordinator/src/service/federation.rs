@@ -76,6 +76,17 @@ impl Federation for Coordinator {
             ))
             .into());
         }
+        if let Some(id) = &call.identity {
+            let days = (id.not_after - fedflow_common::clock::now_ms() / 1000) / 86_400;
+            if days < 30 {
+                tracing::warn!(
+                    site = %call.site,
+                    days,
+                    "site {}'s certificate expires in {days} day(s): it needs a new one",
+                    call.site
+                );
+            }
+        }
         self.shared.security.log.record(
             "site_enrolled",
             serde_json::json!({

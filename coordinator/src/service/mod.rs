@@ -172,6 +172,8 @@ struct Security {
     limiter: crate::security::limits::CallLimiter,
     /// One upload and one download per site at a time.
     transfers: crate::security::limits::CallLimiter,
+    /// When the certificate each site last called with expires (Unix seconds).
+    site_certificates: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
 }
 
 /// Largest answer the admin service sends.
@@ -233,6 +235,7 @@ impl Coordinator {
         let security = Security {
             tls,
             log,
+            site_certificates: Default::default(),
             revocations: revocations.clone(),
             limiter: crate::security::limits::CallLimiter::new(cfg.limits.call_limits()),
             transfers: crate::security::limits::CallLimiter::new(
@@ -586,6 +589,29 @@ impl Coordinator {
             }),
         );
         Ok(Reload { tls, revocations })
+    }
+
+    /// Records that `site` called with a certificate expiring at `not_after`.
+    pub(crate) fn saw_site_certificate(&self, site: &str, not_after: i64) {
+        let mut certs = self
+            .shared
+            .security
+            .site_certificates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if certs.get(site) != Some(&not_after) {
+            certs.insert(site.to_string(), not_after);
+        }
+    }
+
+    /// When the certificate each site last called with expires (Unix seconds).
+    pub fn site_certificates(&self) -> std::collections::BTreeMap<String, i64> {
+        self.shared
+            .security
+            .site_certificates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// When the server certificate in force expires (Unix seconds); `None` in plaintext.

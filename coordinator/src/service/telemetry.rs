@@ -145,6 +145,7 @@ pub const METRIC_FAMILIES: &[&str] = &[
     "fedflow_aggregations",
     "fedflow_site_dp_epsilon_spent",
     "fedflow_certificate_expiry_seconds",
+    "fedflow_site_certificate_expiry_seconds_min",
 ];
 
 /// The Prometheus text exposition of the coordinator's metrics.
@@ -277,6 +278,14 @@ pub(crate) async fn render(c: &Coordinator) -> crate::Result<String> {
             "certificate_expiry_seconds",
             "Seconds until the coordinator's server certificate expires (negative: expired)",
             (not_after - fedflow_common::clock::now_ms() / 1000) as f64,
+        );
+    }
+    if let Some(soonest) = c.site_certificates().values().min() {
+        gauge(
+            &mut r,
+            "site_certificate_expiry_seconds_min",
+            "Seconds until the soonest-expiring certificate of the sites heard from expires",
+            (soonest - fedflow_common::clock::now_ms() / 1000) as f64,
         );
     }
     if let Some(eps) = f.epsilon {

@@ -1,7 +1,8 @@
 //! SIGHUP to the real `fedflow-coordinator serve`: a new server certificate put into its
 //! bundle serves the next connections, while a connection made before and the run go on;
 //! an unusable bundle is refused, the previous certificate still serves, and both outcomes
-//! are in the security audit log; the certificate's expiry is a metric.
+//! are in the security audit log; the certificate's expiry is a metric, and so is the
+//! soonest expiry of the sites' certificates, each of which the site list shows.
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -177,4 +178,71 @@ async fn sighup_serves_a_new_certificate_without_dropping_the_run_and_refuses_a_
     assert!(admin.get_status(GetStatusRequest {}).await.is_ok());
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_sites_certificate_expiry_is_in_the_site_list_and_the_soonest_in_the_metrics() {
+    use fedflow_coordinator::security::Role;
+    use fedflow_proto::v1::ListSitesRequest;
+    let pki = Pki::new();
+    let c = fedflow_tests::TestCoordinator::builder(
+        "[run]\nname = \"certs\"\nrounds = 1\n[model]\nvocab = \"vocab.json\"\nembed_dim = 8\n\
+         hidden_size = 8\nnum_layers = 1\n[sampling]\nmin_selected = 3\nmin_available = 3\n",
+    )
+    .mutual_tls(pki.bundle("coordinator"))
+    .metrics()
+    .spawn()
+    .await;
+    // site-a's certificate is valid for 30 days (the Pki's); site-s gets one for 5.
+    let ca = Ca::load(&pki.root().join("ca")).unwrap();
+    let short = pki.root().join("site-s");
+    ca.issue(Role::Site, "site-s", Validity::days(5), &short)
+        .unwrap();
+    let read = |f: &str| std::fs::read(short.join(f)).unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", c.addr))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
+                .identity(tonic::transport::Identity::from_pem(
+                    read("cert.pem"),
+                    read("key.pem"),
+                )),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut s = fedflow_proto::v1::federation_client::FederationClient::new(channel);
+    fedflow_tests::site::enrol(&mut s, "").await;
+    let mut a = pki.site(c.addr, "site-a").await;
+    fedflow_tests::site::enrol(&mut a, "").await;
+    let sites = pki
+        .admin(c.addr, "ada")
+        .await
+        .list_sites(ListSitesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .sites;
+    let now = fedflow_common::clock::now_ms();
+    let days_left = |site: &str| {
+        let t = sites
+            .iter()
+            .find(|x| x.site_id == site)
+            .unwrap_or_else(|| panic!("{site} not listed: {sites:?}"))
+            .certificate_not_after_unix_ms;
+        (t - now) as f64 / 86_400_000.0
+    };
+    assert!((4.9..=5.0).contains(&days_left("site-s")), "{sites:?}");
+    assert!((29.9..=30.0).contains(&days_left("site-a")), "{sites:?}");
+    let m = request(c.metrics_addr.unwrap(), "GET", "/metrics", &[], b"")
+        .await
+        .body;
+    let line = m
+        .lines()
+        .find(|l| l.starts_with("fedflow_site_certificate_expiry_seconds_min"))
+        .unwrap_or_else(|| panic!("{m}"));
+    let secs: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!((4.9 * 86_400.0..=5.0 * 86_400.0).contains(&secs), "{line}");
 }

@@ -182,6 +182,8 @@ pub(crate) fn sites(r: &wire::ListSitesResponse) -> Value {
             "late": s.late,
             "dropped": s.dropped,
             "declined": s.declined,
+            "certificate_not_after_unix_ms": (s.certificate_not_after_unix_ms > 0)
+                .then_some(s.certificate_not_after_unix_ms),
         })).collect::<Vec<_>>(),
     })
 }

@@ -317,6 +317,12 @@ pub(crate) fn sites(r: &wire::ListSitesResponse) -> String {
                 s.dropped.to_string(),
                 s.declined.to_string(),
                 s.last_seen_unix_ms.to_string(),
+                match s.certificate_not_after_unix_ms {
+                    0 => "-".to_string(),
+                    t => (t - fedflow_common::clock::now_ms())
+                        .div_euclid(86_400_000)
+                        .to_string(),
+                },
             ]
         })
         .collect();
@@ -329,6 +335,7 @@ pub(crate) fn sites(r: &wire::ListSitesResponse) -> String {
             "DROPPED",
             "DECLINED",
             "LAST SEEN (ms)",
+            "CERT DAYS LEFT",
         ],
         &rows,
     )
