@@ -295,9 +295,8 @@ mod tests {
     use candle_core::Device;
     use fedflow_common::model::{AttentionFlowModel, load_model};
 
-    #[test]
-    fn an_installed_version_loads_as_a_model_directory_and_replaces_the_current_one() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A published folder in `dir` and a tiny model configuration for its vocabulary.
+    fn tiny_sink(dir: &Path) -> (PublishedSink, ModelConfig) {
         let vocab = Vocab::from_events(["open", "search"]).unwrap();
         let config = ModelConfig {
             vocab_size: vocab.len(),
@@ -307,9 +306,17 @@ mod tests {
             ..ModelConfig::default()
         };
         let sink = PublishedSink {
-            dir: dir.path().join("published"),
-            vocab: vocab.clone(),
+            dir: dir.join("published"),
+            vocab,
         };
+        (sink, config)
+    }
+
+    #[test]
+    fn an_installed_version_loads_as_a_model_directory_and_replaces_the_current_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, config) = tiny_sink(dir.path());
+        let vocab = sink.vocab.clone();
         assert_eq!(sink.current().unwrap(), None);
         let mut shas = Vec::new();
         for (round, seed) in [(3, 1), (5, 2), (8, 3)] {
@@ -371,18 +378,7 @@ mod tests {
     #[test]
     fn a_pinned_version_is_served_and_kept_while_newer_ones_are_installed() {
         let dir = tempfile::tempdir().unwrap();
-        let vocab = Vocab::from_events(["open", "search"]).unwrap();
-        let config = ModelConfig {
-            vocab_size: vocab.len(),
-            embed_dim: 4,
-            hidden_size: 4,
-            num_layers: 1,
-            ..ModelConfig::default()
-        };
-        let sink = PublishedSink {
-            dir: dir.path().join("published"),
-            vocab,
-        };
+        let (sink, config) = tiny_sink(dir.path());
         assert_eq!(sink.serving().unwrap(), None);
         let err = sink.pin(PinTarget::Previous).unwrap_err().to_string();
         assert!(err.contains("no previous version"), "{err}");
