@@ -81,3 +81,15 @@ fn newest_mtime(path: &Path) -> Option<SystemTime> {
         .chain(own)
         .max()
 }
+
+/// Runs `cmd` to its end: whether it succeeded, and its standard output followed by its
+/// standard error (for assertions and their messages). Panics when it cannot start.
+pub fn output(cmd: &mut Command) -> (bool, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fedflow_tests::bin::cargo_bin;
+use fedflow_tests::bin::{cargo_bin, output};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -99,15 +99,6 @@ fn the_systemd_units_verify_are_hardened_and_start_commands_the_binaries_accept(
             String::from_utf8_lossy(&parsed.stderr)
         );
     }
-}
-
-/// Runs `cmd`; its success and output, both streams.
-fn output(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
 }
 
 /// `podman --storage-driver=vfs ARGS`.

@@ -11,7 +11,7 @@ use std::process::Command;
 use fedflow_proto::v1::ListSitesRequest;
 use fedflow_proto::v1::admin_client::AdminClient;
 use fedflow_proto::v1::federation_client::FederationClient;
-use fedflow_tests::bin::cargo_bin;
+use fedflow_tests::bin::{cargo_bin, output};
 use fedflow_tests::site::enrol;
 use fedflow_tests::{Pki, TestCoordinator};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -19,14 +19,6 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 const RUN: &str = "[run]\nname = \"enrol\"\nseed = 5\nrounds = 1\n\
     [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\n\
     [sampling]\nmin_selected = 2\nmin_available = 2\n";
-
-fn run_cmd(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
 
 /// Every file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -55,7 +47,7 @@ async fn a_site_enrols_with_a_certificate_signed_for_its_own_key() {
     let bundle = site_dir.path().join("site-n");
 
     // At the site: the key and the request.
-    let (ok, out) = run_cmd(
+    let (ok, out) = output(
         Command::new(&client)
             .args(["enrol-request", "--name", "site-n", "--out"])
             .arg(&bundle),
@@ -69,7 +61,7 @@ async fn a_site_enrols_with_a_certificate_signed_for_its_own_key() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     // A second request in the same place would orphan the first key: refused.
-    let (ok, out) = run_cmd(
+    let (ok, out) = output(
         Command::new(&client)
             .args(["enrol-request", "--name", "site-n", "--out"])
             .arg(&bundle),
@@ -83,7 +75,7 @@ async fn a_site_enrols_with_a_certificate_signed_for_its_own_key() {
     let incoming = operator.path().join("request.pem");
     std::fs::write(&incoming, &request).unwrap();
     let sign = |name: &str, request: &Path, out: &Path| {
-        run_cmd(
+        output(
             Command::new(&coordinator)
                 .args(["pki", "sign", "--role", "site", "--name", name, "--dir"])
                 .arg(pki.root().join("ca"))
@@ -184,7 +176,7 @@ fn the_hand_over_package_holds_what_a_site_needs_and_the_terms_in_figures_the_le
     .unwrap();
     let pki = Pki::new();
     let out = dir.path().join("package");
-    let (ok, text) = run_cmd(
+    let (ok, text) = output(
         Command::new(cargo_bin("fedflow-coordinator", "fedflow-coordinator"))
             .args(["handover", "--address", "https://coordinator.example:50051"])
             .arg("--config")
@@ -224,7 +216,7 @@ fn the_hand_over_package_holds_what_a_site_needs_and_the_terms_in_figures_the_le
     assert!(terms.contains("clipped to L2 norm 1") && terms.contains("epsilon 8 at delta 1e-5"));
     assert!(terms.contains("**Site level: none.**"), "{terms}");
     // Only https addresses: sites join over mutual TLS.
-    let (ok, text) = run_cmd(
+    let (ok, text) = output(
         Command::new(cargo_bin("fedflow-coordinator", "fedflow-coordinator"))
             .args(["handover", "--address", "http://coordinator.example:50051"])
             .arg("--config")
