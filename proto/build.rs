@@ -11,7 +11,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // SAFETY: build scripts are single-threaded; nothing else reads the environment.
         unsafe { std::env::set_var("PROTOC", protoc) };
     }
-    let protos = ["fedflow/v1/federation.proto", "fedflow/v1/admin.proto"];
+    let protos = [
+        "fedflow/v1/federation.proto",
+        "fedflow/v1/admin.proto",
+        "fedflow/v1/enrolment.proto",
+    ];
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         // Payload chunks as `bytes::Bytes`: slicing a model into chunks copies nothing.

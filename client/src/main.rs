@@ -58,6 +58,28 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Enrol online with a one-time token from the federation's operator: make this site's
+    /// key and request in DIR (the key never leaves it), redeem the token at the
+    /// coordinator's enrolment port, and write the certificate and ca.pem it sends into DIR,
+    /// which is then the site's certificate bundle.
+    Enrol {
+        /// The enrolment port, https://HOST:PORT (`serve --enrol-listen`).
+        #[arg(long)]
+        coordinator: String,
+        /// The federation CA's certificate, from the hand-over package.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The site id the token was issued for.
+        #[arg(long)]
+        name: String,
+        /// A file holding the token (`-` for standard input), so it appears in no process
+        /// list or shell history.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// The bundle directory to create (key.pem, request.pem, cert.pem, ca.pem).
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// The site agent: join the federation and train on the feedback the application posts
     /// to the local HTTP API, which also serves predictions of the published version.
     Agent(agent_cli::AgentArgs),
@@ -544,6 +566,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out.join(fedflow_client::enrol::KEY_FILE).display(),
                 request.display(),
                 out.display()
+            );
+        }
+        Command::Enrol {
+            coordinator,
+            ca,
+            name,
+            token_file,
+            dir,
+        } => {
+            let token = if token_file.as_os_str() == "-" {
+                let mut t = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+                    .context("reading the token from standard input")?;
+                t
+            } else {
+                std::fs::read_to_string(&token_file)
+                    .with_context(|| format!("reading {}", token_file.display()))?
+            };
+            let ca_pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let e = runtime.block_on(fedflow_client::enrol::redeem(
+                &coordinator,
+                &ca_pem,
+                &name,
+                &token,
+                &dir,
+            ))?;
+            println!(
+                "enrolled {} (certificate {}, valid until Unix {}): {} is this site's \
+                 certificate bundle (join --identity {0}, or coordinator.identity in site.toml)",
+                e.site,
+                e.serial,
+                e.not_after,
+                dir.display()
             );
         }
         Command::Agent(a) => agent_cli::run(a)?,

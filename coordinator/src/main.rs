@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use fedflow_coordinator::config::RunConfig;
 use fedflow_coordinator::round::RoundEngine;
 use fedflow_coordinator::security::Transport;
-use fedflow_coordinator::service::{Coordinator, serve_with_health};
+use fedflow_coordinator::service::{Coordinator, enrolment, serve_with_health};
 use fedflow_coordinator::store::Store;
 
 mod cli;
@@ -109,6 +109,18 @@ enum Command {
         /// ready; keep it on a network only the probes reach.
         #[arg(long)]
         health_listen: Option<SocketAddr>,
+        /// Also serve online enrolment here: TLS with the server certificate only (a new
+        /// site has no certificate yet), answering nothing but the redemption of one-time
+        /// tokens an admin issued (`fedflow-ctl enrol-token`). Needs --tls and --enrol-ca.
+        #[arg(long, requires_all = ["tls", "enrol_ca"])]
+        enrol_listen: Option<SocketAddr>,
+        /// The PKI directory whose CA signs the certificates of sites enrolling online (its
+        /// ca.key must be readable here: prefer a CA used for sites only).
+        #[arg(long, requires = "enrol_listen")]
+        enrol_ca: Option<PathBuf>,
+        /// Validity of the certificates issued online, in days.
+        #[arg(long, default_value_t = 365, requires = "enrol_listen")]
+        enrol_days: u32,
     },
     /// Write a run's report (run-report.html: accuracy, loss, participation, update norms,
     /// durations and epsilon per round, as charts; self-contained).
@@ -383,6 +395,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             stay_up,
             grace_secs,
             health_listen,
+            enrol_listen,
+            enrol_ca,
+            enrol_days,
         } => {
             let transport = match (tls, insecure_plaintext) {
                 (Some(bundle), _) => Transport::MutualTls(bundle),
@@ -508,6 +523,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => None,
             };
+            let enrolment = match (enrol_listen, enrol_ca) {
+                (Some(addr), Some(ca)) => {
+                    let ca = fedflow_coordinator::security::pki::Ca::load(&ca)?;
+                    let l = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr} for enrolment"))?;
+                    println!("enrolment on {}", l.local_addr().unwrap_or(addr));
+                    let service =
+                        enrolment::EnrolmentService::new(coordinator.clone(), ca, enrol_days);
+                    Some(tokio::spawn(async move {
+                        let pending = std::future::pending::<()>();
+                        if let Err(e) = enrolment::serve_enrolment(l, service, pending).await {
+                            tracing::error!("{e}");
+                        }
+                    }))
+                }
+                _ => None,
+            };
             let served = serve_with_health(listener, health, coordinator, shutdown);
             tokio::pin!(served);
             let grace_over = async move {
@@ -523,6 +556,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "the grace period is over: exiting with calls in progress (a restart \
                      resumes the open round)"
                 ),
+            }
+            if let Some(e) = enrolment {
+                e.abort();
             }
             println!("serve: stopped");
         }

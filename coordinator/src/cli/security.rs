@@ -86,6 +86,17 @@ pub(crate) enum Pki {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Also trust another federation CA (its ca.pem) in every bundle issued from now on,
+    /// for a CA rollover: run it on the new CA's directory with the old CA's certificate and
+    /// on the old one's with the new CA's (see deploy/README.md, "Rolling over the CA").
+    Trust {
+        /// The PKI directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The other CA's certificate (PEM).
+        #[arg(long)]
+        add: PathBuf,
+    },
 }
 
 /// Runs a `pki` command.
@@ -161,6 +172,20 @@ pub(crate) fn pki(cmd: Pki) -> anyhow::Result<()> {
                 issued.uri,
                 issued.serial,
                 out.display()
+            );
+        }
+        Pki::Trust { dir, add } => {
+            let pem = std::fs::read_to_string(&add)
+                .with_context(|| format!("reading {}", add.display()))?;
+            let ca = Ca::load(&dir)?;
+            let added = ca.trust(&pem, &add)?;
+            println!(
+                "{} now trusts {added} more CA certificate(s) ({} in all): bundles issued from \
+                 it from now on carry them in ca.pem",
+                dir.display(),
+                ca.trust_pem()?
+                    .matches("-----BEGIN CERTIFICATE-----")
+                    .count()
             );
         }
     }

@@ -39,6 +39,8 @@ pub const BUNDLE_CERT: &str = "cert.pem";
 pub const BUNDLE_KEY: &str = "key.pem";
 /// The log of issued certificates in the PKI directory.
 pub const ISSUED_LOG: &str = "issued.jsonl";
+/// Other CAs' certificates that bundles issued here also trust, in the PKI directory.
+pub const TRUSTED_CERTS: &str = "trusted.pem";
 
 /// When a certificate is valid.
 #[derive(Debug, Clone, Copy)]
@@ -239,31 +241,8 @@ impl Ca {
         validity: Validity,
         out: &Path,
     ) -> Result<Issued> {
-        let request = rcgen::CertificateSigningRequestParams::from_pem(request_pem)
-            .map_err(|e| pki_err(format!("not a valid certificate request: {e}")))?;
-        let requested = request
-            .params
-            .distinguished_name
-            .get(&DnType::CommonName)
-            .map(|v| match v {
-                rcgen::DnValue::PrintableString(s) => s.to_string(),
-                rcgen::DnValue::Utf8String(s) => s.clone(),
-                other => format!("{other:?}"),
-            });
-        if requested.as_deref() != Some(name_) {
-            return Err(pki_err(format!(
-                "the request is for {}, not {name_:?}: sign it under the name it asks for, \
-                 or ask the site for a request for {name_:?}",
-                requested.map_or("no name".to_string(), |n| format!("{n:?}"))
-            )));
-        }
-        self.issue_identity(
-            role,
-            name_,
-            validity,
-            out,
-            SubjectKey::Requested(request.public_key),
-        )
+        let public = verified_request(request_pem, name_)?;
+        self.issue_identity(role, name_, validity, out, SubjectKey::Requested(public))
     }
 
     fn issue_identity(
@@ -274,16 +253,8 @@ impl Ca {
         out: &Path,
         key: SubjectKey,
     ) -> Result<Issued> {
-        if !valid_name(name_) {
-            return Err(pki_err(format!(
-                "{role} name {name_:?} is invalid: use 1-128 characters of [A-Za-z0-9._-]"
-            )));
-        }
+        let params = identity_params(role, name_)?;
         let uri = identity_uri(role, name_);
-        let mut params = CertificateParams::default();
-        params.distinguished_name = name(name_);
-        params.subject_alt_names = vec![SanType::URI(uri.clone().try_into().map_err(pki_err)?)];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue_with(
             params,
             validity,
@@ -295,10 +266,122 @@ impl Ca {
         )
     }
 
+    /// Signs the certificate request `request_pem` for `name_` in `role` online (the
+    /// coordinator's enrolment port), as [`Ca::sign_request`] does, and returns the
+    /// certificate instead of writing a bundle; recorded in the CA's log as issued by online
+    /// enrolment with `token_id`.
+    pub fn certify_request(
+        &self,
+        request_pem: &str,
+        role: Role,
+        name_: &str,
+        validity: Validity,
+        token_id: &str,
+    ) -> Result<Certified> {
+        let public = verified_request(request_pem, name_)?;
+        let params = identity_params(role, name_)?;
+        let uri = identity_uri(role, name_);
+        let (signed, _) = self.sign(params, validity, SubjectKey::Requested(public))?;
+        self.log_issued(
+            &signed,
+            &uri,
+            validity,
+            json!({
+                "name": name_,
+                "kind": role.as_str(),
+                "bundle": "online enrolment",
+                "token": token_id,
+                "key": "the requester's own (signed request)",
+            }),
+        )?;
+        Ok(Certified {
+            serial: signed.serial,
+            uri,
+            not_after: validity.not_after.unix_timestamp(),
+            cert_pem: signed.cert_pem,
+        })
+    }
+
+    /// What bundles get as `ca.pem`: this CA's certificate, then every certificate in the
+    /// PKI directory's `trusted.pem` (other CAs trusted during a CA rollover; see
+    /// [`Ca::trust`]).
+    pub fn trust_pem(&self) -> Result<String> {
+        let extra = self.dir.join(TRUSTED_CERTS);
+        let mut out = self.cert_pem.clone();
+        match std::fs::read_to_string(&extra) {
+            Ok(more) => {
+                if !out.ends_with('\n') {
+                    out.push('\n');
+                }
+                out.push_str(&more);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(pki_err(format!("cannot read {}: {e}", extra.display()))),
+        }
+        Ok(out)
+    }
+
+    /// Adds the CA certificates in `pem` (another federation CA's `ca.pem`) to the ones
+    /// bundles issued from now on trust (`trusted.pem` in the PKI directory), for a CA
+    /// rollover: the old CA trusts the new one and the new one the old until every
+    /// participant holds a certificate from the new CA. Refuses anything that is not a CA
+    /// certificate; adding one already trusted changes nothing. Returns how many were added.
+    pub fn trust(&self, pem: &str, source: &Path) -> Result<usize> {
+        let bad = |why: String| pki_err(format!("{}: {why}", source.display()));
+        let mut blocks = Vec::new();
+        for block in pem_blocks(pem) {
+            let (_, parsed) = x509_parser::pem::parse_x509_pem(block.as_bytes())
+                .map_err(|e| bad(format!("not PEM: {e}")))?;
+            let cert = parsed
+                .parse_x509()
+                .map_err(|e| bad(format!("not a certificate: {e}")))?;
+            if !cert.is_ca() {
+                return Err(bad(format!(
+                    "{} is not a CA certificate (trust another federation CA's ca.pem)",
+                    cert.subject()
+                )));
+            }
+            blocks.push((parsed.contents.clone(), block));
+        }
+        if blocks.is_empty() {
+            return Err(bad("holds no PEM certificate".into()));
+        }
+        let known: Vec<Vec<u8>> = pem_blocks(&self.trust_pem()?)
+            .filter_map(|b| {
+                x509_parser::pem::parse_x509_pem(b.as_bytes())
+                    .ok()
+                    .map(|(_, p)| p.contents)
+            })
+            .collect();
+        let path = self.dir.join(TRUSTED_CERTS);
+        let mut text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(pki_err(format!("cannot read {}: {e}", path.display()))),
+        };
+        let mut added = 0;
+        for (der, block) in blocks {
+            if known.contains(&der) {
+                continue;
+            }
+            text.push_str(block);
+            text.push('\n');
+            added += 1;
+        }
+        if added > 0 {
+            write_file(&path, text.as_bytes(), 0o644)?;
+            AuditLog::open(&self.dir.join(ISSUED_LOG))?.append(
+                "ca_trusted",
+                json!({ "source": source.display().to_string(), "added": added }),
+            )?;
+        }
+        Ok(added)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn issue_with(
         &self,
-        mut params: CertificateParams,
+        params: CertificateParams,
         validity: Validity,
         out: &Path,
         uri: String,
@@ -313,6 +396,39 @@ impl Ca {
                 out.display()
             )));
         }
+        let trust = self.trust_pem()?;
+        let (signed, generated) = self.sign(params, validity, key)?;
+        private_dir(out)?;
+        let key_source = match &generated {
+            Some(key) => {
+                write_file(&out.join(BUNDLE_KEY), key.serialize_pem().as_bytes(), 0o600)?;
+                "generated by the CA"
+            }
+            None => "the requester's own (signed request)",
+        };
+        write_file(&out.join(BUNDLE_CERT), signed.cert_pem.as_bytes(), 0o644)?;
+        write_file(&out.join(CA_CERT), trust.as_bytes(), 0o644)?;
+        let mut detail = detail;
+        detail["kind"] = json!(kind);
+        detail["bundle"] = json!(out.display().to_string());
+        detail["key"] = json!(key_source);
+        self.log_issued(&signed, &uri, validity, detail)?;
+        Ok(Issued {
+            serial: signed.serial,
+            uri,
+            dir: out.to_path_buf(),
+            not_after: validity.not_after.unix_timestamp(),
+        })
+    }
+
+    /// Signs `params` for `validity` with a fresh serial; returns the certificate and the
+    /// key made for it (for [`SubjectKey::Generate`]).
+    fn sign(
+        &self,
+        mut params: CertificateParams,
+        validity: Validity,
+        key: SubjectKey,
+    ) -> Result<(Signed, Option<KeyPair>)> {
         params.not_before = validity.not_before;
         params.not_after = validity.not_after;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -332,34 +448,109 @@ impl Ca {
                 None,
             ),
         };
-        private_dir(out)?;
-        let key_source = match &generated {
-            Some(key) => {
-                write_file(&out.join(BUNDLE_KEY), key.serialize_pem().as_bytes(), 0o600)?;
-                "generated by the CA"
-            }
-            None => "the requester's own (signed request)",
-        };
-        write_file(&out.join(BUNDLE_CERT), cert.pem().as_bytes(), 0o644)?;
-        write_file(&out.join(CA_CERT), self.cert_pem.as_bytes(), 0o644)?;
-        let issued = Issued {
+        let signed = Signed {
             serial: fedflow_common::hash::hex(&serial.to_bytes()),
-            uri,
-            dir: out.to_path_buf(),
-            not_after: validity.not_after.unix_timestamp(),
+            cert_pem: cert.pem(),
         };
-        let mut log = AuditLog::open(&self.dir.join(ISSUED_LOG))?;
-        let mut detail = detail;
-        detail["kind"] = json!(kind);
-        detail["serial"] = json!(issued.serial);
-        detail["uri"] = json!(issued.uri);
-        detail["not_before"] = json!(validity.not_before.unix_timestamp());
-        detail["not_after"] = json!(issued.not_after);
-        detail["bundle"] = json!(out.display().to_string());
-        detail["key"] = json!(key_source);
-        log.append("certificate_issued", detail)?;
-        Ok(issued)
+        Ok((signed, generated))
     }
+
+    /// Appends `certificate_issued` to the CA's log.
+    fn log_issued(
+        &self,
+        signed: &Signed,
+        uri: &str,
+        validity: Validity,
+        mut detail: serde_json::Value,
+    ) -> Result<()> {
+        detail["serial"] = json!(signed.serial);
+        detail["uri"] = json!(uri);
+        detail["not_before"] = json!(validity.not_before.unix_timestamp());
+        detail["not_after"] = json!(validity.not_after.unix_timestamp());
+        AuditLog::open(&self.dir.join(ISSUED_LOG))?.append("certificate_issued", detail)?;
+        Ok(())
+    }
+}
+
+/// A certificate just signed.
+struct Signed {
+    serial: String,
+    cert_pem: String,
+}
+
+/// A certificate signed online ([`Ca::certify_request`]).
+#[derive(Debug, Clone)]
+pub struct Certified {
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// The identity URI.
+    pub uri: String,
+    /// Expiry, Unix seconds.
+    pub not_after: i64,
+    /// The certificate (PEM).
+    pub cert_pem: String,
+}
+
+/// The PEM certificate blocks in `text`, each from its `BEGIN` line to its `END` line.
+fn pem_blocks(text: &str) -> impl Iterator<Item = &str> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    text.split_inclusive(END).filter_map(|chunk| {
+        let at = chunk.find(BEGIN)?;
+        chunk.ends_with(END).then(|| &chunk[at..])
+    })
+}
+
+/// The common name the certificate request `request_pem` asks for, once its signature
+/// verifies (the requester holds the key).
+pub fn requested_name(request_pem: &str) -> Result<String> {
+    let request = rcgen::CertificateSigningRequestParams::from_pem(request_pem)
+        .map_err(|e| pki_err(format!("not a valid certificate request: {e}")))?;
+    common_name(&request)
+        .ok_or_else(|| pki_err("the certificate request names no one (no common name)"))
+}
+
+fn common_name(request: &rcgen::CertificateSigningRequestParams) -> Option<String> {
+    request
+        .params
+        .distinguished_name
+        .get(&DnType::CommonName)
+        .map(|v| match v {
+            rcgen::DnValue::PrintableString(s) => s.to_string(),
+            rcgen::DnValue::Utf8String(s) => s.clone(),
+            other => format!("{other:?}"),
+        })
+}
+
+/// The public key of the certificate request `request_pem`, whose signature verifies (the
+/// requester holds the key) and whose common name is `name_`.
+fn verified_request(request_pem: &str, name_: &str) -> Result<rcgen::PublicKey> {
+    let request = rcgen::CertificateSigningRequestParams::from_pem(request_pem)
+        .map_err(|e| pki_err(format!("not a valid certificate request: {e}")))?;
+    let requested = common_name(&request);
+    if requested.as_deref() != Some(name_) {
+        return Err(pki_err(format!(
+            "the request is for {}, not {name_:?}: sign it under the name it asks for, \
+             or ask the site for a request for {name_:?}",
+            requested.map_or("no name".to_string(), |n| format!("{n:?}"))
+        )));
+    }
+    Ok(request.public_key)
+}
+
+/// What a site's or operator's certificate says: its name, its identity URI, client use.
+fn identity_params(role: Role, name_: &str) -> Result<CertificateParams> {
+    if !valid_name(name_) {
+        return Err(pki_err(format!(
+            "{role} name {name_:?} is invalid: use 1-128 characters of [A-Za-z0-9._-]"
+        )));
+    }
+    let uri = identity_uri(role, name_);
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(name_);
+    params.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(pki_err)?)];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    Ok(params)
 }
 
 /// Where an issued certificate's key comes from.

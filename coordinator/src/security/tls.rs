@@ -70,6 +70,12 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 /// `key.pem`, and `ca.pem`, the federation CA that client certificates must chain to).
 /// Refuses an expired or not-yet-valid server certificate with a message saying so.
 pub fn server_config(bundle: &Path) -> Result<Arc<ServerConfig>> {
+    Ok(server_configs(bundle)?.0)
+}
+
+/// The mutual-TLS configuration ([`server_config`]) and, with the same certificate, one that
+/// asks for no client certificate (the enrolment port, whose callers have none yet).
+fn server_configs(bundle: &Path) -> Result<(Arc<ServerConfig>, Arc<ServerConfig>)> {
     let certs = read_certs(&bundle.join(BUNDLE_CERT))?;
     check_validity(&certs[0], &bundle.join(BUNDLE_CERT))?;
     let key = PrivateKeyDer::from_pem_file(bundle.join(BUNDLE_KEY)).map_err(|e| {
@@ -88,19 +94,36 @@ pub fn server_config(bundle: &Path) -> Result<Arc<ServerConfig>> {
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(tls_err)?;
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let unusable = |e: rustls::Error| {
+        tls_err(format!(
+            "the certificate and key in {} do not form a usable identity: {e}",
+            bundle.display()
+        ))
+    };
+    let mut mutual = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(tls_err)?
         .with_client_cert_verifier(verifier)
+        .with_single_cert(certs.clone(), key.clone_key())
+        .map_err(unusable)?;
+    mutual.alpn_protocols = vec![b"h2".to_vec()];
+    let mut server_only = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(tls_err)?
+        .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| {
-            tls_err(format!(
-                "the certificate and key in {} do not form a usable identity: {e}",
-                bundle.display()
-            ))
-        })?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+        .map_err(unusable)?;
+    server_only.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((Arc::new(mutual), Arc::new(server_only)))
+}
+
+/// Which callers a listener's handshakes admit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Only callers presenting a certificate chained to the federation CA (the main port).
+    Required,
+    /// Anyone (the enrolment port, which serves nothing but token redemption).
+    None,
 }
 
 /// The server configuration in force, replaceable while the coordinator serves: each new
@@ -109,7 +132,7 @@ pub fn server_config(bundle: &Path) -> Result<Arc<ServerConfig>> {
 #[derive(Debug)]
 pub struct ServerTls {
     bundle: PathBuf,
-    current: std::sync::RwLock<Arc<ServerConfig>>,
+    current: std::sync::RwLock<(Arc<ServerConfig>, Arc<ServerConfig>)>,
     not_after: std::sync::atomic::AtomicI64,
 }
 
@@ -125,21 +148,25 @@ pub struct Reloaded {
 impl ServerTls {
     /// Loads the bundle directory `bundle` ([`server_config`]).
     pub fn load(bundle: &Path) -> Result<ServerTls> {
-        let config = server_config(bundle)?;
+        let configs = server_configs(bundle)?;
         let (_, not_after) = certificate_facts(&bundle.join(BUNDLE_CERT))?;
         Ok(ServerTls {
             bundle: bundle.to_path_buf(),
-            current: std::sync::RwLock::new(config),
+            current: std::sync::RwLock::new(configs),
             not_after: std::sync::atomic::AtomicI64::new(not_after),
         })
     }
 
-    /// The configuration new handshakes use.
-    pub fn current(&self) -> Arc<ServerConfig> {
-        self.current
+    /// The configuration new handshakes use under `auth`.
+    pub fn current(&self, auth: ClientAuth) -> Arc<ServerConfig> {
+        let configs = self
+            .current
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match auth {
+            ClientAuth::Required => configs.0.clone(),
+            ClientAuth::None => configs.1.clone(),
+        }
     }
 
     /// When the server certificate in force expires (Unix seconds).
@@ -151,12 +178,12 @@ impl ServerTls {
     /// it; an unusable bundle (a half-copied file, an expired certificate) changes nothing
     /// and says why.
     pub fn reload(&self) -> Result<Reloaded> {
-        let config = server_config(&self.bundle)?;
+        let configs = server_configs(&self.bundle)?;
         let (serial, not_after) = certificate_facts(&self.bundle.join(BUNDLE_CERT))?;
         *self
             .current
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = configs;
         self.not_after
             .store(not_after, std::sync::atomic::Ordering::Relaxed);
         Ok(Reloaded { serial, not_after })
@@ -264,6 +291,7 @@ pub fn describe_handshake_error(e: &io::Error) -> String {
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerTls>,
+    auth: ClientAuth,
     log: SecurityLog,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(16);
@@ -354,7 +382,7 @@ pub fn incoming(
                     return;
                 }
                 let left = HANDSHAKE_TIMEOUT.saturating_sub(began.elapsed());
-                match tokio::time::timeout(left, start.into_stream(config.current())).await {
+                match tokio::time::timeout(left, start.into_stream(config.current(auth))).await {
                     Ok(Ok(stream)) => {
                         drop(slot);
                         let _ = tx.send(Ok(stream)).await;

@@ -419,6 +419,36 @@ impl Admin for Coordinator {
         }))
     }
 
+    async fn issue_enrolment_token(
+        &self,
+        req: Request<wire::IssueEnrolmentTokenRequest>,
+    ) -> Result<Response<wire::IssueEnrolmentTokenResponse>, Status> {
+        let (op, _guard) = self.operator(&req, true, "IssueEnrolmentToken")?;
+        if !self.mutual_tls() {
+            return Err(Error::Refused(
+                "online enrolment needs TLS: this coordinator serves in plaintext, where \
+                 sites need no certificate"
+                    .into(),
+            )
+            .into());
+        }
+        let r = req.into_inner();
+        check_operator_reason(&r.reason)?;
+        let reason = if r.reason.is_empty() {
+            "no reason given".to_string()
+        } else {
+            r.reason
+        };
+        let issued = self
+            .issue_token(&r.site, r.ttl_seconds, &reason, &op.name())
+            .await?;
+        Ok(Response::new(wire::IssueEnrolmentTokenResponse {
+            token: issued.token,
+            expires_unix_ms: issued.expires_at,
+            token_id: issued.token_id,
+        }))
+    }
+
     async fn list_revocations(
         &self,
         req: Request<wire::ListRevocationsRequest>,

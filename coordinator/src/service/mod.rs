@@ -28,6 +28,7 @@ use crate::security::Transport;
 
 pub mod admin;
 mod auth;
+pub mod enrolment;
 pub mod federation;
 mod models;
 pub mod status;
@@ -110,6 +111,8 @@ enum Command {
     ),
     /// A revocation (stored, then in force); answered with whether it is new.
     Revoke(crate::security::Revoked, String, String, Reply<bool>),
+    /// An enrolment token issued or redeemed.
+    Enrolment(enrolment::EnrolmentJob),
 }
 
 impl std::fmt::Debug for Command {
@@ -126,6 +129,7 @@ impl std::fmt::Debug for Command {
             Command::Act(..) => "Act",
             Command::Publish(..) => "Publish",
             Command::Revoke(..) => "Revoke",
+            Command::Enrolment(_) => "Enrolment",
         })
     }
 }
@@ -393,6 +397,7 @@ fn engine_loop(
                 }
                 let _ = reply.send(r);
             }
+            Some(Command::Enrolment(job)) => enrolment::run(job, engine.store_mut(), now),
             Some(Command::Submit(s, reply)) => {
                 let r = engine.submit(s.submission, now);
                 let _ = reply.send(r);
@@ -520,7 +525,12 @@ pub async fn serve_with_health(
             Some(config) => {
                 router
                     .serve_with_incoming_shutdown(
-                        crate::security::tls::incoming(listener, config, log),
+                        crate::security::tls::incoming(
+                            listener,
+                            config,
+                            crate::security::tls::ClientAuth::Required,
+                            log,
+                        ),
                         shutdown,
                     )
                     .await

@@ -35,7 +35,7 @@
 //! `report` and `privacy-report` commands) need no lock: WAL gives each read a consistent
 //! snapshot of the last committed state while the coordinator keeps writing.
 //!
-//! # Schema (version 5, in `PRAGMA user_version`)
+//! # Schema (version 6, in `PRAGMA user_version`)
 //!
 //! Times are Unix milliseconds (`INTEGER`); `*_json` columns hold JSON text.
 //!
@@ -66,8 +66,9 @@
 //! (`revocations`, append-only; see `revocations.rs`); version 4 the ledger's
 //! `seeded_randomness` column, `round_sites.update_norm`, `round_sites.clipped` and the
 //! history tables; version 5 the model registry (`publications`, `gate_decisions`,
-//! `baseline_evaluations`, `rounds.pruned_at`; see `registry.rs`). Older databases are
-//! upgraded in place on open.
+//! `baseline_evaluations`, `rounds.pruned_at`; see `registry.rs`); version 6 the one-time
+//! enrolment tokens (`enrolment_tokens`; see `enrolment.rs`). Older databases are upgraded
+//! in place on open.
 //!
 //! A database with a newer `user_version` than this build knows is refused.
 //!
@@ -89,6 +90,7 @@ use crate::{Error, Result};
 use checkpoints::{CheckpointKind, insert_checkpoint};
 
 mod checkpoints;
+mod enrolment;
 mod evaluation;
 mod history;
 mod privacy;
@@ -97,6 +99,7 @@ mod records;
 mod registry;
 mod revocations;
 
+pub use enrolment::{NewToken, Redeemed, TokenRefusal};
 pub use evaluation::EvaluationRecord;
 pub use history::FailedAttempt;
 pub use privacy::{SiteDpRound, SiteDpUpload};
@@ -108,7 +111,7 @@ pub use registry::{GateDecision, Publication, PublishAction};
 pub use revocations::RevocationRecord;
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Version 4 of the round tables: each accepted update's norm and whether it was clipped
 /// (`round_sites`; empty for rows written before).
@@ -279,6 +282,9 @@ impl Store {
         }
         if version < 5 {
             tx.execute_batch(registry::SCHEMA_V5)?;
+        }
+        if version < 6 {
+            tx.execute_batch(enrolment::SCHEMA_V6)?;
         }
         if version < SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;

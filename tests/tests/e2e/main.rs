@@ -8,6 +8,7 @@ mod claims;
 mod ctl;
 mod deploy;
 mod enrolment;
+mod enrolment_online;
 mod federation;
 mod growing;
 mod grpc_failures;

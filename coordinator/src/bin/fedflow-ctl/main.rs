@@ -19,8 +19,9 @@ use clap::{Parser, Subcommand};
 use fedflow_proto::tls::{Bundle, check_endpoint, connect, error_chain, is_certificate_error};
 use fedflow_proto::v1::admin_client::AdminClient;
 use fedflow_proto::v1::{
-    GetStatusRequest, ListModelsRequest, ListRevocationsRequest, ListRoundsRequest,
-    ListRunsRequest, ListSitesRequest, PublishRequest, RevokeRequest, RunActionRequest, RunPhase,
+    GetStatusRequest, IssueEnrolmentTokenRequest, ListModelsRequest, ListRevocationsRequest,
+    ListRoundsRequest, ListRunsRequest, ListSitesRequest, PublishRequest, RevokeRequest,
+    RunActionRequest, RunPhase,
 };
 use tonic::transport::Channel;
 
@@ -158,6 +159,20 @@ enum Command {
         /// you out); refused without.
         #[arg(long)]
         force: bool,
+    },
+    /// Issue a one-time enrolment token for a new site (admin): the site redeems it once,
+    /// before it expires, with `fedflow-client enrol --token` on the coordinator's enrolment
+    /// port. Prints the token alone on stdout; give it to the site over a channel you trust.
+    EnrolToken {
+        /// The site the token enrols (and no other).
+        #[arg(long)]
+        site: String,
+        /// How long it can be redeemed, in seconds (at most a week).
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+        /// Why (recorded).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
 }
 
@@ -463,6 +478,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "revoked"
                 }
             );
+        }
+        Command::EnrolToken {
+            site,
+            ttl_secs,
+            reason,
+        } => {
+            let r = admin
+                .issue_enrolment_token(IssueEnrolmentTokenRequest {
+                    site: site.clone(),
+                    ttl_seconds: ttl_secs,
+                    reason,
+                })
+                .await
+                .map_err(st)?
+                .into_inner();
+            eprintln!(
+                "token {} enrols site {site} once, within {}s (until Unix ms {})",
+                r.token_id,
+                (r.expires_unix_ms - fedflow_common::clock::now_ms()).max(0) / 1000,
+                r.expires_unix_ms
+            );
+            println!("{}", r.token);
         }
     }
     Ok(())
