@@ -18,6 +18,7 @@ mod protocol;
 mod python_interop;
 mod registry;
 mod reload;
+mod rollover;
 mod safe_text;
 mod security;
 mod sequence_model_quality;
