@@ -16,6 +16,8 @@ use fedflow_common::train::{EpochReport, EvalMetrics, OptimizerKind, TrainConfig
 mod agent_cli;
 #[path = "cli/join.rs"]
 mod join_cli;
+#[path = "cli/ledger.rs"]
+mod ledger_cli;
 #[path = "cli/privacy.rs"]
 mod privacy_cli;
 #[path = "cli/signal.rs"]
@@ -86,6 +88,9 @@ enum Command {
     /// Differential privacy: plan DP-SGD parameters, write the site's privacy report.
     #[command(subcommand)]
     Privacy(privacy_cli::PrivacyCommand),
+    /// The privacy ledger: journal it to other storage, back it up, restore it.
+    #[command(subcommand)]
+    Ledger(ledger_cli::LedgerCommand),
     /// The centralised baseline: one model trained on all sites' data pooled, no federation.
     ///
     /// Generates a 20-site federation, trains the pooled model and compares it with the
@@ -651,6 +656,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Privacy(cmd) => privacy_cli::run(cmd)?,
+        Command::Ledger(cmd) => ledger_cli::run(cmd)?,
         Command::Evaluate(a) => {
             let split = if a.validation_only {
                 EvalSplit::Validation

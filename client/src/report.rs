@@ -22,6 +22,9 @@
 //!   `round`, `unit`, `units`, `clip_norm`, `noise_multiplier`, `expected_batch_size`,
 //!   `epochs`, `q`, `steps`, `update_sha256`, `released`, `metrics_released`, and
 //!   `epsilon_after` / `order_after` (cumulative, at `cumulative.delta`);
+//! - `restores`: array, one per restore of the ledger, oldest first: `restored_unix_ms`,
+//!   `backup_taken_unix_ms` (null from a journal alone), `from_backup`, `from_journal`
+//!   (entries only the journal held), `basis` (the journal, or the operator's statement);
 //! - `caveats`: array of sentences (what the figures mean given what else leaves the site);
 //! - `warnings`: array of sentences (e.g. δ not below 1/n);
 //! - `not_covered`: array of sentences;
@@ -35,6 +38,7 @@ use fedflow_common::train::PrivacyUnit;
 use serde::Serialize;
 
 use crate::Result;
+use crate::ledger::backup::RestoreRecord;
 use crate::ledger::{Charges, Ledger, LedgerEntry, Relation, add_steps, bound, stated_unit};
 
 mod html;
@@ -127,6 +131,8 @@ pub struct SitePrivacyReport {
     pub releases: Vec<Release>,
     /// What the ledger bounds per unit and neighbouring relation.
     pub bounds: Vec<UnitBound>,
+    /// Every restore of the ledger from a backup or journal, oldest first.
+    pub restores: Vec<RestoreRecord>,
     /// What the figures mean given what else leaves the site.
     pub caveats: Vec<String>,
     /// Warnings about the figures (e.g. δ not below 1/n).
@@ -247,6 +253,31 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
                 .to_string(),
         );
     }
+    let restores = ledger.restores()?;
+    for r in &restores {
+        let from = match r.backup_taken_unix_ms {
+            Some(t) => format!(
+                "from a backup taken at Unix ms {t} ({} entries) and {} entries only the \
+                 journal held",
+                r.from_backup, r.from_journal
+            ),
+            None => format!("from its journal alone ({} entries)", r.from_journal),
+        };
+        caveats.push(if r.basis.starts_with("journal") {
+            format!(
+                "This ledger was restored at Unix ms {} {from}; every release was appended to \
+                 the journal before it left the site, so every release is counted.",
+                r.restored_unix_ms
+            )
+        } else {
+            format!(
+                "This ledger was restored at Unix ms {} {from}, without a journal, on the \
+                 operator's statement that the site released nothing after the backup: the \
+                 figures hold only if that statement is true.",
+                r.restored_unix_ms
+            )
+        });
+    }
     let mut warnings = Vec::new();
     if let Some(n) = entries.iter().map(|e| e.units).min().filter(|&n| n > 0) {
         let at_least = |d: f64| d * n as f64 >= 1.0;
@@ -341,6 +372,7 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
         },
         releases,
         bounds,
+        restores,
         caveats,
         warnings,
         not_covered,

@@ -4,6 +4,7 @@
 
 mod agent_crash;
 mod commands;
+mod ledger_backup;
 mod record_privacy;
 mod signals;
 mod site_privacy;

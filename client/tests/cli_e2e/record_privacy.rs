@@ -245,7 +245,7 @@ async fn a_client_crashed_between_recording_and_uploading_loses_and_double_count
         !first.status.success(),
         "the failpoint must kill the client"
     );
-    let ledger = Ledger::open(&privacy_dir).unwrap();
+    let mut ledger = Ledger::open(&privacy_dir).unwrap();
     let entries = ledger.entries().unwrap();
     assert_eq!(
         entries.len(),

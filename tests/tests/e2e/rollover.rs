@@ -99,7 +99,9 @@ async fn the_federation_moves_to_a_new_ca_while_the_coordinator_serves() {
     new.issue(Role::Site, "site-b", days, &site_b).unwrap();
     let b_trust = std::fs::read(site_b.join("ca.pem")).unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&b_trust).matches("BEGIN CERTIFICATE").count(),
+        String::from_utf8_lossy(&b_trust)
+            .matches("BEGIN CERTIFICATE")
+            .count(),
         2,
         "bundles of the new CA trust both"
     );
