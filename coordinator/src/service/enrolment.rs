@@ -1,5 +1,5 @@
 //! Online enrolment with one-time tokens: an admin issues a token bound to one site name
-//! (`Admin.IssueEnrolmentToken`, [`Coordinator::issue_token`]); the site redeems it once on
+//! (`Admin.IssueEnrolmentToken`); the site redeems it once on
 //! the enrolment port (`fedflow.v1.Enrolment`, [`EnrolmentService`]) with a certificate
 //! request for its own key, and gets its certificate back.
 //!
