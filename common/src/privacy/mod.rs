@@ -11,6 +11,7 @@
 pub mod dpfedavg;
 pub mod neighbours;
 pub mod planner;
+pub mod pld;
 pub mod rdp;
 
 pub use rdp::{RdpAccountant, SampledGaussian};

@@ -56,7 +56,7 @@ fn log_comb(n: f64, k: f64) -> f64 {
 /// `log_ndtr`). Below x = 26 erfc is a normal double and libm's erfc is accurate to about an
 /// ulp; beyond, the asymptotic series erfc(x)·e^{x²}·x√π = Σ (−1)ⁿ (2n−1)!! / (2x²)ⁿ is exact
 /// to double precision with eight terms.
-fn log_erfc(x: f64) -> f64 {
+pub(crate) fn log_erfc(x: f64) -> f64 {
     if x < 26.0 {
         return libm::erfc(x).ln();
     }

@@ -1,0 +1,830 @@
+//! Privacy-loss-distribution (PLD) accounting of the Poisson-subsampled Gaussian mechanism,
+//! reproducing Google's `dp_accounting` `PLDAccountant` (PyPI `dp-accounting` 0.6.0,
+//! `dp_accounting/pld/`) with its defaults, function by function:
+//!
+//! - the mechanism's privacy loss, its inverse and its hockey-stick divergence for the
+//!   *remove* and *add* adjacencies of add-or-remove-one neighbours under Poisson sampling
+//!   with probability q (`privacy_loss_mechanism.py`, `AdditiveNoisePrivacyLoss` and
+//!   `GaussianPrivacyLoss`; Koskela, Jälkö, Honkela 2020, "Computing Tight Differential
+//!   Privacy Guarantees Using FFT", AISTATS, and the supplementary material of Google's
+//!   "Privacy Loss Distributions" note), truncating the noise where its log mass is -50;
+//! - the distribution discretised by *pessimistic connect-the-dots* on a grid of 1e-4
+//!   (`pld_pmf.create_pmf_pessimistic_connect_dots_fixed_gap`; Doroshenko, Ghazi, Kamath,
+//!   Kumar, Manurangsi 2022, "Connect the Dots: Tighter Discrete Approximations of Privacy
+//!   Loss Distributions", PETS, Algorithm 1), which is a valid upper bound: every δ(ε) of the
+//!   discrete distribution is at least the mechanism's;
+//! - self-composition by an FFT power with Chernoff-bounded truncation of at most 1e-15 of
+//!   tail mass, the truncated mass counted as infinite loss (`common.self_convolve`,
+//!   `compute_self_convolve_bounds`; `DensePLDPmf.self_compose`), and composition of
+//!   different events by FFT convolution, the left tail moved onto the smallest loss and the
+//!   right tail onto +∞ (`DensePLDPmf.compose`, `_truncate_tails`), so truncation only ever
+//!   makes the bound larger;
+//! - the queries `get_epsilon_for_delta` and `get_delta_for_epsilon` of both adjacencies,
+//!   the larger of the two (`PrivacyLossDistribution`).
+//!
+//! The reference keeps small distributions (at most 1000 points) as a dictionary and
+//! composes them by a quadratic loop; this port always uses the dense form. The two agree to
+//! floating-point rounding except that the dense form truncates once more (at most 1e-15 of
+//! mass, moved to +∞, i.e. pessimistically). `common/tests/pld_reference.rs` checks every
+//! figure against fixtures written by the reference (`common/tests/privacy/
+//! make_pld_fixtures.py`).
+
+use realfft::RealFftPlanner;
+use realfft::num_complex::Complex;
+
+use crate::{Error, Result};
+
+/// The reference's default `value_discretization_interval`.
+pub const DEFAULT_DISCRETIZATION: f64 = 1e-4;
+/// The reference's `log_mass_truncation_bound` for the Gaussian's tails.
+const LOG_MASS_TRUNCATION_BOUND: f64 = -50.0;
+/// The reference's default `tail_mass_truncation` of compositions.
+const TAIL_MASS_TRUNCATION: f64 = 1e-15;
+/// The reference's `_DELTA_DIFF_TOLERANCE`.
+const DELTA_DIFF_TOLERANCE: f64 = 1e-12;
+
+fn privacy_err(what: impl std::fmt::Display) -> Error {
+    Error::Privacy(what.to_string())
+}
+
+/// log(exp(a) + exp(b)).
+fn log_add(a: f64, b: f64) -> f64 {
+    let (mn, mx) = if a < b { (a, b) } else { (b, a) };
+    if mn == f64::NEG_INFINITY {
+        return mx;
+    }
+    mx + (mn - mx).exp().ln_1p()
+}
+
+/// log(exp(a) - exp(b)), for b < a.
+fn log_sub(a: f64, b: f64) -> f64 {
+    a + (-(b - a).exp()).ln_1p()
+}
+
+/// log(a·exp(b) + c) (`common.log_a_times_exp_b_plus_c`), for a positive result.
+fn log_a_times_exp_b_plus_c(a: f64, b: f64, c: f64) -> f64 {
+    if a == 0.0 {
+        return c.ln();
+    }
+    if a < 0.0 {
+        return log_sub(c.ln(), (-a).ln() + b);
+    }
+    if b == 0.0 {
+        return (a + c).ln();
+    }
+    let d = b + a.ln();
+    if c == 0.0 {
+        d
+    } else if c < 0.0 {
+        log_sub(d, (-c).ln())
+    } else {
+        log_add(d, c.ln())
+    }
+}
+
+/// Python's `math.isclose` with its default relative tolerance.
+fn is_close(a: f64, b: f64) -> bool {
+    a == b || (a - b).abs() <= 1e-9 * a.abs().max(b.abs())
+}
+
+/// The standard normal CDF at `x` (scipy's `ndtr`).
+fn normal_cdf(x: f64) -> f64 {
+    0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)
+}
+
+/// log of the standard normal CDF at `x`, accurate far into the lower tail (scipy's
+/// `log_ndtr`).
+fn normal_log_cdf(x: f64) -> f64 {
+    if x < 0.0 {
+        0.5f64.ln() + super::rdp::log_erfc(-x / std::f64::consts::SQRT_2)
+    } else {
+        (-0.5 * libm::erfc(x / std::f64::consts::SQRT_2)).ln_1p()
+    }
+}
+
+/// The standard normal quantile of a small `p` (below one half), to double precision: by
+/// bisection on the log-CDF, which is monotone and accurate in the tail.
+fn normal_ppf_lower(p: f64) -> f64 {
+    let target = p.ln();
+    let (mut lo, mut hi) = (-40.0f64, 0.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if normal_log_cdf(mid) < target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+        if hi - lo <= f64::EPSILON * hi.abs() {
+            break;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// The neighbouring direction a distribution is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Adjacency {
+    /// The neighbour has one record more.
+    Add,
+    /// The neighbour has one record fewer.
+    Remove,
+}
+
+/// The privacy loss of the Poisson-subsampled Gaussian mechanism with sensitivity 1
+/// (`GaussianPrivacyLoss` with its `AdditiveNoisePrivacyLoss` base).
+struct GaussianLoss {
+    sigma: f64,
+    q: f64,
+    adjacency: Adjacency,
+}
+
+impl GaussianLoss {
+    fn noise_cdf(&self, x: f64) -> f64 {
+        normal_cdf(x / self.sigma)
+    }
+
+    fn noise_log_cdf(&self, x: f64) -> f64 {
+        normal_log_cdf(x / self.sigma)
+    }
+
+    fn without_subsampling_remove(&self, x: f64) -> f64 {
+        (-0.5 - x) / (self.sigma * self.sigma)
+    }
+
+    fn remove(&self, x: f64) -> f64 {
+        let l = self.without_subsampling_remove(x);
+        if self.q == 1.0 {
+            l
+        } else {
+            log_a_times_exp_b_plus_c(self.q, l, 1.0 - self.q)
+        }
+    }
+
+    fn privacy_loss(&self, x: f64) -> f64 {
+        match self.adjacency {
+            Adjacency::Remove => self.remove(x),
+            Adjacency::Add => -self.remove(-x),
+        }
+    }
+
+    fn inverse_without_subsampling_remove(&self, loss: f64) -> f64 {
+        -0.5 - loss * self.sigma * self.sigma
+    }
+
+    fn inverse_privacy_loss(&self, loss: f64) -> f64 {
+        let q = self.q;
+        match self.adjacency {
+            Adjacency::Remove => {
+                if q == 1.0 {
+                    return self.inverse_without_subsampling_remove(loss);
+                }
+                if is_close(loss, (-q).ln_1p()) {
+                    return self.inverse_without_subsampling_remove(f64::NEG_INFINITY);
+                }
+                let l = log_a_times_exp_b_plus_c(1.0 / q, loss, 1.0 - 1.0 / q);
+                self.inverse_without_subsampling_remove(l)
+            }
+            Adjacency::Add => {
+                let add = |l: f64| 1.0 + self.inverse_without_subsampling_remove(l);
+                if q == 1.0 {
+                    return add(loss);
+                }
+                if is_close(loss, -(-q).ln_1p()) {
+                    return add(f64::INFINITY);
+                }
+                add(-log_a_times_exp_b_plus_c(1.0 / q, -loss, 1.0 - 1.0 / q))
+            }
+        }
+    }
+
+    fn mu_upper_cdf(&self, x: f64) -> f64 {
+        match self.adjacency {
+            Adjacency::Add => self.noise_cdf(x),
+            Adjacency::Remove if self.q == 1.0 => self.noise_cdf(x + 1.0),
+            Adjacency::Remove => {
+                (1.0 - self.q) * self.noise_cdf(x) + self.q * self.noise_cdf(x + 1.0)
+            }
+        }
+    }
+
+    fn mu_lower_log_cdf(&self, x: f64) -> f64 {
+        match self.adjacency {
+            Adjacency::Add if self.q == 1.0 => self.noise_log_cdf(x - 1.0),
+            Adjacency::Add => log_add(
+                (-self.q).ln_1p() + self.noise_log_cdf(x),
+                self.q.ln() + self.noise_log_cdf(x - 1.0),
+            ),
+            Adjacency::Remove => self.noise_log_cdf(x),
+        }
+    }
+
+    /// The mechanism's δ at `epsilon` (`AdditiveNoisePrivacyLoss.get_delta_for_epsilon`).
+    fn delta_for_epsilon(&self, epsilon: f64) -> f64 {
+        let q = self.q;
+        let delta = if q == 1.0 {
+            None
+        } else {
+            match self.adjacency {
+                Adjacency::Add if epsilon >= -(-q).ln_1p() => Some(0.0),
+                Adjacency::Remove if epsilon <= (-q).ln_1p() => Some(-epsilon.exp_m1()),
+                _ => None,
+            }
+        };
+        let delta = delta.unwrap_or_else(|| {
+            let x = self.inverse_privacy_loss(epsilon);
+            self.mu_upper_cdf(x) - (epsilon + self.mu_lower_log_cdf(x)).exp()
+        });
+        delta.clamp(0.0, 1.0)
+    }
+
+    /// The losses at the noise's truncation points (`connect_dots_bounds`): (largest,
+    /// smallest).
+    fn connect_dots_bounds(&self) -> (f64, f64) {
+        let mut lower_x = self.sigma * normal_ppf_lower(0.5 * LOG_MASS_TRUNCATION_BOUND.exp());
+        let mut upper_x = -lower_x;
+        match self.adjacency {
+            Adjacency::Add => upper_x += 1.0,
+            Adjacency::Remove => lower_x -= 1.0,
+        }
+        (self.privacy_loss(lower_x), self.privacy_loss(upper_x))
+    }
+
+    /// The pessimistic connect-the-dots distribution on the grid of `d`
+    /// (`_create_pld_pmf_from_monotone_privacy_loss` with `use_connect_dots`).
+    fn pmf(&self, d: f64) -> Result<Pmf> {
+        let (eps_upper, eps_lower) = self.connect_dots_bounds();
+        let upper = (eps_upper / d).ceil() as i64;
+        let lower = (eps_lower / d).floor() as i64;
+        let deltas: Vec<f64> = (lower..=upper)
+            .map(|i| self.delta_for_epsilon(i as f64 * d))
+            .collect();
+        Pmf::connect_dots_fixed_gap(d, lower, upper, deltas)
+    }
+}
+
+/// A discrete privacy loss distribution on the grid `d·(lower + i)` with a mass at +∞
+/// (`DensePLDPmf`).
+#[derive(Debug, Clone, PartialEq)]
+struct Pmf {
+    d: f64,
+    lower: i64,
+    probs: Vec<f64>,
+    infinity_mass: f64,
+}
+
+impl Pmf {
+    /// No loss at all.
+    fn identity(d: f64) -> Pmf {
+        Pmf {
+            d,
+            lower: 0,
+            probs: vec![1.0],
+            infinity_mass: 0.0,
+        }
+    }
+
+    /// `create_pmf_pessimistic_connect_dots_fixed_gap`: the distribution on the losses
+    /// `d·lower ..= d·upper` whose hockey-stick divergences at those points are `deltas`.
+    fn connect_dots_fixed_gap(d: f64, lower: i64, upper: i64, deltas: Vec<f64>) -> Result<Pmf> {
+        if upper < lower || deltas.len() as i64 != upper - lower + 1 {
+            return Err(privacy_err(format!(
+                "connect-the-dots: {} deltas for the losses {lower}..={upper}",
+                deltas.len()
+            )));
+        }
+        if upper == lower {
+            return Ok(Pmf {
+                d,
+                lower,
+                probs: vec![1.0 - deltas[0]],
+                infinity_mass: deltas[0],
+            });
+        }
+        if deltas
+            .windows(2)
+            .any(|w| w[1] - w[0] > DELTA_DIFF_TOLERANCE)
+        {
+            return Err(privacy_err(
+                "connect-the-dots: the hockey-stick divergences are not non-increasing",
+            ));
+        }
+        let mut m = deltas;
+        for i in 1..m.len() {
+            m[i] = m[i].min(m[i - 1]);
+        }
+        let diffs: Vec<f64> = m.windows(2).map(|w| w[1] - w[0]).collect();
+        let n = m.len();
+        let mut probs = vec![0.0; n];
+        probs[0] = 1.0 - m[0] + diffs[0] / d.exp_m1();
+        for i in 1..n - 1 {
+            probs[i] = (diffs[i] - diffs[i - 1] * d.exp()) / d.exp_m1();
+        }
+        probs[n - 1] = diffs[n - 2] / (-d).exp_m1();
+        for p in &mut probs {
+            *p = p.max(0.0);
+        }
+        Ok(Pmf {
+            d,
+            lower,
+            probs,
+            infinity_mass: m[n - 1],
+        })
+    }
+
+    /// `DensePLDPmf.compose`: the convolution, tails truncated pessimistically.
+    fn compose(&self, other: &Pmf, tail_mass_truncation: f64) -> Pmf {
+        let probs = convolve(&self.probs, &other.probs);
+        let infinity_mass =
+            self.infinity_mass + other.infinity_mass - self.infinity_mass * other.infinity_mass;
+        let (offset, probs, right) = truncate_tails(probs, tail_mass_truncation);
+        Pmf {
+            d: self.d,
+            lower: self.lower + other.lower + offset as i64,
+            probs,
+            infinity_mass: infinity_mass + right,
+        }
+    }
+
+    /// `DensePLDPmf.self_compose`: the `n`-fold composition, by an FFT power.
+    fn self_compose(&self, n: u64, tail_mass_truncation: f64) -> Pmf {
+        let (lower_bound, upper_bound) = self_convolve_bounds(&self.probs, n, tail_mass_truncation);
+        let out_len = (upper_bound - lower_bound + 1) as usize;
+        let len = next_fast_len(out_len.max(self.probs.len()));
+        let mut planner = RealFftPlanner::<f64>::new();
+        let forward = planner.plan_fft_forward(len);
+        let inverse = planner.plan_fft_inverse(len);
+        let mut input = vec![0.0; len];
+        input[..self.probs.len()].copy_from_slice(&self.probs);
+        let mut spectrum = forward.make_output_vec();
+        forward
+            .process(&mut input, &mut spectrum)
+            .expect("buffer sizes come from the plan");
+        let nf = n as f64;
+        for c in &mut spectrum {
+            // z^n in polar form (numpy's complex power for large exponents).
+            let (r, theta) = c.to_polar();
+            *c = Complex::from_polar(r.powf(nf), theta * nf);
+        }
+        // A real signal's spectrum has real first (and, for even lengths, last) bins.
+        spectrum[0].im = 0.0;
+        if len.is_multiple_of(2) {
+            let last = spectrum.len() - 1;
+            spectrum[last].im = 0.0;
+        }
+        let mut output = inverse.make_output_vec();
+        inverse
+            .process(&mut spectrum, &mut output)
+            .expect("buffer sizes come from the plan");
+        let scale = 1.0 / len as f64;
+        // The circular result, rolled so that index `lower_bound` comes first.
+        let probs: Vec<f64> = (0..out_len)
+            .map(|i| output[(i + lower_bound as usize) % len] * scale)
+            .collect();
+        let infinity_mass = tail_mass_truncation - (nf * (-self.infinity_mass).ln_1p()).exp_m1();
+        Pmf {
+            d: self.d,
+            lower: self.lower * n as i64 + lower_bound,
+            probs,
+            infinity_mass,
+        }
+    }
+
+    /// `_get_delta_for_epsilon`: the hockey-stick divergence at `epsilon`.
+    fn delta_for_epsilon(&self, epsilon: f64) -> f64 {
+        let mut delta = self.infinity_mass;
+        for (i, p) in self.probs.iter().enumerate() {
+            let loss = (self.lower + i as i64) as f64 * self.d;
+            if loss > epsilon {
+                delta += -(epsilon - loss).exp_m1() * p;
+            }
+        }
+        delta
+    }
+
+    /// `_get_epsilon_for_delta`: the smallest ε whose hockey-stick divergence is at most
+    /// `delta` (+∞ when there is none).
+    fn epsilon_for_delta(&self, delta: f64) -> f64 {
+        if self.infinity_mass > delta {
+            return f64::INFINITY;
+        }
+        let (mut mass_upper, mut mass_lower) = (self.infinity_mass, 0.0f64);
+        let top = self.lower + self.probs.len() as i64 - 1;
+        for (k, p) in self.probs.iter().rev().enumerate() {
+            // The reference counts the losses down from the top in steps of d.
+            let loss = top as f64 * self.d - k as f64 * self.d;
+            if mass_upper > delta
+                && mass_lower > 0.0
+                && ((mass_upper - delta) / mass_lower).ln() >= loss
+            {
+                break;
+            }
+            mass_upper += p;
+            mass_lower += (-loss).exp() * p;
+            if mass_upper >= delta && mass_lower == 0.0 {
+                return loss.max(0.0);
+            }
+        }
+        if mass_upper <= mass_lower + delta {
+            return 0.0;
+        }
+        ((mass_upper - delta) / mass_lower).ln()
+    }
+}
+
+/// The linear convolution of `a` and `b` (scipy's `fftconvolve`, by FFT).
+fn convolve(a: &[f64], b: &[f64]) -> Vec<f64> {
+    let out_len = a.len() + b.len() - 1;
+    if a.len().min(b.len()) <= 64 {
+        let mut out = vec![0.0; out_len];
+        for (i, x) in a.iter().enumerate() {
+            for (j, y) in b.iter().enumerate() {
+                out[i + j] += x * y;
+            }
+        }
+        return out;
+    }
+    let len = next_fast_len(out_len);
+    let mut planner = RealFftPlanner::<f64>::new();
+    let forward = planner.plan_fft_forward(len);
+    let inverse = planner.plan_fft_inverse(len);
+    let spectrum = |x: &[f64]| {
+        let mut input = vec![0.0; len];
+        input[..x.len()].copy_from_slice(x);
+        let mut s = forward.make_output_vec();
+        forward
+            .process(&mut input, &mut s)
+            .expect("buffer sizes come from the plan");
+        s
+    };
+    let (sa, sb) = (spectrum(a), spectrum(b));
+    let mut product: Vec<Complex<f64>> = sa.iter().zip(&sb).map(|(x, y)| x * y).collect();
+    product[0].im = 0.0;
+    if len.is_multiple_of(2) {
+        let last = product.len() - 1;
+        product[last].im = 0.0;
+    }
+    let mut out = inverse.make_output_vec();
+    inverse
+        .process(&mut product, &mut out)
+        .expect("buffer sizes come from the plan");
+    let scale = 1.0 / len as f64;
+    out.truncate(out_len);
+    for x in &mut out {
+        *x *= scale;
+    }
+    out
+}
+
+/// `_truncate_tails` (pessimistic): the longest prefix and suffix each holding at most half
+/// of `tail_mass_truncation` are cut; the prefix's mass goes onto the first kept loss, the
+/// suffix's is returned (it becomes infinite loss). Returns (prefix length, kept, suffix
+/// mass).
+fn truncate_tails(probs: Vec<f64>, tail_mass_truncation: f64) -> (usize, Vec<f64>, f64) {
+    if tail_mass_truncation == 0.0 {
+        return (0, probs, 0.0);
+    }
+    let prefix = |it: &mut dyn Iterator<Item = &f64>| {
+        let mut s = 0.0;
+        let mut n = 0;
+        for v in it {
+            s += v;
+            if s > tail_mass_truncation / 2.0 {
+                return n;
+            }
+            n += 1;
+        }
+        n
+    };
+    let left = prefix(&mut probs.iter());
+    let right = (probs.len() - prefix(&mut probs.iter().rev())).max(left + 1);
+    let left_mass: f64 = probs[..left].iter().sum();
+    let right_mass: f64 = probs[right.min(probs.len())..].iter().sum();
+    let mut kept = probs[left..right.min(probs.len())].to_vec();
+    if kept.is_empty() {
+        kept.push(0.0);
+    }
+    kept[0] += left_mass;
+    (left, kept, right_mass)
+}
+
+/// `compute_self_convolve_bounds`: indices outside which the `n`-fold self-convolution of
+/// `probs` holds at most `tail_mass_truncation`, by Chernoff bounds at the reference's 40
+/// orders.
+fn self_convolve_bounds(probs: &[f64], n: u64, tail_mass_truncation: f64) -> (i64, i64) {
+    let mut upper = (probs.len() as i64 - 1) * n as i64;
+    let mut lower = 0i64;
+    if tail_mass_truncation == 0.0 {
+        return (lower, upper);
+    }
+    let len = probs.len() as f64;
+    let orders = (-20..0).chain(1..21).map(|o| o as f64 / len);
+    for order in orders {
+        // logsumexp(i·order, b = probs)
+        let mx = probs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| **p > 0.0)
+            .map(|(i, _)| i as f64 * order)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = probs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| p * (i as f64 * order - mx).exp())
+            .sum();
+        let log_mgf = mx + sum.ln();
+        let bound = (n as f64 * log_mgf + (2.0 / tail_mass_truncation).ln()) / order;
+        if !bound.is_finite() {
+            continue;
+        }
+        if order > 0.0 {
+            upper = upper.min(bound.ceil() as i64);
+        } else {
+            lower = lower.max(bound.floor() as i64);
+        }
+    }
+    (lower, upper)
+}
+
+/// The smallest 2-, 3- and 5-smooth number at least `n` (a length the FFT does quickly).
+fn next_fast_len(n: usize) -> usize {
+    let mut best = usize::MAX;
+    let mut p5 = 1usize;
+    while p5 < 2 * n.max(1) {
+        let mut p35 = p5;
+        while p35 < 2 * n.max(1) {
+            let mut m = p35;
+            while m < n {
+                m *= 2;
+            }
+            best = best.min(m);
+            p35 *= 3;
+        }
+        p5 *= 5;
+    }
+    best
+}
+
+/// A privacy loss distribution for add-or-remove-one neighbours: the *remove* direction and,
+/// unless it is the same (sampling probability 1), the *add* direction
+/// (`PrivacyLossDistribution`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pld {
+    remove: Pmf,
+    add: Option<Pmf>,
+}
+
+impl Pld {
+    /// No privacy loss (`identity`), on the grid of `d`.
+    pub fn identity(d: f64) -> Pld {
+        Pld {
+            remove: Pmf::identity(d),
+            add: None,
+        }
+    }
+
+    /// One step of the Gaussian mechanism with noise multiplier `z` on a batch Poisson-
+    /// sampled with probability `q` (`from_gaussian_mechanism(z, sampling_prob=q)`), on the
+    /// grid of `d`. Needs 0 < q ≤ 1 and z > 0.
+    pub fn poisson_gaussian(q: f64, z: f64, d: f64) -> Result<Pld> {
+        let valid = q > 0.0 && q <= 1.0 && z > 0.0 && z.is_finite() && d > 0.0;
+        if !valid {
+            return Err(privacy_err(format!(
+                "a PLD needs 0 < q <= 1, z > 0 and a positive discretisation: q {q}, z {z}, d {d}"
+            )));
+        }
+        let pmf = |adjacency| {
+            GaussianLoss {
+                sigma: z,
+                q,
+                adjacency,
+            }
+            .pmf(d)
+        };
+        Ok(Pld {
+            remove: pmf(Adjacency::Remove)?,
+            add: if q == 1.0 {
+                None
+            } else {
+                Some(pmf(Adjacency::Add)?)
+            },
+        })
+    }
+
+    /// The composition of this distribution and `other` (same grid).
+    pub fn compose(&self, other: &Pld) -> Pld {
+        let remove = self.remove.compose(&other.remove, TAIL_MASS_TRUNCATION);
+        let add = match (&self.add, &other.add) {
+            (None, None) => None,
+            (a, b) => Some(
+                a.as_ref()
+                    .unwrap_or(&self.remove)
+                    .compose(b.as_ref().unwrap_or(&other.remove), TAIL_MASS_TRUNCATION),
+            ),
+        };
+        Pld { remove, add }
+    }
+
+    /// The `n`-fold composition of this distribution with itself (`n` ≥ 1).
+    pub fn self_compose(&self, n: u64) -> Pld {
+        Pld {
+            remove: self.remove.self_compose(n, TAIL_MASS_TRUNCATION),
+            add: self
+                .add
+                .as_ref()
+                .map(|a| a.self_compose(n, TAIL_MASS_TRUNCATION)),
+        }
+    }
+
+    /// The smallest ε with δ(ε) at most `delta`, over both directions.
+    pub fn epsilon(&self, delta: f64) -> f64 {
+        let remove = self.remove.epsilon_for_delta(delta);
+        match &self.add {
+            None => remove,
+            Some(a) => remove.max(a.epsilon_for_delta(delta)),
+        }
+    }
+
+    /// δ at `epsilon`, over both directions.
+    pub fn delta(&self, epsilon: f64) -> f64 {
+        let remove = self.remove.delta_for_epsilon(epsilon);
+        match &self.add {
+            None => remove,
+            Some(a) => remove.max(a.delta_for_epsilon(epsilon)),
+        }
+    }
+
+    /// Points of the discretised distributions (memory is about 8 bytes each).
+    pub fn size(&self) -> usize {
+        self.remove.probs.len() + self.add.as_ref().map_or(0, |a| a.probs.len())
+    }
+}
+
+/// A PLD accountant (`PLDAccountant` with add-or-remove-one neighbours and the default
+/// discretisation): composes Poisson-subsampled Gaussian events and answers ε for δ and δ
+/// for ε. An event without noise (z = 0, q > 0) makes every ε infinite; one with q = 0 or
+/// no steps spends nothing.
+#[derive(Debug, Clone)]
+pub struct PldAccountant {
+    pld: Pld,
+    non_private: bool,
+    d: f64,
+}
+
+impl Default for PldAccountant {
+    fn default() -> Self {
+        PldAccountant::new(DEFAULT_DISCRETIZATION)
+    }
+}
+
+impl PldAccountant {
+    /// An accountant with nothing composed, on the grid of `d`.
+    pub fn new(d: f64) -> PldAccountant {
+        PldAccountant {
+            pld: Pld::identity(d),
+            non_private: false,
+            d,
+        }
+    }
+
+    /// Composes `steps` steps of the Gaussian mechanism with noise multiplier `z` on
+    /// batches Poisson-sampled with probability `q`.
+    pub fn compose(&mut self, event: &super::SampledGaussian) -> Result<()> {
+        let super::SampledGaussian { q, z, steps } = *event;
+        if !(0.0..=1.0).contains(&q) || z.is_nan() || z < 0.0 {
+            return Err(privacy_err(format!(
+                "a sampled Gaussian needs 0 <= q <= 1 and z >= 0: q {q}, z {z}"
+            )));
+        }
+        if q == 0.0 || steps == 0 {
+            return Ok(());
+        }
+        if z == 0.0 {
+            self.non_private = true;
+            return Ok(());
+        }
+        let step = Pld::poisson_gaussian(q, z, self.d)?;
+        self.pld = self.pld.compose(&step.self_compose(steps));
+        Ok(())
+    }
+
+    /// The smallest ε such that everything composed is (ε, `delta`)-DP.
+    pub fn epsilon(&self, delta: f64) -> f64 {
+        if self.non_private {
+            return f64::INFINITY;
+        }
+        self.pld.epsilon(delta)
+    }
+
+    /// The δ at which everything composed is (`epsilon`, δ)-DP.
+    pub fn delta(&self, epsilon: f64) -> f64 {
+        if self.non_private {
+            return 1.0;
+        }
+        self.pld.delta(epsilon)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_normal_quantile_and_cdf_are_accurate_in_the_tail() {
+        // scipy.stats.norm.ppf(1e-10) and norm.logcdf(-30).
+        assert!((normal_ppf_lower(1e-10) - -6.361340902404056).abs() < 1e-12);
+        assert!((normal_log_cdf(-30.0) - -454.32124395634327).abs() < 1e-9);
+        let p = 0.5 * LOG_MASS_TRUNCATION_BOUND.exp();
+        assert!((normal_log_cdf(normal_ppf_lower(p)) - p.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn fast_lengths_are_smooth_and_truncation_keeps_every_bit_of_mass() {
+        assert_eq!(next_fast_len(1), 1);
+        assert_eq!(next_fast_len(97), 100);
+        assert_eq!(next_fast_len(1025), 1080);
+        let probs = vec![1e-17, 2e-16, 0.25, 0.5, 0.25 - 3e-16, 1e-16];
+        let total: f64 = probs.iter().sum();
+        let (cut, kept, right) = truncate_tails(probs, 1e-15);
+        assert_eq!((cut, kept.len()), (2, 3));
+        assert!((kept.iter().sum::<f64>() + right - total).abs() < 1e-18);
+        assert!(right > 0.0, "the right tail goes to infinite loss");
+        assert!(
+            (log_a_times_exp_b_plus_c(0.5, 2.0, 0.5) - (0.5 * 2f64.exp() + 0.5).ln()).abs() < 1e-15
+        );
+        assert!(
+            (log_a_times_exp_b_plus_c(2.0, 1.0, -1.0) - (2.0 * 1f64.exp() - 1.0).ln()).abs()
+                < 1e-15
+        );
+    }
+
+    /// The Gaussian mechanism's exact δ(ε) with sensitivity 1 and noise σ (Balle and Wang
+    /// 2018, "Improving the Gaussian Mechanism for Differential Privacy", Theorem 8).
+    fn exact_gaussian_delta(sigma: f64, eps: f64) -> f64 {
+        normal_cdf(0.5 / sigma - eps * sigma) - eps.exp() * normal_cdf(-0.5 / sigma - eps * sigma)
+    }
+
+    #[test]
+    fn one_gaussian_step_is_bounded_from_above_and_tightly() {
+        for sigma in [0.5, 1.0, 2.0, 5.0] {
+            let pld = Pld::poisson_gaussian(1.0, sigma, DEFAULT_DISCRETIZATION).unwrap();
+            for eps in [0.1, 0.5, 1.0, 2.0] {
+                let exact = exact_gaussian_delta(sigma, eps);
+                let ours = pld.delta(eps);
+                // At a grid point connect-the-dots is exact: equal up to rounding.
+                assert!(
+                    ours >= exact * (1.0 - 1e-12),
+                    "sigma {sigma} eps {eps}: {ours} < exact {exact}"
+                );
+                if exact > 1e-10 {
+                    assert!(
+                        (ours - exact) / exact < 1e-3,
+                        "sigma {sigma} eps {eps}: {ours} vs {exact}"
+                    );
+                }
+            }
+            // k steps of noise sigma are one step of noise sigma / sqrt(k) (Dong, Roth, Su).
+            let k = 16;
+            let composed = pld.self_compose(k);
+            let one = exact_gaussian_delta(sigma / (k as f64).sqrt(), 1.0);
+            let ours = composed.delta(1.0);
+            assert!(
+                ours >= one * (1.0 - 1e-9) && (ours - one) / one.max(1e-12) < 2e-3,
+                "{ours} vs {one}"
+            );
+        }
+    }
+
+    #[test]
+    fn events_that_spend_nothing_or_everything_say_so() {
+        let mut a = PldAccountant::default();
+        a.compose(&super::super::SampledGaussian {
+            q: 0.0,
+            z: 0.0,
+            steps: 10,
+        })
+        .unwrap();
+        a.compose(&super::super::SampledGaussian {
+            q: 0.5,
+            z: 1.0,
+            steps: 0,
+        })
+        .unwrap();
+        assert_eq!(a.epsilon(1e-5), 0.0);
+        a.compose(&super::super::SampledGaussian {
+            q: 0.1,
+            z: 0.0,
+            steps: 1,
+        })
+        .unwrap();
+        assert_eq!(a.epsilon(1e-5), f64::INFINITY);
+        assert_eq!(a.delta(3.0), 1.0);
+        assert!(
+            a.compose(&super::super::SampledGaussian {
+                q: 1.5,
+                z: 1.0,
+                steps: 1
+            })
+            .is_err()
+        );
+    }
+}
