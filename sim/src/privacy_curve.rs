@@ -139,10 +139,11 @@ async fn one_run(
     let mut spent = Vec::new();
     for s in &run_sites {
         if let Some(p) = &s.privacy {
-            let (e, _) = p
+            // What the site's ledger states: the smaller of its RDP and PLD bounds.
+            let e = p
                 .ledger()
-                .accountant()
-                .and_then(|a| Ok(a.epsilon(cfg.delta)?))
+                .spend()
+                .and_then(|s| s.epsilon(cfg.delta))
                 .map_err(|e| Error::Other(e.to_string()))?;
             spent.push(e);
         }

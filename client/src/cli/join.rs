@@ -171,7 +171,7 @@ pub(crate) fn run(a: JoinArgs) -> anyhow::Result<()> {
             anyhow::bail!("--privacy-dir needs --max-epsilon (this site's limit)");
         };
         let privacy = SitePrivacy::open(dir, max, a.delta, a.release_metrics)?;
-        let (spent, _) = privacy.ledger().accountant()?.epsilon(a.delta)?;
+        let spent = privacy.ledger().spend()?.epsilon(a.delta)?;
         println!(
             "privacy ledger {}: epsilon {spent:.4} of {max} spent at delta {:e}",
             dir.display(),

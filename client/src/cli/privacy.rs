@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use fedflow_client::report::{site_report, to_html};
 use fedflow_common::privacy::SampledGaussian;
 use fedflow_common::privacy::planner::{
-    UNLIMITED_ROUNDS, epsilon, noise_for_epsilon, rounds_for_epsilon,
+    Accounting, UNLIMITED_ROUNDS, epsilon, epsilon_by, noise_for_epsilon_by, rounds_for_epsilon_by,
 };
 
 /// Privacy planning and reporting.
@@ -50,6 +50,11 @@ pub(crate) struct PlanArgs {
     /// Target epsilon: solve for the noise multiplier (if not given) or the rounds.
     #[arg(long)]
     target_epsilon: Option<f64>,
+    /// The accountant that solves for the target: pld (privacy loss distributions, the
+    /// tighter; what a site's limit is checked against when it is the smaller) or rdp.
+    /// Both figures are printed either way.
+    #[arg(long, default_value = "pld")]
+    accountant: String,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -90,18 +95,23 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
         (None, Some(e), Some(b), Some(n)) if b > 0 => e * n.div_ceil(b),
         _ => bail!("give --steps, or --epochs with --batch-size and --dataset-size"),
     };
+    let accounting: Accounting = a
+        .accountant
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--accountant: {e}"))?;
     let (z, rounds, solved) = match (a.target_epsilon, a.noise_multiplier, a.rounds) {
         (None, Some(z), r) => (z, r.unwrap_or(1), None),
         (Some(t), None, r) => {
             let r = r.unwrap_or(1);
             (
-                noise_for_epsilon(q, steps, r, a.delta, t)?,
+                noise_for_epsilon_by(accounting, q, steps, r, a.delta, t)?,
                 r,
                 Some("noise_multiplier"),
             )
         }
         (Some(t), Some(z), None) => {
-            let r = rounds_for_epsilon(&[SampledGaussian { q, z, steps }], a.delta, t)?;
+            let r =
+                rounds_for_epsilon_by(accounting, &[SampledGaussian { q, z, steps }], a.delta, t)?;
             if r == 0 {
                 bail!(
                     "even one round exceeds epsilon {t} at delta {}: raise the noise multiplier",
@@ -118,23 +128,33 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
         (None, None, _) => bail!("give --noise-multiplier, or --target-epsilon to search for it"),
     };
     let unlimited = rounds == UNLIMITED_ROUNDS;
-    let spent = epsilon(
-        &[SampledGaussian { q, z, steps }],
-        if unlimited { 1 } else { rounds },
-        a.delta,
-    )
-    .context("computing epsilon")?;
+    let events = [SampledGaussian { q, z, steps }];
+    let counted = if unlimited { 1 } else { rounds };
+    let spent = epsilon(&events, counted, a.delta).context("computing epsilon")?;
+    let pld = epsilon_by(Accounting::Pld, &events, counted, a.delta)
+        .context("computing epsilon by PLD")?;
+    let finite = |e: f64| e.is_finite().then_some(e);
+    let chosen = match accounting {
+        Accounting::Pld => pld,
+        Accounting::Rdp => spent.epsilon,
+    };
     let out = serde_json::json!({
         "q": q,
         "noise_multiplier": z,
         "steps_per_round": steps,
         "rounds": if unlimited { None } else { Some(rounds) },
         "delta": a.delta,
-        "epsilon": spent.epsilon.is_finite().then_some(spent.epsilon),
+        "epsilon": finite(chosen),
+        "epsilon_pld": finite(pld),
+        "epsilon_rdp": finite(spent.epsilon),
         "optimal_order": spent.order,
         "solved_for": solved,
         "target_epsilon": a.target_epsilon,
-        "accountant": "RDP, Poisson-subsampled Gaussian (dp_accounting 0.6.0 RdpAccountant port)",
+        "accountant": accounting,
+        "accountants": {
+            "pld": "privacy loss distributions, Poisson-subsampled Gaussian (dp_accounting 0.6.0 PLDAccountant port, discretisation 1e-4)",
+            "rdp": "RDP, Poisson-subsampled Gaussian (dp_accounting 0.6.0 RdpAccountant port)",
+        },
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -151,8 +171,15 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
             }
         );
         println!(
-            "epsilon = {:.6} at delta = {:e} (optimal RDP order {})",
-            spent.epsilon, a.delta, spent.order
+            "epsilon = {pld:.6} at delta = {:e} by PLD; {:.6} by RDP (optimal order {}){}",
+            a.delta,
+            spent.epsilon,
+            spent.order,
+            if solved.is_some() {
+                format!(" — solved with {}", a.accountant)
+            } else {
+                String::new()
+            }
         );
     }
     Ok(())

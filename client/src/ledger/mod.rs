@@ -46,6 +46,7 @@ use fedflow_common::clock::now_ms;
 use fedflow_common::fsio::write_atomic;
 use fedflow_common::hash::sha256_hex;
 use fedflow_common::privacy::neighbours::two_step_rdp;
+use fedflow_common::privacy::pld::PldAccountant;
 use fedflow_common::privacy::rdp::{default_orders, rdp_poisson_subsampled_gaussian};
 use fedflow_common::privacy::{RdpAccountant, SampledGaussian};
 use fedflow_common::train::PrivacyUnit;
@@ -252,6 +253,69 @@ pub fn bound(
     )?))
 }
 
+/// What a ledger's releases spend for its stated unit under add/remove, by two accountants:
+/// RDP (every ledger) and PLD (`fedflow_common::privacy::pld`, a port of `dp_accounting`'s
+/// PLD accountant), which is tighter for the same releases but applies only when every
+/// entry is of the stated unit (a mixed ledger's cross-unit charges are RDP curves). Both are
+/// valid upper bounds, so the smaller is: [`Spend::epsilon`] is what the limit is checked
+/// against and what the reports state first.
+#[derive(Debug, Clone)]
+pub struct Spend {
+    /// The RDP accountant (as [`Ledger::accountant`]).
+    pub rdp: RdpAccountant,
+    /// The PLD accountant, when it applies.
+    pub pld: Option<PldAccountant>,
+}
+
+impl Spend {
+    /// Both accountants over `entries`; releases with the same q and z are composed as one
+    /// self-composition of their summed steps (composition commutes).
+    pub fn of(entries: &[LedgerEntry]) -> Result<Spend> {
+        let unit = stated_unit(entries);
+        let rdp = bound(entries, unit, Relation::AddRemove, &mut Charges::default())?
+            .expect("a ledger always bounds its stated unit");
+        let pld = if entries.iter().all(|e| e.unit == unit) {
+            let mut groups: Vec<SampledGaussian> = Vec::new();
+            for e in entries {
+                match groups.iter_mut().find(|g| {
+                    g.q.to_bits() == e.q.to_bits() && g.z.to_bits() == e.noise_multiplier.to_bits()
+                }) {
+                    Some(g) => g.steps += e.steps,
+                    None => groups.push(e.event()),
+                }
+            }
+            let mut acc = PldAccountant::default();
+            for g in &groups {
+                acc.compose(g)?;
+            }
+            Some(acc)
+        } else {
+            None
+        };
+        Ok(Spend { rdp, pld })
+    }
+
+    /// Adds a release of the stated unit.
+    pub fn compose(&mut self, event: &SampledGaussian) -> Result<()> {
+        self.rdp.compose(event)?;
+        if let Some(p) = &mut self.pld {
+            p.compose(event)?;
+        }
+        Ok(())
+    }
+
+    /// ε at `delta`: the smaller of the two bounds.
+    pub fn epsilon(&self, delta: f64) -> Result<f64> {
+        let (rdp, _) = self.rdp.epsilon(delta)?;
+        Ok(self.pld.as_ref().map_or(rdp, |p| p.epsilon(delta).min(rdp)))
+    }
+
+    /// ε at `delta` by PLD, when it applies.
+    pub fn pld_epsilon(&self, delta: f64) -> Option<f64> {
+        self.pld.as_ref().map(|p| p.epsilon(delta))
+    }
+}
+
 /// `total += steps · curve`, with no steps spending nothing (0 · ∞ would be NaN).
 pub(crate) fn add_steps(total: &mut [f64], curve: &[f64], steps: u64) {
     if steps == 0 {
@@ -419,6 +483,12 @@ impl Ledger {
             bound(&entries, unit, Relation::AddRemove, &mut Charges::default())?
                 .expect("a ledger always bounds its stated unit"),
         )
+    }
+
+    /// Both accountants over every recorded release, for the ledger's stated unit under
+    /// add/remove ([`Spend`]): what the site's limit is checked against.
+    pub fn spend(&self) -> Result<Spend> {
+        Spend::of(&self.entries()?)
     }
 
     /// The privacy unit of the ledger's entries; `None` while it is empty. A ledger written

@@ -16,10 +16,24 @@ pub fn to_html(r: &SitePrivacyReport) -> Result<String> {
     let mut body = String::new();
     body.push_str("<h1>Site privacy report</h1>");
     body.push_str(&format!(
-        "<div class=\"summary\"><p class=\"big\">ε = {} at δ = {delta:e}</p>\
+        "<div class=\"summary\"><p class=\"big\">ε = {} at δ = {delta:e}</p><p>{}</p>\
          <p>Record-level differential privacy of every model update this site released: {} \
          update(s), privacy unit <b>{}</b> ({}).{}</p>{}</div>",
         fmt_eps(eps),
+        match (r.cumulative.epsilon_pld, r.cumulative.stated_by) {
+            (Some(_), "pld") => format!(
+                "By privacy loss distributions (PLD); Rényi DP gives the looser ε = {} for the \
+                 same releases. Both are valid upper bounds.",
+                fmt_eps(r.cumulative.epsilon_rdp)
+            ),
+            (Some(p), _) => format!(
+                "By Rényi DP; privacy loss distributions give ε = {} for the same releases.",
+                fmt_eps(Some(p))
+            ),
+            (None, _) => "By Rényi DP (the only accountant that charges this ledger's mixed \
+                          privacy units)."
+                .to_string(),
+        },
         r.releases.len(),
         r.privacy_unit,
         escape(&r.neighbouring_relation),

@@ -126,9 +126,13 @@ fn a_growing_file_is_read_again_before_each_task_and_each_round_is_charged_its_o
         "ledger epsilon {epsilon}, dp_accounting {want}"
     );
 
-    // The site's report states the bound it uses, with the same epsilon.
+    // The site's report states the RDP figure with the same epsilon, and the smaller PLD
+    // bound of the same rounds as the one it uses.
     let report = crate::report::site_report(&dir.path().join("ledger"), 1e-5, None).unwrap();
-    assert!((report.cumulative.epsilon.unwrap() - want).abs() <= 1e-6 * want);
+    assert!((report.cumulative.epsilon_rdp.unwrap() - want).abs() <= 1e-6 * want);
+    let pld = ledger.spend().unwrap().pld_epsilon(1e-5).unwrap();
+    assert!(pld < want);
+    assert_eq!(report.cumulative.epsilon, Some(pld));
     let caveat = report
         .caveats
         .iter()

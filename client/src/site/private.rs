@@ -102,14 +102,15 @@ impl SiteTrainer {
             }
         }
         let event = dp.sgd.round_event(units.len(), task.train.epochs)?;
-        let mut acc = privacy.ledger().accountant()?;
-        let (before, _) = acc.epsilon(privacy.delta)?;
-        acc.compose(&event)?;
+        let mut spend = privacy.ledger().spend()?;
+        let before = spend.epsilon(privacy.delta)?;
+        spend.compose(&event)?;
         for (limit, delta, whose) in [
             (privacy.max_epsilon, privacy.delta, "this site's own limit"),
             (dp.target_epsilon, dp.target_delta, "the run's target"),
         ] {
-            let (after, _) = acc.epsilon(delta)?;
+            // The smaller of the RDP and PLD bounds: both hold.
+            let after = spend.epsilon(delta)?;
             if after > limit {
                 // The figures stay in the site's log: sent, they would tell the coordinator
                 // how much this site spent in other runs.

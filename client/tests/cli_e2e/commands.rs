@@ -288,6 +288,10 @@ fn privacy_plan_solves_for_noise_and_rounds_and_reports_json() {
     assert_eq!(fwd["steps_per_round"], 32);
     let eps = fwd["epsilon"].as_f64().unwrap();
     assert!(eps > 0.0 && eps.is_finite());
+    // Both accountants' figures; PLD (the default) is the tighter and the one stated.
+    assert_eq!(fwd["accountant"], "pld");
+    assert_eq!(fwd["epsilon_pld"].as_f64().unwrap(), eps);
+    assert!(eps < fwd["epsilon_rdp"].as_f64().unwrap(), "{fwd}");
     // Inverse for z: its forward epsilon meets the target, just.
     let z = plan(&["--rounds", "20", "--target-epsilon", "4"]);
     assert_eq!(z["solved_for"], "noise_multiplier");
@@ -300,6 +304,20 @@ fn privacy_plan_solves_for_noise_and_rounds_and_reports_json() {
         "20",
     ]);
     assert!(check["epsilon"].as_f64().unwrap() > 4.0, "{check}");
+    // Solved with RDP instead, the same target needs more noise.
+    let z_rdp = plan(&[
+        "--rounds",
+        "20",
+        "--target-epsilon",
+        "4",
+        "--accountant",
+        "rdp",
+    ]);
+    assert!(
+        z_rdp["noise_multiplier"].as_f64().unwrap() > z_val,
+        "{z_rdp}"
+    );
+    assert!(z_rdp["epsilon_rdp"].as_f64().unwrap() <= 4.0);
     // Inverse for rounds: the last round within the target.
     let r = plan(&[
         "--noise-multiplier",

@@ -1,7 +1,8 @@
 //! Record-level DP end to end, over real gRPC on loopback with a real coordinator:
 //!
 //! - a site with a low limit declines exactly the first round that would take it past its
-//!   limit, says why, and the run goes on with the others;
+//!   limit by the smaller of its two valid bounds (PLD admits a round RDP would refuse),
+//!   says why, and the run goes on with the others;
 //! - the real `fedflow-client` binary, crashed (abort, like kill -9) right after recording a
 //!   release and before uploading it, loses no ledger entry when restarted and counts
 //!   nothing twice: it re-sends the recorded update.
@@ -18,7 +19,9 @@ use fedflow_client::privacy::{FAILPOINT_ENV, SitePrivacy};
 use fedflow_client::report::site_report;
 use fedflow_client::site::SiteTrainer;
 use fedflow_common::data::{SiteDataset, Vocab, write_sessions};
+use fedflow_common::privacy::SampledGaussian;
 use fedflow_common::privacy::planner::epsilon;
+use fedflow_common::privacy::pld::PldAccountant;
 use fedflow_common::synth::{SynthConfig, generate};
 use fedflow_common::train::DpSgdConfig;
 use fedflow_coordinator::round::Phase;
@@ -86,10 +89,12 @@ async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
         .iter()
         .map(|s| SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap())
         .collect();
-    // The last site can afford exactly two rounds: its limit lies between the epsilon of two
-    // and three rounds of its own DP-SGD. These come from the planner's accountant, the one
-    // the client itself uses, so this checks the client stops at its limit, not the
-    // accountant's figures (those are checked against dp_accounting in common's tests).
+    // The last site can afford exactly three rounds by the PLD accountant, and only two by
+    // RDP: its limit lies between the PLD epsilon of three and of four rounds of its own
+    // DP-SGD, and below the RDP epsilon of three. The site checks its limit against the
+    // smaller valid bound, so it must take part in round 3 and decline round 4. The figures
+    // come from the accountants the client itself uses (checked against dp_accounting in
+    // common's tests), so this checks where the client stops, not the figures.
     let n = datasets[2].train.len();
     let round = DpSgdConfig {
         expected_batch_size: 16,
@@ -97,11 +102,24 @@ async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
     }
     .round_event(n, 1)
     .unwrap();
-    let (two, three) = (
-        epsilon(&[round], 2, 1e-5).unwrap().epsilon,
-        epsilon(&[round], 3, 1e-5).unwrap().epsilon,
+    let pld = |rounds: u64| {
+        let mut acc = PldAccountant::default();
+        acc.compose(&SampledGaussian {
+            steps: round.steps * rounds,
+            ..round
+        })
+        .unwrap();
+        acc.epsilon(1e-5)
+    };
+    let rdp = |rounds: u64| epsilon(&[round], rounds, 1e-5).unwrap().epsilon;
+    let (three, four) = (pld(3), pld(4));
+    let limit = 0.5 * (three + four.min(rdp(3)));
+    assert!(
+        rdp(2) <= limit && limit < rdp(3) && three <= limit && limit < four,
+        "RDP {} {}, PLD {three} {four}, limit {limit}",
+        rdp(2),
+        rdp(3)
     );
-    let limit = 0.5 * (two + three);
     let mut tasks = Vec::new();
     for (i, (s, ds)) in fed.sites.iter().zip(datasets).enumerate() {
         let max = if i == 2 { limit } else { 1000.0 };
@@ -125,8 +143,8 @@ async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
             .map(|(r, _)| *r)
             .collect();
         if i == 2 {
-            assert_eq!(s.rounds_contributed, vec![1, 2], "{s:?}");
-            assert_eq!(limited, vec![3, 4], "{s:?}");
+            assert_eq!(s.rounds_contributed, vec![1, 2, 3], "{s:?}");
+            assert_eq!(limited, vec![4], "{s:?}");
             assert!(
                 s.declined
                     .iter()
@@ -148,7 +166,7 @@ async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
     let limited_site = &fed.sites[2].name;
     for (r, rows) in states.iter().enumerate() {
         let mine = rows.iter().find(|x| &x.0 == limited_site).unwrap();
-        if r < 2 {
+        if r < 3 {
             assert_eq!(mine.1, SiteState::Uploaded, "round {}", r + 1);
         } else {
             assert_eq!(mine.1, SiteState::Declined, "round {}", r + 1);
@@ -156,14 +174,14 @@ async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
         }
         assert_eq!(
             rows.iter().filter(|x| x.1 == SiteState::Uploaded).count(),
-            if r < 2 { 3 } else { 2 }
+            if r < 3 { 3 } else { 2 }
         );
     }
     // Each ledger holds exactly the releases, and the limited site stayed within its limit.
     for (i, s) in fed.sites.iter().enumerate() {
         let ledger = Ledger::open(dir.join(&s.name)).unwrap();
         let entries = ledger.entries().unwrap();
-        assert_eq!(entries.len(), if i == 2 { 2 } else { 4 }, "{}", s.name);
+        assert_eq!(entries.len(), if i == 2 { 3 } else { 4 }, "{}", s.name);
         assert!(entries.iter().all(|e| e.released && !e.metrics_released));
         let report = site_report(&dir.join(&s.name), 1e-5, Some(limit)).unwrap();
         assert!(
@@ -176,7 +194,10 @@ async fn a_site_at_its_limit_declines_and_the_run_goes_on() {
         );
         let eps = report.cumulative.epsilon.unwrap();
         if i == 2 {
-            assert!((eps - two).abs() < 1e-9 * two, "{eps} vs {two}");
+            // The report states the bound the limit was checked against, and RDP's beside it.
+            assert_eq!((eps, report.cumulative.stated_by), (three, "pld"));
+            let r3 = report.cumulative.epsilon_rdp.unwrap();
+            assert!((r3 - rdp(3)).abs() < 1e-9 * r3, "{r3} vs {}", rdp(3));
             assert_eq!(report.cumulative.within_budget, Some(true));
         }
         // The hashes the coordinator received are the ones each ledger recorded.

@@ -1,14 +1,155 @@
 //! Privacy planning: ε for a planned run, and the inverse searches.
 //!
-//! Everything here goes through [`RdpAccountant`], so a plan and the accounting of the run
-//! that follows it agree exactly. The inverse searches return values whose forward ε meets
-//! the target: the noise multiplier is rounded *up* (bisection keeps the upper end of the
-//! bracket), the number of rounds *down*.
+//! Each figure comes from one of the two accountants a site's ledger keeps ([`Accounting`]):
+//! [`RdpAccountant`] (the functions without a suffix) or the tighter
+//! [`super::pld::PldAccountant`] (the `_by` functions with [`Accounting::Pld`]), so a plan
+//! and the accounting of the run that follows it agree exactly. The inverse searches return
+//! values whose forward ε meets the target: the noise multiplier is rounded *up* (bisection
+//! keeps the upper end of the bracket), the number of rounds *down*.
 
 use serde::Serialize;
 
+use super::pld::PldAccountant;
 use super::rdp::{RdpAccountant, SampledGaussian};
 use crate::{Error, Result};
+
+/// Which accountant a plan uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accounting {
+    /// Rényi DP ([`RdpAccountant`]).
+    Rdp,
+    /// Privacy loss distributions ([`PldAccountant`]): tighter for the same events.
+    Pld,
+}
+
+impl std::str::FromStr for Accounting {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Accounting> {
+        match s {
+            "rdp" => Ok(Accounting::Rdp),
+            "pld" => Ok(Accounting::Pld),
+            other => Err(Error::Privacy(format!(
+                "accountant {other:?}: use pld or rdp"
+            ))),
+        }
+    }
+}
+
+/// The events of `rounds` repetitions of `round`: each event's steps times `rounds`.
+fn repeated(round: &[SampledGaussian], rounds: u64) -> Result<Vec<SampledGaussian>> {
+    round
+        .iter()
+        .map(|e| {
+            let steps = e.steps.checked_mul(rounds).ok_or_else(|| {
+                Error::Privacy(format!(
+                    "total step count overflows: {} steps per round × {rounds} rounds exceeds {}",
+                    e.steps,
+                    u64::MAX
+                ))
+            })?;
+            Ok(SampledGaussian { steps, ..*e })
+        })
+        .collect()
+}
+
+/// ε at `delta` after `rounds` repetitions of the events of one round, by `accounting`.
+pub fn epsilon_by(
+    accounting: Accounting,
+    round: &[SampledGaussian],
+    rounds: u64,
+    delta: f64,
+) -> Result<f64> {
+    match accounting {
+        Accounting::Rdp => Ok(epsilon(round, rounds, delta)?.epsilon),
+        Accounting::Pld => {
+            let mut acc = PldAccountant::default();
+            for e in repeated(round, rounds)? {
+                acc.compose(&e)?;
+            }
+            Ok(acc.epsilon(delta))
+        }
+    }
+}
+
+/// [`noise_for_epsilon`] by `accounting`. The PLD search starts from the RDP solution
+/// (which PLD always meets, being tighter) and bisects below it.
+pub fn noise_for_epsilon_by(
+    accounting: Accounting,
+    q: f64,
+    steps: u64,
+    rounds: u64,
+    delta: f64,
+    target: f64,
+) -> Result<f64> {
+    let rdp = noise_for_epsilon(q, steps, rounds, delta, target)?;
+    if accounting == Accounting::Rdp || rdp == 0.0 {
+        return Ok(rdp);
+    }
+    let eps = |z: f64| {
+        epsilon_by(
+            accounting,
+            &[SampledGaussian { q, z, steps }],
+            rounds,
+            delta,
+        )
+    };
+    let mut hi = rdp;
+    let mut lo = 0.5 * rdp;
+    while eps(lo)? <= target {
+        hi = lo;
+        lo *= 0.5;
+        if lo < 1e-3 {
+            return Ok(hi);
+        }
+    }
+    while hi - lo > 1e-6 * hi {
+        let mid = 0.5 * (lo + hi);
+        if eps(mid)? <= target {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi)
+}
+
+/// [`rounds_for_epsilon`] by `accounting`. The PLD search starts from the RDP count (which
+/// PLD always allows, being tighter).
+pub fn rounds_for_epsilon_by(
+    accounting: Accounting,
+    round: &[SampledGaussian],
+    delta: f64,
+    target: f64,
+) -> Result<u64> {
+    let rdp = rounds_for_epsilon(round, delta, target)?;
+    if accounting == Accounting::Rdp || rdp == UNLIMITED_ROUNDS {
+        return Ok(rdp);
+    }
+    let within =
+        |r: u64| -> Result<bool> { Ok(epsilon_by(accounting, round, r, delta)? <= target) };
+    if rdp == 0 && !within(1)? {
+        return Ok(0);
+    }
+    let mut lo = rdp.max(1); // within
+    let mut hi = lo * 2;
+    while within(hi)? {
+        lo = hi;
+        if hi >= 1 << 40 {
+            return Ok(UNLIMITED_ROUNDS);
+        }
+        hi *= 2;
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if within(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
 
 /// ε of a run and the RDP order that attains it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -68,15 +209,8 @@ pub fn dpsgd_round_at_rate(n: u64, q: f64, epochs: u64, z: f64) -> Result<Sample
 /// fit a `u64`.
 pub fn epsilon(round: &[SampledGaussian], rounds: u64, delta: f64) -> Result<Spent> {
     let mut acc = RdpAccountant::default();
-    for e in round {
-        let steps = e.steps.checked_mul(rounds).ok_or_else(|| {
-            Error::Privacy(format!(
-                "total step count overflows: {} steps per round × {rounds} rounds exceeds {}",
-                e.steps,
-                u64::MAX
-            ))
-        })?;
-        acc.compose(&SampledGaussian { steps, ..*e })?;
+    for e in repeated(round, rounds)? {
+        acc.compose(&e)?;
     }
     let (epsilon, order) = acc.epsilon(delta)?;
     Ok(Spent { epsilon, order })
@@ -159,6 +293,32 @@ pub fn rounds_for_epsilon(round: &[SampledGaussian], delta: f64, target: f64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pld_plans_need_less_noise_or_allow_more_rounds_and_meet_their_target() {
+        let (q, steps, delta, target) = (0.02, 250, 1e-5, 4.0);
+        let rdp = noise_for_epsilon_by(Accounting::Rdp, q, steps, 10, delta, target).unwrap();
+        let pld = noise_for_epsilon_by(Accounting::Pld, q, steps, 10, delta, target).unwrap();
+        assert!(pld < rdp, "{pld} vs {rdp}");
+        let eps = |z: f64| {
+            epsilon_by(
+                Accounting::Pld,
+                &[SampledGaussian { q, z, steps }],
+                10,
+                delta,
+            )
+            .unwrap()
+        };
+        assert!(eps(pld) <= target && eps(pld * (1.0 - 1e-4)) > target);
+        let round = [SampledGaussian { q, z: 1.0, steps }];
+        let r_rdp = rounds_for_epsilon_by(Accounting::Rdp, &round, delta, target).unwrap();
+        let r_pld = rounds_for_epsilon_by(Accounting::Pld, &round, delta, target).unwrap();
+        assert!(r_pld > r_rdp, "{r_pld} vs {r_rdp}");
+        assert!(epsilon_by(Accounting::Pld, &round, r_pld, delta).unwrap() <= target);
+        assert!(epsilon_by(Accounting::Pld, &round, r_pld + 1, delta).unwrap() > target);
+        assert_eq!("pld".parse::<Accounting>().unwrap(), Accounting::Pld);
+        assert!("moments".parse::<Accounting>().is_err());
+    }
 
     #[test]
     fn dpsgd_round_counts_steps_per_epoch_rounded_up() {
