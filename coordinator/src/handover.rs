@@ -141,7 +141,8 @@ fn terms(cfg: &RunConfig, address: &str) -> Result<String> {
             let _ = writeln!(
                 t,
                 "What a site of a given size spends over the whole run if it takes part in \
-                 every round (RDP accountant, the same computation as the site's ledger):\n\n\
+                 every round (the smaller of the RDP and PLD bounds, the same computation as the site's \
+                 ledger):\n\n\
                  | privacy units at the site | epsilon at delta {:e} |\n|---:|---:|",
                 dp.target_delta
             );

@@ -131,7 +131,9 @@ pub(super) fn record_level(
         privacy_unit: dp.unit.to_string(),
         neighbouring_relation: "add or remove one privacy unit at one site".into(),
         sampling,
-        accountant: "the same RDP accountant, one Poisson-subsampled Gaussian event per round"
+        accountant: "the sites' accountants, one Poisson-subsampled Gaussian event per round: \
+                     the smaller of the RDP and PLD bounds, as a site's ledger states and \
+                     enforces it"
             .into(),
         target: Target {
             epsilon: dp.target_epsilon,

@@ -53,8 +53,17 @@ impl RecordDpSection {
     }
 
     /// The record-level ε at `target_delta` a site with `units` privacy units spends over
-    /// `rounds` rounds of `epochs` local epochs (the same computation the site's ledger does).
+    /// `rounds` rounds of `epochs` local epochs: the same computation the site's ledger does,
+    /// the smaller of the RDP and PLD bounds.
     pub fn site_epsilon(&self, units: usize, epochs: usize, rounds: u64) -> Result<f64> {
+        use fedflow_common::privacy::planner::{Accounting, epsilon_by};
+        let rdp = self.site_epsilon_rdp(units, epochs, rounds)?;
+        let round = self.dp_sgd().round_event(units, epochs)?;
+        Ok(epsilon_by(Accounting::Pld, &[round], rounds, self.target_delta)?.min(rdp))
+    }
+
+    /// [`Self::site_epsilon`] by the RDP accountant alone (an upper bound on it, and fast).
+    fn site_epsilon_rdp(&self, units: usize, epochs: usize, rounds: u64) -> Result<f64> {
         let round = self.dp_sgd().round_event(units, epochs)?;
         Ok(fedflow_common::privacy::planner::epsilon(&[round], rounds, self.target_delta)?.epsilon)
     }
@@ -70,8 +79,13 @@ impl RecordDpSection {
             // The same ε for every size.
             return Ok(within(1)?.then_some(1));
         }
+        // The RDP bound is never below the stated one, so the size RDP needs is enough: find
+        // it with the fast accountant, then search below it with the stated one.
+        let within_rdp = |n: usize| -> Result<bool> {
+            Ok(self.site_epsilon_rdp(n, epochs, rounds)? <= self.target_epsilon)
+        };
         let mut hi = self.expected_batch_size.unwrap_or(1).max(1);
-        while !within(hi)? {
+        while !within_rdp(hi)? {
             if hi > 1_000_000_000 {
                 return Ok(None);
             }
