@@ -134,8 +134,10 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
     let pld = epsilon_by(Accounting::Pld, &events, counted, a.delta)
         .context("computing epsilon by PLD")?;
     let finite = |e: f64| e.is_finite().then_some(e);
+    // With PLD (the default) the figure stated is the smaller of the two valid bounds, as a
+    // site's ledger and the coordinator's state it.
     let chosen = match accounting {
-        Accounting::Pld => pld,
+        Accounting::Pld => pld.min(spent.epsilon),
         Accounting::Rdp => spent.epsilon,
     };
     let out = serde_json::json!({

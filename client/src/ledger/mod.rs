@@ -275,20 +275,7 @@ impl Spend {
         let rdp = bound(entries, unit, Relation::AddRemove, &mut Charges::default())?
             .expect("a ledger always bounds its stated unit");
         let pld = if entries.iter().all(|e| e.unit == unit) {
-            let mut groups: Vec<SampledGaussian> = Vec::new();
-            for e in entries {
-                match groups.iter_mut().find(|g| {
-                    g.q.to_bits() == e.q.to_bits() && g.z.to_bits() == e.noise_multiplier.to_bits()
-                }) {
-                    Some(g) => g.steps += e.steps,
-                    None => groups.push(e.event()),
-                }
-            }
-            let mut acc = PldAccountant::default();
-            for g in &groups {
-                acc.compose(g)?;
-            }
-            Some(acc)
+            Some(PldAccountant::of(entries.iter().map(LedgerEntry::event))?)
         } else {
             None
         };

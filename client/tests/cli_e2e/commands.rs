@@ -413,6 +413,7 @@ fn the_audit_reports_recompute_command_reproduces_its_epsilon() {
             noisy_unclipped_fraction: None,
             next_clip_norm: 1.0,
             epsilon: acc.epsilon(1e-6).unwrap().0,
+            epsilon_pld: None,
             target_delta: 1e-6,
             rdp: acc.rdp().to_vec(),
             seeded_randomness: false,

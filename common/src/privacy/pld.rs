@@ -42,9 +42,21 @@ const LOG_MASS_TRUNCATION_BOUND: f64 = -50.0;
 const TAIL_MASS_TRUNCATION: f64 = 1e-15;
 /// The reference's `_DELTA_DIFF_TOLERANCE`.
 const DELTA_DIFF_TOLERANCE: f64 = 1e-12;
+/// The most grid points one distribution may take (256 MiB of f64). Very little noise (z
+/// below about 0.1) or a very wide composition would need more; such an event gets no PLD
+/// bound (ε = ∞, see [`PldAccountant`]) rather than exhausting memory, and the RDP figure
+/// stands.
+pub const MAX_POINTS: usize = 1 << 25;
 
 fn privacy_err(what: impl std::fmt::Display) -> Error {
     Error::Privacy(what.to_string())
+}
+
+/// What [`MAX_POINTS`] refuses (recognised by [`PldAccountant::compose`]).
+const TOO_WIDE: &str = "the privacy loss distribution would need more than MAX_POINTS points";
+
+fn too_wide() -> Error {
+    privacy_err(TOO_WIDE)
 }
 
 /// log(exp(a) + exp(b)).
@@ -255,6 +267,11 @@ impl GaussianLoss {
         let (eps_upper, eps_lower) = self.connect_dots_bounds();
         let upper = (eps_upper / d).ceil() as i64;
         let lower = (eps_lower / d).floor() as i64;
+        if !(eps_upper.is_finite() && eps_lower.is_finite())
+            || (upper - lower) as f64 >= MAX_POINTS as f64
+        {
+            return Err(too_wide());
+        }
         let deltas: Vec<f64> = (lower..=upper)
             .map(|i| self.delta_for_epsilon(i as f64 * d))
             .collect();
@@ -332,22 +349,28 @@ impl Pmf {
     }
 
     /// `DensePLDPmf.compose`: the convolution, tails truncated pessimistically.
-    fn compose(&self, other: &Pmf, tail_mass_truncation: f64) -> Pmf {
+    fn compose(&self, other: &Pmf, tail_mass_truncation: f64) -> Result<Pmf> {
+        if self.probs.len() + other.probs.len() > MAX_POINTS {
+            return Err(too_wide());
+        }
         let probs = convolve(&self.probs, &other.probs);
         let infinity_mass =
             self.infinity_mass + other.infinity_mass - self.infinity_mass * other.infinity_mass;
         let (offset, probs, right) = truncate_tails(probs, tail_mass_truncation);
-        Pmf {
+        Ok(Pmf {
             d: self.d,
             lower: self.lower + other.lower + offset as i64,
             probs,
             infinity_mass: infinity_mass + right,
-        }
+        })
     }
 
     /// `DensePLDPmf.self_compose`: the `n`-fold composition, by an FFT power.
-    fn self_compose(&self, n: u64, tail_mass_truncation: f64) -> Pmf {
+    fn self_compose(&self, n: u64, tail_mass_truncation: f64) -> Result<Pmf> {
         let (lower_bound, upper_bound) = self_convolve_bounds(&self.probs, n, tail_mass_truncation);
+        if (upper_bound - lower_bound + 1) as f64 > MAX_POINTS as f64 {
+            return Err(too_wide());
+        }
         let out_len = (upper_bound - lower_bound + 1) as usize;
         let len = next_fast_len(out_len.max(self.probs.len()));
         let mut planner = RealFftPlanner::<f64>::new();
@@ -381,12 +404,12 @@ impl Pmf {
             .map(|i| output[(i + lower_bound as usize) % len] * scale)
             .collect();
         let infinity_mass = tail_mass_truncation - (nf * (-self.infinity_mass).ln_1p()).exp_m1();
-        Pmf {
+        Ok(Pmf {
             d: self.d,
             lower: self.lower * n as i64 + lower_bound,
             probs,
             infinity_mass,
-        }
+        })
     }
 
     /// `_get_delta_for_epsilon`: the hockey-stick divergence at `epsilon`.
@@ -610,29 +633,32 @@ impl Pld {
         })
     }
 
-    /// The composition of this distribution and `other` (same grid).
-    pub fn compose(&self, other: &Pld) -> Pld {
-        let remove = self.remove.compose(&other.remove, TAIL_MASS_TRUNCATION);
+    /// The composition of this distribution and `other` (same grid); fails when the result
+    /// would need more than [`MAX_POINTS`] points.
+    pub fn compose(&self, other: &Pld) -> Result<Pld> {
+        let remove = self.remove.compose(&other.remove, TAIL_MASS_TRUNCATION)?;
         let add = match (&self.add, &other.add) {
             (None, None) => None,
             (a, b) => Some(
                 a.as_ref()
                     .unwrap_or(&self.remove)
-                    .compose(b.as_ref().unwrap_or(&other.remove), TAIL_MASS_TRUNCATION),
+                    .compose(b.as_ref().unwrap_or(&other.remove), TAIL_MASS_TRUNCATION)?,
             ),
         };
-        Pld { remove, add }
+        Ok(Pld { remove, add })
     }
 
-    /// The `n`-fold composition of this distribution with itself (`n` ≥ 1).
-    pub fn self_compose(&self, n: u64) -> Pld {
-        Pld {
-            remove: self.remove.self_compose(n, TAIL_MASS_TRUNCATION),
+    /// The `n`-fold composition of this distribution with itself (`n` ≥ 1); fails when the
+    /// result would need more than [`MAX_POINTS`] points.
+    pub fn self_compose(&self, n: u64) -> Result<Pld> {
+        Ok(Pld {
+            remove: self.remove.self_compose(n, TAIL_MASS_TRUNCATION)?,
             add: self
                 .add
                 .as_ref()
-                .map(|a| a.self_compose(n, TAIL_MASS_TRUNCATION)),
-        }
+                .map(|a| a.self_compose(n, TAIL_MASS_TRUNCATION))
+                .transpose()?,
+        })
     }
 
     /// The smallest ε with δ(ε) at most `delta`, over both directions.
@@ -662,11 +688,13 @@ impl Pld {
 /// A PLD accountant (`PLDAccountant` with add-or-remove-one neighbours and the default
 /// discretisation): composes Poisson-subsampled Gaussian events and answers ε for δ and δ
 /// for ε. An event without noise (z = 0, q > 0) makes every ε infinite; one with q = 0 or
-/// no steps spends nothing.
+/// no steps spends nothing. So does an event (or composition) whose distribution would need
+/// more than [`MAX_POINTS`] points: ε = ∞ is a valid bound, and the caller's RDP figure,
+/// always finite where RDP is, is the one that counts then.
 #[derive(Debug, Clone)]
 pub struct PldAccountant {
     pld: Pld,
-    non_private: bool,
+    unbounded: bool,
     d: f64,
 }
 
@@ -681,9 +709,34 @@ impl PldAccountant {
     pub fn new(d: f64) -> PldAccountant {
         PldAccountant {
             pld: Pld::identity(d),
-            non_private: false,
+            unbounded: false,
             d,
         }
+    }
+
+    /// An accountant of every event of `events`, those with the same q and z composed as
+    /// one self-composition of their summed steps (composition commutes, and one FFT power
+    /// is much cheaper than a convolution per event).
+    pub fn of(events: impl IntoIterator<Item = super::SampledGaussian>) -> Result<PldAccountant> {
+        let mut groups: Vec<super::SampledGaussian> = Vec::new();
+        for e in events {
+            match groups
+                .iter_mut()
+                .find(|g| g.q.to_bits() == e.q.to_bits() && g.z.to_bits() == e.z.to_bits())
+            {
+                Some(g) => {
+                    g.steps = g.steps.checked_add(e.steps).ok_or_else(|| {
+                        privacy_err("the total step count of the composed events overflows")
+                    })?
+                }
+                None => groups.push(e),
+            }
+        }
+        let mut acc = PldAccountant::default();
+        for g in &groups {
+            acc.compose(g)?;
+        }
+        Ok(acc)
     }
 
     /// Composes `steps` steps of the Gaussian mechanism with noise multiplier `z` on
@@ -699,17 +752,30 @@ impl PldAccountant {
             return Ok(());
         }
         if z == 0.0 {
-            self.non_private = true;
+            self.unbounded = true;
             return Ok(());
         }
-        let step = Pld::poisson_gaussian(q, z, self.d)?;
-        self.pld = self.pld.compose(&step.self_compose(steps));
+        if self.unbounded {
+            return Ok(());
+        }
+        let composed = Pld::poisson_gaussian(q, z, self.d)
+            .and_then(|step| step.self_compose(steps))
+            .and_then(|e| self.pld.compose(&e));
+        match composed {
+            Ok(p) => self.pld = p,
+            Err(Error::Privacy(why)) if why == TOO_WIDE => {
+                tracing::debug!(q, z, steps, "{TOO_WIDE}: no PLD bound");
+                self.unbounded = true;
+                self.pld = Pld::identity(self.d);
+            }
+            Err(e) => return Err(e),
+        }
         Ok(())
     }
 
     /// The smallest ε such that everything composed is (ε, `delta`)-DP.
     pub fn epsilon(&self, delta: f64) -> f64 {
-        if self.non_private {
+        if self.unbounded {
             return f64::INFINITY;
         }
         self.pld.epsilon(delta)
@@ -717,7 +783,7 @@ impl PldAccountant {
 
     /// The δ at which everything composed is (`epsilon`, δ)-DP.
     pub fn delta(&self, epsilon: f64) -> f64 {
-        if self.non_private {
+        if self.unbounded {
             return 1.0;
         }
         self.pld.delta(epsilon)
@@ -784,7 +850,7 @@ mod tests {
             }
             // k steps of noise sigma are one step of noise sigma / sqrt(k) (Dong, Roth, Su).
             let k = 16;
-            let composed = pld.self_compose(k);
+            let composed = pld.self_compose(k).unwrap();
             let one = exact_gaussian_delta(sigma / (k as f64).sqrt(), 1.0);
             let ours = composed.delta(1.0);
             assert!(
@@ -792,6 +858,19 @@ mod tests {
                 "{ours} vs {one}"
             );
         }
+    }
+
+    #[test]
+    fn an_event_too_wide_to_discretise_gets_no_bound_instead_of_all_the_memory() {
+        let mut a = PldAccountant::default();
+        a.compose(&super::super::SampledGaussian {
+            q: 0.5,
+            z: 0.01,
+            steps: 3,
+        })
+        .unwrap();
+        assert_eq!(a.epsilon(1e-5), f64::INFINITY);
+        assert_eq!(a.delta(1.0), 1.0);
     }
 
     #[test]

@@ -135,11 +135,20 @@ fn site_section(s: &SiteLevel) -> Result<String> {
     ]));
     let series = vec![
         Series {
-            label: "cumulative ε (site level)".into(),
+            label: "cumulative ε by RDP (site level)".into(),
             points: s
                 .rounds
                 .iter()
                 .filter_map(|r| r.epsilon_recomputed.map(|e| (r.ledger.round as f64, e)))
+                .collect(),
+            dashed: false,
+        },
+        Series {
+            label: "cumulative ε by PLD (as recorded)".into(),
+            points: s
+                .rounds
+                .iter()
+                .filter_map(|r| r.ledger.epsilon_pld.map(|e| (r.ledger.round as f64, e)))
                 .collect(),
             dashed: false,
         },
@@ -161,6 +170,13 @@ fn site_section(s: &SiteLevel) -> Result<String> {
     )?);
     out.push_str("<h3>Cumulative guarantee</h3>");
     out.push_str(&deltas_table(&s.cumulative));
+    out.push_str(&format!(
+        "<p>The smaller of two valid bounds at each δ, the one the run's budget is enforced \
+         on. At δ = {:e}: Rényi DP alone ε = {}, privacy loss distributions alone ε = {}.</p>",
+        s.target.delta,
+        fmt_eps(s.cumulative_rdp.first().and_then(|e| e.epsilon)),
+        fmt_eps(s.cumulative_pld.first().and_then(|e| e.epsilon)),
+    ));
     out.push_str("<h3>Per round (the coordinator's ledger)</h3>");
     let rows: Vec<Vec<String>> = s
         .rounds

@@ -110,8 +110,13 @@ pub struct SiteLevel {
     /// The run's target.
     pub target: Target,
     /// Downstream ε after all released rounds, at the target δ and at [`OTHER_DELTAS`]
-    /// (null, unbounded, when a committed round is missing from the ledger).
+    /// (null, unbounded, when a committed round is missing from the ledger): the smaller of
+    /// the RDP and PLD bounds, the one the run's budget is enforced on.
     pub cumulative: Vec<EpsilonAt>,
+    /// The same by the RDP accountant alone.
+    pub cumulative_rdp: Vec<EpsilonAt>,
+    /// The same by the PLD accountant alone (`order` is 0: PLD has none).
+    pub cumulative_pld: Vec<EpsilonAt>,
     /// Committed rounds without a ledger row (0 unless the run's DP settings were changed
     /// outside fedflow): each voids the guarantee.
     pub unrecorded_rounds: u64,

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use fedflow_common::privacy::dpfedavg::{Relation, SiteSampling, TrustMode};
+use fedflow_common::privacy::pld::PldAccountant;
 use fedflow_common::privacy::{RdpAccountant, SampledGaussian};
 use fedflow_common::report::finite;
 
@@ -24,6 +25,19 @@ fn void_if_unrecorded(rows: Vec<EpsilonAt>, unrecorded_rounds: u64) -> Vec<Epsil
         .map(|e| EpsilonAt {
             epsilon: e.epsilon.filter(|_| unrecorded_rounds == 0),
             ..e
+        })
+        .collect()
+}
+
+/// At each δ the smaller ε of `rdp` and `pld` (the same δ, in the same order); unbounded only
+/// where both are.
+fn smaller(rdp: &[EpsilonAt], pld: &[EpsilonAt]) -> Vec<EpsilonAt> {
+    rdp.iter()
+        .zip(pld)
+        .map(|(r, p)| match (r.epsilon, p.epsilon) {
+            (Some(a), Some(b)) if b < a => p.clone(),
+            (None, Some(_)) => p.clone(),
+            _ => r.clone(),
         })
         .collect()
 }
@@ -177,13 +191,18 @@ pub(super) fn site_level(
         TrustMode::Central | TrustMode::Local => None,
     };
     let mut acc = RdpAccountant::default();
-    let mut rounds = Vec::with_capacity(ledger.len());
-    for row in ledger {
-        acc.compose(&SampledGaussian {
+    let events: Vec<SampledGaussian> = ledger
+        .iter()
+        .map(|row| SampledGaussian {
             q: row.sampling_rate,
             z: row.noise_multiplier,
             steps: 1,
-        })?;
+        })
+        .collect();
+    let pld = PldAccountant::of(events.iter().copied())?;
+    let mut rounds = Vec::with_capacity(ledger.len());
+    for (row, event) in ledger.into_iter().zip(&events) {
+        acc.compose(event)?;
         let (e, _) = acc.epsilon(dp.target_delta)?;
         rounds.push(SiteRound {
             ledger: row,
@@ -275,6 +294,15 @@ pub(super) fn site_level(
              2021): hides what a site contributed, not whether it took part"
         }
     };
+    let rdp_at = at_deltas(&acc, dp.target_delta)?;
+    let pld_at: Vec<EpsilonAt> = rdp_at
+        .iter()
+        .map(|e| EpsilonAt {
+            delta: e.delta,
+            epsilon: finite(pld.epsilon(e.delta)),
+            order: 0.0,
+        })
+        .collect();
     Ok(SiteLevel {
         trust_mode: dp.mode.to_string(),
         protects_against: protects,
@@ -311,15 +339,20 @@ pub(super) fn site_level(
                     bit count together, Andrew et al. 2021 Thm. 1)"
                 .into(),
         },
-        accountant: "Rényi DP of the Poisson-subsampled Gaussian mechanism, a port of \
-                     dp_accounting 0.6.0 RdpAccountant (orders 1.1 to 1024), converted with \
-                     Canonne, Kamath, Steinke 2020"
+        accountant: "the smaller of two valid bounds on the same rounds: Rényi DP of the \
+                     Poisson-subsampled Gaussian mechanism, a port of dp_accounting 0.6.0 \
+                     RdpAccountant (orders 1.1 to 1024), converted with Canonne, Kamath, \
+                     Steinke 2020 (cumulative_rdp); and privacy loss distributions, a port of \
+                     dp_accounting 0.6.0 PLDAccountant (pessimistic connect-the-dots at 1e-4; \
+                     Doroshenko et al. 2022) (cumulative_pld)"
             .into(),
         target: Target {
             epsilon: dp.target_epsilon,
             delta: dp.target_delta,
         },
-        cumulative: void_if_unrecorded(at_deltas(&acc, dp.target_delta)?, unrecorded_rounds),
+        cumulative: void_if_unrecorded(smaller(&rdp_at, &pld_at), unrecorded_rounds),
+        cumulative_rdp: void_if_unrecorded(rdp_at, unrecorded_rounds),
+        cumulative_pld: void_if_unrecorded(pld_at, unrecorded_rounds),
         unrecorded_rounds,
         seeded_rounds,
         coordinator_randomness: randomness,

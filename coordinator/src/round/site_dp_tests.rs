@@ -417,12 +417,29 @@ fn the_privacy_audit_states_what_the_ledger_recorded_at_both_levels() {
     )
     .unwrap()
     .epsilon;
-    assert!((site.cumulative[0].epsilon.unwrap() - want).abs() < 1e-9);
+    // RDP as the planner computes it; PLD of the same rounds, tighter and stated; the
+    // ledger recorded both after every round.
+    assert!((site.cumulative_rdp[0].epsilon.unwrap() - want).abs() < 1e-9);
+    let pld = planner::epsilon_by(
+        planner::Accounting::Pld,
+        &[SampledGaussian {
+            q: 1.0,
+            z: 1.5,
+            steps: 1,
+        }],
+        3,
+        1e-5,
+    )
+    .unwrap();
+    assert!(pld < want);
+    assert_eq!(site.cumulative_pld[0].epsilon, Some(pld));
+    assert_eq!(site.cumulative[0].epsilon, Some(pld));
     assert_eq!(site.cumulative[0].delta, 1e-5);
     assert_eq!(site.rounds.len(), 3);
     for r in &site.rounds {
         assert!((r.epsilon_recomputed.unwrap() - r.ledger.epsilon).abs() < 1e-9);
     }
+    assert_eq!(site.rounds[2].ledger.epsilon_pld, Some(pld));
     assert_eq!(json["site_level"]["sampling"]["method"], "poisson");
     assert_eq!(json["site_level"]["trust_mode"], "local");
     assert!(site.protects_against.contains("the coordinator included"));

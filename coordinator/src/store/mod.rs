@@ -35,7 +35,7 @@
 //! `report` and `privacy-report` commands) need no lock: WAL gives each read a consistent
 //! snapshot of the last committed state while the coordinator keeps writing.
 //!
-//! # Schema (version 6, in `PRAGMA user_version`)
+//! # Schema (version 7, in `PRAGMA user_version`)
 //!
 //! Times are Unix milliseconds (`INTEGER`); `*_json` columns hold JSON text.
 //!
@@ -67,7 +67,8 @@
 //! `seeded_randomness` column, `round_sites.update_norm`, `round_sites.clipped` and the
 //! history tables; version 5 the model registry (`publications`, `gate_decisions`,
 //! `baseline_evaluations`, `rounds.pruned_at`; see `registry.rs`); version 6 the one-time
-//! enrolment tokens (`enrolment_tokens`; see `enrolment.rs`). Older databases are upgraded
+//! enrolment tokens (`enrolment_tokens`; see `enrolment.rs`); version 7
+//! `site_dp_rounds.epsilon_pld`. Older databases are upgraded
 //! in place on open.
 //!
 //! A database with a newer `user_version` than this build knows is refused.
@@ -111,7 +112,7 @@ pub use registry::{GateDecision, Publication, PublishAction};
 pub use revocations::RevocationRecord;
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// Version 4 of the round tables: each accepted update's norm and whether it was clipped
 /// (`round_sites`; empty for rows written before).
@@ -285,6 +286,9 @@ impl Store {
         }
         if version < 6 {
             tx.execute_batch(enrolment::SCHEMA_V6)?;
+        }
+        if version < 7 {
+            tx.execute_batch(privacy::SCHEMA_V7)?;
         }
         if version < SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;

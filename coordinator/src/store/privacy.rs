@@ -69,6 +69,12 @@ ALTER TABLE site_dp_rounds ADD COLUMN seeded_randomness INTEGER NOT NULL DEFAULT
     CHECK (seeded_randomness IN (0, 1));
 ";
 
+/// Version 7: each round's cumulative ε by the PLD accountant beside the RDP one (NULL in
+/// rows recorded before).
+pub(super) const SCHEMA_V7: &str = "
+ALTER TABLE site_dp_rounds ADD COLUMN epsilon_pld REAL;
+";
+
 /// One released round of site-level DP-FedAvg, as the ledger records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SiteDpRound {
@@ -107,8 +113,12 @@ pub struct SiteDpRound {
     pub noisy_unclipped_fraction: Option<f64>,
     /// The clip the next round uses.
     pub next_clip_norm: f64,
-    /// Cumulative ε of the run after this round, at `target_delta`.
+    /// Cumulative ε of the run after this round, at `target_delta`, by the RDP accountant.
     pub epsilon: f64,
+    /// The same by the PLD accountant (`None` in rows recorded before it was kept). The
+    /// run's stated ε is the smaller of the two.
+    #[serde(default)]
+    pub epsilon_pld: Option<f64>,
     /// The δ of `epsilon`.
     pub target_delta: f64,
     /// This round's RDP increment at the accountant's orders (∞ where unbounded, stored as
@@ -147,9 +157,9 @@ pub(super) fn insert_round(tx: &Transaction<'_>, run_id: &str, r: &SiteDpRound) 
              noise_multiplier, update_noise_multiplier, clip_norm, expected_sites,
              site_noise_std, server_noise_std, bit_noise_std, selected, contributions,
              clipped_fraction, noisy_unclipped_fraction, next_clip_norm, epsilon, target_delta,
-             rdp_json, recorded_at, seeded_randomness)
+             rdp_json, recorded_at, seeded_randomness, epsilon_pld)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, ?19, ?20, ?21, ?22)",
+                 ?18, ?19, ?20, ?21, ?22, ?23)",
         params![
             run_id,
             to_i64(r.round)?,
@@ -172,7 +182,8 @@ pub(super) fn insert_round(tx: &Transaction<'_>, run_id: &str, r: &SiteDpRound) 
             r.target_delta,
             rdp,
             now_ms(),
-            r.seeded_randomness
+            r.seeded_randomness,
+            r.epsilon_pld
         ],
     )?;
     Ok(())
@@ -186,7 +197,7 @@ impl Store {
                     update_noise_multiplier, clip_norm, expected_sites, site_noise_std,
                     server_noise_std, bit_noise_std, selected, contributions, clipped_fraction,
                     noisy_unclipped_fraction, next_clip_norm, epsilon, target_delta, rdp_json,
-                    recorded_at, seeded_randomness
+                    recorded_at, seeded_randomness, epsilon_pld
              FROM site_dp_rounds WHERE run_id = ?1 ORDER BY round",
         )?;
         let rows = stmt.query_map([run_id], |row| {
@@ -210,6 +221,7 @@ impl Store {
                     noisy_unclipped_fraction: row.get(14)?,
                     next_clip_norm: row.get(15)?,
                     epsilon: row.get(16)?,
+                    epsilon_pld: row.get(21)?,
                     target_delta: row.get(17)?,
                     rdp: Vec::new(),
                     seeded_randomness: row.get(20)?,

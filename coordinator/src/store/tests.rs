@@ -144,6 +144,7 @@ fn dp_round(round: u64) -> SiteDpRound {
         noisy_unclipped_fraction: None,
         next_clip_norm: 0.5,
         epsilon: 0.7,
+        epsilon_pld: None,
         target_delta: 1e-5,
         rdp: vec![0.1, f64::INFINITY],
         seeded_randomness: false,

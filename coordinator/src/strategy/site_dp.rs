@@ -18,6 +18,7 @@ use fedflow_common::fedavg::{FedAvgAccumulator, NormBound};
 use fedflow_common::params::{ParamSet, ParamSpec};
 use fedflow_common::privacy::SampledGaussian;
 use fedflow_common::privacy::dpfedavg::{SiteDp, SiteDpTask, TrustMode};
+use fedflow_common::privacy::pld::PldAccountant;
 use fedflow_common::privacy::{RdpAccountant, add_gaussian};
 use rand::{Rng, SeedableRng};
 use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
@@ -43,6 +44,14 @@ pub struct DpFedAvg {
     clip: f64,
     /// Every released round composed.
     accountant: RdpAccountant,
+    /// Every released round's event, for the PLD accountant (events with the same q and z
+    /// are one self-composition).
+    released: Vec<SampledGaussian>,
+    /// (stated, RDP, PLD) ε at the target δ of the released rounds, and with the next round:
+    /// worked out when a round commits, since PLD takes a few tens of milliseconds and the
+    /// status views ask often.
+    spent: (f64, f64, f64),
+    next: (f64, f64, f64),
     rng: ChaCha20Rng,
     /// Whether `rng` was seeded by [`Strategy::seed_privacy_randomness`].
     seeded: bool,
@@ -61,16 +70,19 @@ impl DpFedAvg {
         let event = section.round_event(sampling_cfg);
         let sampling = section.sampling(sampling_cfg).name();
         let mut accountant = RdpAccountant::default();
+        let mut released = Vec::with_capacity(ledger.len());
         let mut clip = section.clip_norm;
         for row in ledger {
-            accountant.compose(&SampledGaussian {
+            let e = SampledGaussian {
                 q: row.sampling_rate,
                 z: row.noise_multiplier,
                 steps: 1,
-            })?;
+            };
+            accountant.compose(&e)?;
+            released.push(e);
             clip = row.next_clip_norm;
         }
-        Ok(DpFedAvg {
+        let mut dp = DpFedAvg {
             inner,
             section,
             mech,
@@ -78,9 +90,35 @@ impl DpFedAvg {
             sampling,
             clip,
             accountant,
+            released,
+            spent: (0.0, 0.0, 0.0),
+            next: (0.0, 0.0, 0.0),
             rng: ChaCha20Rng::from_os_rng(),
             seeded: false,
-        })
+        };
+        dp.refresh()?;
+        Ok(dp)
+    }
+
+    /// The run's stated ε at the target δ (the smaller of the RDP and PLD bounds) of every
+    /// released round and `next`: (stated, RDP, PLD).
+    fn compute_spent(&self, next: Option<SampledGaussian>) -> Result<(f64, f64, f64)> {
+        let delta = self.section.target_delta;
+        let mut rdp = self.accountant.clone();
+        if let Some(e) = &next {
+            rdp.compose(e)?;
+        }
+        let (rdp, _) = rdp.epsilon(delta)?;
+        let events = self.released.iter().copied().chain(next);
+        let pld = PldAccountant::of(events)?.epsilon(delta);
+        Ok((rdp.min(pld), rdp, pld))
+    }
+
+    /// Works out [`DpFedAvg::spent`] and [`DpFedAvg::next`] again.
+    fn refresh(&mut self) -> Result<()> {
+        self.spent = self.compute_spent(None)?;
+        self.next = self.compute_spent(Some(self.event))?;
+        Ok(())
     }
 
     fn task(&self) -> Result<SiteDpTask> {
@@ -101,17 +139,12 @@ impl Strategy for DpFedAvg {
         self.inner.sampling()
     }
 
-    /// Refuses the round whose release would take ε past the target.
+    /// Refuses the round whose release would take ε (the smaller of the RDP and PLD
+    /// bounds) past the target.
     fn refuse_round(&self, round: u64) -> Result<Option<String>> {
         let s = &self.section;
-        let mut next = self.accountant.clone();
-        next.compose(&self.event)?;
-        let (eps, _) = next.epsilon(s.target_delta)?;
+        let (eps, spent) = (self.next.0, self.spent.0);
         Ok((eps > s.target_epsilon).then(|| {
-            let (spent, _) = self
-                .accountant
-                .epsilon(s.target_delta)
-                .unwrap_or((f64::NAN, 0.0));
             format!(
                 "site-level privacy budget: round {round} would take epsilon to {eps:.4} at \
                  delta {:e}, above the target {} (spent: {spent:.4} over {} round(s))",
@@ -227,9 +260,7 @@ impl Strategy for DpFedAvg {
         let event = self.event;
         let mut increment = RdpAccountant::default();
         increment.compose(&event)?;
-        let mut after = self.accountant.clone();
-        after.compose(&event)?;
-        let (epsilon, _) = after.epsilon(s.target_delta)?;
+        let (stated, epsilon, epsilon_pld) = self.next;
         let ledger = SiteDpRound {
             round,
             mode: self.mech.mode.to_string(),
@@ -248,6 +279,7 @@ impl Strategy for DpFedAvg {
             noisy_unclipped_fraction,
             next_clip_norm: next_clip,
             epsilon,
+            epsilon_pld: Some(epsilon_pld),
             target_delta: s.target_delta,
             rdp: increment.rdp().to_vec(),
             seeded_randomness: self.seeded,
@@ -256,7 +288,7 @@ impl Strategy for DpFedAvg {
         tracing::info!(
             round,
             "site-level DP: {k} contribution(s), server noise std {server_noise_std:.4e}, \
-             epsilon {epsilon:.4} at delta {:e}",
+             epsilon {stated:.4} at delta {:e} (RDP {epsilon:.4}, PLD {epsilon_pld:.4})",
             s.target_delta
         );
         Ok(Release {
@@ -283,12 +315,13 @@ impl Strategy for DpFedAvg {
             ));
         };
         self.accountant.compose(&self.event)?;
+        self.released.push(self.event);
         self.clip = row.next_clip_norm;
-        Ok(())
+        self.refresh()
     }
 
     fn privacy_spent(&self) -> Result<Option<f64>> {
-        Ok(Some(self.accountant.epsilon(self.section.target_delta)?.0))
+        Ok(Some(self.spent.0))
     }
 
     fn seed_privacy_randomness(&mut self, seed: u64) {

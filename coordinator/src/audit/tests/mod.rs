@@ -100,6 +100,7 @@ impl Run {
             noisy_unclipped_fraction: None,
             next_clip_norm: dp.clip_norm,
             epsilon: self.acc.epsilon(dp.target_delta).unwrap().0,
+            epsilon_pld: None,
             target_delta: dp.target_delta,
             rdp: Vec::new(),
             seeded_randomness: seeded,

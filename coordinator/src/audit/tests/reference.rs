@@ -40,6 +40,7 @@ fn distributed_row(round: u64, z: f64, clip: f64, expected: f64, k: u64) -> Site
         noisy_unclipped_fraction: None,
         next_clip_norm: clip,
         epsilon: 0.0,
+        epsilon_pld: None,
         target_delta: 1e-5,
         rdp: Vec::new(),
         seeded_randomness: false,
