@@ -368,16 +368,17 @@ async fn a_site_dp_run_killed_after_recording_keeps_every_spend_and_stops_at_the
     let vocab = Vocab::from_events(fed.event_names.iter().cloned()).unwrap();
     vocab.save(dir.path().join("vocab.json")).unwrap();
     // Every site every round (no amplification: q = 1), z = 3: a target between the cost of
-    // three and four rounds.
-    let eps = |rounds: u64| {
-        let e = SampledGaussian {
-            q: 1.0,
-            z: 3.0,
-            steps: 1,
-        };
-        planner::epsilon(&[e], rounds, 1e-5).unwrap().epsilon
+    // three and four rounds by PLD, the smaller bound the budget is enforced on.
+    let event = SampledGaussian {
+        q: 1.0,
+        z: 3.0,
+        steps: 1,
     };
-    let target = (eps(3) + eps(4)) / 2.0;
+    let eps = |rounds: u64| planner::epsilon(&[event], rounds, 1e-5).unwrap().epsilon;
+    let pld = |rounds: u64| {
+        planner::epsilon_by(planner::Accounting::Pld, &[event], rounds, 1e-5).unwrap()
+    };
+    let target = (pld(3) + pld(4)) / 2.0;
     let config = dir.path().join("run.toml");
     std::fs::write(
         &config,
@@ -449,7 +450,8 @@ async fn a_site_dp_run_killed_after_recording_keeps_every_spend_and_stops_at_the
         assert_eq!((r.sampling.as_str(), r.sampling_rate), ("all", 1.0));
         assert!(r.contributions <= 3 && r.server_noise_std == 3.0);
     }
-    assert!(ledger[2].epsilon <= target);
+    assert!(ledger[2].epsilon_pld.unwrap() <= target);
+    assert_eq!(ledger[2].epsilon_pld, Some(pld(3)));
     // Every update the coordinator saw is in the uploads ledger: at least one per site and
     // committed round.
     assert!(store.site_dp_uploads("budget").unwrap().len() >= 9);

@@ -78,13 +78,24 @@ impl SiteDpSection {
         self.site_dp().downstream_event(self.sampling(sampling))
     }
 
-    /// How many rounds fit within the target ([`planner::UNLIMITED_ROUNDS`] without cost).
+    /// How many rounds fit within the target ([`planner::UNLIMITED_ROUNDS`] without cost),
+    /// by the PLD accountant, which the run's budget is enforced with wherever it is the
+    /// smaller bound.
     pub fn rounds_within_target(&self, sampling: &SamplingConfig) -> Result<u64> {
-        Ok(planner::rounds_for_epsilon(
+        Ok(planner::rounds_for_epsilon_by(
+            planner::Accounting::Pld,
             &[self.round_event(sampling)],
             self.target_delta,
             self.target_epsilon,
         )?)
+    }
+
+    /// ε of one round at the target δ: the smaller of the RDP and PLD bounds.
+    fn one_round_epsilon(&self, sampling: &SamplingConfig) -> Result<f64> {
+        let round = [self.round_event(sampling)];
+        let rdp = planner::epsilon(&round, 1, self.target_delta)?.epsilon;
+        let pld = planner::epsilon_by(planner::Accounting::Pld, &round, 1, self.target_delta)?;
+        Ok(rdp.min(pld))
     }
 
     pub(super) fn validate(&self, sampling: &SamplingConfig) -> std::result::Result<(), String> {
@@ -108,14 +119,12 @@ impl SiteDpSection {
                 self.target_delta
             ));
         }
-        if self
-            .rounds_within_target(sampling)
-            .map_err(|e| e.to_string())?
-            == 0
-        {
-            let eps = planner::epsilon(&[self.round_event(sampling)], 1, self.target_delta)
-                .map_err(common_reason)?
-                .epsilon;
+        // At least one round must fit (checked on one round only: counting them all with PLD
+        // takes a while, and loading a configuration should not).
+        let eps = self
+            .one_round_epsilon(sampling)
+            .map_err(|e| e.to_string())?;
+        if eps > self.target_epsilon {
             return Err(format!(
                 "site_dp.target_epsilon: one round already costs epsilon {eps:.4} at delta {:e}, \
                  above the target {}; raise noise_multiplier (0 gives no privacy) or lower \

@@ -93,16 +93,16 @@ fn site_dp_block_of_the_example_parses_and_bad_values_are_named() {
     assert_eq!(dp.adaptive_clipping.as_ref().unwrap().bit_noise_std, 5.0);
     // Rounds within the target: that many fit, one more does not.
     let fit = dp.rounds_within_target(&c.sampling).unwrap();
-    let eps = |r: u64| {
-        fedflow_common::privacy::planner::epsilon(
-            &[dp.round_event(&c.sampling)],
-            r,
-            dp.target_delta,
-        )
-        .unwrap()
-        .epsilon
+    use fedflow_common::privacy::planner::{Accounting, epsilon_by};
+    let eps = |a: Accounting, r: u64| {
+        epsilon_by(a, &[dp.round_event(&c.sampling)], r, dp.target_delta).unwrap()
     };
-    assert!(eps(fit) <= dp.target_epsilon && eps(fit + 1) > dp.target_epsilon);
+    assert!(
+        eps(Accounting::Pld, fit) <= dp.target_epsilon
+            && eps(Accounting::Pld, fit + 1) > dp.target_epsilon
+    );
+    // RDP alone would allow fewer.
+    assert!(eps(Accounting::Rdp, fit) > dp.target_epsilon, "{fit}");
     assert!(RunConfig::demo(&vocab).unwrap().site_dp.is_none());
     // What a round is charged, by mode and sampling.
     use fedflow_common::privacy::dpfedavg::TrustMode;

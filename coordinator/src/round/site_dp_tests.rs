@@ -329,10 +329,13 @@ fn the_run_ends_before_the_round_that_would_pass_the_budget() {
         z: 3.0,
         steps: 1,
     };
-    // A target between the cost of 2 and 3 rounds.
-    let eps2 = planner::epsilon(&[event], 2, 1e-5).unwrap().epsilon;
-    let eps3 = planner::epsilon(&[event], 3, 1e-5).unwrap().epsilon;
-    let target = (eps2 + eps3) / 2.0;
+    // A target the PLD bound of 3 rounds meets and RDP's does not, below PLD's of 4: the
+    // budget is enforced on the smaller valid bound, so round 3 runs and round 4 does not.
+    let pld = |r: u64| planner::epsilon_by(planner::Accounting::Pld, &[event], r, 1e-5).unwrap();
+    let rdp = |r: u64| planner::epsilon(&[event], r, 1e-5).unwrap().epsilon;
+    let (eps3, eps4) = (pld(3), pld(4));
+    let target = (eps3 + eps4.min(rdp(3))) / 2.0;
+    assert!(rdp(2) <= target && target < rdp(3) && eps3 <= target && target < eps4);
     let f = fixture(
         10,
         &format!(
@@ -347,33 +350,35 @@ fn the_run_ends_before_the_round_that_would_pass_the_budget() {
             .unwrap()
             .rounds_within_target(&f.cfg.sampling)
             .unwrap(),
-        2
+        3
     );
     let mut e = engine(&f, 2);
     let names = sites(2);
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
-    for round in 1..=2 {
+    for round in 1..=3 {
         let tickets = start(&mut e, &names, T0 + round);
         for (site, t) in &tickets {
             send(&mut e, site, t, &zeros(&f), T0 + round, &mut rng).unwrap();
         }
     }
-    assert_eq!(e.committed_round(), 2);
+    assert_eq!(e.committed_round(), 3);
     assert!(
         start(&mut e, &names, T0 + 10).is_empty(),
-        "round 3 never starts"
+        "round 4 never starts"
     );
     assert_eq!(e.phase(), Phase::Finished);
     let run = e.store().run("t").unwrap().unwrap();
     assert_eq!(run.status, RunStatus::Finished);
     let reason = run.status_reason.unwrap();
     assert!(
-        reason.contains("site-level privacy budget: round 3 would take epsilon"),
+        reason.contains("site-level privacy budget: round 4 would take epsilon"),
         "{reason}"
     );
     let ledger = e.store().site_dp_rounds("t").unwrap();
-    assert_eq!(ledger.len(), 2);
-    assert!(ledger[1].epsilon <= target && (ledger[1].epsilon - eps2).abs() < 1e-9);
+    assert_eq!(ledger.len(), 3);
+    // The ledger records both bounds; RDP's is past the target, the PLD one within.
+    assert!((ledger[2].epsilon - rdp(3)).abs() < 1e-9 && ledger[2].epsilon > target);
+    assert_eq!(ledger[2].epsilon_pld, Some(eps3));
 }
 
 #[test]
