@@ -475,7 +475,11 @@ async fn a_site_dp_run_killed_after_recording_keeps_every_spend_and_stops_at_the
     let stated = json["site_level"]["cumulative"][0]["epsilon"]
         .as_f64()
         .unwrap();
-    assert!((stated - eps(3)).abs() < 1e-9, "{stated}");
+    assert_eq!(stated, pld(3), "the smaller bound is stated");
+    let rdp = json["site_level"]["cumulative_rdp"][0]["epsilon"]
+        .as_f64()
+        .unwrap();
+    assert!((rdp - eps(3)).abs() < 1e-9, "{rdp}");
     assert!(
         json["run"]["status_reason"]
             .as_str()
