@@ -182,6 +182,9 @@ struct CurveArgs {
     /// Output folder (data/, one folder per run, privacy-curve.json).
     #[arg(long, default_value = "runs/privacy-curve")]
     out: PathBuf,
+    /// The accountant that calibrates the noise to each target: pld (the tighter) or rdp.
+    #[arg(long, default_value = "pld")]
+    accountant: String,
     #[command(flatten)]
     data: DataArgs,
     /// Target epsilons of the private runs.
@@ -426,6 +429,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 dp_learning_rate: Some(a.dp_learning_rate),
                 concurrent_work: a.concurrent,
                 non_private: !a.skip_non_private,
+                accountant: a
+                    .accountant
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--accountant: {e}"))?,
             };
             let r = privacy_curve::run(&cfg, &mut |line| eprintln!("{line}")).await?;
             println!();

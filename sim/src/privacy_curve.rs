@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fedflow_client::privacy::SitePrivacy;
-use fedflow_common::privacy::planner::noise_for_epsilon;
+use fedflow_common::privacy::planner::{Accounting, noise_for_epsilon_by};
 use fedflow_common::train::{DpSgdConfig, PrivacyUnit};
 use fedflow_coordinator::config::{RecordDpSection, RunConfig};
 use serde::Serialize;
@@ -53,6 +53,9 @@ pub struct CurveConfig {
     pub concurrent_work: usize,
     /// Also run without DP (the reference point).
     pub non_private: bool,
+    /// The accountant that calibrates z to each target (the sites' ledgers state and enforce
+    /// the smaller of both bounds either way).
+    pub accountant: Accounting,
 }
 
 /// One run of the curve.
@@ -239,7 +242,14 @@ pub async fn run(cfg: &CurveConfig, say: &mut dyn FnMut(&str)) -> Result<CurveRe
             ..DpSgdConfig::default()
         };
         let round = sgd.round_event(smallest, base.train.epochs)?;
-        let z = noise_for_epsilon(round.q, round.steps, base.run.rounds, cfg.delta, target)?;
+        let z = noise_for_epsilon_by(
+            cfg.accountant,
+            round.q,
+            round.steps,
+            base.run.rounds,
+            cfg.delta,
+            target,
+        )?;
         let mut run_cfg = base.clone();
         if let Some(lr) = cfg.dp_learning_rate {
             run_cfg.train.learning_rate = lr;
