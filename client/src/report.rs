@@ -280,24 +280,25 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
     for r in &restores {
         let from = match r.backup_taken_unix_ms {
             Some(t) => format!(
-                "from a backup taken at Unix ms {t} ({} entries) and {} entries only the \
-                 journal held",
-                r.from_backup, r.from_journal
+                "from a backup taken {} ({} entries) and {} entries only the journal held",
+                fedflow_common::clock::utc(t),
+                r.from_backup,
+                r.from_journal
             ),
             None => format!("from its journal alone ({} entries)", r.from_journal),
         };
         caveats.push(if r.basis.starts_with("journal") {
             format!(
-                "This ledger was restored at Unix ms {} {from}; every release was appended to \
-                 the journal before it left the site, so every release is counted.",
-                r.restored_unix_ms
+                "This ledger was restored {} {from}; every release was appended to the \
+                 journal before it left the site, so every release is counted.",
+                fedflow_common::clock::utc(r.restored_unix_ms)
             )
         } else {
             format!(
-                "This ledger was restored at Unix ms {} {from}, without a journal, on the \
-                 operator's statement that the site released nothing after the backup: the \
-                 figures hold only if that statement is true.",
-                r.restored_unix_ms
+                "This ledger was restored {} {from}, without a journal, on the operator's \
+                 statement that the site released nothing after the backup: the figures hold \
+                 only if that statement is true.",
+                fedflow_common::clock::utc(r.restored_unix_ms)
             )
         });
     }
@@ -571,7 +572,8 @@ mod tests {
             html.find("<svg").unwrap(),
         );
         assert!(summary < chart);
-        assert!(html.contains(&format!("ε = {want:.4}")));
+        assert!(html.contains(&format!("ε = {:.4}", r.cumulative.epsilon.unwrap())));
+        assert!(html.contains("<pre>fedflow-client privacy report") && html.contains(" UTC."));
         assert_eq!(html.matches("run-&lt;1&gt;").count(), 3);
         assert!(!html.contains("run-<1>"));
     }

@@ -205,6 +205,8 @@ th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}\
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}\
 .summary{background:#f6f9fc;border:1px solid #cfe0f0;padding:.8em 1.2em;border-radius:6px}\
 .big{font-size:1.4em;font-weight:600}.warn{color:#a40}code{background:#f3f3f3;padding:0 .2em}\
+pre{background:#f6f6f6;border:1px solid #e0e0e0;padding:.5em .8em;white-space:pre-wrap;\
+overflow-wrap:anywhere;font-size:.85em}.small{color:#666;font-size:.85em}\
 svg{max-width:100%;height:auto}";
 
 #[cfg(test)]

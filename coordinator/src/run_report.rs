@@ -5,6 +5,7 @@
 //! ledger as the privacy-audit report, which it links to). Built from the store alone:
 //! `fedflow-coordinator report --data DIR`, and written by the demo.
 
+use fedflow_common::clock::utc;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::Path;
@@ -57,22 +58,6 @@ fn series(label: &str, points: Vec<(f64, f64)>) -> Series {
         label: label.into(),
         points,
         dashed: false,
-    }
-}
-
-/// `YYYY-MM-DD HH:MM:SS UTC` of a Unix-ms time.
-fn utc(ms: i64) -> String {
-    match time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => format!("{ms} (Unix ms)"),
     }
 }
 

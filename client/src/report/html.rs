@@ -185,10 +185,12 @@ pub fn to_html(r: &SitePrivacyReport) -> Result<String> {
         body.push_str(&format!("<li>{}</li>", escape(n)));
     }
     body.push_str(&format!(
-        "</ul><h2>Recompute</h2><p><code>{}</code></p><p>Code: {}. Ledger: <code>{}</code>.</p>",
+        "</ul><h2>Recompute</h2><pre>{}</pre><p class=\"small\">Code: {}. Ledger: <code>{}</code>. \
+         Generated {}.</p>",
         escape(&r.recompute),
         escape(&r.code_version),
-        escape(&r.ledger)
+        escape(&r.ledger),
+        fedflow_common::clock::utc(r.generated_unix_ms)
     ));
     Ok(page("fedflow site privacy report", &body))
 }

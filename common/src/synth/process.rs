@@ -1,6 +1,7 @@
 //! The generative process: site sizes, per-site habits, and the hidden-frustration event
 //! process that produces sessions.
 
+use crate::clock::rfc3339;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -275,28 +276,6 @@ pub(super) fn site_sizes(cfg: &SynthConfig, rng: &mut ChaCha8Rng) -> Vec<usize> 
         sizes[i] += 1;
     }
     sizes.iter().map(|s| s + cfg.min_site_sessions).collect()
-}
-
-/// Formats seconds since the Unix epoch as an RFC 3339 UTC timestamp.
-pub(super) fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// 2026-01-01T00:00:00Z, where synthetic timestamps start.

@@ -5,9 +5,10 @@ use std::sync::OnceLock;
 
 use rand::seq::SliceRandom;
 
-use super::process::{EPOCH_2026, rfc3339};
+use super::process::EPOCH_2026;
 use super::*;
 use crate::baseline::{BagOfEvents, BaselineConfig, FlowOracle};
+use crate::clock::rfc3339;
 use crate::data::EncodedSession;
 
 /// A small federation for the fast tests.

@@ -37,6 +37,26 @@ fn facts(items: &[(&str, String)]) -> String {
     out
 }
 
+/// A JSON object of parameters as a two-column table (nested values as compact JSON; null
+/// as "not set").
+fn parameters_table(params: &serde_json::Value) -> String {
+    let rows: Vec<Vec<String>> = match params.as_object() {
+        Some(o) => o
+            .iter()
+            .map(|(k, v)| {
+                let value = match v {
+                    serde_json::Value::Null => "not set".to_string(),
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                vec![k.replace('_', " "), value]
+            })
+            .collect(),
+        None => vec![vec!["value".into(), params.to_string()]],
+    };
+    table(&["parameter", "value"], &rows)
+}
+
 /// The report as a self-contained HTML page.
 pub fn to_html(r: &PrivacyAudit) -> Result<String> {
     let mut body = format!(
@@ -74,10 +94,10 @@ pub fn to_html(r: &PrivacyAudit) -> Result<String> {
         body.push_str(&format!("<pre>{}</pre>", escape(c)));
     }
     body.push_str(&format!(
-        "<p class=\"small\">{} · schema {} · generated at Unix ms {}</p>",
+        "<p class=\"small\">{} · schema {} · generated {}</p>",
         escape(&r.code_version),
         r.schema,
-        r.generated_unix_ms
+        fedflow_common::clock::utc(r.generated_unix_ms)
     ));
     Ok(page(&format!("Privacy audit: {}", r.run.run_id), &body))
 }
@@ -289,7 +309,6 @@ fn record_section(r: &RecordLevel) -> Result<String> {
                 r.sampling.assumption
             ),
         ),
-        ("DP-SGD parameters", r.dp_sgd.to_string()),
         ("accountant", r.accountant.clone()),
         (
             "target",
@@ -301,6 +320,8 @@ fn record_section(r: &RecordLevel) -> Result<String> {
         ("what is counted", r.counting.clone()),
         ("authoritative figures", r.authoritative.clone()),
     ]));
+    out.push_str("<h3>DP-SGD parameters</h3>");
+    out.push_str(&parameters_table(&r.dp_sgd));
     if !r.every_round_epsilon.is_empty() {
         let rounds = r.every_round_epsilon.len();
         let series = vec![

@@ -505,8 +505,12 @@ fn the_privacy_audit_states_what_the_ledger_recorded_at_both_levels() {
         assert!(at > summary_at, "{needle} before the summary");
     }
     // Rows: per round (header + 3), ε at the target and 3 other δ (header + 4), sites
-    // against the coordinator, sites at record level.
-    let rows = (1 + 3) + (1 + 4) + (1 + ac.sites.len()) + (1 + rec.sites.len());
+    // against the coordinator, sites at record level, the DP-SGD parameters.
+    let rows = (1 + 3)
+        + (1 + 4)
+        + (1 + ac.sites.len())
+        + (1 + rec.sites.len())
+        + (1 + rec.dp_sgd.as_object().unwrap().len());
     assert_eq!(html.matches("<tr>").count(), rows);
     assert_eq!(
         html.matches("<svg").count(),

@@ -425,6 +425,13 @@ fn record_level_figures_are_lower_bounds_counting_every_update_received() {
     assert!(!report.summary.contains(&format!("ε ≤ {two:.4}")));
     assert!(json["record_level"]["sites"][0]["updates_received"].is_null());
     assert!(html.contains(&format!("≥ {two:.4}")) && html.contains("ε (lower bound)"));
+    // Readable: the DP-SGD parameters as a table, commands in wrapping blocks, times in UTC.
+    assert!(html.contains("<h3>DP-SGD parameters</h3>"), "{html}");
+    assert!(html.contains("<td>noise multiplier</td>") && !html.contains("{\"clip_norm\""));
+    assert!(
+        html.contains("<pre>fedflow-client privacy plan") && html.contains("white-space:pre-wrap")
+    );
+    assert!(html.contains("generated 1970-01-01 00:00:00 UTC") && !html.contains("Unix ms"));
 
     // With site-level DP the ledger has every update received, refused ones too.
     let both = format!(
