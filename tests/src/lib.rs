@@ -1,7 +1,8 @@
 //! Helpers shared by fedflow's end-to-end tests (the `e2e` test binary of this crate and the
 //! client's `cli_e2e`): a real coordinator on 127.0.0.1:0 ([`coordinator`]), a federation PKI
 //! with every identity the tests use ([`pki`]), a hand-made site speaking the `Federation`
-//! protocol call by call ([`site`]), the workspace's binaries ([`bin`]), an HTTP client
+//! protocol call by call ([`site`]), the workspace's binaries ([`bin`]), files on disk
+//! ([`files`]), an HTTP client
 //! ([`http`]), and network hosts made of namespaces with a proxy that spoils a path
 //! ([`netns`]).
 //!
@@ -10,6 +11,7 @@
 
 pub mod bin;
 pub mod coordinator;
+pub mod files;
 pub mod http;
 pub mod netns;
 pub mod pki;

@@ -20,20 +20,6 @@ const RUN: &str = "[run]\nname = \"enrol\"\nseed = 5\nrounds = 1\n\
     [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\n\
     [sampling]\nmin_selected = 2\nmin_available = 2\n";
 
-/// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(files(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_enrols_with_a_certificate_signed_for_its_own_key() {
     let pki = Pki::new();
@@ -104,7 +90,7 @@ async fn a_site_enrols_with_a_certificate_signed_for_its_own_key() {
     );
     let (ok, out) = sign("site-n", &incoming, &signed);
     assert!(ok, "{out}");
-    let mut written: Vec<String> = files(&signed)
+    let mut written: Vec<String> = fedflow_tests::files::all(&signed)
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
@@ -145,16 +131,11 @@ async fn a_site_enrols_with_a_certificate_signed_for_its_own_key() {
     );
     // After all that, the site's key is in no file the operator has (the CA directory, its
     // log, the signed bundle, the request), nor in the coordinator's data directory.
-    for root in [pki.root(), operator.path(), c.data.as_path()] {
-        for f in files(root) {
-            let bytes = std::fs::read(&f).unwrap();
-            assert!(
-                !bytes.windows(key.len()).any(|w| w == key.as_slice()),
-                "{} holds the site's key",
-                f.display()
-            );
-        }
-    }
+    fedflow_tests::files::assert_nowhere(
+        &[pki.root(), operator.path(), c.data.as_path()],
+        &key,
+        "the site's key",
+    );
 }
 
 #[test]

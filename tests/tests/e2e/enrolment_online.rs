@@ -21,20 +21,6 @@ const RUN: &str = "[run]\nname = \"online\"\nseed = 5\nrounds = 1\n\
     [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\n\
     [sampling]\nmin_selected = 2\nmin_available = 2\n";
 
-/// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(files(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 /// `fedflow-ctl enrol-token` as `who`: the token on success, else the output.
 fn issue(
     pki: &Pki,
@@ -193,16 +179,7 @@ async fn a_site_enrols_online_once_with_a_token_bound_to_its_name() {
     assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
 
     // The site's key is in no file on the coordinator's side.
-    for root in [pki.root(), c.dir()] {
-        for f in files(root) {
-            let bytes = std::fs::read(&f).unwrap();
-            assert!(
-                !bytes.windows(key.len()).any(|w| w == key.as_slice()),
-                "{} holds the site's key",
-                f.display()
-            );
-        }
-    }
+    fedflow_tests::files::assert_nowhere(&[pki.root(), c.dir()], &key, "the site's key");
     // The audit log records issue, redemption and refusals, and never a token.
     let log = std::fs::read_to_string(c.data.join("security-audit.jsonl")).unwrap();
     let events = |name: &str| log.matches(&format!("\"event\":\"{name}\"")).count();
