@@ -103,15 +103,7 @@ pub fn noise_for_epsilon_by(
             return Ok(hi);
         }
     }
-    while hi - lo > 1e-6 * hi {
-        let mid = 0.5 * (lo + hi);
-        if eps(mid)? <= target {
-            hi = mid;
-        } else {
-            lo = mid;
-        }
-    }
-    Ok(hi)
+    smallest_noise_within(lo, hi, |z| Ok(eps(z)? <= target))
 }
 
 /// [`rounds_for_epsilon`] by `accounting`. The PLD search starts from the RDP count (which
@@ -244,10 +236,20 @@ pub fn noise_for_epsilon(q: f64, steps: u64, rounds: u64, delta: f64, target: f6
             )));
         }
     }
-    let mut lo = 0.0;
+    let lo = 0.0;
+    smallest_noise_within(lo, hi, |z| Ok(eps(z)? <= target))
+}
+
+/// Bisects `(lo, hi]`, where `hi` meets the target and `lo` does not, down to a relative
+/// width of 1e-6, keeping the upper end: the returned z always meets it.
+fn smallest_noise_within(
+    mut lo: f64,
+    mut hi: f64,
+    within: impl Fn(f64) -> Result<bool>,
+) -> Result<f64> {
     while hi - lo > 1e-6 * hi {
         let mid = 0.5 * (lo + hi);
-        if eps(mid)? <= target {
+        if within(mid)? {
             hi = mid;
         } else {
             lo = mid;
