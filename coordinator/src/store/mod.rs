@@ -75,7 +75,7 @@
 //!
 //! The API is synchronous (rusqlite blocks): async callers run it in `spawn_blocking`.
 //!
-//! This file (about 710 lines, a tenth of them this documentation) keeps opening, the schema
+//! This file (about 725 lines, a tenth of them this documentation) keeps opening, the schema
 //! and the round-lifecycle writes together because they share one transaction discipline;
 //! checkpoint files are in `checkpoints.rs`, the kept history in `history.rs`, reads and
 //! records in their own files.
