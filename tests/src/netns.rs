@@ -146,9 +146,12 @@ pub struct ProxyFaults {
     pub delay: Duration,
     /// Throughput cap per direction.
     pub bytes_per_sec: u64,
-    /// The first connection, and every this-many-th after it, is cut (0: none).
+    /// Of the connections that move `cut_after_bytes`, the first and every this-many-th
+    /// after it is cut at that point (0: none). Counting the connections that get that
+    /// far, not every connection, makes the cuts depend only on the traffic: a short
+    /// connection (a handshake, a poll) never uses up a cut.
     pub cut_one_in: u64,
-    /// ... once this many bytes went through it.
+    /// How many bytes (both ways together) a connection moves before it may be cut.
     pub cut_after_bytes: u64,
 }
 
@@ -171,6 +174,7 @@ impl Proxy {
         let upstream = upstream.to_string();
         let cuts = Arc::new(AtomicU64::new(0));
         let counted = cuts.clone();
+        let crossed = Arc::new(AtomicU64::new(0));
         let (tx, rx) = std::sync::mpsc::channel::<io::Result<u16>>();
         std::thread::spawn(move || {
             use std::os::fd::AsRawFd;
@@ -208,14 +212,16 @@ impl Proxy {
                     }
                 };
                 let _ = tx.send(listener.local_addr().map(|a| a.port()));
-                let mut n: u64 = 0;
                 while let Ok((inbound, _)) = listener.accept().await {
-                    n += 1;
-                    let cut = faults.cut_one_in > 0 && (n - 1).is_multiple_of(faults.cut_one_in);
                     let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else {
                         continue;
                     };
-                    tokio::spawn(relay(inbound, outbound, faults, cut, counted.clone()));
+                    let tally = Tally {
+                        cuts: counted.clone(),
+                        crossed: crossed.clone(),
+                        moved: Arc::new(AtomicU64::new(0)),
+                    };
+                    tokio::spawn(relay(inbound, outbound, faults, tally));
                 }
             });
         });
@@ -236,32 +242,53 @@ impl Proxy {
     }
 }
 
-/// Passes bytes both ways with `faults`; when `cut`, drops both ends once enough went by.
+/// What one connection shares with its two directions and with the proxy.
+#[derive(Clone)]
+struct Tally {
+    /// Connections cut, over the proxy's life.
+    cuts: Arc<AtomicU64>,
+    /// Connections that reached the cut threshold, over the proxy's life.
+    crossed: Arc<AtomicU64>,
+    /// Bytes this connection moved, both ways.
+    moved: Arc<AtomicU64>,
+}
+
+impl Tally {
+    /// Counts `n` more bytes; whether the connection is to be cut now. The connection
+    /// crosses the threshold once (in whichever direction gets there), and is cut if it
+    /// is the first, or a `cut_one_in`-th, to do so.
+    fn passed(&self, n: u64, faults: &ProxyFaults) -> bool {
+        let before = self.moved.fetch_add(n, Ordering::Relaxed);
+        let limit = faults.cut_after_bytes;
+        if faults.cut_one_in == 0 || before >= limit || before + n < limit {
+            return false;
+        }
+        let k = self.crossed.fetch_add(1, Ordering::Relaxed);
+        let cut = k.is_multiple_of(faults.cut_one_in);
+        if cut {
+            self.cuts.fetch_add(1, Ordering::Relaxed);
+        }
+        cut
+    }
+}
+
+/// Passes bytes both ways with `faults`. A direction that ends normally half-closes its
+/// side and waits for the other; a cut ends both ways at once (the sockets are dropped on
+/// return).
 async fn relay(
     inbound: tokio::net::TcpStream,
     outbound: tokio::net::TcpStream,
     faults: ProxyFaults,
-    cut: bool,
-    cuts: Arc<AtomicU64>,
+    tally: Tally,
 ) {
     let (mut ir, mut iw) = inbound.into_split();
     let (mut or, mut ow) = outbound.into_split();
-    let moved = Arc::new(AtomicU64::new(0));
-    let limit = cut.then_some(faults.cut_after_bytes);
-    let up = pipe(&mut ir, &mut ow, faults, moved.clone(), limit);
-    let down = pipe(&mut or, &mut iw, faults, moved, limit);
-    // A cut connection ends both ways at once (its sockets are dropped on return).
-    let stopped = if cut {
-        tokio::select! {
-            a = up => a,
-            b = down => b,
-        }
-    } else {
-        let (a, b) = tokio::join!(up, down);
-        a || b
-    };
-    if stopped {
-        cuts.fetch_add(1, Ordering::Relaxed);
+    let up = pipe(&mut ir, &mut ow, faults, tally.clone());
+    let down = pipe(&mut or, &mut iw, faults, tally);
+    tokio::pin!(up, down);
+    tokio::select! {
+        cut = &mut up => if !cut { down.await; },
+        cut = &mut down => if !cut { up.await; },
     }
 }
 
@@ -270,8 +297,7 @@ async fn pipe(
     from: &mut (impl AsyncReadExt + Unpin),
     to: &mut (impl AsyncWriteExt + Unpin),
     faults: ProxyFaults,
-    moved: Arc<AtomicU64>,
-    cut_after: Option<u64>,
+    tally: Tally,
 ) -> bool {
     let mut buf = vec![0u8; 16 << 10];
     loop {
@@ -286,14 +312,14 @@ async fn pipe(
         if to.write_all(&buf[..n]).await.is_err() {
             return false;
         }
-        let total = moved.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        let cut = tally.passed(n as u64, &faults);
         if faults.bytes_per_sec > 0 {
             tokio::time::sleep(Duration::from_secs_f64(
                 n as f64 / faults.bytes_per_sec as f64,
             ))
             .await;
         }
-        if cut_after.is_some_and(|limit| total >= limit) {
+        if cut {
             let _ = to.shutdown().await;
             return true;
         }
