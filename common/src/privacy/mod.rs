@@ -6,8 +6,10 @@
 //!   distributed, local), adaptive clipping, and the multipliers the accountant charges.
 //! - [`planner`]: ε for given parameters, and the inverse searches (the noise multiplier or
 //!   the number of rounds that meets a target ε).
+//! - [`audit`]: the empirical one-run audit (a lower bound on ε from canaries).
 //! - [`neighbours`]: bounds under replace-one (substitution) from add/remove RDP curves.
 
+pub mod audit;
 pub mod dpfedavg;
 pub mod neighbours;
 pub mod planner;
