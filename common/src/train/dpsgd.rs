@@ -424,6 +424,25 @@ impl ClippedSum {
         Ok((norm, loss, logits))
     }
 
+    /// Adds one canary unit: `sign · C` at the flat coordinate `coordinate` (its norm is C,
+    /// so clipping leaves it as it is; `sign` outside [−1, 1] is clipped like any gradient).
+    pub fn add_dirac(&mut self, coordinate: usize, sign: f32) {
+        let value = f64::from(sign) * self.clip_norm;
+        let clipped = value.clamp(-self.clip_norm, self.clip_norm) as f32;
+        let mut offset = 0;
+        for sum in &mut self.sums {
+            if coordinate < offset + sum.len() {
+                sum[coordinate - offset] += clipped;
+                break;
+            }
+            offset += sum.len();
+        }
+        self.units += 1;
+        if value.abs() > self.clip_norm {
+            self.clipped += 1;
+        }
+    }
+
     /// Adds N(0, std²) to every coordinate of the sums.
     pub fn add_noise<R: Rng + CryptoRng>(&mut self, std: f64, rng: &mut R) {
         for sum in &mut self.sums {
@@ -444,6 +463,16 @@ impl ClippedSum {
     }
 }
 
+/// The number of model parameters, as [`ClippedSum`] flattens them.
+fn acc_len(model: &AttentionFlowModel) -> usize {
+    model
+        .varmap()
+        .all_vars()
+        .iter()
+        .map(|v| v.elem_count())
+        .sum()
+}
+
 /// Trains `model` in place with DP-SGD for `cfg.epochs` epochs over the given privacy `units`
 /// (indices into `train`, see [`privacy_units`]).
 ///
@@ -462,20 +491,40 @@ pub fn train_dp<R: Rng + CryptoRng>(
     noise_rng: &mut R,
     on_epoch: &mut dyn FnMut(&EpochReport),
 ) -> Result<DpTrainReport> {
-    train_dp_observed(
-        model,
-        train,
-        units,
-        cfg,
-        dp,
-        noise_rng,
-        on_epoch,
-        &mut |_, _| {},
-    )
+    let (mut before_noise, mut released) =
+        (|_: u64, _: &ClippedSum| {}, |_: u64, _: &ClippedSum| {});
+    let observer = Observer {
+        canaries: &[],
+        before_noise: &mut before_noise,
+        released: &mut released,
+    };
+    train_dp_observed(model, train, units, cfg, dp, noise_rng, on_epoch, observer)
 }
 
-/// [`train_dp`], calling `on_step(step, sum)` with each step's clipped sum before the noise
-/// is added (tests look at what one unit changes).
+/// A gradient canary for an empirical audit ([`crate::train::audit`]): a unit whose
+/// gradient, at every step it is sampled, is `sign · C` on one coordinate of the flattened
+/// parameters (in [`ClippedSum::vars`] order) and zero elsewhere (Steinke, Nasr, Jagielski
+/// 2023, Section 7, "Dirac canaries"). Only the audit harness makes these; it goes through
+/// the same Poisson sampling, clipping, sum and noise as every real unit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DiracCanary {
+    /// The flat parameter index.
+    pub coordinate: usize,
+    /// +1 or −1.
+    pub sign: f32,
+}
+
+/// What a test or an audit sees of [`train_dp`] beyond its result.
+pub(crate) struct Observer<'a> {
+    /// Extra units, sampled after the real ones at each step (see [`DiracCanary`]).
+    pub canaries: &'a [DiracCanary],
+    /// Each step's clipped sum before the noise is added.
+    pub before_noise: &'a mut dyn FnMut(u64, &ClippedSum),
+    /// Each step's released (noisy) sum: what the accountant's guarantee covers.
+    pub released: &'a mut dyn FnMut(u64, &ClippedSum),
+}
+
+/// [`train_dp`] with an [`Observer`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn train_dp_observed<R: Rng + CryptoRng>(
     model: &AttentionFlowModel,
@@ -485,7 +534,7 @@ pub(crate) fn train_dp_observed<R: Rng + CryptoRng>(
     dp: &DpSgdConfig,
     noise_rng: &mut R,
     on_epoch: &mut dyn FnMut(&EpochReport),
-    on_step: &mut dyn FnMut(u64, &ClippedSum),
+    observer: Observer<'_>,
 ) -> Result<DpTrainReport> {
     cfg.validate()?;
     dp.validate()?;
@@ -498,7 +547,14 @@ pub(crate) fn train_dp_observed<R: Rng + CryptoRng>(
             train.len()
         )));
     }
-    let event = dp.round_event(units.len(), cfg.epochs)?;
+    let total = acc_len(model);
+    if let Some(c) = observer.canaries.iter().find(|c| c.coordinate >= total) {
+        return Err(Error::Training(format!(
+            "canary at coordinate {} of {total}",
+            c.coordinate
+        )));
+    }
+    let event = dp.round_event(units.len() + observer.canaries.len(), cfg.epochs)?;
     let steps_per_epoch = event.steps / cfg.epochs as u64;
     // The fixed denominator: the expected batch size q·n (B, or n when B > n).
     let expected_batch = event.q * units.len() as f64;
@@ -532,6 +588,11 @@ pub(crate) fn train_dp_observed<R: Rng + CryptoRng>(
                 .iter()
                 .filter(|_| noise_rng.random::<f64>() < event.q)
                 .collect();
+            let canaries: Vec<&DiracCanary> = observer
+                .canaries
+                .iter()
+                .filter(|_| noise_rng.random::<f64>() < event.q)
+                .collect();
             // Per-unit backward passes are independent: fixed chunks run in parallel, each
             // into its own partial sum, merged in chunk order (bit-identical on any core count).
             let parts = batch
@@ -558,8 +619,12 @@ pub(crate) fn train_dp_observed<R: Rng + CryptoRng>(
                     seen += truth.len();
                 }
             }
-            on_step(step, &acc_sum);
+            for c in canaries {
+                acc_sum.add_dirac(c.coordinate, c.sign);
+            }
+            (observer.before_noise)(step, &acc_sum);
             acc_sum.add_noise(std, noise_rng);
+            (observer.released)(step, &acc_sum);
             optimizer.step(&acc_sum.gradients(expected_batch)?)?;
             sampled += acc_sum.units;
             clipped += acc_sum.clipped;

@@ -4,6 +4,7 @@
 //! Everything random (parameter init, shuffling, dropout) draws from ChaCha8 streams derived
 //! from [`TrainConfig::seed`], so a CPU run is reproducible bit for bit.
 
+pub mod audit;
 pub mod dpsgd;
 mod metrics;
 mod optim;

@@ -409,9 +409,13 @@ fn step_sums(data: &[EncodedSession], noise_seed: u64, coordinator_seed: u64) ->
         &dp,
         &mut ChaCha20Rng::seed_from_u64(noise_seed),
         &mut |_| {},
-        &mut |step, sum| {
-            assert_eq!(step as usize, sums.len());
-            sums.push(sum.sums().concat());
+        Observer {
+            canaries: &[],
+            before_noise: &mut |step, sum| {
+                assert_eq!(step as usize, sums.len());
+                sums.push(sum.sums().concat());
+            },
+            released: &mut |_, _| {},
         },
     )
     .unwrap();
