@@ -224,6 +224,11 @@ enum Command {
         /// Output folder (default: DATA/reports/RUN).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// An empirical audit of this run's mechanism (empirical-audit.json from
+        /// `fedflow-sim privacy-audit`) to show next to the accountant's figures; refused
+        /// unless it audited the same sampling rate, noise and steps. Repeatable.
+        #[arg(long)]
+        empirical: Vec<PathBuf>,
     },
 }
 
@@ -322,12 +327,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::AuditLog(AuditLogCommand::Verify { file }) => {
             cli::security::verify_audit_log(&file)?
         }
-        Command::PrivacyReport { data, run, out } => {
+        Command::PrivacyReport {
+            data,
+            run,
+            out,
+            empirical,
+        } => {
+            let empirical = empirical
+                .iter()
+                .map(|p| {
+                    fedflow_common::privacy::audit::EmpiricalAudit::load(p)
+                        .map(|a| (p.display().to_string(), a))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let store = Store::open_read_only(&data)
                 .with_context(|| format!("opening the data directory {}", data.display()))?;
             let run = fedflow_coordinator::audit::resolve_run(&store, run.as_deref())?;
             let out = out.unwrap_or_else(|| data.join("reports").join(&run));
-            let report = fedflow_coordinator::audit::write(&store, Some(&run), &out)?;
+            let report = fedflow_coordinator::audit::write(&store, Some(&run), &out, &empirical)?;
             println!("{}", report.summary);
             for warning in &report.warnings {
                 println!("warning: {warning}");

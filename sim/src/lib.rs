@@ -32,6 +32,7 @@ use fedflow_coordinator::store::{Publication, RoundRecord, Store};
 
 pub mod demo;
 pub mod live;
+pub mod privacy_audit;
 pub mod privacy_curve;
 pub mod site_curve;
 pub mod swarm;
@@ -294,7 +295,7 @@ pub async fn run_federation(
     let dir = audit_dir.clone();
     let audit = coordinator
         .inspect(move |e, _| {
-            let audit = fedflow_coordinator::audit::write(e.store(), Some(e.run_id()), &dir)?;
+            let audit = fedflow_coordinator::audit::write(e.store(), Some(e.run_id()), &dir, &[])?;
             fedflow_coordinator::run_report::write(e.store(), e.run_id(), &dir)?;
             Ok(audit.summary)
         })

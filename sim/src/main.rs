@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use fedflow_sim::demo::{self, DemoConfig, DemoReport};
 use fedflow_sim::live::{self, LiveConfig, LiveReport};
+use fedflow_sim::privacy_audit::{self, AuditConfig, Level};
 use fedflow_sim::privacy_curve::{self, CurveConfig};
 use fedflow_sim::site_curve::{self, SiteCurveConfig};
 
@@ -33,6 +34,12 @@ enum Command {
     /// DP-FedAvg (central, adaptive clipping) per target epsilon next to non-private FedAvg,
     /// with and without server momentum, through the real round engine in one process.
     SiteCurve(SiteCurveArgs),
+    /// An empirical privacy audit with one training run (Steinke, Nasr, Jagielski 2023):
+    /// canaries, each included with probability 1/2, through the real DP-SGD path (record
+    /// level) or the real round engine (site level); writes the empirical lower bound on
+    /// epsilon next to the accountant's (empirical-audit.json), for the privacy-audit
+    /// report's `--empirical`.
+    PrivacyAudit(AuditArgs),
     /// A continuous federation through a drift: sites collect new sessions every period and
     /// hold a sliding window of them, the label function changes mid-run, and the publish
     /// gate keeps the served model up to date; reports the served version, a version frozen
@@ -217,6 +224,62 @@ struct CurveArgs {
     /// Skip the non-private reference run.
     #[arg(long)]
     skip_non_private: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct AuditArgs {
+    /// What is audited: record (DP-SGD at one site of the demo's data, a canary is one
+    /// record) or site (site-level DP-FedAvg over many sites, a canary is one site).
+    #[arg(long, default_value = "record")]
+    level: String,
+    /// Output folder (data/, empirical-audit.json; site level: one coordinator folder per
+    /// target).
+    #[arg(long, default_value = "runs/privacy-audit")]
+    out: PathBuf,
+    /// Target epsilons the noise is calibrated to (PLD).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    epsilons: Vec<f64>,
+    /// Also audit without any noise (record level; the control).
+    #[arg(long)]
+    no_noise: bool,
+    /// Canaries m, each included with probability 1/2.
+    #[arg(long, default_value_t = 1000)]
+    canaries: usize,
+    /// Confidence of the empirical lower bound.
+    #[arg(long, default_value_t = 0.95)]
+    confidence: f64,
+    /// delta (default: 1e-5 at record level, 1e-4 at site level).
+    #[arg(long)]
+    delta: Option<f64>,
+    /// Partner sites of the generated data (default: 20 at record level, 500 at site level).
+    #[arg(long)]
+    sites: Option<usize>,
+    /// Sessions over all sites (default: 20,000 at record level, 50,000 at site level).
+    #[arg(long)]
+    sessions: Option<usize>,
+    /// Seed of the data, the canaries and the noise.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Poisson sampling rate q (of records, or of sites).
+    #[arg(long, default_value_t = 0.05)]
+    sampling_rate: f64,
+    /// Rounds (default: the configuration's).
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Clip C (site level: the initial one of adaptive clipping; default 1 at record level,
+    /// 0.5 at site level).
+    #[arg(long)]
+    clip_norm: Option<f64>,
+    /// The DP-SGD learning rate (record level).
+    #[arg(long, default_value_t = 0.05)]
+    dp_learning_rate: f64,
+    /// Sites training at the same time (site level).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// The run configuration (default: the embedded sim/examples/privacy_curve.toml at
+    /// record level, sim/examples/site_curve.toml at site level).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -463,6 +526,65 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 r.expected_batch_size,
                 r.smallest_site_sessions,
                 r.bayes_accuracy
+            );
+        }
+        Command::PrivacyAudit(a) => {
+            let level = match a.level.as_str() {
+                "record" => Level::Record,
+                "site" => Level::Site,
+                other => anyhow::bail!("--level {other:?}: expected record or site"),
+            };
+            let record = level == Level::Record;
+            let run_config = match (&a.config, record) {
+                (Some(p), _) => read_config(p)?,
+                (None, true) => include_str!("../examples/privacy_curve.toml").to_string(),
+                (None, false) => include_str!("../examples/site_curve.toml").to_string(),
+            };
+            let mut targets: Vec<Option<f64>> = Vec::new();
+            if a.no_noise {
+                targets.push(None);
+            }
+            targets.extend(a.epsilons.iter().copied().map(Some));
+            let cfg = AuditConfig {
+                out: a.out,
+                canaries: a.canaries,
+                confidence: a.confidence,
+                delta: a.delta.unwrap_or(if record { 1e-5 } else { 1e-4 }),
+                targets,
+                seed: a.seed,
+                sites: a.sites.unwrap_or(if record { 20 } else { 500 }),
+                sessions: a.sessions.unwrap_or(if record { 20_000 } else { 50_000 }),
+                sampling_rate: a.sampling_rate,
+                run_config,
+                rounds: a.rounds,
+                clip_norm: a.clip_norm.unwrap_or(if record { 1.0 } else { 0.5 }),
+                learning_rate: a.dp_learning_rate,
+                threads: a.threads,
+            };
+            let r = privacy_audit::run(level, &cfg, &mut |line| eprintln!("{line}"))?;
+            println!();
+            println!(
+                "{:>10} {:>8} {:>12} {:>12} {:>16}",
+                "target eps", "z", "accountant", "empirical", "right / guesses"
+            );
+            for p in &r.points {
+                println!(
+                    "{:>10} {:>8.4} {:>12} {:>12.3} {:>16}",
+                    p.target_epsilon.map_or("none".into(), |e| e.to_string()),
+                    p.noise_multiplier,
+                    p.epsilon.map_or("inf".into(), |e| format!("{e:.3}")),
+                    p.audit.epsilon_lower_bound,
+                    format!("{} / {}", p.audit.best.correct, p.audit.best.guesses)
+                );
+            }
+            println!(
+                "empirical: a lower bound at {}% confidence from {} canaries, not a guarantee; \
+                 {}",
+                r.points
+                    .first()
+                    .map_or(95.0, |p| p.audit.confidence * 100.0),
+                cfg.canaries,
+                cfg.out.join(privacy_audit::FILE).display()
             );
         }
         Command::SiteCurve(a) => {

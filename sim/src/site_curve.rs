@@ -18,8 +18,9 @@ use candle_core::Device;
 use fedflow_client::site::{SiteTrainer, TaskSpec};
 use fedflow_common::data::{SiteDataset, Vocab};
 use fedflow_common::model::vocab_sha256;
+use fedflow_common::params::ParamSet;
 use fedflow_common::privacy::dpfedavg::{AdaptiveClipping, TrustMode};
-use fedflow_common::privacy::planner::noise_for_epsilon;
+use fedflow_common::privacy::planner::{Accounting, noise_for_epsilon_by};
 use fedflow_coordinator::config::{RunConfig, SiteDpSection, StrategyKind};
 use fedflow_coordinator::metrics::SiteReport;
 use fedflow_coordinator::round::{DeltaSource, Phase, RoundEngine, Submission};
@@ -132,15 +133,7 @@ pub fn run(cfg: &SiteCurveConfig, say: &mut dyn FnMut(&str)) -> Result<SiteCurve
         })
         .collect();
     let expected = cfg.sampling_rate * trainers.len() as f64;
-    let mut base = RunConfig::with_vocab(&cfg.run_config, &vocab_path)?;
-    base.run.seed = cfg.seed;
-    base.evaluation.every = 0;
-    base.evaluation.final_round = false;
-    base.sampling.fraction = cfg.sampling_rate;
-    base.sampling.count = None;
-    base.sampling.min_selected = 1;
-    base.sampling.min_available = 1;
-    base.rounds.min_completed = 1;
+    let base = base_config(cfg, &vocab_path)?;
     let mut points = Vec::new();
     let targets: Vec<Option<f64>> = std::iter::once(None)
         .chain(cfg.epsilons.iter().copied().map(Some))
@@ -155,23 +148,9 @@ pub fn run(cfg: &SiteCurveConfig, say: &mut dyn FnMut(&str)) -> Result<SiteCurve
             }
             let mut z = None;
             if let Some(eps) = target {
-                let noise =
-                    noise_for_epsilon(cfg.sampling_rate, 1, base.run.rounds, cfg.delta, eps)?;
-                z = Some(noise);
-                run_cfg.site_dp = Some(SiteDpSection {
-                    mode: TrustMode::Central,
-                    clip_norm: cfg.clip_norm,
-                    noise_multiplier: noise,
-                    sampling_rate: Some(cfg.sampling_rate),
-                    expected_sites: expected,
-                    target_epsilon: eps,
-                    target_delta: cfg.delta,
-                    adaptive_clipping: Some(AdaptiveClipping {
-                        target_quantile: 0.5,
-                        learning_rate: 0.2,
-                        bit_noise_std: expected / 20.0,
-                    }),
-                });
+                let dp = site_dp(cfg, base.run.rounds, expected, eps)?;
+                z = Some(dp.noise_multiplier);
+                run_cfg.site_dp = Some(dp);
             }
             run_cfg.validate().map_err(Error::Other)?;
             let name = match target {
@@ -192,6 +171,7 @@ pub fn run(cfg: &SiteCurveConfig, say: &mut dyn FnMut(&str)) -> Result<SiteCurve
                 &trainers,
                 &vocab,
                 &held_out,
+                None,
                 say,
             )?;
             say(&format!(
@@ -222,15 +202,163 @@ pub fn run(cfg: &SiteCurveConfig, say: &mut dyn FnMut(&str)) -> Result<SiteCurve
     Ok(report)
 }
 
+/// The run configuration every run of the curve starts from: `cfg.run_config` with Poisson
+/// sampling at `cfg.sampling_rate`, no evaluation rounds, and a round that commits with one
+/// contribution.
+pub(crate) fn base_config(cfg: &SiteCurveConfig, vocab_path: &Path) -> Result<RunConfig> {
+    let mut base = RunConfig::with_vocab(&cfg.run_config, vocab_path)?;
+    base.run.seed = cfg.seed;
+    base.evaluation.every = 0;
+    base.evaluation.final_round = false;
+    base.sampling.fraction = cfg.sampling_rate;
+    base.sampling.count = None;
+    base.sampling.min_selected = 1;
+    base.sampling.min_available = 1;
+    base.rounds.min_completed = 1;
+    Ok(base)
+}
+
+/// DP-FedAvg in central mode at target `epsilon` over `rounds` rounds: z from the PLD
+/// planner, a fixed denominator of `expected` sites, adaptive clipping towards the median.
+pub(crate) fn site_dp(
+    cfg: &SiteCurveConfig,
+    rounds: u64,
+    expected: f64,
+    epsilon: f64,
+) -> Result<SiteDpSection> {
+    let noise = noise_for_epsilon_by(
+        Accounting::Pld,
+        cfg.sampling_rate,
+        1,
+        rounds,
+        cfg.delta,
+        epsilon,
+    )?;
+    Ok(SiteDpSection {
+        mode: TrustMode::Central,
+        clip_norm: cfg.clip_norm,
+        noise_multiplier: noise,
+        sampling_rate: Some(cfg.sampling_rate),
+        expected_sites: expected,
+        target_epsilon: epsilon,
+        target_delta: cfg.delta,
+        adaptive_clipping: Some(AdaptiveClipping {
+            target_quantile: 0.5,
+            learning_rate: 0.2,
+            bit_noise_std: expected / 20.0,
+        }),
+    })
+}
+
+/// Canary sites for an empirical site-level audit (Steinke, Nasr, Jagielski 2023): each
+/// canary is a site whose update, every round it is sampled, is `sign · C` on one
+/// coordinate of the model (C the round's clip), released through the real
+/// [`privatize`](fedflow_common::privacy::dpfedavg::privatize) (its noise share in the
+/// distributed and local modes) and the real round engine. Only included canaries exist in
+/// the federation; every canary is scored on the committed global models.
+#[derive(Debug)]
+pub(crate) struct SiteCanaries {
+    /// Site name, flat coordinate, sign, included.
+    pub canaries: Vec<(String, usize, f32, bool)>,
+    /// One score per canary: `Σ_rounds sign · (global_t − global_{t−1})[coordinate] / C_t`.
+    pub scores: Vec<f64>,
+    /// The canaries' own noise (distributed and local modes).
+    pub rng: rand_chacha::ChaCha20Rng,
+}
+
+impl SiteCanaries {
+    /// The names of the included canaries.
+    fn present(&self) -> Vec<String> {
+        self.canaries
+            .iter()
+            .filter(|c| c.3)
+            .map(|c| c.0.clone())
+            .collect()
+    }
+
+    /// Every canary's coordinate's value in `params`.
+    fn values(&self, params: &ParamSet) -> Result<Vec<f64>> {
+        let flat = flatten(params)?;
+        Ok(self.canaries.iter().map(|c| f64::from(flat[c.1])).collect())
+    }
+
+    /// Adds the round's change at each canary's coordinate to its score.
+    fn score_round(&mut self, before: &[f64], after: &ParamSet, clip: f64) -> Result<()> {
+        let now = self.values(after)?;
+        for ((score, c), (b, a)) in self
+            .scores
+            .iter_mut()
+            .zip(&self.canaries)
+            .zip(before.iter().zip(&now))
+        {
+            *score += f64::from(c.2) * (a - b) / clip;
+        }
+        Ok(())
+    }
+
+    /// The release of canary `name` in a round with task `dp`.
+    fn update(
+        &mut self,
+        name: &str,
+        global: &ParamSet,
+        dp: &fedflow_common::privacy::dpfedavg::SiteDpTask,
+    ) -> Result<fedflow_common::privacy::dpfedavg::PrivatizedUpdate> {
+        let &(_, coordinate, sign, _) = self
+            .canaries
+            .iter()
+            .find(|c| c.0 == name)
+            .ok_or_else(|| Error::Other(format!("no canary {name}")))?;
+        let mut tensors = std::collections::BTreeMap::new();
+        let mut offset = 0;
+        for (n, t) in global.iter() {
+            let count = t.elem_count();
+            let mut values = vec![0f32; count];
+            if (offset..offset + count).contains(&coordinate) {
+                values[coordinate - offset] = sign * dp.clip_norm as f32;
+            }
+            offset += count;
+            tensors.insert(
+                n.to_string(),
+                candle_core::Tensor::from_vec(values, t.shape(), t.device())
+                    .and_then(|x| x.to_dtype(t.dtype()))
+                    .map_err(fedflow_common::Error::from)?,
+            );
+        }
+        let dirac = ParamSet::from_tensors(tensors)?;
+        Ok(fedflow_common::privacy::dpfedavg::privatize(
+            &dirac,
+            dp.clip_norm,
+            dp.noise_std,
+            &mut self.rng,
+        )?)
+    }
+}
+
+/// All values of `params`, in its (name) order, as one f32 vector.
+pub(crate) fn flatten(params: &ParamSet) -> Result<Vec<f32>> {
+    let mut flat = Vec::with_capacity(params.num_elements());
+    for (_, t) in params.iter() {
+        flat.extend(
+            t.flatten_all()
+                .and_then(|x| x.to_dtype(candle_core::DType::F32))
+                .and_then(|x| x.to_vec1::<f32>())
+                .map_err(fedflow_common::Error::from)?,
+        );
+    }
+    Ok(flat)
+}
+
 /// Runs `run_cfg` to its end and scores the final global model on `held_out`; the point's
 /// target, z and server settings are the configuration's.
-fn one_run(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn one_run(
     cfg: &SiteCurveConfig,
     run_cfg: &RunConfig,
     dir: &Path,
     sites: &[(String, Arc<SiteTrainer>)],
     vocab: &Vocab,
     held_out: &SiteDataset,
+    mut canaries: Option<&mut SiteCanaries>,
     say: &mut dyn FnMut(&str),
 ) -> Result<SiteCurvePoint> {
     if dir.exists() {
@@ -252,16 +380,30 @@ fn one_run(
         for (name, _) in sites {
             engine.site_seen(name, now)?;
         }
+        let canary_sites: Vec<String> = canaries.as_deref().map_or(Vec::new(), |c| c.present());
+        for name in &canary_sites {
+            engine.site_seen(name, now)?;
+        }
         let mut tickets = Vec::new();
         for (i, (name, _)) in sites.iter().enumerate() {
             if let Some(t) = engine.poll_task(name, now)? {
                 tickets.push((i, t));
             }
         }
+        let mut canary_tickets = Vec::new();
+        for (i, name) in canary_sites.iter().enumerate() {
+            if let Some(t) = engine.poll_task(name, now)? {
+                canary_tickets.push((i, t));
+            }
+        }
         if engine.phase() == Phase::Finished {
             break;
         }
         let (global, global_sha) = engine.global();
+        let before = match canaries.as_deref() {
+            Some(c) => Some((c.values(global)?, global.clone())),
+            None => None,
+        };
         let global_bytes = global.to_safetensors_bytes()?;
         let global_sha = global_sha.to_string();
         let specs: Vec<TaskSpec> = tickets
@@ -339,11 +481,56 @@ fn one_run(
                 }
             }
         }
+        if let Some(c) = canaries.as_deref_mut() {
+            for (i, t) in &canary_tickets {
+                let name = &canary_sites[*i];
+                let dp = t.site_dp.ok_or_else(|| {
+                    Error::Other("a canary site needs a site-level DP task".into())
+                })?;
+                let base = &before.as_ref().expect("taken with the canaries").1;
+                let update = c.update(name, base, &dp)?;
+                let delta_sha256 =
+                    fedflow_common::hash::sha256_hex(&update.delta.to_safetensors_bytes()?);
+                let r = engine.submit(
+                    Submission {
+                        site_id: name.to_owned(),
+                        round: t.round,
+                        task_id: t.task_id.clone(),
+                        nonce: t.nonce.clone(),
+                        base_model_sha256: global_sha.clone(),
+                        delta: DeltaSource::Params(update.delta),
+                        delta_sha256,
+                        report: UpdateReport {
+                            train_examples: 1,
+                            claimed_weight: 1.0,
+                        },
+                        metrics: SiteReport {
+                            train_examples: 1,
+                            ..SiteReport::default()
+                        },
+                        unclipped: update.unclipped,
+                    },
+                    now,
+                )?;
+                if let Err(rej) = r {
+                    return Err(Error::Other(format!("canary {name} rejected: {rej}")));
+                }
+            }
+        }
         if engine.committed_round() < round {
             return Err(Error::Other(format!(
                 "round {round} did not commit (phase {:?})",
                 engine.phase()
             )));
+        }
+        if let (Some(c), Some(before)) = (canaries.as_deref_mut(), before) {
+            let clip = engine
+                .store()
+                .site_dp_rounds(&run_cfg.run.name)?
+                .last()
+                .map(|r| r.clip_norm)
+                .ok_or_else(|| Error::Other("a canary run without a ledger".into()))?;
+            c.score_round(&before.0, engine.global().0, clip)?;
         }
         if round % 10 == 0 {
             say(&format!(

@@ -231,6 +231,91 @@ pub fn audit(
     })
 }
 
+/// The schema of an empirical audit's file ([`FILE`]).
+pub const SCHEMA: &str = "fedflow.empirical-audit/1";
+
+/// The file an audit writes into its output folder.
+pub const FILE: &str = "empirical-audit.json";
+
+/// Which guarantee is audited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// Record-level DP-SGD at one site (a canary is one training record).
+    Record,
+    /// Site-level DP-FedAvg (a canary is one site).
+    Site,
+}
+
+/// One audited configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditPoint {
+    /// Record or site level.
+    pub level: Level,
+    /// The target ε the noise was calibrated to (PLD); `None`: no noise.
+    pub target_epsilon: Option<f64>,
+    /// Noise multiplier z (at site level, the effective one the ledger charges).
+    pub noise_multiplier: f64,
+    /// Poisson sampling rate q.
+    pub sampling_rate: f64,
+    /// Noisy releases per round (DP-SGD steps; 1 at site level).
+    pub steps_per_round: u64,
+    /// Rounds run.
+    pub rounds: u64,
+    /// δ.
+    pub delta: f64,
+    /// The accountant's ε (the smaller valid bound of PLD and RDP); `None`: unbounded.
+    pub epsilon: Option<f64>,
+    /// PLD's ε.
+    pub epsilon_pld: Option<f64>,
+    /// RDP's ε.
+    pub epsilon_rdp: Option<f64>,
+    /// The audit: guesses and the empirical lower bound.
+    pub audit: AuditOutcome,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// What `fedflow-sim privacy-audit` writes ([`FILE`]), and what the privacy-audit report's
+/// `--empirical` reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmpiricalAudit {
+    /// [`SCHEMA`].
+    pub schema: String,
+    /// When it was written (RFC 3339, UTC).
+    pub generated_at: String,
+    /// The run configuration the audit started from (TOML); at site level, each audited
+    /// run's complete configuration is in its coordinator folder.
+    pub run_config: String,
+    /// The audited configurations.
+    pub points: Vec<AuditPoint>,
+}
+
+impl EmpiricalAudit {
+    /// Reads and checks a file, naming it in every error.
+    pub fn load(path: &std::path::Path) -> Result<EmpiricalAudit> {
+        let bad = |reason: String| Error::DataFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let r: EmpiricalAudit = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if r.schema != SCHEMA {
+            return Err(bad(format!("schema {:?}, expected {SCHEMA:?}", r.schema)));
+        }
+        if let Some(p) = r.points.iter().find(|p| p.audit.canaries == 0) {
+            return Err(bad(format!(
+                "an audit of {:?} level with no canaries",
+                p.level
+            )));
+        }
+        Ok(r)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,6 +85,9 @@ pub fn to_html(r: &PrivacyAudit) -> Result<String> {
     if let Some(rec) = &r.record_level {
         body.push_str(&record_section(rec)?);
     }
+    if !r.empirical.is_empty() {
+        body.push_str(&empirical_section(&r.empirical));
+    }
     body.push_str("<h2>Not covered by any guarantee above</h2><ul>");
     for n in &r.not_covered {
         body.push_str(&format!("<li>{}</li>", escape(n)));
@@ -100,6 +103,54 @@ pub fn to_html(r: &PrivacyAudit) -> Result<String> {
         fedflow_common::clock::utc(r.generated_unix_ms)
     ));
     Ok(page(&format!("Privacy audit: {}", r.run.run_id), &body))
+}
+
+/// The attached one-run audits: a lower bound from a test per row, labelled as such.
+fn empirical_section(checks: &[super::empirical::EmpiricalCheck]) -> String {
+    let mut out =
+        String::from("<h2>Empirical check (a lower bound from a test, not a guarantee)</h2>");
+    let rows: Vec<Vec<String>> = checks
+        .iter()
+        .map(|c| {
+            let p = &c.point;
+            vec![
+                format!("{:?}", p.level).to_lowercase(),
+                format!("{}", p.sampling_rate),
+                format!("{:.4}", p.noise_multiplier),
+                format!("{} × {}", p.steps_per_round, p.rounds),
+                format!("{:e}", p.delta),
+                p.audit.canaries.to_string(),
+                format!("{} / {}", p.audit.best.correct, p.audit.best.guesses),
+                format!("{}%", p.audit.confidence * 100.0),
+                format!("{:.3}", p.audit.epsilon_lower_bound),
+                fmt_eps(p.epsilon),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "level",
+            "q",
+            "z",
+            "steps × rounds",
+            "δ",
+            "canaries",
+            "right / guesses",
+            "confidence",
+            "empirical lower bound on ε",
+            "accountant's ε",
+        ],
+        &rows,
+    ));
+    for c in checks {
+        out.push_str(&format!(
+            "<p class=\"small\">{} (audited {}): {}</p>",
+            escape(&c.source),
+            escape(&c.audited_at),
+            escape(&c.meaning)
+        ));
+    }
+    out
 }
 
 fn site_section(s: &SiteLevel) -> Result<String> {

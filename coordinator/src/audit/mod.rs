@@ -30,6 +30,7 @@ use crate::config::RunConfig;
 use crate::store::{SiteDpRound, Store};
 
 mod caveats;
+pub mod empirical;
 mod html;
 pub mod record;
 pub mod site;
@@ -69,6 +70,9 @@ pub struct PrivacyAudit {
     pub not_covered: Vec<String>,
     /// Commands that recompute every figure.
     pub recompute: Vec<String>,
+    /// Empirical one-run audits of this run's mechanism, when any were attached: lower
+    /// bounds from a test, next to the accountant's ε (empty when none).
+    pub empirical: Vec<empirical::EmpiricalCheck>,
 }
 
 /// The run the report is about.
@@ -316,13 +320,21 @@ pub const JSON_FILE: &str = "privacy-audit.json";
 /// See [`JSON_FILE`].
 pub const HTML_FILE: &str = "privacy-audit.html";
 
-/// Builds the report of `run_id` (the only run in `store` when `None`) and writes
+/// Builds the report of `run_id` (the only run in `store` when `None`), with the empirical
+/// audits in `empirical` (each a file name and its content) that match the run, and writes
 /// [`JSON_FILE`] and [`HTML_FILE`] into `out` (created if needed; each file written
 /// atomically). Returns the report.
-pub fn write(store: &Store, run_id: Option<&str>, out: &std::path::Path) -> Result<PrivacyAudit> {
+pub fn write(
+    store: &Store,
+    run_id: Option<&str>,
+    out: &std::path::Path,
+    empirical: &[(String, fedflow_common::privacy::audit::EmpiricalAudit)],
+) -> Result<PrivacyAudit> {
     let run_id = resolve_run(store, run_id)?;
     let now = fedflow_common::clock::now_ms();
-    let report = build(store, &run_id, now)?;
+    let mut report = build(store, &run_id, now)?;
+    let cfg: RunConfig = recorded_config(store, &run_id)?;
+    report.empirical = empirical::checks(&cfg, empirical)?;
     std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
     let json = serde_json::to_string_pretty(&report)?;
     fedflow_common::fsio::write_atomic(&out.join(JSON_FILE), json.as_bytes())?;
@@ -364,12 +376,7 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
     let run = store
         .run(run_id)?
         .ok_or_else(|| crate::Error::NotFound(format!("no run {run_id} in this data directory")))?;
-    let cfg: RunConfig = serde_json::from_str(&run.config_json).map_err(|e| {
-        crate::Error::Store(format!(
-            "run {run_id}: its recorded configuration does not parse: {e}"
-        ))
-    })?;
-    let cfg = &cfg;
+    let cfg = &recorded_config(store, run_id)?;
     let rounds = store.rounds(run_id)?;
     let committed: Vec<u64> = rounds
         .iter()
@@ -444,6 +451,19 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
         record_level,
         not_covered,
         recompute,
+        empirical: Vec::new(),
+    })
+}
+
+/// The configuration `run_id` was created with, as the store recorded it.
+fn recorded_config(store: &Store, run_id: &str) -> Result<RunConfig> {
+    let run = store
+        .run(run_id)?
+        .ok_or_else(|| crate::Error::NotFound(format!("no run {run_id} in this data directory")))?;
+    serde_json::from_str(&run.config_json).map_err(|e| {
+        crate::Error::Store(format!(
+            "run {run_id}: its recorded configuration does not parse: {e}"
+        ))
     })
 }
 

@@ -400,7 +400,7 @@ fn the_privacy_audit_states_what_the_ledger_recorded_at_both_levels() {
         assert_eq!(e.committed_round(), round as u64);
     }
     let out = f.dir.path().join("audit");
-    let report = crate::audit::write(e.store(), None, &out).unwrap();
+    let report = crate::audit::write(e.store(), None, &out, &[]).unwrap();
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join(crate::audit::JSON_FILE)).unwrap()).unwrap();
     assert_eq!(json["schema"], crate::audit::SCHEMA);

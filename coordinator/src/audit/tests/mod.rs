@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 use fedflow_common::data::Vocab;
 use fedflow_common::params::ParamSet;
+use fedflow_common::privacy::audit::{AuditOutcome, AuditPoint, EmpiricalAudit, Guesses, Level};
 use fedflow_common::privacy::{RdpAccountant, SampledGaussian};
 
 use super::*;
@@ -518,4 +519,101 @@ fn the_sites_own_size_is_not_called_private_to_the_site() {
     assert!(html.contains("<td>in the site's report</td>"));
     // What no guarantee covers names the metrics sites send.
     assert!(report.not_covered[0].contains("validation loss, accuracy and macro-F1, epochs run"));
+}
+
+fn empirical_point(level: Level, q: f64, z: f64, steps: u64, bound: f64) -> AuditPoint {
+    AuditPoint {
+        level,
+        target_epsilon: Some(8.0),
+        noise_multiplier: z,
+        sampling_rate: q,
+        steps_per_round: steps,
+        rounds: 5,
+        delta: 1e-5,
+        epsilon: Some(8.0),
+        epsilon_pld: Some(8.0),
+        epsilon_rdp: Some(9.0),
+        audit: AuditOutcome {
+            canaries: 1000,
+            included: 497,
+            delta: 1e-5,
+            confidence: 0.95,
+            grid: vec![(50, 50)],
+            best: Guesses {
+                k_plus: 50,
+                k_minus: 50,
+                guesses: 100,
+                correct: 81,
+            },
+            epsilon_lower_bound: bound,
+        },
+        seconds: 1.0,
+    }
+}
+
+#[test]
+fn an_empirical_audit_is_attached_only_to_the_mechanism_it_audited() {
+    let record = "[record_dp]\nclip_norm = 1.0\nnoise_multiplier = 1.25\nsampling_rate = 0.1\n\
+                  target_epsilon = 30\ntarget_delta = 1e-5\n";
+    let mut r = run(record, 2);
+    r.commit(1, &[("site-000", 100), ("site-001", 100)], false);
+    let steps = fedflow_common::privacy::planner::dpsgd_round_at_rate(
+        1,
+        0.1,
+        r.cfg.train.epochs as u64,
+        1.25,
+    )
+    .unwrap()
+    .steps;
+    let file = |points| EmpiricalAudit {
+        schema: fedflow_common::privacy::audit::SCHEMA.into(),
+        generated_at: "2026-12-03T00:00:00Z".into(),
+        run_config: String::new(),
+        points,
+    };
+    let out = tempfile::tempdir().unwrap();
+    // One file with this run's record-level mechanism and another one's.
+    let audits = [(
+        "audit.json".to_string(),
+        file(vec![
+            empirical_point(Level::Record, 0.1, 1.25, steps, 1.234),
+            empirical_point(Level::Record, 0.1, 2.5, steps, 0.5),
+        ]),
+    )];
+    let report = write(&r.store, None, out.path(), &audits).unwrap();
+    assert_eq!(report.empirical.len(), 1);
+    assert_eq!(report.empirical[0].point.noise_multiplier, 1.25);
+    assert!(report.empirical[0].meaning.contains("not a guarantee"));
+    let html = std::fs::read_to_string(out.path().join(HTML_FILE)).unwrap();
+    assert!(html.contains("Empirical check (a lower bound from a test, not a guarantee)"));
+    assert!(html.contains("<td>1.234</td>"), "the bound is in the table");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join(JSON_FILE)).unwrap())
+            .unwrap();
+    assert_eq!(json["empirical"][0]["audit"]["epsilon_lower_bound"], 1.234);
+
+    // Nothing of this run's mechanism: refused, both configurations named.
+    for wrong in [
+        empirical_point(Level::Record, 0.2, 1.25, steps, 1.0),
+        empirical_point(Level::Record, 0.1, 1.25, steps + 1, 1.0),
+        empirical_point(Level::Site, 0.1, 1.25, 1, 1.0),
+    ] {
+        let err = write(
+            &r.store,
+            None,
+            out.path(),
+            &[("other.json".to_string(), file(vec![wrong]))],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("other.json: none of its audits"), "{err}");
+        assert!(
+            err.contains("this run: Record level q = 0.1, z = 1.25"),
+            "{err}"
+        );
+    }
+    // Without any file the section is absent.
+    let (plain, _, html) = r.report();
+    assert!(plain.empirical.is_empty());
+    assert!(!html.contains("Empirical check"));
 }
