@@ -9,8 +9,10 @@
 //!
 //! Not covered (the site report says so): metrics computed on the site's data, which are
 //! withheld unless the site opts in with `release_metrics`; the number of training sessions,
-//! which is sent as the FedAvg weight and sets the sampling rate (so the report states the
-//! replace-one bound, which is what holds with n public, beside the add/remove one); the fact
+//! when the run sends counts in the clear (`count_noise_multiplier` = 0: it is the FedAvg
+//! weight and sets the sampling rate, so the report states the replace-one bound, which is
+//! what holds with n public, beside the add/remove one; with a noisy count, its Gaussian
+//! mechanism is charged to the ledger with each update and covered); the fact
 //! that the site takes part at all, when it answers, and whether it declines (the reason
 //! names the limit, without epsilon figures).
 
@@ -33,6 +35,11 @@ pub struct RecordDp {
     pub target_epsilon: f64,
     /// ... at this δ.
     pub target_delta: f64,
+    /// 0: the site's count of privacy units goes out in the clear (outside the guarantee);
+    /// z > 0: a noisy count with this multiplier, charged to the ledger
+    /// ([`crate::ledger::CountRelease`]).
+    #[serde(default)]
+    pub count_noise_multiplier: f64,
 }
 
 /// A site's own privacy settings and its ledger.

@@ -164,10 +164,13 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
     let mut total = vec![0.0; charges.orders().len()];
     let mut releases = Vec::with_capacity(entries.len());
     for e in &entries {
-        let curve = charges
-            .per_step(unit, Relation::AddRemove, e.unit, e.q, e.noise_multiplier)?
-            .expect("a ledger always bounds its stated unit");
-        add_steps(&mut total, curve, e.steps);
+        // The update's DP-SGD and, when one went with it, the noisy count.
+        for event in e.events() {
+            let curve = charges
+                .per_step(unit, Relation::AddRemove, e.unit, event.q, event.z)?
+                .expect("a ledger always bounds its stated unit");
+            add_steps(&mut total, curve, event.steps);
+        }
         let (eps, order) =
             RdpAccountant::with_rdp(charges.orders().to_vec(), total.clone())?.epsilon(delta)?;
         releases.push(Release {
@@ -231,18 +234,48 @@ pub fn site_report(dir: &Path, delta: f64, max_epsilon: Option<f64>) -> Result<S
         .iter()
         .find(|b| b.unit == unit && b.relation == Relation::ReplaceOne)
         .and_then(|b| b.epsilon);
-    let mut caveats = vec![
+    let noisy = entries.iter().filter(|e| e.count.is_some()).count();
+    let counts = if !entries.is_empty() && noisy == entries.len() {
+        let zs: Vec<String> = entries
+            .iter()
+            .filter_map(|e| e.count.map(|c| c.noise_multiplier.to_string()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         format!(
-            "The site's n is public: the exact number of training sessions goes out with every \
-             update (its FedAvg weight), and the sampling rate q, the number of steps and the \
-             denominator q*n all follow from it. A dataset with one {unit} more or fewer is \
-             therefore told apart by n itself: the add/remove epsilon above is the standard \
-             DP-SGD figure for the mechanism with those parameters fixed, and against someone \
-             who sees n it protects only datasets of the same size, in effect a replace-one \
-             guarantee, for which this ledger gives epsilon = {} at delta = {delta:e} (an upper \
-             bound: Mironov 2017, Prop. 11, over two add/remove steps).",
+            "The site's count of {unit}s went out noisy with every update (its FedAvg weight: \
+             round(n + N(0, z^2)) with z = {}, a Gaussian mechanism of sensitivity 1), and each \
+             count is charged in the figures above with its update: the add/remove epsilon \
+             covers everything this ledger released. Under a per-site expected batch size \
+             (q = B/n) the sampling rate still depends on n, which the standard DP-SGD \
+             analysis treats as fixed; under a sampling rate shared by the run it does not.",
+            zs.join(", ")
+        )
+    } else {
+        format!(
+            "The site's n is public{}: the exact number of training sessions goes out with \
+             every such update (its FedAvg weight; the run sent counts in the clear, \
+             record_dp.count_noise_multiplier = 0), and the sampling rate q, the number of \
+             steps and the denominator q*n all follow from it. A dataset with one {unit} more \
+             or fewer is therefore told apart by n itself: the add/remove epsilon above is the \
+             standard DP-SGD figure for the mechanism with those parameters fixed, and against \
+             someone who sees n it protects only datasets of the same size, in effect a \
+             replace-one guarantee, for which this ledger gives epsilon = {} at delta = \
+             {delta:e} (an upper bound: Mironov 2017, Prop. 11, over two add/remove steps).",
+            if noisy > 0 {
+                format!(
+                    " for {} of {} releases (the others sent a noisy count)",
+                    entries.len() - noisy,
+                    entries.len()
+                )
+            } else {
+                String::new()
+            },
             fmt_eps(replace_one)
-        ),
+        )
+    };
+    let mut caveats = vec![
+        counts,
         "Floating-point noise: the Gaussian noise is drawn in f64 by rand_distr's Ziggurat \
          sampler and rounded to f32 before it is added. Attacks on floating-point samplers \
          (Mironov 2012, \"On significance of the least significant bits for differential \
@@ -480,6 +513,7 @@ mod tests {
                 steps: 20,
             },
             metrics_released: metrics,
+            count: None,
         }
     }
 
@@ -631,6 +665,57 @@ mod tests {
         ] {
             assert!(r.not_covered.iter().any(|n| n.contains(what)), "{what}");
         }
+    }
+
+    #[test]
+    fn noisy_counts_are_charged_and_the_report_says_they_are_covered() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = crate::ledger::CountRelease {
+            noise_multiplier: 4.0,
+            released: 997,
+        };
+        {
+            let mut l = Ledger::open(dir.path()).unwrap();
+            for r in 1..=2 {
+                let mut e = entry(r, PrivacyUnit::Session, false);
+                e.units = 1000;
+                e.count = Some(count);
+                l.record(&e, format!("s{r}").as_bytes()).unwrap();
+            }
+        }
+        let r = site_report(dir.path(), 1e-5, None).unwrap();
+        // Both DP-SGD rounds and both counts, by both accountants.
+        let events = [
+            entry(1, PrivacyUnit::Session, false).event,
+            count.event(),
+            entry(2, PrivacyUnit::Session, false).event,
+            count.event(),
+        ];
+        let mut rdp = RdpAccountant::default();
+        for e in &events {
+            rdp.compose(e).unwrap();
+        }
+        let want_rdp = rdp.epsilon(1e-5).unwrap().0;
+        assert!((r.cumulative.epsilon_rdp.unwrap() - want_rdp).abs() < 1e-9);
+        assert!((r.releases[1].epsilon_after.unwrap() - want_rdp).abs() < 1e-9);
+        let want_pld = fedflow_common::privacy::pld::PldAccountant::of(events)
+            .unwrap()
+            .epsilon(1e-5);
+        assert!((r.cumulative.epsilon_pld.unwrap() - want_pld).abs() < 1e-9);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["releases"][0]["count"]["released"], 997);
+        let caveat = r
+            .caveats
+            .iter()
+            .find(|c| c.contains("went out noisy"))
+            .unwrap();
+        assert!(
+            caveat.contains("z = 4") && caveat.contains("covers everything"),
+            "{caveat}"
+        );
+        assert!(!r.caveats.iter().any(|c| c.contains("n is public")));
+        let html = to_html(&r).unwrap();
+        assert!(html.contains("and of the noisy count of units sent with each"));
     }
 
     #[test]

@@ -189,7 +189,14 @@ impl TryFrom<&DpSgdInstructions> for RecordDp {
             },
             target_epsilon: d.target_epsilon,
             target_delta: d.target_delta,
+            count_noise_multiplier: d.count_noise_multiplier,
         };
+        if !(dp.count_noise_multiplier.is_finite() && dp.count_noise_multiplier >= 0.0) {
+            return Err(Error::Task(format!(
+                "the task's count noise multiplier {} is not a number >= 0",
+                dp.count_noise_multiplier
+            )));
+        }
         dp.sgd
             .validate()
             .map_err(|e| Error::Task(format!("the task's DP-SGD instructions: {e}")))?;

@@ -263,6 +263,9 @@ pub async fn run(cfg: &CurveConfig, say: &mut dyn FnMut(&str)) -> Result<CurveRe
             max_sessions_per_user: sgd.max_sessions_per_user,
             target_epsilon: target,
             target_delta: cfg.delta,
+            // z is calibrated to the target for DP-SGD alone: counts in the clear, as the
+            // curve's reports state.
+            count_noise_multiplier: 0.0,
         });
         say(&format!(
             "record-level DP, target epsilon {target} at delta {:e}: noise multiplier {z:.4}",

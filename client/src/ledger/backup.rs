@@ -545,8 +545,10 @@ impl Ledger {
                         .execute(
                             "INSERT INTO entries (recorded_unix_ms, run_id, round, task_id, unit,
                                 units, clip_norm, noise_multiplier, expected_batch_size, epochs,
-                                q, steps, update_sha256, metrics_released, released)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 1)",
+                                q, steps, update_sha256, metrics_released, released,
+                                count_noise_multiplier, released_count)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 1,
+                                ?15, ?16)",
                             params![
                                 j.recorded_unix_ms,
                                 j.run_id,
@@ -562,6 +564,8 @@ impl Ledger {
                                 j.steps as i64,
                                 j.update_sha256,
                                 j.metrics_released,
+                                j.count.map(|c| c.noise_multiplier),
+                                j.count.map(|c| c.released as i64),
                             ],
                         )
                         .map_err(|e| self.err(e))?;

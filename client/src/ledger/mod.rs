@@ -73,6 +73,8 @@ CREATE TABLE IF NOT EXISTS entries (
     update_sha256       TEXT NOT NULL,
     metrics_released    INTEGER NOT NULL,
     released            INTEGER NOT NULL DEFAULT 0,
+    count_noise_multiplier REAL,
+    released_count      INTEGER,
     UNIQUE (run_id, round, task_id)
 );
 CREATE TABLE IF NOT EXISTS restores (
@@ -84,6 +86,24 @@ CREATE TABLE IF NOT EXISTS restores (
     basis                TEXT NOT NULL
 );
 ";
+
+/// Adds the noisy-count columns to a ledger created before they existed (both NULL: the
+/// count went out in the clear).
+fn add_count_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('entries')")?;
+    let columns: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (name, ty) in [
+        ("count_noise_multiplier", "REAL"),
+        ("released_count", "INTEGER"),
+    ] {
+        if !columns.iter().any(|c| c == name) {
+            conn.execute_batch(&format!("ALTER TABLE entries ADD COLUMN {name} {ty}"))?;
+        }
+    }
+    Ok(())
+}
 
 /// The ledger's database file in its folder.
 pub const DB_FILE: &str = "ledger.sqlite";
@@ -128,16 +148,61 @@ pub struct LedgerEntry {
     pub metrics_released: bool,
     /// Whether the coordinator has acknowledged the update (it counts either way).
     pub released: bool,
+    /// The noisy count of privacy units sent with the update (its FedAvg weight), when the
+    /// run asked for one; `None`: the count went out in the clear, outside the guarantee.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<CountRelease>,
+}
+
+/// A count of privacy units released through the Gaussian mechanism: `round(n + N(0, z²))`,
+/// at least 1 (rounding and the floor are post-processing). Adding or removing one unit
+/// changes n by 1, so the release is the Gaussian mechanism with sensitivity 1 and noise
+/// multiplier z (Dwork and Roth 2014, Appendix A; as an RDP/PLD event: q = 1, one step),
+/// charged to the ledger with the update it goes with.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct CountRelease {
+    /// Noise multiplier z (the noise std, the sensitivity being 1).
+    pub noise_multiplier: f64,
+    /// The count sent.
+    pub released: u64,
+}
+
+impl CountRelease {
+    /// The privacy event of the release.
+    pub fn event(&self) -> SampledGaussian {
+        SampledGaussian {
+            q: 1.0,
+            z: self.noise_multiplier,
+            steps: 1,
+        }
+    }
+
+    /// Draws the noisy count of `units` with multiplier `z` (> 0) from `rng` (the site's
+    /// CSPRNG), with the noise source of DP-SGD ([`fedflow_common::privacy::add_gaussian`]).
+    pub fn draw<R: rand::Rng + rand::CryptoRng>(units: u64, z: f64, rng: &mut R) -> Self {
+        let mut n = [units as f64];
+        fedflow_common::privacy::add_gaussian(&mut n, z, rng);
+        CountRelease {
+            noise_multiplier: z,
+            released: n[0].round().max(1.0) as u64,
+        }
+    }
 }
 
 impl LedgerEntry {
-    /// The privacy event this entry accounts for.
+    /// The privacy event of the update's DP-SGD.
     pub fn event(&self) -> SampledGaussian {
         SampledGaussian {
             q: self.q,
             z: self.noise_multiplier,
             steps: self.steps,
         }
+    }
+
+    /// Every privacy event this entry accounts for: the update's DP-SGD and, when a noisy
+    /// count went with it, the count's Gaussian mechanism.
+    pub fn events(&self) -> impl Iterator<Item = SampledGaussian> + '_ {
+        std::iter::once(self.event()).chain(self.count.map(|c| c.event()))
     }
 }
 
@@ -242,10 +307,12 @@ pub fn bound(
 ) -> Result<Option<RdpAccountant>> {
     let mut total = vec![0.0; charges.orders().len()];
     for e in entries {
-        let Some(curve) = charges.per_step(unit, relation, e.unit, e.q, e.noise_multiplier)? else {
-            return Ok(None);
-        };
-        add_steps(&mut total, curve, e.steps);
+        for event in e.events() {
+            let Some(curve) = charges.per_step(unit, relation, e.unit, event.q, event.z)? else {
+                return Ok(None);
+            };
+            add_steps(&mut total, curve, event.steps);
+        }
     }
     Ok(Some(RdpAccountant::with_rdp(
         charges.orders().to_vec(),
@@ -275,7 +342,9 @@ impl Spend {
         let rdp = bound(entries, unit, Relation::AddRemove, &mut Charges::default())?
             .expect("a ledger always bounds its stated unit");
         let pld = if entries.iter().all(|e| e.unit == unit) {
-            Some(PldAccountant::of(entries.iter().map(LedgerEntry::event))?)
+            Some(PldAccountant::of(
+                entries.iter().flat_map(LedgerEntry::events),
+            )?)
         } else {
             None
         };
@@ -336,6 +405,8 @@ pub struct NewEntry {
     pub event: SampledGaussian,
     /// Whether metrics on the site's data go out with the update.
     pub metrics_released: bool,
+    /// The noisy count that goes with it, if the run asked for one.
+    pub count: Option<CountRelease>,
 }
 
 /// The ledger of one site (see the module docs for the crash-safety protocol).
@@ -373,6 +444,7 @@ impl Ledger {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
         )
         .and_then(|()| conn.execute_batch(SCHEMA))
+        .and_then(|()| add_count_columns(&conn))
         .map_err(|e| err(e.to_string()))?;
         Ok(Ledger {
             conn,
@@ -415,7 +487,7 @@ impl Ledger {
             .prepare(&format!(
                 "SELECT id, recorded_unix_ms, run_id, round, task_id, unit, units, clip_norm,
                         noise_multiplier, expected_batch_size, epochs, q, steps, update_sha256,
-                        released, metrics_released
+                        released, metrics_released, count_noise_multiplier, released_count
                  FROM entries WHERE {filter} ORDER BY id"
             ))
             .map_err(|e| self.err(e))?;
@@ -439,6 +511,13 @@ impl Ledger {
                     update_sha256: r.get(13)?,
                     released: r.get::<_, i64>(14)? != 0,
                     metrics_released: r.get::<_, i64>(15)? != 0,
+                    count: match (r.get::<_, Option<f64>>(16)?, r.get::<_, Option<i64>>(17)?) {
+                        (Some(z), Some(n)) => Some(CountRelease {
+                            noise_multiplier: z,
+                            released: n as u64,
+                        }),
+                        _ => None,
+                    },
                 })
             })
             .map_err(|e| self.err(e))?;
@@ -555,8 +634,8 @@ impl Ledger {
             .execute(
                 "INSERT INTO entries (recorded_unix_ms, run_id, round, task_id, unit, units,
                     clip_norm, noise_multiplier, expected_batch_size, epochs, q, steps,
-                    update_sha256, metrics_released)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                    update_sha256, metrics_released, count_noise_multiplier, released_count)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
                 params![
                     now_ms(),
                     entry.run_id,
@@ -572,6 +651,8 @@ impl Ledger {
                     entry.event.steps as i64,
                     sha,
                     entry.metrics_released,
+                    entry.count.map(|c| c.noise_multiplier),
+                    entry.count.map(|c| c.released as i64),
                 ],
             )
             .map_err(|e| self.err(e))?;

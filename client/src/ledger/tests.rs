@@ -18,6 +18,7 @@ pub(super) fn entry(round: u64, task: &str) -> NewEntry {
             steps: 20,
         },
         metrics_released: false,
+        count: None,
     }
 }
 
@@ -179,4 +180,75 @@ fn a_task_is_recorded_once() {
     // The recorded bytes are untouched by the refused second release.
     let (_, bytes) = l.find("run-1", 1, "t1").unwrap().unwrap();
     assert_eq!(bytes.as_deref(), Some(&b"first"[..]));
+}
+
+#[test]
+fn a_noisy_count_is_recorded_and_charged_with_its_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = Ledger::open(dir.path()).unwrap();
+    l.record(&entry(1, "t1"), b"clear").unwrap();
+    let clear = l.spend().unwrap();
+    let count = CountRelease {
+        noise_multiplier: 5.0,
+        released: 1003,
+    };
+    l.record(
+        &NewEntry {
+            count: Some(count),
+            ..entry(2, "t2")
+        },
+        b"noisy",
+    )
+    .unwrap();
+    let entries = l.entries().unwrap();
+    assert_eq!((entries[0].count, entries[1].count), (None, Some(count)));
+    // Two updates and one count: exactly the events both accountants compose.
+    let spent = l.spend().unwrap();
+    let mut expected = RdpAccountant::default();
+    let mut pld = Vec::new();
+    for e in [entry(1, "a").event, entry(2, "b").event, count.event()] {
+        expected.compose(&e).unwrap();
+        pld.push(e);
+    }
+    let (rdp, _) = spent.rdp.epsilon(1e-5).unwrap();
+    assert!(
+        (rdp - expected.epsilon(1e-5).unwrap().0).abs() < 1e-12,
+        "{rdp}"
+    );
+    let want = PldAccountant::of(pld).unwrap().epsilon(1e-5);
+    assert!((spent.pld_epsilon(1e-5).unwrap() - want).abs() < 1e-9);
+    // The count costs something: more than the two updates alone.
+    let mut two = clear.clone();
+    two.compose(&entry(2, "b").event).unwrap();
+    assert!(spent.epsilon(1e-5).unwrap() > two.epsilon(1e-5).unwrap());
+    // It survives reopening (the columns are real, not derived).
+    drop(l);
+    let l = Ledger::open(dir.path()).unwrap();
+    assert_eq!(l.entries().unwrap()[1].count, Some(count));
+}
+
+#[test]
+fn a_ledger_made_before_noisy_counts_gains_the_columns_and_keeps_its_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join(DB_FILE);
+    {
+        let conn = Connection::open(&db).unwrap();
+        // The table as it was before the count columns.
+        let old = SCHEMA
+            .replace("    count_noise_multiplier REAL,\n", "")
+            .replace("    released_count      INTEGER,\n", "");
+        assert!(!old.contains("released_count"));
+        conn.execute_batch(&old).unwrap();
+        conn.execute(
+            "INSERT INTO entries (recorded_unix_ms, run_id, round, task_id, unit, units,
+                clip_norm, noise_multiplier, expected_batch_size, epochs, q, steps,
+                update_sha256, metrics_released)
+             VALUES (1, 'r', 1, 't', 'session', 100, 1.0, 1.1, 5, 1, 0.05, 20, 'x', 0)",
+            [],
+        )
+        .unwrap();
+    }
+    let l = Ledger::open(dir.path()).unwrap();
+    let e = l.entries().unwrap();
+    assert_eq!((e.len(), e[0].count), (1, None));
 }

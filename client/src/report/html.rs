@@ -17,9 +17,14 @@ pub fn to_html(r: &SitePrivacyReport) -> Result<String> {
     body.push_str("<h1>Site privacy report</h1>");
     body.push_str(&format!(
         "<div class=\"summary\"><p class=\"big\">ε = {} at δ = {delta:e}</p><p>{}</p>\
-         <p>Record-level differential privacy of every model update this site released: {} \
+         <p>Record-level differential privacy of every model update this site released{}: {} \
          update(s), privacy unit <b>{}</b> ({}).{}</p>{}</div>",
         fmt_eps(eps),
+        if !r.releases.is_empty() && r.releases.iter().all(|x| x.entry.count.is_some()) {
+            " and of the noisy count of units sent with each"
+        } else {
+            ""
+        },
         match (r.cumulative.epsilon_pld, r.cumulative.stated_by) {
             (Some(_), "pld") => format!(
                 "By privacy loss distributions (PLD); Rényi DP gives the looser ε = {} for the \

@@ -75,6 +75,7 @@ fn a_growing_file_is_read_again_before_each_task_and_each_round_is_charged_its_o
             },
             target_epsilon: 1e6,
             target_delta: 1e-5,
+            count_noise_multiplier: 0.0,
         }),
         ..f.task.clone()
     };

@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use super::{SiteMetrics, SiteTrainer, TaskOutcome, TaskSpec, site_release};
-use crate::ledger::NewEntry;
+use crate::ledger::{CountRelease, NewEntry};
 use crate::privacy::{RecordDp, SitePrivacy};
 use crate::{Error, Result};
 
@@ -66,11 +66,19 @@ impl SiteTrainer {
                 entry.id
             );
             let delta = ParamSet::from_safetensors_bytes(&bytes)?;
+            // The recorded count too: never a fresh draw for a recorded task.
+            let metrics = match entry.count {
+                Some(c) => SiteMetrics {
+                    train_examples: c.released as usize,
+                    ..counts
+                },
+                None => counts,
+            };
             return Ok(TaskOutcome {
                 delta,
                 delta_sha256: entry.update_sha256,
                 delta_bytes: bytes,
-                metrics: counts,
+                metrics,
                 // The bit is not recorded; "clipped" only nudges adaptive clipping (its noisy
                 // count is accounted whatever the bits are).
                 unclipped: false,
@@ -102,9 +110,17 @@ impl SiteTrainer {
             }
         }
         let event = dp.sgd.round_event(units.len(), task.train.epochs)?;
+        let mut rng = ChaCha20Rng::from_os_rng();
+        // Drawn before the limits are checked (its cost is known without its value), so
+        // that the check covers everything this task releases.
+        let count = (dp.count_noise_multiplier > 0.0)
+            .then(|| CountRelease::draw(units.len() as u64, dp.count_noise_multiplier, &mut rng));
         let mut spend = privacy.ledger().spend()?;
         let before = spend.epsilon(privacy.delta)?;
         spend.compose(&event)?;
+        if let Some(c) = &count {
+            spend.compose(&c.event())?;
+        }
         for (limit, delta, whose) in [
             (privacy.max_epsilon, privacy.delta, "this site's own limit"),
             (dp.target_epsilon, dp.target_delta, "the run's target"),
@@ -128,7 +144,6 @@ impl SiteTrainer {
                 )));
             }
         }
-        let mut rng = ChaCha20Rng::from_os_rng();
         let generic = |what: &str, e: Error| {
             tracing::error!(round = task.round, "{what}: {e}");
             Error::Task(format!(
@@ -173,6 +188,7 @@ impl SiteTrainer {
                 epochs: task.train.epochs as u64,
                 event: report.event,
                 metrics_released: privacy.release_metrics,
+                count,
             },
             &delta_bytes,
         )?;
@@ -193,6 +209,10 @@ impl SiteTrainer {
         } else {
             counts
         };
+        if let Some(c) = count {
+            // The FedAvg weight is the noisy count of units, as recorded.
+            m.train_examples = c.released as usize;
+        }
         m.epochs_run = report.train.epochs.len();
         m.best_epoch = report.train.best_epoch;
         Ok(TaskOutcome {

@@ -303,6 +303,7 @@ mod private {
                 },
                 target_epsilon: 50.0,
                 target_delta: 1e-5,
+                count_noise_multiplier: 0.0,
             }),
             ..t.clone()
         }
@@ -368,6 +369,61 @@ mod private {
             Ledger::open(dir.path()).unwrap().entries().unwrap().len(),
             2
         );
+    }
+
+    #[test]
+    fn a_noisy_count_is_the_weight_sent_recorded_charged_and_resent_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (site, f) = private_site(dir.path(), 50.0, false);
+        let plain = dp_task(&f.task);
+        let mut task = plain.clone();
+        task.record_dp.as_mut().unwrap().count_noise_multiplier = 3.0;
+        let n = site.dataset().train.len() as u64;
+        let mut sent = Vec::new();
+        for round in 1..=8 {
+            let t = TaskSpec {
+                round,
+                task_id: format!("count-{round}"),
+                ..task.clone()
+            };
+            let out = site.train_task(&t, &f.global_bytes, &mut |_| {}).unwrap();
+            let entry = Ledger::open(dir.path())
+                .unwrap()
+                .entries()
+                .unwrap()
+                .pop()
+                .unwrap();
+            let count = entry.count.expect("the noisy count is recorded");
+            assert_eq!(count.noise_multiplier, 3.0);
+            // What goes out as the FedAvg weight is the recorded noisy count.
+            assert_eq!(out.metrics.train_examples as u64, count.released);
+            // A retry sends the same count, never a fresh draw.
+            let again = site.train_task(&t, &f.global_bytes, &mut |_| {}).unwrap();
+            assert_eq!(again.metrics.train_examples, out.metrics.train_examples);
+            site.privacy().unwrap().delivered(&t).unwrap();
+            sent.push(count.released);
+        }
+        // Noise was drawn: not every count is the true one, and all are near it.
+        assert!(sent.iter().any(|&c| c != n), "{sent:?} vs {n}");
+        assert!(sent.iter().all(|&c| c.abs_diff(n) <= 30), "{sent:?} vs {n}");
+        // The ledger charges the counts: 8 DP-SGD rounds and 8 counts.
+        let spend = Ledger::open(dir.path()).unwrap().spend().unwrap();
+        let entries = Ledger::open(dir.path()).unwrap().entries().unwrap();
+        let mut without = crate::ledger::Spend::of(
+            &entries
+                .iter()
+                .map(|e| crate::ledger::LedgerEntry {
+                    count: None,
+                    ..e.clone()
+                })
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        assert!(spend.epsilon(1e-5).unwrap() > without.epsilon(1e-5).unwrap());
+        for e in &entries {
+            without.compose(&e.count.unwrap().event()).unwrap();
+        }
+        assert!((spend.epsilon(1e-5).unwrap() - without.epsilon(1e-5).unwrap()).abs() < 1e-6);
     }
 
     #[test]

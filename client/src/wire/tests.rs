@@ -45,6 +45,7 @@ fn task() -> Task {
                 target_epsilon: 8.0,
                 target_delta: 1e-6,
                 sampling_rate: 0.02,
+                count_noise_multiplier: 2.5,
             }),
             site_dp: Some(SiteDpInstructions {
                 mode: "central".into(),
@@ -90,6 +91,7 @@ fn every_training_instruction_reaches_the_train_config() {
     assert_eq!(dp.sgd.unit, PrivacyUnit::User);
     assert_eq!(dp.sgd.sampling_rate, Some(0.02));
     assert_eq!((dp.target_epsilon, dp.target_delta), (8.0, 1e-6));
+    assert_eq!(dp.count_noise_multiplier, 2.5);
     let site_dp = spec.site_dp.unwrap();
     assert_eq!(site_dp.mode, TrustMode::Central);
     assert_eq!((site_dp.clip_norm, site_dp.noise_std), (0.5, 0.01));

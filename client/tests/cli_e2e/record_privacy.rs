@@ -323,3 +323,104 @@ async fn a_client_crashed_between_recording_and_uploading_loses_and_double_count
     }
     assert_eq!(coordinator.snapshot().await.unwrap().committed_round, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noisy_counts_are_what_the_coordinator_weights_the_updates_by() {
+    let fed = generate(&SynthConfig {
+        sites: 2,
+        total_sessions: 500,
+        min_site_sessions: 200,
+        seed: 11,
+        ..SynthConfig::default()
+    })
+    .unwrap();
+    let vocab = Vocab::from_events(fed.event_names.iter().cloned()).unwrap();
+    let toml = format!(
+        "[run]\nname = \"dp\"\nseed = 3\nrounds = 3\n\
+         [model]\nvocab = \"vocab.json\"\nembed_dim = 8\nhidden_size = 8\nnum_layers = 1\ndropout = 0.0\n\
+         [train]\nepochs = 1\nlearning_rate = 0.01\n\
+         [sampling]\nfraction = 1.0\nmin_selected = 2\nmin_available = 2\n\
+         [rounds]\ndeadline_secs = 300\nmin_completed = 2\nheartbeat_timeout_secs = 120\n\
+         {DP}count_noise_multiplier = 3.0\n"
+    );
+    let c = TestCoordinator::builder(toml).vocab(&vocab).spawn().await;
+    let (dir, addr) = (c.dir(), c.url());
+    let mut tasks = Vec::new();
+    let mut sizes = Vec::new();
+    for s in &fed.sites {
+        let ds = SiteDataset::from_records(&s.records, &vocab, 0.2).unwrap();
+        sizes.push(ds.train.len() as u64);
+        let privacy = SitePrivacy::open(&dir.join(&s.name), 1000.0, 1e-5, false).unwrap();
+        let trainer =
+            Arc::new(SiteTrainer::new(ds, &vocab, Device::Cpu).with_privacy(Arc::new(privacy)));
+        tasks.push(tokio::spawn(run_site(
+            SiteOptions::new(addr.clone(), s.name.clone()),
+            trainer,
+        )));
+    }
+    for t in tasks {
+        let s = t.await.unwrap().unwrap();
+        assert_eq!(s.rounds_contributed, vec![1, 2, 3], "{s:?}");
+    }
+    let states = c
+        .handle
+        .inspect(|engine, _| {
+            (1..=3)
+                .map(|r| engine.store().round_sites("dp", r))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .unwrap();
+    let mut differs = false;
+    for (r, rows) in states.iter().enumerate() {
+        let mut counts = Vec::new();
+        for (s, n) in fed.sites.iter().zip(&sizes) {
+            let entry = Ledger::open(dir.join(&s.name))
+                .unwrap()
+                .entries()
+                .unwrap()
+                .into_iter()
+                .find(|e| e.round == r as u64 + 1)
+                .unwrap();
+            let count = entry.count.expect("a noisy count was recorded").released;
+            differs |= count != *n;
+            let row = rows.iter().find(|x| x.site_id == s.name).unwrap();
+            // The coordinator received the noisy count, never the true one ...
+            assert_eq!(row.train_examples, Some(count), "round {}", r + 1);
+            counts.push((count, row.weight.unwrap()));
+        }
+        // ... and FedAvg weighted the updates by it.
+        let (a, b) = (counts[0], counts[1]);
+        assert!(
+            (a.1 / b.1 - a.0 as f64 / b.0 as f64).abs() < 1e-9,
+            "round {}: {counts:?}",
+            r + 1
+        );
+    }
+    assert!(
+        differs,
+        "six noisy counts, all equal to the true ones: {sizes:?}"
+    );
+    // Each site's report covers the counts: its epsilon is that of the updates and counts.
+    let s = &fed.sites[0];
+    let report = site_report(&dir.join(&s.name), 1e-5, None).unwrap();
+    assert!(report.caveats.iter().any(|c| c.contains("went out noisy")));
+    // The coordinator's privacy-audit report says how counts were released.
+    let audit = c
+        .handle
+        .inspect(|engine, _| fedflow_coordinator::audit::build(engine.store(), "dp", 0))
+        .await
+        .unwrap();
+    let rec = audit.record_level.unwrap();
+    assert!(
+        rec.counts.starts_with("noisy") && rec.counts.contains("z = 3"),
+        "{}",
+        rec.counts
+    );
+    assert!(
+        !audit
+            .not_covered
+            .iter()
+            .any(|n| n.contains("number of training examples"))
+    );
+}

@@ -88,7 +88,7 @@ pub(super) fn warnings(site: Option<&SiteLevel>, record: Option<&RecordLevel>) -
 }
 
 /// What no guarantee of the report covers.
-pub(super) fn not_covered(site: Option<&SiteLevel>) -> Vec<String> {
+pub(super) fn not_covered(site: Option<&SiteLevel>, noisy_counts: Option<f64>) -> Vec<String> {
     let mut out = vec![
         "metrics and timings the sites reported with their updates and evaluations (training \
          loss, validation loss, accuracy and macro-F1, epochs run, training seconds) unless \
@@ -98,10 +98,16 @@ pub(super) fn not_covered(site: Option<&SiteLevel>) -> Vec<String> {
         "hyper-parameter tuning and any run not recorded in this data directory: repeated runs \
          on the same data compose, and their cost is not in this report"
             .to_string(),
-        "the number of training examples each site reports with every update (its FedAvg \
-         weight, ignored under site-level DP; the coordinator knows it) and the fact that a \
-         site is enrolled"
-            .to_string(),
+        match noisy_counts {
+            None => "the number of training examples each site reports with every update (its \
+                     FedAvg weight, ignored under site-level DP; the coordinator knows it) and \
+                     the fact that a site is enrolled"
+                .to_string(),
+            // The count is covered by the record-level guarantee; enrolment is not.
+            Some(_) => "the fact that a site is enrolled (its count of privacy units goes out \
+                        noisy and is covered at record level, see there)"
+                .to_string(),
+        },
     ];
     if site.is_some() {
         out.push(

@@ -370,6 +370,7 @@ fn record_section(r: &RecordLevel) -> Result<String> {
         ),
         ("what is counted", r.counting.clone()),
         ("authoritative figures", r.authoritative.clone()),
+        ("counts (FedAvg weights)", r.counts.clone()),
     ]));
     out.push_str("<h3>DP-SGD parameters</h3>");
     out.push_str(&parameters_table(&r.dp_sgd));

@@ -282,6 +282,9 @@ pub struct RecordLevel {
     pub every_round_epsilon: Vec<Option<f64>>,
     /// Where each site's authoritative figure is.
     pub authoritative: String,
+    /// How each site's count of privacy units (its FedAvg weight) was released: noisy and
+    /// charged with the updates, or in the clear, outside the guarantee.
+    pub counts: String,
 }
 
 /// One site at record level.
@@ -402,7 +405,12 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
         .transpose()?;
     let summary = summary(site_level.as_ref(), record_level.as_ref());
     let warnings = caveats::warnings(site_level.as_ref(), record_level.as_ref());
-    let not_covered = caveats::not_covered(site_level.as_ref());
+    let noisy_counts = cfg
+        .record_dp
+        .as_ref()
+        .map(|dp| dp.count_noise_multiplier)
+        .filter(|&z| z > 0.0);
+    let not_covered = caveats::not_covered(site_level.as_ref(), noisy_counts);
     let data = store.dir().display().to_string();
     let mut recompute = vec![format!(
         "fedflow-coordinator privacy-report --data {data} --run {run_id} --out OUT_DIR"

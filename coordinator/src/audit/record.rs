@@ -146,5 +146,19 @@ pub(super) fn record_level(
         authoritative: "each site's own ledger (fedflow-client privacy report), which also \
                         counts its releases to other runs and retries"
             .into(),
+        counts: if dp.count_noise_multiplier > 0.0 {
+            format!(
+                "noisy: each site sends round(n + N(0, z²)) with z = {} as its FedAvg weight (n \
+                 its privacy units; a Gaussian mechanism of sensitivity 1), charged to its \
+                 ledger with every update and included in the figures here; FedAvg weights \
+                 by these noisy counts",
+                dp.count_noise_multiplier
+            )
+        } else {
+            "in the clear (record_dp.count_noise_multiplier = 0): each site's exact number of \
+             training examples goes out with every update as its FedAvg weight, outside the \
+             guarantee"
+                .into()
+        },
     })
 }

@@ -33,6 +33,16 @@ pub struct RecordDpSection {
     pub target_epsilon: f64,
     /// The δ of the target, in (0, 1); choose it below 1/n for the smallest site's n.
     pub target_delta: f64,
+    /// How a site's count of privacy units (its FedAvg weight) is released: 0 (the default)
+    /// sends it in the clear, outside the guarantee, and the reports say so; z > 0 sends
+    /// `round(n + N(0, z²))`, charged to the site's ledger as a Gaussian mechanism with
+    /// sensitivity 1 composed with the round's DP-SGD, so the guarantee covers it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub count_noise_multiplier: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 fn default_max_sessions_per_user() -> usize {
@@ -58,14 +68,32 @@ impl RecordDpSection {
     pub fn site_epsilon(&self, units: usize, epochs: usize, rounds: u64) -> Result<f64> {
         use fedflow_common::privacy::planner::{Accounting, epsilon_by};
         let rdp = self.site_epsilon_rdp(units, epochs, rounds)?;
-        let round = self.dp_sgd().round_event(units, epochs)?;
-        Ok(epsilon_by(Accounting::Pld, &[round], rounds, self.target_delta)?.min(rdp))
+        let round = self.round_events(units, epochs)?;
+        Ok(epsilon_by(Accounting::Pld, &round, rounds, self.target_delta)?.min(rdp))
+    }
+
+    /// What a site with `units` units releases per round: its DP-SGD and, with
+    /// `count_noise_multiplier` > 0, its noisy count (a Gaussian mechanism: q = 1, 1 step).
+    pub fn round_events(
+        &self,
+        units: usize,
+        epochs: usize,
+    ) -> Result<Vec<fedflow_common::privacy::SampledGaussian>> {
+        let mut events = vec![self.dp_sgd().round_event(units, epochs)?];
+        if self.count_noise_multiplier > 0.0 {
+            events.push(fedflow_common::privacy::SampledGaussian {
+                q: 1.0,
+                z: self.count_noise_multiplier,
+                steps: 1,
+            });
+        }
+        Ok(events)
     }
 
     /// [`Self::site_epsilon`] by the RDP accountant alone (an upper bound on it, and fast).
     fn site_epsilon_rdp(&self, units: usize, epochs: usize, rounds: u64) -> Result<f64> {
-        let round = self.dp_sgd().round_event(units, epochs)?;
-        Ok(fedflow_common::privacy::planner::epsilon(&[round], rounds, self.target_delta)?.epsilon)
+        let round = self.round_events(units, epochs)?;
+        Ok(fedflow_common::privacy::planner::epsilon(&round, rounds, self.target_delta)?.epsilon)
     }
 
     /// The fewest privacy units a site needs to take part in all `rounds` rounds within
@@ -122,6 +150,13 @@ impl RecordDpSection {
             return Err(format!(
                 "record_dp.target_delta: {} must be in (0, 1)",
                 self.target_delta
+            ));
+        }
+        if !(self.count_noise_multiplier.is_finite() && self.count_noise_multiplier >= 0.0) {
+            return Err(format!(
+                "record_dp.count_noise_multiplier: {} must be a number >= 0 (0: counts in the \
+                 clear)",
+                self.count_noise_multiplier
             ));
         }
         Ok(())

@@ -495,6 +495,7 @@ impl Coordinator {
                     max_sessions_per_user: dp.max_sessions_per_user as u32,
                     target_epsilon: dp.target_epsilon,
                     target_delta: dp.target_delta,
+                    count_noise_multiplier: dp.count_noise_multiplier,
                 }),
                 site_dp: t.site_dp.map(|dp| SiteDpInstructions {
                     mode: dp.mode.to_string(),
