@@ -74,7 +74,7 @@ pub struct SiteCurvePoint {
     pub server_momentum: f64,
     /// Server learning rate (1 without momentum).
     pub server_learning_rate: f64,
-    /// ε the coordinator's ledger records at the end, at δ.
+    /// ε the coordinator's ledger states at the end, at δ (the smaller of RDP and PLD).
     pub epsilon_spent: Option<f64>,
     /// Rounds committed.
     pub rounds: u64,
@@ -554,7 +554,10 @@ pub(crate) fn one_run(
         noise_multiplier: dp.map(|d| d.noise_multiplier),
         server_momentum: run_cfg.run.server_momentum(),
         server_learning_rate: run_cfg.run.server_learning_rate(),
-        epsilon_spent: ledger.last().map(|r| r.epsilon),
+        // What the ledger states: the smaller of its RDP and PLD figures.
+        epsilon_spent: ledger
+            .last()
+            .map(|r| r.epsilon_pld.map_or(r.epsilon, |p| p.min(r.epsilon))),
         rounds,
         mean_contributions: contributions as f64 / rounds.max(1) as f64,
         final_clip: ledger.last().map(|r| r.clip_norm),
