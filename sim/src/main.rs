@@ -340,22 +340,58 @@ struct DemoArgs {
     /// model.vocab is replaced by the generated vocabulary).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The per-site epsilon of the DP-SGD column: the same sites' federation with
+    /// record-level DP-SGD at every site (PLD-calibrated noise; the privacy curve's model).
+    #[arg(long, default_value_t = 8.0)]
+    dp_epsilon: f64,
+    /// delta of the DP-SGD column.
+    #[arg(long, default_value_t = 1e-5)]
+    dp_delta: f64,
+    /// Skip the DP-SGD column.
+    #[arg(long)]
+    no_dp: bool,
 }
 
 fn print_table(r: &DemoReport) {
+    let dp_head = r
+        .private
+        .as_ref()
+        .map(|p| format!(" | {:>17}", format!("DP-SGD eps={}", p.target_epsilon)));
+    let dp_sub = dp_head
+        .as_ref()
+        .map(|_| format!(" | {:>8} {:>8}", "accuracy", "macroF1"));
+    let dp = |s: Option<&fedflow_sim::demo::Scores>| {
+        s.map_or(String::new(), |s| {
+            format!(" | {:>8.4} {:>8.4}", s.accuracy, s.macro_f1)
+        })
+    };
+    let width = 76 + if r.private.is_some() { 20 } else { 0 };
     println!();
     println!(
-        "{:<10} {:>6} | {:>17} | {:>17} | {:>17}",
-        "", "", "federated (FedAvg)", "centralised", "site alone"
+        "{:<10} {:>6} | {:>17} | {:>17} | {:>17}{}",
+        "",
+        "",
+        "federated (FedAvg)",
+        "centralised",
+        "site alone",
+        dp_head.clone().unwrap_or_default()
     );
     println!(
-        "{:<10} {:>6} | {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8}",
-        "site", "val", "accuracy", "macroF1", "accuracy", "macroF1", "accuracy", "macroF1"
+        "{:<10} {:>6} | {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8}{}",
+        "site",
+        "val",
+        "accuracy",
+        "macroF1",
+        "accuracy",
+        "macroF1",
+        "accuracy",
+        "macroF1",
+        dp_sub.clone().unwrap_or_default()
     );
-    println!("{}", "-".repeat(76));
+    println!("{}", "-".repeat(width));
     for s in &r.sites {
         println!(
-            "{:<10} {:>6} | {:>8.4} {:>8.4} | {:>8.4} {:>8.4} | {:>8.4} {:>8.4}",
+            "{:<10} {:>6} | {:>8.4} {:>8.4} | {:>8.4} {:>8.4} | {:>8.4} {:>8.4}{}",
             s.site,
             s.federated.sessions,
             s.federated.accuracy,
@@ -363,12 +399,13 @@ fn print_table(r: &DemoReport) {
             s.centralised.accuracy,
             s.centralised.macro_f1,
             s.alone.accuracy,
-            s.alone.macro_f1
+            s.alone.macro_f1,
+            dp(s.private.as_ref())
         );
     }
-    println!("{}", "-".repeat(76));
+    println!("{}", "-".repeat(width));
     println!(
-        "{:<10} {:>6} | {:>8.4} {:>8.4} | {:>8.4} {:>8.4} | {:>8.4} {:>8.4}",
+        "{:<10} {:>6} | {:>8.4} {:>8.4} | {:>8.4} {:>8.4} | {:>8.4} {:>8.4}{}",
         "overall",
         r.federated.sessions,
         r.federated.accuracy,
@@ -376,7 +413,8 @@ fn print_table(r: &DemoReport) {
         r.centralised.accuracy,
         r.centralised.macro_f1,
         r.alone.accuracy,
-        r.alone.macro_f1
+        r.alone.macro_f1,
+        dp(r.private.as_ref().map(|p| &p.scores))
     );
     println!();
     println!(
@@ -401,8 +439,28 @@ fn print_table(r: &DemoReport) {
         r.seconds.federated, r.seconds.centralised, r.seconds.alone
     );
     println!("privacy-audit report: {}", r.privacy_audit.display());
+    if let Some(p) = &r.private {
+        println!(
+            "DP-SGD column: every site trains with DP-SGD within epsilon = {} at delta = {:e} \
+             (z = {:.4}, PLD-calibrated; largest site epsilon spent {}); {} rounds in {:.0} s",
+            p.target_epsilon,
+            p.delta,
+            p.noise_multiplier,
+            p.max_site_epsilon
+                .map_or("-".to_string(), |e| format!("{e:.3}")),
+            p.rounds,
+            p.seconds
+        );
+        println!("  its configuration: {}", p.configuration);
+        println!("  its privacy-audit report: {}", p.privacy_audit.display());
+        println!(
+            "  DP-SGD - federated: {:+.2} accuracy points",
+            100.0 * (p.scores.accuracy - r.federated.accuracy)
+        );
+    }
     println!(
-        "outputs in {}: data/, coordinator/ (database, checkpoints, reports/), run.toml, demo.json",
+        "outputs in {}: data/, coordinator/ (database, checkpoints, reports/), dp/ (the private \
+         run), run.toml, demo.json",
         r.out.display()
     );
 }
@@ -426,6 +484,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 baseline_epochs: a.baseline_epochs,
                 concurrent_work: a.concurrent,
                 run_config: a.config.as_deref().map(read_config).transpose()?,
+                dp_epsilon: (!a.no_dp).then_some(a.dp_epsilon),
+                dp_delta: a.dp_delta,
                 ..DemoConfig::default()
             };
             let report = demo::run(&cfg, &mut |line| eprintln!("{line}")).await?;

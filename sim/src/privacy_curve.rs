@@ -75,6 +75,10 @@ pub struct CurvePoint {
     pub rounds: u64,
     /// Wall-clock seconds of the federated run.
     pub seconds: f64,
+    /// The global model on each site's held-out sessions, in site order.
+    pub per_site: Vec<Scores>,
+    /// The run's privacy-audit report (HTML).
+    pub privacy_audit: PathBuf,
 }
 
 /// The whole curve.
@@ -168,6 +172,7 @@ async fn one_run(
         .map(|s| score(&outcome.global, &run_cfg, &s.dataset))
         .collect::<Result<Vec<_>>>()?;
     let scores = pooled(&metrics)?;
+    let per_site = metrics.iter().map(Scores::from).collect();
     let point = CurvePoint {
         target_epsilon: dp.as_ref().map(|d| d.target_epsilon),
         noise_multiplier: dp.as_ref().map(|d| d.noise_multiplier),
@@ -176,8 +181,110 @@ async fn one_run(
         scores,
         rounds: outcome.committed_round,
         seconds: outcome.seconds,
+        per_site,
+        privacy_audit: outcome.privacy_audit.clone(),
     };
     Ok((point, run_sites))
+}
+
+/// The configuration every run of the curve shares: `cfg.run_config` without DP, no
+/// evaluation rounds (the global models are scored here), the quorum scaled to `sites`, and
+/// `rounds` instead of the configuration's when given.
+pub(crate) fn base_config(
+    cfg: &CurveConfig,
+    vocab_path: &Path,
+    sites: usize,
+    rounds: Option<u64>,
+) -> Result<RunConfig> {
+    let mut base = RunConfig::with_vocab(&cfg.run_config, vocab_path)?;
+    base.run.seed = cfg.seed;
+    base.record_dp = None;
+    // The sites score nothing themselves (metrics are withheld under DP); the global models
+    // are scored here, on the held-out sessions.
+    base.evaluation.every = 0;
+    base.evaluation.final_round = false;
+    if let Some(r) = rounds {
+        base.run.rounds = r;
+    }
+    base.sampling.min_available = sites;
+    base.sampling.min_selected = base.sampling.min_selected.min(sites);
+    base.rounds.min_completed = base.rounds.min_completed.min(sites).max(1);
+    Ok(RunConfig::from_toml_str(&base.to_toml_string()?, &cfg.out)?)
+}
+
+/// Training sessions of the smallest site (with an expected batch size, it sets z).
+pub(crate) fn smallest_site(sites: &[SimSite]) -> usize {
+    sites
+        .iter()
+        .map(|s| s.dataset.train.len())
+        .min()
+        .unwrap_or(0)
+}
+
+/// One private run of the curve: `base` with DP-SGD at every site, z calibrated by
+/// `cfg.accountant` so that the site with `smallest` sessions ends at `target`, in
+/// `cfg.out/eps-<target>`.
+pub(crate) async fn private_run(
+    cfg: &CurveConfig,
+    base: &RunConfig,
+    target: f64,
+    smallest: usize,
+    sites: &[SimSite],
+    vocab: &fedflow_common::data::Vocab,
+    say: &mut dyn FnMut(&str),
+) -> Result<CurvePoint> {
+    let batch = if cfg.sampling_rate.is_some() {
+        0
+    } else {
+        cfg.expected_batch_size
+    };
+    let sgd = DpSgdConfig {
+        clip_norm: cfg.clip_norm,
+        expected_batch_size: batch,
+        sampling_rate: cfg.sampling_rate,
+        unit: PrivacyUnit::Session,
+        ..DpSgdConfig::default()
+    };
+    let round = sgd.round_event(smallest, base.train.epochs)?;
+    let z = noise_for_epsilon_by(
+        cfg.accountant,
+        round.q,
+        round.steps,
+        base.run.rounds,
+        cfg.delta,
+        target,
+    )?;
+    let mut run_cfg = base.clone();
+    if let Some(lr) = cfg.dp_learning_rate {
+        run_cfg.train.learning_rate = lr;
+    }
+    run_cfg.record_dp = Some(RecordDpSection {
+        clip_norm: cfg.clip_norm,
+        noise_multiplier: z,
+        expected_batch_size: (batch > 0).then_some(batch),
+        sampling_rate: cfg.sampling_rate,
+        unit: PrivacyUnit::Session,
+        max_sessions_per_user: sgd.max_sessions_per_user,
+        target_epsilon: target,
+        target_delta: cfg.delta,
+        // z is calibrated to the target for DP-SGD alone: counts in the clear, as the
+        // curve's reports state.
+        count_noise_multiplier: 0.0,
+    });
+    say(&format!(
+        "record-level DP, target epsilon {target} at delta {:e}: noise multiplier {z:.4}",
+        cfg.delta
+    ));
+    let (p, _) = one_run(
+        cfg,
+        run_cfg,
+        &cfg.out.join(format!("eps-{target}")),
+        sites,
+        vocab,
+        say,
+    )
+    .await?;
+    Ok(p)
 }
 
 /// Runs the curve; `say` gets progress lines.
@@ -193,23 +300,8 @@ pub async fn run(cfg: &CurveConfig, say: &mut dyn FnMut(&str)) -> Result<CurveRe
         cfg.val_fraction,
         say,
     )?;
-    let mut base = RunConfig::with_vocab(&cfg.run_config, &vocab_path)?;
-    base.run.seed = cfg.seed;
-    base.record_dp = None;
-    // The sites score nothing themselves (metrics are withheld under DP); the global models
-    // are scored here, on the held-out sessions.
-    base.evaluation.every = 0;
-    base.evaluation.final_round = false;
-    let n = sites.len();
-    base.sampling.min_available = n;
-    base.sampling.min_selected = base.sampling.min_selected.min(n);
-    base.rounds.min_completed = base.rounds.min_completed.min(n).max(1);
-    let base = RunConfig::from_toml_str(&base.to_toml_string()?, out)?;
-    let smallest = sites
-        .iter()
-        .map(|s| s.dataset.train.len())
-        .min()
-        .unwrap_or(0);
+    let base = base_config(cfg, &vocab_path, sites.len(), None)?;
+    let smallest = smallest_site(&sites);
     let mut points = Vec::new();
     if cfg.non_private {
         say("non-private federated run");
@@ -229,57 +321,7 @@ pub async fn run(cfg: &CurveConfig, say: &mut dyn FnMut(&str)) -> Result<CurveRe
         points.push(p);
     }
     for &target in &cfg.epsilons {
-        let batch = if cfg.sampling_rate.is_some() {
-            0
-        } else {
-            cfg.expected_batch_size
-        };
-        let sgd = DpSgdConfig {
-            clip_norm: cfg.clip_norm,
-            expected_batch_size: batch,
-            sampling_rate: cfg.sampling_rate,
-            unit: PrivacyUnit::Session,
-            ..DpSgdConfig::default()
-        };
-        let round = sgd.round_event(smallest, base.train.epochs)?;
-        let z = noise_for_epsilon_by(
-            cfg.accountant,
-            round.q,
-            round.steps,
-            base.run.rounds,
-            cfg.delta,
-            target,
-        )?;
-        let mut run_cfg = base.clone();
-        if let Some(lr) = cfg.dp_learning_rate {
-            run_cfg.train.learning_rate = lr;
-        }
-        run_cfg.record_dp = Some(RecordDpSection {
-            clip_norm: cfg.clip_norm,
-            noise_multiplier: z,
-            expected_batch_size: (batch > 0).then_some(batch),
-            sampling_rate: cfg.sampling_rate,
-            unit: PrivacyUnit::Session,
-            max_sessions_per_user: sgd.max_sessions_per_user,
-            target_epsilon: target,
-            target_delta: cfg.delta,
-            // z is calibrated to the target for DP-SGD alone: counts in the clear, as the
-            // curve's reports state.
-            count_noise_multiplier: 0.0,
-        });
-        say(&format!(
-            "record-level DP, target epsilon {target} at delta {:e}: noise multiplier {z:.4}",
-            cfg.delta
-        ));
-        let (p, _) = one_run(
-            cfg,
-            run_cfg,
-            &out.join(format!("eps-{target}")),
-            &sites,
-            &vocab,
-            say,
-        )
-        .await?;
+        let p = private_run(cfg, &base, target, smallest, &sites, &vocab, say).await?;
         say(&format!(
             "  accuracy {:.4}, macro-F1 {:.4}; site epsilon {:.3}..{:.3} ({:.0} s)",
             p.scores.accuracy,

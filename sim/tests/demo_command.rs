@@ -54,4 +54,24 @@ fn the_readme_demo_runs_to_the_end_and_writes_its_products() {
     assert!((0.0..=1.0).contains(&acc), "federated accuracy {acc}");
     let audit = report["privacy_audit"].as_str().unwrap();
     assert!(std::path::Path::new(audit).exists(), "{audit} is missing");
+    // The DP-SGD column: the same sites with record-level DP at epsilon 8, every site's
+    // ledger within it, and a privacy-audit report with its record-level section.
+    assert!(stdout.contains("DP-SGD eps=8"), "stdout:\n{stdout}");
+    let private = &report["private"];
+    assert_eq!(private["target_epsilon"], 8.0, "{report}");
+    assert_eq!(private["rounds"], 2, "{report}");
+    let spent = private["max_site_epsilon"].as_f64().unwrap();
+    assert!(spent > 0.0 && spent <= 8.0, "{spent}");
+    assert!(private["noise_multiplier"].as_f64().unwrap() > 0.0);
+    for site in report["sites"].as_array().unwrap() {
+        let acc = site["private"]["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{site}");
+    }
+    let html = std::path::Path::new(private["privacy_audit"].as_str().unwrap());
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(html.with_file_name("privacy-audit.json")).unwrap())
+            .unwrap();
+    let dp = &json["record_level"];
+    assert!(dp.is_object(), "no record-level section: {json}");
+    assert_eq!(dp["target"]["epsilon"], 8.0, "{dp}");
 }
