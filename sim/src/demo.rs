@@ -578,6 +578,7 @@ async fn private_federation(
     std::fs::create_dir_all(&curve.out)
         .map_err(|e| Error::Other(format!("cannot create {}: {e}", curve.out.display())))?;
     let mut base = base_config(&curve, vocab_path, sites.len(), cfg.rounds)?;
+    base.run.name = "demo-dp".into();
     if let Some(e) = cfg.local_epochs {
         base.train.epochs = e;
     }
