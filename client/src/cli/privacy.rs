@@ -55,6 +55,11 @@ pub(crate) struct PlanArgs {
     /// Both figures are printed either way.
     #[arg(long, default_value = "pld")]
     accountant: String,
+    /// The noise multiplier of the noisy count each round releases with its update (a run's
+    /// `record_dp.count_noise_multiplier`): one Gaussian mechanism (q = 1, one step) per
+    /// round, composed with the DP-SGD. Not with a search for the noise multiplier.
+    #[arg(long)]
+    count_noise_multiplier: Option<f64>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -99,6 +104,20 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
         .accountant
         .parse()
         .map_err(|e| anyhow::anyhow!("--accountant: {e}"))?;
+    let count = match a.count_noise_multiplier {
+        Some(c) if !(c.is_finite() && c > 0.0) => {
+            bail!("--count-noise-multiplier {c}: must be a positive number")
+        }
+        Some(_) if a.noise_multiplier.is_none() => bail!(
+            "--count-noise-multiplier: give --noise-multiplier (the search for it charges \
+             DP-SGD alone)"
+        ),
+        c => c.map(|z| SampledGaussian {
+            q: 1.0,
+            z,
+            steps: 1,
+        }),
+    };
     let (z, rounds, solved) = match (a.target_epsilon, a.noise_multiplier, a.rounds) {
         (None, Some(z), r) => (z, r.unwrap_or(1), None),
         (Some(t), None, r) => {
@@ -110,8 +129,9 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
             )
         }
         (Some(t), Some(z), None) => {
-            let r =
-                rounds_for_epsilon_by(accounting, &[SampledGaussian { q, z, steps }], a.delta, t)?;
+            let mut round = vec![SampledGaussian { q, z, steps }];
+            round.extend(count);
+            let r = rounds_for_epsilon_by(accounting, &round, a.delta, t)?;
             if r == 0 {
                 bail!(
                     "even one round exceeds epsilon {t} at delta {}: raise the noise multiplier",
@@ -128,7 +148,8 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
         (None, None, _) => bail!("give --noise-multiplier, or --target-epsilon to search for it"),
     };
     let unlimited = rounds == UNLIMITED_ROUNDS;
-    let events = [SampledGaussian { q, z, steps }];
+    let mut events = vec![SampledGaussian { q, z, steps }];
+    events.extend(count);
     let counted = if unlimited { 1 } else { rounds };
     let spent = epsilon(&events, counted, a.delta).context("computing epsilon")?;
     let pld = epsilon_by(Accounting::Pld, &events, counted, a.delta)
@@ -144,6 +165,7 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
         "q": q,
         "noise_multiplier": z,
         "steps_per_round": steps,
+        "count_noise_multiplier": a.count_noise_multiplier,
         "rounds": if unlimited { None } else { Some(rounds) },
         "delta": a.delta,
         "epsilon": finite(chosen),

@@ -327,6 +327,38 @@ fn privacy_plan_solves_for_noise_and_rounds_and_reports_json() {
     ]);
     assert_eq!(r["solved_for"], "rounds");
     assert_eq!(r["rounds"], 20);
+    // A noisy count per round costs on top, exactly one Gaussian per round.
+    let counted = plan(&[
+        "--noise-multiplier",
+        "1.0",
+        "--rounds",
+        "20",
+        "--count-noise-multiplier",
+        "5",
+    ]);
+    let with_count = counted["epsilon_pld"].as_f64().unwrap();
+    let want = fedflow_common::privacy::planner::epsilon_by(
+        fedflow_common::privacy::planner::Accounting::Pld,
+        &[
+            fedflow_common::privacy::SampledGaussian {
+                q: 0.032,
+                z: 1.0,
+                steps: 32,
+            },
+            fedflow_common::privacy::SampledGaussian {
+                q: 1.0,
+                z: 5.0,
+                steps: 1,
+            },
+        ],
+        20,
+        1e-5,
+    )
+    .unwrap();
+    assert!(
+        with_count > eps && (with_count - want).abs() < 1e-9,
+        "{counted}"
+    );
     // Contradictory or missing arguments fail with a message.
     let out = client(&["privacy", "plan", "--q", "0.1"]);
     assert!(!out.status.success());

@@ -428,7 +428,7 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
     if let Some(dp) = &cfg.record_dp {
         recompute.push(match dp.sampling_rate {
             Some(q) => format!(
-                "fedflow-client privacy plan --q {q} --noise-multiplier {} --steps {} \
+                "fedflow-client privacy plan --q {q} --noise-multiplier {} --steps {}{} \
                  --rounds R --delta {:e}   (R = the updates a site released in this run; \
                  its own ledger counts them)",
                 dp.noise_multiplier,
@@ -439,6 +439,11 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
                     dp.noise_multiplier
                 )?
                 .steps,
+                if dp.count_noise_multiplier > 0.0 {
+                    format!(" --count-noise-multiplier {}", dp.count_noise_multiplier)
+                } else {
+                    String::new()
+                },
                 dp.target_delta
             ),
             None => format!(
