@@ -212,7 +212,7 @@ struct CurveArgs {
     batch: Option<usize>,
     /// Learning rate of the private runs (noisy gradients want a larger step than the
     /// configuration's train.learning_rate, which the non-private run uses).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.03)]
     dp_learning_rate: f64,
     /// Sites that may train at the same time.
     #[arg(long, default_value_t = 2)]
@@ -270,8 +270,8 @@ struct AuditArgs {
     /// 0.5 at site level).
     #[arg(long)]
     clip_norm: Option<f64>,
-    /// The DP-SGD learning rate (record level).
-    #[arg(long, default_value_t = 0.05)]
+    /// The DP-SGD learning rate (record level; the privacy curve's).
+    #[arg(long, default_value_t = 0.03)]
     dp_learning_rate: f64,
     /// Sites training at the same time (site level).
     #[arg(long, default_value_t = 2)]
