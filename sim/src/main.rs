@@ -139,7 +139,7 @@ struct SiteCurveArgs {
     #[arg(long, default_value_t = 2000)]
     sites: usize,
     /// Sessions over all sites.
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = 200_000)]
     sessions: usize,
     /// Seed of the data, training and (simulation only) the coordinator's randomness.
     #[arg(long, default_value_t = 42)]
