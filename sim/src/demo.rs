@@ -581,6 +581,8 @@ async fn private_federation(
         concurrent_work: cfg.concurrent_work,
         non_private: false,
         accountant: fedflow_common::privacy::planner::Accounting::Pld,
+        // Mutual TLS, as the non-private run.
+        mutual_tls: true,
     };
     std::fs::create_dir_all(&curve.out)
         .map_err(|e| Error::Other(format!("cannot create {}: {e}", curve.out.display())))?;

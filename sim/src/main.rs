@@ -405,6 +405,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .accountant
                     .parse()
                     .map_err(|e| anyhow::anyhow!("--accountant: {e}"))?,
+                mutual_tls: true,
             };
             let r = privacy_curve::run(&cfg, &mut |line| eprintln!("{line}")).await?;
             println!();

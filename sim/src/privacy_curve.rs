@@ -56,6 +56,9 @@ pub struct CurveConfig {
     /// The accountant that calibrates z to each target (the sites' ledgers state and enforce
     /// the smaller of both bounds either way).
     pub accountant: Accounting,
+    /// Serve each run over mutual TLS, with a federation PKI of its own in `<run>/pki`;
+    /// otherwise plaintext on loopback.
+    pub mutual_tls: bool,
 }
 
 /// One run of the curve.
@@ -132,6 +135,7 @@ async fn one_run(
     }
     let opts = SimOptions {
         concurrent_work: cfg.concurrent_work,
+        pki_dir: cfg.mutual_tls.then(|| dir.join("pki")),
         ..SimOptions::default()
     };
     let outcome = run_federation(
