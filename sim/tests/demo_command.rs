@@ -72,7 +72,10 @@ fn the_readme_demo_runs_to_the_end_and_writes_its_products() {
         serde_json::from_slice(&std::fs::read(html.with_file_name("privacy-audit.json")).unwrap())
             .unwrap();
     // Over mutual TLS, as the non-private run: its federation PKI is there.
-    assert!(out_dir.join("dp/eps-8/pki").is_dir(), "the private run had no PKI");
+    assert!(
+        out_dir.join("dp/eps-8/pki").is_dir(),
+        "the private run had no PKI"
+    );
     let dp = &json["record_level"];
     assert!(dp.is_object(), "no record-level section: {json}");
     assert_eq!(dp["target"]["epsilon"], 8.0, "{dp}");
