@@ -294,7 +294,7 @@ pub async fn receive_update(
 /// [`receive_update`] into any sink, e.g. a spill file, so that an upload never has to be
 /// held in memory whole. Returns the header and the (flushed) sink once the payload's
 /// SHA-256 matched; on error the sink holds a partial payload the caller must discard.
-pub async fn receive_update_into<W: Write>(
+pub async fn receive_update_into<W: Write + Send + 'static>(
     stream: &mut tonic::Streaming<UpdateChunk>,
     sink: W,
     limit: u64,
@@ -315,19 +315,57 @@ pub async fn receive_update_into<W: Write>(
         limit,
         chunk_limit,
     )?;
-    while let Some(msg) = stream.message().await? {
-        match msg.part {
-            Some(update_chunk::Part::Data(d)) => asm.push_next(&d)?,
-            _ => {
-                return Err(
-                    TransferError::Malformed("only data chunks may follow the header").into(),
-                );
+    // Hashing and writing (the spill to disk) run on a blocking thread, off the executor,
+    // while the next chunks arrive: a bounded channel of SPILL_QUEUE chunks between them, then
+    // `None` once the stream ended well. The worker answers `Err` for a refused chunk (which
+    // came before anything the receiver saw later, so it is the answer), `Ok(None)` when the
+    // receiver stopped early, and `Ok(Some(..))` with the assembled upload's verdict.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<prost::bytes::Bytes>>(SPILL_QUEUE);
+    type Verdict<W> = Result<Option<Result<W, TransferError>>, TransferError>;
+    let worker = tokio::task::spawn_blocking(move || -> Verdict<W> {
+        while let Some(next) = rx.blocking_recv() {
+            match next {
+                Some(d) => asm.push_next(&d)?,
+                None => return Ok(Some(asm.finish())),
             }
         }
+        Ok(None)
+    });
+    let received: Result<(), ReceiveError> = async {
+        while let Some(msg) = stream.message().await? {
+            match msg.part {
+                Some(update_chunk::Part::Data(d)) => {
+                    if tx.send(Some(d)).await.is_err() {
+                        // The worker stopped on a refused chunk: its error is the answer.
+                        return Ok(());
+                    }
+                }
+                _ => {
+                    return Err(
+                        TransferError::Malformed("only data chunks may follow the header").into(),
+                    );
+                }
+            }
+        }
+        // The worker may have stopped already (its error is then the answer).
+        let _ = tx.send(None).await;
+        Ok(())
     }
-    let payload = asm.finish()?;
-    Ok((header, payload))
+    .await;
+    drop(tx);
+    let verdict = worker
+        .await
+        .map_err(|e| TransferError::Sink(format!("the spill worker failed: {e}")))?;
+    // In stream order: a refused chunk, then what the receiver saw, then the whole upload.
+    match (verdict?, received) {
+        (_, Err(e)) => Err(e),
+        (Some(done), Ok(())) => Ok((header, done?)),
+        (None, Ok(())) => Err(TransferError::Sink("the spill worker stopped early".into()).into()),
+    }
 }
+
+/// Chunks queued between an upload's receiver and its spill worker.
+const SPILL_QUEUE: usize = 4;
 
 #[cfg(test)]
 mod tests {
