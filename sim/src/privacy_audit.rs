@@ -204,36 +204,21 @@ fn record(
             *s += r;
         }
     }
-    let outcome = audit(
+    let event = SampledGaussian {
+        q: cfg.sampling_rate,
+        z,
+        steps,
+    };
+    finish(
+        cfg,
+        Level::Record,
+        target,
+        event,
+        rounds,
         &scores,
         &included,
-        cfg.delta,
-        cfg.confidence,
-        &default_grid(cfg.canaries),
-    )?;
-    let [epsilon, epsilon_pld, epsilon_rdp] = accounted(
-        SampledGaussian {
-            q: cfg.sampling_rate,
-            z,
-            steps,
-        },
-        rounds,
-        cfg.delta,
-    )?;
-    Ok(AuditPoint {
-        level: Level::Record,
-        target_epsilon: target,
-        noise_multiplier: z,
-        sampling_rate: cfg.sampling_rate,
-        steps_per_round: steps,
-        rounds,
-        delta: cfg.delta,
-        epsilon,
-        epsilon_pld,
-        epsilon_rdp,
-        audit: outcome,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+        started,
+    )
 }
 
 /// Site level: the site curve's federation with canary sites.
@@ -315,21 +300,46 @@ fn site(
         say,
     )?;
     let included: Vec<bool> = canaries.canaries.iter().map(|c| c.3).collect();
-    let outcome = audit(
+    finish(
+        cfg,
+        Level::Site,
+        Some(target),
+        event,
+        point.rounds,
         &canaries.scores,
         &included,
+        started,
+    )
+}
+
+/// The audit of one run's canary `scores` and what the accountants say of `rounds` rounds of
+/// `event` (the round's noisy releases), as one [`AuditPoint`].
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    cfg: &AuditConfig,
+    level: Level,
+    target: Option<f64>,
+    event: SampledGaussian,
+    rounds: u64,
+    scores: &[f64],
+    included: &[bool],
+    started: Instant,
+) -> Result<AuditPoint> {
+    let outcome = audit(
+        scores,
+        included,
         cfg.delta,
         cfg.confidence,
         &default_grid(cfg.canaries),
     )?;
-    let [epsilon, epsilon_pld, epsilon_rdp] = accounted(event, point.rounds, cfg.delta)?;
+    let [epsilon, epsilon_pld, epsilon_rdp] = accounted(event, rounds, cfg.delta)?;
     Ok(AuditPoint {
-        level: Level::Site,
-        target_epsilon: Some(target),
+        level,
+        target_epsilon: target,
         noise_multiplier: event.z,
         sampling_rate: cfg.sampling_rate,
-        steps_per_round: 1,
-        rounds: point.rounds,
+        steps_per_round: event.steps,
+        rounds,
         delta: cfg.delta,
         epsilon,
         epsilon_pld,

@@ -202,6 +202,37 @@ pub fn run(cfg: &SiteCurveConfig, say: &mut dyn FnMut(&str)) -> Result<SiteCurve
     Ok(report)
 }
 
+/// What a simulated site hands the engine for its task `t`: its delta on the global model
+/// `base_sha`, weighted by (and reporting) `examples`, with adaptive clipping's bit.
+fn submission(
+    site: &str,
+    t: &fedflow_coordinator::round::TaskTicket,
+    base_sha: &str,
+    delta: ParamSet,
+    delta_sha256: String,
+    examples: u64,
+    unclipped: bool,
+) -> Submission {
+    Submission {
+        site_id: site.to_owned(),
+        round: t.round,
+        task_id: t.task_id.clone(),
+        nonce: t.nonce.clone(),
+        base_model_sha256: base_sha.to_owned(),
+        delta: DeltaSource::Params(delta),
+        delta_sha256,
+        report: UpdateReport {
+            train_examples: examples,
+            claimed_weight: examples as f64,
+        },
+        metrics: SiteReport {
+            train_examples: examples,
+            ..SiteReport::default()
+        },
+        unclipped,
+    }
+}
+
 /// The run configuration every run of the curve starts from: `cfg.run_config` with Poisson
 /// sampling at `cfg.sampling_rate`, no evaluation rounds, and a round that commits with one
 /// contribution.
@@ -446,25 +477,17 @@ pub(crate) fn one_run(
             let name = &sites[*i].0;
             match outcome.expect("every slot trained") {
                 Ok(o) => {
+                    let examples = o.metrics.train_examples as u64;
                     let r = engine.submit(
-                        Submission {
-                            site_id: name.to_owned(),
-                            round: t.round,
-                            task_id: t.task_id.clone(),
-                            nonce: t.nonce.clone(),
-                            base_model_sha256: global_sha.clone(),
-                            delta: DeltaSource::Params(o.delta),
-                            delta_sha256: o.delta_sha256,
-                            report: UpdateReport {
-                                train_examples: o.metrics.train_examples as u64,
-                                claimed_weight: o.metrics.train_examples as f64,
-                            },
-                            metrics: SiteReport {
-                                train_examples: o.metrics.train_examples as u64,
-                                ..SiteReport::default()
-                            },
-                            unclipped: o.unclipped,
-                        },
+                        submission(
+                            name,
+                            t,
+                            &global_sha,
+                            o.delta,
+                            o.delta_sha256,
+                            examples,
+                            o.unclipped,
+                        ),
                         now,
                     )?;
                     match r {
@@ -492,24 +515,15 @@ pub(crate) fn one_run(
                 let delta_sha256 =
                     fedflow_common::hash::sha256_hex(&update.delta.to_safetensors_bytes()?);
                 let r = engine.submit(
-                    Submission {
-                        site_id: name.to_owned(),
-                        round: t.round,
-                        task_id: t.task_id.clone(),
-                        nonce: t.nonce.clone(),
-                        base_model_sha256: global_sha.clone(),
-                        delta: DeltaSource::Params(update.delta),
+                    submission(
+                        name,
+                        t,
+                        &global_sha,
+                        update.delta,
                         delta_sha256,
-                        report: UpdateReport {
-                            train_examples: 1,
-                            claimed_weight: 1.0,
-                        },
-                        metrics: SiteReport {
-                            train_examples: 1,
-                            ..SiteReport::default()
-                        },
-                        unclipped: update.unclipped,
-                    },
+                        1,
+                        update.unclipped,
+                    ),
                     now,
                 )?;
                 if let Err(rej) = r {

@@ -28,18 +28,13 @@ pub fn draw_canaries<R: Rng>(
     m: usize,
     rng: &mut R,
 ) -> Result<Vec<DiracCanary>> {
-    let total: usize = model
-        .varmap()
-        .all_vars()
-        .iter()
-        .map(|v| v.elem_count())
-        .sum();
-    if m > total {
+    let parameters = model.num_parameters();
+    if m > parameters {
         return Err(Error::Training(format!(
-            "{m} canaries for a model of {total} parameters"
+            "{m} canaries for a model of {parameters} parameters"
         )));
     }
-    Ok(index::sample(rng, total, m)
+    Ok(index::sample(rng, parameters, m)
         .into_iter()
         .map(|coordinate| DiracCanary {
             coordinate,

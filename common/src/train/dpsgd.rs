@@ -463,16 +463,6 @@ impl ClippedSum {
     }
 }
 
-/// The number of model parameters, as [`ClippedSum`] flattens them.
-fn acc_len(model: &AttentionFlowModel) -> usize {
-    model
-        .varmap()
-        .all_vars()
-        .iter()
-        .map(|v| v.elem_count())
-        .sum()
-}
-
 /// Trains `model` in place with DP-SGD for `cfg.epochs` epochs over the given privacy `units`
 /// (indices into `train`, see [`privacy_units`]).
 ///
@@ -547,7 +537,7 @@ pub(crate) fn train_dp_observed<R: Rng + CryptoRng>(
             train.len()
         )));
     }
-    let total = acc_len(model);
+    let total = model.num_parameters();
     if let Some(c) = observer.canaries.iter().find(|c| c.coordinate >= total) {
         return Err(Error::Training(format!(
             "canary at coordinate {} of {total}",

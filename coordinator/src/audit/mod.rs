@@ -335,9 +335,7 @@ pub fn write(
 ) -> Result<PrivacyAudit> {
     let run_id = resolve_run(store, run_id)?;
     let now = fedflow_common::clock::now_ms();
-    let mut report = build(store, &run_id, now)?;
-    let cfg: RunConfig = recorded_config(store, &run_id)?;
-    report.empirical = empirical::checks(&cfg, empirical)?;
+    let report = build_with(store, &run_id, now, empirical)?;
     std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
     let json = serde_json::to_string_pretty(&report)?;
     fedflow_common::fsio::write_atomic(&out.join(JSON_FILE), json.as_bytes())?;
@@ -376,10 +374,25 @@ pub fn resolve_run(store: &Store, run_id: Option<&str>) -> Result<String> {
 /// Builds the report of `run_id` from `store`, with the run's configuration as the store
 /// recorded it when the run was created.
 pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
+    build_with(store, run_id, now_ms, &[])
+}
+
+/// [`build`], with the empirical audits in `empirical` that match the run attached.
+fn build_with(
+    store: &Store,
+    run_id: &str,
+    now_ms: i64,
+    empirical: &[(String, fedflow_common::privacy::audit::EmpiricalAudit)],
+) -> Result<PrivacyAudit> {
     let run = store
         .run(run_id)?
         .ok_or_else(|| crate::Error::NotFound(format!("no run {run_id} in this data directory")))?;
-    let cfg = &recorded_config(store, run_id)?;
+    let cfg: &RunConfig = &serde_json::from_str(&run.config_json).map_err(|e| {
+        crate::Error::Store(format!(
+            "run {run_id}: its recorded configuration does not parse: {e}"
+        ))
+    })?;
+    let empirical = empirical::checks(cfg, empirical)?;
     let rounds = store.rounds(run_id)?;
     let committed: Vec<u64> = rounds
         .iter()
@@ -464,19 +477,7 @@ pub fn build(store: &Store, run_id: &str, now_ms: i64) -> Result<PrivacyAudit> {
         record_level,
         not_covered,
         recompute,
-        empirical: Vec::new(),
-    })
-}
-
-/// The configuration `run_id` was created with, as the store recorded it.
-fn recorded_config(store: &Store, run_id: &str) -> Result<RunConfig> {
-    let run = store
-        .run(run_id)?
-        .ok_or_else(|| crate::Error::NotFound(format!("no run {run_id} in this data directory")))?;
-    serde_json::from_str(&run.config_json).map_err(|e| {
-        crate::Error::Store(format!(
-            "run {run_id}: its recorded configuration does not parse: {e}"
-        ))
+        empirical,
     })
 }
 
