@@ -6,6 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::compress::{self, Compression};
 use crate::error::{Error, Result};
 use crate::params::{ParamSet, ParamSpec, SafetensorsLayout, with_slice};
 
@@ -43,6 +44,8 @@ pub struct FedAvgAccumulator {
     count: usize,
     /// The bound on every update's L2 norm, if any.
     norm_bound: Option<NormBound>,
+    /// How updates are compressed ([`Compression::NONE`]: plain safetensors of the spec).
+    compression: Compression,
 }
 
 /// A bound on the L2 norm of every update (over all tensors, computed in f64 exactly as
@@ -122,7 +125,24 @@ impl FedAvgAccumulator {
             total_weight: 0.0,
             count: 0,
             norm_bound: None,
+            compression: Compression::NONE,
         })
+    }
+
+    /// The same accumulator taking updates compressed as `compression` says
+    /// ([`crate::compress`]): each is decoded block by block straight into the sums, its
+    /// *decoded* norm checked against the bound. Fails with [`Error::ParamMismatch`] when
+    /// the spec cannot be compressed that way, [`Error::Config`] for invalid settings.
+    pub fn with_compression(mut self, compression: Compression) -> Result<Self> {
+        compression.check()?;
+        compression.encoded_spec(&self.spec)?;
+        self.compression = compression;
+        Ok(self)
+    }
+
+    /// How the updates it takes are compressed.
+    pub fn compression(&self) -> &Compression {
+        &self.compression
     }
 
     /// The same accumulator bounding every update's L2 norm by `bound` (refusing or clipping
@@ -144,7 +164,18 @@ impl FedAvgAccumulator {
     /// and at most [`MAX_WEIGHT`] ([`Error::Aggregation`]); `delta` must have exactly the
     /// spec's names, shapes and dtypes ([`Error::ParamMismatch`]), only finite values
     /// ([`Error::NonFinite`]) and a norm within a refusing bound ([`Error::Aggregation`]).
+    ///
+    /// With compression ([`FedAvgAccumulator::with_compression`]) `delta` is the compressed
+    /// update (its tensors as [`Compression::encoded_spec`] names them), checked and decoded
+    /// like a file ([`FedAvgAccumulator::add_safetensors_file`]).
     pub fn add(&mut self, delta: &ParamSet, weight: f64) -> Result<Added> {
+        if self.compression.is_lossy() {
+            check_weight(weight)?;
+            let bytes = delta.to_safetensors_bytes()?;
+            let len = bytes.len() as u64;
+            let what = Path::new("<compressed update>");
+            return self.add_encoded(&mut std::io::Cursor::new(bytes), len, what, weight);
+        }
         // Reads every value once to check it; the accumulation below reads it a second time
         // rather than buffering a copy of the update.
         let added = check_update(&self.spec, self.norm_bound, delta, weight)?;
@@ -172,9 +203,17 @@ impl FedAvgAccumulator {
     /// only then does a second pass add. Errors: the weight ([`Error::Aggregation`]), the
     /// structure ([`Error::ParamMismatch`]), non-finite values ([`Error::NonFinite`]), a
     /// malformed or truncated file ([`Error::Safetensors`]) or reading it ([`Error::Io`]).
+    ///
+    /// With compression the file is the compressed update: its layout must be exactly the
+    /// compressed one, and its values are decoded block by block in both passes (the norm
+    /// checked is the decoded update's).
     pub fn add_safetensors_file(&mut self, path: &Path, weight: f64) -> Result<Added> {
         check_weight(weight)?;
         let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        if self.compression.is_lossy() {
+            let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+            return self.add_encoded(&mut file, len, path, weight);
+        }
         let mut buf = vec![0u8; READ_BLOCK];
         // Pass 1: everything but the weight (checked above).
         let checked = check_update_file(&self.spec, self.norm_bound, &mut file, path, &mut buf)?;
@@ -195,6 +234,36 @@ impl FedAvgAccumulator {
                 }
             })?;
         }
+        self.total_weight += weight;
+        self.count += 1;
+        Ok(added)
+    }
+
+    /// Adds the compressed update in `r` (`len` bytes, named `what`): pass 1 checks
+    /// ([`check_encoded`]), pass 2 decodes again into the sums.
+    fn add_encoded<R: Read + Seek>(
+        &mut self,
+        r: &mut R,
+        len: u64,
+        what: &Path,
+        weight: f64,
+    ) -> Result<Added> {
+        let (layout, added) =
+            check_encoded(&self.spec, &self.compression, self.norm_bound, r, len, what)?;
+        let factor = weight * added.scale;
+        let sums = &mut self.sums;
+        // A read error here (the file changed under us) would leave a partial sum; spill
+        // files are private to the coordinator, so this is an I/O failure of the machine.
+        compress::visit(
+            r,
+            what,
+            &layout,
+            &self.spec,
+            &self.compression,
+            |t, pos, xs| {
+                compress::scatter(&mut sums[t], pos, xs, |s, x| *s += factor * x);
+            },
+        )?;
         self.total_weight += weight;
         self.count += 1;
         Ok(added)
@@ -405,6 +474,29 @@ pub(crate) fn check_update_file(
         parsed: None,
         added,
     })
+}
+
+/// Every check of [`check_update`] but the weight's for the update in `r` (`len` bytes,
+/// named `what`) compressed as `compression` says: the layout
+/// ([`compress::read_layout`]), the values while decoding them ([`compress::visit`]) and the
+/// bound on the *decoded* update's norm. Returns the layout with the norm and the factor.
+pub(crate) fn check_encoded<R: Read + Seek>(
+    spec: &ParamSpec,
+    compression: &Compression,
+    norm_bound: Option<NormBound>,
+    r: &mut R,
+    len: u64,
+    what: &Path,
+) -> Result<(SafetensorsLayout, Added)> {
+    r.seek(SeekFrom::Start(0)).map_err(|e| Error::io(what, e))?;
+    let layout = compress::read_layout(r, len, &what.display().to_string(), spec, compression)?;
+    let mut squares = 0.0f64;
+    compress::visit(r, what, &layout, spec, compression, |_, _, xs| {
+        for &x in xs {
+            squares += x * x;
+        }
+    })?;
+    Ok((layout, bounded(norm_bound, squares.sqrt())?))
 }
 
 /// Reads the little-endian f32 or f64 values in `range` of `file` block by block through

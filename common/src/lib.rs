@@ -7,6 +7,7 @@
 //! - [`train`]: local training, early stopping, evaluation and metrics.
 //! - [`privacy`]: differential privacy: the RDP accountant, the planner, DP-SGD noise.
 //! - [`params`]: named parameter sets: safetensors bytes, validation, delta arithmetic, clipping.
+//! - [`compress`]: update compression (f16, bf16, blockwise int8, top-k) and its decoder.
 //! - [`fedavg`]: streaming weighted FedAvg over parameter deltas, in f64.
 //! - [`robust`]: robust aggregation for hostile sites (coordinate-wise median, trimmed mean).
 //! - [`report`]: self-contained HTML reports: escaping and server-side SVG line charts.
@@ -21,6 +22,7 @@
 
 pub mod baseline;
 pub mod clock;
+pub mod compress;
 pub mod data;
 pub mod device;
 pub mod error;

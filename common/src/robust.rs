@@ -22,9 +22,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::compress::{self, Compression};
 use crate::error::{Error, Result};
 use crate::fedavg::{
-    Added, NormBound, check_float_spec, check_update, check_update_file, check_weight,
+    Added, NormBound, check_encoded, check_float_spec, check_update, check_update_file,
+    check_weight,
 };
 use crate::params::{ParamSet, ParamSpec, SafetensorsLayout};
 
@@ -159,6 +161,8 @@ pub struct RobustAccumulator {
     norm_bound: Option<NormBound>,
     /// Coordinates per block in `finish` ([`BLOCK`]; tests make it small).
     block: usize,
+    /// How updates are compressed ([`Compression::NONE`]: plain safetensors of the spec).
+    compression: Compression,
 }
 
 impl RobustAccumulator {
@@ -179,6 +183,7 @@ impl RobustAccumulator {
             kept: Vec::new(),
             norm_bound: None,
             block: BLOCK,
+            compression: Compression::NONE,
         })
     }
 
@@ -206,7 +211,17 @@ impl RobustAccumulator {
     /// bound, if any ([`Error::Aggregation`]). Then writes the update to a new file in the
     /// spill directory ([`Error::Io`] or [`Error::Safetensors`] if that fails, and the
     /// partial file is removed).
+    ///
+    /// With compression ([`RobustAccumulator::with_compression`]) `delta` is the compressed
+    /// update, handled as [`RobustAccumulator::add_safetensors_file`] handles a file.
     pub fn add(&mut self, delta: &ParamSet, weight: f64) -> Result<Added> {
+        if self.compression.is_lossy() {
+            check_weight(weight)?;
+            let bytes = delta.to_safetensors_bytes()?;
+            let len = bytes.len() as u64;
+            let what = Path::new("<compressed update>");
+            return self.add_encoded(&mut std::io::Cursor::new(bytes), len, what);
+        }
         let added = check_update(&self.spec, self.norm_bound, delta, weight)?;
         let (spill, file) = self.create_spill()?;
         let mut w = std::io::BufWriter::with_capacity(64 * 1024, file);
@@ -235,9 +250,17 @@ impl RobustAccumulator {
     /// non-finite values ([`Error::NonFinite`]), the norm bound ([`Error::Aggregation`]), a
     /// malformed or truncated file ([`Error::Safetensors`]), reading it or writing the copy
     /// ([`Error::Io`]).
+    ///
+    /// With compression the file is the compressed update: it is checked in place (layout,
+    /// values, the decoded norm) and then decoded into the kept copy, a plain f32 file of
+    /// the spec.
     pub fn add_safetensors_file(&mut self, path: &Path, weight: f64) -> Result<Added> {
         check_weight(weight)?;
         let mut src = File::open(path).map_err(|e| Error::io(path, e))?;
+        if self.compression.is_lossy() {
+            let len = src.metadata().map_err(|e| Error::io(path, e))?.len();
+            return self.add_encoded(&mut src, len, path);
+        }
         let (spill, mut file) = self.create_spill()?;
         let mut buf = vec![0u8; COPY_BLOCK];
         loop {
@@ -254,6 +277,54 @@ impl RobustAccumulator {
         let checked = check_update_file(&self.spec, self.norm_bound, &mut file, path, &mut buf)?;
         self.keep(spill, &checked.layout, checked.added);
         Ok(checked.added)
+    }
+
+    /// The same accumulator taking updates compressed as `compression` says
+    /// ([`crate::compress`]); each is decoded into its kept copy. Fails like
+    /// [`crate::fedavg::FedAvgAccumulator::with_compression`].
+    pub fn with_compression(mut self, compression: Compression) -> Result<Self> {
+        compression.check()?;
+        compression.encoded_spec(&self.spec)?;
+        self.compression = compression;
+        Ok(self)
+    }
+
+    /// Checks the compressed update in `r` (`len` bytes, named `what`), then decodes it into
+    /// a new spill file: the spec's f32 safetensors, zeros where top-k sent nothing.
+    fn add_encoded<R: Read + Seek>(&mut self, r: &mut R, len: u64, what: &Path) -> Result<Added> {
+        let (layout, added) =
+            check_encoded(&self.spec, &self.compression, self.norm_bound, r, len, what)?;
+        let (spill, file) = self.create_spill()?;
+        let mut w = DenseWriter::new(
+            &self.spec,
+            std::io::BufWriter::with_capacity(COPY_BLOCK, file),
+        )
+        .map_err(|e| Error::io(spill.path(), e))?;
+        let mut failed = None;
+        compress::visit(
+            r,
+            what,
+            &layout,
+            &self.spec,
+            &self.compression,
+            |t, pos, xs| {
+                if failed.is_none()
+                    && let Err(e) = w.put(t, pos, xs)
+                {
+                    failed = Some(e);
+                }
+            },
+        )?;
+        if let Some(e) = failed {
+            return Err(Error::io(spill.path(), e));
+        }
+        let mut file = w.finish().map_err(|e| Error::io(spill.path(), e))?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| Error::io(spill.path(), e))?;
+        let kept = SafetensorsLayout::read(&mut file)?;
+        debug_assert_eq!(kept.spec, self.spec, "a decoded update matches the spec");
+        self.keep(spill, &kept, added);
+        Ok(added)
     }
 
     /// Records a checked spill file as accepted.
@@ -407,6 +478,107 @@ impl Drop for SpillGuard {
         if let Some(path) = self.path.take() {
             remove_scratch(&path);
         }
+    }
+}
+
+/// Writes a decoded update as the plain f32 safetensors file of a spec, from the runs
+/// [`compress::visit`] hands out (in order), with zeros wherever no value came.
+struct DenseWriter {
+    w: std::io::BufWriter<File>,
+    /// Values per tensor, in the spec's order (which is also the file's: all are f32).
+    sizes: Vec<usize>,
+    /// The tensor being written and how many of its values are.
+    tensor: usize,
+    at: usize,
+}
+
+impl DenseWriter {
+    /// Starts the file: the header of `spec` (f32 tensors only).
+    fn new(spec: &ParamSpec, mut w: std::io::BufWriter<File>) -> std::io::Result<Self> {
+        /// A tensor's shape and size, with no data.
+        struct Shape(Vec<usize>);
+        impl safetensors::View for &Shape {
+            fn dtype(&self) -> safetensors::Dtype {
+                safetensors::Dtype::F32
+            }
+            fn shape(&self) -> &[usize] {
+                &self.0
+            }
+            fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+                std::borrow::Cow::Borrowed(&[])
+            }
+            fn data_len(&self) -> usize {
+                self.0.iter().product::<usize>() * 4
+            }
+        }
+        let shapes: Vec<(&str, Shape)> = spec
+            .iter()
+            .map(|(name, t)| (name, Shape(t.shape.clone())))
+            .collect();
+        let header = safetensors::tensor::serialize(shapes.iter().map(|(n, s)| (*n, s)), None)
+            .map_err(std::io::Error::other)?;
+        w.write_all(&header)?;
+        Ok(DenseWriter {
+            w,
+            sizes: spec.iter().map(|(_, t)| t.elem_count()).collect(),
+            tensor: 0,
+            at: 0,
+        })
+    }
+
+    /// Writes zeros up to value `i` of tensor `t`.
+    fn zeros_to(&mut self, t: usize, i: usize) -> std::io::Result<()> {
+        while self.tensor < t {
+            let end = self.sizes[self.tensor];
+            self.zeros(end - self.at)?;
+            self.tensor += 1;
+            self.at = 0;
+        }
+        self.zeros(i - self.at)?;
+        self.at = i;
+        Ok(())
+    }
+
+    fn zeros(&mut self, n: usize) -> std::io::Result<()> {
+        for _ in 0..n {
+            self.w.write_all(&0f32.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn value(&mut self, x: f64) -> std::io::Result<()> {
+        // Decoded values are f32s widened: exact.
+        self.w.write_all(&(x as f32).to_le_bytes())?;
+        self.at += 1;
+        Ok(())
+    }
+
+    /// Writes one visited run of tensor `t`.
+    fn put(&mut self, t: usize, pos: compress::Positions<'_>, xs: &[f64]) -> std::io::Result<()> {
+        match pos {
+            compress::Positions::From(start) => {
+                self.zeros_to(t, start)?;
+                for &x in xs {
+                    self.value(x)?;
+                }
+            }
+            compress::Positions::At(indices) => {
+                for (&i, &x) in indices.iter().zip(xs) {
+                    self.zeros_to(t, i as usize)?;
+                    self.value(x)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pads the last tensors and returns the file, flushed.
+    fn finish(mut self) -> std::io::Result<File> {
+        let last = self.sizes.len();
+        if last > 0 {
+            self.zeros_to(last - 1, self.sizes[last - 1])?;
+        }
+        self.w.into_inner().map_err(|e| e.into_error())
     }
 }
 
