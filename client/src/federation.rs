@@ -587,6 +587,7 @@ async fn run_task<W: SiteWork>(
         Ok(_) => {
             tracing::info!(site = %opts.site_id, round, "round {round}: update accepted");
             trainer.delivered(&spec);
+            trainer.accepted(&spec);
             Ok(())
         }
         Err(s) if is_transient(&s) => Err(TaskError::Transport(s)),

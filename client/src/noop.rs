@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
+use fedflow_common::compress::Compression;
 use fedflow_common::params::{ParamSet, ParamSpec, SafetensorsLayout};
 use prost::bytes::Bytes;
 
@@ -52,7 +53,7 @@ pub fn noop_delta(spec: &ParamSpec) -> Result<ParamSet> {
 #[derive(Debug)]
 pub struct NoopTrainer {
     examples: usize,
-    /// The last delta made: (model SHA-256, delta bytes, delta SHA-256).
+    /// The last delta made: (model SHA-256 and compression, delta bytes, delta SHA-256).
     cache: Mutex<Option<(String, Bytes, String)>>,
 }
 
@@ -67,21 +68,32 @@ impl NoopTrainer {
 
     /// The delta for the model whose safetensors header is `header` (the length prefix and
     /// JSON header, as kept by [`ModelBuffer::header_only`]) and whose hash is
-    /// `model_sha256`: its serialised bytes and their SHA-256. Computed once per model and
-    /// shared by every caller.
-    pub fn delta_for(&self, model_sha256: &str, header: &[u8]) -> Result<(Bytes, String)> {
+    /// `model_sha256`: its serialised bytes (compressed as `compression` says) and their
+    /// SHA-256. Computed once per model and shared by every caller.
+    pub fn delta_for(
+        &self,
+        model_sha256: &str,
+        header: &[u8],
+        compression: &Compression,
+    ) -> Result<(Bytes, String)> {
+        let key = format!("{model_sha256} {}", compression.name());
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((sha, bytes, delta_sha)) = cache.as_ref()
-            && sha == model_sha256
+        if let Some((k, bytes, delta_sha)) = cache.as_ref()
+            && *k == key
         {
             return Ok((bytes.clone(), delta_sha.clone()));
         }
         let layout = SafetensorsLayout::read(&mut &header[..])?;
         let delta = noop_delta(&layout.spec)?;
-        let bytes = Bytes::from(delta.to_safetensors_bytes()?);
+        let bytes = if compression.is_none() {
+            delta.to_safetensors_bytes()?
+        } else {
+            fedflow_common::compress::encode(&delta, compression, None)?.bytes
+        };
+        let bytes = Bytes::from(bytes);
         drop(delta);
         let delta_sha = sha256_hex(&bytes);
-        *cache = Some((model_sha256.to_string(), bytes.clone(), delta_sha.clone()));
+        *cache = Some((key, bytes.clone(), delta_sha.clone()));
         Ok((bytes, delta_sha))
     }
 }
@@ -108,7 +120,11 @@ impl SiteWork for NoopTrainer {
                     .into(),
             ));
         }
-        let (bytes, sha256) = self.delta_for(&task.expected_model_sha256, model.bytes())?;
+        let (bytes, sha256) = self.delta_for(
+            &task.expected_model_sha256,
+            model.bytes(),
+            &task.compression,
+        )?;
         if bytes.is_empty() {
             return Err(Error::Task("the global model has no tensors".into()));
         }
@@ -157,6 +173,7 @@ mod tests {
             task_id: "t".into(),
             record_dp: None,
             site_dp: None,
+            compression: Default::default(),
             round: 1,
             model: fedflow_common::model::ModelConfig::default(),
             vocab_sha256: String::new(),
@@ -174,7 +191,7 @@ mod tests {
 
         // The same model gives the same (shared) bytes.
         let again = noop
-            .delta_for(&spec.expected_model_sha256, &bytes[..])
+            .delta_for(&spec.expected_model_sha256, &bytes[..], &Compression::NONE)
             .unwrap();
         assert_eq!(again.0.as_ptr(), update.bytes.as_ptr());
     }

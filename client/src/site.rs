@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Device;
+use fedflow_common::compress::{self, Compression};
 use fedflow_common::data::{NUM_LABELS, SiteDataset, Vocab};
 pub use fedflow_common::hash::sha256_hex;
 use fedflow_common::model::{AttentionFlowModel, ModelConfig, vocab_sha256};
@@ -57,6 +58,9 @@ pub struct TaskSpec {
     pub record_dp: Option<RecordDp>,
     /// Site-level DP-FedAvg: how the delta is clipped and noised before it leaves, if at all.
     pub site_dp: Option<SiteDpTask>,
+    /// How the update is compressed before it leaves (after any DP).
+    #[serde(default)]
+    pub compression: Compression,
 }
 
 /// Metrics a site reports for one task. Counts are sessions of the site's own splits.
@@ -104,7 +108,9 @@ impl SiteMetrics {
 /// What a training task produced: the update to send and the metrics to report.
 #[derive(Debug, Clone)]
 pub struct TaskOutcome {
-    /// `local - global`, tensor by tensor; every value finite.
+    /// The update as the coordinator decodes it: `local - global` made private as the task
+    /// says (site-level DP), then compressed and decoded when the run compresses; every
+    /// value finite.
     pub delta: ParamSet,
     /// [`ParamSet::to_safetensors_bytes`] of `delta`: what goes on the wire.
     pub delta_bytes: Vec<u8>,
@@ -139,6 +145,8 @@ pub struct SiteTrainer {
     privacy: Option<Arc<SitePrivacy>>,
     withhold_metrics: bool,
     min_site_noise: Option<f64>,
+    /// Error feedback's residuals (compressed runs that ask for it).
+    feedback: feedback::ErrorFeedback,
 }
 
 impl SiteTrainer {
@@ -153,7 +161,22 @@ impl SiteTrainer {
             privacy: None,
             withhold_metrics: false,
             min_site_noise: None,
+            feedback: feedback::ErrorFeedback::in_memory(),
         }
+    }
+
+    /// The same site keeping its working state in `dir` (created if missing): error
+    /// feedback's residual of compressed updates, so it survives restarts. Without one the
+    /// residual is kept in memory only.
+    pub fn with_state_dir(mut self, dir: &std::path::Path) -> Result<Self> {
+        self.feedback = feedback::ErrorFeedback::open(dir)?;
+        Ok(self)
+    }
+
+    /// Called when the coordinator accepted `task`'s update: error feedback moves on to the
+    /// residual that update left.
+    pub fn accepted(&self, task: &TaskSpec) -> Result<()> {
+        self.feedback.accepted(task)
     }
 
     /// The same site, withholding every metric computed on its data (losses, accuracy,
@@ -349,9 +372,12 @@ impl SiteTrainer {
         )?;
         let train_seconds = started.elapsed().as_secs_f64();
         let local = ParamSet::from_varmap(model.varmap())?;
-        let (delta, unclipped) = site_release(task, ParamSet::delta(&local, &global)?)?;
-        let delta_bytes = delta.to_safetensors_bytes()?;
-        let delta_sha256 = sha256_hex(&delta_bytes);
+        let Release {
+            delta,
+            bytes: delta_bytes,
+            sha256: delta_sha256,
+            unclipped,
+        } = self.release(task, ParamSet::delta(&local, &global)?)?;
         if self.withhold_metrics {
             return Ok(TaskOutcome {
                 delta,
@@ -482,6 +508,67 @@ impl SiteTrainer {
     }
 }
 
+/// An update ready to leave the site.
+#[derive(Debug)]
+pub(super) struct Release {
+    /// The update as the coordinator will decode it.
+    delta: ParamSet,
+    /// What goes on the wire.
+    bytes: Vec<u8>,
+    /// Their SHA-256 (hex).
+    sha256: String,
+    /// Site-level DP: the delta was within the clip before clipping.
+    unclipped: bool,
+}
+
+impl SiteTrainer {
+    /// What leaves the site for `task` given its `delta = local - global`: made private
+    /// ([`site_release`]), then compressed as the task says, the decoded update's norm kept
+    /// within what the coordinator accepts under site-level DP, with error feedback's
+    /// residual added first and the new one recorded (before anything is sent).
+    pub(super) fn release(&self, task: &TaskSpec, delta: ParamSet) -> Result<Release> {
+        let (private, unclipped) = site_release(task, delta)?;
+        let c = &task.compression;
+        if c.is_none() {
+            let bytes = private.to_safetensors_bytes()?;
+            return Ok(Release {
+                sha256: sha256_hex(&bytes),
+                bytes,
+                delta: private,
+                unclipped,
+            });
+        }
+        let spec = private.spec();
+        let max_norm = task.site_dp.map(|dp| dp.accepted_norm(spec.num_elements()));
+        let residual = if c.error_feedback {
+            self.feedback.residual(task, &spec)
+        } else {
+            None
+        };
+        let input = match &residual {
+            Some(r) => ParamSet::apply_delta(&private, r, 1.0)?,
+            None => private,
+        };
+        let enc = compress::encode(&input, c, max_norm)?;
+        if c.error_feedback {
+            self.feedback.record(task, residual, enc.residual()?)?;
+        }
+        tracing::info!(
+            round = task.round,
+            "update compressed as {}: {} bytes ({:.1}x smaller than f32)",
+            c.name(),
+            enc.bytes.len(),
+            4.0 * spec.num_elements() as f64 / enc.bytes.len() as f64
+        );
+        Ok(Release {
+            sha256: sha256_hex(&enc.bytes),
+            bytes: enc.bytes,
+            delta: enc.decoded,
+            unclipped,
+        })
+    }
+}
+
 /// What leaves the site: `delta` checked finite and, under site-level DP, clipped to the
 /// task's L2 bound with the task's noise added (drawn from a ChaCha20 CSPRNG seeded from the
 /// operating system). Returns it with the adaptive-clipping bit (the delta's norm was within
@@ -508,9 +595,12 @@ fn site_release(task: &TaskSpec, delta: ParamSet) -> Result<(ParamSet, bool)> {
     Ok((out.delta, out.unclipped))
 }
 
+pub mod feedback;
 mod private;
 pub mod source;
 
+#[cfg(test)]
+mod compression_tests;
 #[cfg(test)]
 mod growing_tests;
 #[cfg(test)]

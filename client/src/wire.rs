@@ -9,14 +9,15 @@
 
 use std::time::Duration;
 
+use fedflow_common::compress::{Compression, DEFAULT_BLOCK, ValueCodec};
 use fedflow_common::model::ModelConfig;
 use fedflow_common::privacy::dpfedavg::{SiteDpTask, TrustMode};
 use fedflow_common::train::{DpSgdConfig, OptimizerKind, TrainConfig};
 use fedflow_proto::transfer::MAX_MESSAGE_BYTES;
 use fedflow_proto::v1::{
-    DeclineTaskRequest, DownloadModelRequest, DpSgdInstructions, EnrolRequest, EnrolResponse,
-    EvaluationReport, HeartbeatRequest, Metrics, NextTaskRequest, SiteDpInstructions, SiteState,
-    Task, TrainInstructions, UpdateHeader,
+    CompressionInstructions, DeclineTaskRequest, DownloadModelRequest, DpSgdInstructions,
+    EnrolRequest, EnrolResponse, EvaluationReport, HeartbeatRequest, Metrics, NextTaskRequest,
+    SiteDpInstructions, SiteState, Task, TrainInstructions, UpdateHeader,
 };
 
 use crate::privacy::RecordDp;
@@ -134,7 +135,12 @@ impl TryFrom<&Task> for TaskSpec {
             .map_err(|e| Error::Task(format!("the task's model config is not valid: {e}")))?;
         let record_dp = t.dp_sgd.as_ref().map(RecordDp::try_from).transpose()?;
         let site_dp = t.site_dp.as_ref().map(site_dp_task).transpose()?;
+        let compression = t
+            .compression
+            .as_ref()
+            .map_or(Ok(Compression::NONE), compression)?;
         Ok(TaskSpec {
+            compression,
             run_id: task.run_id.clone(),
             round: task.round,
             task_id: task.task_id.clone(),
@@ -208,6 +214,30 @@ impl TryFrom<&DpSgdInstructions> for RecordDp {
         }
         Ok(dp)
     }
+}
+
+/// The run's update compression, validated.
+fn compression(c: &CompressionInstructions) -> Result<Compression> {
+    let values = ValueCodec::parse(&c.values).ok_or_else(|| {
+        Error::Task(format!(
+            "the task's compression codec {:?} is not f32, f16, bf16 or int8; upgrade this \
+             client",
+            c.values
+        ))
+    })?;
+    let compression = Compression {
+        values,
+        block_size: match values {
+            ValueCodec::Int8 => c.block_size as usize,
+            _ => DEFAULT_BLOCK,
+        },
+        top_k: (c.top_k != 0.0).then_some(c.top_k),
+        error_feedback: c.error_feedback,
+    };
+    compression
+        .check()
+        .map_err(|e| Error::Task(format!("the task's compression: {e}")))?;
+    Ok(compression)
 }
 
 /// The run's site-level DP-FedAvg instructions, validated.
@@ -359,6 +389,11 @@ pub(crate) fn update_header(
         site_dp_unclipped: spec
             .site_dp
             .is_some_and(|d| d.mode == TrustMode::Central && outcome.unclipped),
+        encoding: if spec.compression.is_none() {
+            String::new()
+        } else {
+            spec.compression.name()
+        },
     }
 }
 

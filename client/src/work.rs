@@ -40,6 +40,10 @@ pub trait SiteWork: Send + Sync + 'static {
     /// the site's privacy ledger marks it released. Nothing by default.
     fn delivered(&self, _task: &TaskSpec) {}
 
+    /// Called once the coordinator has accepted the task's update (after
+    /// [`SiteWork::delivered`]): error feedback moves on. Nothing by default.
+    fn accepted(&self, _task: &TaskSpec) {}
+
     /// Whether heartbeats may carry the epoch a task's training has reached. Yes by default;
     /// the [`SiteTrainer`] says no under record-level DP (how fast epochs go depends on the
     /// sampled units) and when it withholds metrics (when training stops early depends on
@@ -99,6 +103,16 @@ impl SiteWork for SiteTrainer {
 
     fn reports_progress(&self, task: &TaskSpec) -> bool {
         task.record_dp.is_none() && !self.withholds_metrics()
+    }
+
+    fn accepted(&self, task: &TaskSpec) {
+        if let Err(e) = SiteTrainer::accepted(self, task) {
+            // The next task then starts from the residual this one started from.
+            tracing::warn!(
+                round = task.round,
+                "cannot record that the update was accepted for error feedback: {e}"
+            );
+        }
     }
 
     fn delivered(&self, task: &TaskSpec) {

@@ -86,6 +86,14 @@ pub struct TrainingSummary {
     pub local_validation_macro_f1: Option<f64>,
     /// Why the round closed (every site answered, deadline passed).
     pub closed_because: String,
+    /// Bytes of the updates folded in (as sent: compressed when the run compresses).
+    #[serde(default)]
+    pub upload_bytes: u64,
+    /// Bytes of the global model times the sites given a training task: what the round's
+    /// downloads move when each site fetches the model once (resumed or repeated downloads
+    /// not counted).
+    #[serde(default)]
+    pub download_bytes: u64,
 }
 
 /// The spread of one metric over the sites that reported it, unweighted.
@@ -132,6 +140,8 @@ pub struct TrainingMeans {
     loss: WeightedMean,
     accuracy: WeightedMean,
     macro_f1: WeightedMean,
+    upload_bytes: u64,
+    download_bytes: u64,
 }
 
 impl TrainingMeans {
@@ -145,7 +155,19 @@ impl TrainingMeans {
             loss: WeightedMean::default(),
             accuracy: WeightedMean::default(),
             macro_f1: WeightedMean::default(),
+            upload_bytes: 0,
+            download_bytes: 0,
         }
+    }
+
+    /// Counts the bytes of one accepted update.
+    pub fn add_upload_bytes(&mut self, bytes: u64) {
+        self.upload_bytes += bytes;
+    }
+
+    /// Sets the round's download volume (see [`TrainingSummary::download_bytes`]).
+    pub fn set_download_bytes(&mut self, bytes: u64) {
+        self.download_bytes = bytes;
     }
 
     /// Adds one accepted update's report.
@@ -170,6 +192,8 @@ impl TrainingMeans {
             local_validation_accuracy: self.accuracy.get(),
             local_validation_macro_f1: self.macro_f1.get(),
             closed_because: closed_because.to_string(),
+            upload_bytes: self.upload_bytes,
+            download_bytes: self.download_bytes,
         }
     }
 }

@@ -449,6 +449,7 @@ pub(crate) fn one_run(
                 train: run_cfg.local_train_config(t.round, &sites[*i].0),
                 record_dp: None,
                 site_dp: t.site_dp,
+                compression: run_cfg.compression(),
             })
             .collect();
         // Train the selected sites on `threads` workers, in a fixed assignment.

@@ -143,6 +143,7 @@ pub fn header(site: &str, t: &Task, bytes: &[u8]) -> UpdateHeader {
         total_bytes: bytes.len() as u64,
         weight: 10.0,
         site_dp_unclipped: false,
+        encoding: String::new(),
         metrics: Some(Metrics {
             train_examples: 10,
             validation_examples: 2,

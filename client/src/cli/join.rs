@@ -89,6 +89,11 @@ pub(crate) struct JoinArgs {
     /// version; needs --vocab.
     #[arg(long)]
     published_dir: Option<PathBuf>,
+    /// This site's working state (created if needed): the residual of compressed updates
+    /// under error feedback, kept across restarts. Without it the residual is kept in memory
+    /// and lost when the site restarts.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// On SIGTERM or Ctrl-C the site takes no new task and leaves; a task in progress has
     /// this many seconds to finish before it is abandoned.
     #[arg(long, default_value_t = 30.0, value_parser = parse_grace)]
@@ -165,6 +170,9 @@ pub(crate) fn run(a: JoinArgs) -> anyhow::Result<()> {
         .withholding_metrics(a.withhold_metrics);
     if let Some(z) = a.min_site_noise {
         trainer = trainer.with_min_site_noise(z)?;
+    }
+    if let Some(dir) = &a.state_dir {
+        trainer = trainer.with_state_dir(dir)?;
     }
     if let Some(dir) = &a.privacy_dir {
         let Some(max) = a.max_epsilon else {

@@ -14,7 +14,7 @@ use fedflow_common::train::{EpochReport, privacy_units, train_dp};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use super::{SiteMetrics, SiteTrainer, TaskOutcome, TaskSpec, site_release};
+use super::{SiteMetrics, SiteTrainer, TaskOutcome, TaskSpec};
 use crate::ledger::{CountRelease, NewEntry};
 use crate::privacy::{RecordDp, SitePrivacy};
 use crate::{Error, Result};
@@ -65,7 +65,11 @@ impl SiteTrainer {
                 "re-sending the update recorded in ledger entry {}",
                 entry.id
             );
-            let delta = ParamSet::from_safetensors_bytes(&bytes)?;
+            let delta = if task.compression.is_lossy() {
+                fedflow_common::compress::decode_bytes(&bytes, &global.spec(), &task.compression)?
+            } else {
+                ParamSet::from_safetensors_bytes(&bytes)?
+            };
             // The recorded count too: never a fresh draw for a recorded task.
             let metrics = match entry.count {
                 Some(c) => SiteMetrics {
@@ -171,11 +175,15 @@ impl SiteTrainer {
             );
         }
         let local = ParamSet::from_varmap(model.varmap())?;
-        let (delta, unclipped) = ParamSet::delta(&local, global)
+        let super::Release {
+            delta,
+            bytes: delta_bytes,
+            unclipped,
+            ..
+        } = ParamSet::delta(&local, global)
             .map_err(Error::from)
-            .and_then(|d| site_release(task, d))
+            .and_then(|d| self.release(task, d))
             .map_err(|e| generic("the DP-SGD update could not be released", e))?;
-        let delta_bytes = delta.to_safetensors_bytes()?;
         let entry = privacy.ledger().record(
             &NewEntry {
                 run_id: task.run_id.clone(),

@@ -47,6 +47,7 @@ pub(super) mod support {
             task_id: "task-1".into(),
             record_dp: None,
             site_dp: None,
+            compression: Default::default(),
             run_id: "run-test".into(),
             round: 3,
             model: cfg,

@@ -55,6 +55,12 @@ fn task() -> Task {
             patience: 2,
             min_delta: 0.01,
             length_bucketing: false,
+            compression: Some(CompressionInstructions {
+                values: "int8".into(),
+                block_size: 64,
+                top_k: 0.01,
+                error_feedback: true,
+            }),
         }),
         deadline_unix_ms: 1_700_000_000_000,
         nonce: vec![1, 2, 3].into(),
@@ -95,6 +101,7 @@ fn every_training_instruction_reaches_the_train_config() {
     let site_dp = spec.site_dp.unwrap();
     assert_eq!(site_dp.mode, TrustMode::Central);
     assert_eq!((site_dp.clip_norm, site_dp.noise_std), (0.5, 0.01));
+    assert_eq!(spec.compression.name(), "top0.01+int8/64+ef");
     // The public path gives the same.
     assert_eq!(task_spec(&task()).unwrap().train, spec.train);
 }
@@ -106,6 +113,18 @@ fn a_bad_field_is_refused_by_name() {
     let err = TaskSpec::try_from(&t).unwrap_err();
     assert!(matches!(err, Error::Task(_)), "{err:?}");
     assert!(err.to_string().contains("batch_size"), "{err}");
+    for (values, top_k, why) in [("int4", 0.0, "int4"), ("int8", 1.5, "compression.top_k")] {
+        let mut t = task();
+        let c = t.train.as_mut().unwrap().compression.as_mut().unwrap();
+        c.values = values.into();
+        c.top_k = top_k;
+        let err = TaskSpec::try_from(&t).unwrap_err().to_string();
+        assert!(err.contains(why), "{err}");
+    }
+    // No compression instructions: plain updates.
+    let mut t = task();
+    t.train.as_mut().unwrap().compression = None;
+    assert!(TaskSpec::try_from(&t).unwrap().compression.is_none());
 }
 
 #[test]

@@ -267,6 +267,53 @@ impl Compression {
     }
 }
 
+impl Compression {
+    /// The exact size in bytes of every update of a model shaped like `spec` compressed
+    /// this way (its layout is fixed: header and payload), so a coordinator can size its
+    /// upload limit.
+    pub fn update_bytes(&self, spec: &ParamSpec) -> Result<u64> {
+        /// A tensor's dtype, shape and size, with no data.
+        struct Shape(safetensors::Dtype, Vec<usize>, usize);
+        impl safetensors::View for &Shape {
+            fn dtype(&self) -> safetensors::Dtype {
+                self.0
+            }
+            fn shape(&self) -> &[usize] {
+                &self.1
+            }
+            fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+                std::borrow::Cow::Borrowed(&[])
+            }
+            fn data_len(&self) -> usize {
+                self.2
+            }
+        }
+        let encoded = self.encoded_spec(spec)?;
+        let mut shapes = Vec::new();
+        for (name, t) in encoded.iter() {
+            let dtype = match t.dtype {
+                DType::U8 => safetensors::Dtype::U8,
+                DType::U32 => safetensors::Dtype::U32,
+                DType::F16 => safetensors::Dtype::F16,
+                DType::BF16 => safetensors::Dtype::BF16,
+                DType::F32 => safetensors::Dtype::F32,
+                DType::F64 => safetensors::Dtype::F64,
+                d => {
+                    return Err(Error::ParamMismatch(format!(
+                        "tensor `{name}` has dtype {}, which updates do not use",
+                        d.as_str()
+                    )));
+                }
+            };
+            let len = t.elem_count() * t.dtype.size_in_bytes();
+            shapes.push((name, Shape(dtype, t.shape.clone(), len)));
+        }
+        let header = safetensors::tensor::serialize(shapes.iter().map(|(n, s)| (*n, s)), None)
+            .map_err(|e| Error::Safetensors(format!("cannot size an update: {e}")))?;
+        Ok(header.len() as u64 + self.payload_bytes(spec)?)
+    }
+}
+
 /// The part of a parameter a tensor of an encoded update holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Part {

@@ -174,9 +174,17 @@ fn payloads_shrink_as_configured() {
         ..Compression::NONE
     };
     assert!(ratio(top) > 70.0, "{}", ratio(top));
-    // The real bytes are the payload plus a header.
-    let enc = encode(&u, &top, None).unwrap();
-    assert!(enc.bytes.len() as u64 > top.payload_bytes(&spec).unwrap());
+    // The real bytes are the payload plus a header, exactly as sized in advance.
+    for c in [Compression::NONE, f16, int8, top] {
+        let enc = encode(&u, &c, None).unwrap();
+        assert!(enc.bytes.len() as u64 > c.payload_bytes(&spec).unwrap());
+        assert_eq!(
+            enc.bytes.len() as u64,
+            c.update_bytes(&spec).unwrap(),
+            "{}",
+            c.name()
+        );
+    }
 }
 
 #[test]

@@ -300,12 +300,27 @@ impl SiteDp {
     /// P(‖n‖ ≥ σ(√d + t)) ≤ e^(−t²/2), Boucheron, Lugosi, Massart 2013, Thm. 5.6). So honest
     /// updates pass and a site that skipped clipping by more than that is caught.
     pub fn norm_bound(&self, clip: f64, dim: usize) -> Result<f64> {
-        let s = self.site_noise_std(clip)?;
-        Ok(if s == 0.0 {
-            clip
-        } else {
-            clip + s * ((dim as f64).sqrt() + 10.0)
-        })
+        Ok(accepted_norm(clip, self.site_noise_std(clip)?, dim))
+    }
+}
+
+/// The largest L2 norm the coordinator accepts for one update of `dim` coordinates clipped
+/// to `clip` with a site noise std `site_noise_std` added (see
+/// [`SiteDp::norm_bound`]); a site compressing its update keeps the decoded update
+/// within it.
+pub fn accepted_norm(clip: f64, site_noise_std: f64, dim: usize) -> f64 {
+    if site_noise_std == 0.0 {
+        clip
+    } else {
+        clip + site_noise_std * ((dim as f64).sqrt() + 10.0)
+    }
+}
+
+impl SiteDpTask {
+    /// The largest L2 norm the coordinator accepts for this task's update of a model of
+    /// `dim` coordinates ([`accepted_norm`]).
+    pub fn accepted_norm(&self, dim: usize) -> f64 {
+        accepted_norm(self.clip_norm, self.noise_std, dim)
     }
 }
 

@@ -23,7 +23,9 @@ pub struct LimitsSection {
     pub upload_timeout_secs: u64,
     /// Largest update accepted, in bytes; 0 (default) means exactly the size of the
     /// global model's safetensors file (an update has the model's names, shapes and
-    /// dtype, so it is never larger). Never above `transport.max_model_bytes`.
+    /// dtype, so it is never larger), or under `[compression]` exactly the size of a
+    /// compressed update (fixed by the model and the codec). Never above
+    /// `transport.max_model_bytes`.
     pub max_upload_bytes: u64,
 }
 

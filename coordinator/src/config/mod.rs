@@ -2,9 +2,9 @@
 //!
 //! A run is described by a TOML file with the tables `[run]`, `[model]`, `[train]`,
 //! `[sampling]`, `[rounds]`, `[evaluation]`, `[transport]`, `[limits]`, `[aggregation]`,
-//! `[record_dp]` and `[site_dp]`. The types here and in the submodules (`rounds.rs` holds
+//! `[record_dp]`, `[site_dp]` and `[compression]`. The types here and in the submodules (`rounds.rs` holds
 //! `[train]`, `[rounds]`, `[evaluation]` and `[transport]`; `sampling.rs`, `hardening.rs`,
-//! `record_dp.rs` and `site_dp.rs` the others) mirror the file one to one, so their docs
+//! `record_dp.rs`, `site_dp.rs` and `compression.rs` the others) mirror the file one to one, so their docs
 //! are the reference of every key. Only `run.name` and `model.vocab` are required;
 //! everything else has a default, so this is a complete file:
 //!
@@ -27,6 +27,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fedflow_common::compress::Compression;
 use fedflow_common::data::Vocab;
 use fedflow_common::model::{EncoderKind, ModelConfig};
 use fedflow_common::train::TrainConfig;
@@ -34,6 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+mod compression;
 mod hardening;
 mod init;
 mod lifecycle;
@@ -42,6 +44,7 @@ mod rounds;
 mod sampling;
 mod site_dp;
 
+pub use compression::CompressionSection;
 pub use hardening::{
     AggregationRule, AggregationSection, DEFAULT_MAX_EXAMPLES, LargeUpdate, LimitsSection,
 };
@@ -128,6 +131,10 @@ pub struct RunConfig {
     /// (default) means none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_dp: Option<SiteDpSection>,
+    /// `[compression]`: how sites compress their updates; absent (default) means plain f32
+    /// updates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionSection>,
 }
 
 /// The server-side aggregation strategy (`run.strategy`).
@@ -420,7 +427,17 @@ impl RunConfig {
         }
         self.limits.validate()?;
         self.aggregation.validate(self.site_dp.is_some())?;
+        if let Some(c) = &self.compression {
+            c.validate(self.site_dp.as_ref(), &self.aggregation)?;
+        }
         self.validate_transport()
+    }
+
+    /// How sites compress their updates ([`Compression::NONE`] without `[compression]`).
+    pub fn compression(&self) -> Compression {
+        self.compression
+            .as_ref()
+            .map_or(Compression::NONE, CompressionSection::compression)
     }
 
     fn validate_run(&self) -> std::result::Result<(), String> {

@@ -175,6 +175,49 @@ fn site_dp_block_of_the_example_parses_and_bad_values_are_named() {
 }
 
 #[test]
+fn compression_block_of_the_example_parses_and_bad_combinations_are_named() {
+    use fedflow_common::compress::ValueCodec;
+    let dir = dir_with_vocab();
+    let vocab = dir.path().join("vocab.json");
+    let text = uncommented(EXAMPLE_TOML, "compression", &[]);
+    let c = RunConfig::with_vocab(&text, &vocab).unwrap();
+    let comp = c.compression();
+    assert_eq!(comp.name(), "top0.01+int8/256+ef");
+    assert_eq!(comp.values, ValueCodec::Int8);
+    assert!(RunConfig::demo(&vocab).unwrap().compression().is_none());
+    // It survives the stored form.
+    let back = RunConfig::with_vocab(&c.to_toml_string().unwrap(), &vocab).unwrap();
+    assert_eq!(back.compression(), comp);
+    check_rejected("[compression]\nvalues = \"int4\"\n", "int4");
+    check_rejected("[compression]\ntop_k = 0.0\n", "compression.top_k");
+    check_rejected(
+        "[compression]\nerror_feedback = true\n",
+        "compression.error_feedback",
+    );
+    check_rejected(
+        "[compression]\nvalues = \"int8\"\nblock_size = 0\n",
+        "compression.block_size",
+    );
+    check_rejected("[compression]\nvalue = \"f16\"\n", "value");
+    check_rejected(
+        "[compression]\ntop_k = 0.1\n[aggregation]\nrule = \"median\"\n",
+        "compression.top_k cannot be combined with aggregation.rule",
+    );
+    let distributed = "[compression]\nvalues = \"f16\"\n[site_dp]\nmode = \"distributed\"\n\
+                       clip_norm = 1.0\nnoise_multiplier = 1.0\nexpected_sites = 10\n\
+                       target_epsilon = 10.0\ntarget_delta = 1e-4\n";
+    check_rejected(distributed, "site_dp.mode = \"distributed\"");
+    // Dense codecs go with robust rules, and central mode takes any codec.
+    for extra in [
+        "[compression]\nvalues = \"int8\"\n[aggregation]\nrule = \"median\"\n",
+        &distributed.replace("distributed", "central"),
+    ] {
+        let text = merge_tables(&format!("{MINIMAL}{extra}"));
+        RunConfig::from_toml_str(&text, dir.path()).unwrap();
+    }
+}
+
+#[test]
 fn record_dp_block_of_the_example_parses_and_bad_values_are_named() {
     let dir = dir_with_vocab();
     let vocab = dir.path().join("vocab.json");

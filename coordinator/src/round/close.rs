@@ -124,6 +124,7 @@ impl RoundEngine {
             fingerprint: s.delta_sha256.to_string(),
         };
         open.means.add(&s.metrics);
+        open.means.add_upload_bytes(s.delta.len_bytes());
         open.unclipped += u64::from(s.unclipped);
         let outcome = SiteOutcome {
             train_examples: Some(s.report.train_examples),

@@ -454,19 +454,29 @@ impl RoundEngine {
         self.store.begin_round(&self.run_id, round, &pairs)?;
         self.last_round_started_ms = Some(now_ms);
         tracing::info!(run = %self.run_id, round, selected = selected.len(), "round {round} started");
-        let acc = self.strategy.accumulator(
-            &self.spec,
-            &self.cfg.aggregation,
-            self.store.dir(),
-            self.update_bound,
-        )?;
+        let acc = self
+            .strategy
+            .accumulator(
+                &self.spec,
+                &self.cfg.aggregation,
+                self.store.dir(),
+                self.update_bound,
+            )?
+            .with_compression(self.cfg.compression())?;
         let site_dp = self.strategy.task_privacy()?;
+        let mut means = TrainingMeans::new(self.cfg.aggregation.max_examples);
+        let model = self
+            .store
+            .model_checkpoint_path(&self.run_id, self.committed_round());
+        means.set_download_bytes(
+            std::fs::metadata(&model).map_or(0, |m| m.len()) * tasks.len() as u64,
+        );
         self.open = Some(OpenRound {
             round,
             deadline_ms: now_ms + (self.cfg.rounds.deadline_secs as i64) * 1000,
             tasks,
             acc,
-            means: TrainingMeans::new(self.cfg.aggregation.max_examples),
+            means,
             site_dp,
             unclipped: 0,
         });

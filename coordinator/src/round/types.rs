@@ -97,6 +97,20 @@ pub enum DeltaSource {
     File(std::path::PathBuf),
 }
 
+impl DeltaSource {
+    /// The update's size in bytes: the file's, or the parsed tensors' data (0 when the file
+    /// cannot be read; only the round's byte count uses it).
+    pub fn len_bytes(&self) -> u64 {
+        match self {
+            DeltaSource::Params(p) => p
+                .iter()
+                .map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+                .sum(),
+            DeltaSource::File(path) => std::fs::metadata(path).map_or(0, |m| m.len()),
+        }
+    }
+}
+
 impl From<ParamSet> for DeltaSource {
     fn from(p: ParamSet) -> Self {
         DeltaSource::Params(p)

@@ -8,11 +8,11 @@ use std::time::Duration;
 use fedflow_proto::transfer::receive_update_into;
 use fedflow_proto::v1::federation_server::Federation;
 use fedflow_proto::v1::{
-    DeclineTaskRequest, DeclineTaskResponse, DownloadModelRequest, DpSgdInstructions, EnrolRequest,
-    EnrolResponse, EvaluationReport, EvaluationReportResponse, HeartbeatRequest, HeartbeatResponse,
-    Metrics, ModelChunk, ModelRef, NextTaskRequest, NextTaskResponse, NoTask, PublishedModel,
-    SiteDpInstructions, SiteState, Task, TaskKind as WireKind, TrainInstructions, UpdateChunk,
-    UploadUpdateResponse, next_task_response,
+    CompressionInstructions, DeclineTaskRequest, DeclineTaskResponse, DownloadModelRequest,
+    DpSgdInstructions, EnrolRequest, EnrolResponse, EvaluationReport, EvaluationReportResponse,
+    HeartbeatRequest, HeartbeatResponse, Metrics, ModelChunk, ModelRef, NextTaskRequest,
+    NextTaskResponse, NoTask, PublishedModel, SiteDpInstructions, SiteState, Task,
+    TaskKind as WireKind, TrainInstructions, UpdateChunk, UploadUpdateResponse, next_task_response,
 };
 use prost::bytes::Bytes;
 use tonic::{Request, Response, Status, Streaming};
@@ -267,11 +267,16 @@ impl Federation for Coordinator {
             ("task_id", &h.task_id),
             ("run_id", &h.run_id),
             ("base_model_sha256", &h.base_model_sha256),
+            ("encoding", &h.encoding),
         ] {
             if let Err(error) = check_text(field, value) {
                 self.rejected(METHOD, who, h.round, &error);
                 return Err(error.into());
             }
+        }
+        if let Err(error) = check_encoding(&self.shared.cfg.compression(), &h.encoding) {
+            self.rejected(METHOD, who, h.round, &error);
+            return Err(error.into());
         }
         let call = match early {
             Some(call) if !h.site_id.is_empty() && h.site_id != call.site => {
@@ -439,6 +444,23 @@ fn site_report(m: Metrics) -> SiteReport {
     }
 }
 
+/// Refuses an update whose header says it is encoded otherwise than the run's
+/// `[compression]` (an empty encoding is an uncompressed update).
+fn check_encoding(
+    run: &fedflow_common::compress::Compression,
+    encoding: &str,
+) -> std::result::Result<(), Error> {
+    let got = if encoding.is_empty() { "f32" } else { encoding };
+    let expected = run.name();
+    if got == expected {
+        return Ok(());
+    }
+    Err(Error::BadRequest(format!(
+        "the update is encoded as {got}, but this run's sites send {expected} ([compression] \
+         of the run configuration; an older client cannot compress: upgrade it)"
+    )))
+}
+
 impl Coordinator {
     /// The published version as the wire tells it.
     fn published_message(&self, p: crate::store::Publication) -> PublishedModel {
@@ -501,6 +523,14 @@ impl Coordinator {
                     mode: dp.mode.to_string(),
                     clip_norm: dp.clip_norm,
                     noise_std: dp.noise_std,
+                }),
+                compression: Some(cfg.compression()).filter(|c| c.is_lossy()).map(|c| {
+                    CompressionInstructions {
+                        values: c.values.as_str().into(),
+                        block_size: c.block_size as u32,
+                        top_k: c.top_k.unwrap_or(0.0),
+                        error_feedback: c.error_feedback,
+                    }
                 }),
             }),
             deadline_unix_ms: t.deadline_ms,

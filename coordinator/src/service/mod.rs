@@ -158,7 +158,8 @@ struct Shared {
     downloads: Arc<tokio::sync::Semaphore>,
     /// Uploads being received at once.
     uploads: tokio::sync::Semaphore,
-    /// Largest update accepted (`limits.max_upload_bytes`, or the model's size).
+    /// Largest update accepted (`limits.max_upload_bytes`, or the size of the run's updates:
+    /// the model's, or its compressed form's).
     max_upload_bytes: u64,
     /// Transport security, revocations, audit log and per-caller limits.
     security: Security,
@@ -230,8 +231,18 @@ impl Coordinator {
         let model_bytes = std::fs::metadata(&checkpoint)
             .map_err(|e| crate::Error::io(&checkpoint, e))?
             .len();
+        // Every update of the run has one size: the model's, or its compressed form's.
+        let compression = cfg.compression();
+        let update_bytes = if compression.is_lossy() {
+            let mut file =
+                std::fs::File::open(&checkpoint).map_err(|e| crate::Error::io(&checkpoint, e))?;
+            let layout = fedflow_common::params::SafetensorsLayout::read(&mut file)?;
+            compression.update_bytes(&layout.spec)?
+        } else {
+            model_bytes
+        };
         let max_upload_bytes = match cfg.limits.max_upload_bytes {
-            0 => model_bytes,
+            0 => update_bytes,
             n => n,
         }
         .min(cfg.transport.max_model_bytes);

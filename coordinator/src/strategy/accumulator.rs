@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use fedflow_common::compress::Compression;
 use fedflow_common::fedavg::{Added, FedAvgAccumulator, NormBound};
 use fedflow_common::params::{ParamSet, ParamSpec};
 use fedflow_common::robust::{RobustAccumulator, RobustRule};
@@ -47,6 +48,18 @@ impl RoundAccumulator {
         Ok(Self::Robust(
             RobustAccumulator::new(spec, rule, &dir.join(AGGREGATION_DIR))?.with_norm_bound(bound),
         ))
+    }
+
+    /// The same accumulator taking updates compressed as `compression` says (decoded block
+    /// by block; the bound applies to the decoded update).
+    pub(crate) fn with_compression(self, compression: Compression) -> Result<Self> {
+        if compression.is_none() {
+            return Ok(self);
+        }
+        Ok(match self {
+            Self::Mean(a) => Self::Mean(a.with_compression(compression)?),
+            Self::Robust(a) => Self::Robust(a.with_compression(compression)?),
+        })
     }
 
     /// Validates `delta` and folds it in with `weight` (see the accumulators for the checks).
