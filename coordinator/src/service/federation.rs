@@ -253,7 +253,8 @@ impl Federation for Coordinator {
                 limit.as_secs()
             ))
         })
-        .and_then(|r| r.map_err(Error::Receive));
+        .and_then(|r| r.map_err(Error::Receive))
+        .map_err(|e| self.compression_hint(e));
         let (h, file) = match received {
             Ok(r) => r,
             Err(error) => {
@@ -462,6 +463,24 @@ fn check_encoding(
 }
 
 impl Coordinator {
+    /// An upload refused as too large in a run that compresses updates, with what it
+    /// should have been (an uncompressed update from a client that cannot compress is the
+    /// usual cause); any other error unchanged.
+    fn compression_hint(&self, e: Error) -> Error {
+        let compression = self.shared.cfg.compression();
+        match e {
+            Error::Receive(fedflow_proto::transfer::ReceiveError::Refused(
+                ref t @ fedflow_proto::transfer::TransferError::TooLarge { .. },
+            )) if compression.is_lossy() => Error::Limited(format!(
+                "{t}: this run's sites send updates compressed as {} ([compression]), {} \
+                 bytes each; a client that cannot compress must be upgraded",
+                compression.name(),
+                self.shared.max_upload_bytes
+            )),
+            e => e,
+        }
+    }
+
     /// The published version as the wire tells it.
     fn published_message(&self, p: crate::store::Publication) -> PublishedModel {
         PublishedModel {

@@ -5,6 +5,7 @@
 
 mod agent;
 mod claims;
+mod compression;
 mod ctl;
 mod deploy;
 mod enrolment;
