@@ -398,6 +398,31 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
         ],
         size,
     )?);
+    body.push_str("<h2>Bytes per round</h2>");
+    let compression = cfg
+        .get("compression")
+        .filter(|c| !c.is_null())
+        .and_then(|c| serde_json::from_value::<crate::config::CompressionSection>(c.clone()).ok())
+        .map_or_else(
+            || "plain f32 updates".to_string(),
+            |c| format!("updates compressed as {}", c.compression().name()),
+        );
+    let _ = write!(
+        body,
+        "<p>Update bytes the coordinator folded into each round ({}), and the global model's \
+         size times the sites given a task (each downloads it once).</p>",
+        escape(&compression)
+    );
+    body.push_str(&line_chart(
+        "Transfer volume",
+        "round",
+        "MB",
+        &[
+            series("uploads", all(&|r| r.train.upload_bytes as f64 / 1e6)),
+            series("downloads", all(&|r| r.train.download_bytes as f64 / 1e6)),
+        ],
+        size,
+    )?);
     body.push_str("<h2>Round durations</h2>");
     body.push_str(&line_chart(
         "From start to commit",
@@ -444,6 +469,8 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
                 fmt(r.eval.as_ref().and_then(|e| e.accuracy), 4),
                 fmt(r.eval.as_ref().and_then(|e| e.macro_f1), 4),
                 fmt(r.update_norm, 4),
+                format!("{:.3}", r.train.upload_bytes as f64 / 1e6),
+                format!("{:.3}", r.train.download_bytes as f64 / 1e6),
                 fmt(r.seconds, 1),
                 fmt(r.epsilon, 3),
             ]
@@ -461,6 +488,8 @@ pub fn build(store: &Store, run_id: &str) -> Result<String> {
             "eval accuracy",
             "eval macro-F1",
             "update norm",
+            "upload MB",
+            "download MB",
             "seconds",
             "epsilon",
         ],
@@ -507,5 +536,15 @@ mod tests {
             paragraph.contains("Updates clipped in this run: 1."),
             "{paragraph}"
         );
+        // The bytes the round moved: every update folded in, the model to every site.
+        let round = &e.store().rounds("t").unwrap()[1];
+        let m: crate::metrics::TrainingSummary =
+            serde_json::from_str(round.metrics_json.as_ref().unwrap()).unwrap();
+        let values = f.initial.num_elements() as u64;
+        assert_eq!(m.upload_bytes, SITES.len() as u64 * values * 4);
+        let model = f.initial.to_safetensors_bytes().unwrap().len() as u64;
+        assert_eq!(m.download_bytes, SITES.len() as u64 * model);
+        assert!(html.contains("<h2>Bytes per round</h2>"));
+        assert!(html.contains("plain f32 updates"));
     }
 }

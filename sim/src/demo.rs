@@ -420,28 +420,7 @@ pub async fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoRepo
         say,
     )?;
 
-    let mut run_cfg = match &cfg.run_config {
-        Some(text) => RunConfig::with_vocab(text, &vocab_path)?,
-        None => RunConfig::demo(&vocab_path)?,
-    };
-    run_cfg.run.seed = cfg.seed;
-    if let Some(r) = cfg.rounds {
-        run_cfg.run.rounds = r;
-    }
-    if let Some(e) = cfg.local_epochs {
-        run_cfg.train.epochs = e;
-    }
-    // The embedded configuration expects 20 sites; scale its quorum to the sites there are.
-    let n = sites.len();
-    run_cfg.sampling.min_available = n;
-    run_cfg.sampling.min_selected = run_cfg.sampling.min_selected.min(n);
-    run_cfg.rounds.min_completed = run_cfg
-        .rounds
-        .min_completed
-        .min(n.div_ceil(5) * 4)
-        .min(run_cfg.sampling.min_selected)
-        .max(1);
-    let run_cfg = RunConfig::from_toml_str(&run_cfg.to_toml_string()?, out)?;
+    let run_cfg = run_config(cfg, &vocab_path, sites.len(), out)?;
     fedflow_common::fsio::write_atomic(
         &out.join("run.toml"),
         run_cfg.to_toml_string()?.as_bytes(),
@@ -540,6 +519,39 @@ pub async fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoRepo
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Other(e.to_string()))?;
     fedflow_common::fsio::write_atomic(&out.join("demo.json"), json.as_bytes())?;
     Ok(report)
+}
+
+/// The demo's run configuration for `sites` sites: the embedded one (or `--config`'s) with
+/// the demo's seed, rounds and epochs, its quorum scaled to the sites there are, validated
+/// again as a whole (relative paths against `out`).
+pub(crate) fn run_config(
+    cfg: &DemoConfig,
+    vocab_path: &Path,
+    sites: usize,
+    out: &Path,
+) -> Result<RunConfig> {
+    let mut run_cfg = match &cfg.run_config {
+        Some(text) => RunConfig::with_vocab(text, vocab_path)?,
+        None => RunConfig::demo(vocab_path)?,
+    };
+    run_cfg.run.seed = cfg.seed;
+    if let Some(r) = cfg.rounds {
+        run_cfg.run.rounds = r;
+    }
+    if let Some(e) = cfg.local_epochs {
+        run_cfg.train.epochs = e;
+    }
+    // The embedded configuration expects 20 sites; scale its quorum to the sites there are.
+    let n = sites;
+    run_cfg.sampling.min_available = n;
+    run_cfg.sampling.min_selected = run_cfg.sampling.min_selected.min(n);
+    run_cfg.rounds.min_completed = run_cfg
+        .rounds
+        .min_completed
+        .min(n.div_ceil(5) * 4)
+        .min(run_cfg.sampling.min_selected)
+        .max(1);
+    Ok(RunConfig::from_toml_str(&run_cfg.to_toml_string()?, out)?)
 }
 
 /// The configuration of the demo's private run (the privacy curve's): a smaller model than

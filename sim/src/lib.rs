@@ -30,6 +30,7 @@ use fedflow_coordinator::service::RunAction;
 use fedflow_coordinator::service::{Coordinator, serve};
 use fedflow_coordinator::store::{Publication, RoundRecord, Store};
 
+pub mod compression_study;
 pub mod demo;
 pub mod live;
 pub mod privacy_audit;

@@ -88,6 +88,13 @@ pub fn to_html(r: &PrivacyAudit) -> Result<String> {
     if !r.empirical.is_empty() {
         body.push_str(&empirical_section(&r.empirical));
     }
+    if let Some(c) = &r.compression {
+        body.push_str(&format!(
+            "<h2>Update compression: {}</h2><p>{}</p>",
+            escape(&c.encoding),
+            escape(&c.statement)
+        ));
+    }
     body.push_str("<h2>Not covered by any guarantee above</h2><ul>");
     for n in &r.not_covered {
         body.push_str(&format!("<li>{}</li>", escape(n)));

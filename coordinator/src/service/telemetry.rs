@@ -61,6 +61,8 @@ struct EngineFigures {
     sites_dropped: u64,
     aggregation_seconds: (f64, u64),
     epsilon: Option<f64>,
+    /// The last committed round's update and model bytes (its round metrics).
+    round_bytes: Option<(u64, u64)>,
     /// The published version and when it was published.
     published: Option<(u64, i64)>,
     now_ms: i64,
@@ -100,6 +102,13 @@ fn figures(e: &RoundEngine, now_ms: i64) -> crate::Result<EngineFigures> {
         sites_dropped: count(LiveState::Dropped),
         aggregation_seconds: e.aggregation_seconds(),
         epsilon: e.site_dp_spent()?,
+        round_bytes: rounds
+            .iter()
+            .rev()
+            .filter(|r| r.round > 0 && r.status == RoundStatus::Committed)
+            .find_map(|r| r.metrics_json.as_deref())
+            .and_then(|j| serde_json::from_str::<crate::metrics::TrainingSummary>(j).ok())
+            .map(|m| (m.upload_bytes, m.download_bytes)),
         published: e.published().map(|p| (p.round, p.published_at_ms)),
         now_ms,
     })
@@ -120,7 +129,7 @@ fn counter(r: &mut Registry, name: &str, help: &str, v: u64) {
 /// Every metric family `/metrics` may hold, with the `fedflow_` prefix and counters'
 /// `_total` suffix as scrapers see them. Some appear only in some runs: the published
 /// version's once one is published, epsilon under site-level DP, the refusals' once a call
-/// or update was refused. Dashboards are checked against this list, and the list against
+/// or update was refused, the last round's bytes once a round is committed. Dashboards are checked against this list, and the list against
 /// what a coordinator exports.
 pub const METRIC_FAMILIES: &[&str] = &[
     "fedflow_rounds_completed_total",
@@ -144,6 +153,8 @@ pub const METRIC_FAMILIES: &[&str] = &[
     "fedflow_aggregation_seconds_sum",
     "fedflow_aggregations",
     "fedflow_site_dp_epsilon_spent",
+    "fedflow_last_round_upload_bytes",
+    "fedflow_last_round_download_bytes",
     "fedflow_certificate_expiry_seconds",
     "fedflow_site_certificate_expiry_seconds_min",
 ];
@@ -286,6 +297,20 @@ pub(crate) async fn render(c: &Coordinator) -> crate::Result<String> {
             "site_certificate_expiry_seconds_min",
             "Seconds until the soonest-expiring certificate of the sites heard from expires",
             (soonest - fedflow_common::clock::now_ms() / 1000) as f64,
+        );
+    }
+    if let Some((up, down)) = f.round_bytes {
+        gauge(
+            &mut r,
+            "last_round_upload_bytes",
+            "Update bytes folded into the last committed round (compressed when the run compresses)",
+            up as f64,
+        );
+        gauge(
+            &mut r,
+            "last_round_download_bytes",
+            "The model's bytes times the sites given a task in the last committed round",
+            down as f64,
         );
     }
     if let Some(eps) = f.epsilon {

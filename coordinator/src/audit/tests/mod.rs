@@ -617,3 +617,28 @@ fn an_empirical_audit_is_attached_only_to_the_mechanism_it_audited() {
     assert!(plain.empirical.is_empty());
     assert!(!html.contains("Empirical check"));
 }
+
+#[test]
+fn compression_is_stated_with_what_keeps_each_guarantee_exact() {
+    let central = "[site_dp]\nclip_norm = 0.5\nnoise_multiplier = 1.5\nexpected_sites = 4\n\
+                   target_epsilon = 100\ntarget_delta = 1e-5\n";
+    let mut r = run(
+        &format!("{central}[compression]\nvalues = \"int8\"\ntop_k = 0.1\nerror_feedback = true\n"),
+        4,
+    );
+    r.commit(1, &SITES4, false);
+    let (report, json, html) = r.report();
+    let note = report.compression.as_ref().expect("compression stated");
+    assert_eq!(note.encoding, "top0.1+int8/256+ef");
+    for part in ["post-processing", "Error feedback", "decoded", "C = 0.5"] {
+        assert!(note.statement.contains(part), "{part}: {}", note.statement);
+    }
+    assert_eq!(json["compression"]["encoding"], "top0.1+int8/256+ef");
+    assert!(html.contains("Update compression: top0.1+int8/256+ef"));
+    // Without [compression] the report says nothing about it.
+    let mut plain = run(central, 4);
+    plain.commit(1, &SITES4, false);
+    let (report, json, html) = plain.report();
+    assert!(report.compression.is_none() && json["compression"].is_null());
+    assert!(!html.contains("Update compression"));
+}
