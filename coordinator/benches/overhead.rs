@@ -7,7 +7,12 @@
 //!
 //! ```sh
 //! cargo bench -p fedflow-coordinator --bench overhead -- --sites 10,100,1000 --model small,10m --rounds 3 [--json]
+//! cargo bench -p fedflow-coordinator --bench overhead -- --sites 10 --model 10m --compression int8,f32:top0.01
 //! ```
+//!
+//! `--compression` runs each case once per `[compression]` of the run (`none`, or
+//! `VALUES[:topFRACTION]` with VALUES one of f32, f16, bf16, int8): the sites send the
+//! compressed no-op delta, the coordinator decodes every update into the round.
 //!
 //! Models: `small` is the default LSTM (embed 64, hidden 64, 2 layers: 73,285 parameters);
 //! `10m` is the same architecture with hidden size 900 (9,975,705 parameters, 39.9 MB).
@@ -30,6 +35,8 @@ use fedflow_coordinator::store::Store;
 struct CaseResult {
     sites: usize,
     model: String,
+    compression: String,
+    upload_bytes_per_round: f64,
     parameters: usize,
     model_bytes: u64,
     rounds: usize,
@@ -50,8 +57,26 @@ fn hidden_size(model: &str) -> Result<usize> {
     }
 }
 
-fn run_toml(vocab: &Path, hidden: usize, sites: usize, rounds: usize) -> String {
-    format!(
+/// The `[compression]` table of a `--compression` mode (empty for `none`).
+fn compression_toml(mode: &str) -> Result<String> {
+    if mode == "none" {
+        return Ok(String::new());
+    }
+    let (values, top_k) = match mode.split_once(":top") {
+        Some((v, f)) => (v, Some(f.parse::<f64>()?)),
+        None => (mode, None),
+    };
+    if fedflow_common::compress::ValueCodec::parse(values).is_none() {
+        bail!("unknown codec `{values}`: use f32, f16, bf16 or int8");
+    }
+    Ok(format!(
+        "\n[compression]\nvalues = \"{values}\"\n{}",
+        top_k.map_or(String::new(), |f| format!("top_k = {f}\n"))
+    ))
+}
+
+fn run_toml(vocab: &Path, hidden: usize, sites: usize, rounds: usize, compression: &str) -> String {
+    let text = format!(
         r#"[run]
 name = "bench"
 seed = 42
@@ -85,7 +110,8 @@ on_quorum_failure = "pause"
 heartbeat_timeout_secs = 600
 "#,
         vocab = vocab.display()
-    )
+    );
+    text + compression
 }
 
 /// `VmHWM` (peak) and `VmRSS` (current) of `pid`, in bytes.
@@ -162,6 +188,7 @@ fn run_case(
     sites: usize,
     model: &str,
     rounds: usize,
+    compression: &str,
 ) -> Result<CaseResult> {
     let dir = tempfile::tempdir()?;
     let vocab_path = dir.path().join("vocab.json");
@@ -169,7 +196,13 @@ fn run_case(
     let config = dir.path().join("run.toml");
     std::fs::write(
         &config,
-        run_toml(&vocab_path, hidden_size(model)?, sites, rounds),
+        run_toml(
+            &vocab_path,
+            hidden_size(model)?,
+            sites,
+            rounds,
+            &compression_toml(compression)?,
+        ),
     )?;
     let data = dir.path().join("data");
 
@@ -205,8 +238,17 @@ fn run_case(
     }
 
     let store = Store::open(&data)?;
-    let round_seconds: Vec<f64> = store
-        .rounds("bench")?
+    let records = store.rounds("bench")?;
+    let uploads: Vec<u64> = records
+        .iter()
+        .filter(|r| r.round > 0)
+        .filter_map(|r| r.metrics_json.as_deref())
+        .filter_map(|j| {
+            serde_json::from_str::<fedflow_coordinator::metrics::TrainingSummary>(j).ok()
+        })
+        .map(|m| m.upload_bytes)
+        .collect();
+    let round_seconds: Vec<f64> = records
         .iter()
         .filter(|r| r.round > 0)
         .filter_map(|r| {
@@ -223,6 +265,8 @@ fn run_case(
     Ok(CaseResult {
         sites,
         model: model.to_string(),
+        compression: compression.to_string(),
+        upload_bytes_per_round: uploads.iter().sum::<u64>() as f64 / uploads.len().max(1) as f64,
         parameters: layout.spec.num_elements(),
         model_bytes,
         rounds,
@@ -254,6 +298,7 @@ fn main() -> Result<()> {
     let mut models = vec!["small".to_string(), "10m".to_string()];
     let mut rounds = 3;
     let mut json = false;
+    let mut compressions = vec!["none".to_string()];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -261,6 +306,9 @@ fn main() -> Result<()> {
             "--model" => models = list(&args.next().context("--model needs a value")?)?,
             "--rounds" => rounds = args.next().context("--rounds needs a value")?.parse()?,
             "--json" => json = true,
+            "--compression" => {
+                compressions = list(&args.next().context("--compression needs a value")?)?
+            }
             // `cargo bench` passes --bench; ignore it and other harness flags.
             _ => {}
         }
@@ -276,39 +324,43 @@ fn main() -> Result<()> {
     let mut results = Vec::new();
     if !json {
         println!(
-            "| sites | model | parameters | model MB | rounds | median round s | min–max s | coordinator RSS after start MB (start peak) | coordinator peak RSS in rounds MB | peak / model |"
+            "| sites | model | compression | parameters | model MB | upload MB per round | rounds | median round s | min–max s | coordinator RSS after start MB (start peak) | coordinator peak RSS in rounds MB | peak / model |"
         );
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     }
     for model in &models {
         for &n in &sites {
-            let r = run_case(&runtime, n, model, rounds)
-                .with_context(|| format!("case {n} sites, model {model}"))?;
-            if !json {
-                let mb = |b: u64| b as f64 / 1e6;
-                let min = r
-                    .round_seconds
-                    .iter()
-                    .copied()
-                    .fold(f64::INFINITY, f64::min);
-                let max = r.round_seconds.iter().copied().fold(0.0, f64::max);
-                println!(
-                    "| {} | {} | {} | {:.1} | {} | {:.2} | {:.2}–{:.2} | {:.0} ({:.0}) | {:.0} | {:.2} |",
-                    r.sites,
-                    r.model,
-                    r.parameters,
-                    mb(r.model_bytes),
-                    r.rounds,
-                    r.median_round_seconds,
-                    min,
-                    max,
-                    mb(r.startup_rss_bytes),
-                    mb(r.startup_peak_rss_bytes),
-                    mb(r.peak_rss_bytes),
-                    r.peak_rss_over_model
-                );
+            for compression in &compressions {
+                let r = run_case(&runtime, n, model, rounds, compression)
+                    .with_context(|| format!("case {n} sites, model {model}, {compression}"))?;
+                if !json {
+                    let mb = |b: u64| b as f64 / 1e6;
+                    let min = r
+                        .round_seconds
+                        .iter()
+                        .copied()
+                        .fold(f64::INFINITY, f64::min);
+                    let max = r.round_seconds.iter().copied().fold(0.0, f64::max);
+                    println!(
+                        "| {} | {} | {} | {} | {:.1} | {:.1} | {} | {:.2} | {:.2}–{:.2} | {:.0} ({:.0}) | {:.0} | {:.2} |",
+                        r.sites,
+                        r.model,
+                        r.compression,
+                        r.parameters,
+                        mb(r.model_bytes),
+                        r.upload_bytes_per_round / 1e6,
+                        r.rounds,
+                        r.median_round_seconds,
+                        min,
+                        max,
+                        mb(r.startup_rss_bytes),
+                        mb(r.startup_peak_rss_bytes),
+                        mb(r.peak_rss_bytes),
+                        r.peak_rss_over_model
+                    );
+                }
+                results.push(r);
             }
-            results.push(r);
         }
     }
     if json {
