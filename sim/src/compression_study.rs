@@ -3,7 +3,7 @@
 //! validation split, with the bytes its rounds moved (from the coordinator's round metrics).
 //! Only the compression differs between the runs, so the accuracy differences are its cost.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use fedflow_common::compress::{Compression, ValueCodec};
 use fedflow_coordinator::config::CompressionSection;
@@ -182,11 +182,6 @@ fn clear(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::Other(format!("cannot clear {}: {e}", dir.display()))),
     }
-}
-
-/// The default output folder.
-pub fn default_out() -> PathBuf {
-    PathBuf::from("runs/compression")
 }
 
 /// Parses a mode given on the command line: `none`, or `VALUES[/BLOCK][:topFRACTION][+ef]`

@@ -12,6 +12,7 @@ use fedflow_sim::privacy_curve::{self, CurveConfig};
 use fedflow_sim::site_curve::{self, SiteCurveConfig};
 
 mod print;
+mod study;
 use print::{print_live, print_table};
 
 #[global_allocator]
@@ -47,7 +48,7 @@ enum Command {
     /// The cost of update compression: the demo's federation once per compression (same
     /// data, seeds and rounds), each global model's accuracy next to the uncompressed
     /// run's, with the bytes per round up and down (compression.json).
-    CompressionStudy(StudyArgs),
+    CompressionStudy(study::StudyArgs),
     /// A continuous federation through a drift: sites collect new sessions every period and
     /// hold a sliding window of them, the label function changes mid-run, and the publish
     /// gate keeps the served model up to date; reports the served version, a version frozen
@@ -138,42 +139,16 @@ struct SiteCurveArgs {
 
 /// The generated federation both commands run on.
 #[derive(Debug, clap::Args)]
-struct DataArgs {
+pub(crate) struct DataArgs {
     /// Partner sites.
     #[arg(long, default_value_t = 20)]
-    sites: usize,
+    pub(crate) sites: usize,
     /// Sessions over all sites.
     #[arg(long, default_value_t = 20_000)]
-    sessions: usize,
+    pub(crate) sessions: usize,
     /// Seed of the data, sampling and training.
     #[arg(long, default_value_t = 42)]
-    seed: u64,
-}
-
-#[derive(Debug, clap::Args)]
-struct StudyArgs {
-    /// Output folder (data/, one folder per mode, compression.json).
-    #[arg(long, default_value = "runs/compression")]
-    out: PathBuf,
-    #[command(flatten)]
-    data: DataArgs,
-    /// Federated rounds (default: the demo's).
-    #[arg(long)]
-    rounds: Option<u64>,
-    /// Local epochs per round (default: the demo's).
-    #[arg(long)]
-    local_epochs: Option<usize>,
-    /// A run configuration to use instead of the demo's (its model.vocab is replaced).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Sites that may train at the same time.
-    #[arg(long, default_value_t = 1)]
-    concurrent: usize,
-    /// The modes, the first being the reference: `none`, or VALUES[/BLOCK][:topFRACTION][+ef]
-    /// with VALUES one of f32, f16, bf16, int8 (default: none, f16, bf16, int8, top 1% with
-    /// f32 values without and with error feedback, top 1% int8 with error feedback).
-    #[arg(long, value_delimiter = ',', value_parser = fedflow_sim::compression_study::parse_mode)]
-    modes: Vec<fedflow_sim::compression_study::Mode>,
+    pub(crate) seed: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -345,7 +320,7 @@ struct DemoArgs {
 }
 
 /// The text of a run configuration given with `--config`.
-fn read_config(path: &std::path::Path) -> anyhow::Result<String> {
+pub(crate) fn read_config(path: &std::path::Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
 }
@@ -393,50 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 summaries.len()
             );
         }
-        Command::CompressionStudy(a) => {
-            let cfg = DemoConfig {
-                out: a.out,
-                sites: a.data.sites,
-                sessions: a.data.sessions,
-                seed: a.data.seed,
-                rounds: a.rounds,
-                local_epochs: a.local_epochs,
-                concurrent_work: a.concurrent,
-                run_config: a.config.as_deref().map(read_config).transpose()?,
-                ..DemoConfig::default()
-            };
-            let modes = if a.modes.is_empty() {
-                fedflow_sim::compression_study::default_modes()
-            } else {
-                a.modes
-            };
-            let results =
-                fedflow_sim::compression_study::run(&cfg, &modes, &mut |l| eprintln!("{l}"))
-                    .await?;
-            println!(
-                "{:<16} {:<22} {:>9} {:>8} {:>14} {:>9} {:>14}",
-                "mode",
-                "compression",
-                "accuracy",
-                "points",
-                "upload B/rnd",
-                "fewer",
-                "download B/rnd"
-            );
-            for r in &results {
-                println!(
-                    "{:<16} {:<22} {:>9.4} {:>+8.2} {:>14.0} {:>8.1}x {:>14.0}",
-                    r.name,
-                    r.compression,
-                    r.scores.accuracy,
-                    r.accuracy_change_points,
-                    r.upload_bytes_per_round,
-                    r.upload_reduction,
-                    r.download_bytes_per_round
-                );
-            }
-            println!("written: {}", cfg.out.join("compression.json").display());
-        }
+        Command::CompressionStudy(a) => study::run(a).await?,
         Command::Live(a) => {
             let cfg = LiveConfig {
                 out: a.out,

@@ -1,5 +1,6 @@
 //! What `fedflow-sim`'s commands print: the demo's table and the live run's summary.
 
+use fedflow_sim::compression_study::ModeResult;
 use fedflow_sim::demo::DemoReport;
 use fedflow_sim::live::LiveReport;
 
@@ -158,4 +159,24 @@ pub(crate) fn print_table(r: &DemoReport) {
          run), run.toml, demo.json",
         r.out.display()
     );
+}
+
+/// Prints the compression study's table: accuracy next to the reference, bytes per round.
+pub(crate) fn print_compression(results: &[ModeResult]) {
+    println!(
+        "{:<16} {:<22} {:>9} {:>8} {:>14} {:>9} {:>14}",
+        "mode", "compression", "accuracy", "points", "upload B/rnd", "fewer", "download B/rnd"
+    );
+    for r in results {
+        println!(
+            "{:<16} {:<22} {:>9.4} {:>+8.2} {:>14.0} {:>8.1}x {:>14.0}",
+            r.name,
+            r.compression,
+            r.scores.accuracy,
+            r.accuracy_change_points,
+            r.upload_bytes_per_round,
+            r.upload_reduction,
+            r.download_bytes_per_round
+        );
+    }
 }

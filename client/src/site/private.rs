@@ -175,7 +175,7 @@ impl SiteTrainer {
             );
         }
         let local = ParamSet::from_varmap(model.varmap())?;
-        let super::Release {
+        let super::release::Release {
             delta,
             bytes: delta_bytes,
             unclipped,

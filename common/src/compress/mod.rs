@@ -48,10 +48,12 @@ use crate::error::{Error, Result};
 use crate::params::{ParamSpec, SafetensorsLayout, TensorSpec};
 
 mod decode;
+mod dense;
 mod encode;
 
 pub(crate) use decode::scatter;
 pub use decode::{Positions, decode_bytes, visit};
+pub(crate) use dense::DenseWriter;
 pub use encode::{Encoded, encode};
 
 /// Separates a parameter's name from its part in an encoded update (`p#q`, `p#scale`, ...).
