@@ -191,3 +191,51 @@ fn a_damaged_residual_file_is_an_error_naming_it() {
         .to_string();
     assert!(e.contains(feedback::FEEDBACK_FILE), "{e}");
 }
+
+#[test]
+fn a_dp_sgd_update_is_recorded_compressed_and_a_retry_resends_it_decoded_alike() {
+    use crate::privacy::{RecordDp, SitePrivacy};
+    use fedflow_common::train::DpSgdConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixture();
+    let privacy = SitePrivacy::open(dir.path(), 50.0, 1e-5, false).unwrap();
+    let site = SiteTrainer::new((*f.site.dataset()).clone(), &f.vocab, Device::Cpu)
+        .with_privacy(std::sync::Arc::new(privacy));
+    let task = TaskSpec {
+        record_dp: Some(RecordDp {
+            sgd: DpSgdConfig {
+                expected_batch_size: 16,
+                ..DpSgdConfig::default()
+            },
+            target_epsilon: 50.0,
+            target_delta: 1e-5,
+            count_noise_multiplier: 0.0,
+        }),
+        ..compressed(&f, ValueCodec::Int8, Some(0.1), true)
+    };
+    let first = site
+        .train_task(&task, &f.global_bytes, &mut |_| {})
+        .unwrap();
+    let spec = f.global.spec();
+    assert_eq!(
+        first.delta_bytes.len() as u64,
+        task.compression.update_bytes(&spec).unwrap()
+    );
+    // The ledger holds what was sent: the compressed bytes.
+    let (entry, bytes) = crate::ledger::Ledger::open(dir.path())
+        .unwrap()
+        .find(&task.run_id, task.round, &task.task_id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry.update_sha256, first.delta_sha256);
+    assert_eq!(bytes.unwrap(), first.delta_bytes);
+    // A retry resends them (no fresh noise) and reports the same decoded update.
+    let again = site
+        .train_task(&task, &f.global_bytes, &mut |_| {})
+        .unwrap();
+    assert_eq!(again.delta_bytes, first.delta_bytes);
+    assert_eq!(
+        again.delta.to_safetensors_bytes().unwrap(),
+        first.delta.to_safetensors_bytes().unwrap()
+    );
+}
