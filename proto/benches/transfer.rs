@@ -3,8 +3,14 @@
 //! the same size streamed up (spilled to a file as it arrives, hash checked on the way).
 //!
 //! ```sh
-//! cargo bench -p fedflow-proto --bench transfer -- --mb 500
+//! cargo bench -p fedflow-proto --bench transfer -- --mb 500 [--window KIB] [--sink file|null] [--runs R]
 //! ```
+//!
+//! `--window` sets the HTTP/2 flow-control windows (stream and connection, both ends) in KiB
+//! (default: tonic's and hyper's own); `--sink null` drops the upload instead of spilling it
+//! (to tell the spill's cost from the rest); `--runs` repeats the transfers and reports each.
+//! The process allocates with mimalloc, as the coordinator and the client do (run it with
+//! `MIMALLOC_PURGE_DELAY=0` for the coordinator's setting).
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -22,10 +28,15 @@ use prost::bytes::Bytes;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct TestServer {
     model: Bytes,
     sha: String,
     chunk_bytes: usize,
+    /// Spill uploads to a file (else drop them).
+    spill: bool,
 }
 
 type ChunkStream = tokio_stream::Iter<std::vec::IntoIter<Result<ModelChunk, Status>>>;
@@ -71,12 +82,16 @@ impl Federation for TestServer {
         req: Request<Streaming<UpdateChunk>>,
     ) -> Result<Response<UploadUpdateResponse>, Status> {
         let mut stream = req.into_inner();
-        // Spilled to a file as it arrives, like the coordinator does.
-        let file = tempfile::tempfile().map_err(|e| Status::internal(e.to_string()))?;
-        let (header, _file) =
-            receive_update_into(&mut stream, std::io::BufWriter::new(file), 1 << 40, 1 << 20)
-                .await
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Spilled to a file as it arrives, like the coordinator does (or dropped).
+        let sink: Box<dyn std::io::Write + Send> = if self.spill {
+            let file = tempfile::tempfile().map_err(|e| Status::internal(e.to_string()))?;
+            Box::new(std::io::BufWriter::new(file))
+        } else {
+            Box::new(std::io::sink())
+        };
+        let (header, _sink) = receive_update_into(&mut stream, sink, 1 << 40, 1 << 20)
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(UploadUpdateResponse {
             delta_sha256: header.delta_sha256,
             duplicate: false,
@@ -125,14 +140,24 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// The value after `flag` on the command line, parsed.
+fn arg<T: std::str::FromStr>(args: &[String], flag: &str) -> Option<T> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{flag} takes a value, got {v}"))
+        })
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let mb: usize = args
-        .iter()
-        .position(|a| a == "--mb")
-        .and_then(|i| args.get(i + 1))
-        .map_or(500, |v| v.parse().expect("--mb takes a number of MB"));
+    let mb: usize = arg(&args, "--mb").unwrap_or(500);
+    let window: Option<u32> = arg::<u32>(&args, "--window").map(|k| k * 1024);
+    let spill = arg::<String>(&args, "--sink").is_none_or(|s| s != "null");
+    let runs: usize = arg(&args, "--runs").unwrap_or(1);
     let n = mb * 1_000_000;
     let model = payload(n);
     let t = Instant::now();
@@ -145,74 +170,90 @@ async fn main() {
         model: model.clone(),
         sha: sha.clone(),
         chunk_bytes: 1 << 20,
+        spill,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tokio::spawn(
         tonic::transport::Server::builder()
+            .initial_stream_window_size(window)
+            .initial_connection_window_size(window)
             .add_service(svc)
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
-    let mut c = FederationClient::connect(format!("http://{addr}"))
-        .await
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window);
+    let mut c = FederationClient::new(endpoint.connect().await.unwrap())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
-    let t = Instant::now();
-    let mut stream = c
-        .download_model(DownloadModelRequest {
-            sha256: sha.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut asm = None;
-    while let Some(chunk) = stream.message().await.unwrap() {
-        let a = asm.get_or_insert_with(|| {
-            Assembler::new(
-                std::io::sink(),
-                &chunk.sha256,
-                chunk.total_bytes,
-                1 << 40,
-                1 << 20,
-            )
-            .unwrap()
-        });
-        a.push(chunk.offset, &chunk.data).unwrap();
-    }
-    asm.expect("chunks arrived")
-        .finish()
-        .expect("hash verified");
-    let down_s = t.elapsed().as_secs_f64();
-
-    let t = Instant::now();
-    let header = UpdateHeader {
-        site_id: "bench".into(),
-        delta_sha256: sha.clone(),
-        total_bytes: n as u64,
-        ..Default::default()
-    };
-    let reply = c
-        .upload_update(tokio_stream::iter(update_chunks(header, &model, 1 << 20)))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(reply.delta_sha256, sha);
-    let up_s = t.elapsed().as_secs_f64();
-
     let mbs = |s: f64| n as f64 / 1e6 / s;
-    println!("payload {mb} MB, 1 MiB chunks, loopback");
+    println!(
+        "payload {mb} MB, 1 MiB chunks, loopback, HTTP/2 windows {}, upload {}",
+        window.map_or("tonic's defaults".to_string(), |w| format!(
+            "{} KiB",
+            w / 1024
+        )),
+        if spill {
+            "spilled to a file"
+        } else {
+            "dropped"
+        }
+    );
     println!("  SHA-256 alone: {hash_s:.2} s ({:.0} MB/s)", mbs(hash_s));
-    println!(
-        "  download (stream + verify): {down_s:.2} s ({:.0} MB/s)",
-        mbs(down_s)
-    );
-    println!(
-        "  upload (stream + verify + spill to file): {up_s:.2} s ({:.0} MB/s)",
-        mbs(up_s)
-    );
+    for run in 1..=runs {
+        let t = Instant::now();
+        let mut stream = c
+            .download_model(DownloadModelRequest {
+                sha256: sha.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut asm = None;
+        while let Some(chunk) = stream.message().await.unwrap() {
+            let a = asm.get_or_insert_with(|| {
+                Assembler::new(
+                    std::io::sink(),
+                    &chunk.sha256,
+                    chunk.total_bytes,
+                    1 << 40,
+                    1 << 20,
+                )
+                .unwrap()
+            });
+            a.push(chunk.offset, &chunk.data).unwrap();
+        }
+        asm.expect("chunks arrived")
+            .finish()
+            .expect("hash verified");
+        let down_s = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let header = UpdateHeader {
+            site_id: "bench".into(),
+            delta_sha256: sha.clone(),
+            total_bytes: n as u64,
+            ..Default::default()
+        };
+        let reply = c
+            .upload_update(tokio_stream::iter(update_chunks(header, &model, 1 << 20)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.delta_sha256, sha);
+        let up_s = t.elapsed().as_secs_f64();
+        println!(
+            "  run {run}: download (stream + verify) {down_s:.2} s ({:.0} MB/s); upload (stream + \
+             verify{}) {up_s:.2} s ({:.0} MB/s)",
+            mbs(down_s),
+            if spill { " + spill to file" } else { "" },
+            mbs(up_s)
+        );
+    }
     println!(
         "  peak RSS of this process (both ends + the payload): {:.0} MiB",
         peak_rss_mib()

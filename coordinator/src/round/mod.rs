@@ -134,6 +134,17 @@ struct OpenRound {
     unclipped: u64,
 }
 
+/// See [`RoundEngine::work_key`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkKey {
+    phase: Option<Phase>,
+    held: bool,
+    /// The id of the open round's first task (ids name the round and the attempt).
+    round_tasks: Option<String>,
+    /// The id of the open evaluation's first task.
+    evaluation_tasks: Option<String>,
+}
+
 /// The state machine of one run.
 #[derive(Debug)]
 pub struct RoundEngine {
@@ -301,6 +312,21 @@ impl RoundEngine {
     /// Where the run stands.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// What a waiting site's next poll could be handed: it changes whenever the phase does
+    /// or the open round's or evaluation's tasks are replaced (a new round, attempt or
+    /// evaluation), and only then, so the service wakes waiting polls on a change instead
+    /// of asking again and again.
+    pub fn work_key(&self) -> WorkKey {
+        let first =
+            |tasks: &BTreeMap<String, Task>| tasks.values().next().map(|t| t.task_id.clone());
+        WorkKey {
+            phase: Some(self.phase),
+            held: self.held,
+            round_tasks: self.open.as_ref().and_then(|o| first(&o.tasks)),
+            evaluation_tasks: self.eval.as_ref().and_then(|e| first(&e.tasks)),
+        }
     }
 
     /// The last committed round (0 before the first).
@@ -552,3 +578,5 @@ mod registry_tests;
 mod site_dp_tests;
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod work_key_tests;

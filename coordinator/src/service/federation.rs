@@ -28,8 +28,10 @@ use crate::strategy::UpdateReport;
 
 /// Longest a `NextTask` call is held open.
 const MAX_POLL: Duration = Duration::from_secs(30);
-/// How often a held `NextTask` call asks the engine again.
-const POLL_EVERY: Duration = Duration::from_millis(100);
+/// The longest a held `NextTask` call waits without asking the engine again (it is woken
+/// at once when the engine's work changes: a round or evaluation starts, the run pauses or
+/// ends).
+const POLL_EVERY: Duration = Duration::from_secs(2);
 
 #[tonic::async_trait]
 impl Federation for Coordinator {
@@ -111,7 +113,10 @@ impl Federation for Coordinator {
         let req = req.into_inner();
         let until =
             tokio::time::Instant::now() + Duration::from_millis(req.wait_ms as u64).min(MAX_POLL);
+        let mut work = self.work.clone();
         loop {
+            // Seen before asking: a change after the answer wakes the wait below.
+            work.borrow_and_update();
             let site = call.site.clone();
             let (ticket, phase, published) = self.ask(|r| Command::Poll(site, r)).await?;
             let published = published.map(|p| self.published_message(p));
@@ -141,7 +146,11 @@ impl Federation for Coordinator {
                     published,
                 }));
             }
-            tokio::time::sleep(POLL_EVERY).await;
+            let wake = until.min(tokio::time::Instant::now() + POLL_EVERY);
+            if let Ok(Err(_)) = tokio::time::timeout_at(wake, work.changed()).await {
+                // The engine thread is gone.
+                return Err(Error::ShuttingDown.into());
+            }
         }
     }
 

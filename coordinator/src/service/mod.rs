@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use crate::config::RunConfig;
 use crate::round::{
     Accepted, EvaluationSubmission, Heartbeat, Phase, Rejection, RoundEngine, RunView, Submission,
-    TaskTicket,
+    TaskTicket, WorkKey,
 };
 use crate::security::Transport;
 
@@ -143,6 +143,9 @@ type Polled = (Option<TaskTicket>, Phase, Option<crate::store::Publication>);
 pub struct Coordinator {
     tx: mpsc::Sender<Command>,
     shared: Arc<Shared>,
+    /// The engine's [`WorkKey`], updated by its thread after every command that changes it:
+    /// what held `NextTask` calls wait on.
+    work: tokio::sync::watch::Receiver<WorkKey>,
 }
 
 /// What every task message repeats, worked out once at start rather than per task.
@@ -274,13 +277,15 @@ impl Coordinator {
             cfg,
         };
         let (tx, rx) = mpsc::channel();
+        let (work_tx, work) = tokio::sync::watch::channel(engine.work_key());
         std::thread::Builder::new()
             .name("fedflow-rounds".into())
-            .spawn(move || engine_loop(engine, rx, revocations))
+            .spawn(move || engine_loop(engine, rx, revocations, work_tx))
             .expect("cannot start the round engine thread");
         Ok(Coordinator {
             tx,
             shared: Arc::new(shared),
+            work,
         })
     }
 
@@ -340,6 +345,7 @@ fn engine_loop(
     mut engine: RoundEngine,
     rx: mpsc::Receiver<Command>,
     revocations: crate::security::Revocations,
+    work: tokio::sync::watch::Sender<WorkKey>,
 ) {
     loop {
         let cmd = match rx.recv_timeout(TICK) {
@@ -425,6 +431,14 @@ fn engine_loop(
         if let Err(e) = engine.tick(now_ms()) {
             tracing::error!(run = %engine.run_id(), "round engine tick failed: {e}");
         }
+        let key = engine.work_key();
+        work.send_if_modified(|k| {
+            let changed = *k != key;
+            if changed {
+                *k = key;
+            }
+            changed
+        });
     }
 }
 
