@@ -479,12 +479,18 @@ pub(crate) fn one_run(
             match outcome.expect("every slot trained") {
                 Ok(o) => {
                     let examples = o.metrics.train_examples as u64;
+                    // What the site sent: the compressed update when the run compresses.
+                    let delta = if run_cfg.compression().is_lossy() {
+                        ParamSet::from_safetensors_bytes(&o.delta_bytes)?
+                    } else {
+                        o.delta
+                    };
                     let r = engine.submit(
                         submission(
                             name,
                             t,
                             &global_sha,
-                            o.delta,
+                            delta,
                             o.delta_sha256,
                             examples,
                             o.unclipped,
