@@ -23,7 +23,7 @@
 //!
 //! Every decoded value is an f32: f16 and bf16 widen exactly, int8 decodes as
 //! `scale * (q as f32)` computed in f32, and a coordinate top-k did not send is 0. So the
-//! decoded update is an ordinary f32 [`ParamSet`] whose [`ParamSet::l2_norm`] is exactly
+//! decoded update is an ordinary f32 [`ParamSet`](crate::params::ParamSet) whose [`l2_norm`](crate::params::ParamSet::l2_norm) is exactly
 //! the norm the coordinator's streaming reader ([`visit`]) computes, and a site can make
 //! sure the norm the coordinator checks is within a bound ([`encode`]'s `max_norm`).
 //!
