@@ -106,15 +106,16 @@ async fn sixty_sites_run_a_federation_in_one_process() {
         "{}",
         outcome.privacy_summary
     );
-    // And its run report: self-contained (no scripts, styles or images fetched), seven
+    // And its run report: self-contained (no scripts, styles or images fetched), eight
     // charts, a table row per round, a link to the privacy-audit report next to it.
     let html = std::fs::read_to_string(&outcome.run_report).unwrap();
     assert!(html.contains("<h1>Run report: "), "{html}");
     assert_eq!(
         html.matches("<svg").count(),
-        7,
-        "accuracy, loss, per site, participation, norm, durations, publish gate"
+        8,
+        "accuracy, loss, per site, participation, norm, bytes, durations, publish gate"
     );
+    assert!(html.contains("<h2>Bytes per round</h2>"));
     assert!(html.contains("Publish gate: candidate and published version"));
     for external in ["<script", "<link", "<img", "src=", "@import"] {
         assert!(
@@ -144,7 +145,7 @@ async fn sixty_sites_run_a_federation_in_one_process() {
 
 /// Renders `page` in headless Chromium (installed from Debian's packages by
 /// tests/browser/install-chromium.sh when missing): the browser must parse it into the
-/// same seven charts, and its screenshot must be a full-size image with content (a blank or
+/// same eight charts, and its screenshot must be a full-size image with content (a blank or
 /// broken page compresses to almost nothing).
 fn render_in_a_browser(page: &std::path::Path) {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -184,8 +185,8 @@ fn render_in_a_browser(page: &std::path::Path) {
     let dom = String::from_utf8(run(&["--dump-dom"])).unwrap();
     assert_eq!(
         dom.matches("<svg").count(),
-        7,
-        "the browser sees the seven charts"
+        8,
+        "the browser sees the eight charts"
     );
     let png = page.with_extension("png");
     run(&[
