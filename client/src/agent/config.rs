@@ -46,7 +46,8 @@ pub struct SiteSection {
     /// The site's id; under mutual TLS the certificate's, and may be left out.
     #[serde(default)]
     pub id: Option<String>,
-    /// The site's state: `feedback/` (the store) and `published/` (the served versions).
+    /// The site's state: `feedback/` (the store), `published/` (the served versions) and
+    /// `state/` (the trainer's: error feedback's residual of compressed updates).
     pub data_dir: PathBuf,
     /// The federation's event vocabulary.
     pub vocab: PathBuf,

@@ -26,6 +26,8 @@ use crate::{Error, Result};
 pub const FEEDBACK_DIR: &str = "feedback";
 /// The published folder inside `site.data_dir`.
 pub const PUBLISHED_DIR: &str = "published";
+/// The trainer's working state inside `site.data_dir` (error feedback's residual).
+pub const STATE_DIR: &str = "state";
 
 /// How often the agent looks for a newly installed version (and applies retention).
 const FOLLOW_EVERY: Duration = Duration::from_millis(500);
@@ -50,7 +52,8 @@ pub struct LocalAgent {
 }
 
 impl LocalAgent {
-    /// The site's trainer over the store as `cfg` sets it up (device, privacy ledger).
+    /// The site's trainer over the store as `cfg` sets it up (device, privacy ledger, its
+    /// working state in `site.data_dir`).
     fn trainer(&self, cfg: &AgentConfig) -> Result<SiteTrainer> {
         let (dataset, source) = StoreSource::open(
             self.state.store.clone(),
@@ -58,7 +61,8 @@ impl LocalAgent {
             cfg.training.val_fraction,
         )?;
         let mut trainer = SiteTrainer::new(dataset, &self.state.vocab, cfg.training.device.open()?)
-            .with_source(source);
+            .with_source(source)
+            .with_state_dir(&cfg.site.data_dir.join(STATE_DIR))?;
         if let Some(p) = &cfg.privacy {
             trainer = trainer.with_privacy(Arc::new(SitePrivacy::open(
                 &p.dir,

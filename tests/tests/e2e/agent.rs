@@ -135,6 +135,12 @@ async fn an_agent_trains_on_posted_feedback_and_serves_each_published_version() 
     );
     let last = status(&mut admin).await.committed_round;
     serving(api, last).await;
+    // The trainer keeps its working state next to the store.
+    assert!(
+        site.join("data")
+            .join(fedflow_client::agent::run::STATE_DIR)
+            .is_dir()
+    );
 
     // The agent's predictions are the coordinator's checkpoint of that version.
     let sessions: Vec<serde_json::Value> = records[450..470]
