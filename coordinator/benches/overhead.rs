@@ -15,7 +15,8 @@
 //! compressed no-op delta, the coordinator decodes every update into the round.
 //!
 //! Models: `small` is the default LSTM (embed 64, hidden 64, 2 layers: 73,285 parameters);
-//! `10m` is the same architecture with hidden size 900 (9,975,705 parameters, 39.9 MB).
+//! `10m` is the same architecture with hidden size 900 (9,975,705 parameters, 39.9 MB);
+//! `100m` with hidden size 2880 (about 100M parameters, 400 MB).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -53,7 +54,8 @@ fn hidden_size(model: &str) -> Result<usize> {
     match model {
         "small" => Ok(64),
         "10m" => Ok(900),
-        other => bail!("unknown model `{other}`: use small or 10m"),
+        "100m" => Ok(2880),
+        other => bail!("unknown model `{other}`: use small, 10m or 100m"),
     }
 }
 
