@@ -380,6 +380,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     None => eprintln!("  no site size stays within epsilon {}", dp.target_epsilon),
                 }
             }
+            let compression = cfg.compression();
+            if compression.is_lossy() {
+                // The layout of an update follows from the architecture alone.
+                let model = fedflow_common::model::AttentionFlowModel::new(
+                    &cfg.model_config()?,
+                    &candle_core::Device::Cpu,
+                    0,
+                )?;
+                let spec = fedflow_common::params::ParamSet::from_varmap(model.varmap())?.spec();
+                let plain = fedflow_common::compress::Compression::NONE.update_bytes(&spec)?;
+                let sent = compression.update_bytes(&spec)?;
+                eprintln!(
+                    "updates compressed as {}: {sent} bytes each, {:.1}x fewer than the {plain} \
+                     bytes of an uncompressed update{}",
+                    compression.name(),
+                    plain as f64 / sent as f64,
+                    if compression.error_feedback {
+                        "; sites keep error feedback's residual in --state-dir"
+                    } else {
+                        ""
+                    }
+                );
+            }
             if let Some(dp) = &cfg.site_dp {
                 let e = dp.round_event(&cfg.sampling);
                 let fit = dp.rounds_within_target(&cfg.sampling)?;

@@ -192,3 +192,31 @@ async fn an_update_in_another_encoding_is_refused_naming_both() {
         .unwrap();
     assert!(gap < 1e-6, "{gap}");
 }
+
+#[test]
+fn check_config_states_the_size_of_a_compressed_update() {
+    let dir = tempfile::tempdir().unwrap();
+    fedflow_tests::coordinator::default_vocab()
+        .save(dir.path().join("vocab.json"))
+        .unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(&config, RUN).unwrap();
+    let cfg = fedflow_coordinator::config::RunConfig::load(&config).unwrap();
+    let model = AttentionFlowModel::new(&cfg.model_config().unwrap(), &Device::Cpu, 0).unwrap();
+    let spec = ParamSet::from_varmap(model.varmap()).unwrap().spec();
+    let sent = cfg.compression().update_bytes(&spec).unwrap();
+    let coordinator = fedflow_tests::bin::cargo_bin("fedflow-coordinator", "fedflow-coordinator");
+    let (ok, out) = fedflow_tests::bin::output(
+        std::process::Command::new(&coordinator)
+            .arg("check-config")
+            .arg(&config),
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "updates compressed as top0.1+int8/256+ef: {sent} bytes each"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("--state-dir"), "{out}");
+}
