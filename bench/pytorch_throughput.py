@@ -34,15 +34,16 @@ def main():
     p.add_argument("--seq", default="20,100")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     for seq in [int(s) for s in a.seq.split(",")]:
-        model = AttentionFlow()
+        model = AttentionFlow().to(a.device)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
         loss_fn = nn.CrossEntropyLoss()
-        ids = torch.randint(2, 100, (a.steps, a.batch, seq))
-        labels = torch.randint(0, 5, (a.steps, a.batch))
+        ids = torch.randint(2, 100, (a.steps, a.batch, seq), device=a.device)
+        labels = torch.randint(0, 5, (a.steps, a.batch), device=a.device)
         model.train()
         # Warm-up step.
         loss_fn(model(ids[0]), labels[0]).backward()
@@ -53,9 +54,12 @@ def main():
             loss = loss_fn(model(ids[s]), labels[s])
             loss.backward()
             opt.step()
+        if a.device != "cpu":
+            torch.cuda.synchronize()
         secs = time.perf_counter() - start
         print(json.dumps({
             "impl": f"pytorch-{torch.__version__}",
+            "device": a.device,
             "batch": a.batch,
             "seq": seq,
             "steps": a.steps,

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds fedflow with `--features cuda` on a machine with no GPU and no CUDA install: NVIDIA's
+# compiler, headers and runtime come from PyPI (bench/cuda/requirements.txt) into a cache folder.
+# The CPU build and .ci/run never need any of this.
+#
+# Usage: bench/cuda/build.sh [OUT]     (OUT defaults to target-cuda/device)
+#   CUDA_COMPUTE_CAP   the GPU generation to compile kernels for (default 90: H100/H200;
+#                      80 for A100, 89 for L4/L40, 120 for Blackwell workstation cards)
+#   FEDFLOW_CUDA_CACHE where the toolkit goes (default ~/.cache/fedflow/cuda)
+#   CARGO_TARGET_DIR   the cargo target folder (default ~/.cache/fedflow/target-cuda)
+#
+# It builds the site client with CUDA (target release/fedflow-client) and leaves in OUT what a
+# GPU machine needs to check the GPU path with no Rust toolchain there: the device-check and
+# throughput benches (stripped), CUDA's runtime library, and bench/cuda/device-check.sh.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=${1:-target-cuda/device}
+cache=${FEDFLOW_CUDA_CACHE:-$HOME/.cache/fedflow/cuda}
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/fedflow/target-cuda}
+
+if [ ! -x "$cache/venv/bin/python" ]; then python3 -m venv "$cache/venv"; fi
+"$cache/venv/bin/pip" install -q --disable-pip-version-check -r bench/cuda/requirements.txt
+# The CUDA 13 wheels all unpack into one toolkit-shaped folder, nvidia/cu13.
+root=$("$cache/venv/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
+[ -x "$root/bin/nvcc" ] || { echo "no nvcc in $root" >&2; exit 1; }
+# Linking wants the unversioned name of the runtime library.
+ln -sf libcudart.so.13 "$root/lib/libcudart.so"
+
+export CUDA_HOME=$root PATH="$root/bin:$PATH"
+export LIBRARY_PATH="$root/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+# cudarc names a toolkit MAJOR0MINOR0 (13.0 -> 13000).
+release=$(nvcc --version | sed -n 's/.*release \([0-9]*\.[0-9]*\),.*/\1/p')
+export CUDARC_CUDA_VERSION="${release%.*}0${release#*.}0"
+echo "# nvcc $release from $root, kernels for sm_$CUDA_COMPUTE_CAP, cudarc $CUDARC_CUDA_VERSION"
+
+cargo build --release --locked --features cuda -p fedflow-client --bin fedflow-client
+cargo bench --locked --features cuda -p fedflow-common --bench throughput --bench device_check --no-run \
+  --message-format=json 2>/dev/null \
+  | "$cache/venv/bin/python" -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["kind"] == ["bench"] and m.get("executable"):
+        print(m["target"]["name"], m["executable"])' > "$CARGO_TARGET_DIR/benches.txt"
+
+mkdir -p "$out/lib"
+while read -r name exe; do
+  cp "$exe" "$out/$name"
+  strip "$out/$name"
+done < "$CARGO_TARGET_DIR/benches.txt"
+cp -L "$root/lib/libcudart.so.13" "$out/lib/"
+cp bench/cuda/device-check.sh bench/pytorch_throughput.py "$out/"
+ls -la "$out"
