@@ -101,7 +101,13 @@ fn main() {
         // candle's ops on the device (and on the CPU, for `--device cpu`): never the kernel.
         let mut other = AttentionFlowModel::new(&cfg, &dev, 7).expect("model");
         other.set_fused(false);
-        check.report(encoder, "init", max_abs_diff(&params(&cpu), &params(&other)), 0.0, 0.0);
+        check.report(
+            encoder,
+            "init",
+            max_abs_diff(&params(&cpu), &params(&other)),
+            0.0,
+            0.0,
+        );
 
         let refs: Vec<&EncodedSession> = data.iter().take(64).collect();
         let logits = |m: &AttentionFlowModel, d: &Device| {
@@ -150,10 +156,26 @@ fn main() {
         let users: Vec<u32> = (0..data.len() as u32).collect();
         let units = privacy_units(&users, &dp);
         let before = params(&cpu);
-        train_dp(&cpu, &data, &units, &tc, &dp, &mut ChaCha20Rng::seed_from_u64(5), &mut |_| {})
-            .expect("DP-SGD on the CPU");
-        train_dp(&other, &data, &units, &tc, &dp, &mut ChaCha20Rng::seed_from_u64(5), &mut |_| {})
-            .expect("DP-SGD on the device");
+        train_dp(
+            &cpu,
+            &data,
+            &units,
+            &tc,
+            &dp,
+            &mut ChaCha20Rng::seed_from_u64(5),
+            &mut |_| {},
+        )
+        .expect("DP-SGD on the CPU");
+        train_dp(
+            &other,
+            &data,
+            &units,
+            &tc,
+            &dp,
+            &mut ChaCha20Rng::seed_from_u64(5),
+            &mut |_| {},
+        )
+        .expect("DP-SGD on the device");
         check.report(
             encoder,
             "dp-sgd",

@@ -12,9 +12,9 @@ use std::time::Instant;
 
 use std::str::FromStr;
 
-use fedflow_common::device::DeviceChoice;
 use candle_core::Device;
 use fedflow_common::data::EncodedSession;
+use fedflow_common::device::DeviceChoice;
 use fedflow_common::model::{AttentionFlowModel, Batch, EncoderKind, Mode, ModelConfig};
 use fedflow_common::train::{
     DpSgdConfig, OptimizerKind, TrainConfig, privacy_units, train, train_dp,

@@ -172,6 +172,56 @@ fn argmax(logits: &Tensor) -> Result<Vec<u32>> {
     Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
 }
 
+/// Steps whose loss and predictions are still on the device. Reading a value back from a
+/// GPU waits for its queue to drain, so there the training loop reads a window of steps at
+/// once and the GPU stays busy; on the CPU the window is one step, read before the backward
+/// pass, so a non-finite loss never reaches the parameters.
+struct PendingSteps {
+    window: usize,
+    steps: Vec<(usize, Tensor, Tensor, Vec<u32>)>,
+}
+
+impl PendingSteps {
+    /// GPU queues are read every this many steps.
+    const DEVICE_WINDOW: usize = 32;
+
+    fn new(device: &candle_core::Device) -> Self {
+        PendingSteps {
+            window: if device.is_cpu() {
+                1
+            } else {
+                Self::DEVICE_WINDOW
+            },
+            steps: Vec::new(),
+        }
+    }
+
+    /// Keeps step `step`'s loss and logits, with its sessions' true classes.
+    fn push(&mut self, step: usize, loss: &Tensor, logits: &Tensor, truth: Vec<u32>) -> Result<()> {
+        let predicted = logits.argmax(D::Minus1)?;
+        self.steps.push((step, loss.detach(), predicted, truth));
+        Ok(())
+    }
+
+    fn full(&self) -> bool {
+        self.steps.len() >= self.window
+    }
+
+    /// Reads the kept steps into `acc`; a non-finite loss is an error naming its step.
+    fn flush(&mut self, acc: &mut MetricsAccumulator, epoch: usize) -> Result<()> {
+        for (step, loss, predicted, truth) in self.steps.drain(..) {
+            let loss_value = scalar(&loss)?;
+            if !loss_value.is_finite() {
+                return Err(Error::Training(format!(
+                    "loss became {loss_value} at epoch {epoch}, step {step}: lower the learning rate"
+                )));
+            }
+            acc.add(loss_value, &truth, &predicted.to_vec1::<u32>()?);
+        }
+        Ok(())
+    }
+}
+
 /// Trains `model` in place on `train`, early-stopping on `validation` (which may be empty).
 ///
 /// `on_epoch` is called after every epoch (progress printing, heartbeats). On return the
@@ -214,6 +264,7 @@ pub fn train(
     for epoch in 1..=cfg.epochs {
         let started = Instant::now();
         let mut acc = MetricsAccumulator::new(model.config().num_classes);
+        let mut pending = PendingSteps::new(model.device());
         for idx in make_batches(train, cfg, &mut shuffle_rng) {
             let sessions: Vec<&EncodedSession> = idx.iter().map(|&i| &train[i]).collect();
             let batch = Batch::new(&sessions, model.config(), model.device())?;
@@ -225,18 +276,16 @@ pub fn train(
                 }
                 loss = (loss + (prox * (cfg.fedprox_mu / 2.0))?)?;
             }
-            let loss_value = scalar(&loss)?;
-            if !loss_value.is_finite() {
-                return Err(Error::Training(format!(
-                    "loss became {loss_value} at epoch {epoch}, step {steps}: lower the learning rate"
-                )));
+            let truth: Vec<u32> = sessions.iter().map(|s| s.class).collect();
+            pending.push(steps, &loss, &logits, truth)?;
+            if pending.full() {
+                pending.flush(&mut acc, epoch)?;
             }
             let grads = loss.backward()?;
             optimizer.step(&grads)?;
             steps += 1;
-            let truth: Vec<u32> = sessions.iter().map(|s| s.class).collect();
-            acc.add(loss_value, &truth, &argmax(&logits)?);
         }
+        pending.flush(&mut acc, epoch)?;
         let seconds = started.elapsed().as_secs_f64();
         let epoch_metrics = acc.finish();
         let val = if validation.is_empty() {

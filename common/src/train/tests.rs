@@ -242,3 +242,42 @@ fn predictions_come_in_the_sessions_order_and_agree_with_evaluate() {
     }
     assert!(predict(&model, &[], 8).unwrap().is_empty());
 }
+
+#[test]
+fn steps_read_back_in_a_window_are_counted_once_and_a_non_finite_loss_names_its_step() {
+    let dev = Device::Cpu;
+    assert_eq!(PendingSteps::new(&dev).window, 1);
+    let mut pending = PendingSteps {
+        window: PendingSteps::DEVICE_WINDOW,
+        steps: Vec::new(),
+    };
+    let logits = Tensor::new(&[[0.0f32, 2.0, 1.0], [3.0, 0.0, 1.0]], &dev).unwrap();
+    let mut acc = MetricsAccumulator::new(3);
+    for step in 0..3 {
+        let loss = Tensor::new(0.5f32 * (step + 1) as f32, &dev).unwrap();
+        pending.push(step, &loss, &logits, vec![1, 2]).unwrap();
+        assert!(!pending.full());
+    }
+    pending.flush(&mut acc, 1).unwrap();
+    assert!(pending.steps.is_empty());
+    let m = acc.finish();
+    assert_eq!(m.examples, 6);
+    // Predictions 1 and 0 against truths 1 and 2: half right.
+    assert!((m.accuracy - 0.5).abs() < 1e-12, "{}", m.accuracy);
+    assert!((m.loss - 1.0).abs() < 1e-6, "{}", m.loss);
+
+    let mut acc = MetricsAccumulator::new(3);
+    pending
+        .push(7, &Tensor::new(1.0f32, &dev).unwrap(), &logits, vec![0, 0])
+        .unwrap();
+    pending
+        .push(
+            8,
+            &Tensor::new(f32::NAN, &dev).unwrap(),
+            &logits,
+            vec![0, 0],
+        )
+        .unwrap();
+    let err = pending.flush(&mut acc, 2).unwrap_err().to_string();
+    assert!(err.contains("epoch 2, step 8"), "{err}");
+}
