@@ -6,8 +6,9 @@
 //! finished. Evaluation tasks download the model, evaluate it on the validation split and
 //! report the metrics. A heartbeat answered with `cancel_task` abandons the task. When the
 //! coordinator is unreachable the site waits with exponential backoff and jitter and carries
-//! on without operator action. Messages are built and read, and the coordinator's statuses
-//! mapped to errors, in [`crate::wire`].
+//! on without operator action; when it refuses a call for coming too fast the site waits
+//! what it asks and makes the call again ([`crate::pacing`]). Messages are built and read,
+//! and the coordinator's statuses mapped to errors, in [`crate::wire`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use fedflow_proto::v1::{SiteState, Task, TaskKind, next_task_response};
 use rand::Rng;
 use tonic::transport::Channel;
 
+use crate::pacing::paced;
 use crate::wire::{self, Limits, is_transient, refusal_reason, status_error};
 pub use crate::work::{ModelBuffer, SiteWork, Update};
 use crate::{Error, Result};
@@ -286,10 +288,18 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
             return Ok(summary);
         }
         if !enrolled {
-            match client
-                .enrol(wire::enrol_request(&opts.site_id, trainer.vocab_sha256()))
-                .await
-            {
+            let request = wire::enrol_request(&opts.site_id, trainer.vocab_sha256());
+            let reply = tokio::select! {
+                reply = paced(&opts.site_id, "enrolling", || {
+                    let (mut c, r) = (client.clone(), request.clone());
+                    async move { c.enrol(r).await }
+                }) => reply,
+                () = stop_asked(&opts.stop) => {
+                    summary.stopped = true;
+                    return Ok(summary);
+                }
+            };
+            match reply {
                 Ok(r) => {
                     limits = Limits::from(r.get_ref());
                     enrolled = true;
@@ -301,8 +311,12 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
                 Err(s) => return Err(status_error(&s)),
             }
         }
+        let request = wire::next_task_request(&opts.site_id, opts.poll_wait);
         let reply = tokio::select! {
-            reply = client.next_task(wire::next_task_request(&opts.site_id, opts.poll_wait)) => reply,
+            reply = paced(&opts.site_id, "polling for a task", || {
+                let (mut c, r) = (client.clone(), request.clone());
+                async move { c.next_task(r).await }
+            }) => reply,
             () = stop_asked(&opts.stop) => {
                 summary.stopped = true;
                 return Ok(summary);
@@ -359,9 +373,12 @@ pub async fn run_site<W: SiteWork>(opts: SiteOptions, trainer: Arc<W>) -> Result
                 } else {
                     tracing::error!(site = %opts.site_id, round = task.round, "cannot do the task, declining it: {e}");
                 }
-                let declined = client
-                    .decline_task(wire::decline_request(&opts.site_id, &task, e.to_string()))
-                    .await;
+                let request = wire::decline_request(&opts.site_id, &task, e.to_string());
+                let declined = paced(&opts.site_id, "declining the task", || {
+                    let (mut c, r) = (client.clone(), request.clone());
+                    async move { c.decline_task(r).await }
+                })
+                .await;
                 if let Err(s) = declined {
                     tracing::warn!(site = %opts.site_id, round = task.round, "declining the task failed: {}", s.message());
                 }
@@ -404,9 +421,12 @@ async fn follow_published(
         round: p.round,
         ..Default::default()
     };
-    let bytes = download(client, request, ModelBuffer::Whole(Vec::new()))
-        .await
-        .map_err(|s| status_error(&s))?;
+    let bytes = paced(site_id, "downloading the published version", || {
+        let (mut c, r) = (client.clone(), request.clone());
+        async move { download(&mut c, r, ModelBuffer::Whole(Vec::new())).await }
+    })
+    .await
+    .map_err(|s| status_error(&s))?;
     let installed = sink.install(
         p.round,
         &model.sha256,
@@ -517,11 +537,11 @@ async fn run_task<W: SiteWork>(
     let round = task.round;
     let evaluate = task.kind == TaskKind::Evaluate as i32;
     tracing::info!(site = %opts.site_id, round, "round {round}: downloading the global model");
-    let global = download(
-        client,
-        wire::download_request(&opts.site_id, task, &spec.expected_model_sha256),
-        trainer.model_buffer(),
-    )
+    let request = wire::download_request(&opts.site_id, task, &spec.expected_model_sha256);
+    let global = paced(&opts.site_id, "downloading the global model", || {
+        let (mut c, r, sink) = (client.clone(), request.clone(), trainer.model_buffer());
+        async move { download(&mut c, r, sink).await }
+    })
     .await
     .map_err(TaskError::Transport)?;
     let progress = Arc::new(std::sync::Mutex::new(Progress {
@@ -542,7 +562,12 @@ async fn run_task<W: SiteWork>(
         })
         .await?;
         let report = wire::evaluation_report(&opts.site_id, task, &spec, &m);
-        return match client.report_evaluation(report).await {
+        let reported = paced(&opts.site_id, "reporting the evaluation", || {
+            let (mut c, r) = (client.clone(), report.clone());
+            async move { c.report_evaluation(r).await }
+        })
+        .await;
+        return match reported {
             Ok(_) => {
                 tracing::info!(
                     site = %opts.site_id,
@@ -583,7 +608,12 @@ async fn run_task<W: SiteWork>(
     let header = wire::update_header(&opts.site_id, task, &spec, &outcome);
     tracing::info!(site = %opts.site_id, round, "round {round}: uploading {} bytes", outcome.bytes.len());
     let msgs = update_chunks(header, &outcome.bytes, limits.chunk_bytes);
-    match client.upload_update(tokio_stream::iter(msgs)).await {
+    let uploaded = paced(&opts.site_id, "uploading the update", || {
+        let (mut c, m) = (client.clone(), msgs.clone());
+        async move { c.upload_update(tokio_stream::iter(m)).await }
+    })
+    .await;
+    match uploaded {
         Ok(_) => {
             tracing::info!(site = %opts.site_id, round, "round {round}: update accepted");
             trainer.delivered(&spec);

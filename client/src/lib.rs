@@ -28,6 +28,7 @@ pub mod federation;
 pub mod ledger;
 pub mod local;
 pub mod noop;
+mod pacing;
 pub mod personalise;
 pub mod privacy;
 pub mod published;

@@ -56,10 +56,18 @@ pub enum Error {
     /// another site's name).
     #[error("{0}")]
     Forbidden(String),
-    /// The caller went past one of its limits (rate, concurrent calls, one transfer at a
-    /// time, update size).
+    /// The caller went past a limit that waiting does not lift (the size of an update).
     #[error("{0}")]
     Limited(String),
+    /// The caller calls too fast or too often at once; it may call again after
+    /// `retry_after` (sent to it as a pushback).
+    #[error("{reason}; retry in {} ms", retry_after.as_millis().max(1))]
+    SlowDown {
+        /// Which limit, in words.
+        reason: String,
+        /// When the same call would be admitted.
+        retry_after: std::time::Duration,
+    },
     /// A request carries a malformed value; the message names the field.
     #[error("{0}")]
     BadRequest(String),

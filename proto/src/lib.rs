@@ -4,6 +4,7 @@
 //! - [`codec`]: the servers' codec (an undecodable request is `INVALID_ARGUMENT`).
 //! - [`transfer`]: chunked transfers of models and updates, with size limits and SHA-256
 //!   verification on the receiving side.
+//! - [`pushback`]: how a refusal for calling too fast says when to call again.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 //!
 //! Other crates convert between these wire types and their own at the boundary; nothing
@@ -11,6 +12,7 @@
 
 pub mod codec;
 pub mod compat;
+pub mod pushback;
 pub mod tls;
 pub mod transfer;
 

@@ -336,16 +336,34 @@ fn baselines(
 #[derive(Debug, Default)]
 pub(crate) struct ProgressLine {
     last: String,
+    /// The run goes on until stopped: rounds are not counted against its configured total.
+    continuous: bool,
 }
 
 impl ProgressLine {
+    /// The line of a run that goes on until it is stopped.
+    pub(crate) fn continuous() -> ProgressLine {
+        ProgressLine {
+            continuous: true,
+            ..ProgressLine::default()
+        }
+    }
+
+    /// "round 3/10", or "round 3" in a continuous run.
+    fn round(&self, round: u64, total: u64) -> String {
+        if self.continuous {
+            format!("round {round}")
+        } else {
+            format!("round {round}/{total}")
+        }
+    }
+
     pub(crate) fn show(&mut self, v: &RunView) {
         let count = |s: LiveState| v.sites.iter().filter(|x| x.state == s).count();
         let line = match v.phase {
             Phase::Waiting => format!(
-                "round {}/{}: waiting for sites ({} connected)",
-                v.committed_round + 1,
-                v.total_rounds,
+                "{}: waiting for sites ({} connected)",
+                self.round(v.committed_round + 1, v.total_rounds),
                 v.sites_connected
             ),
             Phase::Training | Phase::Evaluating => {
@@ -359,9 +377,11 @@ impl ProgressLine {
                     })
                     .unwrap_or_default();
                 format!(
-                    "round {}/{}: {} - {}/{} done{training}{}{}",
-                    v.current_round.unwrap_or(v.committed_round + 1),
-                    v.total_rounds,
+                    "{}: {} - {}/{} done{training}{}{}",
+                    self.round(
+                        v.current_round.unwrap_or(v.committed_round + 1),
+                        v.total_rounds
+                    ),
                     if v.phase == Phase::Training {
                         "training  "
                     } else {
@@ -646,4 +666,17 @@ async fn private_federation(
         privacy_audit: p.privacy_audit.clone(),
     };
     Ok((run, p.per_site))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProgressLine;
+
+    /// A run of N rounds counts its rounds against N; a continuous run, whose configured
+    /// total is not used, does not.
+    #[test]
+    fn a_continuous_run_is_not_counted_against_a_total() {
+        assert_eq!(ProgressLine::default().round(3, 10), "round 3/10");
+        assert_eq!(ProgressLine::continuous().round(13, 1), "round 13");
+    }
 }

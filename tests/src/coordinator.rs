@@ -176,6 +176,27 @@ impl TestCoordinator {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// Every event of the coordinator's security audit log, after checking that the log
+    /// verifies (see [`audit_events`]).
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        audit_events(&self.data)
+    }
+}
+
+/// Every event of the security audit log in the coordinator data directory `data`, after
+/// checking that its hash chain verifies.
+pub fn audit_events(data: &Path) -> Vec<serde_json::Value> {
+    use fedflow_coordinator::security::{SECURITY_LOG, audit_log};
+    let path = data.join(SECURITY_LOG);
+    audit_log::verify(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .expect("the audit log verifies");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an audit log line is JSON"))
+        .collect()
 }
 
 /// Polls gRPC health (`grpc.health.v1`, bounded) on `channel` until the coordinator reports

@@ -8,6 +8,8 @@ use crate::security::limits::CallLimits;
 /// `[limits]`: per-caller limits on the coordinator's gRPC services. A caller over a
 /// limit gets `RESOURCE_EXHAUSTED` (or `DEADLINE_EXCEEDED` for a slow upload), the refusal
 /// is logged and recorded in the security audit log, and everyone else is served as usual.
+/// A refusal for calling too fast or too often at once carries a pushback (when the call
+/// would be admitted), which fedflow sites wait out before calling again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsSection {

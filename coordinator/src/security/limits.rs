@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The limits per caller.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -23,8 +23,22 @@ pub struct CallLimits {
 pub enum LimitExceeded {
     /// Too many calls in flight.
     Concurrency(usize),
-    /// Calls started too fast.
-    Rate,
+    /// Calls started too fast; the caller's next call is admitted after this long.
+    Rate(Duration),
+}
+
+/// How long a caller over its concurrency limit is asked to wait: long enough for a poll or
+/// a transfer of its own to end, short enough not to stall a round.
+const CONCURRENCY_PUSHBACK: Duration = Duration::from_millis(250);
+
+impl LimitExceeded {
+    /// How long the caller is asked to wait before calling again.
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            LimitExceeded::Concurrency(_) => CONCURRENCY_PUSHBACK,
+            LimitExceeded::Rate(wait) => *wait,
+        }
+    }
 }
 
 impl std::fmt::Display for LimitExceeded {
@@ -36,7 +50,7 @@ impl std::fmt::Display for LimitExceeded {
                     "more than {n} calls in flight from this caller (limits.max_concurrent_calls)"
                 )
             }
-            LimitExceeded::Rate => {
+            LimitExceeded::Rate(_) => {
                 f.write_str("calls arrive faster than limits.requests_per_second allows; slow down")
             }
         }
@@ -93,7 +107,8 @@ impl CallLimiter {
             return Err(LimitExceeded::Concurrency(self.limits.max_concurrent));
         }
         if u.tokens < 1.0 {
-            return Err(LimitExceeded::Rate);
+            let wait = (1.0 - u.tokens) / self.limits.rate_per_sec;
+            return Err(LimitExceeded::Rate(Duration::from_secs_f64(wait)));
         }
         u.tokens -= 1.0;
         u.in_flight += 1;
@@ -122,8 +137,6 @@ impl Drop for CallGuard {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn limiter() -> CallLimiter {
@@ -155,11 +168,16 @@ mod tests {
         for _ in 0..3 {
             drop(l.admit("a", t).unwrap());
         }
-        assert_eq!(l.admit("a", t).unwrap_err(), LimitExceeded::Rate);
-        // 10 per second: one token after 100 ms, not before.
-        assert_eq!(
-            l.admit("a", t + Duration::from_millis(90)).unwrap_err(),
-            LimitExceeded::Rate
+        // 10 per second: one token after 100 ms, not before; the refusal says how long.
+        let refused = l.admit("a", t).unwrap_err();
+        assert_eq!(refused.retry_after(), Duration::from_millis(100));
+        let wait = l
+            .admit("a", t + Duration::from_millis(90))
+            .unwrap_err()
+            .retry_after();
+        assert!(
+            wait > Duration::from_millis(9) && wait < Duration::from_millis(11),
+            "{wait:?}"
         );
         assert!(l.admit("a", t + Duration::from_millis(101)).is_ok());
         assert!(l.admit("b", t).is_ok(), "another caller has its own bucket");

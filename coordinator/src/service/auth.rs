@@ -5,7 +5,7 @@
 //! held to the per-caller limits. Every refusal is logged and recorded in the security
 //! audit log.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tonic::Request;
@@ -14,6 +14,10 @@ use super::Coordinator;
 use crate::security::limits::CallGuard;
 use crate::security::{Identity, Role};
 use crate::{Error, Result};
+
+/// How long a site whose previous transfer of the same kind is still open (a connection
+/// that died without the coordinator noticing yet) is asked to wait before trying again.
+const TRANSFER_PUSHBACK: Duration = Duration::from_secs(1);
 
 /// The caller of an operator call.
 #[derive(Debug, Clone)]
@@ -159,9 +163,12 @@ impl Coordinator {
                     method,
                     site,
                     peer,
-                    Error::Limited(format!(
-                        "a {kind} from this site is already in progress; one at a time"
-                    )),
+                    Error::SlowDown {
+                        reason: format!(
+                            "a {kind} from this site is already in progress; one at a time"
+                        ),
+                        retry_after: TRANSFER_PUSHBACK,
+                    },
                 )
             })
     }
@@ -172,7 +179,13 @@ impl Coordinator {
             .security
             .limiter
             .admit(key, Instant::now())
-            .map_err(|e| self.refuse(method, key, peer, Error::Limited(e.to_string())))
+            .map_err(|e| {
+                let slow_down = Error::SlowDown {
+                    reason: e.to_string(),
+                    retry_after: e.retry_after(),
+                };
+                self.refuse(method, key, peer, slow_down)
+            })
     }
 
     /// A `Federation` call: the calling site's id and its admission under the limits.

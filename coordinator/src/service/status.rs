@@ -19,7 +19,7 @@ pub fn code(e: &Error) -> Code {
     match e {
         Error::Unauthenticated(_) => Code::Unauthenticated,
         Error::Forbidden(_) => Code::PermissionDenied,
-        Error::Limited(_) => Code::ResourceExhausted,
+        Error::Limited(_) | Error::SlowDown { .. } => Code::ResourceExhausted,
         Error::BadRequest(_) => Code::InvalidArgument,
         Error::OutOfRange(_) => Code::OutOfRange,
         Error::NotFound(_) => Code::NotFound,
@@ -79,7 +79,12 @@ impl From<Error> for Status {
             }
             _ => redact_paths(&e.to_string()),
         };
-        Status::new(code, message)
+        match e {
+            Error::SlowDown { retry_after, .. } => {
+                fedflow_proto::pushback::slow_down(message, retry_after)
+            }
+            _ => Status::new(code, message),
+        }
     }
 }
 

@@ -349,7 +349,7 @@ pub async fn run(cfg: &LiveConfig, say: &mut dyn FnMut(&str)) -> Result<LiveRepo
         stop: Some(ended),
         ..SimOptions::default()
     };
-    let mut progress = crate::demo::ProgressLine::default();
+    let mut progress = crate::demo::ProgressLine::continuous();
     let (outcome, driven) = {
         let federation = run_federation(
             run_cfg.clone(),

@@ -1,6 +1,6 @@
 //! What goes wrong, over real gRPC on loopback: bad updates are refused with a specific
 //! status and change nothing on disk, and a site killed mid-round does not stop the round
-//! when the quorum is met. Waits are on observable state (admin status), never on sleeps.
+//! when the quorum is met; sites refused for calling too fast slow down and finish. Waits are on observable state (admin status), never on sleeps.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use fedflow_client::federation::{SiteOptions, run_site};
+use fedflow_client::noop::NoopTrainer;
 use fedflow_client::site::SiteTrainer;
 use fedflow_common::data::{SiteDataset, Vocab};
 use fedflow_common::params::ParamSet;
@@ -296,4 +297,42 @@ async fn a_site_with_another_vocabulary_is_refused_and_a_declined_task_is_record
         Code::DeadlineExceeded,
         "the round has closed: {s:?}"
     );
+}
+
+/// Real sites under a limit tighter than their own pace of calls (four calls a second, no
+/// burst) are refused with a pushback, wait it out and finish the run: a limit slows a site
+/// down, it never makes it give up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sites_refused_for_calling_too_fast_wait_and_finish_the_run() {
+    let c = coordinator(
+        &fedflow_tests::coordinator::default_vocab(),
+        2,
+        "[sampling]\nmin_selected = 2\nmin_available = 2\n\
+         [rounds]\ndeadline_secs = 300\nheartbeat_timeout_secs = 120\n\
+         [limits]\nrequests_per_second = 4.0\nrequest_burst = 1\n",
+    )
+    .await;
+    let sites = ["site-a", "site-b"].map(|name| {
+        let mut o = SiteOptions::new(c.url(), name);
+        o.poll_wait = Duration::from_secs(1);
+        tokio::spawn(run_site(o, Arc::new(NoopTrainer::new(10))))
+    });
+    for site in sites {
+        let summary = site.await.unwrap().expect("the site finishes the run");
+        assert_eq!(summary.rounds_contributed, [1, 2], "{summary:?}");
+        assert!(summary.rejected.is_empty(), "{summary:?}");
+    }
+    // The limit did bite: the sites were refused along the way.
+    let refusals = c
+        .audit_events()
+        .into_iter()
+        .filter(|e| {
+            e["event"] == "call_refused"
+                && e["detail"]["code"] == "ResourceExhausted"
+                && e["detail"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("requests_per_second"))
+        })
+        .count();
+    assert!(refusals > 0, "no call was refused: the test proves nothing");
 }

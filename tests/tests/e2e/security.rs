@@ -18,6 +18,7 @@ use fedflow_proto::v1::{
     EnrolRequest, GetStatusRequest, ListRoundsRequest, ListSitesRequest, RevokeRequest,
     RunActionRequest, Task,
 };
+use fedflow_tests::coordinator::audit_events;
 use fedflow_tests::site::{download, header, task_for, upload, upload_bytes};
 use fedflow_tests::{Pki, TestCoordinator};
 use prost::bytes::Bytes;
@@ -98,19 +99,6 @@ async fn wait_for_upload_in_progress(data: &Path) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("the coordinator never started receiving the upload");
-}
-
-/// The audit log's events (verifying the chain on the way).
-fn audit_events(data: &Path) -> Vec<serde_json::Value> {
-    let path = data.join(SECURITY_LOG);
-    audit_log::verify(&path)
-        .unwrap()
-        .expect("the audit log verifies");
-    std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// Waits (bounded) until the audit log holds an event `event` whose reason contains `text`
@@ -526,6 +514,13 @@ async fn a_caller_over_its_rate_limit_is_refused_and_others_are_served() {
         "{}",
         s.message()
     );
+    // The refusal says when the next call would be admitted: one call per 1,000 s, capped
+    // at the longest pushback a caller honours.
+    assert_eq!(
+        fedflow_proto::pushback::pushback(&s),
+        Some(fedflow_proto::pushback::MAX_PUSHBACK),
+        "{s:?}"
+    );
     // Another caller has its own allowance.
     let mut admin = pki.admin(c.addr, "ada").await;
     admin.get_status(GetStatusRequest {}).await.unwrap();
@@ -570,6 +565,7 @@ async fn a_site_has_one_download_and_one_upload_in_progress_at_a_time() {
     let (ta, tb) = tokio::join!(task_for(&mut a, ""), task_for(&mut b, ""));
     let busy = |s: tonic::Status, kind: &str| {
         assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+        assert!(fedflow_proto::pushback::pushback(&s).is_some(), "{s:?}");
         assert!(
             s.message()
                 .contains(&format!("a {kind} from this site is already in progress")),
