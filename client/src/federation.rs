@@ -7,7 +7,7 @@
 //! report the metrics. A heartbeat answered with `cancel_task` abandons the task. When the
 //! coordinator is unreachable the site waits with exponential backoff and jitter and carries
 //! on without operator action; when it refuses a call for coming too fast the site waits
-//! what it asks and makes the call again ([`crate::pacing`]). Messages are built and read,
+//! what it asks and makes the call again (the pushback of [`fedflow_proto::pushback`]). Messages are built and read,
 //! and the coordinator's statuses mapped to errors, in [`crate::wire`].
 
 use std::sync::Arc;
