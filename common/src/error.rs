@@ -87,6 +87,9 @@ pub enum Error {
     /// The requested compute device is not available in this build or on this machine.
     #[error("device: {0}")]
     Device(String),
+    /// A secure aggregation step was refused (by a site or by the coordinator).
+    #[error("secure aggregation: {0}")]
+    SecureAggregation(#[from] crate::secagg::Fault),
 }
 
 /// Result alias for `fedflow-common`.

@@ -10,6 +10,7 @@
 //! - [`compress`]: update compression (f16, bf16, blockwise int8, top-k) and its decoder.
 //! - [`fedavg`]: streaming weighted FedAvg over parameter deltas, in f64.
 //! - [`robust`]: robust aggregation for hostile sites (coordinate-wise median, trimmed mean).
+//! - [`secagg`]: secure aggregation (SecAgg+): the coordinator learns only the sum.
 //! - [`report`]: self-contained HTML reports: escaping and server-side SVG line charts.
 //! - [`fsio`]: crash-safe file writes (temporary file, fsync, rename).
 //! - [`clock`]: wall-clock milliseconds, the one time unit fedflow records.
@@ -36,6 +37,7 @@ pub mod params;
 pub mod privacy;
 pub mod report;
 pub mod robust;
+pub mod secagg;
 pub mod synth;
 pub mod text;
 pub mod train;

@@ -8,8 +8,11 @@
 //!   the number of rounds that meets a target ε).
 //! - [`audit`]: the empirical one-run audit (a lower bound on ε from canaries).
 //! - [`neighbours`]: bounds under replace-one (substitution) from add/remove RDP curves.
+//! - [`ddg`]: the distributed discrete Gaussian (an exact sampler, and the accounting of
+//!   a sum of its shares released by secure aggregation).
 
 pub mod audit;
+pub mod ddg;
 pub mod dpfedavg;
 pub mod neighbours;
 pub mod planner;
