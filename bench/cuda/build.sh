@@ -24,11 +24,25 @@ if [ ! -x "$cache/venv/bin/python" ]; then python3 -m venv "$cache/venv"; fi
 # The CUDA 13 wheels all unpack into one toolkit-shaped folder, nvidia/cu13.
 root=$("$cache/venv/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
 [ -x "$root/bin/nvcc" ] || { echo "no nvcc in $root" >&2; exit 1; }
-# Linking wants the unversioned name of the runtime library.
-ln -sf libcudart.so.13 "$root/lib/libcudart.so"
+# Linking wants the unversioned names of the libraries (libcublas.so -> libcublas.so.13, ...).
+for lib in "$root"/lib/lib*.so.[0-9]*; do
+  base=${lib##*/}
+  case $base in *.so.*.*) continue ;; esac
+  ln -sf "$base" "$root/lib/${base%%.so.*}.so"
+done
+# libcuda belongs to the driver, which a build machine has not got: link against a stub that
+# defines every driver function cuda.h declares (names after its versioning macros) under the
+# driver's soname, so the binary loads the real libcuda.so.1 wherever it runs.
+if [ ! -f "$root/lib/stubs/libcuda.so" ]; then
+  mkdir -p "$root/lib/stubs"
+  gcc -E -P -I"$root/include" "$root/include/cuda.h" \
+    | grep -oE '\bcu[A-Z][A-Za-z0-9_]*[[:space:]]*\(' | tr -d '( \t' | sort -u \
+    | sed 's/.*/void &(void) {}/' > "$root/lib/stubs/libcuda-stub.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$root/lib/stubs/libcuda.so" "$root/lib/stubs/libcuda-stub.c"
+fi
 
 export CUDA_HOME=$root PATH="$root/bin:$PATH"
-export LIBRARY_PATH="$root/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export LIBRARY_PATH="$root/lib:$root/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 # cudarc names a toolkit MAJOR0MINOR0 (13.0 -> 13000).
 release=$(nvcc --version | sed -n 's/.*release \([0-9]*\.[0-9]*\),.*/\1/p')
 export CUDARC_CUDA_VERSION="${release%.*}0${release#*.}0"

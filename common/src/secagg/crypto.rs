@@ -28,7 +28,7 @@ pub trait Verifier: Send + Sync {
 }
 
 /// An ECDSA P-256 signing key (the kind fedflow certificates carry), with SHA-256 and
-/// fixed-size signatures.
+/// ASN.1 DER signatures (as X.509 and TLS carry them).
 pub struct EcdsaSigner {
     key: signature::EcdsaKeyPair,
     rng: ring::rand::SystemRandom,
@@ -45,7 +45,7 @@ impl EcdsaSigner {
     pub fn from_pkcs8(der: &[u8]) -> Result<EcdsaSigner, String> {
         let rng = ring::rand::SystemRandom::new();
         let key = signature::EcdsaKeyPair::from_pkcs8(
-            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
             der,
             &rng,
         )
@@ -57,7 +57,7 @@ impl EcdsaSigner {
     pub fn generate() -> Result<(EcdsaSigner, Vec<u8>), String> {
         let rng = ring::rand::SystemRandom::new();
         let der = signature::EcdsaKeyPair::generate_pkcs8(
-            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
             &rng,
         )
         .map_err(|e| format!("cannot make a key: {e}"))?;
@@ -97,7 +97,7 @@ impl EcdsaVerifier {
 impl Verifier for EcdsaVerifier {
     fn verify(&self, site: &str, message: &[u8], sig: &[u8]) -> bool {
         self.keys.get(site).is_some_and(|k| {
-            signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, k)
+            signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, k)
                 .verify(message, sig)
                 .is_ok()
         })

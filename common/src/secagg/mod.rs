@@ -40,6 +40,7 @@
 //! This module is the protocol alone, on plain values: the integer encoding of updates, the
 //! distributed noise and the transport are layers above it.
 
+mod certs;
 mod crypto;
 pub mod graph;
 mod server;
@@ -47,6 +48,7 @@ mod site;
 #[cfg(test)]
 mod tests;
 
+pub use certs::{CertVerifier, SITE_IDENTITY_PREFIX};
 pub use crypto::{EcdsaSigner, EcdsaVerifier, Signer, Verifier};
 pub use server::Aggregator;
 pub use site::SiteSession;
