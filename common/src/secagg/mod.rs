@@ -12,9 +12,10 @@
 //!    to encrypt shares, one whose secret is a uniform scalar `σ` that masks pairwise), a
 //!    uniform scalar `β` for its self-mask, and signs both public keys and a commitment to
 //!    `β` with its certificate key ([`Signer`]): a coordinator cannot substitute a key.
-//! 1. **Share keys.** Given the roster of signed advertisements, each site checks every
-//!    signature and that its own advertisement is there unchanged, derives the sparse
-//!    neighbour graph ([`graph`]) from the roster itself, and sends each neighbour Shamir
+//! 1. **Share keys.** Given the roster of signed advertisements, each site checks that its
+//!    own advertisement is there unchanged, derives the sparse neighbour graph ([`graph`])
+//!    from the roster itself, checks its neighbours' signatures (the only keys it uses; the
+//!    coordinator checked every one as it arrived), and sends each neighbour Shamir
 //!    shares of `σ` and `β` (over the prime field of Curve25519's scalars, `vsss-rs`),
 //!    encrypted and authenticated for that neighbour alone (ChaCha20-Poly1305 under a key
 //!    agreed by X25519 and expanded by HKDF, bound to the round and both sites).
@@ -214,13 +215,19 @@ pub struct SurvivorSignature {
     pub signature: Vec<u8>,
 }
 
-/// What the survivor signatures cover.
+/// What the survivor signatures cover: the context and the SHA-256 of the sorted list (so
+/// each of the many signatures over a long list hashes 32 bytes, not the list).
 pub(crate) fn survivors_signed_bytes(ctx: &Context, survivors: &[String]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut list = Sha256::new();
+    for s in survivors {
+        let mut field = Vec::with_capacity(8 + s.len());
+        put(&mut field, s.as_bytes());
+        list.update(&field);
+    }
     let mut m = b"fedflow-secagg/v1 survivors".to_vec();
     put(&mut m, &ctx.encode());
-    for s in survivors {
-        put(&mut m, s.as_bytes());
-    }
+    m.extend_from_slice(&list.finalize());
     m
 }
 

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use curve25519_dalek::scalar::Scalar;
+use rayon::prelude::*;
 
 use super::crypto::{self, Verifier};
 use super::site::{self, Checked, check_roster};
@@ -74,7 +75,7 @@ impl Aggregator {
         })
     }
 
-    /// Phase 0: a site's advertisement (its signature checked; one per site).
+    /// Phase 0: a site's advertisement (its signature and keys checked; one per site).
     pub fn advertise(&mut self, ad: Advertisement) -> Result<(), Fault> {
         if self.roster.is_some() {
             return Err(Fault::Protocol("the roster is already fixed".into()));
@@ -85,6 +86,7 @@ impl Aggregator {
         {
             return Err(Fault::BadSignature(ad.site));
         }
+        site::check_keys(&ad)?;
         if self.ads.contains_key(&ad.site) {
             return Err(Fault::Protocol(format!(
                 "site {} advertised twice",
@@ -101,12 +103,8 @@ impl Aggregator {
             advertisements: self.ads.values().cloned().collect(),
         };
         if self.roster.is_none() {
-            self.roster = Some(check_roster(
-                &self.ctx,
-                &self.params,
-                &roster,
-                self.verifier.as_ref(),
-            )?);
+            // Every advertisement's signature and keys were checked as it arrived.
+            self.roster = Some(check_roster(&self.ctx, &self.params, &roster)?);
         }
         Ok(roster)
     }
@@ -258,15 +256,18 @@ impl Aggregator {
         let i = self.position(&u.site)?;
         let survivors = self
             .survivors
-            .clone()
+            .as_ref()
             .ok_or_else(|| Fault::Protocol("the survivors are not fixed yet".into()))?;
-        if !self.signatures.contains_key(&u.site) || !self.revealers.insert(i) {
+        if !self.signatures.contains_key(&u.site) || self.revealers.contains(&i) {
             return Err(Fault::Protocol(format!(
                 "{} did not confirm the survivors, or revealed twice",
                 u.site
             )));
         }
-        for share in u.shares {
+        // Every share is checked before any is kept, so a refused message leaves nothing.
+        let graph = &self.checked()?.graph;
+        let mut kept = Vec::with_capacity(u.shares.len());
+        for share in &u.shares {
             let owner = self.position(&share.owner)?;
             let survived = survivors.binary_search(&share.owner).is_ok();
             let want = if survived {
@@ -276,16 +277,17 @@ impl Aggregator {
             };
             let value = crypto::scalar(&share.value)
                 .ok_or_else(|| Fault::Protocol(format!("{}'s share is not a scalar", u.site)))?;
-            if share.secret != want || !self.checked()?.graph.joined(i, owner) {
+            if share.secret != want || !graph.joined(i, owner) {
                 return Err(Fault::Protocol(format!(
                     "{} revealed a share it should not hold or reveal",
                     u.site
                 )));
             }
-            self.revealed
-                .entry(owner)
-                .or_default()
-                .push((i, value, share.secret));
+            kept.push((owner, (i, value, share.secret)));
+        }
+        self.revealers.insert(i);
+        for (owner, share) in kept {
+            self.revealed.entry(owner).or_default().push(share);
         }
         Ok(())
     }
@@ -320,49 +322,67 @@ impl Aggregator {
     pub fn finish(&self) -> Result<Vec<u64>, Fault> {
         let checked = self.checked()?;
         let mask = self.params.modulus_mask();
-        let mut sum = self.sum.clone();
         if self.survivors.is_none() {
             return Err(Fault::Protocol("the survivors are not fixed yet".into()));
         }
-        for &v in &self.masked {
+        // The masks to remove, as (seed, whether to subtract): each survivor's self-mask,
+        // and for each site that dropped after sharing, its pairwise mask with every
+        // surviving neighbour (who got its envelope and masked with it). Secrets are
+        // rebuilt and checked in parallel, and the mask streams summed in parallel.
+        let self_masks = self.masked.par_iter().map(|&v| {
             let beta = self.rebuild(v)?;
             let site = &checked.sites[v];
             if crypto::commit(&self.ctx, site, &beta) != checked.ads[v].self_mask_commitment {
                 return Err(Fault::BadShares(site.clone()));
             }
-            crypto::add_mask(
-                &mut sum,
-                site::self_mask_seed(&self.ctx, site, &beta),
-                true,
-                mask,
-            );
-        }
-        for &v in self.shared.difference(&self.masked) {
+            Ok(vec![(site::self_mask_seed(&self.ctx, site, &beta), true)])
+        });
+        let dropped: Vec<usize> = self.shared.difference(&self.masked).copied().collect();
+        let pairwise = dropped.par_iter().map(|&v| {
             let sigma = self.rebuild(v)?;
             let secret = crypto::x25519_secret(&sigma);
-            let site = &checked.sites[v];
             if x25519_dalek::PublicKey::from(&secret).to_bytes() != checked.ads[v].mask_key {
-                return Err(Fault::BadShares(site.clone()));
+                return Err(Fault::BadShares(checked.sites[v].clone()));
             }
-            // Every survivor that is v's neighbour got v's envelope and masked with v.
-            for &w in checked
+            checked
                 .graph
                 .neighbours(v)
                 .iter()
                 .filter(|w| self.masked.contains(w))
-            {
-                let shared = crypto::agree(&secret, &checked.ads[w].mask_key)
-                    .ok_or_else(|| Fault::BadKey(checked.sites[w].clone()))?;
-                // Undo what w added: it subtracted if w > v, so add back then.
-                let w_subtracted = site::subtracts(w, v);
-                crypto::add_mask(
-                    &mut sum,
-                    site::pairwise_seed(&self.ctx, &shared, w, v),
-                    !w_subtracted,
-                    mask,
-                );
+                .map(|&w| {
+                    let shared = crypto::agree(&secret, &checked.ads[w].mask_key)
+                        .ok_or_else(|| Fault::BadKey(checked.sites[w].clone()))?;
+                    // Undo what w added: it subtracted if w > v, so add back then.
+                    Ok((
+                        site::pairwise_seed(&self.ctx, &shared, w, v),
+                        !site::subtracts(w, v),
+                    ))
+                })
+                .collect::<Result<Vec<_>, Fault>>()
+        });
+        let ops: Vec<([u8; 32], bool)> = self_masks
+            .chain(pairwise)
+            .collect::<Result<Vec<_>, Fault>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        let dim = self.params.dimension;
+        let add = |mut a: Vec<u64>, b: Vec<u64>| {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x = x.wrapping_add(y) & mask;
             }
-        }
-        Ok(sum)
+            a
+        };
+        let removed = ops
+            .par_iter()
+            .fold(
+                || vec![0u64; dim],
+                |mut acc, &(seed, subtract)| {
+                    crypto::add_mask(&mut acc, seed, subtract, mask);
+                    acc
+                },
+            )
+            .reduce(|| vec![0u64; dim], add);
+        Ok(add(self.sum.clone(), removed))
     }
 }
