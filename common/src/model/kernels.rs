@@ -1,10 +1,87 @@
-//! CPU kernels for the fused recurrent cells: a safe wrapper over the `gemm` crate and
-//! vectorisable `sigmoid`/`tanh`.
+//! CPU kernels for the fused recurrent cells (LSTM and GRU): their thread pool, a safe
+//! wrapper over the `gemm` crate, a register-blocked small matmul and vectorisable
+//! `sigmoid`/`tanh`.
 //!
 //! candle evaluates `sigmoid`/`tanh` with scalar `libm` calls and allocates a tensor per
 //! element-wise op, which dominates the cost of a small LSTM on CPU.
 //! These kernels work on slices in place; the exponential is the Cephes `expf` polynomial
 //! (relative error about 2e-7 on the clamped range), written so the compiler vectorises it.
+
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, Layout, bail};
+
+/// The kernels' own thread pool, one thread per available core.
+///
+/// It is separate from rayon's global pool on purpose: candle runs its small element-wise ops
+/// and matmuls on the global pool, and sharing that pool with the recurrence measured about
+/// 2x slower on 2 cores than giving the recurrence (most of the work, split cleanly by batch
+/// rows) a pool of its own (see BENCHMARKS.md).
+pub(crate) fn kernel_pool() -> &'static rayon::ThreadPool {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::env::var("FEDFLOW_KERNEL_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("fedflow-kernel-{i}"))
+            .build()
+            .expect("cannot start the kernel thread pool")
+    })
+}
+
+/// Number of threads the fused kernels use (`FEDFLOW_KERNEL_THREADS`, default: all cores).
+pub fn kernel_threads() -> usize {
+    kernel_pool().current_num_threads()
+}
+
+/// Batch rows per parallel work item. Fixed, not derived from the thread count: the matmul
+/// kernels sum in an order that depends on the number of rows they get, so a fixed chunking
+/// keeps results bit-identical on machines with different core counts.
+pub(crate) const ROWS_PER_CHUNK: usize = 16;
+
+/// The contiguous f32 data of a CPU tensor argument of a fused op.
+pub(crate) fn cpu_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        bail!("fused op: {what} must be f32")
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("fused op: {what} must be contiguous"),
+    }
+}
+
+/// Runs `$body` compiled for AVX2+FMA when the CPU has them (the element-wise loops then
+/// vectorise 8-wide), or for the baseline target otherwise.
+macro_rules! multiversion {
+    ($name:ident, $generic:ident, ($($arg:ident: $ty:ty),* $(,)?)) => {
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $generic::<true>($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the running CPU supports the enabled features.
+                    unsafe { avx2($($arg),*) };
+                    return;
+                }
+            }
+            $generic::<false>($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
 
 /// `dst = beta_dst * dst + lhs · rhs` for row-major strided matrices of `f32`.
 ///

@@ -7,12 +7,15 @@
 //! state. Padding is handled with a mask: at a padded step the state is carried unchanged,
 //! so a left-padded sequence ends in exactly the state of its real events.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::kernels::{MatRef, matmul_into, sigmoid, small_matmul, tanh};
+use super::kernels::{
+    MatRef, ROWS_PER_CHUNK, cpu_f32, kernel_pool, matmul_into, multiversion, sigmoid, small_matmul,
+    tanh,
+};
 
 /// Fused LSTM recurrence over a whole (left-padded) batch.
 ///
@@ -67,48 +70,6 @@ impl FusedLstm {
         }
     }
 }
-
-fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        bail!("fused lstm: {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("fused lstm: {what} must be contiguous"),
-    }
-}
-
-/// The kernels' own thread pool, one thread per available core.
-///
-/// It is separate from rayon's global pool on purpose: candle runs its small element-wise ops
-/// and matmuls on the global pool, and sharing that pool with the recurrence measured about
-/// 2x slower on 2 cores than giving the recurrence (most of the work, split cleanly by batch
-/// rows) a pool of its own (see BENCHMARKS.md).
-fn kernel_pool() -> &'static rayon::ThreadPool {
-    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let threads = std::env::var("FEDFLOW_KERNEL_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("fedflow-kernel-{i}"))
-            .build()
-            .expect("cannot start the kernel thread pool")
-    })
-}
-
-/// Number of threads the fused kernels use (`FEDFLOW_KERNEL_THREADS`, default: all cores).
-pub fn kernel_threads() -> usize {
-    kernel_pool().current_num_threads()
-}
-
-/// Batch rows per parallel work item. Fixed, not derived from the thread count: the matmul
-/// kernels sum in an order that depends on the number of rows they get, so a fixed chunking
-/// keeps results bit-identical on machines with different core counts.
-const ROWS_PER_CHUNK: usize = 16;
 
 impl CustomOp3 for FusedLstm {
     fn name(&self) -> &'static str {
@@ -271,30 +232,6 @@ impl CustomOp3 for FusedLstm {
         let dw = Tensor::from_vec(dw, (4 * h, wd), dev)?;
         Ok((Some(dinput), Some(dw), None))
     }
-}
-
-/// Runs `$body` compiled for AVX2+FMA when the CPU has them (the element-wise loops then
-/// vectorise 8-wide), or for the baseline target otherwise.
-macro_rules! multiversion {
-    ($name:ident, $generic:ident, ($($arg:ident: $ty:ty),* $(,)?)) => {
-        #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($arg: $ty),*) {
-                    $generic::<true>($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the running CPU supports the enabled features.
-                    unsafe { avx2($($arg),*) };
-                    return;
-                }
-            }
-            $generic::<false>($($arg),*)
-        }
-    };
 }
 
 multiversion!(forward_rows, forward_rows_generic, (

@@ -27,7 +27,7 @@ pub use artifact::{
 pub use batch::Batch;
 pub use config::{EncoderKind, ModelConfig};
 pub use explain::{Attribution, IG_STEPS, integrated_gradients};
-pub use lstm::kernel_threads;
+pub use kernels::kernel_threads;
 
 use crate::Result;
 use init::ParamBuilder;
@@ -238,8 +238,8 @@ impl AttentionFlowModel {
         self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
     }
 
-    /// Chooses between the fused CPU LSTM kernel and the reference composition of candle ops
-    /// (the default picks fused on CPU in f32). Both compute the same function.
+    /// Chooses between the fused CPU LSTM and GRU kernels and the reference composition of
+    /// candle ops (the default picks fused on CPU in f32). Both compute the same function.
     pub fn set_fused(&mut self, fused: bool) {
         self.fused = fused && self.device.is_cpu() && self.dtype == DType::F32;
     }
@@ -250,6 +250,7 @@ impl AttentionFlowModel {
         let summary = match &self.encoder {
             Encoder::Lstm(layers) if self.fused => self.lstm_fused(layers, batch, &mask, mode)?,
             Encoder::Lstm(layers) => self.rnn_steps(layers, batch, None, &mask, mode, 4)?,
+            Encoder::Gru(layers) if self.fused => self.gru_fused(layers, batch, &mask, mode)?,
             Encoder::Gru(layers) => self.rnn_steps(layers, batch, None, &mask, mode, 3)?,
             Encoder::Transformer(enc) => {
                 let (b, t) = (batch.size, batch.steps);
@@ -343,6 +344,36 @@ impl AttentionFlowModel {
                 Some(prev) => {
                     let x = self.dropout.apply(prev, mode)?;
                     lstm::fused_lstm(&x, &layer.w_ih, &layer.w_hh, &bias, mask)?
+                }
+            });
+        }
+        let hs = hs.expect("at least one layer (validated)");
+        Ok(hs.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    fn gru_fused(
+        &self,
+        layers: &[RnnLayer],
+        batch: &Batch,
+        mask: &Tensor,
+        mode: &mut Mode<'_>,
+    ) -> Result<Tensor> {
+        let (b, t, h) = (batch.size, batch.steps, self.config.hidden_size);
+        let mut hs: Option<Tensor> = None;
+        for layer in layers {
+            hs = Some(match &hs {
+                // First layer: the input projection is a gather from the embedding's product.
+                None => {
+                    let xproj = self
+                        .embedding
+                        .matmul(&layer.w_ih.t()?)?
+                        .index_select(&batch.ids.flatten_all()?, 0)?
+                        .reshape((b, t, 3 * h))?;
+                    gru::fused_gru_projected(&xproj, &layer.w_hh, &layer.b_ih, &layer.b_hh, mask)?
+                }
+                Some(prev) => {
+                    let x = self.dropout.apply(prev, mode)?;
+                    gru::fused_gru(&x, &layer.w_ih, &layer.w_hh, &layer.b_ih, &layer.b_hh, mask)?
                 }
             });
         }
