@@ -11,7 +11,9 @@
 #
 # It builds the site client with CUDA (target release/fedflow-client) and leaves in OUT what a
 # GPU machine needs to check the GPU path with no Rust toolchain there: the device-check and
-# throughput benches (stripped), CUDA's runtime library, and bench/cuda/device-check.sh.
+# throughput benches (stripped), CUDA's runtime library, and bench/cuda/device-check.sh; and the
+# same folder packed as OUT.tar.xz. The libraries cudarc links against come from PyPI too
+# (requirements.txt); the driver's libcuda is linked against a stub generated from cuda.h.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-target-cuda/device}
@@ -65,4 +67,6 @@ while read -r name exe; do
 done < "$CARGO_TARGET_DIR/benches.txt"
 cp -L "$root/lib/libcudart.so.13" "$out/lib/"
 cp bench/cuda/device-check.sh bench/pytorch_throughput.py "$out/"
-ls -la "$out"
+# The CUDA binaries are large (kernels for the GPU inside); packed, they travel far lighter.
+tar cJf "$out.tar.xz" -C "$(dirname "$out")" "$(basename "$out")"
+ls -la "$out" "$out.tar.xz"
