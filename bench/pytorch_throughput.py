@@ -1,8 +1,9 @@
 """Training throughput of the reference attention-flow model in PyTorch (CPU).
 
 Same model and step as `cargo bench -p fedflow-common --bench throughput`:
-Embedding(100, 64) -> LSTM(64) -> Dropout(0.2) -> LSTM(64) -> Dropout(0.2) -> Linear(5),
-cross-entropy, AdamW (lr 2e-3, weight decay 0.01), fixed-length sequences.
+Embedding(100, 64) -> LSTM(64) -> Dropout(0.2) -> LSTM(64) -> Dropout(0.2) -> Linear(5)
+(or GRU layers with `--encoder gru`), cross-entropy, AdamW (lr 2e-3, weight decay 0.01),
+fixed-length sequences; `--batch` and `--seq` take lists, as the Rust bench's do.
 Prints one JSON line per setting. Run through `bench/run.sh`, which installs PyTorch.
 """
 
@@ -15,11 +16,12 @@ from torch import nn
 
 
 class AttentionFlow(nn.Module):
-    def __init__(self, vocab=100, embed=64, hidden=64, classes=5, dropout=0.2):
+    def __init__(self, encoder="lstm", vocab=100, embed=64, hidden=64, classes=5, dropout=0.2):
         super().__init__()
         self.embedding = nn.Embedding(vocab, embed)
-        # nn.LSTM's inter-layer dropout + the dropout below = the reference design.
-        self.encoder = nn.LSTM(embed, hidden, num_layers=2, batch_first=True, dropout=dropout)
+        # The RNN's inter-layer dropout + the dropout below = the reference design.
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[encoder]
+        self.encoder = rnn(embed, hidden, num_layers=2, batch_first=True, dropout=dropout)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, classes)
 
@@ -30,7 +32,8 @@ class AttentionFlow(nn.Module):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", default="64")
+    p.add_argument("--encoder", default="lstm", choices=["lstm", "gru"])
     p.add_argument("--seq", default="20,100")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
@@ -38,12 +41,13 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    for seq in [int(s) for s in a.seq.split(",")]:
-        model = AttentionFlow().to(a.device)
+    settings = [(int(b), int(s)) for b in a.batch.split(",") for s in a.seq.split(",")]
+    for batch, seq in settings:
+        model = AttentionFlow(a.encoder).to(a.device)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
         loss_fn = nn.CrossEntropyLoss()
-        ids = torch.randint(2, 100, (a.steps, a.batch, seq), device=a.device)
-        labels = torch.randint(0, 5, (a.steps, a.batch), device=a.device)
+        ids = torch.randint(2, 100, (a.steps, batch, seq), device=a.device)
+        labels = torch.randint(0, 5, (a.steps, batch), device=a.device)
         model.train()
         # Warm-up step.
         loss_fn(model(ids[0]), labels[0]).backward()
@@ -60,11 +64,12 @@ def main():
         print(json.dumps({
             "impl": f"pytorch-{torch.__version__}",
             "device": a.device,
-            "batch": a.batch,
+            "encoder": a.encoder,
+            "batch": batch,
             "seq": seq,
             "steps": a.steps,
             "threads": a.threads,
-            "samples_per_sec": round(a.steps * a.batch / secs, 1),
+            "samples_per_sec": round(a.steps * batch / secs, 1),
         }))
 
 
