@@ -456,4 +456,6 @@ impl AttentionFlowModel {
     }
 }
 #[cfg(test)]
+mod kernel_tests;
+#[cfg(test)]
 mod tests;
