@@ -423,3 +423,45 @@ fn a_masked_input_looks_uniform() {
         .sum();
     assert!(chi2 < 370.0, "chi-square {chi2}");
 }
+
+/// A site (or a coordinator holding its key) that advertises a low-order X25519 key, which
+/// would make every secret agreed with it predictable, is refused by the coordinator as the
+/// advertisement arrives and by the neighbour it would share with.
+#[test]
+fn a_low_order_key_is_refused_by_the_coordinator_and_the_sites() {
+    let n = 3;
+    let p = params(n, 16, 4, 0);
+    let c = ctx(9);
+    let mut verifier = EcdsaVerifier::default();
+    let mut sessions = Vec::new();
+    let mut ads = Vec::new();
+    let mut ders = Vec::new();
+    for i in 0..n {
+        let (signer, der) = EcdsaSigner::generate().unwrap();
+        let name = format!("site-{i:03}");
+        verifier.insert(name.clone(), signer.public_key());
+        let (s, ad) = SiteSession::new(c.clone(), p, name, Box::new(signer)).unwrap();
+        sessions.push(s);
+        ads.push(ad);
+        ders.push(der);
+    }
+    // site-002 signs an advertisement whose mask key is the identity point.
+    let mut bad = ads[2].clone();
+    bad.mask_key = [0; 32];
+    bad.signature = EcdsaSigner::from_pkcs8(&ders[2])
+        .unwrap()
+        .sign(&bad.signed_bytes(&c));
+    let mut agg = Aggregator::new(c.clone(), p, Box::new(verifier.clone())).unwrap();
+    assert_eq!(
+        agg.advertise(bad.clone()).unwrap_err(),
+        Fault::BadKey("site-002".into())
+    );
+    let roster = Roster {
+        advertisements: vec![ads[0].clone(), ads[1].clone(), bad],
+    };
+    let first = sessions.into_iter().next().unwrap();
+    assert_eq!(
+        first.share(&roster, &verifier).unwrap_err(),
+        Fault::BadKey("site-002".into())
+    );
+}
