@@ -9,7 +9,7 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, Layout, bail};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Tensor, bail};
 
 /// The kernels' own thread pool, one thread per available core.
 ///
@@ -82,6 +82,21 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+/// Runs a fused recurrent op (`x` or its projection, `w_all`, `mask`) on contiguous f32
+/// arguments.
+pub(crate) fn apply_fused(
+    x: &Tensor,
+    w_all: &Tensor,
+    mask: &Tensor,
+    op: impl CustomOp3 + Send + Sync + 'static,
+) -> candle_core::Result<Tensor> {
+    if x.dtype() != DType::F32 {
+        bail!("{} runs in f32 only, got {:?}", op.name(), x.dtype());
+    }
+    x.contiguous()?
+        .apply_op3(&w_all.contiguous()?, &mask.contiguous()?, op)
+}
 
 /// `dst = beta_dst * dst + lhs · rhs` for row-major strided matrices of `f32`.
 ///

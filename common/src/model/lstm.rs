@@ -9,12 +9,12 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::kernels::{
-    MatRef, ROWS_PER_CHUNK, cpu_f32, kernel_pool, matmul_into, multiversion, sigmoid, small_matmul,
-    tanh,
+    MatRef, ROWS_PER_CHUNK, apply_fused, cpu_f32, kernel_pool, matmul_into, multiversion, sigmoid,
+    small_matmul, tanh,
 };
 
 /// Fused LSTM recurrence over a whole (left-padded) batch.
@@ -438,7 +438,7 @@ pub(crate) fn fused_lstm_projected(
 ) -> candle_core::Result<Tensor> {
     let h = w_hh.dim(1)?;
     let w_all = Tensor::cat(&[w_hh, &bias.unsqueeze(1)?], 1)?;
-    run_fused(xproj, &w_all, mask, FusedLstm::new(h, 0))
+    apply_fused(xproj, &w_all, mask, FusedLstm::new(h, 0))
 }
 
 /// Runs the fused LSTM on a layer input `x` (B, T, I), projecting it inside the op:
@@ -452,20 +452,7 @@ pub(crate) fn fused_lstm(
 ) -> candle_core::Result<Tensor> {
     let h = w_hh.dim(1)?;
     let w_all = Tensor::cat(&[w_ih, w_hh, &bias.unsqueeze(1)?], 1)?;
-    run_fused(x, &w_all, mask, FusedLstm::new(h, w_ih.dim(1)?))
-}
-
-fn run_fused(
-    x: &Tensor,
-    w_all: &Tensor,
-    mask: &Tensor,
-    op: FusedLstm,
-) -> candle_core::Result<Tensor> {
-    if x.dtype() != DType::F32 {
-        bail!("fused lstm runs in f32 only, got {:?}", x.dtype());
-    }
-    x.contiguous()?
-        .apply_op3(&w_all.contiguous()?, &mask.contiguous()?, op)
+    apply_fused(x, &w_all, mask, FusedLstm::new(h, w_ih.dim(1)?))
 }
 
 /// Reference LSTM recurrence from ordinary candle ops, one step at a time.

@@ -248,9 +248,9 @@ impl AttentionFlowModel {
     pub fn forward(&self, batch: &Batch, mode: &mut Mode<'_>) -> Result<Tensor> {
         let mask = batch.mask.to_dtype(self.dtype)?;
         let summary = match &self.encoder {
-            Encoder::Lstm(layers) if self.fused => self.lstm_fused(layers, batch, &mask, mode)?,
+            Encoder::Lstm(layers) if self.fused => self.rnn_fused(layers, batch, &mask, mode, 4)?,
             Encoder::Lstm(layers) => self.rnn_steps(layers, batch, None, &mask, mode, 4)?,
-            Encoder::Gru(layers) if self.fused => self.gru_fused(layers, batch, &mask, mode)?,
+            Encoder::Gru(layers) if self.fused => self.rnn_fused(layers, batch, &mask, mode, 3)?,
             Encoder::Gru(layers) => self.rnn_steps(layers, batch, None, &mask, mode, 3)?,
             Encoder::Transformer(enc) => {
                 let (b, t) = (batch.size, batch.steps);
@@ -319,61 +319,42 @@ impl AttentionFlowModel {
             .broadcast_add(&bias)
     }
 
-    fn lstm_fused(
+    /// The LSTM (`gates` 4) or GRU (`gates` 3) through the fused CPU kernels.
+    fn rnn_fused(
         &self,
         layers: &[RnnLayer],
         batch: &Batch,
         mask: &Tensor,
         mode: &mut Mode<'_>,
+        gates: usize,
     ) -> Result<Tensor> {
         let (b, t, h) = (batch.size, batch.steps, self.config.hidden_size);
         let mut hs: Option<Tensor> = None;
         for layer in layers {
-            let bias = (&layer.b_ih + &layer.b_hh)?;
+            let (w_hh, b_ih, b_hh) = (&layer.w_hh, &layer.b_ih, &layer.b_hh);
             hs = Some(match &hs {
-                // First layer: the input projection is a gather from the folded table.
+                // First layer: the input projection is a gather from the embedding folded
+                // through W_ih (the op adds the biases).
                 None => {
                     let xproj = self
                         .embedding
                         .matmul(&layer.w_ih.t()?)?
                         .index_select(&batch.ids.flatten_all()?, 0)?
-                        .reshape((b, t, 4 * h))?;
-                    lstm::fused_lstm_projected(&xproj, &layer.w_hh, &bias, mask)?
+                        .reshape((b, t, gates * h))?;
+                    if gates == 4 {
+                        lstm::fused_lstm_projected(&xproj, w_hh, &(b_ih + b_hh)?, mask)?
+                    } else {
+                        gru::fused_gru_projected(&xproj, w_hh, b_ih, b_hh, mask)?
+                    }
                 }
                 // Later layers project their (dropped-out) input inside the fused op.
                 Some(prev) => {
                     let x = self.dropout.apply(prev, mode)?;
-                    lstm::fused_lstm(&x, &layer.w_ih, &layer.w_hh, &bias, mask)?
-                }
-            });
-        }
-        let hs = hs.expect("at least one layer (validated)");
-        Ok(hs.narrow(1, t - 1, 1)?.squeeze(1)?)
-    }
-
-    fn gru_fused(
-        &self,
-        layers: &[RnnLayer],
-        batch: &Batch,
-        mask: &Tensor,
-        mode: &mut Mode<'_>,
-    ) -> Result<Tensor> {
-        let (b, t, h) = (batch.size, batch.steps, self.config.hidden_size);
-        let mut hs: Option<Tensor> = None;
-        for layer in layers {
-            hs = Some(match &hs {
-                // First layer: the input projection is a gather from the embedding's product.
-                None => {
-                    let xproj = self
-                        .embedding
-                        .matmul(&layer.w_ih.t()?)?
-                        .index_select(&batch.ids.flatten_all()?, 0)?
-                        .reshape((b, t, 3 * h))?;
-                    gru::fused_gru_projected(&xproj, &layer.w_hh, &layer.b_ih, &layer.b_hh, mask)?
-                }
-                Some(prev) => {
-                    let x = self.dropout.apply(prev, mode)?;
-                    gru::fused_gru(&x, &layer.w_ih, &layer.w_hh, &layer.b_ih, &layer.b_hh, mask)?
+                    if gates == 4 {
+                        lstm::fused_lstm(&x, &layer.w_ih, w_hh, &(b_ih + b_hh)?, mask)?
+                    } else {
+                        gru::fused_gru(&x, &layer.w_ih, w_hh, b_ih, b_hh, mask)?
+                    }
                 }
             });
         }
