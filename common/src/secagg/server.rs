@@ -34,6 +34,9 @@ pub struct Aggregator {
     sum: Vec<u64>,
     /// The survivor list once fixed (phase 3), and the signatures over it.
     survivors: Option<Vec<String>>,
+    /// What the survivors sign, made once when the list is fixed (every confirmation is
+    /// checked against it).
+    survivors_signed: Vec<u8>,
     signatures: BTreeMap<String, SurvivorSignature>,
     /// Revealed shares by owner position: (holder position, value) (phase 4).
     revealed: BTreeMap<usize, Vec<(usize, Scalar, Secret)>>,
@@ -69,6 +72,7 @@ impl Aggregator {
             sharing_closed: false,
             masked: BTreeSet::new(),
             survivors: None,
+            survivors_signed: Vec::new(),
             signatures: BTreeMap::new(),
             revealed: BTreeMap::new(),
             revealers: BTreeSet::new(),
@@ -225,6 +229,7 @@ impl Aggregator {
             .iter()
             .map(|&i| checked.sites[i].clone())
             .collect();
+        self.survivors_signed = survivors_signed_bytes(&self.ctx, &list);
         self.survivors = Some(list.clone());
         Ok(list)
     }
@@ -238,8 +243,10 @@ impl Aggregator {
         if survivors.binary_search(&sig.site).is_err() {
             return Err(Fault::Protocol(format!("{} is not a survivor", sig.site)));
         }
-        let signed = survivors_signed_bytes(&self.ctx, survivors);
-        if !self.verifier.verify(&sig.site, &signed, &sig.signature) {
+        if !self
+            .verifier
+            .verify(&sig.site, &self.survivors_signed, &sig.signature)
+        {
             return Err(Fault::BadSignature(sig.site));
         }
         self.signatures.insert(sig.site.clone(), sig);
